@@ -1,0 +1,72 @@
+// Input validation shared by every op. Each message names the op and the argument, and says what
+// was expected and what arrived, so a user can fix the call without reading our source.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+#include <string>
+
+namespace fastllm {
+
+inline std::string dtype_list(std::initializer_list<at::ScalarType> dtypes) {
+  std::string out;
+  for (auto dtype : dtypes) {
+    if (!out.empty()) out += ", ";
+    out += c10::toString(dtype);
+  }
+  return out;
+}
+
+inline void check_dtype_in(const char* op, const char* name, const at::Tensor& t,
+                           std::initializer_list<at::ScalarType> allowed) {
+  for (auto dtype : allowed) {
+    if (t.scalar_type() == dtype) return;
+  }
+  TORCH_CHECK_TYPE(false, op, ": ", name, " must have dtype in {", dtype_list(allowed), "}, got ",
+                   t.scalar_type());
+}
+
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  check_dtype_in(op, name, t, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+}
+
+inline void check_index_dtype(const char* op, const char* name, const at::Tensor& t) {
+  check_dtype_in(op, name, t, {at::kInt, at::kLong});
+}
+
+inline void check_same_dtype(const char* op, const char* name_a, const at::Tensor& a,
+                             const char* name_b, const at::Tensor& b) {
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", name_b, " must have the dtype of ",
+                   name_a, " (", a.scalar_type(), "), got ", b.scalar_type());
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous (strides ",
+                    t.strides(), " for shape ", t.sizes(), ")");
+}
+
+inline void check_same_device(const char* op, const char* name_a, const at::Tensor& a,
+                              const char* name_b, const at::Tensor& b) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name_b, " must be on ", name_a,
+                    "'s device (", a.device(), "), got ", b.device());
+}
+
+// Every index must lie in [0, limit). On CUDA this costs one synchronisation; we pay it because a
+// bad index would otherwise write outside the pool or fault the context for the whole process.
+inline void check_index_range(const char* op, const char* name, const at::Tensor& index,
+                              int64_t limit) {
+  if (index.numel() == 0) return;
+  auto [lo, hi] = at::aminmax(index);
+  const int64_t min_index = lo.item<int64_t>();
+  const int64_t max_index = hi.item<int64_t>();
+  TORCH_CHECK_INDEX(min_index >= 0 && max_index < limit, op, ": ", name,
+                    " must lie in [0, ", limit, "), got values in [", min_index, ", ", max_index,
+                    "]");
+}
+
+}  // namespace fastllm

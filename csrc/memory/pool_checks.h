@@ -1,0 +1,38 @@
+// Argument validation for the pool ops, identical for every device.
+#pragma once
+
+#include "common/checks.h"
+
+namespace fastllm::memory {
+
+inline void check_pool_and_slots(const char* op, const at::Tensor& pool, const at::Tensor& slots) {
+  check_dim(op, "pool", pool, 2);
+  check_float_dtype(op, "pool", pool);
+  check_contiguous(op, "pool", pool);
+  check_dim(op, "slots", slots, 1);
+  check_index_dtype(op, "slots", slots);
+  check_contiguous(op, "slots", slots);
+  check_same_device(op, "pool", pool, "slots", slots);
+  check_index_range(op, "slots", slots, pool.size(0));
+}
+
+inline void check_pool_write(const at::Tensor& pool, const at::Tensor& slots,
+                             const at::Tensor& rows) {
+  constexpr const char* op = "fastllm.pool_write";
+  check_dim(op, "rows", rows, 2);
+  check_same_dtype(op, "pool", pool, "rows", rows);
+  check_contiguous(op, "rows", rows);
+  check_same_device(op, "pool", pool, "rows", rows);
+  TORCH_CHECK_VALUE(rows.size(1) == pool.size(1), op, ": rows must have pool's width ",
+                    pool.size(1), ", got rows of shape ", rows.sizes());
+  TORCH_CHECK_VALUE(rows.size(0) == slots.size(0), op, ": rows and slots must have the same length, "
+                    "got ", rows.size(0), " rows and ", slots.size(0), " slots");
+  // Checked last: the range check may synchronise, so the cheap checks fail first.
+  check_pool_and_slots(op, pool, slots);
+}
+
+inline void check_pool_gather(const at::Tensor& pool, const at::Tensor& slots) {
+  check_pool_and_slots("fastllm.pool_gather", pool, slots);
+}
+
+}  // namespace fastllm::memory

@@ -1,0 +1,9 @@
+"""Pure-PyTorch versions of every fastllm op: the test oracle and the benchmark baseline.
+
+They follow the op's documented semantics with plain torch calls and no validation beyond what
+torch does itself; a fastllm op must agree with its reference on every valid input.
+"""
+
+from .memory import pool_gather_reference, pool_write_reference
+
+__all__ = ["pool_gather_reference", "pool_write_reference"]
