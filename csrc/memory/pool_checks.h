@@ -13,12 +13,12 @@ inline void check_pool_and_slots(const char* op, const at::Tensor& pool, const a
   check_index_dtype(op, "slots", slots);
   check_contiguous(op, "slots", slots);
   check_same_device(op, "pool", pool, "slots", slots);
-  check_index_range(op, "slots", slots, pool.size(0));
 }
 
 inline void check_pool_write(const at::Tensor& pool, const at::Tensor& slots,
                              const at::Tensor& rows) {
   constexpr const char* op = "fastllm.pool_write";
+  check_pool_and_slots(op, pool, slots);
   check_dim(op, "rows", rows, 2);
   check_same_dtype(op, "pool", pool, "rows", rows);
   check_contiguous(op, "rows", rows);
@@ -27,12 +27,14 @@ inline void check_pool_write(const at::Tensor& pool, const at::Tensor& slots,
                     pool.size(1), ", got rows of shape ", rows.sizes());
   TORCH_CHECK_VALUE(rows.size(0) == slots.size(0), op, ": rows and slots must have the same length, "
                     "got ", rows.size(0), " rows and ", slots.size(0), " slots");
-  // Checked last: the range check may synchronise, so the cheap checks fail first.
-  check_pool_and_slots(op, pool, slots);
+  // Last: the range check may synchronise with the GPU, so every cheap check fails first.
+  check_index_range(op, "slots", slots, pool.size(0));
 }
 
 inline void check_pool_gather(const at::Tensor& pool, const at::Tensor& slots) {
-  check_pool_and_slots("fastllm.pool_gather", pool, slots);
+  constexpr const char* op = "fastllm.pool_gather";
+  check_pool_and_slots(op, pool, slots);
+  check_index_range(op, "slots", slots, pool.size(0));
 }
 
 }  // namespace fastllm::memory

@@ -19,8 +19,9 @@ def main() -> None:
         props = torch.cuda.get_device_properties(index)
         print(f"    cuda:{index} {props.name}, sm_{props.major}{props.minor}, "
               f"{props.total_memory / 2**30:.1f} GiB")
-    ops = sorted(name for name in dir(torch.ops.fastllm) if not name.startswith("_"))
-    print(f"  ops: {', '.join(ops)}")
+    ops = sorted(name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                 if name.startswith("fastllm::"))
+    print(f"  ops ({len(ops)}): {', '.join(ops)}")
 
 
 if __name__ == "__main__":

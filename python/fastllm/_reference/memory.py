@@ -6,7 +6,7 @@ from torch import Tensor
 
 
 def pool_write_reference(pool: Tensor, slots: Tensor, rows: Tensor) -> None:
-    pool.index_copy_(0, slots, rows)
+    pool.index_copy_(0, slots.long(), rows)
 
 
 def pool_gather_reference(pool: Tensor, slots: Tensor) -> Tensor:
