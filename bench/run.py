@@ -1,0 +1,49 @@
+"""Runs every bench_<capability>.py, appends results to bench/results/<machine>.json, draws one PNG
+per capability and prints a table. Usage: python bench/run.py [--quick] [--only memory,lora]"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+import harness  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and input sets")
+    parser.add_argument("--only", default="", help="comma-separated capabilities to run")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if usable)")
+    parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="results folder")
+    args = parser.parse_args()
+
+    import fastllm
+    device = args.device or harness.default_device()
+    out_dir = pathlib.Path(args.out)
+    print(f"fastllm {fastllm.__version__} on {harness.machine_name(device)} ({device}), "
+          f"torch {fastllm.build_info()['torch']}, commit {harness.git_commit()}", flush=True)
+    print(f"ceiling: copy {harness.copy_bandwidth_gbs(device):.1f} GB/s", flush=True)
+
+    scripts = sorted(pathlib.Path(__file__).parent.glob("bench_*.py"))
+    wanted = {name for name in args.only.split(",") if name}
+    records = []
+    for script in scripts:
+        module = importlib.import_module(script.stem)
+        if wanted and module.CAPABILITY not in wanted:
+            continue
+        print(f"== {module.CAPABILITY} ({script.name})", flush=True)
+        new = module.run(device, quick=args.quick)
+        records.extend(new)
+        path = harness.save_results(new, device, out_dir)
+        plot = harness.plot_speedups(new, module.CAPABILITY, device, out_dir)
+        print(f"   wrote {path} and {plot}", flush=True)
+    print()
+    print(harness.format_table(records))
+
+
+if __name__ == "__main__":
+    main()
