@@ -56,7 +56,7 @@ def smollm2():
     pytest.importorskip("gguf")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32)
+        path, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
     model.eval()
     return model, tokenizer
