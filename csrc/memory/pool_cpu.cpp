@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 
 #include "memory/pool_checks.h"
@@ -13,17 +14,26 @@ namespace {
 // Rows per parallel task: below this, thread start-up costs more than the copies.
 constexpr int64_t kMinBytesPerTask = 64 * 1024;
 
+// Returns false if a slot was out of range; the rows before it may have been copied, so only a
+// gather (whose output is discarded on failure) may rely on this instead of checking beforehand.
 template <Direction direction, typename Index>
-void move_rows_cpu(const at::Tensor& pool, const at::Tensor& dense, const at::Tensor& slots) {
+bool move_rows_cpu(const at::Tensor& pool, const at::Tensor& dense, const at::Tensor& slots) {
   const int64_t rows = slots.numel();
   const int64_t row_bytes = pool.size(1) * pool.element_size();
-  if (rows == 0 || row_bytes == 0) return;
+  const auto num_slots = static_cast<uint64_t>(pool.size(0));
+  if (rows == 0) return true;
   auto* pool_bytes = static_cast<char*>(pool.data_ptr());
   auto* dense_bytes = static_cast<char*>(dense.data_ptr());
   const Index* slot_ids = slots.data_ptr<Index>();
-  const int64_t grain = std::max<int64_t>(1, kMinBytesPerTask / row_bytes);
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerTask / std::max<int64_t>(1, row_bytes));
+  std::atomic<bool> all_in_range{true};
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
+      // One unsigned compare rejects negatives too.
+      if (static_cast<uint64_t>(slot_ids[row]) >= num_slots) {
+        all_in_range.store(false, std::memory_order_relaxed);
+        return;
+      }
       char* in_pool = pool_bytes + slot_offset(slot_ids[row], row_bytes);
       char* in_dense = dense_bytes + row * row_bytes;
       if constexpr (direction == Direction::kGather) {
@@ -33,15 +43,15 @@ void move_rows_cpu(const at::Tensor& pool, const at::Tensor& dense, const at::Te
       }
     }
   });
+  return all_in_range.load();
 }
 
 template <Direction direction>
-void move_rows_cpu(const at::Tensor& pool, const at::Tensor& dense, const at::Tensor& slots) {
+bool move_rows_cpu(const at::Tensor& pool, const at::Tensor& dense, const at::Tensor& slots) {
   if (slots.scalar_type() == at::kInt) {
-    move_rows_cpu<direction, int32_t>(pool, dense, slots);
-  } else {
-    move_rows_cpu<direction, int64_t>(pool, dense, slots);
+    return move_rows_cpu<direction, int32_t>(pool, dense, slots);
   }
+  return move_rows_cpu<direction, int64_t>(pool, dense, slots);
 }
 
 void pool_write_cpu(at::Tensor& pool, const at::Tensor& slots, const at::Tensor& rows) {
@@ -50,9 +60,11 @@ void pool_write_cpu(at::Tensor& pool, const at::Tensor& slots, const at::Tensor&
 }
 
 at::Tensor pool_gather_cpu(const at::Tensor& pool, const at::Tensor& slots) {
-  check_pool_gather(pool, slots);
+  check_pool_gather_except_range(pool, slots);
   at::Tensor out = at::empty({slots.size(0), pool.size(1)}, pool.options());
-  move_rows_cpu<Direction::kGather>(pool, out, slots);
+  if (!move_rows_cpu<Direction::kGather>(pool, out, slots)) {
+    check_index_range("fastllm.pool_gather", "slots", slots, pool.size(0));  // raises, with range
+  }
   return out;
 }
 

@@ -93,7 +93,8 @@ void pool_write_cuda(at::Tensor& pool, const at::Tensor& slots, const at::Tensor
 }
 
 at::Tensor pool_gather_cuda(const at::Tensor& pool, const at::Tensor& slots) {
-  check_pool_gather(pool, slots);
+  check_pool_gather_except_range(pool, slots);
+  check_index_range("fastllm.pool_gather", "slots", slots, pool.size(0));
   at::Tensor out = at::empty({slots.size(0), pool.size(1)}, pool.options());
   move_rows_cuda<Direction::kGather>(pool, out, slots);
   return out;
