@@ -202,6 +202,8 @@ def save_results(records: list[Record], device: str, out_dir: pathlib.Path = RES
         "torch": torch.__version__,
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_GBps": copy_bandwidth_gbs(device),
+        "matmul_TFLOPs": matmul_tflops(device),
     }
     for record in records:
         existing.append({**stamp, **asdict(record), "speedup": record.speedup})

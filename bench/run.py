@@ -26,7 +26,8 @@ def main() -> None:
     out_dir = pathlib.Path(args.out)
     print(f"fastllm {fastllm.__version__} on {harness.machine_name(device)} ({device}), "
           f"torch {fastllm.build_info()['torch']}, commit {harness.git_commit()}", flush=True)
-    print(f"ceiling: copy {harness.copy_bandwidth_gbs(device):.1f} GB/s", flush=True)
+    print(f"ceilings measured now: copy {harness.copy_bandwidth_gbs(device):.1f} GB/s, "
+          f"matmul {harness.matmul_tflops(device):.2f} TFLOP/s", flush=True)
 
     scripts = sorted(pathlib.Path(__file__).parent.glob("bench_*.py"))
     wanted = {name for name in args.only.split(",") if name}
