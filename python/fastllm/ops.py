@@ -8,5 +8,6 @@ pure-PyTorch references in :mod:`fastllm._reference`.
 """
 
 from .memory._ops import pool_gather, pool_write
+from .sparse._ops import sparse_mlp
 
-__all__ = ["pool_gather", "pool_write"]
+__all__ = ["pool_gather", "pool_write", "sparse_mlp"]

@@ -5,5 +5,7 @@ torch does itself; a fastllm op must agree with its reference on every valid inp
 """
 
 from .memory import pool_gather_reference, pool_write_reference
+from .sparse import dense_mlp_reference, sparse_mlp_reference
 
-__all__ = ["pool_gather_reference", "pool_write_reference"]
+__all__ = ["pool_gather_reference", "pool_write_reference", "dense_mlp_reference",
+           "sparse_mlp_reference"]

@@ -1,0 +1,133 @@
+// Deja Vu style sparse MLP: only the active neurons' weights are read.
+//
+//   h[b, j]  = act(w_gate[idx_j] . x[b] + b_gate[idx_j]) * (w_up[idx_j] . x[b] + b_up[idx_j])
+//              (or act(w_up[idx_j] . x[b] + b_up[idx_j]) without a gate)
+//   out[b]   = b_down + sum_j h[b, j] * w_down_t[idx_j]
+//
+// w_up / w_gate are nn.Linear weights ([n_neurons, d_in], one neuron per contiguous row) and
+// w_down_t is the down projection's weight transposed and made contiguous ([n_neurons, d_out]),
+// so every active neuron costs three contiguous row reads. The index set is either shared by
+// every row of the batch (1-D idx) or one set per row (2-D idx, with optional per-row counts).
+// Shared by the CPU and CUDA kernels: activations, argument checks.
+#pragma once
+
+#include <cmath>
+#include <string>
+
+#include "common/checks.h"
+#include "common/host_device.h"
+
+namespace fastllm::sparse {
+
+enum class Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
+
+inline Activation parse_activation(const char* op, const std::string& name) {
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK_VALUE(false, op, ": activation must be one of relu, gelu, gelu_tanh, silu, got '",
+                    name, "'");
+}
+
+FASTLLM_HOST_DEVICE float apply_activation(Activation act, float v) {
+  switch (act) {
+    case Activation::kRelu: return v > 0.f ? v : 0.f;
+    case Activation::kGelu: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case Activation::kGeluTanh: {
+      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      return 0.5f * v * (1.f + tanhf(inner));
+    }
+    case Activation::kSilu: default: return v / (1.f + expf(-v));
+  }
+}
+
+// The hidden value of one neuron from its pre-activations (gate is ignored without a gate).
+FASTLLM_HOST_DEVICE float hidden_value(Activation act, bool gated, float up, float gate) {
+  return gated ? apply_activation(act, gate) * up : apply_activation(act, up);
+}
+
+struct SparseMlpShape {
+  int64_t rows;      // B
+  int64_t d_in;
+  int64_t neurons;   // n
+  int64_t d_out;
+  int64_t k;         // active entries per set (the padded width for per-row sets)
+  bool per_row;
+  bool gated;
+};
+
+inline void check_optional_vector(const char* op, const char* name, const c10::optional<at::Tensor>& t,
+                                  const at::Tensor& like, int64_t length) {
+  if (!t.has_value()) return;
+  check_dim(op, name, *t, 1);
+  check_same_dtype(op, "x", like, name, *t);
+  check_same_device(op, "x", like, name, *t);
+  check_contiguous(op, name, *t);
+  TORCH_CHECK_VALUE(t->size(0) == length, op, ": ", name, " must have length ", length, ", got ",
+                    t->size(0));
+}
+
+inline void check_weight(const char* op, const char* name, const at::Tensor& w, const at::Tensor& x,
+                         int64_t neurons, int64_t cols, const char* cols_name) {
+  check_dim(op, name, w, 2);
+  check_same_dtype(op, "x", x, name, w);
+  check_same_device(op, "x", x, name, w);
+  check_contiguous(op, name, w);
+  TORCH_CHECK_VALUE(w.size(0) == neurons && w.size(1) == cols, op, ": ", name, " must have shape [",
+                    neurons, ", ", cols, "] (n_neurons, ", cols_name, "), got ", w.sizes());
+}
+
+// Every check that needs no look at index values; the caller then checks the index range.
+inline SparseMlpShape check_sparse_mlp(const char* op, const at::Tensor& x, const at::Tensor& w_up,
+                                       const c10::optional<at::Tensor>& w_gate,
+                                       const at::Tensor& w_down_t,
+                                       const c10::optional<at::Tensor>& b_up,
+                                       const c10::optional<at::Tensor>& b_gate,
+                                       const c10::optional<at::Tensor>& b_down,
+                                       const at::Tensor& idx,
+                                       const c10::optional<at::Tensor>& counts) {
+  check_dim(op, "x", x, 2);
+  check_dtype_in(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  check_contiguous(op, "x", x);
+  check_dim(op, "w_up", w_up, 2);
+  const int64_t neurons = w_up.size(0);
+  const int64_t d_in = x.size(1);
+  check_weight(op, "w_up", w_up, x, neurons, d_in, "d_in");
+  if (w_gate.has_value()) check_weight(op, "w_gate", *w_gate, x, neurons, d_in, "d_in");
+  check_dim(op, "w_down_t", w_down_t, 2);
+  const int64_t d_out = w_down_t.size(1);
+  check_weight(op, "w_down_t", w_down_t, x, neurons, d_out, "d_out");
+  check_optional_vector(op, "b_up", b_up, x, neurons);
+  check_optional_vector(op, "b_gate", b_gate, x, neurons);
+  TORCH_CHECK_VALUE(!b_gate.has_value() || w_gate.has_value(), op,
+                    ": b_gate was given without w_gate");
+  check_optional_vector(op, "b_down", b_down, x, d_out);
+  check_index_dtype(op, "active_idx", idx);
+  check_contiguous(op, "active_idx", idx);
+  check_same_device(op, "x", x, "active_idx", idx);
+  TORCH_CHECK_VALUE(idx.dim() == 1 || idx.dim() == 2, op,
+                    ": active_idx must be 1-D (one set shared by the batch) or 2-D [rows, k] "
+                    "(one set per row), got shape ", idx.sizes());
+  const bool per_row = idx.dim() == 2;
+  if (per_row) {
+    TORCH_CHECK_VALUE(idx.size(0) == x.size(0), op, ": a per-row active_idx must have one row per "
+                      "row of x (", x.size(0), "), got shape ", idx.sizes());
+  }
+  if (counts.has_value()) {
+    TORCH_CHECK_VALUE(per_row, op, ": counts is only meaningful with a 2-D (per-row) active_idx");
+    check_dim(op, "counts", *counts, 1);
+    check_index_dtype(op, "counts", *counts);
+    TORCH_CHECK_TYPE(counts->scalar_type() == idx.scalar_type(), op,
+                     ": counts must have active_idx's dtype (", idx.scalar_type(), "), got ",
+                     counts->scalar_type());
+    check_contiguous(op, "counts", *counts);
+    check_same_device(op, "x", x, "counts", *counts);
+    TORCH_CHECK_VALUE(counts->size(0) == x.size(0), op, ": counts must have length ", x.size(0),
+                      ", got ", counts->size(0));
+  }
+  return {x.size(0), d_in, neurons, d_out, per_row ? idx.size(1) : idx.size(0), per_row,
+          w_gate.has_value()};
+}
+
+}  // namespace fastllm::sparse

@@ -1,0 +1,229 @@
+// CUDA sparse MLP, three plain kernels:
+//   hidden_kernel: one warp per active neuron (shared set) or per (row, position) (per-row sets);
+//     lanes stride the neuron's contiguous up/gate row, so each weight row is one coalesced read,
+//     reused for up to kRowsPerPass batch rows held in registers; fp32 h[b, j] goes to scratch.
+//   down_kernel: a block owns 256 output columns x one slice of the active neurons; each thread
+//     walks its slice and reads w_down_t[idx_j, column] (coalesced across the block). Default:
+//     atomicAdd into an fp32 accumulator. Deterministic: each slice writes its own partial row and
+//     finish_kernel sums the slices in slice order.
+//   finish_kernel: adds the bias and casts to the output dtype.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "sparse/sparse_mlp.h"
+
+namespace fastllm::sparse {
+namespace {
+
+constexpr const char* kOp = "fastllm.sparse_mlp";
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / 32;
+constexpr int kRowsPerPass = 4;  // batch rows accumulated per read of a weight row
+
+template <typename T>
+__device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename index_t>
+__device__ __forceinline__ int64_t set_count(const index_t* counts, int64_t set, int64_t k) {
+  return counts == nullptr ? k : static_cast<int64_t>(counts[set]);
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void hidden_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_up,
+                              const scalar_t* __restrict__ w_gate,
+                              const scalar_t* __restrict__ b_up,
+                              const scalar_t* __restrict__ b_gate,
+                              const index_t* __restrict__ idx, const index_t* __restrict__ counts,
+                              float* __restrict__ h, int64_t rows, int64_t d, int64_t k,
+                              bool per_row, Activation act) {
+  const int lane = threadIdx.x & 31;
+  const int64_t tasks = per_row ? rows * k : k;
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+       t < tasks; t += warp_stride) {
+    const int64_t b_first = per_row ? t / k : 0;
+    const int64_t j = per_row ? t % k : t;
+    const int64_t b_last = per_row ? b_first + 1 : rows;
+    if (per_row && j >= set_count(counts, b_first, k)) {
+      if (lane == 0) h[b_first * k + j] = 0.f;
+      continue;
+    }
+    const int64_t neuron = static_cast<int64_t>(idx[t]);
+    const scalar_t* up_row = w_up + neuron * d;
+    const scalar_t* gate_row = w_gate != nullptr ? w_gate + neuron * d : nullptr;
+    for (int64_t b0 = b_first; b0 < b_last; b0 += kRowsPerPass) {
+      const int nb = static_cast<int>(min64(kRowsPerPass, b_last - b0));
+      float up[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
+      float gate[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t i = lane; i < d; i += 32) {
+        const float wu = to_f(up_row[i]);
+        const float wg = gate_row != nullptr ? to_f(gate_row[i]) : 0.f;
+#pragma unroll
+        for (int r = 0; r < kRowsPerPass; ++r) {
+          if (r < nb) {
+            const float xv = to_f(x[(b0 + r) * d + i]);
+            up[r] += wu * xv;
+            gate[r] += wg * xv;
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsPerPass; ++r) {
+        const float u = warp_sum(up[r]);
+        const float g = warp_sum(gate[r]);
+        if (lane == 0 && r < nb) {
+          const float ub = b_up != nullptr ? to_f(b_up[neuron]) : 0.f;
+          const float gb = b_gate != nullptr ? to_f(b_gate[neuron]) : 0.f;
+          h[(b0 + r) * k + j] = hidden_value(act, gate_row != nullptr, u + ub, g + gb);
+        }
+      }
+    }
+  }
+}
+
+// grid: x = column tiles, y = neuron slices, z = row groups (kRowsPerPass rows for a shared set,
+// one row for per-row sets).
+template <typename scalar_t, typename index_t>
+__global__ void down_kernel(const scalar_t* __restrict__ w_down_t, const index_t* __restrict__ idx,
+                            const index_t* __restrict__ counts, const float* __restrict__ h,
+                            float* __restrict__ acc, int64_t rows, int64_t d_out, int64_t k,
+                            int64_t slice, bool per_row, bool partials) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (col >= d_out) return;
+  const int64_t b_first = per_row ? blockIdx.z : static_cast<int64_t>(blockIdx.z) * kRowsPerPass;
+  const int nb = per_row ? 1 : static_cast<int>(min64(kRowsPerPass, rows - b_first));
+  const int64_t count = per_row ? set_count(counts, b_first, k) : k;
+  const int64_t j_begin = static_cast<int64_t>(blockIdx.y) * slice;
+  const int64_t j_end = min64(count, j_begin + slice);
+  const index_t* set = idx + (per_row ? b_first * k : 0);
+  float sum[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t j = j_begin; j < j_end; ++j) {
+    const float w = to_f(w_down_t[static_cast<int64_t>(set[j]) * d_out + col]);
+#pragma unroll
+    for (int r = 0; r < kRowsPerPass; ++r) {
+      if (r < nb) sum[r] += h[(b_first + r) * k + j] * w;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRowsPerPass; ++r) {
+    if (r >= nb) continue;
+    const int64_t b = b_first + r;
+    if (partials) {
+      acc[(static_cast<int64_t>(blockIdx.y) * rows + b) * d_out + col] = sum[r];
+    } else if (j_begin < j_end) {
+      atomicAdd(acc + b * d_out + col, sum[r]);
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void finish_kernel(const float* __restrict__ acc, const scalar_t* __restrict__ b_down,
+                              scalar_t* __restrict__ out, int64_t rows, int64_t d_out,
+                              int64_t slices) {
+  const int64_t total = rows * d_out;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = b_down != nullptr ? to_f(b_down[e % d_out]) : 0.f;
+    for (int64_t s = 0; s < slices; ++s) v += acc[s * total + e];
+    out[e] = static_cast<scalar_t>(v);
+  }
+}
+
+template <typename T>
+const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+void check_index_values_cuda(const at::Tensor& idx, const c10::optional<at::Tensor>& counts,
+                             const SparseMlpShape& s) {
+  if (!counts.has_value()) {
+    check_index_range(kOp, "active_idx", idx, s.neurons);
+    return;
+  }
+  check_index_range(kOp, "counts", *counts, s.k + 1);
+  // Padding past a row's count may hold anything (e.g. -1): only the counted entries are checked.
+  at::Tensor live = at::arange(s.k, idx.options().dtype(at::kLong)).unsqueeze(0) <
+                    counts->to(at::kLong).unsqueeze(1);
+  check_index_range(kOp, "active_idx", idx.masked_select(live), s.neurons);
+}
+
+at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
+                           const c10::optional<at::Tensor>& w_gate, const at::Tensor& w_down_t,
+                           const c10::optional<at::Tensor>& b_up,
+                           const c10::optional<at::Tensor>& b_gate,
+                           const c10::optional<at::Tensor>& b_down, const at::Tensor& active_idx,
+                           const c10::optional<at::Tensor>& counts, c10::string_view activation,
+                           bool deterministic) {
+  const SparseMlpShape s =
+      check_sparse_mlp(kOp, x, w_up, w_gate, w_down_t, b_up, b_gate, b_down, active_idx, counts);
+  const Activation act = parse_activation(kOp, std::string(activation));
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_index_values_cuda(active_idx, counts, s);
+  at::Tensor out = at::empty({s.rows, s.d_out}, x.options());
+  if (out.numel() == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  const int64_t col_tiles = (s.d_out + kThreads - 1) / kThreads;
+  const int64_t row_groups = s.per_row ? s.rows : (s.rows + kRowsPerPass - 1) / kRowsPerPass;
+  // Enough neuron slices for ~4 blocks per SM, but at least 32 neurons per slice.
+  const int64_t want = std::max<int64_t>(1, (4 * sms) / std::max<int64_t>(1, col_tiles * row_groups));
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(want, (s.k + 31) / 32));
+  const int64_t slice = std::max<int64_t>(1, (s.k + slices - 1) / slices);
+  TORCH_CHECK_VALUE(row_groups <= 65535, kOp, ": too many per-row sets for one launch (",
+                    s.rows, ")");
+
+  at::Tensor h = at::empty({s.rows, std::max<int64_t>(s.k, 1)}, x.options().dtype(at::kFloat));
+  const int64_t acc_slices = deterministic ? slices : 1;
+  at::Tensor acc = deterministic
+                       ? at::empty({acc_slices, s.rows, s.d_out}, x.options().dtype(at::kFloat))
+                       : at::zeros({1, s.rows, s.d_out}, x.options().dtype(at::kFloat));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_mlp_cuda", [&] {
+    AT_DISPATCH_INDEX_TYPES(active_idx.scalar_type(), "sparse_mlp_cuda_index", [&] {
+      const index_t* cp = counts.has_value() ? counts->const_data_ptr<index_t>() : nullptr;
+      if (s.k > 0) {
+        const int64_t tasks = s.per_row ? s.rows * s.k : s.k;
+        const int64_t blocks =
+            std::min<int64_t>((tasks + kWarpsPerBlock - 1) / kWarpsPerBlock, sms * 32);
+        hidden_kernel<scalar_t, index_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), w_up.const_data_ptr<scalar_t>(),
+            ptr_or_null<scalar_t>(w_gate), ptr_or_null<scalar_t>(b_up),
+            ptr_or_null<scalar_t>(b_gate), active_idx.const_data_ptr<index_t>(), cp,
+            h.data_ptr<float>(), s.rows, s.d_in, s.k, s.per_row, act);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (s.k > 0 || deterministic) {
+        const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(slices),
+                        static_cast<unsigned>(row_groups));
+        down_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
+            w_down_t.const_data_ptr<scalar_t>(), active_idx.const_data_ptr<index_t>(), cp,
+            h.const_data_ptr<float>(), acc.data_ptr<float>(), s.rows, s.d_out, s.k, slice,
+            s.per_row, deterministic);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      const int64_t total = s.rows * s.d_out;
+      const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, sms * 8);
+      finish_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          acc.const_data_ptr<float>(), ptr_or_null<scalar_t>(b_down), out.data_ptr<scalar_t>(),
+          s.rows, s.d_out, acc_slices);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastllm, CUDA, m) { m.impl("sparse_mlp", &sparse_mlp_cuda); }
+
+}  // namespace fastllm::sparse

@@ -1,0 +1,63 @@
+"""Pure-PyTorch sparse MLP: the oracle for ``fastllm.ops.sparse_mlp`` and the dense baselines."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def _hidden(x, w_up, w_gate, b_up, b_gate, activation):
+    act = _ACTIVATIONS[activation]
+    up = x @ w_up.T + (b_up if b_up is not None else 0)
+    if w_gate is None:
+        return act(up)
+    gate = x @ w_gate.T + (b_gate if b_gate is not None else 0)
+    return act(gate) * up
+
+
+def sparse_mlp_reference(x: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down_t: Tensor,
+                         b_up: Tensor | None, b_gate: Tensor | None, b_down: Tensor | None,
+                         active_idx: Tensor, counts: Tensor | None = None,
+                         activation: str = "silu", deterministic: bool = False) -> Tensor:
+    """Gather the active rows, compute in fp32 (float64 stays float64), return x's dtype.
+
+    ``active_idx`` 1-D: one set for every row of ``x``; 2-D ``[rows, k]``: a set per row, of which
+    the first ``counts[r]`` entries count (all ``k`` without counts).
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    f = lambda t: None if t is None else t.to(compute)  # noqa: E731
+    xf = x.to(compute)
+    idx = active_idx.long()
+    out = torch.zeros(x.shape[0], w_down_t.shape[1], dtype=compute, device=x.device)
+    if b_down is not None:
+        out += f(b_down)
+    if idx.dim() == 1:
+        sets = [(slice(None), idx)]
+    else:
+        k = idx.shape[1]
+        n = counts.long().tolist() if counts is not None else [k] * idx.shape[0]
+        sets = [(slice(r, r + 1), idx[r, : n[r]]) for r in range(idx.shape[0])]
+    for rows, sel in sets:
+        if sel.numel() == 0:
+            continue
+        h = _hidden(xf[rows], f(w_up)[sel], None if w_gate is None else f(w_gate)[sel],
+                    None if b_up is None else f(b_up)[sel],
+                    None if b_gate is None else f(b_gate)[sel], activation)
+        out[rows] += h @ f(w_down_t)[sel]
+    return out.to(x.dtype)
+
+
+def dense_mlp_reference(x: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
+                        b_up: Tensor | None = None, b_gate: Tensor | None = None,
+                        b_down: Tensor | None = None, activation: str = "silu") -> Tensor:
+    """The dense MLP with nn.Linear weights (``w_down`` is ``[d_out, n]``), in x's dtype."""
+    h = _hidden(x, w_up, w_gate, b_up, b_gate, activation)
+    return F.linear(h, w_down, b_down)

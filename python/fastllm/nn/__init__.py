@@ -1,0 +1,3 @@
+"""Drop-in nn.Module replacements backed by fastllm's kernels."""
+
+from .sparse_mlp import LowRankPredictor, SparseMLP  # noqa: F401

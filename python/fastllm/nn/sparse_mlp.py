@@ -1,0 +1,207 @@
+"""SparseMLP: a drop-in replacement for a transformer MLP that reads only the active neurons.
+
+Wraps either a Llama-family MLP (``gate_proj``, ``up_proj``, ``down_proj``, SiLU-gated) or an OPT
+decoder layer's ``fc1`` / ``fc2`` pair (ReLU). The original weights are shared, not copied, except
+the down projection, which is also kept transposed (``[n_neurons, d_out]`` contiguous) so that each
+active neuron's down weights are one contiguous row. The wrapped module is kept, so
+:func:`fastllm.sparse.densify` restores it exactly.
+
+How the active neurons are chosen (``mode``):
+  - ``"predictor"``: a low-rank predictor scores every neuron from the MLP input; the top
+    ``keep`` neurons per token (or those with a logit above ``logit_threshold``) are active.
+  - ``"threshold"``: training-free (CATS style): the gate (fc1 for ReLU models) runs dense and the
+    neurons whose ``|act(gate)|`` exceeds the calibrated per-layer threshold are active; up and
+    down run sparse.
+  - ``"oracle"``: the dense hidden values are computed and each token keeps its ``keep`` largest
+    ``|h|``; an upper bound for quality, no speed-up.
+  - ``"dense"``: the wrapped MLP, unchanged.
+
+Row sets: for ``rows`` > 1 tokens at once, ``batch_sets="per_row"`` gives each token its own set
+(2-D indices), ``"union"`` one shared set (the union of the rows' sets). Calls with more than
+``dense_above`` tokens (large prefill) run the dense MLP; ``None`` never does.
+``compute="masked"`` evaluates the same selection by zeroing inactive neurons of a dense MLP (for
+fast quality sweeps); ``"kernel"`` (default) calls :func:`fastllm.ops.sparse_mlp`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..sparse._ops import sparse_mlp
+
+__all__ = ["SparseMLP", "LowRankPredictor"]
+
+_ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.GELU: "gelu"}
+
+
+def _activation_name(fn) -> str:
+    for cls, name in _ACT_NAMES.items():
+        if isinstance(fn, cls):
+            if name == "gelu" and getattr(fn, "approximate", "none") == "tanh":
+                return "gelu_tanh"
+            return name
+    cls_name = type(fn).__name__.lower()
+    for key in ("silu", "relu", "gelu"):
+        if key in cls_name:
+            return "gelu_tanh" if key == "gelu" and ("tanh" in cls_name or "new" in cls_name) \
+                else key
+    raise ValueError(f"SparseMLP: unsupported activation {type(fn).__name__}")
+
+
+class LowRankPredictor(nn.Module):
+    """Deja Vu's neuron predictor: ``Linear(d, rank) -> Linear(rank, n_neurons)``, no bias."""
+
+    def __init__(self, d_model: int, n_neurons: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(d_model, rank, bias=False)
+        self.up = nn.Linear(rank, n_neurons, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))
+
+
+class SparseMLP(nn.Module):
+    def __init__(self, wrapped: nn.Module, *, mode: str = "dense", keep: int | None = None,
+                 threshold: float | None = None, predictor: LowRankPredictor | None = None,
+                 logit_threshold: float | None = None, batch_sets: str = "per_row",
+                 dense_above: int | None = 64, compute: str = "kernel",
+                 deterministic: bool = False):
+        super().__init__()
+        if all(hasattr(wrapped, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            self.kind = "gated"
+            self.gate_w, self.up_w = wrapped.gate_proj.weight, wrapped.up_proj.weight
+            self.gate_b, self.up_b = wrapped.gate_proj.bias, wrapped.up_proj.bias
+            down = wrapped.down_proj
+            self.activation = _activation_name(wrapped.act_fn)
+        elif all(hasattr(wrapped, n) for n in ("fc1", "fc2", "activation_fn")):
+            self.kind = "plain"
+            self.gate_w = self.gate_b = None
+            self.up_w, self.up_b = wrapped.fc1.weight, wrapped.fc1.bias
+            down = wrapped.fc2
+            self.activation = _activation_name(wrapped.activation_fn)
+        else:
+            raise TypeError(f"SparseMLP: {type(wrapped).__name__} has neither gate_proj/up_proj/"
+                            "down_proj nor fc1/fc2/activation_fn")
+        # Kept outside the module tree (a list), so state_dict and .to() see no duplicate weights.
+        self._wrapped = [wrapped]
+        self.down_w, self.down_b = down.weight, down.bias
+        self.register_buffer("down_t", down.weight.detach().t().contiguous(), persistent=False)
+        self.n_neurons = self.up_w.shape[0]
+        self.mode, self.keep, self.threshold = mode, keep, threshold
+        self.predictor, self.logit_threshold = predictor, logit_threshold
+        self.batch_sets, self.dense_above = batch_sets, dense_above
+        self.compute, self.deterministic = compute, deterministic
+        self.lookahead_logits: Tensor | None = None  # set by the previous layer in lookahead mode
+        self.lookahead_event = None
+        self.next_layer: SparseMLP | None = None     # the layer this one predicts for
+        self.last_density: float | None = None       # share of neurons active in the last call
+
+    @property
+    def wrapped(self) -> nn.Module:
+        return self._wrapped[0]
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def _act(self, v: Tensor) -> Tensor:
+        return {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+                "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[self.activation](v)
+
+    def dense_hidden(self, x: Tensor) -> Tensor:
+        up = F.linear(x, self.up_w, self.up_b)
+        if self.kind == "gated":
+            return self._act(F.linear(x, self.gate_w, self.gate_b)) * up
+        return self._act(up)
+
+    def dense_forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.dense_hidden(x), self.down_w, self.down_b)
+
+    def _predict(self, x: Tensor) -> Tensor:
+        if self.lookahead_logits is not None:
+            logits = self.lookahead_logits
+            if self.lookahead_event is not None:
+                torch.cuda.current_stream().wait_event(self.lookahead_event)
+            self.lookahead_logits = self.lookahead_event = None
+            if logits.shape[0] == x.shape[0]:
+                return logits
+        return self.predictor(x)
+
+    def _launch_lookahead(self, x: Tensor) -> None:
+        nxt = self.next_layer
+        if nxt is None or nxt.predictor is None:
+            return
+        if x.is_cuda:
+            # The next layer's predictor overlaps this layer's MLP (and the next attention).
+            stream = _side_stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream())
+            x.record_stream(stream)  # x's memory must outlive the side stream's read of it
+            with torch.cuda.stream(stream):
+                nxt.lookahead_logits = nxt.predictor(x)
+                event = torch.cuda.Event()
+                event.record(stream)
+            nxt.lookahead_event = event
+        else:
+            nxt.lookahead_logits = nxt.predictor(x)
+
+    def select(self, x: Tensor) -> Tensor:
+        """Boolean mask [rows, n_neurons] of the active neurons for each row of x (2-D)."""
+        if self.mode == "threshold":
+            pre = F.linear(x, self.gate_w if self.kind == "gated" else self.up_w,
+                           self.gate_b if self.kind == "gated" else self.up_b)
+            return self._act(pre).abs() > self.threshold
+        if self.mode == "oracle":
+            scores = self.dense_hidden(x).abs()
+        elif self.mode == "predictor":
+            scores = self._predict(x)
+            if self.logit_threshold is not None:
+                return scores > self.logit_threshold
+        else:
+            raise ValueError(f"SparseMLP: unknown mode {self.mode!r}")
+        keep = self.n_neurons if self.keep is None else self.keep
+        top = scores.topk(keep, dim=-1).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(self, hidden: Tensor) -> Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        if self.mode == "predictor" and self.next_layer is not None:
+            self._launch_lookahead(x)
+        if self.mode == "dense" or (self.dense_above is not None and x.shape[0] > self.dense_above):
+            self.last_density = 1.0
+            return self.dense_forward(x).reshape(*shape[:-1], -1)
+        mask = self.select(x)
+        if self.batch_sets == "union":
+            mask = mask.any(dim=0, keepdim=True).expand_as(mask)
+        self.last_density = mask.float().mean().item() if x.shape[0] else 0.0
+        if self.compute == "masked":
+            out = F.linear(self.dense_hidden(x) * mask, self.down_w, self.down_b)
+        else:
+            out = self._kernel_forward(x, mask)
+        return out.reshape(*shape[:-1], -1)
+
+    def _kernel_forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        common = dict(w_gate=self.gate_w, b_up=self.up_b, b_gate=self.gate_b, b_down=self.down_b,
+                      activation=self.activation, deterministic=self.deterministic)
+        if self.batch_sets == "union" or x.shape[0] == 1:
+            idx = mask[0].nonzero().squeeze(1).to(torch.int32)
+            return sparse_mlp(x, self.up_w, self.down_t, idx, **common)
+        counts = mask.sum(dim=1)
+        # Per-row sets padded to the widest row: sorting puts each row's active indices first.
+        k = int(counts.max().item()) if counts.numel() else 0
+        order = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]
+        return sparse_mlp(x, self.up_w, self.down_t, order.to(torch.int32).contiguous(),
+                          counts=counts.to(torch.int32), **common)
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, activation={self.activation}, mode={self.mode}, "
+                f"keep={self.keep}, threshold={self.threshold}, n_neurons={self.n_neurons}")
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]

@@ -1,0 +1,401 @@
+"""Deja Vu contextual sparsity for Llama-family (SiLU-gated) and OPT (ReLU) models.
+
+    preds = fastllm.sparse.train_predictors(model, calibration_ids)      # low-rank predictors
+    preds.save("preds.safetensors")
+    fastllm.sparse.sparsify(model, 0.5, mode="predictor", predictors=preds)
+    ...  # decode as usual: the MLPs now read only the predicted neurons
+    fastllm.sparse.densify(model)                                         # exact original
+
+``mode="threshold"`` needs no training: per-layer thresholds on ``|act(gate)|`` are calibrated to
+the target sparsity from ``calibration_ids`` (CATS style). ``mode="oracle"`` keeps each token's
+largest ``|h|`` (quality upper bound). See :class:`fastllm.nn.SparseMLP` for the per-call options.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.sparse_mlp import LowRankPredictor, SparseMLP
+from ._ops import sparse_mlp  # noqa: F401
+
+__all__ = ["sparsify", "densify", "train_predictors", "Predictors", "find_mlps",
+           "calibrate_thresholds", "collect_mlp_data", "PredictorMismatchError"]
+
+
+class PredictorMismatchError(ValueError):
+    """Saved predictors were trained for another model or configuration."""
+
+
+# ---- finding MLPs --------------------------------------------------------------------------------
+
+@dataclass
+class _Site:
+    """Where one MLP lives: Llama family `layer.mlp`, or OPT's fc1/activation_fn/fc2 on the layer."""
+    layer: nn.Module
+    kind: str  # "llama" or "opt"
+
+    @property
+    def mlp_like(self) -> nn.Module:
+        return self.layer.mlp if self.kind == "llama" else self.layer
+
+    @property
+    def input_module(self) -> nn.Module:
+        # The module whose first positional input is the MLP input.
+        if self.kind == "llama":
+            return self.layer.mlp
+        fc1 = self.layer.fc1
+        return fc1 if not isinstance(fc1, SparseMLP) else fc1
+
+
+def find_mlps(model: nn.Module) -> list[_Site]:
+    """The model's MLPs in layer order (dense or already sparsified)."""
+    sites = []
+    for module in model.modules():
+        mlp = getattr(module, "mlp", None)
+        if isinstance(mlp, nn.Module) and (isinstance(mlp, SparseMLP) or all(
+                hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))):
+            sites.append(_Site(module, "llama"))
+        elif all(hasattr(module, n) for n in ("fc1", "fc2", "activation_fn")):
+            sites.append(_Site(module, "opt"))
+    if not sites:
+        raise TypeError(f"fastllm.sparse: found no Llama-style (gate/up/down) or OPT-style "
+                        f"(fc1/fc2) MLP in {type(model).__name__}")
+    return sites
+
+
+def _dense_mlp(site: _Site) -> nn.Module:
+    """The dense module a SparseMLP wraps (or the dense MLP itself)."""
+    if site.kind == "llama":
+        return site.layer.mlp.wrapped if isinstance(site.layer.mlp, SparseMLP) else site.layer.mlp
+    return site.layer.fc1.wrapped if isinstance(site.layer.fc1, SparseMLP) else site.layer
+
+
+def _make_view(site: _Site) -> SparseMLP:
+    """A SparseMLP over the site's dense weights (not installed), for computing hidden values."""
+    if site.kind == "llama":
+        return SparseMLP(_dense_mlp(site))
+    fc1, fc2, act = _opt_parts(site)
+    holder = nn.Module()
+    holder.fc1, holder.fc2, holder.activation_fn = fc1, fc2, act
+    return SparseMLP(holder)
+
+
+def _opt_parts(site: _Site):
+    if isinstance(site.layer.fc1, SparseMLP):
+        return site.layer.fc1._opt_restore
+    return site.layer.fc1, site.layer.fc2, site.layer.activation_fn
+
+
+# ---- dense activations ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def collect_mlp_data(model: nn.Module, ids: Tensor, fn, batch_size: int = 4) -> list:
+    """Run the dense model on ``ids`` and call ``fn(layer_index, view, x)`` on each MLP input.
+
+    ``view`` is a :class:`SparseMLP` over that layer's dense weights (``view.dense_hidden(x)``
+    gives the hidden values). Returns a per-layer list of lists of ``fn``'s results.
+    """
+    was_sparse = any(isinstance(m, SparseMLP) for m in model.modules())
+    saved = densify(model) if was_sparse else None
+    sites = find_mlps(model)
+    views = [_make_view(s) for s in sites]
+    results: list[list] = [[] for _ in sites]
+    handles = []
+    for i, site in enumerate(sites):
+        module = site.layer.mlp if site.kind == "llama" else site.layer.fc1
+
+        def hook(_m, args, i=i):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            results[i].append(fn(i, views[i], x))
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        if saved is not None:
+            _reinstall(model, saved)
+    return results
+
+
+# ---- threshold mode ------------------------------------------------------------------------------
+
+def _per_layer(value, n_layers: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n_layers:
+            raise ValueError(f"fastllm.sparse: {name} has {len(value)} entries for {n_layers} layers")
+        return list(value)
+    return [value] * n_layers
+
+
+def calibrate_thresholds(model: nn.Module, calibration_ids: Tensor, sparsity) -> list[float]:
+    """Per-layer thresholds on ``|act(gate)|`` (``|act(fc1)|`` for ReLU models) such that the
+    given share of neurons falls below them on the calibration tokens."""
+    n_layers = len(find_mlps(model))
+    targets = _per_layer(sparsity, n_layers, "sparsity")
+
+    def gate_magnitudes(i, view, x):
+        pre = F.linear(x, view.gate_w if view.kind == "gated" else view.up_w,
+                       view.gate_b if view.kind == "gated" else view.up_b)
+        values = view._act(pre).abs().flatten().float()
+        if values.numel() > 1 << 22:  # a uniform sample keeps the quantile cheap
+            values = values[torch.randint(values.numel(), (1 << 22,), device=values.device)]
+        return values.cpu()
+
+    data = collect_mlp_data(model, calibration_ids, gate_magnitudes)
+    thresholds = []
+    for layer_values, s in zip(data, targets):
+        values = torch.cat(layer_values)
+        if s <= 0:
+            thresholds.append(-1.0)
+            continue
+        kth = max(1, min(values.numel(), int(round(s * values.numel()))))
+        thresholds.append(values.kthvalue(kth).values.item())
+    return thresholds
+
+
+# ---- predictors ----------------------------------------------------------------------------------
+
+def _model_identity(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
+    sites = find_mlps(model)
+    first = _make_view(sites[0])
+    return {
+        "model_name": str(name),
+        "model_type": str(getattr(config, "model_type", type(model).__name__)),
+        "hidden_size": int(first.up_w.shape[1]),
+        "n_neurons": int(first.n_neurons),
+        "n_layers": len(sites),
+    }
+
+
+@dataclass
+class Predictors:
+    """Per-layer low-rank predictors plus what they were trained for."""
+    layers: nn.ModuleList
+    identity: dict
+    rank: int
+    lookahead: bool = False
+    label_share: float = 0.9
+    stats: list = field(default_factory=list)  # per layer: recall/precision on held-out tokens
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+        tensors = {f"layers.{i}.{k}": v.detach().contiguous().cpu()
+                   for i, layer in enumerate(self.layers) for k, v in layer.state_dict().items()}
+        meta = {"fastllm_sparse_predictors": "1", "identity": json.dumps(self.identity),
+                "rank": str(self.rank), "lookahead": str(int(self.lookahead)),
+                "label_share": repr(self.label_share), "stats": json.dumps(self.stats)}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path, model: nn.Module) -> "Predictors":
+        """Load predictors saved by :meth:`save`; refuse if they were trained for another model."""
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("fastllm_sparse_predictors") != "1":
+                raise PredictorMismatchError(f"{path} holds no fastllm sparse predictors")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        saved = json.loads(meta["identity"])
+        current = _model_identity(model)
+        diffs = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        if diffs:
+            detail = ", ".join(f"{k}: saved {a!r}, model {b!r}" for k, (a, b) in diffs.items())
+            raise PredictorMismatchError(
+                f"predictors in {path} were trained for another model ({detail}); "
+                "train new ones with fastllm.sparse.train_predictors(model, calibration_ids)")
+        rank = int(meta["rank"])
+        layers = nn.ModuleList(LowRankPredictor(current["hidden_size"], current["n_neurons"], rank)
+                               for _ in range(current["n_layers"]))
+        for i, layer in enumerate(layers):
+            layer.load_state_dict({k.split(".", 2)[2]: v for k, v in tensors.items()
+                                   if k.startswith(f"layers.{i}.")})
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        layers.to(device=device, dtype=dtype)
+        return cls(layers, saved, rank, bool(int(meta["lookahead"])), float(meta["label_share"]),
+                   json.loads(meta.get("stats", "[]")))
+
+
+def share_labels(h_abs: Tensor, share: float) -> Tensor:
+    """Per row, the smallest set of neurons whose |h| sums to at least ``share`` of the row's."""
+    values, order = h_abs.sort(dim=-1, descending=True)
+    csum = values.cumsum(-1)
+    total = csum[..., -1:].clamp_min(1e-30)
+    # Keep a neuron if the mass before it is still short of the share.
+    keep_sorted = (csum - values) < share * total
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def _progress(iterable, desc: str, total: int, show: bool):
+    if not show:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(iterable, desc=desc, total=total)
+    except ImportError:
+        return iterable
+
+
+def train_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: int = 128,
+                     label_share: float = 0.9, epochs: int = 20, lr: float = 1e-3,
+                     batch_tokens: int = 256, heldout: float = 0.1, lookahead: bool = False,
+                     eval_sparsity: float = 0.5, layers: list[int] | None = None,
+                     progress: bool = True, seed: int = 0) -> Predictors:
+    """Train one ``Linear(d, rank) -> Linear(rank, n)`` predictor per MLP from dense activations.
+
+    Labels: ``act > 0`` for ReLU models; for SiLU-gated models the neurons carrying
+    ``label_share`` of the row's ``|silu(gate) * up|`` mass. Loss: BCE with positives weighted by
+    the negative/positive ratio (Deja Vu). ``heldout`` of the tokens are kept out of training and
+    give, per layer, recall/precision against the labels (logit > 0) and the recall of top-k
+    selection against the oracle top-k by ``|h|`` at ``eval_sparsity``, in ``Predictors.stats``.
+    With ``lookahead`` the predictor of layer l (l >= 1) learns from layer l-1's MLP input.
+    ``layers`` restricts training to some layers (others get untrained predictors; for tests).
+    """
+    model_dtype = next(model.parameters()).dtype
+
+    def capture(i, view, x):
+        h = view.dense_hidden(x).float()
+        labels = h > 0 if view.activation == "relu" else share_labels(h.abs(), label_share)
+        return x.float().cpu(), labels.cpu(), h.abs().to(torch.bfloat16).cpu()
+
+    data = collect_mlp_data(model, calibration_ids, capture)
+    identity = _model_identity(model)
+    d, n = identity["hidden_size"], identity["n_neurons"]
+    gen = torch.Generator().manual_seed(seed)
+    n_tokens = sum(x.shape[0] for x, _, _ in data[0])
+    perm = torch.randperm(n_tokens, generator=gen)
+    n_held = max(1, int(round(heldout * n_tokens)))
+    held, train = perm[:n_held], perm[n_held:]
+    keep = max(1, int(round((1 - eval_sparsity) * n)))
+    torch.manual_seed(seed)
+    predictors = nn.ModuleList(LowRankPredictor(d, n, rank) for _ in data)
+    stats = []
+    which = range(len(data)) if layers is None else layers
+    for i in _progress(which, "training predictors", len(which), progress):
+        src = i - 1 if lookahead and i > 0 else i
+        x = torch.cat([t[0] for t in data[src]])
+        y = torch.cat([t[1] for t in data[i]]).float()
+        h_abs = torch.cat([t[2] for t in data[i]]).float()
+        pred = predictors[i]
+        pos = y[train].mean().clamp(1e-4, 1 - 1e-4)
+        pos_weight = ((1 - pos) / pos).expand(n)
+        opt = torch.optim.AdamW(pred.parameters(), lr=lr)
+        for _ in range(epochs):
+            order = train[torch.randperm(train.numel(), generator=gen)]
+            for start in range(0, order.numel(), batch_tokens):
+                b = order[start:start + batch_tokens]
+                loss = F.binary_cross_entropy_with_logits(pred(x[b]), y[b], pos_weight=pos_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            logits = pred(x[held])
+            chosen = logits > 0
+            truth = y[held].bool()
+            tp = (chosen & truth).sum().item()
+            top_pred = logits.topk(keep, dim=-1).indices
+            top_oracle = h_abs[held].topk(keep, dim=-1).indices
+            hit = torch.zeros_like(truth).scatter_(1, top_oracle, True).gather(1, top_pred)
+            stats.append({"layer": i, "recall": tp / max(1, truth.sum().item()),
+                          "precision": tp / max(1, chosen.sum().item()),
+                          "label_density": truth.float().mean().item(),
+                          f"topk_recall_vs_oracle@{eval_sparsity:g}": hit.float().mean().item()})
+    device = next(model.parameters()).device
+    predictors.to(device=device, dtype=model_dtype)
+    return Predictors(predictors, identity, rank, lookahead, label_share, stats)
+
+
+# ---- swapping modules ----------------------------------------------------------------------------
+
+def _install(site: _Site, sparse: SparseMLP) -> None:
+    if site.kind == "llama":
+        site.layer.mlp = sparse
+    else:
+        sparse._opt_restore = (site.layer.fc1, site.layer.fc2, site.layer.activation_fn)
+        site.layer.fc1, site.layer.fc2, site.layer.activation_fn = sparse, nn.Identity(), nn.Identity()
+
+
+def _reinstall(model: nn.Module, saved: list) -> None:
+    for site, sparse in zip(find_mlps(model), saved):
+        _install(site, sparse)
+
+
+def densify(model: nn.Module) -> list[SparseMLP]:
+    """Put every original dense MLP back (the same module objects); returns the removed ones."""
+    removed = []
+    for site in find_mlps(model):
+        if site.kind == "llama" and isinstance(site.layer.mlp, SparseMLP):
+            removed.append(site.layer.mlp)
+            site.layer.mlp = site.layer.mlp.wrapped
+        elif site.kind == "opt" and isinstance(site.layer.fc1, SparseMLP):
+            sparse = site.layer.fc1
+            removed.append(sparse)
+            site.layer.fc1, site.layer.fc2, site.layer.activation_fn = sparse._opt_restore
+    return removed
+
+
+def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors=None,
+             calibration_ids: Tensor | None = None, *, selection: str = "topk",
+             batch_sets: str = "per_row", dense_above: int | None = 64,
+             compute: str = "kernel", deterministic: bool = False, **train_kwargs) -> nn.Module:
+    """Swap every MLP for a :class:`SparseMLP` at ``sparsity`` (a float or one per layer).
+
+    ``mode="threshold"`` calibrates per-layer thresholds from ``calibration_ids``;
+    ``mode="predictor"`` uses ``predictors`` (a :class:`Predictors` or a path to saved ones) or
+    trains them from ``calibration_ids``; ``mode="oracle"`` needs neither. ``selection="topk"``
+    keeps ``(1 - sparsity) * n`` neurons per token; ``"logit"`` keeps those with logit > 0.
+    Calls with more than ``dense_above`` tokens run dense (``None``: never).
+    """
+    densify(model)
+    sites = find_mlps(model)
+    targets = _per_layer(sparsity, len(sites), "sparsity")
+    thresholds = [None] * len(sites)
+    preds = None
+    if mode == "threshold":
+        if calibration_ids is None:
+            raise ValueError("fastllm.sparse.sparsify: threshold mode needs calibration_ids")
+        thresholds = calibrate_thresholds(model, calibration_ids, targets)
+    elif mode == "predictor":
+        if isinstance(predictors, (str, pathlib.Path)):
+            preds = Predictors.load(predictors, model)
+        elif isinstance(predictors, Predictors):
+            current = _model_identity(model)
+            if predictors.identity != current:
+                raise PredictorMismatchError(
+                    f"predictors were trained for {predictors.identity}, model is {current}")
+            preds = predictors
+        elif calibration_ids is not None:
+            preds = train_predictors(model, calibration_ids, **train_kwargs)
+        else:
+            raise ValueError("fastllm.sparse.sparsify: predictor mode needs predictors (or a path "
+                             "to saved ones) or calibration_ids to train them")
+    elif mode not in ("oracle", "dense"):
+        raise ValueError(f"fastllm.sparse.sparsify: unknown mode {mode!r}")
+    installed = []
+    for i, site in enumerate(sites):
+        target = _dense_mlp(site)
+        n = (target.up_proj.weight if site.kind == "llama" else target.fc1.weight).shape[0]
+        keep = max(0, min(n, int(round((1 - targets[i]) * n))))
+        sparse = SparseMLP(target, mode=mode, keep=keep, threshold=thresholds[i],
+                           predictor=None if preds is None else preds.layers[i],
+                           logit_threshold=0.0 if selection == "logit" else None,
+                           batch_sets=batch_sets, dense_above=dense_above, compute=compute,
+                           deterministic=deterministic)
+        _install(site, sparse)
+        installed.append(sparse)
+    if preds is not None and preds.lookahead:
+        for a, b in zip(installed, installed[1:]):
+            a.next_layer = b
+    return model

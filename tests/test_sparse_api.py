@@ -1,0 +1,143 @@
+"""SparseMLP, sparsify/densify, thresholds and predictors on tiny random Llama and OPT models."""
+
+import pytest
+import torch
+
+import fastllm.sparse as sparse
+from fastllm.nn import SparseMLP
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=160,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    config._name_or_path = "tiny-llama-test"
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_opt():
+    config = transformers.OPTConfig(vocab_size=97, hidden_size=48, ffn_dim=160,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    word_embed_proj_dim=48, max_position_embeddings=128)
+    config._name_or_path = "tiny-opt-test"
+    return transformers.OPTForCausalLM(config).eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+def test_sparsify_with_every_neuron_equals_dense_and_densify_restores(make):
+    model = make()
+    ids = torch.randint(0, 97, (2, 12))
+    dense = logits(model, ids)
+    originals = [p.clone() for p in model.parameters()]
+    sparse.sparsify(model, 0.0, mode="oracle", dense_above=None)
+    assert sum(isinstance(m, SparseMLP) for m in model.modules()) == 2
+    torch.testing.assert_close(logits(model, ids), dense, rtol=1e-4, atol=1e-4)
+    sparse.densify(model)
+    assert not any(isinstance(m, SparseMLP) for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), originals))
+    assert torch.equal(logits(model, ids), dense)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+@pytest.mark.parametrize("batch_sets", ["per_row", "union"])
+def test_kernel_and_masked_paths_agree(make, batch_sets):
+    model = make()
+    ids = torch.randint(0, 97, (2, 10))
+    sparse.sparsify(model, 0.6, mode="oracle", dense_above=None, batch_sets=batch_sets,
+                    compute="masked")
+    masked = logits(model, ids)
+    sparse.sparsify(model, 0.6, mode="oracle", dense_above=None, batch_sets=batch_sets)
+    torch.testing.assert_close(logits(model, ids), masked, rtol=1e-4, atol=1e-4)
+    densities = [m.last_density for m in model.modules() if isinstance(m, SparseMLP)]
+    if batch_sets == "per_row":
+        assert all(abs(d - 0.4) < 0.01 for d in densities)
+    else:
+        assert all(d >= 0.4 for d in densities)
+
+
+def test_opt_relu_oracle_at_natural_sparsity_is_exact():
+    # A ReLU MLP restricted to the neurons with non-zero activation is the dense MLP.
+    model = tiny_opt()
+    ids = torch.randint(0, 97, (1, 8))
+    dense = logits(model, ids)
+    sparse.sparsify(model, 0.0, mode="threshold", calibration_ids=ids, dense_above=None)
+    for m in model.modules():
+        if isinstance(m, SparseMLP):
+            m.threshold = 0.0  # |relu| > 0: exactly the non-zero neurons
+    torch.testing.assert_close(logits(model, ids), dense, rtol=1e-4, atol=1e-4)
+    assert all(m.last_density < 0.9 for m in model.modules() if isinstance(m, SparseMLP))
+
+
+def test_threshold_calibration_hits_target_sparsity():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (4, 32))
+    sparse.sparsify(model, [0.3, 0.7], mode="threshold", calibration_ids=ids, dense_above=None)
+    logits(model, ids)
+    densities = [m.last_density for m in model.modules() if isinstance(m, SparseMLP)]
+    assert densities[0] == pytest.approx(0.7, abs=0.02)
+    assert densities[1] == pytest.approx(0.3, abs=0.02)
+
+
+def test_dense_above_runs_large_prefill_dense():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 20))
+    dense = logits(model, ids)
+    sparse.sparsify(model, 0.9, mode="oracle", dense_above=16)
+    assert torch.equal(logits(model, ids), dense)
+    assert not torch.equal(logits(model, ids[:, :8]), dense[:, :8])
+
+
+def test_predictors_train_save_load_and_refuse_other_models(tmp_path):
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (4, 48))
+    preds = sparse.train_predictors(model, ids, rank=16, epochs=5, progress=False)
+    assert len(preds.stats) == 2
+    for s in preds.stats:
+        assert 0 <= s["recall"] <= 1 and 0 <= s["precision"] <= 1
+    path = tmp_path / "preds.safetensors"
+    preds.save(path)
+    loaded = sparse.Predictors.load(path, model)
+    for a, b in zip(preds.layers.parameters(), loaded.layers.parameters()):
+        assert torch.equal(a, b)
+    sparse.sparsify(model, 0.5, mode="predictor", predictors=path, dense_above=None)
+    out = logits(model, ids[:1, :6])
+    assert out.isfinite().all()
+    assert all(m.last_density == pytest.approx(0.5, abs=0.01)
+               for m in model.modules() if isinstance(m, SparseMLP))
+    with pytest.raises(sparse.PredictorMismatchError, match="another model"):
+        sparse.Predictors.load(path, tiny_opt())
+    other = tiny_llama()
+    other.config._name_or_path = "someone-else"
+    with pytest.raises(sparse.PredictorMismatchError, match="model_name"):
+        sparse.Predictors.load(path, other)
+
+
+def test_predictor_learns_relu_activity_better_than_chance():
+    model = tiny_opt()
+    ids = torch.randint(0, 97, (8, 64))
+    preds = sparse.train_predictors(model, ids, rank=32, epochs=30, progress=False)
+    for s in preds.stats:
+        density = s["label_density"]
+        # Logit > 0 selection must beat guessing at the label density.
+        assert s["precision"] > density + 0.1 and s["recall"] > 0.6
+
+
+def test_lookahead_predictors_feed_the_next_layer():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (4, 32))
+    preds = sparse.train_predictors(model, ids, rank=16, epochs=2, lookahead=True, progress=False)
+    sparse.sparsify(model, 0.5, mode="predictor", predictors=preds, dense_above=None)
+    layers = [m for m in model.modules() if isinstance(m, SparseMLP)]
+    assert layers[0].next_layer is layers[1]
+    calls = []
+    layers[1].predictor.register_forward_hook(lambda m, a, o: calls.append(a[0].clone()))
+    logits(model, ids[:1, :4])
+    # The second layer's predictor ran once, on the first layer's MLP input.
+    assert len(calls) == 1 and layers[1].lookahead_logits is None
