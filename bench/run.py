@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import pathlib
 import sys
 
@@ -37,7 +38,9 @@ def main() -> None:
         if wanted and module.CAPABILITY not in wanted:
             continue
         print(f"== {module.CAPABILITY} ({script.name})", flush=True)
-        new = module.run(device, quick=args.quick)
+        # A bench that writes extra files (plots beyond the speedup bars) takes out_dir.
+        extra = {"out_dir": out_dir} if "out_dir" in inspect.signature(module.run).parameters else {}
+        new = module.run(device, quick=args.quick, **extra)
         records.extend(new)
         path = harness.save_results(new, device, out_dir)
         plot = harness.plot_speedups(new, module.CAPABILITY, device, out_dir)

@@ -26,7 +26,8 @@ from ..nn.sparse_mlp import LowRankPredictor, SparseMLP
 from ._ops import sparse_mlp  # noqa: F401
 
 __all__ = ["sparsify", "densify", "train_predictors", "Predictors", "find_mlps",
-           "calibrate_thresholds", "collect_mlp_data", "PredictorMismatchError"]
+           "calibrate_thresholds", "gate_magnitudes", "thresholds_from_magnitudes",
+           "collect_mlp_data", "PredictorMismatchError"]
 
 
 class PredictorMismatchError(ValueError):
@@ -137,30 +138,37 @@ def _per_layer(value, n_layers: int, name: str) -> list:
     return [value] * n_layers
 
 
-def calibrate_thresholds(model: nn.Module, calibration_ids: Tensor, sparsity) -> list[float]:
-    """Per-layer thresholds on ``|act(gate)|`` (``|act(fc1)|`` for ReLU models) such that the
-    given share of neurons falls below them on the calibration tokens."""
-    n_layers = len(find_mlps(model))
-    targets = _per_layer(sparsity, n_layers, "sparsity")
-
-    def gate_magnitudes(i, view, x):
+def gate_magnitudes(model: nn.Module, calibration_ids: Tensor,
+                    max_values: int = 1 << 22) -> list[Tensor]:
+    """Per layer, a sample of ``|act(gate)|`` (``|act(fc1)|`` for ReLU models) on the tokens."""
+    def magnitudes(i, view, x):
         pre = F.linear(x, view.gate_w if view.kind == "gated" else view.up_w,
                        view.gate_b if view.kind == "gated" else view.up_b)
         values = view._act(pre).abs().flatten().float()
-        if values.numel() > 1 << 22:  # a uniform sample keeps the quantile cheap
-            values = values[torch.randint(values.numel(), (1 << 22,), device=values.device)]
+        if values.numel() > max_values:  # a uniform sample keeps the quantile cheap
+            values = values[torch.randint(values.numel(), (max_values,), device=values.device)]
         return values.cpu()
 
-    data = collect_mlp_data(model, calibration_ids, gate_magnitudes)
-    thresholds = []
-    for layer_values, s in zip(data, targets):
-        values = torch.cat(layer_values)
+    return [torch.cat(v) for v in collect_mlp_data(model, calibration_ids, magnitudes)]
+
+
+def thresholds_from_magnitudes(magnitudes: list[Tensor], sparsity) -> list[float]:
+    """Per layer, the value below which the given share of the sampled magnitudes lies."""
+    out = []
+    for values, s in zip(magnitudes, _per_layer(sparsity, len(magnitudes), "sparsity")):
         if s <= 0:
-            thresholds.append(-1.0)
+            out.append(-1.0)
             continue
         kth = max(1, min(values.numel(), int(round(s * values.numel()))))
-        thresholds.append(values.kthvalue(kth).values.item())
-    return thresholds
+        out.append(values.kthvalue(kth).values.item())
+    return out
+
+
+def calibrate_thresholds(model: nn.Module, calibration_ids: Tensor, sparsity) -> list[float]:
+    """Per-layer thresholds on ``|act(gate)|`` (``|act(fc1)|`` for ReLU models) such that the
+    given share of neurons (a float, or one per layer) falls below them on the calibration
+    tokens."""
+    return thresholds_from_magnitudes(gate_magnitudes(model, calibration_ids), sparsity)
 
 
 # ---- predictors ----------------------------------------------------------------------------------
@@ -349,21 +357,24 @@ def densify(model: nn.Module) -> list[SparseMLP]:
 def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors=None,
              calibration_ids: Tensor | None = None, *, selection: str = "topk",
              batch_sets: str = "per_row", dense_above: int | None = 64,
-             compute: str = "kernel", deterministic: bool = False, **train_kwargs) -> nn.Module:
+             compute: str = "kernel", deterministic: bool = False,
+             thresholds: list[float] | None = None, **train_kwargs) -> nn.Module:
     """Swap every MLP for a :class:`SparseMLP` at ``sparsity`` (a float or one per layer).
 
     ``mode="threshold"`` calibrates per-layer thresholds from ``calibration_ids``;
     ``mode="predictor"`` uses ``predictors`` (a :class:`Predictors` or a path to saved ones) or
     trains them from ``calibration_ids``; ``mode="oracle"`` needs neither. ``selection="topk"``
     keeps ``(1 - sparsity) * n`` neurons per token; ``"logit"`` keeps those with logit > 0.
-    Calls with more than ``dense_above`` tokens run dense (``None``: never).
+    Calls with more than ``dense_above`` tokens run dense (``None``: never). ``thresholds``
+    (per layer) skips the threshold calibration.
     """
     densify(model)
     sites = find_mlps(model)
     targets = _per_layer(sparsity, len(sites), "sparsity")
-    thresholds = [None] * len(sites)
     preds = None
-    if mode == "threshold":
+    if mode == "threshold" and thresholds is not None:
+        thresholds = _per_layer(thresholds, len(sites), "thresholds")
+    elif mode == "threshold":
         if calibration_ids is None:
             raise ValueError("fastllm.sparse.sparsify: threshold mode needs calibration_ids")
         thresholds = calibrate_thresholds(model, calibration_ids, targets)
@@ -383,6 +394,8 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
                              "to saved ones) or calibration_ids to train them")
     elif mode not in ("oracle", "dense"):
         raise ValueError(f"fastllm.sparse.sparsify: unknown mode {mode!r}")
+    if mode != "threshold":
+        thresholds = [None] * len(sites)
     installed = []
     for i, site in enumerate(sites):
         target = _dense_mlp(site)

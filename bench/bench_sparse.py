@@ -1,0 +1,238 @@
+"""Deja Vu sparse MLP: speed of sparse_mlp against the dense MLP, end-to-end decode, and quality.
+
+Speed: one MLP of SmolLM2-135M (576 -> 1536, SiLU-gated) and of Llama-7B (4096 -> 11008) at MLP
+sparsity 50/80/90%, batch 1 and 4 (one shared set, and per-row sets), timed interleaved against
+the dense MLP (three F.linear calls, torch's BLAS). "sparse+pred" includes the low-rank predictor
+and the top-k; "sparse" is the kernel alone, timed in the same interleave. The ideal speedup is
+1 / (1 - sparsity) (the weight bytes read); GB/s counts the weight bytes the kernel reads.
+
+Decode: tokens/s of SmolLM2 greedy decoding with every MLP sparse (trained predictors, 50%)
+against the dense model, same run.
+
+Quality: SmolLM2 perplexity on held-out tiny-shakespeare against MLP sparsity 30-90% for the
+oracle (each token's top |silu(gate) * up|), threshold (CATS-style |silu(gate)| per layer) and
+predictor modes; predictors and thresholds are fitted on an earlier, disjoint part of the text.
+Quality rows carry the wall time of the evaluation pass (masked compute) in the ms columns: they
+are not speed results. Perplexities, recall and a plot go to sparse_quality.json / .png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastllm.ops as ops
+import fastllm.sparse as sparse
+from fastllm.nn import LowRankPredictor, SparseMLP
+
+from harness import (RESULTS_DIR, Progress, Record, copy_bandwidth_gbs, git_commit, machine_name,
+                     time_interleaved)
+
+CAPABILITY = "sparse"
+SHAPES = [("smollm2 576x1536", 576, 1536, 128), ("llama7b 4096x11008", 4096, 11008, 512)]
+
+
+def _speed(device: str, quick: bool, progress: Progress) -> list[Record]:
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    records = []
+    ceiling = copy_bandwidth_gbs(device)
+    for label, d, n, rank in SHAPES:
+        torch.manual_seed(0)
+        w_gate = torch.randn(n, d, device=device, dtype=dtype) / d ** 0.5
+        w_up = torch.randn(n, d, device=device, dtype=dtype) / d ** 0.5
+        w_down = torch.randn(d, n, device=device, dtype=dtype) / n ** 0.5
+        w_down_t = w_down.t().contiguous()
+        pred = LowRankPredictor(d, n, rank).to(device=device, dtype=dtype)
+        for rows, per_row in [(1, False), (4, False), (4, True)]:
+            x = torch.randn(rows, d, device=device, dtype=dtype)
+            for s in (0.5, 0.8, 0.9):
+                keep = int(round((1 - s) * n))
+                if per_row:
+                    idx = torch.stack([torch.randperm(n, device=device)[:keep]
+                                       for _ in range(rows)]).to(torch.int32)
+                else:
+                    idx = torch.randperm(n, device=device)[:keep].to(torch.int32)
+
+                def dense():
+                    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+                def kernel():
+                    return ops.sparse_mlp(x, w_up, w_down_t, idx, w_gate=w_gate)
+
+                def with_predictor():
+                    with torch.no_grad():
+                        top = pred(x).topk(keep, dim=-1).indices.to(torch.int32)
+                    sel = top if per_row else top[0]
+                    return ops.sparse_mlp(x, w_up, w_down_t, sel, w_gate=w_gate)
+
+                t = time_interleaved({"dense": dense, "kernel": kernel, "pred": with_predictor},
+                                     device, repeats=5 if quick else 15)
+                weight_bytes = 3 * keep * d * w_up.element_size() * (rows if per_row else 1)
+                gbs = weight_bytes / t["kernel"] / 1e9
+                ideal = 1 / (1 - s)
+                case = f"{label} B={rows}{' per-row' if per_row else ''} s={s:.0%}"
+                records.append(Record(CAPABILITY, case, "sparse+pred", "dense MLP",
+                                      t["pred"] * 1e3, t["dense"] * 1e3, {
+                                          "kernel-only x": t["dense"] / t["kernel"],
+                                          "ideal x": ideal,
+                                          "of ideal": t["dense"] / t["pred"] / ideal,
+                                          "GB/s": gbs, "% copy BW": 100 * gbs / ceiling}))
+                progress.step(f"{case}: {t['dense'] / t['pred']:.2f}x with predictor, "
+                              f"{t['dense'] / t['kernel']:.2f}x kernel only (ideal {ideal:.1f}x)")
+    return records
+
+
+def _load_smollm2():
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tests"))
+    from conftest import DATA_DIR, SMOLLM2_GGUF, smollm2_dir
+    import transformers
+    path = smollm2_dir()
+    if path is None:
+        return None
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+    text = (DATA_DIR / "tinyshakespeare_200k.txt").read_text()
+    return model, tokenizer, text
+
+
+def _perplexity(model, ids) -> float:
+    with torch.no_grad():
+        return math.exp(model(input_ids=ids, labels=ids, use_cache=False).loss.item())
+
+
+def _quality_and_decode(device: str, quick: bool, progress: Progress, out_dir) -> list[Record]:
+    loaded = _load_smollm2()
+    if loaded is None:
+        print("   SmolLM2 not installed: quality and decode skipped", flush=True)
+        return []
+    model, tokenizer, text = loaded
+    model.to(device)
+    seq = 256
+    # Calibration from the first 60% of the text, evaluation from the last 40%: disjoint.
+    cut = int(len(text) * 0.6)
+    calib = tokenizer(text[:cut], return_tensors="pt").input_ids[0]
+    held = tokenizer(text[cut:], return_tensors="pt").input_ids[0]
+    n_cal, n_eval = (4, 1) if quick else (8, 2)
+    calib_ids = calib[: n_cal * seq].reshape(n_cal, seq).to(device)
+    eval_ids = held[: n_eval * seq].reshape(n_eval, seq).to(device)
+
+    t0 = time.perf_counter()
+    preds = sparse.train_predictors(model, calib_ids, rank=128, epochs=4 if quick else 10,
+                                    eval_sparsity=0.5, progress=True)
+    train_s = time.perf_counter() - t0
+    # Recall of the predictor's top-k against the oracle top-k on held-out text, per sparsity.
+    recall = {}
+    for s in (0.3, 0.5, 0.7, 0.9):
+        keep = int(round((1 - s) * preds.identity["n_neurons"]))
+
+        def hit_rate(i, view, x, keep=keep):
+            with torch.no_grad():
+                top_pred = preds.layers[i](x).topk(keep, dim=-1).indices
+                top_oracle = view.dense_hidden(x).abs().topk(keep, dim=-1).indices
+                mask = torch.zeros(x.shape[0], view.n_neurons, dtype=torch.bool, device=x.device)
+                return mask.scatter_(1, top_oracle, True).gather(1, top_pred).float().mean().item()
+
+        per_layer = sparse.collect_mlp_data(model, eval_ids, hit_rate)
+        recall[s] = sum(sum(v) / len(v) for v in per_layer) / len(per_layer)
+
+    records = []
+    t0 = time.perf_counter()
+    dense = _perplexity(model, eval_ids)
+    dense_s = time.perf_counter() - t0
+    results = {"dense_ppl": dense, "eval_tokens": eval_ids.numel(),
+               "calibration_tokens": calib_ids.numel(), "predictor_rank": 128,
+               "predictor_train_s": train_s, "predictor_stats": preds.stats,
+               "recall_vs_oracle": recall, "modes": {}}
+    magnitudes = sparse.gate_magnitudes(model, calib_ids)
+    for mode in ("oracle", "threshold", "predictor"):
+        results["modes"][mode] = {}
+        for s in (0.3, 0.5, 0.7, 0.9):
+            thresholds = sparse.thresholds_from_magnitudes(magnitudes, s)
+            sparse.sparsify(model, s, mode=mode, predictors=preds, thresholds=thresholds,
+                            dense_above=None, compute="masked")
+            t0 = time.perf_counter()
+            ppl = _perplexity(model, eval_ids)
+            sec = time.perf_counter() - t0
+            sparse.densify(model)
+            results["modes"][mode][s] = ppl
+            metrics = {"ppl": ppl, "ppl / dense": ppl / dense}
+            if mode == "predictor":
+                metrics["recall vs oracle"] = recall[s]
+            records.append(Record(CAPABILITY, f"quality {mode} s={s:.0%}", f"ppl {mode}",
+                                  "ppl dense", sec * 1e3, dense_s * 1e3, metrics))
+            progress.step(f"{mode} {s:.0%}: ppl x{ppl / dense:.3f}")
+
+    # End-to-end greedy decode, sparse (predictors, 50%) against dense, interleaved.
+    prompt = held[:32].reshape(1, 32).to(device)
+    new_tokens = 16 if quick else 32
+
+    def generate():
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False)
+
+    def dense_generate():
+        sparse.densify(model)
+        generate()
+
+    def sparse_generate():
+        sparse.sparsify(model, 0.5, mode="predictor", predictors=preds, dense_above=64)
+        generate()
+
+    t = time_interleaved({"dense": dense_generate, "sparse": sparse_generate}, device,
+                         repeats=3 if quick else 5, min_seconds_per_sample=0, warmup=1)
+    sparse.densify(model)
+    records.append(Record(CAPABILITY, f"smollm2 decode {new_tokens} tokens s=50%",
+                          "sparse (predictor)", "dense", t["sparse"] * 1e3, t["dense"] * 1e3,
+                          {"tok/s sparse": new_tokens / t["sparse"],
+                           "tok/s dense": new_tokens / t["dense"]}))
+    progress.step(f"decode: {t['dense'] / t['sparse']:.2f}x")
+    _save_quality(results, device, pathlib.Path(out_dir))
+    return records
+
+
+def _save_quality(results: dict, device: str, out_dir: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{machine_name(device)}-sparse_quality"
+    results["commit"] = git_commit()
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, by_s in results["modes"].items():
+        xs = sorted(by_s)
+        ax.plot([100 * s for s in xs], [by_s[s] / results["dense_ppl"] for s in xs], "o-",
+                label=mode)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("MLP sparsity (%)")
+    ax.set_ylabel("perplexity / dense")
+    ax.set_title(f"SmolLM2-135M, held-out tiny-shakespeare ({results['eval_tokens']} tokens)",
+                 fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
+def run(device: str, quick: bool = False, out_dir=RESULTS_DIR) -> list[Record]:
+    progress = Progress(CAPABILITY, 2 * 3 * 3 + 12 + 1)
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        # The project's CPU machines are small and shared: one thread for both sides gives
+        # comparable, repeatable timings (the kernels themselves use at::parallel_for).
+        torch.set_num_threads(1)
+    try:
+        records = _speed(device, quick, progress)
+    finally:
+        torch.set_num_threads(threads)
+    records += _quality_and_decode(device, quick, progress, out_dir)
+    return records
