@@ -15,6 +15,12 @@
 
 #include "sparse/sparse_mlp.h"
 
+#if defined(__GNUC__)
+#define FASTLLM_PREFETCH(address) __builtin_prefetch(address)
+#else
+#define FASTLLM_PREFETCH(address) ((void)0)
+#endif
+
 namespace fastllm::sparse {
 namespace {
 
@@ -132,6 +138,12 @@ void sparse_mlp_kernel(const at::Tensor& x, const at::Tensor& w_up,
       const int64_t j = s.per_row ? t % k : t;
       if (s.per_row && j >= count_of[b0]) continue;  // padding: h stays 0, never read
       const int64_t neuron = ip[t];
+      if (t + 1 < end) {
+        // The next neuron's rows are somewhere else in memory: start fetching them now.
+        const int64_t next = ip[t + 1];
+        FASTLLM_PREFETCH(wu + next * d);
+        if (s.gated) FASTLLM_PREFETCH(wg + next * d);
+      }
       const float* up_row = as_float(wu + neuron * d, d, up_buf);
       const float* gate_row = s.gated ? as_float(wg + neuron * d, d, gate_buf) : nullptr;
       const float up_bias = bu ? static_cast<float>(bu[neuron]) : 0.f;
@@ -147,8 +159,10 @@ void sparse_mlp_kernel(const at::Tensor& x, const at::Tensor& w_up,
 
   // Phase 2: down projection, one owner per (row group, column block). Blocks are wide enough for
   // long contiguous reads of each active row and numerous enough to keep every thread busy.
+  // One column block per thread (at least 256 columns): each active row is then read in the
+  // longest contiguous runs the split allows, which is what keeps the hardware prefetcher busy.
   const int64_t threads = at::get_num_threads();
-  int64_t block = std::max<int64_t>(64, (dout + 4 * threads - 1) / (4 * threads));
+  int64_t block = std::max<int64_t>(256, (dout + threads - 1) / threads);
   block = std::min<int64_t>(dout, (block + 15) / 16 * 16);
   const int64_t col_blocks = block > 0 ? (dout + block - 1) / block : 0;
   const int64_t groups = s.per_row ? B : 1;
@@ -165,6 +179,7 @@ void sparse_mlp_kernel(const at::Tensor& x, const at::Tensor& w_up,
       acc.assign(static_cast<size_t>((b_end - b_begin) * width), 0.f);
       for (int64_t j = 0; j < count; ++j) {
         const int64_t neuron = ip[(s.per_row ? g * k : 0) + j];
+        if (j + 1 < count) FASTLLM_PREFETCH(wd + ip[(s.per_row ? g * k : 0) + j + 1] * dout + c0);
         const float* w_row = nullptr;
         for (int64_t b = b_begin; b < b_end; ++b) {
           const float hv = h[b * k + j];
