@@ -260,7 +260,8 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: int = 1
                      label_share: float = 0.9, epochs: int = 20, lr: float = 1e-3,
                      batch_tokens: int = 256, heldout: float = 0.1, lookahead: bool = False,
                      eval_sparsity: float = 0.5, layers: list[int] | None = None,
-                     progress: bool = True, seed: int = 0) -> Predictors:
+                     magnitude_weight: float = 0.0, init: str = "random", progress: bool = True,
+                     seed: int = 0) -> Predictors:
     """Train one ``Linear(d, rank) -> Linear(rank, n)`` predictor per MLP from dense activations.
 
     Labels: ``act > 0`` for ReLU models; for SiLU-gated models the neurons carrying
@@ -270,6 +271,13 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: int = 1
     selection against the oracle top-k by ``|h|`` at ``eval_sparsity``, in ``Predictors.stats``.
     With ``lookahead`` the predictor of layer l (l >= 1) learns from layer l-1's MLP input.
     ``layers`` restricts training to some layers (others get untrained predictors; for tests).
+    ``init="svd"`` starts each predictor from the rank-``rank`` SVD of the gate (fc1 for ReLU
+    models) weight, so its logits begin as an approximation of the gate's pre-activation, which
+    orders neurons much as ``|act(gate)|`` does; ``"random"`` (default) starts from nn.Linear's
+    init. On SmolLM2 (4 layers, 1024 tokens, 5 epochs) SVD init did not raise top-k recall.
+    ``magnitude_weight`` > 0 also weights each (token, neuron) term by
+    ``1 + magnitude_weight * |h| / mean(|h|)`` of its row, so that missing a neuron with a large
+    activation costs more than missing a small one.
     """
     model_dtype = next(model.parameters()).dtype
 
@@ -289,6 +297,17 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: int = 1
     keep = max(1, int(round((1 - eval_sparsity) * n)))
     torch.manual_seed(seed)
     predictors = nn.ModuleList(LowRankPredictor(d, n, rank) for _ in data)
+    if init == "svd":
+        with torch.no_grad():
+            for pred, site in zip(predictors, find_mlps(model)):
+                view = _make_view(site)
+                w = (view.gate_w if view.kind == "gated" else view.up_w).detach().float().cpu()
+                u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+                r = min(rank, sv.numel())
+                pred.down.weight.zero_()[:r] = vh[:r]
+                pred.up.weight.zero_()[:, :r] = u[:, :r] * sv[:r]
+    elif init != "random":
+        raise ValueError(f"fastllm.sparse.train_predictors: init must be 'svd' or 'random', got {init!r}")
     stats = []
     which = range(len(data)) if layers is None else layers
     for i in _progress(which, "training predictors", len(which), progress):
@@ -304,7 +323,12 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: int = 1
             order = train[torch.randperm(train.numel(), generator=gen)]
             for start in range(0, order.numel(), batch_tokens):
                 b = order[start:start + batch_tokens]
-                loss = F.binary_cross_entropy_with_logits(pred(x[b]), y[b], pos_weight=pos_weight)
+                weight = None
+                if magnitude_weight > 0:
+                    hb = h_abs[b]
+                    weight = 1 + magnitude_weight * hb / hb.mean(dim=1, keepdim=True).clamp_min(1e-12)
+                loss = F.binary_cross_entropy_with_logits(pred(x[b]), y[b], weight=weight,
+                                                          pos_weight=pos_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
