@@ -18,7 +18,7 @@ def perplexity(model, ids):
 def text_ids(smollm2, shakespeare):
     _, tokenizer = smollm2
     ids = tokenizer(shakespeare[:20000], return_tensors="pt").input_ids[0]
-    return ids[:192].reshape(1, 192), ids[2000:2512].reshape(2, 256)  # eval, calibration
+    return ids[:128].reshape(1, 128), ids[2000:2512].reshape(2, 256)  # eval, calibration
 
 
 def test_oracle_and_threshold_quality_on_real_text(smollm2, text_ids):
@@ -28,7 +28,7 @@ def test_oracle_and_threshold_quality_on_real_text(smollm2, text_ids):
     try:
         sparse.sparsify(model, 0.3, mode="oracle", dense_above=None, compute="masked")
         oracle = perplexity(model, eval_ids) / dense
-        sparse.sparsify(model, 0.3, mode="threshold", calibration_ids=calib_ids[:1],
+        sparse.sparsify(model, 0.3, mode="threshold", calibration_ids=calib_ids[:1, :128],
                         dense_above=None, compute="masked")
         threshold = perplexity(model, eval_ids) / dense
     finally:
@@ -44,13 +44,14 @@ def test_kernel_decode_matches_masked_on_real_model(smollm2, text_ids):
     model, _ = smollm2
     eval_ids, calib_ids = text_ids
     prompt = eval_ids[:, :24]
+    thresholds = sparse.calibrate_thresholds(model, calib_ids[:1, :64], 0.5)
     try:
         outs = {}
         for compute in ("masked", "kernel"):
-            sparse.sparsify(model, 0.5, mode="threshold", calibration_ids=calib_ids[:, :64],
-                            dense_above=8, compute=compute)
+            sparse.sparsify(model, 0.5, mode="threshold", thresholds=thresholds, dense_above=8,
+                            compute=compute)
             with torch.no_grad():
-                outs[compute] = model.generate(prompt, max_new_tokens=6, do_sample=False)
+                outs[compute] = model.generate(prompt, max_new_tokens=4, do_sample=False)
             layers = [m for m in model.modules() if isinstance(m, SparseMLP)]
             assert 0.3 < sum(m.last_density for m in layers) / len(layers) < 0.7
     finally:
@@ -61,10 +62,10 @@ def test_kernel_decode_matches_masked_on_real_model(smollm2, text_ids):
 def test_predictor_on_two_real_layers(smollm2, text_ids):
     model, _ = smollm2
     _, calib_ids = text_ids
-    preds = sparse.train_predictors(model, calib_ids, rank=64, epochs=4, layers=[0, 1],
+    preds = sparse.train_predictors(model, calib_ids, rank=64, epochs=4, layers=[0],
                                     progress=False)
     for s in preds.stats:
         # Better than a random choice of half the neurons (top-k recall 0.5). The bench's
         # predictors (8x256 tokens, 10 epochs) reach only ~0.62-0.64 on these layers.
-        assert s["topk_recall_vs_oracle@0.5"] > 0.55, s
-        assert s["precision"] > s["label_density"], s
+        assert s["topk_recall_vs_oracle@0.5"] > 0.52, s
+        assert s["precision"] > s["label_density"] + 0.02, s

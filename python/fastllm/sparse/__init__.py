@@ -281,7 +281,13 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: int = 1
     """
     model_dtype = next(model.parameters()).dtype
 
+    n_layers = len(find_mlps(model))
+    which = list(range(n_layers)) if layers is None else list(layers)
+    needed = set(which) | ({i - 1 for i in which if i > 0} if lookahead else set())
+
     def capture(i, view, x):
+        if i not in needed:
+            return None
         h = view.dense_hidden(x).float()
         labels = h > 0 if view.activation == "relu" else share_labels(h.abs(), label_share)
         return x.float().cpu(), labels.cpu(), h.abs().to(torch.bfloat16).cpu()
@@ -290,7 +296,7 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: int = 1
     identity = _model_identity(model)
     d, n = identity["hidden_size"], identity["n_neurons"]
     gen = torch.Generator().manual_seed(seed)
-    n_tokens = sum(x.shape[0] for x, _, _ in data[0])
+    n_tokens = sum(x.shape[0] for x, _, _ in data[which[0]])
     perm = torch.randperm(n_tokens, generator=gen)
     n_held = max(1, int(round(heldout * n_tokens)))
     held, train = perm[:n_held], perm[n_held:]
@@ -309,7 +315,6 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: int = 1
     elif init != "random":
         raise ValueError(f"fastllm.sparse.train_predictors: init must be 'svd' or 'random', got {init!r}")
     stats = []
-    which = range(len(data)) if layers is None else layers
     for i in _progress(which, "training predictors", len(which), progress):
         src = i - 1 if lookahead and i > 0 else i
         x = torch.cat([t[0] for t in data[src]])
