@@ -59,7 +59,7 @@ def test_kernel_decode_matches_masked_on_real_model(smollm2, text_ids):
     assert torch.equal(outs["masked"], outs["kernel"])
 
 
-def test_predictor_on_two_real_layers(smollm2, text_ids):
+def test_predictor_on_a_real_layer(smollm2, text_ids):
     model, _ = smollm2
     _, calib_ids = text_ids
     preds = sparse.train_predictors(model, calib_ids, rank=64, epochs=4, layers=[0],

@@ -165,11 +165,12 @@ class SparseMLP(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        if self.mode == "predictor" and self.next_layer is not None:
-            self._launch_lookahead(x)
         if self.mode == "dense" or (self.dense_above is not None and x.shape[0] > self.dense_above):
             self.last_density = 1.0
             return self.dense_forward(x).reshape(*shape[:-1], -1)
+        if self.mode == "predictor" and self.next_layer is not None:
+            # Started before this layer's own work, so on CUDA it overlaps it.
+            self._launch_lookahead(x)
         mask = self.select(x)
         if self.batch_sets == "union":
             mask = mask.any(dim=0, keepdim=True).expand_as(mask)
