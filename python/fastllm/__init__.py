@@ -52,5 +52,6 @@ def build_info() -> dict:
 
 from . import ops  # noqa: E402
 from . import memory  # noqa: E402
+from . import nn, sparse  # noqa: E402,F401  (Deja Vu sparse MLP)
 
 __all__ = ["build_info", "ops", "memory", "__version__"]
