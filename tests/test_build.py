@@ -82,7 +82,12 @@ def test_import_against_another_torch_fails_with_rebuild_hint():
 # ---- CMake configuration, without compiling ---------------------------------------------------
 
 def _configure(tmp_path, mode: str, path_env: str):
-    cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
+    # The cmake the build uses (the PyPI package, >= 3.26), not an older one on the system PATH.
+    try:
+        import cmake as cmake_package
+        cmake = os.path.join(cmake_package.CMAKE_BIN_DIR, "cmake")
+    except ImportError:
+        cmake = shutil.which("cmake")
     env = {**os.environ, "PATH": path_env}
     env.pop("CUDACXX", None)
     return subprocess.run(
