@@ -8,5 +8,7 @@ pure-PyTorch references in :mod:`fastllm._reference`.
 """
 
 from .memory._ops import pool_gather, pool_write
+from .optim._ops import galore_adam8bit_step, galore_adam_step, galore_project, galore_project_back_
 
-__all__ = ["pool_gather", "pool_write"]
+__all__ = ["pool_gather", "pool_write", "galore_adam_step", "galore_adam8bit_step",
+           "galore_project", "galore_project_back_"]

@@ -5,5 +5,11 @@ torch does itself; a fastllm op must agree with its reference on every valid inp
 """
 
 from .memory import pool_gather_reference, pool_write_reference
+from .galore import (GaLoreAdamWReference, galore_adam8bit_step_reference,
+                     galore_adam_step_reference, galore_project_back_reference,
+                     galore_project_reference, galore_projector_reference)
 
-__all__ = ["pool_gather_reference", "pool_write_reference"]
+__all__ = ["pool_gather_reference", "pool_write_reference", "GaLoreAdamWReference",
+           "galore_adam8bit_step_reference", "galore_adam_step_reference",
+           "galore_project_back_reference", "galore_project_reference",
+           "galore_projector_reference"]

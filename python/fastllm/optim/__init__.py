@@ -1,0 +1,1 @@
+"""GaLore optimizers."""
