@@ -291,6 +291,17 @@ class _GaLoreBase(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        # torch casts every loaded state tensor to its parameter's dtype; ours keep their own
+        # (fp32 moments of bf16 weights, int8/uint8 codes, bf16 projectors): restore them.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            for key, value in saved.items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
         self._micro_batches.clear()
         for group in self.param_groups:
             for p in group["params"]:
