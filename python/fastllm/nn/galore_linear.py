@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..optim.galore import LOWRANK_GRAD, LOWRANK_HOOK, NEXT_PROJECTOR
+from ..optim.galore import LOWRANK_GRAD, NEXT_PROJECTOR
 
 __all__ = ["GaLoreLinear", "to_galore_linear"]
 
@@ -50,10 +50,9 @@ class _GaLoreLinearFunction(torch.autograd.Function):
                 b = x2 @ right.to(x2.dtype).t() if right is not None else x2
                 low = (a.t() @ b).float()
                 previous = getattr(weight, LOWRANK_GRAD, None)
+                # Returning None still runs the weight's post-accumulate-grad hooks (with
+                # .grad None), which is how the layer-wise mode sees this micro-batch.
                 setattr(weight, LOWRANK_GRAD, low if previous is None else previous.add_(low))
-                hook = getattr(weight, LOWRANK_HOOK, None)
-                if hook is not None:
-                    hook(weight)
         return grad_x, grad_weight, grad_bias
 
 

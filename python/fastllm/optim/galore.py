@@ -35,12 +35,10 @@ _GALORE_DEFAULTS = dict(update_proj_gap=200, scale=0.25, proj_type="std", svd="f
                         proj_dtype="float32", check_finite=True)
 
 # Attributes a projected weight carries between backward and step (see fastllm.nn.GaLoreLinear
-# and the layer-wise mode): the accumulated low-rank gradient, the projector the next backward may
-# project with (None when the next step refreshes and needs the full gradient), and the layer-wise
-# callback to run once a low-rank gradient has been accumulated.
+# and the layer-wise mode): the accumulated low-rank gradient, and the projector the next backward
+# may project with (None when the next step refreshes and needs the full gradient).
 LOWRANK_GRAD = "_galore_lowrank_grad"
 NEXT_PROJECTOR = "_galore_projector"
-LOWRANK_HOOK = "_galore_lowrank_hook"
 
 
 class GaLoreNumericalWarning(RuntimeWarning):
@@ -317,7 +315,6 @@ class _GaLoreBase(torch.optim.Optimizer):
                     continue
                 hook = self._make_layerwise_hook(group, gi, i)
                 self._hooks.append(p.register_post_accumulate_grad_hook(hook))
-                setattr(p, LOWRANK_HOOK, hook)
 
     def _make_layerwise_hook(self, group: dict, gi: int, index: int):
         def hook(p: Tensor) -> None:
@@ -348,10 +345,6 @@ class _GaLoreBase(torch.optim.Optimizer):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if hasattr(p, LOWRANK_HOOK):
-                    delattr(p, LOWRANK_HOOK)
 
     # ---- accounting ----------------------------------------------------------------------------
 
