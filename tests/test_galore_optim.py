@@ -340,3 +340,23 @@ def test_state_is_low_rank_and_counted_exactly():
     # right projector 16x64 + two 64x16 moments, fp32
     assert opt.state_bytes() == 4 * (16 * 64 + 2 * 64 * 16)
     assert opt.state_bytes() <= 0.375 * 2 * 4 * 64 * 64
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+def test_state_dict_keeps_state_dtypes_for_bf16_weights(cls):
+    # torch.optim casts loaded state to the parameter's dtype; fp32 moments of bf16 weights,
+    # 8-bit codes and bf16 projectors must come back as they were saved.
+    model = Tiny().to(torch.bfloat16)
+    opt = cls(groups(model), lr=1e-2)
+    train(model, opt, [(x.bfloat16(), y.bfloat16()) for x, y in batches(2)])
+    before = {k: v.dtype for s in opt.state.values() for k, v in s.items()
+              if isinstance(v, torch.Tensor)}
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    opt2 = cls(groups(model), lr=1e-2)
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    after = {k: v.dtype for s in opt2.state.values() for k, v in s.items()
+             if isinstance(v, torch.Tensor)}
+    assert after == before
+    assert torch.float32 in before.values()
