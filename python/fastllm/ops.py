@@ -8,6 +8,8 @@ pure-PyTorch references in :mod:`fastllm._reference`.
 """
 
 from .memory._ops import pool_gather, pool_write
+from .optim._ops import galore_adam8bit_step, galore_adam_step, galore_project, galore_project_back_
 from .sparse._ops import sparse_mlp
 
-__all__ = ["pool_gather", "pool_write", "sparse_mlp"]
+__all__ = ["pool_gather", "pool_write", "sparse_mlp", "galore_adam_step", "galore_adam8bit_step",
+           "galore_project", "galore_project_back_"]

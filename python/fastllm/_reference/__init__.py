@@ -5,7 +5,12 @@ torch does itself; a fastllm op must agree with its reference on every valid inp
 """
 
 from .memory import pool_gather_reference, pool_write_reference
+from .galore import (GaLoreAdamWReference, galore_adam8bit_step_reference,
+                     galore_adam_step_reference, galore_project_back_reference,
+                     galore_project_reference, galore_projector_reference)
 from .sparse import dense_mlp_reference, sparse_mlp_reference
 
 __all__ = ["pool_gather_reference", "pool_write_reference", "dense_mlp_reference",
-           "sparse_mlp_reference"]
+           "sparse_mlp_reference", "GaLoreAdamWReference", "galore_adam8bit_step_reference",
+           "galore_adam_step_reference", "galore_project_back_reference",
+           "galore_project_reference", "galore_projector_reference"]

@@ -1,3 +1,4 @@
 """Drop-in nn.Module replacements backed by fastllm's kernels."""
 
 from .sparse_mlp import LowRankPredictor, SparseMLP  # noqa: F401
+from .galore_linear import GaLoreLinear, to_galore_linear  # noqa: F401
