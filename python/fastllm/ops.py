@@ -8,5 +8,6 @@ pure-PyTorch references in :mod:`fastllm._reference`.
 """
 
 from .memory._ops import pool_gather, pool_write
+from .lora._ops import lora_expand, lora_shrink
 
-__all__ = ["pool_gather", "pool_write"]
+__all__ = ["pool_gather", "pool_write", "lora_shrink", "lora_expand"]

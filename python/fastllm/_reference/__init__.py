@@ -5,5 +5,9 @@ torch does itself; a fastllm op must agree with its reference on every valid inp
 """
 
 from .memory import pool_gather_reference, pool_write_reference
+from .lora import lora_expand_reference, lora_shrink_reference
 
-__all__ = ["pool_gather_reference", "pool_write_reference"]
+__all__ = [
+    "pool_gather_reference", "pool_write_reference",
+    "lora_shrink_reference", "lora_expand_reference",
+]
