@@ -89,18 +89,20 @@ def _add_row_grads(grad_pool: Tensor, rows: Tensor, ranks: Tensor, token_adapter
                    coeff: Tensor, data: Tensor) -> None:
     """grad_pool[rows[a, j] + k] += sum over tokens t of adapter a of coeff[t, j] * data[t, k].
 
-    rows: [adapters, R] offsets of one slice; coeff: [tokens, R]; data: [tokens, width].
+    rows: [adapters, R] offsets of one slice; coeff: [tokens, R]; data: [tokens, width]. Written
+    without data-dependent shapes (one-hot tokens, masked rows) so that it traces under
+    torch.compile.
     """
-    width = data.shape[1]
-    offsets = torch.arange(width, device=grad_pool.device)
-    for a in range(rows.shape[0]):
-        r = int(ranks[a])
-        tokens = (token_adapter == a).nonzero().flatten()
-        if r == 0 or tokens.numel() == 0:
-            continue
-        block = coeff[tokens, :r].to(grad_pool.dtype).T @ data[tokens].to(grad_pool.dtype)
-        index = (rows[a, :r].reshape(-1, 1) + offsets).reshape(-1)
-        grad_pool.index_add_(0, index, block.reshape(-1))
+    adapters, max_rank = rows.shape
+    dtype = grad_pool.dtype
+    one_hot = (token_adapter.unsqueeze(1) == torch.arange(adapters, device=rows.device)).to(dtype)
+    block = torch.einsum("tu,tr,tw->urw", one_hot, coeff.to(dtype), data.to(dtype))
+    real = torch.arange(max_rank, device=rows.device) < ranks.unsqueeze(1)  # [adapters, R]
+    index = rows.unsqueeze(-1) + torch.arange(data.shape[1], device=rows.device)
+    # Rows past an adapter's rank may hold any offset: send their (zero) sums to element 0.
+    index = torch.where(real.unsqueeze(-1), index, torch.zeros_like(index))
+    block = block * real.unsqueeze(-1).to(dtype)
+    grad_pool.index_add_(0, index.reshape(-1), block.reshape(-1))
 
 
 def _shrink_setup_context(ctx, inputs, output) -> None:
