@@ -52,5 +52,6 @@ def build_info() -> dict:
 
 from . import ops  # noqa: E402
 from . import memory  # noqa: E402
+from . import lora, nn  # noqa: E402
 
-__all__ = ["build_info", "ops", "memory", "__version__"]
+__all__ = ["build_info", "ops", "memory", "lora", "nn", "__version__"]

@@ -3,3 +3,7 @@ unified page pool, and kernels that apply a different adapter of a different ran
 of one batch."""
 
 from . import _ops
+from .manager import LLAMA_TARGETS, AdapterManager
+from .store import AdapterStore, ModuleSpec, ModuleWeights
+
+__all__ = ["AdapterManager", "AdapterStore", "ModuleSpec", "ModuleWeights", "LLAMA_TARGETS"]
