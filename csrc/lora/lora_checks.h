@@ -98,42 +98,41 @@ inline void check_values(const char* op, const char* rows_name, const at::Tensor
 
 // SGMV work list, built on the host: `order` lists the tokens grouped by adapter (tokens without
 // an adapter left out); tile i covers order[tile_begin[i] .. tile_begin[i + 1]) and uses adapter
-// tile_adapter[i]. A counting sort: O(tokens + adapters).
+// tile_adapter[i]. A counting sort: O(tokens + adapters), plain vectors so the CPU path allocates
+// no tensors.
 struct Tiles {
-  at::Tensor order;         // int32 [tokens with an adapter]
-  at::Tensor tile_begin;    // int32 [tiles + 1]
-  at::Tensor tile_adapter;  // int32 [tiles]
-  int64_t count = 0;
+  std::vector<int32_t> order;
+  std::vector<int32_t> tile_begin;    // tiles + 1 entries
+  std::vector<int32_t> tile_adapter;  // tiles entries
+  int64_t count() const { return static_cast<int64_t>(tile_adapter.size()); }
 };
 
-inline Tiles build_tiles(const at::Tensor& token_adapter_any, int64_t adapters) {
-  const at::Tensor token_adapter = token_adapter_any.to(at::kCPU, at::kLong).contiguous();
-  const int64_t tokens = token_adapter.numel();
-  const int64_t* ids = token_adapter.data_ptr<int64_t>();
+inline Tiles build_tiles(const std::vector<int64_t>& ids, int64_t adapters) {
   std::vector<int64_t> start(adapters + 1, 0);
-  for (int64_t t = 0; t < tokens; ++t) {
-    if (ids[t] >= 0) ++start[ids[t] + 1];
+  for (int64_t id : ids) {
+    if (id >= 0) ++start[id + 1];
   }
   for (int64_t a = 0; a < adapters; ++a) start[a + 1] += start[a];
   Tiles tiles;
-  tiles.order = at::empty({start[adapters]}, at::kInt);
-  int32_t* order = tiles.order.data_ptr<int32_t>();
+  tiles.order.resize(start[adapters]);
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t t = 0; t < tokens; ++t) {
-    if (ids[t] >= 0) order[fill[ids[t]]++] = static_cast<int32_t>(t);
+  for (size_t t = 0; t < ids.size(); ++t) {
+    if (ids[t] >= 0) tiles.order[fill[ids[t]]++] = static_cast<int32_t>(t);
   }
-  std::vector<int32_t> begin, adapter;
   for (int64_t a = 0; a < adapters; ++a) {
     for (int64_t b = start[a]; b < start[a + 1]; b += kTile) {
-      begin.push_back(static_cast<int32_t>(b));
-      adapter.push_back(static_cast<int32_t>(a));
+      tiles.tile_begin.push_back(static_cast<int32_t>(b));
+      tiles.tile_adapter.push_back(static_cast<int32_t>(a));
     }
   }
-  begin.push_back(static_cast<int32_t>(start[adapters]));
-  tiles.count = static_cast<int64_t>(adapter.size());
-  tiles.tile_begin = at::tensor(begin, at::kInt);
-  tiles.tile_adapter = at::tensor(adapter, at::kInt);
+  tiles.tile_begin.push_back(static_cast<int32_t>(start[adapters]));
   return tiles;
+}
+
+inline std::vector<int64_t> host_token_adapters(const at::Tensor& token_adapter) {
+  const at::Tensor ids = token_adapter.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* data = ids.data_ptr<int64_t>();
+  return std::vector<int64_t>(data, data + ids.numel());
 }
 
 inline at::ScalarType accumulate_dtype(at::ScalarType dtype) {

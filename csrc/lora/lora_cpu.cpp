@@ -126,12 +126,11 @@ void shrink_kernel(const at::Tensor& x, const at::Tensor& pool, const at::Tensor
     return;
   }
 
-  const at::Tensor ids = at::tensor(adapter_of, at::kLong);
-  const Tiles tiles = build_tiles(ids, adapters);
-  const int32_t* order = tiles.order.data_ptr<int32_t>();
-  const int32_t* tile_begin = tiles.tile_begin.data_ptr<int32_t>();
-  const int32_t* tile_adapter = tiles.tile_adapter.data_ptr<int32_t>();
-  const int64_t items = tiles.count * slices;
+  const Tiles tiles = build_tiles(adapter_of, adapters);
+  const int32_t* order = tiles.order.data();
+  const int32_t* tile_begin = tiles.tile_begin.data();
+  const int32_t* tile_adapter = tiles.tile_adapter.data();
+  const int64_t items = tiles.count() * slices;
   at::parallel_for(0, items, grain_for(kTile * in * max_rank), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> widened(kWide ? 0 : kTile * in);
     const acc_t* xs[kTile];
@@ -223,12 +222,11 @@ void expand_kernel(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool,
     return;
   }
 
-  const at::Tensor ids = at::tensor(adapter_of, at::kLong);
-  const Tiles tiles = build_tiles(ids, adapters);
-  const int32_t* order = tiles.order.data_ptr<int32_t>();
-  const int32_t* tile_begin = tiles.tile_begin.data_ptr<int32_t>();
-  const int32_t* tile_adapter = tiles.tile_adapter.data_ptr<int32_t>();
-  const int64_t items = tiles.count * slices;
+  const Tiles tiles = build_tiles(adapter_of, adapters);
+  const int32_t* order = tiles.order.data();
+  const int32_t* tile_begin = tiles.tile_begin.data();
+  const int32_t* tile_adapter = tiles.tile_adapter.data();
+  const int64_t items = tiles.count() * slices;
   at::parallel_for(0, items, grain_for(kTile * widest * max_rank), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(kWide ? 0 : kTile * widest);
     acc_t* outs[kTile];

@@ -159,10 +159,12 @@ struct DeviceTiles {
 // The tile list is built on the host (one small device-to-host copy of token_adapter); SGMV is the
 // prefill path, where that copy is small next to the work.
 DeviceTiles device_tiles(const at::Tensor& token_adapter, int64_t adapters) {
-  Tiles tiles = build_tiles(token_adapter, adapters);
+  const Tiles tiles = build_tiles(host_token_adapters(token_adapter), adapters);
   const auto device = token_adapter.device();
-  return {tiles.order.to(device), tiles.tile_begin.to(device), tiles.tile_adapter.to(device),
-          tiles.count};
+  auto upload = [&](const std::vector<int32_t>& v) {
+    return at::tensor(v, at::kInt).to(device);
+  };
+  return {upload(tiles.order), upload(tiles.tile_begin), upload(tiles.tile_adapter), tiles.count()};
 }
 
 at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows,

@@ -42,14 +42,15 @@ class _BatchState:
         self.pool = manager.pool.storage
         self.batch_size = seq_adapter.numel()
         self.seq_adapter = seq_adapter
-        self.entries = []
-        for m, top in enumerate(module_rank):
-            if top == 0:
-                self.entries.append(None)
-                continue
-            self.entries.append((rows[m, 0:1, :, :top].contiguous(),
-                                 rows[m, 1:2, :, :top].contiguous(),
-                                 ranks[m:m + 1].contiguous(), scalings[m:m + 1].contiguous()))
+        self.entries = [None] * len(module_rank)
+        if rows is not None:
+            # One copy per table, then per-module views (unbind): contiguous without a copy each.
+            per_module = zip(rows[:, 0:1].contiguous().unbind(0),
+                             rows[:, 1:2].contiguous().unbind(0),
+                             ranks.unsqueeze(1).contiguous().unbind(0),
+                             scalings.unsqueeze(1).contiguous().unbind(0))
+            self.entries = [entry if top else None
+                            for entry, top in zip(per_module, module_rank)]
         self._tokens: dict[int, Tensor] = {}
 
     def tokens(self, x: Tensor) -> Tensor:
@@ -76,7 +77,8 @@ class _BatchState:
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         y2 = y.view(-1, y.shape[-1])
-        path = 1 if x2.shape[0] == self.batch_size else 0  # one token per sequence: decode
+        # BGMV or SGMV: the kernels choose from the tokens per distinct adapter of this call.
+        path = 0
         if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
             from . import _ops
             h = _ops.lora_shrink(x2, self.pool, a_rows, ranks, ids, path)
