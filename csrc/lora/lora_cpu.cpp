@@ -61,6 +61,44 @@ FASTLLM_MULTIVERSION void axpy(float* y, float c, const c10::BFloat16* w, int64_
 void axpy(float* y, float c, const c10::Half* w, int64_t n) { axpy_impl(y, c, w, n); }
 void axpy(double* y, double c, const double* w, int64_t n) { axpy_impl(y, c, w, n); }
 
+// kTile dot products against one weight row at once: each chunk of w is loaded once and feeds
+// every token's accumulators (S-LoRA's MBGMM reuse, on the CPU).
+template <typename acc_t, typename w_t>
+void dot_tile_impl(const acc_t* const* __restrict__ xs, const w_t* __restrict__ w, int64_t n,
+                   acc_t* __restrict__ out) {
+  constexpr int kLanes = 16;
+  acc_t partial[kTile][kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    acc_t wk[kLanes];
+    for (int l = 0; l < kLanes; ++l) wk[l] = static_cast<acc_t>(w[k + l]);
+    for (int i = 0; i < kTile; ++i) {
+      const acc_t* x = xs[i] + k;
+      for (int l = 0; l < kLanes; ++l) partial[i][l] += x[l] * wk[l];
+    }
+  }
+  for (int i = 0; i < kTile; ++i) {
+    acc_t sum = 0;
+    for (int64_t kk = k; kk < n; ++kk) sum += xs[i][kk] * static_cast<acc_t>(w[kk]);
+    for (int l = 0; l < kLanes; ++l) sum += partial[i][l];
+    out[i] = sum;
+  }
+}
+
+FASTLLM_MULTIVERSION void dot_tile(const float* const* xs, const float* w, int64_t n, float* out) {
+  dot_tile_impl(xs, w, n, out);
+}
+FASTLLM_MULTIVERSION void dot_tile(const float* const* xs, const c10::BFloat16* w, int64_t n,
+                                   float* out) {
+  dot_tile_impl(xs, w, n, out);
+}
+void dot_tile(const float* const* xs, const c10::Half* w, int64_t n, float* out) {
+  dot_tile_impl(xs, w, n, out);
+}
+void dot_tile(const double* const* xs, const double* w, int64_t n, double* out) {
+  dot_tile_impl(xs, w, n, out);
+}
+
 template <typename acc_t, typename scalar_t>
 void widen(acc_t* out, const scalar_t* in, int64_t n) {
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<acc_t>(in[k]);
@@ -148,12 +186,13 @@ void shrink_kernel(const at::Tensor& x, const at::Tensor& pool, const at::Tensor
           xs[i] = widened.data() + i * in;
         }
       }
-      // One adapter row, fetched once, serves every token of the tile from L1.
+      for (int i = n; i < kTile; ++i) xs[i] = xs[0];  // a short tile repeats its first token
+      // One adapter row, fetched once, serves every token of the tile.
+      acc_t sums[kTile];
       for (int32_t j = 0; j < r; ++j) {
         const scalar_t* w = pool_data + rows[table_index(s, a, j, adapters, max_rank)];
-        for (int i = 0; i < n; ++i) {
-          h_data[h_index(s, order[first + i], j, tokens, max_rank)] = dot(xs[i], w, in);
-        }
+        dot_tile(xs, w, in, sums);
+        for (int i = 0; i < n; ++i) h_data[h_index(s, order[first + i], j, tokens, max_rank)] = sums[i];
       }
     }
   });
@@ -212,9 +251,14 @@ void expand_kernel(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool,
           out = acc.data();
         }
         const acc_t c = static_cast<acc_t>(scale[s * adapters + a]);
-        for (int32_t j = 0; j < r; ++j) {
-          const scalar_t* w = pool_data + rows[table_index(s, a, j, adapters, max_rank)];
-          axpy(out, c * h_data[h_index(s, t, j, tokens, max_rank)], w, widths[s]);
+        // Column blocks keep the output block in L1 across the adapter's rows.
+        constexpr int64_t kBlock = 1024;
+        for (int64_t o = 0; o < widths[s]; o += kBlock) {
+          const int64_t len = std::min<int64_t>(kBlock, widths[s] - o);
+          for (int32_t j = 0; j < r; ++j) {
+            const scalar_t* w = pool_data + rows[table_index(s, a, j, adapters, max_rank)] + o;
+            axpy(out + o, c * h_data[h_index(s, t, j, tokens, max_rank)], w, len);
+          }
         }
         if constexpr (!kWide) narrow(yt, acc.data(), widths[s]);
       }
@@ -246,11 +290,17 @@ void expand_kernel(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool,
         }
       }
       const acc_t c = static_cast<acc_t>(scale[s * adapters + a]);
-      for (int32_t j = 0; j < r; ++j) {
-        const scalar_t* w = pool_data + rows[table_index(s, a, j, adapters, max_rank)];
-        for (int i = 0; i < n; ++i) {
-          axpy(outs[i], c * h_data[h_index(s, order[first + i], j, tokens, max_rank)], w,
-               widths[s]);
+      // Column blocks small enough that the tile's output block stays in L1 while every row of
+      // the adapter streams past it once.
+      constexpr int64_t kBlock = 512;
+      for (int64_t o = 0; o < widths[s]; o += kBlock) {
+        const int64_t len = std::min<int64_t>(kBlock, widths[s] - o);
+        for (int32_t j = 0; j < r; ++j) {
+          const scalar_t* w = pool_data + rows[table_index(s, a, j, adapters, max_rank)] + o;
+          for (int i = 0; i < n; ++i) {
+            axpy(outs[i] + o, c * h_data[h_index(s, order[first + i], j, tokens, max_rank)], w,
+                 len);
+          }
         }
       }
       if constexpr (!kWide) {

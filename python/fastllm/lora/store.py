@@ -46,7 +46,9 @@ class _Plan:
     """Where every row of an adapter with a given rank pattern goes inside its pages."""
     num_pages: int
     rows: Tensor        # int64 [M, 2, R]: logical element offset of row j of A (0) / B^T (1)
-    dest: Tensor        # int64 [elements]: logical position of each element of the packed source
+    # Per (module, kind): runs (first row, end row, logical offset) of rows stored back to back,
+    # so packing is one copy per run (a run only breaks at a page boundary).
+    runs: list
 
 
 @dataclasses.dataclass
@@ -110,7 +112,6 @@ class AdapterStore:
                            f"modules of this store")
         ranks = [0] * len(self.modules)
         scalings = [0.0] * len(self.modules)
-        parts = []
         for i, spec in enumerate(self.modules):
             w = weights.get(spec.name)
             if w is None:
@@ -125,16 +126,20 @@ class AdapterStore:
                 raise ValueError(f"AdapterStore.register({name!r}): module {spec.name} has rank {r}, "
                                  f"outside [1, max_rank={self.max_rank}]")
             ranks[i], scalings[i] = r, float(w.scaling)
-            parts.append(w.a.reshape(-1))
-            parts.append(w.b.t().reshape(-1))
-        if not parts:
+        if not any(ranks):
             raise ValueError(f"AdapterStore.register({name!r}): the adapter has no weights for any "
                              "target module")
         plan = self._plan(tuple(ranks))
-        source = torch.cat([p.to(self.pool.dtype) for p in parts])
-        buffer = torch.zeros(plan.num_pages * self.pool.page_size, dtype=self.pool.dtype,
+        # Gaps between rows are never read by the kernels, so the buffer need not be zeroed.
+        buffer = torch.empty(plan.num_pages * self.pool.page_size, dtype=self.pool.dtype,
                              pin_memory=self.pin)
-        buffer.index_copy_(0, plan.dest, source)
+        for (i, kind), runs in plan.runs:
+            w = weights[self.modules[i].name]
+            matrix = w.a if kind == 0 else w.b.t()
+            width = matrix.shape[1]
+            for first, end, offset in runs:
+                buffer[offset:offset + (end - first) * width].view(end - first, width).copy_(
+                    matrix[first:end])
         if name in self.host:
             self.unregister(name)
         self.host[name] = HostAdapter(
@@ -162,20 +167,24 @@ class AdapterStore:
         page = self.pool.page_size
         max_rank = max(1, max(ranks))
         offsets = [[[0] * max_rank, [0] * max_rank] for _ in self.modules]
-        dest_parts = []
+        runs = []
         pos = 0
         for i, (spec, r) in enumerate(zip(self.modules, ranks)):
             for kind, width in ((0, spec.in_features), (1, spec.out_features)):
+                block = []
                 for j in range(r):
                     if pos % page + width > page:
                         pos = (pos // page + 1) * page
                     offsets[i][kind][j] = pos
+                    if block and block[-1][2] + (j - block[-1][0]) * width == pos:
+                        block[-1][1] = j + 1
+                    else:
+                        block.append([j, j + 1, pos])
                     pos += width
                 if r:
-                    starts = torch.tensor(offsets[i][kind][:r], dtype=torch.int64)
-                    dest_parts.append((starts.unsqueeze(1) + torch.arange(width)).reshape(-1))
+                    runs.append(((i, kind), [tuple(run) for run in block]))
         rows = torch.tensor(offsets, dtype=torch.int64)
-        plan = _Plan(num_pages=max(1, -(-pos // page)), rows=rows, dest=torch.cat(dest_parts))
+        plan = _Plan(num_pages=max(1, -(-pos // page)), rows=rows, runs=runs)
         self._plans[ranks] = plan
         return plan
 
