@@ -249,3 +249,26 @@ def test_training_gradients_flow_to_input(setup):
         loss = model(inputs_embeds=embeds).logits.square().mean()
     loss.backward()
     assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+
+
+def test_mixed_batch_on_each_device(device):
+    # The same mixed batch on every device present (CUDA when there is a GPU), against the
+    # merged-weights reference on CPU; prefetch goes through the side stream on CUDA.
+    model = tiny_llama()
+    reference = tiny_llama()
+    reference.load_state_dict(model.state_dict())
+    adapters = {"r4": (random_adapter(model, 4), {"r": 4, "lora_alpha": 8}),
+                "r16": (random_adapter(model, 16, TARGETS[4:]), {"r": 16, "lora_alpha": 4})}
+    model.to(device)
+    manager = AdapterManager(model, max_rank=16, num_pages=32, page_size=2048, device=device)
+    for name, (state, config) in adapters.items():
+        manager.load(name, state, config)
+    names = ["r16", None, "r4", "r16"]
+    ids = torch.randint(0, 96, (4, 6))
+    manager.prefetch(["r4", "r16"])
+    with torch.no_grad():
+        with manager.batch(names):
+            got = model(ids.to(device)).logits.cpu()
+        expected = naive_forward(reference, adapters, names, ids)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert manager.stats()["hits"] == 2 and manager.stats()["misses"] == 0

@@ -212,6 +212,9 @@ class AdapterStore:
                 if resident.ready is not None:
                     current.wait_event(resident.ready)
                     resident.ready = None
+                    # Allocated on the side stream, read on this one: keep the allocator from
+                    # handing its memory to the side stream while this stream may still read it.
+                    resident.rows.record_stream(current)
         return residents
 
     def release(self) -> None:
