@@ -36,4 +36,16 @@ TORCH_LIBRARY(fastllm, m) {
   // param = beta * param + alpha * (left low right), in place.
   m.def("galore_project_back_(Tensor(a!) param, Tensor low, Tensor? left, Tensor? right, "
         "float alpha, float beta) -> ()");
+
+  // ---- lora: paged multi-adapter LoRA (S-LoRA) --------------------------------------------------
+  // Adapter rows live anywhere in `pool` (the flat storage of a page pool); row j of slice s of the
+  // batch's adapter a starts at element a_rows[s, a, j] (b_rows for B^T rows). token_adapter[t] is
+  // the batch adapter of token t, or -1 for the base model. path: 0 auto, 1 BGMV, 2 SGMV.
+  // h[s, t, j] = x[t] . A_{s,a,j} for j < ranks[s, a], else 0; h is float32 (float64 for float64).
+  m.def("lora_shrink(Tensor x, Tensor pool, Tensor a_rows, Tensor ranks, Tensor token_adapter, "
+        "int path=0) -> Tensor");
+  // y[t, slice s] += scalings[s, a] * sum_j h[s, t, j] * B^T_{s,a,j}; slice s is slice_sizes[s]
+  // columns wide, slices laid side by side. Tokens with adapter -1 are left untouched.
+  m.def("lora_expand(Tensor(a!) y, Tensor h, Tensor pool, Tensor b_rows, Tensor ranks, "
+        "Tensor scalings, Tensor token_adapter, int[] slice_sizes, int path=0) -> ()");
 }

@@ -8,8 +8,9 @@ pure-PyTorch references in :mod:`fastllm._reference`.
 """
 
 from .memory._ops import pool_gather, pool_write
+from .lora._ops import lora_expand, lora_shrink
 from .optim._ops import galore_adam8bit_step, galore_adam_step, galore_project, galore_project_back_
 from .sparse._ops import sparse_mlp
 
-__all__ = ["pool_gather", "pool_write", "sparse_mlp", "galore_adam_step", "galore_adam8bit_step",
-           "galore_project", "galore_project_back_"]
+__all__ = ["pool_gather", "pool_write", "lora_shrink", "lora_expand", "sparse_mlp",
+           "galore_adam_step", "galore_adam8bit_step", "galore_project", "galore_project_back_"]

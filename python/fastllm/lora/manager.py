@@ -1,0 +1,350 @@
+"""AdapterManager: serve many LoRA adapters of mixed ranks from one Hugging Face model.
+
+    manager = AdapterManager(model)                  # q/k/v/o/gate/up/down -> LoRALinear
+    manager.load("fr", "/path/to/peft/adapter")      # or a state dict
+    with manager.batch(["fr", None, "de"]):          # one name per sequence; None = base model
+        logits = model(input_ids).logits             # or model.generate(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import re
+import warnings
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..memory import PagePool
+from ..nn.lora_linear import LoRALinear
+from .store import AdapterStore, ModuleSpec, ModuleWeights
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Share of free memory (device memory on CUDA, available RAM on CPU) a pool takes by default.
+DEFAULT_POOL_SHARE = 0.10
+DEFAULT_PAGE_ELEMENTS = 1 << 16
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])"
+                  r"(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+class _BatchState:
+    """Row tables of one batch, per module, and the token -> adapter map per input shape."""
+
+    def __init__(self, manager: "AdapterManager", seq_adapter: Tensor, rows: Tensor, ranks: Tensor,
+                 scalings: Tensor, module_rank: list[int]) -> None:
+        self.pool = manager.pool.storage
+        self.batch_size = seq_adapter.numel()
+        self.seq_adapter = seq_adapter
+        self.entries = [None] * len(module_rank)
+        if rows is not None:
+            # One copy per table, then per-module views (unbind): contiguous without a copy each.
+            per_module = zip(rows[:, 0:1].contiguous().unbind(0),
+                             rows[:, 1:2].contiguous().unbind(0),
+                             ranks.unsqueeze(1).contiguous().unbind(0),
+                             scalings.unsqueeze(1).contiguous().unbind(0))
+            self.entries = [entry if top else None
+                            for entry, top in zip(per_module, module_rank)]
+        self._tokens: dict[int, Tensor] = {}
+
+    def tokens(self, x: Tensor) -> Tensor:
+        if x.shape[0] != self.batch_size:
+            raise RuntimeError(f"AdapterManager.batch was given {self.batch_size} adapter names but "
+                               f"the model got a batch of {x.shape[0]} sequences")
+        per_sequence = x.numel() // (x.shape[-1] * self.batch_size) if x.shape[-1] else 1
+        ids = self._tokens.get(per_sequence)
+        if ids is None:
+            ids = self.seq_adapter.repeat_interleave(per_sequence)
+            self._tokens[per_sequence] = ids
+        return ids
+
+    def apply(self, index: int, x: Tensor, y: Tensor) -> Tensor:
+        entry = self.entries[index]
+        if entry is None:
+            return y
+        a_rows, b_rows, ranks, scalings = entry
+        if x.dtype != self.pool.dtype:
+            raise TypeError(f"LoRALinear: input dtype {x.dtype} differs from the adapter pool's "
+                            f"{self.pool.dtype}; create the AdapterManager after casting the model")
+        ids = self.tokens(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y2 = y.view(-1, y.shape[-1])
+        # BGMV or SGMV: the kernels choose from the tokens per distinct adapter of this call.
+        path = 0
+        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+            from . import _ops
+            h = _ops.lora_shrink(x2, self.pool, a_rows, ranks, ids, path)
+            return _ops.lora_expand(y2, h, self.pool, b_rows, ranks, scalings, ids,
+                                    [y2.shape[1]], path).view_as(y)
+        h = torch.ops.fastllm.lora_shrink.default(x2, self.pool, a_rows, ranks, ids, path)
+        torch.ops.fastllm.lora_expand.default(y2, h, self.pool, b_rows, ranks, scalings, ids,
+                                              [y2.shape[1]], path)
+        return y
+
+
+class AdapterManager:
+    """Replace a model's target linears by :class:`~fastllm.nn.LoRALinear` and serve adapters.
+
+    Args:
+        model: a Hugging Face transformers model (Llama family: the default targets are
+            q/k/v/o/gate/up/down projections). Modified in place; :meth:`close` restores it.
+        target_modules: last components of the module names to wrap (``nn.Linear`` only).
+        max_rank: the largest adapter rank accepted (up to 256 is exercised by the tests).
+        num_pages: pool size in pages. Default: ``DEFAULT_POOL_SHARE`` (10%) of the free memory of
+            ``device`` (device memory on CUDA, available RAM on CPU), and at least enough for one
+            adapter of ``max_rank`` on every target.
+        device: where the pool lives. Default: the model's device.
+        page_size: elements per page (default 65536, or the widest row if larger).
+        pool: use an existing :class:`~fastllm.memory.PagePool` (e.g. one shared with a KV cache)
+            instead of creating one; its dtype must be the model's.
+    """
+
+    def __init__(self, model: nn.Module, target_modules: Sequence[str] = LLAMA_TARGETS,
+                 max_rank: int = 64, num_pages: int | None = None,
+                 device: torch.device | str | None = None, page_size: int | None = None,
+                 pool: PagePool | None = None) -> None:
+        if not 1 <= max_rank <= 256:
+            raise ValueError(f"AdapterManager: max_rank must be in [1, 256], got {max_rank}")
+        targets = set(target_modules)
+        found = [(name, module) for name, module in model.named_modules()
+                 if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+        if not found:
+            raise ValueError(f"AdapterManager: no nn.Linear named {sorted(targets)} in the model")
+        parameter = next(model.parameters())
+        self.model = model
+        self.dtype = parameter.dtype
+        self.device = torch.device(device) if device is not None else parameter.device
+        specs = [ModuleSpec(name, module.in_features, module.out_features) for name, module in found]
+        widest = max(max(s.in_features, s.out_features) for s in specs)
+        if pool is None:
+            page_size = page_size or max(DEFAULT_PAGE_ELEMENTS, -(-widest // 8) * 8)
+            if num_pages is None:
+                num_pages = self._default_pages(specs, max_rank, page_size)
+            pool = PagePool(num_pages, page_size, self.dtype, self.device)
+        elif pool.dtype != self.dtype:
+            raise TypeError(f"AdapterManager: pool dtype {pool.dtype} differs from the model's "
+                            f"{self.dtype}")
+        self.pool = pool
+        self.store = AdapterStore(pool, specs, max_rank)
+        self.max_rank = max_rank
+        self.target_modules = tuple(target_modules)
+        self._active: _BatchState | None = None
+        self._merged: str | None = None
+        self._originals = []
+        for index, (name, module) in enumerate(found):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, LoRALinear(module, self, index))
+            self._originals.append((parent, child, module))
+
+    def _default_pages(self, specs, max_rank, page_size) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        one_adapter = sum(max_rank * (s.in_features + s.out_features) for s in specs)
+        minimum = -(-one_adapter // page_size) + len(specs) + 1
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return max(minimum, int(DEFAULT_POOL_SHARE * free) // (page_size * element))
+
+    # ---- adapters --------------------------------------------------------------------------------
+
+    def load(self, name: str, source, config: Mapping | None = None) -> None:
+        """Register adapter ``name`` from a PEFT directory (``adapter_config.json`` +
+        ``adapter_model.safetensors``) or a PEFT-style state dict (``config``: its LoRA config as a
+        dict; without one, the rank comes from the tensors and ``lora_alpha`` = rank, scaling 1).
+
+        Honours ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
+        ``target_modules`` and ``fan_in_fan_out`` (which PEFT itself ignores for ``nn.Linear``
+        layers; so do we, with the same warning). Raises ``ValueError`` naming the tensor when one
+        has the wrong shape or targets a module this manager does not wrap.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            state, file_config = _read_peft_dir(pathlib.Path(source))
+            config = {**file_config, **(config or {})}
+        elif isinstance(source, Mapping):
+            state = source
+            config = dict(config or {})
+        else:
+            raise TypeError(f"AdapterManager.load: source must be a PEFT directory or a state "
+                            f"dict, got {type(source).__name__}")
+        self.store.register(name, self._module_weights(name, state, config))
+
+    def unload(self, name: str) -> None:
+        """Forget an adapter and free its pages."""
+        if self._merged == name:
+            raise RuntimeError(f"AdapterManager.unload: {name!r} is merged; unmerge() first")
+        self.store.unregister(name)
+
+    @property
+    def adapters(self) -> list[str]:
+        return self.store.names()
+
+    def prefetch(self, names: Iterable[str | None]) -> None:
+        """Start loading the adapters a coming batch will use (side CUDA stream on GPUs)."""
+        self.store.prefetch([n for n in names if n is not None])
+
+    def stats(self) -> dict:
+        """Hits, misses, evictions, bytes moved host -> pool, pages used by adapters, ..."""
+        return self.store.stats()
+
+    def _module_weights(self, name: str, state: Mapping, config: Mapping) -> dict:
+        if config.get("use_dora"):
+            raise ValueError(f"AdapterManager.load({name!r}): DoRA adapters are not supported")
+        if config.get("fan_in_fan_out"):
+            warnings.warn(f"AdapterManager.load({name!r}): fan_in_fan_out=True but the targets are "
+                          "nn.Linear; ignoring it, as PEFT does", stacklevel=3)
+        targets = config.get("target_modules")
+        pairs: dict[str, dict[str, tuple[str, Tensor]]] = {}
+        for key, tensor in state.items():
+            match = _KEY.match(key)
+            if match is None:
+                raise ValueError(f"AdapterManager.load({name!r}): tensor {key!r} is not a LoRA A/B "
+                                 "weight (only lora_A / lora_B weights are supported)")
+            module = match["module"]
+            if module not in self.store.module_index:
+                raise ValueError(f"AdapterManager.load({name!r}): tensor {key!r} targets module "
+                                 f"{module!r}, which is not one of the wrapped modules "
+                                 f"({', '.join(self.target_modules)})")
+            if targets is not None and not _matches_targets(module, targets):
+                raise ValueError(f"AdapterManager.load({name!r}): tensor {key!r} is for module "
+                                 f"{module!r}, outside the adapter's target_modules {targets}")
+            pairs.setdefault(module, {})[match["kind"]] = (key, tensor)
+        weights = {}
+        for module, pair in pairs.items():
+            if set(pair) != {"A", "B"}:
+                key = next(iter(pair.values()))[0]
+                raise ValueError(f"AdapterManager.load({name!r}): tensor {key!r} has no matching "
+                                 f"lora_{'B' if 'A' in pair else 'A'} weight")
+            (a_key, a), (b_key, b) = pair["A"], pair["B"]
+            spec = self.store.modules[self.store.module_index[module]]
+            rank = _pattern_value(module, config.get("rank_pattern"), config.get("r", a.shape[0]))
+            alpha = _pattern_value(module, config.get("alpha_pattern"),
+                                   config.get("lora_alpha", rank))
+            if tuple(a.shape) != (rank, spec.in_features):
+                raise ValueError(f"AdapterManager.load({name!r}): tensor {a_key!r} has shape "
+                                 f"{list(a.shape)}, expected [r, in] = [{rank}, {spec.in_features}]")
+            if tuple(b.shape) != (spec.out_features, rank):
+                raise ValueError(f"AdapterManager.load({name!r}): tensor {b_key!r} has shape "
+                                 f"{list(b.shape)}, expected [out, r] = [{spec.out_features}, "
+                                 f"{rank}]")
+            if rank > self.max_rank:
+                raise ValueError(f"AdapterManager.load({name!r}): tensor {a_key!r} has rank {rank}, "
+                                 f"above max_rank={self.max_rank}")
+            scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+            weights[module] = ModuleWeights(a.detach(), b.detach(), scaling)
+        return weights
+
+    # ---- batches ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self, adapter_names: Sequence[str | None]):
+        """Apply ``adapter_names[i]`` to sequence ``i`` of every forward inside the block
+        (``None``: base model), as PEFT's ``adapter_names`` argument does. Loads missing adapters
+        into the pool, evicting least-recently-used ones that this batch does not use."""
+        if self._active is not None:
+            raise RuntimeError("AdapterManager.batch: a batch is already active")
+        if self._merged is not None:
+            raise RuntimeError(f"AdapterManager.batch: adapter {self._merged!r} is merged into the "
+                               "base weights; unmerge() first")
+        names = list(adapter_names)
+        distinct = [n for n in dict.fromkeys(names) if n is not None]
+        unknown = [n for n in distinct if n not in self.store.host]
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown}; loaded adapters: {self.store.names()}")
+        if not names:
+            raise ValueError("AdapterManager.batch: adapter_names is empty")
+        residents = self.store.acquire(distinct)
+        try:
+            position = {n: i for i, n in enumerate(distinct)}
+            seq_adapter = torch.tensor([-1 if n is None else position[n] for n in names],
+                                       dtype=torch.int32, device=self.device)
+            if distinct:
+                rows, ranks, scalings, module_rank = self.store.tables(distinct, residents)
+            else:
+                rows = ranks = scalings = None
+                module_rank = [0] * len(self.store.modules)
+            self._active = _BatchState(self, seq_adapter, rows, ranks, scalings, module_rank)
+            yield self
+        finally:
+            self._active = None
+            self.store.release()
+
+    # ---- merging ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Add one adapter's ``scaling * B @ A`` into the base weights (then no LoRA kernels run;
+        batches are refused until :meth:`unmerge`)."""
+        if self._merged is not None:
+            raise RuntimeError(f"AdapterManager.merge: {self._merged!r} is already merged")
+        if name not in self.store.host:
+            raise KeyError(f"unknown adapter {name!r}; loaded adapters: {self.store.names()}")
+        self._apply_delta(name, +1.0)
+        self._merged = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged adapter from the base weights again."""
+        if self._merged is None:
+            raise RuntimeError("AdapterManager.unmerge: no adapter is merged")
+        self._apply_delta(self._merged, -1.0)
+        self._merged = None
+
+    def _apply_delta(self, name: str, sign: float) -> None:
+        for parent, child, base in self._originals:
+            module_name = self.store.modules[getattr(parent, child)._index].name
+            w = self.store.weights(name, module_name)
+            if w is None:
+                continue
+            delta = (w.b.double() @ w.a.double()) * (sign * w.scaling)
+            base.weight.add_(delta.to(device=base.weight.device, dtype=base.weight.dtype))
+
+    def close(self) -> None:
+        """Put the original nn.Linear modules back (unmerging first if needed)."""
+        if self._merged is not None:
+            self.unmerge()
+        for parent, child, base in self._originals:
+            setattr(parent, child, base)
+        self._originals = []
+
+
+def _read_peft_dir(path: pathlib.Path):
+    config_path = path / "adapter_config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"AdapterManager.load: {config_path} not found (not a PEFT adapter "
+                                "directory)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"AdapterManager.load: {path} is a {config['peft_type']} adapter, not LoRA")
+    weights = path / "adapter_model.safetensors"
+    if weights.exists():
+        from safetensors.torch import load_file
+        state = load_file(str(weights))
+    elif (path / "adapter_model.bin").exists():
+        state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"AdapterManager.load: no adapter_model.safetensors in {path}")
+    return state, config
+
+
+def _matches_targets(module: str, targets) -> bool:
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _pattern_value(module: str, pattern: Mapping | None, default):
+    # PEFT's rule: the first key that matches the end of the module name (as a regex) wins.
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return value
+    return default

@@ -1,0 +1,345 @@
+"""AdapterStore: every registered adapter in host memory, the ones in use paged into a PagePool.
+
+Layout of one adapter. For each target module m (in the store's module order) the adapter
+contributes r_m rows of A (``in_m`` elements each) followed by r_m rows of B^T (``out_m`` elements
+each). Rows are packed one after another into a run of whole pages; a row that would straddle a
+page boundary starts on the next page instead, so every row is contiguous in the pool and the
+kernels can address it with one offset. The packed host buffer is exactly the adapter's pages, so
+loading is one host-to-device copy plus one ``pool_write`` of whole pages.
+
+Adapters that share a rank pattern share the packing plan (cached), so registering thousands of
+same-shaped adapters costs one ``torch.cat`` and one ``index_copy_`` each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..memory import PagePool, PoolExhaustedError
+
+OWNER = "lora"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleSpec:
+    """One target module: its name and the widths of its A rows (in) and B^T rows (out)."""
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclasses.dataclass
+class ModuleWeights:
+    """One module of one adapter: A [r, in], B [out, r] and the scaling applied to B A x."""
+    a: Tensor
+    b: Tensor
+    scaling: float
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Where every row of an adapter with a given rank pattern goes inside its pages."""
+    num_pages: int
+    rows: Tensor        # int64 [M, 2, R]: logical element offset of row j of A (0) / B^T (1)
+    # Per (module, kind): runs (first row, end row, logical offset) of rows stored back to back,
+    # so packing is one copy per run (a run only breaks at a page boundary).
+    runs: list
+
+
+@dataclasses.dataclass
+class HostAdapter:
+    name: str
+    buffer: Tensor      # [num_pages, page_size] host (pinned when the pool is on CUDA)
+    plan: _Plan
+    ranks: Tensor       # int32 [M]
+    scalings: Tensor    # float32 [M]
+    max_rank: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+
+@dataclasses.dataclass
+class ResidentAdapter:
+    name: str
+    page_ids: Tensor    # int64, CPU
+    rows: Tensor        # int64 [M, 2, R_a] physical element offsets in the pool (device)
+    ready: object = None  # CUDA event recorded after the copy (prefetch), or None
+
+
+class AdapterStore:
+    """Host-memory registry of adapters plus an LRU cache of them in a :class:`PagePool`.
+
+    Args:
+        pool: the page pool; adapters take pages tagged ``"lora"``. Rows must fit in a page.
+        modules: the target modules, in a fixed order (index = module id in the row tables).
+        max_rank: largest rank accepted at registration.
+    """
+
+    def __init__(self, pool: PagePool, modules: Sequence[ModuleSpec], max_rank: int = 64) -> None:
+        widest = max(max(m.in_features, m.out_features) for m in modules)
+        if widest > pool.page_size:
+            raise ValueError(f"AdapterStore: a row of {widest} elements does not fit in a page of "
+                             f"{pool.page_size} elements")
+        self.pool = pool
+        self.modules = list(modules)
+        self.module_index = {m.name: i for i, m in enumerate(self.modules)}
+        self.max_rank = max_rank
+        self.pin = pool.device.type == "cuda"
+        self.host: dict[str, HostAdapter] = {}
+        self.resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU order: oldest first
+        self._plans: dict[tuple, _Plan] = {}
+        self._in_use: set[str] = set()
+        self._side_stream = None
+        self.hits = self.misses = self.evictions = self.bytes_moved = 0
+
+    # ---- registration (host memory) --------------------------------------------------------------
+
+    def register(self, name: str, weights: dict[str, ModuleWeights]) -> None:
+        """Pack an adapter's weights into host pages. ``weights`` maps module names to their A, B
+        and scaling; modules left out have rank 0. Re-registering a name replaces it."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"AdapterStore.register: name must be a non-empty str, got {name!r}")
+        unknown = sorted(set(weights) - set(self.module_index))
+        if unknown:
+            raise KeyError(f"AdapterStore.register({name!r}): modules {unknown[:4]} are not target "
+                           f"modules of this store")
+        ranks = [0] * len(self.modules)
+        scalings = [0.0] * len(self.modules)
+        for i, spec in enumerate(self.modules):
+            w = weights.get(spec.name)
+            if w is None:
+                continue
+            r = w.a.shape[0]
+            if w.a.shape != (r, spec.in_features) or w.b.shape != (spec.out_features, r):
+                raise ValueError(
+                    f"AdapterStore.register({name!r}): module {spec.name} expects A "
+                    f"[r, {spec.in_features}] and B [{spec.out_features}, r], got A "
+                    f"{list(w.a.shape)} and B {list(w.b.shape)}")
+            if not 1 <= r <= self.max_rank:
+                raise ValueError(f"AdapterStore.register({name!r}): module {spec.name} has rank {r}, "
+                                 f"outside [1, max_rank={self.max_rank}]")
+            ranks[i], scalings[i] = r, float(w.scaling)
+        if not any(ranks):
+            raise ValueError(f"AdapterStore.register({name!r}): the adapter has no weights for any "
+                             "target module")
+        plan = self._plan(tuple(ranks))
+        # Gaps between rows are never read by the kernels, so the buffer need not be zeroed.
+        buffer = torch.empty(plan.num_pages * self.pool.page_size, dtype=self.pool.dtype,
+                             pin_memory=self.pin)
+        for (i, kind), runs in plan.runs:
+            w = weights[self.modules[i].name]
+            matrix = w.a if kind == 0 else w.b.t()
+            width = matrix.shape[1]
+            for first, end, offset in runs:
+                buffer[offset:offset + (end - first) * width].view(end - first, width).copy_(
+                    matrix[first:end])
+        if name in self.host:
+            self.unregister(name)
+        self.host[name] = HostAdapter(
+            name, buffer.view(plan.num_pages, self.pool.page_size), plan,
+            torch.tensor(ranks, dtype=torch.int32), torch.tensor(scalings, dtype=torch.float32),
+            max(ranks))
+
+    def unregister(self, name: str) -> None:
+        """Forget an adapter, freeing its pages if it is resident (it must not be in use)."""
+        if name not in self.host:
+            raise KeyError(f"AdapterStore.unregister: no adapter {name!r}; loaded adapters: {self.names()}")
+        if name in self._in_use:
+            raise RuntimeError(f"AdapterStore.unregister: adapter {name!r} is in the running batch")
+        if name in self.resident:
+            self._evict(name)
+        del self.host[name]
+
+    def names(self) -> list[str]:
+        return sorted(self.host)
+
+    def _plan(self, ranks: tuple) -> _Plan:
+        plan = self._plans.get(ranks)
+        if plan is not None:
+            return plan
+        page = self.pool.page_size
+        max_rank = max(1, max(ranks))
+        offsets = [[[0] * max_rank, [0] * max_rank] for _ in self.modules]
+        runs = []
+        pos = 0
+        for i, (spec, r) in enumerate(zip(self.modules, ranks)):
+            for kind, width in ((0, spec.in_features), (1, spec.out_features)):
+                block = []
+                for j in range(r):
+                    if pos % page + width > page:
+                        pos = (pos // page + 1) * page
+                    offsets[i][kind][j] = pos
+                    if block and block[-1][2] + (j - block[-1][0]) * width == pos:
+                        block[-1][1] = j + 1
+                    else:
+                        block.append([j, j + 1, pos])
+                    pos += width
+                if r:
+                    runs.append(((i, kind), [tuple(run) for run in block]))
+        rows = torch.tensor(offsets, dtype=torch.int64)
+        plan = _Plan(num_pages=max(1, -(-pos // page)), rows=rows, runs=runs)
+        self._plans[ranks] = plan
+        return plan
+
+    # ---- residency -------------------------------------------------------------------------------
+
+    def acquire(self, names: Iterable[str]) -> list[ResidentAdapter]:
+        """Make every named adapter resident and mark them in use (not evictable) until
+        :meth:`release`. Raises :class:`PoolExhaustedError` if the pool cannot hold them all; the
+        adapters already resident stay valid and nothing is half-loaded."""
+        names = list(dict.fromkeys(names))
+        missing = [n for n in names if n not in self.host]
+        if missing:
+            raise KeyError(f"unknown adapters {missing}; loaded adapters: {self.names()}")
+        self._in_use = set(names)
+        residents = []
+        try:
+            for name in names:
+                residents.append(self._make_resident(name, count=True))
+        except BaseException:
+            self._in_use = set()
+            raise
+        if self.pool.device.type == "cuda":
+            current = torch.cuda.current_stream(self.pool.device)
+            for resident in residents:
+                if resident.ready is not None:
+                    current.wait_event(resident.ready)
+                    resident.ready = None
+                    # Allocated on the side stream, read on this one: keep the allocator from
+                    # handing its memory to the side stream while this stream may still read it.
+                    resident.rows.record_stream(current)
+        return residents
+
+    def release(self) -> None:
+        """End of a batch: its adapters stay resident but become evictable."""
+        self._in_use = set()
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Start loading adapters that a coming batch will use. On CUDA the copies run on a side
+        stream and overlap with compute on the current stream (the next :meth:`acquire` waits for
+        them); on CPU this is a plain synchronous load. Adapters in the running batch are not
+        evicted to make room; a prefetch that does not fit stops quietly (the batch will load it)."""
+        names = [n for n in dict.fromkeys(names) if n not in self.resident]
+        missing = [n for n in names if n not in self.host]
+        if missing:
+            raise KeyError(f"unknown adapters {missing}; loaded adapters: {self.names()}")
+        if self.pool.device.type != "cuda":
+            for name in names:
+                try:
+                    self._make_resident(name, count=False, protect=set(names))
+                except PoolExhaustedError:
+                    return
+            return
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.pool.device)
+        side = self._side_stream
+        # The side stream must not overwrite pages the current stream may still be reading.
+        side.wait_stream(torch.cuda.current_stream(self.pool.device))
+        with torch.cuda.stream(side):
+            for name in names:
+                try:
+                    resident = self._make_resident(name, count=False, protect=set(names))
+                except PoolExhaustedError:
+                    return
+                resident.ready = torch.cuda.Event()
+                resident.ready.record(side)
+
+    def _make_resident(self, name: str, count: bool, protect: set | None = None) -> ResidentAdapter:
+        resident = self.resident.get(name)
+        if resident is not None:
+            self.resident.move_to_end(name)
+            if count:
+                self.hits += 1
+            return resident
+        if count:
+            self.misses += 1
+        host = self.host[name]
+        need = host.buffer.shape[0]
+        keep = self._in_use | (protect or set())
+        if need > self.pool.free_pages:
+            evictable = [n for n in self.resident if n not in keep]
+            freeable = sum(self.resident[n].page_ids.numel() for n in evictable)
+            if need > self.pool.free_pages + freeable:
+                raise PoolExhaustedError(
+                    f"AdapterStore: adapter {name!r} needs {need} pages; {self.pool.free_pages} "
+                    f"are free and evicting every adapter outside the running batch would free "
+                    f"{freeable} more (pool of {self.pool.num_pages} pages; in use: "
+                    f"{sorted(self._in_use)}). Use a smaller batch of adapters or a larger pool.")
+            for victim in evictable:  # least recently used first
+                if need <= self.pool.free_pages:
+                    break
+                self._evict(victim)
+        page_ids = self.pool.alloc(need, OWNER)
+        device = self.pool.device
+        slots = page_ids.to(device)
+        data = host.buffer.to(device, non_blocking=True) if device.type != "cpu" else host.buffer
+        self.pool.write(slots, data)
+        self.bytes_moved += host.nbytes
+        page = self.pool.page_size
+        logical = host.plan.rows
+        physical = page_ids[logical // page] * page + logical % page
+        resident = ResidentAdapter(name, page_ids, physical.to(device))
+        self.resident[name] = resident
+        return resident
+
+    def _evict(self, name: str) -> None:
+        resident = self.resident.pop(name)
+        if resident.ready is not None and self.pool.device.type == "cuda":
+            torch.cuda.current_stream(self.pool.device).wait_event(resident.ready)
+        self.pool.free(resident.page_ids)
+        self.evictions += 1
+
+    # ---- batch tables ----------------------------------------------------------------------------
+
+    def tables(self, names: Sequence[str], residents: Sequence[ResidentAdapter]):
+        """Row tables for a batch of distinct adapters, in the order given.
+
+        Returns ``rows`` int64 [M, 2, U, R], ``ranks`` int32 [M, U], ``scalings`` float32 [M, U] on
+        the pool's device, and per module the largest rank (0: no adapter of the batch targets it).
+        """
+        device = self.pool.device
+        hosts = [self.host[n] for n in names]
+        top = max(1, max(h.max_rank for h in hosts))
+        rows = torch.zeros(len(self.modules), 2, len(hosts), top, dtype=torch.int64, device=device)
+        for u, resident in enumerate(residents):
+            rows[:, :, u, :resident.rows.shape[2]] = resident.rows
+        ranks = torch.stack([h.ranks for h in hosts], 1)
+        scalings = torch.stack([h.scalings for h in hosts], 1)
+        module_rank = ranks.max(1).values.tolist()
+        return rows, ranks.to(device), scalings.to(device), module_rank
+
+    def weights(self, name: str, module: str) -> ModuleWeights | None:
+        """An adapter's A, B and scaling for one module, read back from its host pages."""
+        host = self.host[name]
+        i = self.module_index[module]
+        r = int(host.ranks[i])
+        if r == 0:
+            return None
+        spec = self.modules[i]
+        flat = host.buffer.view(-1)
+        rows = host.plan.rows[i]
+        a = flat[rows[0, :r].unsqueeze(1) + torch.arange(spec.in_features)]
+        bt = flat[rows[1, :r].unsqueeze(1) + torch.arange(spec.out_features)]
+        return ModuleWeights(a, bt.t(), float(host.scalings[i]))
+
+    # ---- statistics ------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {
+            "registered": len(self.host),
+            "resident": len(self.resident),
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "bytes_moved": self.bytes_moved,
+            "pages_used": self.pool.used_bytes(OWNER) // self.pool.page_bytes,
+            "bytes_used": self.pool.used_bytes(OWNER),
+            "host_bytes": sum(h.nbytes for h in self.host.values()),
+        }
