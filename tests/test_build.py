@@ -48,16 +48,21 @@ def test_every_python_op_is_registered_with_the_right_kernels():
     assert registered_ops() == ALL_OPS
     for name in ALL_OPS:
         qualified = f"fastllm::{name}"
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CPU"), name
-        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CUDA")
-        assert has_cuda == fastllm.build_info()["cuda"], name
+        has = lambda key: torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key)  # noqa: E731
+        if has("CompositeExplicitAutograd"):
+            # Composed of ATen ops (e.g. a projection matmul): one kernel serves every device.
+            assert not has("CPU") and not has("CUDA"), name
+            continue
+        assert has("CPU"), name
+        assert has("CUDA") == fastllm.build_info()["cuda"], name
         assert getattr(fastllm.ops, name).__doc__, f"{name} has no docstring"
 
 
 def test_every_op_has_a_reference():
     import fastllm._reference as reference
     for name in ALL_OPS:
-        assert hasattr(reference, f"{name}_reference"), name
+        # An in-place op's trailing underscore is not repeated: galore_project_back_reference.
+        assert hasattr(reference, f"{name.rstrip('_')}_reference"), name
 
 
 def test_python_m_fastllm_prints_diagnostics():

@@ -7,10 +7,10 @@ tracing) and autograd formulas live with their capability in ``fastllm/<capabili
 pure-PyTorch references in :mod:`fastllm._reference`.
 """
 
-from .memory._ops import pool_gather, pool_write
-from .lora._ops import lora_expand, lora_shrink
-from .optim._ops import galore_adam8bit_step, galore_adam_step, galore_project, galore_project_back_
-from .sparse._ops import sparse_mlp
+from ._ops.memory import pool_gather, pool_write
+from ._ops.lora import lora_expand, lora_shrink
+from ._ops.galore import galore_adam8bit_step, galore_adam_step, galore_project, galore_project_back_
+from ._ops.sparse import sparse_mlp
 
 __all__ = ["pool_gather", "pool_write", "lora_shrink", "lora_expand", "sparse_mlp",
            "galore_adam_step", "galore_adam8bit_step", "galore_project", "galore_project_back_"]

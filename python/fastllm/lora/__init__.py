@@ -2,7 +2,7 @@
 unified page pool, and kernels that apply a different adapter of a different rank to every sequence
 of one batch."""
 
-from . import _ops
+from .._ops import lora as _ops
 from .manager import LLAMA_TARGETS, AdapterManager
 from .store import AdapterStore, ModuleSpec, ModuleWeights
 

@@ -80,7 +80,7 @@ class _BatchState:
         # BGMV or SGMV: the kernels choose from the tokens per distinct adapter of this call.
         path = 0
         if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-            from . import _ops
+            from .._ops import lora as _ops
             h = _ops.lora_shrink(x2, self.pool, a_rows, ranks, ids, path)
             return _ops.lora_expand(y2, h, self.pool, b_rows, ranks, scalings, ids,
                                     [y2.shape[1]], path).view_as(y)

@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from . import _ops as ops
+from .._ops import memory as ops
 
 _POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NO_OWNER = -1

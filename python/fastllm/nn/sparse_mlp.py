@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..sparse._ops import sparse_mlp
+from .._ops.sparse import sparse_mlp
 
 __all__ = ["SparseMLP", "LowRankPredictor"]
 

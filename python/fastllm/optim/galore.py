@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .._reference.galore import (PROJ_TYPES, dequantize_blockwise_reference,
                                  projection_sides, quantize_blockwise_reference)
-from . import _ops
+from .._ops import galore as _ops
 
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "galore_param_groups"]
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.sparse_mlp import LowRankPredictor, SparseMLP
-from ._ops import sparse_mlp  # noqa: F401
+from .._ops.sparse import sparse_mlp  # noqa: F401
 
 __all__ = ["sparsify", "densify", "train_predictors", "Predictors", "find_mlps",
            "calibrate_thresholds", "gate_magnitudes", "thresholds_from_magnitudes",

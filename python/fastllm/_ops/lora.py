@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .._ops_common import require_kernels_for as _require_kernels_for
+from ._common import require_kernels_for as _require_kernels_for
 
 __all__ = ["lora_shrink", "lora_expand", "PATH_AUTO", "PATH_BGMV", "PATH_SGMV"]
 

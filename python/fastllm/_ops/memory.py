@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._ops_common import require_kernels_for as _require_kernels_for
+from ._common import require_kernels_for as _require_kernels_for
 
 __all__ = ["pool_write", "pool_gather"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._ops_common import require_kernels_for as _require_kernels_for
+from ._common import require_kernels_for as _require_kernels_for
 
 __all__ = ["galore_adam_step", "galore_adam8bit_step", "galore_project", "galore_project_back_",
            "QUANT_BLOCK"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import _C
+from .. import _C
 
 
 def require_kernels_for(tensor: Tensor, op: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._ops_common import require_kernels_for as _require_kernels_for
+from ._common import require_kernels_for as _require_kernels_for
 
 __all__ = ["sparse_mlp"]
 
