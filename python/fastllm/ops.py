@@ -7,6 +7,9 @@ tracing) and autograd formulas live with their capability in ``fastllm/<capabili
 pure-PyTorch references in :mod:`fastllm._reference`.
 """
 
+from .kv._ops import kv_attention_scores, kv_policy_recovery, kv_ragged_decode
 from .memory._ops import pool_gather, pool_write
 
-__all__ = ["pool_gather", "pool_write"]
+__all__ = [
+    "kv_attention_scores", "kv_policy_recovery", "kv_ragged_decode", "pool_gather", "pool_write",
+]

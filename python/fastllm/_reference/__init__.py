@@ -7,3 +7,16 @@ torch does itself; a fastllm op must agree with its reference on every valid inp
 from .memory import pool_gather_reference, pool_write_reference
 
 __all__ = ["pool_gather_reference", "pool_write_reference"]
+from .kv import (
+    dense_masked_decode_reference,
+    kv_attention_scores_reference,
+    kv_policy_recovery_reference,
+    kv_ragged_decode_reference,
+)
+
+__all__ += [
+    "dense_masked_decode_reference",
+    "kv_attention_scores_reference",
+    "kv_policy_recovery_reference",
+    "kv_ragged_decode_reference",
+]
