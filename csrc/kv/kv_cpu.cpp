@@ -16,6 +16,15 @@
 namespace fastllm::kv {
 namespace {
 
+// Work (multiply-adds or exp calls) a parallel task should carry before a thread is worth
+// starting: decode steps of a small model are tiny, and on a busy machine waking a second thread
+// costs far more than the work.
+constexpr int64_t kMinWorkPerTask = 1 << 20;
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, work_per_item));
+}
+
 // Logits of query rows [start, start + rows) against the keys they may see, float32
 // [Hq, rows, visible] (visible = the last row's position + 1).
 at::Tensor chunk_logits(const at::Tensor& qf, const at::Tensor& kf, int64_t start, int64_t rows,
@@ -54,7 +63,7 @@ at::Tensor kv_attention_scores_cpu(const at::Tensor& q, const at::Tensor& k, dou
     const int64_t visible = logits.size(2);
     float* data = logits.data_ptr<float>();
     // One task per query head: its rows all add into the same accumulator row, so no races.
-    at::parallel_for(0, hq, 1, [&](int64_t h0, int64_t h1) {
+    at::parallel_for(0, hq, grain_for(rows * visible * 3), [&](int64_t h0, int64_t h1) {
       for (int64_t h = h0; h < h1; ++h) {
         float* out = acc_data + h * lk;
         for (int64_t r = 0; r < rows; ++r) {
@@ -87,7 +96,7 @@ at::Tensor kv_policy_recovery_cpu(const at::Tensor& q, const at::Tensor& k,
     at::Tensor logits = chunk_logits(qf, kf, start, rows, offset, scale);
     const int64_t visible = logits.size(2);
     float* data = logits.data_ptr<float>();
-    at::parallel_for(0, hq, 1, [&](int64_t h0, int64_t h1) {
+    at::parallel_for(0, hq, grain_for(rows * visible * 4), [&](int64_t h0, int64_t h1) {
       for (int64_t h = h0; h < h1; ++h) {
         const uint8_t* head_cls = cls_data + (h / group) * lk;
         for (int64_t r = 0; r < rows; ++r) {
@@ -134,7 +143,10 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
   std::vector<float> logits(caches * group * width);
   std::vector<float> part_m(caches * group * splits), part_s(caches * group * splits);
   std::vector<float> part_o(caches * group * splits * d);
-  at::parallel_for(0, caches * group * splits, 1, [&](int64_t t0, int64_t t1) {
+  int64_t longest = 0;
+  for (int64_t c = 0; c < caches; ++c) longest = std::max<int64_t>(longest, len[c]);
+  const int64_t per_task = (longest + splits - 1) / splits * d * 3;
+  at::parallel_for(0, caches * group * splits, grain_for(per_task), [&](int64_t t0, int64_t t1) {
     std::vector<float> qrow(d);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t s = t % splits, cg = t / splits, c = cg / group, g = cg % group;
@@ -169,7 +181,7 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
   scalar_t* out_data = out.data_ptr<scalar_t>();
   float* lse_data = lse.data_ptr<float>();
   float* score_data = scores.data_ptr<float>();
-  at::parallel_for(0, caches, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, caches, grain_for(group * (splits * d + longest)), [&](int64_t c0, int64_t c1) {
     std::vector<float> acc(d);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t seq = c / hkv;

@@ -17,6 +17,7 @@ Every other attention call (a model used with another cache) goes to transformer
 
 from __future__ import annotations
 
+import sys
 import time
 import weakref
 
@@ -355,6 +356,9 @@ class FastGenCache(Cache):
         self.release()
 
     def __del__(self):
+        # At interpreter exit the pool may already be gone, and touching tensors then aborts.
+        if sys.is_finalizing():
+            return
         try:
             self.release()
             self._hook.remove()
