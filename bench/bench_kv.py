@@ -100,9 +100,9 @@ def quality(device: str, quick: bool, progress: Progress) -> list[Record]:
     bos = torch.tensor([tokenizer.bos_token_id])
     ids = torch.cat([bos, tokenizer(text[:20000], return_tensors="pt").input_ids[0]])[None]
     ids = ids.to(device)
-    prompt_len, cont_len = (160, 8) if quick else (384, 24)
+    prompt_len, cont_len = (160, 8) if quick else (320, 16)
     prompt, cont = ids[:, :prompt_len], ids[:, prompt_len:prompt_len + cont_len]
-    depths = [0.5] if quick else [0.1, 0.5, 0.9]
+    depths = [0.5] if quick else [0.2, 0.8]
     filler = tokenizer(text[30000:40000], return_tensors="pt").input_ids[0, :prompt_len - 24]
     needle_ids = tokenizer(" " + NEEDLE, return_tensors="pt").input_ids[0]
     ask = tokenizer("\nQuestion: what is the pass phrase?\nAnswer: The pass phrase is",

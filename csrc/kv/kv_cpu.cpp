@@ -1,8 +1,8 @@
 // CPU kernels for FastGen profiling and ragged decode attention.
 //
-// Profiling works on `chunk` query rows at a time: one batched matmul (BLAS, all threads) gives the
-// chunk's logits, then a fused pass per query head turns each row into probabilities and folds them
-// into the per-key scores or the per-policy masses. Nothing larger than [Hq, chunk, Lk] exists.
+// Profiling works on `chunk` query rows at a time, one task per query head: a matmul gives the
+// head's logits for the chunk, then a fused pass turns each row into probabilities and folds them
+// into the per-key scores or the per-policy masses. Each task holds one [chunk, Lk] block.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -25,14 +25,14 @@ int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, work_per_item));
 }
 
-// Logits of query rows [start, start + rows) against the keys they may see, float32
-// [Hq, rows, visible] (visible = the last row's position + 1).
-at::Tensor chunk_logits(const at::Tensor& qf, const at::Tensor& kf, int64_t start, int64_t rows,
-                        int64_t offset, double scale) {
-  const int64_t group = qf.size(0) / kf.size(0);
-  const int64_t visible = offset + start + rows;
-  at::Tensor keys = kf.narrow(1, 0, visible).repeat_interleave(group, 0);  // [Hq, visible, D]
-  return at::bmm(qf.narrow(1, start, rows), keys.transpose(1, 2)).mul_(scale).contiguous();
+// Logits of query head h's rows [start, start + rows) against the keys they may see, into
+// out [rows, visible] (visible = the last row's position + 1). Called inside a parallel region,
+// where ATen's matmul runs single-threaded: one level of parallelism, over heads.
+void head_chunk_logits(const at::Tensor& qf, const at::Tensor& kf, int64_t h, int64_t group,
+                       int64_t start, int64_t rows, int64_t visible, double scale,
+                       at::Tensor& out) {
+  at::mm_out(out, qf[h].narrow(0, start, rows), kf[h / group].narrow(0, 0, visible).t());
+  out.mul_(scale);
 }
 
 // Softmax of row[0..n) in place; the row becomes probabilities.
@@ -51,7 +51,7 @@ inline void softmax_row(float* row, int64_t n) {
 at::Tensor kv_attention_scores_cpu(const at::Tensor& q, const at::Tensor& k, double scale,
                                    int64_t chunk) {
   check_profile_args("fastllm.kv_attention_scores", q, k, chunk);
-  const int64_t hq = q.size(0), lq = q.size(1), hkv = k.size(0), lk = k.size(1);
+  const int64_t hq = q.size(0), lq = q.size(1), hkv = k.size(0), lk = k.size(1), d = q.size(2);
   const int64_t group = hq / hkv, offset = lk - lq;
   at::Tensor qf = q.to(at::kFloat).contiguous();
   at::Tensor kf = k.to(at::kFloat).contiguous();
@@ -59,15 +59,16 @@ at::Tensor kv_attention_scores_cpu(const at::Tensor& q, const at::Tensor& k, dou
   float* acc_data = acc.data_ptr<float>();
   for (int64_t start = 0; start < lq; start += chunk) {
     const int64_t rows = std::min(chunk, lq - start);
-    at::Tensor logits = chunk_logits(qf, kf, start, rows, offset, scale);
-    const int64_t visible = logits.size(2);
-    float* data = logits.data_ptr<float>();
+    const int64_t visible = offset + start + rows;
     // One task per query head: its rows all add into the same accumulator row, so no races.
-    at::parallel_for(0, hq, grain_for(rows * visible * 3), [&](int64_t h0, int64_t h1) {
+    at::parallel_for(0, hq, grain_for(rows * visible * (d + 3)), [&](int64_t h0, int64_t h1) {
+      at::Tensor logits = at::empty({rows, visible}, qf.options());
       for (int64_t h = h0; h < h1; ++h) {
+        head_chunk_logits(qf, kf, h, group, start, rows, visible, scale, logits);
+        float* data = logits.data_ptr<float>();
         float* out = acc_data + h * lk;
         for (int64_t r = 0; r < rows; ++r) {
-          float* row = data + (h * rows + r) * visible;
+          float* row = data + r * visible;
           const int64_t n = offset + start + r + 1;
           softmax_row(row, n);
           for (int64_t j = 0; j < n; ++j) out[j] += row[j];
@@ -84,7 +85,7 @@ at::Tensor kv_policy_recovery_cpu(const at::Tensor& q, const at::Tensor& k,
   constexpr const char* op = "fastllm.kv_policy_recovery";
   check_profile_args(op, q, k, chunk);
   check_key_class(op, k, key_class, window);
-  const int64_t hq = q.size(0), lq = q.size(1), hkv = k.size(0), lk = k.size(1);
+  const int64_t hq = q.size(0), lq = q.size(1), hkv = k.size(0), lk = k.size(1), d = q.size(2);
   const int64_t group = hq / hkv, offset = lk - lq;
   at::Tensor qf = q.to(at::kFloat).contiguous();
   at::Tensor kf = k.to(at::kFloat).contiguous();
@@ -93,14 +94,15 @@ at::Tensor kv_policy_recovery_cpu(const at::Tensor& q, const at::Tensor& k,
   std::vector<double> mass(hq * 5, 0.0);
   for (int64_t start = 0; start < lq; start += chunk) {
     const int64_t rows = std::min(chunk, lq - start);
-    at::Tensor logits = chunk_logits(qf, kf, start, rows, offset, scale);
-    const int64_t visible = logits.size(2);
-    float* data = logits.data_ptr<float>();
-    at::parallel_for(0, hq, grain_for(rows * visible * 4), [&](int64_t h0, int64_t h1) {
+    const int64_t visible = offset + start + rows;
+    at::parallel_for(0, hq, grain_for(rows * visible * (d + 4)), [&](int64_t h0, int64_t h1) {
+      at::Tensor logits = at::empty({rows, visible}, qf.options());
       for (int64_t h = h0; h < h1; ++h) {
+        head_chunk_logits(qf, kf, h, group, start, rows, visible, scale, logits);
+        float* data = logits.data_ptr<float>();
         const uint8_t* head_cls = cls_data + (h / group) * lk;
         for (int64_t r = 0; r < rows; ++r) {
-          float* row = data + (h * rows + r) * visible;
+          float* row = data + r * visible;
           const int64_t qpos = offset + start + r;
           softmax_row(row, qpos + 1);
           float part[5] = {0.f, 0.f, 0.f, 0.f, 0.f};
