@@ -158,7 +158,12 @@ def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recover
     scores = kv_ops.kv_attention_scores(q, k, scale, chunk).cpu()
     hmask = heavy_mask(scores, classes[None], heavy, length - window)
     key_class = (classes[None] | (hmask.to(torch.uint8) * HEAVY)).to(torch.uint8)
-    rec = kv_ops.kv_policy_recovery(q, k, key_class.to(q.device), window, scale, chunk).cpu()
+    # Recovery is measured on the queries the local window no longer covers entirely: on the
+    # first `window` rows locality keeps everything by construction, which would flatter it, and
+    # decode queries (which the policy will serve) all lie past the window.
+    first = min(window, length - 1)
+    rec = kv_ops.kv_policy_recovery(q[:, first:], k, key_class.to(q.device), window, scale,
+                                    chunk).cpu()
     policies, kept = [], []
     for h, pick in enumerate(select_fastgen(rec, recovery)):
         p = fastgen_head_policy(pick, window, int(hmask[h].sum()))
