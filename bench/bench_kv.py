@@ -26,7 +26,11 @@ import time
 import torch
 
 import fastllm.ops as ops
-from fastllm._reference import dense_masked_decode_reference
+from fastllm._reference import (
+    dense_masked_decode_reference,
+    kv_attention_scores_reference,
+    kv_policy_recovery_reference,
+)
 
 from harness import RESULTS_DIR, Progress, Record, copy_bandwidth_gbs, machine_name, time_interleaved
 
@@ -235,8 +239,33 @@ def kernel(device: str, quick: bool, progress: Progress) -> list[Record]:
     return records
 
 
+def profiling_ops(device: str, quick: bool, progress: Progress) -> list[Record]:
+    """The two prefill profiling passes against their chunked pure-PyTorch references."""
+    records = []
+    for length in ([512] if quick else [512, 2048]):
+        q = torch.randn(9, length, 64, device=device)
+        k = torch.randn(3, length, 64, device=device)
+        cls = (torch.rand(3, length, device=device) < 0.3).to(torch.uint8) * 4
+        window = int(0.3 * length)
+        scale = 64 ** -0.5
+        for name, ours, base in [
+            ("kv_attention_scores", lambda: ops.kv_attention_scores(q, k, scale, 128),
+             lambda: kv_attention_scores_reference(q, k, scale, 128)),
+            ("kv_policy_recovery", lambda: ops.kv_policy_recovery(q, k, cls, window, scale, 128),
+             lambda: kv_policy_recovery_reference(q, k, cls, window, scale, 128)),
+        ]:
+            timing = time_interleaved({"ours": ours, "base": base}, device,
+                                      repeats=3 if quick else 7)
+            case = f"profile L={length} Hq=9 Hkv=3 d=64 fp32"
+            records.append(Record(CAPABILITY, case, name, "chunked torch reference",
+                                  timing["ours"] * 1e3, timing["base"] * 1e3, {}))
+            progress.step(f"{name} {case}: {timing['base'] / timing['ours']:.2f}x")
+    return records
+
+
 def run(device: str, quick: bool = False) -> list[Record]:
-    progress = Progress(CAPABILITY, (8 if quick else 12) + 8)
+    progress = Progress(CAPABILITY, (8 if quick else 12) + 8 + (2 if quick else 4))
     records = kernel(device, quick, progress)
+    records += profiling_ops(device, quick, progress)
     records += quality(device, quick, progress)
     return records
