@@ -52,6 +52,6 @@ def build_info() -> dict:
 
 from . import ops  # noqa: E402
 from . import memory  # noqa: E402
-from . import lora, nn, optim, sparse  # noqa: E402,F401
+from . import kv, lora, nn, optim, sparse  # noqa: E402,F401
 
-__all__ = ["build_info", "ops", "memory", "lora", "nn", "optim", "sparse", "__version__"]
+__all__ = ["build_info", "ops", "memory", "kv", "lora", "nn", "optim", "sparse", "__version__"]

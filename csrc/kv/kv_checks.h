@@ -1,0 +1,72 @@
+// Argument validation for the KV ops, identical for every device.
+#pragma once
+
+#include "common/checks.h"
+
+namespace fastllm::kv {
+
+inline void check_profile_args(const char* op, const at::Tensor& q, const at::Tensor& k,
+                               int64_t chunk) {
+  check_dim(op, "q", q, 3);
+  check_dim(op, "k", k, 3);
+  check_dtype_in(op, "q", q, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  check_same_dtype(op, "q", q, "k", k);
+  check_same_device(op, "q", q, "k", k);
+  TORCH_CHECK_VALUE(k.size(0) > 0 && q.size(0) % k.size(0) == 0, op,
+                    ": q's head count must be a positive multiple of k's, got q ", q.sizes(),
+                    " and k ", k.sizes());
+  TORCH_CHECK_VALUE(q.size(2) == k.size(2), op, ": q and k must have the same head_dim, got ",
+                    q.size(2), " and ", k.size(2));
+  TORCH_CHECK_VALUE(q.size(1) <= k.size(1), op, ": q may not have more rows than k (queries are "
+                    "the last positions of the keys), got ", q.size(1), " queries and ", k.size(1),
+                    " keys");
+  TORCH_CHECK_VALUE(chunk > 0, op, ": chunk must be positive, got ", chunk);
+}
+
+inline void check_key_class(const char* op, const at::Tensor& k, const at::Tensor& key_class,
+                            int64_t window) {
+  check_dim(op, "key_class", key_class, 2);
+  check_dtype_in(op, "key_class", key_class, {at::kByte});
+  check_same_device(op, "k", k, "key_class", key_class);
+  TORCH_CHECK_VALUE(key_class.size(0) == k.size(0) && key_class.size(1) == k.size(1), op,
+                    ": key_class must be [Hkv, Lk] = [", k.size(0), ", ", k.size(1), "], got ",
+                    key_class.sizes());
+  TORCH_CHECK_VALUE(window >= 0, op, ": window must be >= 0, got ", window);
+}
+
+inline void check_decode_args(const at::Tensor& q, const at::Tensor& kv_rows,
+                              const at::Tensor& page_table, const at::Tensor& lengths,
+                              int64_t page_rows, int64_t num_splits) {
+  constexpr const char* op = "fastllm.kv_ragged_decode";
+  check_dim(op, "q", q, 3);
+  check_dtype_in(op, "q", q, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  check_dim(op, "kv_rows", kv_rows, 2);
+  check_same_dtype(op, "q", q, "kv_rows", kv_rows);
+  check_contiguous(op, "kv_rows", kv_rows);
+  check_dim(op, "page_table", page_table, 2);
+  check_dtype_in(op, "page_table", page_table, {at::kInt});
+  check_dim(op, "lengths", lengths, 1);
+  check_dtype_in(op, "lengths", lengths, {at::kInt});
+  check_same_device(op, "q", q, "kv_rows", kv_rows);
+  check_same_device(op, "q", q, "page_table", page_table);
+  check_same_device(op, "q", q, "lengths", lengths);
+  TORCH_CHECK_VALUE(kv_rows.size(1) == 2 * q.size(2), op, ": kv_rows must be [slots, 2 * head_dim]"
+                    " = [*, ", 2 * q.size(2), "], got ", kv_rows.sizes());
+  TORCH_CHECK_VALUE(page_rows > 0 && kv_rows.size(0) % page_rows == 0, op,
+                    ": page_rows must be positive and divide kv_rows' row count ", kv_rows.size(0),
+                    ", got ", page_rows);
+  const int64_t batch = q.size(0);
+  TORCH_CHECK_VALUE(batch > 0 && page_table.size(0) % batch == 0 &&
+                        page_table.size(0) / batch > 0 && q.size(1) % (page_table.size(0) / batch) == 0,
+                    op, ": page_table must have B * Hkv rows with Hkv dividing q's ", q.size(1),
+                    " heads (B = ", batch, "), got ", page_table.size(0), " rows");
+  TORCH_CHECK_VALUE(lengths.size(0) == page_table.size(0), op,
+                    ": lengths must have one entry per page_table row (", page_table.size(0),
+                    "), got ", lengths.size(0));
+  TORCH_CHECK_VALUE(num_splits > 0, op, ": num_splits must be positive, got ", num_splits);
+  // Last: these may synchronise with the GPU.
+  check_index_range(op, "lengths", lengths, page_table.size(1) * page_rows + 1);
+  check_index_range(op, "page_table", page_table, kv_rows.size(0) / page_rows);
+}
+
+}  // namespace fastllm::kv

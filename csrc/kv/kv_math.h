@@ -1,0 +1,40 @@
+// Index and per-element math shared by the CPU and CUDA KV kernels, so the CPU tests exercise the
+// arithmetic the GPU runs.
+#pragma once
+
+#include <cstdint>
+
+#include "common/host_device.h"
+
+namespace fastllm::kv {
+
+// key_class bits (see python/fastllm/_reference/kv.py).
+constexpr int kSpecial = 1;
+constexpr int kPunct = 2;
+constexpr int kHeavy = 4;
+
+// Which of FastGen's cumulative policies first keeps key j for a query at position qpos:
+// 0 special, 1 punctuation, 2 locality, 3 frequency, 4 only the full cache.
+FASTLLM_HOST_DEVICE int first_policy_keeping(int key_class, int64_t qpos, int64_t j, int64_t window) {
+  if (key_class & kSpecial) return 0;
+  if (key_class & kPunct) return 1;
+  if (qpos - j < window) return 2;
+  if (key_class & kHeavy) return 3;
+  return 4;
+}
+
+// Pool slot of entry e of a ragged cache whose pages are page_row (one row of the page table).
+template <typename Index>
+FASTLLM_HOST_DEVICE int64_t entry_slot(const Index* page_row, int64_t e, int64_t page_rows) {
+  return static_cast<int64_t>(page_row[e / page_rows]) * page_rows + e % page_rows;
+}
+
+// Entries [begin, end) handled by split s of n over a cache of length len.
+FASTLLM_HOST_DEVICE void split_range(int64_t len, int64_t splits, int64_t s, int64_t* begin,
+                                     int64_t* end) {
+  const int64_t per = (len + splits - 1) / splits;
+  *begin = s * per < len ? s * per : len;
+  *end = (s + 1) * per < len ? (s + 1) * per : len;
+}
+
+}  // namespace fastllm::kv

@@ -1,0 +1,85 @@
+"""KV-eviction ops: typed wrappers and fake implementations.
+
+Re-exported by :mod:`fastllm.ops`; the schemas live in ``csrc/registration.cpp`` and the
+pure-PyTorch references in :mod:`fastllm._reference.kv`. Compaction of kept entries and appends
+during decode reuse the page pool's ``pool_gather`` / ``pool_write``: they already move whole rows
+between pool slots and dense tensors, which is all either needs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import require_kernels_for as _require_kernels_for
+
+__all__ = ["kv_attention_scores", "kv_policy_recovery", "kv_ragged_decode"]
+
+
+def kv_attention_scores(q: Tensor, k: Tensor, scale: float, chunk: int = 128) -> Tensor:
+    """Attention each key receives, summed over its KV head's query group and all queries.
+
+    Args:
+        q: ``[Hq, Lq, D]`` queries of the last ``Lq`` positions (after rotary embedding).
+        k: ``[Hkv, Lk, D]`` keys, ``Hq % Hkv == 0``; causal: query ``i`` sees keys
+            ``0 .. Lk - Lq + i``.
+        scale: logit scale (``head_dim ** -0.5``).
+        chunk: query rows processed at a time; bounds the working set to ``[Hq, chunk, Lk]``.
+
+    Returns ``[Hkv, Lk]`` float32, accumulated in float32.
+    """
+    _require_kernels_for(q, "kv_attention_scores")
+    return torch.ops.fastllm.kv_attention_scores.default(q, k, scale, chunk)
+
+
+def kv_policy_recovery(q: Tensor, k: Tensor, key_class: Tensor, window: int, scale: float,
+                       chunk: int = 128) -> Tensor:
+    """Share of each KV head's attention mass kept by FastGen's cumulative policies.
+
+    ``key_class`` is ``[Hkv, Lk]`` uint8 (bits 1 special, 2 punctuation, 4 heavy hitter); a key is
+    local to a query at position ``p`` when ``p - j < window``. Returns ``[Hkv, 4]`` float32: the
+    mean over group heads and queries of the mass kept by special, +punct, +local, +frequency.
+    """
+    _require_kernels_for(q, "kv_policy_recovery")
+    return torch.ops.fastllm.kv_policy_recovery.default(q, k, key_class, window, scale, chunk)
+
+
+def kv_ragged_decode(q: Tensor, kv_rows: Tensor, page_table: Tensor, lengths: Tensor,
+                     page_rows: int, scale: float, num_splits: int = 1
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Decode attention of one query per sequence over ragged per-(sequence, KV head) caches.
+
+    Args:
+        q: ``[B, Hq, D]``.
+        kv_rows: ``[num_slots, 2 * D]`` pool row view; a row holds one entry's key then value.
+        page_table: int32 ``[B * Hkv, max_pages]``; cache ``c = b * Hkv + h``; unused tail
+            entries must still be valid page ids (0 will do).
+        lengths: int32 ``[B * Hkv]`` entries held by each cache (its own length).
+        page_rows: entries per page.
+        scale: logit scale.
+        num_splits: splits over each cache's entries, merged by log-sum-exp (long caches).
+
+    Returns ``(out [B, Hq, D], lse float32 [B, Hq], scores float32 [B * Hkv, max_pages *
+    page_rows])``, where ``scores`` is each entry's probability summed over the query group (the
+    heavy-hitter statistic), zero past each length.
+    """
+    _require_kernels_for(q, "kv_ragged_decode")
+    return torch.ops.fastllm.kv_ragged_decode.default(q, kv_rows, page_table, lengths, page_rows,
+                                                      scale, num_splits)
+
+
+@torch.library.register_fake("fastllm::kv_attention_scores")
+def _scores_fake(q, k, scale, chunk):
+    return q.new_empty((k.shape[0], k.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastllm::kv_policy_recovery")
+def _recovery_fake(q, k, key_class, window, scale, chunk):
+    return q.new_empty((k.shape[0], 4), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastllm::kv_ragged_decode")
+def _decode_fake(q, kv_rows, page_table, lengths, page_rows, scale, num_splits):
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32),
+            q.new_empty((page_table.shape[0], page_table.shape[1] * page_rows),
+                        dtype=torch.float32))

@@ -1,0 +1,593 @@
+"""FastGenCache: a transformers Cache whose every (layer, sequence, KV head) keeps its own entries,
+at its own length, in pages of the unified page pool.
+
+How it plugs into transformers: the model's attention implementation becomes ``"fastllm_kv"``
+(registered with ``AttentionInterface``). ``Cache.update`` only hands the new keys and values
+(already rotated by RoPE at their true positions) to the attention function, which
+
+* on the prompt: runs ordinary causal attention, profiles every KV head (``kv_attention_scores``,
+  ``kv_policy_recovery``), picks its policy and writes only the kept entries into freshly
+  allocated pages;
+* on a decode step: appends the token to every head's cache, runs ``kv_ragged_decode`` over the
+  ragged caches, adds the returned probabilities to the heavy-hitter scores and evicts at most one
+  entry per head (swap with the last entry, free the last page when it empties).
+
+Every other attention call (a model used with another cache) goes to transformers' SDPA.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import weakref
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..memory import PagePool, PoolExhaustedError
+from .._ops import kv as kv_ops
+from .policies import (
+    POLICIES,
+    HeadPolicy,
+    budget_tokens,
+    check_ratio,
+    fastgen_profile,
+    kept_at_prefill,
+    token_classes,
+)
+
+ATTENTION_NAME = "fastllm_kv"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+OWNER = "kv"
+
+# The layer whose update() ran last, with the tensors it returned: the attention function that
+# follows in the same layer picks it up (identity-checked, so a stale entry is never used).
+_pending: dict = {}
+
+
+def _check_supported(model) -> None:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"fastllm.kv: unsupported architecture {model_type!r}; FastGenCache supports the "
+            f"Llama family: {', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM2 is 'llama')")
+
+
+class _HeadCaches:
+    """Bookkeeping for one layer's B * Hkv ragged caches (host tensors, small)."""
+
+    def __init__(self, pool: PagePool, page_rows: int, width: int, policies: list[HeadPolicy]):
+        self.pool, self.page_rows, self.width = pool, page_rows, width
+        count = len(policies)
+        self.policies = policies
+        self.pages: list[list[int]] = [[] for _ in range(count)]
+        self.page_table = torch.zeros(count, 1, dtype=torch.int32)
+        self.lengths = torch.zeros(count, dtype=torch.int64)
+        self.pos = torch.zeros(count, 16, dtype=torch.int64)
+        self.score = torch.zeros(count, 16, dtype=torch.float32)
+        self.cls = torch.zeros(count, 16, dtype=torch.uint8)
+        self.keep_special = torch.tensor([p.keep_special for p in policies])
+        self.keep_punct = torch.tensor([p.keep_punct for p in policies])
+        self.sinks = torch.tensor([p.sinks for p in policies], dtype=torch.int64)
+        self.window = torch.tensor([p.window for p in policies], dtype=torch.int64)
+        self.heavy = torch.tensor([p.heavy for p in policies], dtype=torch.int64)
+        self.grow = torch.tensor([p.grow for p in policies])
+        self._device_tables = None
+
+    # ---- storage ---------------------------------------------------------------------------------
+
+    def _ensure_capacity(self, cache: int, entries: int) -> None:
+        need = -(-entries // self.page_rows)
+        have = len(self.pages[cache])
+        if need > have:
+            ids = self.pool.alloc(need - have, OWNER).tolist()
+            self.pages[cache].extend(ids)
+            if need > self.page_table.shape[1]:
+                grown = torch.zeros(self.page_table.shape[0], max(need, 2 * self.page_table.shape[1]),
+                                    dtype=torch.int32)
+                grown[:, :self.page_table.shape[1]] = self.page_table
+                self.page_table = grown
+            self.page_table[cache, have:need] = torch.tensor(ids, dtype=torch.int32)
+            self._device_tables = None
+        if entries > self.pos.shape[1]:
+            cap = max(entries, 2 * self.pos.shape[1])
+            for name in ("pos", "score", "cls"):
+                old = getattr(self, name)
+                new = torch.zeros(old.shape[0], cap, dtype=old.dtype)
+                new[:, :old.shape[1]] = old
+                setattr(self, name, new)
+
+    def slots(self, cache: int, entries: Tensor) -> Tensor:
+        table = self.page_table[cache].to(torch.int64)
+        return table[entries // self.page_rows] * self.page_rows + entries % self.page_rows
+
+    def rows_view(self) -> Tensor:
+        return self.pool.rows(self.width)
+
+    def write(self, cache: int, rows: Tensor, pos: Tensor, cls: Tensor, score: Tensor) -> None:
+        """Append entries (rows [n, 2D] on the pool's device) to one cache."""
+        n = rows.shape[0]
+        start = int(self.lengths[cache])
+        self._ensure_capacity(cache, start + n)
+        entries = torch.arange(start, start + n)
+        self.pool.write(self.slots(cache, entries).to(self.pool.device), rows.contiguous())
+        self.pos[cache, start:start + n] = pos.cpu()
+        self.cls[cache, start:start + n] = cls.cpu()
+        self.score[cache, start:start + n] = score.float().cpu()
+        self.lengths[cache] = start + n
+        self._device_tables = None
+
+    def read(self, cache: int) -> Tensor:
+        """All entries of one cache as [n, 2D] (the dense fallback for multi-token steps)."""
+        n = int(self.lengths[cache])
+        return self.pool.gather(self.slots(cache, torch.arange(n)).to(self.pool.device), self.width)
+
+    def device_tables(self, device) -> tuple[Tensor, Tensor]:
+        if self._device_tables is None:
+            self._device_tables = (self.page_table.to(device),
+                                   self.lengths.to(device=device, dtype=torch.int32))
+        return self._device_tables
+
+    # ---- eviction --------------------------------------------------------------------------------
+
+    def evict_round(self, newest: int) -> bool:
+        """Evict at most one entry per cache that holds more than its policy allows."""
+        cap = self.pos.shape[1]
+        valid = torch.arange(cap)[None, :] < self.lengths[:, None]
+        protected = (self.keep_special[:, None] & ((self.cls & 1) != 0))
+        protected |= self.keep_punct[:, None] & ((self.cls & 2) != 0)
+        protected |= self.pos < self.sinks[:, None]
+        protected |= (newest - self.pos) < self.window[:, None]
+        candidates = valid & ~protected
+        over = (~self.grow) & (candidates.sum(1) > self.heavy)
+        if not bool(over.any()):
+            return False
+        victims = self.score.masked_fill(~candidates, float("inf")).argmin(1)
+        for cache in over.nonzero().flatten().tolist():
+            self._remove(cache, int(victims[cache]))
+        self._device_tables = None
+        return True
+
+    def _remove(self, cache: int, entry: int) -> None:
+        last = int(self.lengths[cache]) - 1
+        if entry != last:
+            src = self.slots(cache, torch.tensor([last])).to(self.pool.device)
+            dst = self.slots(cache, torch.tensor([entry])).to(self.pool.device)
+            self.pool.write(dst, self.pool.gather(src, self.width))
+            for name in ("pos", "score", "cls"):
+                arr = getattr(self, name)
+                arr[cache, entry] = arr[cache, last]
+        self.lengths[cache] = last
+        if last % self.page_rows == 0 and self.pages[cache]:
+            # The last page just emptied: give it back.
+            self.pool.free([self.pages[cache].pop()])
+
+    # ---- batch -----------------------------------------------------------------------------------
+
+    def select(self, order: list[int]) -> None:
+        """Keep caches in ``order`` (no repeats); free the pages of the others."""
+        kept = set(order)
+        for cache in range(len(self.pages)):
+            if cache not in kept and self.pages[cache]:
+                self.pool.free(self.pages[cache])
+        index = torch.tensor(order, dtype=torch.int64)
+        self.pages = [self.pages[i] for i in order]
+        self.policies = [self.policies[i] for i in order]
+        for name in ("page_table", "lengths", "pos", "score", "cls", "keep_special", "keep_punct",
+                     "sinks", "window", "heavy", "grow"):
+            setattr(self, name, getattr(self, name)[index].clone())
+        self._device_tables = None
+
+    def release(self) -> None:
+        for pages in self.pages:
+            if pages:
+                self.pool.free(pages)
+        self.pages = [[] for _ in self.pages]
+        self.lengths.zero_()
+        self._device_tables = None
+
+
+class FastGenLayer(CacheLayerMixin):
+    """One model layer of a :class:`FastGenCache`; holds no dense tensors."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, owner: "FastGenCache", layer_idx: int):
+        super().__init__()
+        self._owner = weakref.ref(owner)
+        self.layer_idx = layer_idx
+        self.seen = 0
+        self.heads: _HeadCaches | None = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        stale = _pending.get("layer")
+        if stale is self:
+            raise RuntimeError(
+                f"fastllm.kv: layer {self.layer_idx} was updated twice without attention running; "
+                f"the model's attention implementation must be {ATTENTION_NAME!r} "
+                "(FastGenCache sets it; was it changed afterwards?)")
+        _pending.update(layer=self, key=key_states, value=value_states)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        if self.heads is not None:
+            self.heads.release()
+        self.heads = None
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx) -> None:  # handled by FastGenCache
+        raise NotImplementedError
+
+
+class FastGenCache(Cache):
+    """FastGen adaptive KV cache (Ge et al., "Model Tells You What to Discard", ICLR 2024).
+
+    Args:
+        model: a Llama-family transformers model (Llama, Mistral, Qwen2, SmolLM2). Its attention
+            implementation is switched to ``"fastllm_kv"``; other caches keep working through SDPA.
+        tokenizer: its tokenizer (special and punctuation token ids).
+        recovery: FastGen's T in (0, 1]: share of attention mass each head must keep.
+        locality: r_l in [0, 1], local window as a share of the prompt.
+        frequency: r_f in [0, 1], heavy hitters as a share of the prompt.
+        policy: "fastgen", or a fixed policy for every head: "full", "streaming" (sinks + recent
+            window), "h2o" (heavy hitters + recent), "snapkv" (prompt selection by pooled scores of
+            the last queries, then grows).
+        budget: the fixed policies' kept tokens per head: a ratio of the prompt (float) or a count
+            (int).
+        pool: a :class:`fastllm.memory.PagePool` to draw pages from (shared with other users), or
+            None to create one holding ``max_tokens`` full-cache tokens.
+    """
+
+    def __init__(self, model, tokenizer, recovery: float = 0.95, locality: float = 0.3,
+                 frequency: float = 0.3, policy: str = "fastgen", budget: float | int = 0.5,
+                 sinks: int = 4, snap_window: int = 32, pool: PagePool | None = None,
+                 max_tokens: int = 4096, page_rows: int = 16, chunk: int = 128):
+        _check_supported(model)
+        self.recovery = check_ratio("recovery", recovery, low_open=True)
+        self.locality = check_ratio("locality", locality)
+        self.frequency = check_ratio("frequency", frequency)
+        if policy not in POLICIES:
+            raise ValueError(f"fastllm.kv: policy must be one of {POLICIES}, got {policy!r}")
+        budget_tokens(budget, 1)  # validates
+        self.policy, self.budget, self.sinks, self.snap_window = policy, budget, sinks, snap_window
+        self.chunk = chunk
+        cfg = model.config
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.width = 2 * self.head_dim
+        param = next(model.parameters())
+        if pool is None:
+            pages_per_cache = -(-max_tokens // page_rows)
+            pool = PagePool(self.num_layers * self.num_kv_heads * pages_per_cache,
+                            page_rows * self.width, dtype=param.dtype, device=param.device)
+        if pool.page_size % self.width:
+            raise ValueError(f"fastllm.kv: pool page_size {pool.page_size} must be a multiple of "
+                             f"2 * head_dim = {self.width}")
+        self.pool = pool
+        self.page_rows = pool.page_size // self.width
+        self.tokenizer = tokenizer
+        self._ids: Tensor | None = None
+        self.last_profile_seconds = 0.0
+        super().__init__(layers=[FastGenLayer(self, i) for i in range(self.num_layers)])
+        _register()
+        if model.config._attn_implementation != ATTENTION_NAME:
+            model.set_attn_implementation(ATTENTION_NAME)
+        ref = weakref.ref(self)
+
+        def remember_ids(module, args, kwargs):
+            cache = ref()
+            if cache is None:
+                return
+            ids = args[0] if args else kwargs.get("input")
+            cache._ids = ids
+
+        self._hook = model.get_input_embeddings().register_forward_pre_hook(remember_ids,
+                                                                            with_kwargs=True)
+
+    # ---- transformers Cache API ------------------------------------------------------------------
+
+    def reorder_cache(self, beam_idx) -> None:
+        order = [int(i) for i in torch.as_tensor(beam_idx).tolist()]
+        batch = self._batch()
+        if order == list(range(batch)):
+            return
+        if sorted(order) != list(range(batch)):
+            raise ValueError(
+                f"fastllm.kv: cannot honour the batch reorder {order[:16]}: FastGenCache can "
+                "permute its sequences but not repeat or drop them (beam search is unsupported)")
+        self._select(order)
+
+    def batch_select_indices(self, indices) -> None:
+        order = [int(i) for i in torch.as_tensor(indices).tolist()]
+        if len(set(order)) != len(order):
+            raise ValueError(f"fastllm.kv: cannot select repeated sequences {order[:16]}")
+        self._select(order)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            raise ValueError("fastllm.kv: FastGenCache cannot repeat sequences "
+                             f"(repeats={repeats}); use num_return_sequences=1 and num_beams=1")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("fastllm.kv: evicted entries cannot be restored, so "
+                                  "FastGenCache does not support crop (assisted decoding)")
+
+    def _batch(self) -> int:
+        layer = self.layers[0]
+        if layer.heads is None:
+            return 0
+        return len(layer.heads.pages) // self.num_kv_heads
+
+    def _select(self, order: list[int]) -> None:
+        for layer in self.layers:
+            if layer.heads is None:
+                continue
+            caches = [b * self.num_kv_heads + h for b in order for h in range(self.num_kv_heads)]
+            layer.heads.select(caches)
+
+    def release(self) -> None:
+        """Give every page back to the pool and forget all tokens."""
+        for layer in self.layers:
+            layer.reset()
+
+    def reset(self) -> None:
+        self.release()
+
+    def __del__(self):
+        # At interpreter exit the pool may already be gone, and touching tensors then aborts.
+        if sys.is_finalizing():
+            return
+        try:
+            self.release()
+            self._hook.remove()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # ---- statistics ------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Memory held against a full cache of the same tokens, and each head's policy."""
+        pages = 0
+        full_pages = 0
+        kept_entries = 0
+        policies = []
+        for layer in self.layers:
+            heads = layer.heads
+            if heads is None:
+                policies.append([])
+                continue
+            pages += sum(len(p) for p in heads.pages)
+            full_pages += len(heads.pages) * -(-layer.seen // self.page_rows)
+            kept_entries += int(heads.lengths.sum())
+            policies.append([{"policy": p.name, "kept": int(n)}
+                             for p, n in zip(heads.policies, heads.lengths.tolist())])
+        seen = self.layers[0].seen
+        caches = len(self.layers[0].heads.pages) if self.layers[0].heads is not None else 0
+        entry_bytes = self.width * self.pool.storage.element_size()
+        return {
+            "kept_bytes": pages * self.pool.page_bytes,
+            "full_bytes": full_pages * self.pool.page_bytes,
+            "pages": pages,
+            "kept_entries": kept_entries,
+            "full_entries": seen * caches * self.num_layers,
+            "entry_bytes": entry_bytes,
+            "tokens": seen,
+            "profile_seconds": self.last_profile_seconds,
+            "policies": policies,
+        }
+
+    # ---- the attention path ----------------------------------------------------------------------
+
+    def _classes(self, batch: int, length: int, device) -> Tensor:
+        ids = self._ids
+        if ids is None or ids.shape != (batch, length):
+            if self.policy == "fastgen":
+                raise ValueError("fastllm.kv: FastGen needs the token ids of each step (call the "
+                                 "model with input_ids, not inputs_embeds)")
+            return torch.zeros(batch, length, dtype=torch.uint8, device=device)
+        return token_classes(self.tokenizer, ids).to(device)
+
+    def _prefill_policies(self, q: Tensor, k: Tensor, classes: Tensor, scale: float):
+        """Policies and kept positions of one sequence's KV heads; q [Hq, L, D], k [Hkv, L, D]."""
+        length = k.shape[1]
+        hkv = k.shape[0]
+        policies, kept, scores = [], [], None
+        if self.policy == "fastgen":
+            policies, kept, scores, _ = fastgen_profile(q, k, classes, scale, self.recovery,
+                                                        self.locality, self.frequency, self.chunk)
+            return policies, kept, scores
+        budget = min(budget_tokens(self.budget, length), length)
+        if self.policy == "full":
+            p = HeadPolicy("full", grow=True)
+        elif self.policy == "streaming":
+            sinks = min(self.sinks, budget)
+            p = HeadPolicy("streaming", sinks=sinks, window=budget - sinks)
+        elif self.policy == "h2o":
+            scores = kv_ops.kv_attention_scores(q, k, scale, self.chunk).cpu()
+            p = HeadPolicy("h2o", heavy=budget // 2, window=budget - budget // 2)
+        else:  # snapkv
+            obs = min(self.snap_window, budget, length)
+            window_scores = kv_ops.kv_attention_scores(q[:, -obs:], k, scale, self.chunk).cpu()
+            scores = torch.nn.functional.avg_pool1d(window_scores[:, None], 7, 1, 3,
+                                                    count_include_pad=False)[:, 0]
+            p = HeadPolicy("snapkv", window=obs, heavy=budget - obs, grow=True)
+        for h in range(hkv):
+            policies.append(p)
+            kept.append(kept_at_prefill(p, classes.cpu(), None,
+                                        scores[h] if scores is not None else None))
+        return policies, kept, scores
+
+    def _prefill(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> None:
+        batch, _, length, _ = k.shape
+        classes = self._classes(batch, length, torch.device("cpu"))
+        all_policies, writes = [], []
+        start = time.perf_counter()
+        for b in range(batch):
+            policies, kept, scores = self._prefill_policies(q[b], k[b], classes[b], scale)
+            all_policies += policies
+            writes.append((kept, scores))
+        self.last_profile_seconds += time.perf_counter() - start
+        heads = _HeadCaches(self.pool, self.page_rows, self.width, all_policies)
+        layer.heads = heads
+        try:
+            for b, (kept, scores) in enumerate(writes):
+                for h, positions in enumerate(kept):
+                    dev_pos = positions.to(k.device)
+                    rows = torch.cat([k[b, h, dev_pos], v[b, h, dev_pos]], dim=-1)
+                    score = (scores[h, positions] if scores is not None
+                             else torch.zeros(positions.shape[0]))
+                    heads.write(b * self.num_kv_heads + h, rows, positions,
+                                classes[b, positions], score)
+        except PoolExhaustedError as err:
+            self.release()
+            raise PoolExhaustedError(
+                f"fastllm.kv: a prompt of {length} tokens (batch {batch}) does not fit the page "
+                f"pool ({self.pool.num_pages} pages of {self.page_rows} entries, "
+                f"{self.pool.free_pages} free after releasing this cache); give FastGenCache a "
+                f"larger max_tokens or pool") from err
+        layer.seen = length
+
+    def _append(self, layer: FastGenLayer, k: Tensor, v: Tensor, scores_new: Tensor | None) -> None:
+        heads = layer.heads
+        batch, hkv, n, _ = k.shape
+        classes = self._classes(batch, n, torch.device("cpu"))
+        positions = torch.arange(layer.seen, layer.seen + n)
+        for b in range(batch):
+            for h in range(hkv):
+                c = b * hkv + h
+                rows = torch.cat([k[b, h], v[b, h]], dim=-1)
+                score = scores_new[c] if scores_new is not None else torch.zeros(n)
+                try:
+                    heads.write(c, rows, positions, classes[b], score)
+                except PoolExhaustedError as err:
+                    raise PoolExhaustedError(
+                        f"fastllm.kv: no free page to append token {layer.seen} "
+                        f"(pool of {self.pool.num_pages} pages is full)") from err
+        layer.seen += n
+
+    def _decode(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        self._append(layer, k, v, None)
+        heads = layer.heads
+        table, lengths = heads.device_tables(q.device)
+        longest = int(heads.lengths.max())
+        splits = max(1, min(32, longest // 512))
+        out, _, scores = kv_ops.kv_ragged_decode(q[:, :, 0].contiguous(), heads.rows_view(), table,
+                                                  lengths, self.page_rows, scale, splits)
+        cap = heads.score.shape[1]
+        width = min(cap, scores.shape[1])
+        heads.score[:, :width] += scores[:, :width].cpu()
+        heads.evict_round(layer.seen - 1)
+        return out[:, None]  # [B, 1, Hq, D]
+
+    def _extend(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """Several new tokens on top of compressed caches: dense attention per head over its kept
+        entries plus the new tokens (causal among themselves)."""
+        heads = layer.heads
+        batch, hq, n, d = q.shape
+        hkv = k.shape[1]
+        group = hq // hkv
+        out = torch.empty(batch, n, hq, d, dtype=q.dtype, device=q.device)
+        new_scores = torch.zeros(batch * hkv, n)
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        for b in range(batch):
+            for h in range(hkv):
+                c = b * hkv + h
+                cached = heads.read(c)
+                keys = torch.cat([cached[:, :d], k[b, h]]).float()
+                values = torch.cat([cached[:, d:], v[b, h]]).float()
+                visible = torch.cat([torch.ones(n, cached.shape[0], dtype=torch.bool,
+                                                device=q.device), causal], dim=1)
+                qg = q[b, h * group:(h + 1) * group].float()
+                logits = (qg @ keys.T * scale).masked_fill(~visible, float("-inf"))
+                probs = logits.softmax(-1)
+                out[b, :, h * group:(h + 1) * group] = (probs @ values).transpose(0, 1).to(q.dtype)
+                col = probs.sum((0, 1)).cpu()
+                m = cached.shape[0]
+                heads.score[c, :m] += col[:m]
+                new_scores[c] = col[m:]
+        self._append(layer, k, v, new_scores)
+        for _ in range(n):
+            if not heads.evict_round(layer.seen - 1):
+                break
+        return out
+
+    def attention(self, layer: FastGenLayer, module, query: Tensor, key: Tensor, value: Tensor,
+                  attention_mask, scale: float) -> Tensor:
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            if not bool(attention_mask[:, :, -1, :].all()):
+                raise ValueError("fastllm.kv: FastGenCache does not support padded batches yet; "
+                                 "run padded prompts one sequence at a time")
+        if layer.heads is None:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, is_causal=query.shape[2] > 1, scale=scale, enable_gqa=True)
+            self._prefill(layer, query, key, value, scale)
+            return out.transpose(1, 2)
+        if query.shape[0] * self.num_kv_heads != len(layer.heads.pages):
+            raise ValueError(f"fastllm.kv: batch size changed from "
+                             f"{len(layer.heads.pages) // self.num_kv_heads} to {query.shape[0]}")
+        if query.shape[2] == 1:
+            return self._decode(layer, query, key, value, scale)
+        return self._extend(layer, query, key, value, scale)
+
+
+def _fastllm_kv_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs):
+    layer = _pending.get("layer")
+    if (layer is not None and _pending.get("key") is key and _pending.get("value") is value
+            and layer.layer_idx == getattr(module, "layer_idx", None)):
+        _pending.clear()
+        cache = layer._owner()
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return cache.attention(layer, module, query, key, value, attention_mask, scale), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    ALL_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _fastllm_kv_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    _registered = True
+
+
+def profile(model, tokenizer, text: str, **kwargs) -> list[list[dict]]:
+    """FastGen's per-head policy table for ``text``: ``[layer][kv head] -> {policy, kept}``.
+
+    Runs one prefill with a :class:`FastGenCache` (keyword arguments go to it) and releases its
+    pages before returning.
+    """
+    ids = tokenizer(text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    cache = FastGenCache(model, tokenizer, **kwargs)
+    try:
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+        return cache.stats()["policies"]
+    finally:
+        cache.release()

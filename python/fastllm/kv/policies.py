@@ -1,0 +1,177 @@
+"""Per-head KV policies: FastGen's greedy selection and the fixed baselines.
+
+A policy is a rule for which entries of one KV head's cache survive, applied at the end of the
+prompt (compaction) and after every decode step (eviction):
+
+* protected entries always stay: special tokens, punctuation tokens, the first ``sinks`` positions;
+* entries within ``window`` positions of the newest token stay (the window slides);
+* of the rest, the ``heavy`` entries with the largest accumulated attention stay;
+* ``grow`` caches never evict (full, and SnapKV after its prefill selection).
+
+FastGen's candidates, cheapest first: special -> +punct -> +local -> +frequency -> full. A KV head
+takes the first whose kept keys recover at least ``T`` of the attention mass of its query group.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import unicodedata
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._reference.kv import HEAVY, PUNCT, SPECIAL
+
+FASTGEN_POLICIES = ("special", "special+punct", "special+punct+local",
+                    "special+punct+local+frequency", "full")
+POLICIES = ("fastgen", "full", "streaming", "h2o", "snapkv")
+
+
+@dataclass(frozen=True)
+class HeadPolicy:
+    name: str
+    keep_special: bool = False
+    keep_punct: bool = False
+    sinks: int = 0
+    window: int = 0
+    heavy: int = 0
+    grow: bool = False
+
+
+def check_ratio(name: str, value: float, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise TypeError(f"fastllm.kv: {name} must be a number, got {value!r}")
+    if low_open:
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"fastllm.kv: {name} must lie in (0, 1], got {value}")
+    elif not 0.0 <= value <= 1.0:
+        raise ValueError(f"fastllm.kv: {name} must lie in [0, 1], got {value}")
+    return float(value)
+
+
+def budget_tokens(budget: float | int, prompt_len: int) -> int:
+    """A budget given as a ratio of the prompt (float in (0, 1]) or a token count (int > 0)."""
+    if isinstance(budget, bool):
+        raise TypeError(f"fastllm.kv: budget must be a ratio or a token count, got {budget!r}")
+    if isinstance(budget, int):
+        if budget <= 0:
+            raise ValueError(f"fastllm.kv: a token budget must be positive, got {budget}")
+        return budget
+    check_ratio("budget", budget, low_open=True)
+    return max(1, math.ceil(budget * prompt_len))
+
+
+@functools.lru_cache(maxsize=8)
+def _punctuation_ids(tokenizer) -> frozenset:
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    ids = set()
+    for i, text in enumerate(texts):
+        stripped = text.strip()
+        if stripped and all(unicodedata.category(ch).startswith("P") for ch in stripped):
+            ids.add(i)
+    return frozenset(ids)
+
+
+def token_classes(tokenizer, input_ids: Tensor) -> Tensor:
+    """uint8 class bits per token (1 special, 2 punctuation) for ids of any shape."""
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
+    punct = torch.tensor(sorted(_punctuation_ids(tokenizer)), dtype=torch.int64)
+    ids = input_ids.detach().to("cpu", torch.int64)
+    out = torch.zeros(ids.shape, dtype=torch.uint8)
+    out[torch.isin(ids, special)] |= SPECIAL
+    out[torch.isin(ids, punct)] |= PUNCT
+    return out.to(input_ids.device)
+
+
+def heavy_mask(scores: Tensor, classes: Tensor, count: int, exclude_from: int) -> Tensor:
+    """[Hkv, L] bool: per head, the ``count`` keys with the largest scores among those that are not
+    special or punctuation and lie before position ``exclude_from`` (the final local window)."""
+    hkv, length = scores.shape
+    mask = torch.zeros(hkv, length, dtype=torch.bool, device=scores.device)
+    eligible = (classes == 0).expand(hkv, length).clone()
+    eligible[:, exclude_from:] = False
+    count = min(count, int(eligible[0].sum()))
+    if count <= 0:
+        return mask
+    masked = scores.masked_fill(~eligible, float("-inf"))
+    mask.scatter_(1, masked.topk(count, dim=1).indices, True)
+    return mask
+
+
+def select_fastgen(recovery: Tensor, threshold: float) -> list[int]:
+    """Index into FASTGEN_POLICIES per KV head: the first policy recovering >= threshold."""
+    picks = []
+    for row in recovery.tolist():
+        pick = next((i for i, r in enumerate(row) if r >= threshold), len(FASTGEN_POLICIES) - 1)
+        picks.append(pick)
+    return picks
+
+
+def fastgen_head_policy(index: int, window: int, heavy: int) -> HeadPolicy:
+    name = FASTGEN_POLICIES[index]
+    if name == "full":
+        return HeadPolicy(name, grow=True)
+    return HeadPolicy(name, keep_special=True, keep_punct=index >= 1,
+                      window=window if index >= 2 else 0, heavy=heavy if index >= 3 else 0)
+
+
+def kept_at_prefill(policy: HeadPolicy, classes: Tensor, heavy_row: Tensor | None,
+                    scores_row: Tensor | None) -> Tensor:
+    """Positions (sorted int64) one head keeps at the end of a prompt of len(classes) tokens."""
+    length = classes.shape[0]
+    if policy.grow and policy.name == "full":
+        return torch.arange(length, device=classes.device)
+    pos = torch.arange(length, device=classes.device)
+    keep = torch.zeros(length, dtype=torch.bool, device=classes.device)
+    if policy.keep_special:
+        keep |= (classes & SPECIAL) != 0
+    if policy.keep_punct:
+        keep |= (classes & PUNCT) != 0
+    keep |= pos < policy.sinks
+    if policy.window:
+        keep |= pos >= length - policy.window
+    if heavy_row is not None:
+        keep |= heavy_row
+    elif policy.heavy and scores_row is not None:
+        rest = scores_row.masked_fill(keep, float("-inf"))
+        count = min(policy.heavy, int((~keep).sum()))
+        if count > 0:
+            keep[rest.topk(count).indices] = True
+    return pos[keep]
+
+
+def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recovery: float,
+                    locality: float, frequency: float, chunk: int = 128):
+    """Profile one sequence's KV heads and give each FastGen's cheapest sufficient policy.
+
+    ``q`` ``[Hq, L, D]``, ``k`` ``[Hkv, L, D]`` (after RoPE), ``classes`` ``[L]`` uint8. Returns
+    ``(policies, kept positions per head, scores [Hkv, L], recovery [Hkv, 4])``.
+    """
+    from . import _ops as kv_ops
+
+    length = k.shape[1]
+    window = math.ceil(locality * length)
+    heavy = math.ceil(frequency * length)
+    classes = classes.cpu()
+    scores = kv_ops.kv_attention_scores(q, k, scale, chunk).cpu()
+    hmask = heavy_mask(scores, classes[None], heavy, length - window)
+    key_class = (classes[None] | (hmask.to(torch.uint8) * HEAVY)).to(torch.uint8)
+    # Recovery is measured on the queries the local window no longer covers entirely: on the
+    # first `window` rows locality keeps everything by construction, which would flatter it, and
+    # decode queries (which the policy will serve) all lie past the window.
+    first = min(window, length - 1)
+    rec = kv_ops.kv_policy_recovery(q[:, first:], k, key_class.to(q.device), window, scale,
+                                    chunk).cpu()
+    policies, kept = [], []
+    for h, pick in enumerate(select_fastgen(rec, recovery)):
+        p = fastgen_head_policy(pick, window, int(hmask[h].sum()))
+        policies.append(p)
+        kept.append(kept_at_prefill(p, classes, hmask[h] if p.heavy else None, None))
+    return policies, kept, scores, rec
+
+
+__all__ = ["fastgen_profile", "FASTGEN_POLICIES", "POLICIES", "HeadPolicy", "HEAVY", "budget_tokens", "check_ratio",
+           "heavy_mask", "select_fastgen", "token_classes", "fastgen_head_policy",
+           "kept_at_prefill"]

@@ -1,0 +1,235 @@
+"""KV ops against their references, opcheck, the ragged == dense-masked property, rejections."""
+
+import pytest
+import torch
+
+import fastllm.ops as ops
+from fastllm._reference import (
+    dense_masked_decode_reference,
+    kv_attention_scores_reference,
+    kv_policy_recovery_reference,
+    kv_ragged_decode_reference,
+)
+from helpers import FLOAT_DTYPES, random_tensor
+
+# profiling accumulates hundreds of probabilities in float32; the inputs' rounding dominates
+PROFILE_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3),
+               torch.bfloat16: (2e-2, 2e-2)}
+DECODE_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3),
+              torch.bfloat16: (2e-2, 2e-2)}
+
+# (Hq, Hkv, Lq, Lk, D): MHA, GQA, odd sizes, a query window shorter than the keys, one row
+PROFILE_SHAPES = [(4, 4, 9, 9, 8), (6, 2, 37, 37, 16), (3, 1, 5, 23, 7), (2, 1, 1, 1, 4),
+                  (9, 3, 130, 130, 64)]
+
+
+def random_classes(hkv, lk, device):
+    cls = torch.zeros(hkv, lk, dtype=torch.uint8)
+    cls[:, 0] = 1
+    cls[:, torch.randperm(lk)[: lk // 5]] |= 2
+    heavy = torch.rand(hkv, lk) < 0.2
+    cls[heavy] |= 4
+    return cls.to(device)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", PROFILE_SHAPES)
+def test_attention_scores_match_reference(device, dtype, shape):
+    hq, hkv, lq, lk, d = shape
+    q = random_tensor(hq, lq, d, dtype=dtype, device=device)
+    k = random_tensor(hkv, lk, d, dtype=dtype, device=device)
+    got = ops.kv_attention_scores(q, k, d ** -0.5, chunk=16)
+    want = kv_attention_scores_reference(q.double(), k.double(), d ** -0.5, chunk=1000).float()
+    rtol, atol = PROFILE_TOL[dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol * lq)
+    # every query's probabilities sum to one, over its group
+    torch.testing.assert_close(got.sum(1), torch.full((hkv,), float(lq * hq // hkv),
+                                                      device=device), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 128])
+def test_attention_scores_chunking_changes_nothing(device, chunk):
+    q = random_tensor(4, 50, 8, device=device)
+    k = random_tensor(2, 50, 8, device=device)
+    torch.testing.assert_close(ops.kv_attention_scores(q, k, 0.3, chunk),
+                               ops.kv_attention_scores(q, k, 0.3, 1000), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", PROFILE_SHAPES)
+@pytest.mark.parametrize("window", [0, 3, 1000])
+def test_policy_recovery_matches_reference(device, dtype, shape, window):
+    hq, hkv, lq, lk, d = shape
+    q = random_tensor(hq, lq, d, dtype=dtype, device=device)
+    k = random_tensor(hkv, lk, d, dtype=dtype, device=device)
+    cls = random_classes(hkv, lk, device)
+    got = ops.kv_policy_recovery(q, k, cls, window, d ** -0.5, chunk=8)
+    want = kv_policy_recovery_reference(q.double(), k.double(), cls, window, d ** -0.5)
+    rtol, atol = PROFILE_TOL[dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    assert (got[:, 1:] >= got[:, :-1] - 1e-6).all(), "policies are cumulative"
+    if window >= lk:
+        torch.testing.assert_close(got[:, 2], torch.ones(hkv, device=device))
+
+
+def test_recovery_of_planted_classes(device):
+    # Every key special: the cheapest policy already recovers everything.
+    q = random_tensor(2, 10, 4, device=device)
+    k = random_tensor(1, 10, 4, device=device)
+    cls = torch.ones(1, 10, dtype=torch.uint8, device=device)
+    torch.testing.assert_close(ops.kv_policy_recovery(q, k, cls, 0, 1.0, 4),
+                               torch.ones(1, 4, device=device))
+    none = torch.zeros(1, 10, dtype=torch.uint8, device=device)
+    torch.testing.assert_close(ops.kv_policy_recovery(q, k, none, 0, 1.0, 4),
+                               torch.zeros(1, 4, device=device))
+
+
+def make_ragged(batch, hkv, d, lengths, page_rows, dtype, device, spare_pages=3):
+    """A pool with each cache's entries on shuffled pages, and the same data densely."""
+    caches = batch * hkv
+    max_len = max(max(lengths), 1)
+    pages_per = -(-max_len // page_rows)
+    num_pages = caches * pages_per + spare_pages
+    kv_rows = random_tensor(num_pages * page_rows, 2 * d, dtype=dtype, device=device)
+    perm = torch.randperm(num_pages)
+    table = torch.zeros(caches, pages_per, dtype=torch.int32)
+    for c in range(caches):
+        table[c] = perm[c * pages_per:(c + 1) * pages_per].to(torch.int32)
+    dense = torch.zeros(batch, hkv, max_len, 2 * d, dtype=dtype, device=device)
+    keep = torch.zeros(batch, hkv, max_len, dtype=torch.bool, device=device)
+    for c, n in enumerate(lengths):
+        e = torch.arange(n)
+        slots = table[c, e // page_rows].long() * page_rows + e % page_rows
+        dense[c // hkv, c % hkv, :n] = kv_rows[slots.to(device)]
+        keep[c // hkv, c % hkv, :n] = True
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    return kv_rows, table.to(device), lens.to(device), dense, keep
+
+
+DECODE_CASES = [  # (B, Hq, Hkv, D, lengths, page_rows)
+    (1, 9, 3, 64, [17, 1, 40], 16),
+    (2, 4, 2, 8, [5, 0, 33, 7], 4),
+    (1, 2, 2, 7, [3, 3], 1),
+    (3, 6, 3, 16, [100, 64, 1, 2, 3, 90, 0, 0, 50], 8),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("case", DECODE_CASES)
+@pytest.mark.parametrize("splits", [1, 3, 64])
+def test_ragged_decode_matches_reference(device, dtype, case, splits):
+    b, hq, hkv, d, lengths, page_rows = case
+    kv_rows, table, lens, _, _ = make_ragged(b, hkv, d, lengths, page_rows, dtype, device)
+    q = random_tensor(b, hq, d, dtype=dtype, device=device)
+    out, lse, scores = ops.kv_ragged_decode(q, kv_rows, table, lens, page_rows, d ** -0.5, splits)
+    ref_out, ref_lse, ref_scores = kv_ragged_decode_reference(q, kv_rows, table, lens, page_rows,
+                                                              d ** -0.5)
+    rtol, atol = DECODE_TOL[dtype]
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-4)
+    assert scores.shape == (b * hkv, table.shape[1] * page_rows)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_ragged_equals_dense_with_evicted_entries_masked(device, dtype):
+    # A full cache [B, Hkv, T, D]; each head evicts a different random subset. The ragged cache of
+    # the kept entries must give the attention of the full cache with the evicted ones masked.
+    b, hq, hkv, d, t, page_rows = 2, 6, 3, 32, 57, 8
+    full = random_tensor(b, hkv, t, 2 * d, dtype=dtype, device=device)
+    keep = torch.rand(b, hkv, t, device=device) < 0.4
+    keep[..., -1] = True
+    lengths = keep.sum(-1).flatten().tolist()
+    pages_per = -(-max(lengths) // page_rows)
+    num_pages = b * hkv * pages_per + 2
+    kv_rows = torch.zeros(num_pages * page_rows, 2 * d, dtype=dtype, device=device)
+    perm = torch.randperm(num_pages)
+    table = torch.zeros(b * hkv, pages_per, dtype=torch.int32)
+    for c in range(b * hkv):
+        table[c] = perm[c * pages_per:(c + 1) * pages_per].to(torch.int32)
+        kept_rows = full[c // hkv, c % hkv][keep[c // hkv, c % hkv]]
+        e = torch.arange(kept_rows.shape[0])
+        slots = table[c, e // page_rows].long() * page_rows + e % page_rows
+        ops.pool_write(kv_rows, slots.to(device), kept_rows.contiguous())
+    q = random_tensor(b, hq, d, dtype=dtype, device=device)
+    out, _, _ = ops.kv_ragged_decode(q, kv_rows, table.to(device),
+                                     torch.tensor(lengths, dtype=torch.int32, device=device),
+                                     page_rows, d ** -0.5, 2)
+    want = dense_masked_decode_reference(q, full[..., :d], full[..., d:], keep, d ** -0.5)
+    rtol, atol = DECODE_TOL[dtype]
+    torch.testing.assert_close(out, want, rtol=rtol, atol=atol)
+
+
+def test_ragged_decode_empty_caches(device):
+    kv_rows = random_tensor(8, 8, device=device)
+    table = torch.zeros(2, 1, dtype=torch.int32, device=device)
+    lens = torch.zeros(2, dtype=torch.int32, device=device)
+    q = random_tensor(1, 2, 4, device=device)
+    out, lse, scores = ops.kv_ragged_decode(q, kv_rows, table, lens, 4, 0.5, 2)
+    assert (out == 0).all() and torch.isinf(lse).all() and (scores == 0).all()
+
+
+def test_opcheck(device):
+    q3 = random_tensor(6, 11, 8, device=device)
+    k3 = random_tensor(2, 11, 8, device=device)
+    cls = random_classes(2, 11, device)
+    torch.library.opcheck(torch.ops.fastllm.kv_attention_scores.default, (q3, k3, 0.4, 4))
+    torch.library.opcheck(torch.ops.fastllm.kv_policy_recovery.default, (q3, k3, cls, 3, 0.4, 4))
+    kv_rows, table, lens, _, _ = make_ragged(1, 2, 8, [9, 4], 4, torch.float32, device)
+    q = random_tensor(1, 6, 8, device=device)
+    torch.library.opcheck(torch.ops.fastllm.kv_ragged_decode.default,
+                          (q, kv_rows, table, lens, 4, 0.35, 2))
+
+
+# ---- rejections --------------------------------------------------------------------------------
+
+def test_profile_rejections(device):
+    q = random_tensor(4, 5, 8, device=device)
+    k = random_tensor(2, 5, 8, device=device)
+    cls = torch.zeros(2, 5, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match="kv_attention_scores: q's head count"):
+        ops.kv_attention_scores(random_tensor(3, 5, 8, device=device), k, 1.0)
+    with pytest.raises(ValueError, match="same head_dim"):
+        ops.kv_attention_scores(q, random_tensor(2, 5, 4, device=device), 1.0)
+    with pytest.raises(ValueError, match="more rows than k"):
+        ops.kv_attention_scores(random_tensor(4, 6, 8, device=device), k, 1.0)
+    with pytest.raises(ValueError, match="chunk must be positive"):
+        ops.kv_attention_scores(q, k, 1.0, 0)
+    with pytest.raises(TypeError, match="k must have the dtype of q"):
+        ops.kv_attention_scores(q, k.half(), 1.0)
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        ops.kv_attention_scores(q[0], k, 1.0)
+    with pytest.raises(TypeError, match="key_class must have dtype"):
+        ops.kv_policy_recovery(q, k, cls.int(), 2, 1.0)
+    with pytest.raises(ValueError, match=r"key_class must be \[Hkv, Lk\]"):
+        ops.kv_policy_recovery(q, k, cls[:, :4], 2, 1.0)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        ops.kv_policy_recovery(q, k, cls, -1, 1.0)
+
+
+def test_decode_rejections(device):
+    kv_rows, table, lens, _, _ = make_ragged(1, 2, 8, [9, 4], 4, torch.float32, device)
+    q = random_tensor(1, 6, 8, device=device)
+    call = ops.kv_ragged_decode
+    with pytest.raises(ValueError, match=r"kv_rows must be \[slots, 2 \* head_dim\]"):
+        call(q, kv_rows[:, :8].contiguous(), table, lens, 4, 1.0)
+    with pytest.raises(TypeError, match="page_table must have dtype"):
+        call(q, kv_rows, table.long(), lens, 4, 1.0)
+    with pytest.raises(TypeError, match="lengths must have dtype"):
+        call(q, kv_rows, table, lens.long(), 4, 1.0)
+    with pytest.raises(ValueError, match="page_rows must be positive"):
+        call(q, kv_rows, table, lens, 0, 1.0)
+    with pytest.raises(ValueError, match="Hkv dividing"):
+        call(random_tensor(1, 5, 8, device=device), kv_rows, table, lens, 4, 1.0)
+    with pytest.raises(ValueError, match="one entry per page_table row"):
+        call(q, kv_rows, table, lens[:1], 4, 1.0)
+    with pytest.raises(ValueError, match="num_splits must be positive"):
+        call(q, kv_rows, table, lens, 4, 1.0, 0)
+    with pytest.raises(IndexError, match="lengths must lie in"):
+        call(q, kv_rows, table, torch.tensor([9, 13], dtype=torch.int32, device=device), 4, 1.0)
+    bad = table.clone()
+    bad[0, 0] = 10_000
+    with pytest.raises(IndexError, match="page_table must lie in"):
+        call(q, kv_rows, bad, lens, 4, 1.0)
+    with pytest.raises(TypeError, match="kv_rows must have the dtype of q"):
+        call(q, kv_rows.half(), table, lens, 4, 1.0)

@@ -1,0 +1,107 @@
+"""FastGen policy selection on synthetic attention with planted patterns, the baselines' kept
+sets, and eviction bookkeeping on a real pool."""
+
+import pytest
+import torch
+
+from fastllm.kv.policies import (
+    FASTGEN_POLICIES,
+    HeadPolicy,
+    budget_tokens,
+    check_ratio,
+    fastgen_profile,
+    kept_at_prefill,
+)
+
+L = 40
+SPECIAL_POS = [0]
+PUNCT_POS = [7, 15, 23, 31]
+HEAVY_POS = [3, 11]
+BIG = 12.0
+
+
+def planted_heads():
+    """Five KV heads (one query each) whose attention goes to: special tokens, punctuation (+
+    special), a 3-token local band, two heavy-hitter columns, and uniformly everywhere."""
+    d = L + 8
+    e_sp, e_pu, e_hv = L, L + 1, L + 2
+    q = torch.zeros(5, L, d)
+    k = torch.randn(5, L, d) * 0.01
+    for j in SPECIAL_POS:
+        k[:, j, e_sp] = BIG
+    for j in PUNCT_POS:
+        k[:, j, e_pu] = BIG
+    for j in HEAVY_POS:
+        k[:, j, e_hv] = BIG
+    q[0, :, e_sp] = 1.0
+    q[1, :, e_sp] = 1.0
+    q[1, :, e_pu] = 1.0
+    for i in range(L):  # local: query i matches keys i, i-1, i-2 by position one-hots
+        for j in range(max(0, i - 2), i + 1):
+            q[2, i, j] = BIG
+            k[2, j, j] = 1.0
+    q[3, :, e_hv] = 1.0
+    q[3, :, e_sp] = 1.0  # the first few queries see no heavy column yet: the BOS takes them
+    classes = torch.zeros(L, dtype=torch.uint8)
+    classes[SPECIAL_POS] = 1
+    classes[PUNCT_POS] |= 2
+    return q, k, classes
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.95])
+def test_planted_patterns_pick_expected_policy(threshold):
+    q, k, classes = planted_heads()
+    policies, kept, scores, rec = fastgen_profile(q, k, classes, 1.0, threshold, 0.3, 0.1, chunk=8)
+    names = [p.name for p in policies]
+    assert names == ["special", "special+punct", "special+punct+local",
+                     "special+punct+local+frequency", "full"], (names, rec)
+    # recovery >= T holds on every head for the policy it got (full recovers everything)
+    for h, p in enumerate(policies):
+        idx = FASTGEN_POLICIES.index(p.name)
+        assert idx == 4 or rec[h, idx] >= threshold
+        # ... and the cheaper ones were really insufficient (greedy order)
+        assert all(rec[h, j] < threshold for j in range(idx))
+    # the heavy-hitter head keeps exactly the planted columns as its heavy hitters
+    assert set(HEAVY_POS) <= set(kept[3].tolist())
+    assert kept[0].tolist() == SPECIAL_POS
+    assert kept[1].tolist() == sorted(SPECIAL_POS + PUNCT_POS)
+    assert kept[4].tolist() == list(range(L))
+    assert scores.shape == (5, L)
+
+
+def test_gqa_decides_per_kv_head_over_its_group():
+    # Two query heads share each KV head: one special-only query head and one uniform one in
+    # the same group make the group need more than "special".
+    q, k, classes = planted_heads()
+    q2 = torch.stack([q[0], q[0], q[0], torch.zeros_like(q[0])])  # group 0: special, group 1 mixed
+    k2 = k[:2].clone()
+    k2[1] = k[0]
+    policies, _, _, rec = fastgen_profile(q2, k2, classes, 1.0, 0.95, 0.3, 0.3, chunk=16)
+    assert rec.shape == (2, 4)
+    assert policies[0].name == "special"
+    assert policies[1].name != "special"
+
+
+def test_baseline_kept_sets():
+    classes = torch.zeros(20, dtype=torch.uint8)
+    scores = torch.arange(20.0).flip(0)  # earlier tokens scored higher
+    stream = kept_at_prefill(HeadPolicy("streaming", sinks=2, window=5), classes, None, None)
+    assert stream.tolist() == [0, 1, 15, 16, 17, 18, 19]
+    h2o = kept_at_prefill(HeadPolicy("h2o", heavy=3, window=4), classes, None, scores)
+    assert h2o.tolist() == [0, 1, 2, 16, 17, 18, 19]
+
+
+def test_budget_and_ratio_validation():
+    assert budget_tokens(0.25, 100) == 25
+    assert budget_tokens(7, 100) == 7
+    for bad in (0.0, 1.5, -3, 0):
+        with pytest.raises(ValueError):
+            budget_tokens(bad, 10)
+    with pytest.raises(TypeError):
+        budget_tokens(True, 10)
+    with pytest.raises(ValueError, match=r"recovery must lie in \(0, 1\]"):
+        check_ratio("recovery", 0.0, low_open=True)
+    with pytest.raises(ValueError, match=r"locality must lie in \[0, 1\]"):
+        check_ratio("locality", 1.2)
+    with pytest.raises(TypeError):
+        check_ratio("frequency", "0.3")
