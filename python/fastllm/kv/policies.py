@@ -149,7 +149,7 @@ def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recover
     ``q`` ``[Hq, L, D]``, ``k`` ``[Hkv, L, D]`` (after RoPE), ``classes`` ``[L]`` uint8. Returns
     ``(policies, kept positions per head, scores [Hkv, L], recovery [Hkv, 4])``.
     """
-    from . import _ops as kv_ops
+    from .._ops import kv as kv_ops
 
     length = k.shape[1]
     window = math.ceil(locality * length)
