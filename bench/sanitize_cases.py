@@ -1,4 +1,6 @@
-"""One small call of every CUDA kernel, for compute-sanitizer (bench/gpu_check.sh runs it).
+"""Small calls of the CUDA kernels, for compute-sanitizer (bench/gpu_check.sh runs it). Covered so
+far: the page pool and LoRA kernels; the kv, sparse and galore kernels run only through the test
+suite in gpu_check.sh, not under the sanitizer yet.
 
 Sizes are small so memcheck/racecheck finish in seconds, but chosen to cover each kernel's
 branches: narrow and full-width vector access, int32 and int64 indices, partial thread groups.
@@ -21,9 +23,24 @@ def memory_cases(device):
             assert torch.equal(pool[slots.long()], rows * 2)
 
 
+def lora_cases(device):
+    # Mixed ranks (0, 1, 3, 8, 16), rows without an adapter, two output slices, both paths.
+    pool = torch.randn(1 << 16, device=device, dtype=torch.float16)
+    rows = torch.randint(0, (1 << 16) - 512, (2, 3, 16), device=device)
+    ranks = torch.tensor([[16, 3, 0], [1, 8, 16]], dtype=torch.int32, device=device)
+    token_adapter = torch.tensor([0, 2, -1, 1, 1, 0, 2, 2, 1, 0, 0, 0, 0, 0], device=device)
+    x = torch.randn(14, 136, device=device, dtype=torch.float16)
+    for path in (1, 2):  # BGMV, SGMV
+        h = ops.lora_shrink(x, pool, rows, ranks, token_adapter, path)
+        y = torch.randn(14, 72, device=device, dtype=torch.float16)
+        ops.lora_expand(y, h, pool, rows, ranks, torch.ones(2, 3, device=device), token_adapter,
+                        [40, 32], path)
+
+
 def main():
     assert torch.cuda.is_available(), "sanitize_cases needs a GPU"
     memory_cases("cuda")
+    lora_cases("cuda")
     torch.cuda.synchronize()
     print("sanitize cases ok")
 
