@@ -1,14 +1,17 @@
-"""Small calls of the CUDA kernels, for compute-sanitizer (bench/gpu_check.sh runs it). Covered so
-far: the page pool and LoRA kernels; the kv, sparse and galore kernels run only through the test
-suite in gpu_check.sh, not under the sanitizer yet.
+"""Small calls of every CUDA kernel, for compute-sanitizer (bench/gpu_check.sh runs it): page pool,
+LoRA, FastGen KV, sparse MLP and GaLore. `python bench/sanitize_cases.py --device cpu` runs the same
+calls on the CPU kernels, which checks the cases themselves (shapes, results against references).
 
 Sizes are small so memcheck/racecheck finish in seconds, but chosen to cover each kernel's
 branches: narrow and full-width vector access, int32 and int64 indices, partial thread groups.
 """
 
+import argparse
+
 import torch
 
 import fastllm.ops as ops
+from fastllm import _reference as ref
 
 
 def memory_cases(device):
@@ -37,11 +40,86 @@ def lora_cases(device):
                         [40, 32], path)
 
 
+def kv_cases(device):
+    # GQA (6 query heads on 2 KV heads), a chunk that does not divide the queries, ragged caches
+    # of lengths 0..37 on shuffled pages, several splits.
+    hq, hkv, d, length = 6, 2, 24, 37
+    q = torch.randn(hq, 11, d, device=device)
+    k = torch.randn(hkv, length, d, device=device)
+    scores = ops.kv_attention_scores(q, k, d ** -0.5, chunk=4)
+    torch.testing.assert_close(scores, ref.kv_attention_scores_reference(q, k, d ** -0.5),
+                               rtol=1e-4, atol=1e-4)
+    key_class = torch.randint(0, 8, (hkv, length), dtype=torch.uint8, device=device)
+    recovery = ops.kv_policy_recovery(q, k, key_class, 5, d ** -0.5, chunk=4)
+    torch.testing.assert_close(
+        recovery, ref.kv_policy_recovery_reference(q, k, key_class, 5, d ** -0.5),
+        rtol=1e-4, atol=1e-4)
+    page_rows, lengths = 8, [37, 0, 5, 16]
+    pages_per = -(-max(lengths) // page_rows)
+    kv_rows = torch.randn((len(lengths) * pages_per + 1) * page_rows, 2 * d, device=device)
+    table = torch.randperm(len(lengths) * pages_per + 1)[:len(lengths) * pages_per]
+    table = table.view(len(lengths), pages_per).to(device, torch.int32)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    for splits in (1, 3):
+        ops.kv_ragged_decode(torch.randn(2, hq, d, device=device).half(), kv_rows.half(), table,
+                             lens, page_rows, d ** -0.5, splits)
+
+
+def sparse_cases(device):
+    # Gated SiLU and plain ReLU, a shared set and per-row sets with counts, odd sizes, an empty set.
+    d_in, n, d_out = 40, 72, 24
+    w_up = torch.randn(n, d_in, device=device)
+    w_gate = torch.randn(n, d_in, device=device)
+    w_down_t = torch.randn(n, d_out, device=device)
+    x = torch.randn(3, d_in, device=device)
+    shared = torch.randperm(n)[:33].to(device)
+    out = ops.sparse_mlp(x, w_up, w_down_t, shared, w_gate=w_gate)
+    want = ref.sparse_mlp_reference(x, w_up, w_gate, w_down_t, None, None, None, shared, None,
+                                    "silu")
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    per_row = torch.stack([torch.randperm(n)[:20] for _ in range(3)]).to(device, torch.int32)
+    counts = torch.tensor([20, 0, 7], dtype=torch.int32, device=device)
+    for deterministic in (False, True):
+        ops.sparse_mlp(x.bfloat16(), w_up.bfloat16(), w_down_t.bfloat16(), per_row,
+                       counts=counts, activation="relu", deterministic=deterministic)
+    ops.sparse_mlp(x, w_up, w_down_t, shared[:0], w_gate=w_gate)
+
+
+def galore_cases(device):
+    # Both projection sides and none, fp32 and bf16 parameters, 8-bit moments over a partial block.
+    m, n, rank = 37, 29, 5
+    left = torch.linalg.qr(torch.randn(m, rank))[0].to(device)
+    right = torch.linalg.qr(torch.randn(n, rank))[0].t().contiguous().to(device)
+    for dtype in (torch.float32, torch.bfloat16):
+        for l, r in ((left, None), (None, right), (None, None)):
+            param = torch.randn(m, n, device=device, dtype=dtype)
+            grad = torch.randn(m, n, device=device, dtype=dtype)
+            low = (l.shape[1] if l is not None else m, r.shape[0] if r is not None else n)
+            ops.galore_adam_step(param, grad, l, r, torch.zeros(low, device=device),
+                                 torch.zeros(low, device=device), lr=1e-3, step=1)
+            numel, blocks = low[0] * low[1], -(-(low[0] * low[1]) // 256)
+            ops.galore_adam8bit_step(param, grad, l, r,
+                                     torch.zeros(numel, dtype=torch.int8, device=device),
+                                     torch.zeros(blocks, device=device),
+                                     torch.zeros(numel, dtype=torch.uint8, device=device),
+                                     torch.zeros(blocks, device=device), lr=1e-3, step=1)
+    grad = torch.randn(m, n, device=device)
+    low = ops.galore_project(grad, left, right)
+    torch.testing.assert_close(low, left.t() @ grad @ right.t(), rtol=1e-4, atol=1e-4)
+    ops.galore_project_back_(grad, low, left, right, alpha=-0.5)
+
+
 def main():
-    assert torch.cuda.is_available(), "sanitize_cases needs a GPU"
-    memory_cases("cuda")
-    lora_cases("cuda")
-    torch.cuda.synchronize()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda")
+    device = parser.parse_args().device
+    if device == "cuda":
+        assert torch.cuda.is_available(), "sanitize_cases needs a GPU (or --device cpu)"
+    for cases in (memory_cases, lora_cases, kv_cases, sparse_cases, galore_cases):
+        cases(device)
+        print(f"{cases.__name__} ok", flush=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
     print("sanitize cases ok")
 
 
