@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <vector>
 
 #include "common/checks.h"
@@ -71,26 +72,44 @@ inline void check_values(const char* op, const char* rows_name, const at::Tensor
     });
     return;
   }
+  // On the GPU: reduce every check to a few numbers on the device and copy them back at once, a
+  // single synchronisation (an .item() per check would be one each, several per call).
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  std::vector<at::Tensor> summary;
   if (ranks.numel()) {
-    auto [lo, hi] = at::aminmax(ranks);
-    const int64_t min_rank = lo.item<int64_t>(), top_rank = hi.item<int64_t>();
-    TORCH_CHECK_VALUE(min_rank >= 0 && top_rank <= max_rank, op, ": ranks must lie in [0, ",
-                      max_rank, "] (the width of ", rows_name, "), got values in [", min_rank,
-                      ", ", top_rank, "]");
-    auto valid = at::arange(max_rank, ranks.options()).view({1, 1, -1}) < ranks.unsqueeze(-1);
-    auto width = at::tensor(widths, rows.options().device(at::kCPU)).to(rows.device());
-    auto end = rows + width.view({-1, 1, 1});
-    if (valid.any().item<bool>()) {
-      const int64_t min_offset = rows.masked_select(valid).min().item<int64_t>();
-      const int64_t max_end = end.masked_select(valid).max().item<int64_t>();
-      TORCH_CHECK_INDEX(min_offset >= 0 && max_end <= pool_size, op, ": ", rows_name,
-                        " puts rows outside the pool of ", pool_size, " elements (rows span [",
-                        min_offset, ", ", max_end, "))");
+    summary.push_back(ranks.min().to(at::kLong).view(1));
+    summary.push_back(ranks.max().to(at::kLong).view(1));
+    if (rows.numel()) {
+      const at::Tensor valid =
+          at::arange(max_rank, ranks.options()).view({1, 1, -1}) < ranks.unsqueeze(-1);
+      const at::Tensor width =
+          at::tensor(widths, rows.options().device(at::kCPU)).to(rows.device()).view({-1, 1, 1});
+      summary.push_back(rows.masked_fill(~valid, kNone).min().view(1));
+      summary.push_back((rows + width).masked_fill(~valid, -kNone).max().view(1));
     }
   }
   if (token_adapter.numel()) {
-    auto [lo, hi] = at::aminmax(token_adapter);
-    const int64_t min_id = lo.item<int64_t>(), max_id = hi.item<int64_t>();
+    summary.push_back(token_adapter.min().to(at::kLong).view(1));
+    summary.push_back(token_adapter.max().to(at::kLong).view(1));
+  }
+  if (summary.empty()) return;
+  const at::Tensor host = at::cat(summary).cpu();
+  const int64_t* value = host.data_ptr<int64_t>();
+  if (ranks.numel()) {
+    const int64_t min_rank = *value++, top_rank = *value++;
+    TORCH_CHECK_VALUE(min_rank >= 0 && top_rank <= max_rank, op, ": ranks must lie in [0, ",
+                      max_rank, "] (the width of ", rows_name, "), got values in [", min_rank,
+                      ", ", top_rank, "]");
+    if (rows.numel()) {
+      const int64_t min_offset = *value++, max_end = *value++;
+      const bool any_row = min_offset != kNone;
+      TORCH_CHECK_INDEX(!any_row || (min_offset >= 0 && max_end <= pool_size), op, ": ",
+                        rows_name, " puts rows outside the pool of ", pool_size,
+                        " elements (rows span [", min_offset, ", ", max_end, "))");
+    }
+  }
+  if (token_adapter.numel()) {
+    const int64_t min_id = *value++, max_id = *value++;
     TORCH_CHECK_INDEX(min_id >= -1 && max_id < adapters, op, ": token_adapter must lie in [-1, ",
                       adapters, "), got values in [", min_id, ", ", max_id, "]");
   }
