@@ -164,6 +164,40 @@ def _smollm2():
     return model.eval()
 
 
+def _add_peft_adapters(peft_model, configs) -> None:
+    """Adapters a1.. of `configs` added to a PEFT model. `add_adapter` rescans every module of the
+    model against every existing adapter (quadratic: 128 adapters took over 10 minutes on the CPU
+    machine), so where PEFT's LoraLayer.update_layer takes the config (peft >= 0.18) this makes
+    the same per-layer call itself; otherwise it falls back to `add_adapter`."""
+    import inspect
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(name.rsplit(".", 1)[-1], m) for name, m in peft_model.named_modules()
+              if isinstance(m, LoraLayer)]
+    fast = "config" in inspect.signature(LoraLayer.update_layer).parameters
+    for i, config in enumerate(configs[1:], start=1):
+        if not fast:
+            peft_model.add_adapter(f"a{i}", config)
+            continue
+        peft_model.peft_config[f"a{i}"] = config
+        for target, layer in layers:
+            layer.update_layer(f"a{i}", config.r, config.lora_alpha, config, target_name=target)
+
+
+def _peft_state_dict(peft_model, adapter: str) -> dict:
+    """What `peft.get_peft_model_state_dict(peft_model, adapter_name=adapter)` returns for these
+    plain LoRA adapters, read from the layers directly (that function walks the whole state dict,
+    every adapter's tensors included, once per call)."""
+    from peft.tuners.lora import LoraLayer
+
+    state = {}
+    for name, layer in peft_model.named_modules():
+        if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+            state[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight
+            state[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight
+    return state
+
+
 def _end_to_end_records(device, quick, progress, counts=(1, 8, 32, 128)):
     import peft
     from fastllm.lora import AdapterManager
@@ -178,14 +212,11 @@ def _end_to_end_records(device, quick, progress, counts=(1, 8, 32, 128)):
     ranks = [8, 16, 32, 64]
     max_adapters = max(counts)
     torch.manual_seed(0)
-    peft_model = None
-    for i in range(max_adapters):
-        config = peft.LoraConfig(r=ranks[i % 4], lora_alpha=2 * ranks[i % 4],
-                                 target_modules=LLAMA_TARGETS, lora_dropout=0.0)
-        if peft_model is None:
-            peft_model = peft.get_peft_model(copy.deepcopy(model), config, adapter_name="a0")
-        else:
-            peft_model.add_adapter(f"a{i}", config)
+    configs = [peft.LoraConfig(r=ranks[i % 4], lora_alpha=2 * ranks[i % 4],
+                               target_modules=LLAMA_TARGETS, lora_dropout=0.0)
+               for i in range(max_adapters)]
+    peft_model = peft.get_peft_model(copy.deepcopy(model), configs[0], adapter_name="a0")
+    _add_peft_adapters(peft_model, configs)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
@@ -200,7 +231,7 @@ def _end_to_end_records(device, quick, progress, counts=(1, 8, 32, 128)):
     num_pages = sum(-(-ranks[i % 4] * elements_per_rank // page) + 2 * 7 * 30 for i in range(max_adapters))
     manager = AdapterManager(ours, max_rank=64, num_pages=num_pages, page_size=page)
     for i in range(max_adapters):
-        state = peft.get_peft_model_state_dict(peft_model, adapter_name=f"a{i}")
+        state = _peft_state_dict(peft_model, f"a{i}")
         manager.load(f"a{i}", state, {"r": ranks[i % 4], "lora_alpha": 2 * ranks[i % 4]})
     records = []
     prompt_len = 32
