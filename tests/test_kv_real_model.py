@@ -159,15 +159,6 @@ def test_user_errors(smollm2, shakespeare):
     with pytest.raises(NotImplementedError, match="crop"):
         cache.crop(-1)
     cache.release()
-    # a padded batch is refused rather than attended wrongly
-    padded = FastGenCache(model, tokenizer)
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[0, :3] = 0
-    with pytest.raises(ValueError, match="padded batches"):
-        with torch.no_grad():
-            model(torch.cat([ids[:, :12], ids[:, 12:24]]), attention_mask=mask,
-                  past_key_values=padded, use_cache=True)
-    padded.release()
 
 
 def test_batch_of_two_matches_single_sequences(smollm2, shakespeare):
