@@ -135,7 +135,8 @@ def test_user_errors(smollm2, shakespeare):
                           ({"locality": -0.1}, r"locality must lie in \[0, 1\]"),
                           ({"frequency": 2.0}, "frequency"),
                           ({"policy": "lru"}, "policy must be one of"),
-                          ({"policy": "h2o", "budget": 0}, "token budget must be positive")]:
+                          ({"policy": "h2o", "budget": 0}, "token budget must be positive"),
+                          ({"heavy_pool": 4}, "heavy_pool must be a positive odd int")]:
         with pytest.raises(ValueError, match=match):
             FastGenCache(model, tokenizer, **kwargs)
     fake = types.SimpleNamespace(config=types.SimpleNamespace(model_type="gpt2"))

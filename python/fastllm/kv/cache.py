@@ -263,6 +263,9 @@ class FastGenCache(Cache):
             the last queries, then grows).
         budget: the fixed policies' kept tokens per head: a ratio of the prompt (float) or a count
             (int).
+        heavy_pool: FastGen's frequency policy ranks keys by accumulated attention plus its mean
+            over this many neighbouring keys (odd; 1 = the paper's ranking by single keys), so a
+            phrase around a heavy hitter survives whole; see ``policies.heavy_scores``.
         pool: a :class:`fastllm.memory.PagePool` to draw pages from (shared with other users), or
             None to create one holding ``max_tokens`` full-cache tokens.
     """
@@ -270,8 +273,13 @@ class FastGenCache(Cache):
     def __init__(self, model, tokenizer, recovery: float = 0.95, locality: float = 0.3,
                  frequency: float = 0.3, policy: str = "fastgen", budget: float | int = 0.5,
                  sinks: int = 4, snap_window: int = 32, pool: PagePool | None = None,
-                 max_tokens: int = 4096, page_rows: int = 16, chunk: int = 128):
+                 max_tokens: int = 4096, page_rows: int = 16, chunk: int = 128,
+                 heavy_pool: int = 7):
         _check_supported(model)
+        if isinstance(heavy_pool, bool) or not isinstance(heavy_pool, int) or heavy_pool < 1 \
+                or heavy_pool % 2 == 0:
+            raise ValueError(f"fastllm.kv: heavy_pool must be a positive odd int, got {heavy_pool!r}")
+        self.heavy_pool = heavy_pool
         self.recovery = check_ratio("recovery", recovery, low_open=True)
         self.locality = check_ratio("locality", locality)
         self.frequency = check_ratio("frequency", frequency)
@@ -484,7 +492,8 @@ class FastGenCache(Cache):
         policies, kept, scores = [], [], None
         if self.policy == "fastgen":
             policies, kept, scores, _ = fastgen_profile(q, k, classes, scale, self.recovery,
-                                                        self.locality, self.frequency, self.chunk)
+                                                        self.locality, self.frequency, self.chunk,
+                                                        self.heavy_pool)
             return policies, kept, scores
         budget = min(budget_tokens(self.budget, length), length)
         if self.policy == "full":
