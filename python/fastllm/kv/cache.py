@@ -263,9 +263,10 @@ class FastGenCache(Cache):
             the last queries, then grows).
         budget: the fixed policies' kept tokens per head: a ratio of the prompt (float) or a count
             (int).
-        heavy_pool: FastGen's frequency policy ranks keys by accumulated attention plus its mean
-            over this many neighbouring keys (odd; 1 = the paper's ranking by single keys), so a
-            phrase around a heavy hitter survives whole; see ``policies.heavy_scores``.
+        heavy_pool: FastGen's frequency policy ranks keys by the accumulated attention of this
+            many keys centred on each, its own counted twice (odd; 1 = the paper's ranking by
+            single keys), so a phrase around a heavy hitter survives whole; see
+            ``policies.heavy_scores``.
         pool: a :class:`fastllm.memory.PagePool` to draw pages from (shared with other users), or
             None to create one holding ``max_tokens`` full-cache tokens.
     """

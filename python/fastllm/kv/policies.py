@@ -143,22 +143,22 @@ def kept_at_prefill(policy: HeadPolicy, classes: Tensor, heavy_row: Tensor | Non
 
 
 def heavy_scores(scores: Tensor, pool: int) -> Tensor:
-    """Heavy-hitter ranking of the frequency policy: each key's accumulated attention plus the
-    mean over the ``pool`` keys centred on it (``pool`` 1: the accumulated attention alone, as in
-    the FastGen paper).
+    """Heavy-hitter ranking of the frequency policy: the accumulated attention of the ``pool``
+    keys centred on each key (their mean x ``pool`` at the edges), with the key's own counted
+    twice, over ``pool + 1``. ``pool`` 1: the accumulated attention alone, as in the FastGen paper.
 
     Deviation from the paper, and why: a fact in the prompt is a phrase, and the prompt's queries
     attend mostly to one or two of its tokens (the rest get little until a question asks for the
-    fact), so a ranking by single keys keeps fragments of it. Adding the neighbourhood mean keeps
-    the tokens around a heavy hitter ahead of equally scored isolated keys, while an isolated
-    heavy hitter still ranks above its own neighbours (its own score counts twice). SnapKV pools
-    its scores the same way (7 keys); here the pool only reorders which keys the frequency policy
-    keeps, never how many. Measured in bench/bench_kv.py (needle retrieval with 1 and 7)."""
+    fact), so a ranking by single keys keeps fragments of it. Ranking by the neighbourhood keeps a
+    phrase around a heavy hitter whole, and counting the key's own score twice keeps an isolated
+    heavy hitter ahead of its own neighbours. SnapKV pools its scores over 7 keys the same way;
+    here the pool only reorders which keys the frequency policy keeps, never how many. Measured
+    in bench/bench_kv.py (needle retrieval with heavy_pool 1 and 7)."""
     if pool <= 1:
         return scores
     smooth = torch.nn.functional.avg_pool1d(scores[:, None].float(), pool, 1, pool // 2,
                                             count_include_pad=False)[:, 0]
-    return scores + smooth
+    return (smooth * pool + scores) / (pool + 1)
 
 
 def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recovery: float,
