@@ -112,9 +112,9 @@ def memory_ratio(cache) -> float:
     return stats["kept_bytes"] / stats["full_bytes"]
 
 
-def needle_cases(tokenizer, text: str, quick: bool):
+def needle_cases(tokenizer, text: str, quick: bool, spans: bool = False):
     """(prompt ids, answer ids) per (fact, depth): BOS, filler with the fact at ``depth`` of it,
-    then the question and the answer's prefix."""
+    then the question and the answer's prefix; with ``spans``, also the fact's (start, stop)."""
     facts = FACTS[:4] if quick else FACTS
     filler = tokenizer(text[30000:50000], return_tensors="pt").input_ids[0, :240 if quick else 320]
     bos = torch.tensor([tokenizer.bos_token_id])
@@ -125,8 +125,9 @@ def needle_cases(tokenizer, text: str, quick: bool):
         answer_ids = tokenizer(answer, return_tensors="pt").input_ids[0]
         for depth in DEPTHS:
             at = int(depth * filler.shape[0])
-            cases.append((torch.cat([bos, filler[:at], fact_ids, filler[at:], ask])[None],
-                          answer_ids[None]))
+            case = (torch.cat([bos, filler[:at], fact_ids, filler[at:], ask])[None],
+                    answer_ids[None])
+            cases.append(case + ((1 + at, 1 + at + fact_ids.shape[0]),) if spans else case)
     return cases
 
 
