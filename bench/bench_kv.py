@@ -4,10 +4,12 @@ ragged decode attention kernel against dense masked attention.
 Quality (each configuration gets its own prefill of the same prompt, then teacher-forced decode):
 * memory: pool bytes held at the end / bytes a full cache holds for the same tokens;
 * perplexity of the true continuation, and top-1 agreement with the full cache's predictions;
-* needle retrieval: a pass phrase buried at several depths of filler, asked for at the end
-  ("The pass phrase is"): share of its tokens the model predicts (teacher-forced).
+* needle retrieval: facts of different kinds (FACTS; 4 in quick mode, 6 otherwise), each buried at
+  4 depths of a Shakespeare filler and asked for at the end with the answer's prefix given; a case
+  counts as retrieved when every answer token is the top-1 prediction (teacher-forced, i.e. greedy
+  decoding starts with the answer); reported as a count of cases and a share of answer tokens.
 FastGen runs at T in {0.9, 0.95, 0.99}; the fixed baselines get the kept-memory ratio FastGen
-reached at T = 0.95 in the same run (equal memory). Profiling time is reported as a share of the
+reached at T = 0.95 in the same run on the same prompts (equal memory). Profiling time is reported as a share of the
 prefill time of the same call.
 
 Kernel: one decode step of SmolLM2's shape (9 query heads over 3 KV heads, head_dim 64) over
@@ -38,7 +40,23 @@ CAPABILITY = "kv"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEXT = ROOT / "tests" / "data" / "tinyshakespeare_200k.txt"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NEEDLE = "The pass phrase is purple elephant lanterns."
+# Needle facts: (sentence buried in the filler, question, answer prefix given in the prompt,
+# answer the model must continue with). Distinct in wording and kind (phrase, number, place,
+# object, day, fruit) so one lucky token does not decide the score; none occurs in the filler.
+FACTS = [
+    ("The pass phrase is purple elephant lanterns.", "What is the pass phrase?",
+     "The pass phrase is", " purple elephant lanterns."),
+    ("The secret code is 4815.", "What is the secret code?", "The secret code is", " 4815."),
+    ("The treasure is buried under the old oak tree.", "Where is the treasure buried?",
+     "The treasure is buried under the", " old oak tree."),
+    ("Marcus keeps his spare key in a green boot.", "Where does Marcus keep his spare key?",
+     "Marcus keeps his spare key in a", " green boot."),
+    ("The ship to Lisbon leaves on a Thursday.", "When does the ship to Lisbon leave?",
+     "The ship to Lisbon leaves on a", " Thursday."),
+    ("Anna's favourite fruit is the ripe mango.", "What is Anna's favourite fruit?",
+     "Anna's favourite fruit is the ripe", " mango."),
+]
+DEPTHS = (0.1, 0.35, 0.6, 0.85)
 
 
 def load_model(device: str):
@@ -64,6 +82,8 @@ def make_cache(model, tokenizer, config):
     name, value = config
     if name == "fastgen":
         return FastGenCache(model, tokenizer, recovery=value)
+    if name == "fastgen-pool1":  # the paper's heavy-hitter ranking by single keys
+        return FastGenCache(model, tokenizer, recovery=value, heavy_pool=1)
     return FastGenCache(model, tokenizer, policy=name, budget=value)
 
 
@@ -92,6 +112,25 @@ def memory_ratio(cache) -> float:
     return stats["kept_bytes"] / stats["full_bytes"]
 
 
+def needle_cases(tokenizer, text: str, quick: bool, spans: bool = False):
+    """(prompt ids, answer ids) per (fact, depth): BOS, filler with the fact at ``depth`` of it,
+    then the question and the answer's prefix; with ``spans``, also the fact's (start, stop)."""
+    facts = FACTS[:4] if quick else FACTS
+    filler = tokenizer(text[30000:50000], return_tensors="pt").input_ids[0, :240 if quick else 320]
+    bos = torch.tensor([tokenizer.bos_token_id])
+    cases = []
+    for fact, question, prefix, answer in facts:
+        fact_ids = tokenizer(" " + fact, return_tensors="pt").input_ids[0]
+        ask = tokenizer(f"\nQuestion: {question}\nAnswer: {prefix}", return_tensors="pt").input_ids[0]
+        answer_ids = tokenizer(answer, return_tensors="pt").input_ids[0]
+        for depth in DEPTHS:
+            at = int(depth * filler.shape[0])
+            case = (torch.cat([bos, filler[:at], fact_ids, filler[at:], ask])[None],
+                    answer_ids[None])
+            cases.append(case + ((1 + at, 1 + at + fact_ids.shape[0]),) if spans else case)
+    return cases
+
+
 def quality(device: str, quick: bool, progress: Progress) -> list[Record]:
     loaded = load_model(device)
     if loaded is None:
@@ -106,72 +145,82 @@ def quality(device: str, quick: bool, progress: Progress) -> list[Record]:
     ids = ids.to(device)
     prompt_len, cont_len = (160, 8) if quick else (320, 16)
     prompt, cont = ids[:, :prompt_len], ids[:, prompt_len:prompt_len + cont_len]
-    depths = [0.5] if quick else [0.2, 0.8]
-    filler = tokenizer(text[30000:40000], return_tensors="pt").input_ids[0, :prompt_len - 24]
-    needle_ids = tokenizer(" " + NEEDLE, return_tensors="pt").input_ids[0]
-    ask = tokenizer("\nQuestion: what is the pass phrase?\nAnswer: The pass phrase is",
-                    return_tensors="pt").input_ids[0]
-    answer = tokenizer(" purple elephant lanterns.", return_tensors="pt").input_ids[None, 0]
-    needles = []
-    for depth in depths:
-        at = int(depth * filler.shape[0])
-        needles.append(torch.cat([bos, filler[:at], needle_ids, filler[at:], ask])[None].to(device))
-    answer = answer.to(device)
+    needles = [(p.to(device), a.to(device)) for p, a in needle_cases(tokenizer, text, quick)]
 
-    def evaluate(config):
+    def perplexity_run(config):
         cache = make_cache(model, tokenizer, config)
         logps, preds, prefill_s, decode_s = teacher_forced(model, cache, prompt, cont)
         mem = memory_ratio(cache)
         profile_s = cache.stats()["profile_seconds"] if hasattr(cache, "stats") else 0.0
         if hasattr(cache, "release"):
             cache.release()
-        hits = []
-        for needle in needles:
-            ncache = make_cache(model, tokenizer, config)
-            _, npreds, _, _ = teacher_forced(model, ncache, needle, answer)
-            hits.append(sum(int(p == t) for p, t in zip(npreds, answer[0].tolist()))
-                        / answer.shape[1])
-            if hasattr(ncache, "release"):
-                ncache.release()
         return {"logps": logps, "preds": preds, "prefill_s": prefill_s, "decode_s": decode_s,
-                "mem": mem, "profile_s": profile_s, "needle": sum(hits) / len(hits)}
+                "mem": mem, "profile_s": profile_s}
 
-    results = {}
+    def needle_run(config):
+        """Retrieved = every answer token is the model's top-1 (teacher-forced), i.e. greedy
+        decoding starts with the answer."""
+        cases, tokens, total, mems = 0, 0, 0, []
+        for needle, answer in needles:
+            cache = make_cache(model, tokenizer, config)
+            _, preds, _, _ = teacher_forced(model, cache, needle, answer)
+            mems.append(memory_ratio(cache))
+            if hasattr(cache, "release"):
+                cache.release()
+            hits = [int(p == t) for p, t in zip(preds, answer[0].tolist())]
+            cases += int(all(hits))
+            tokens += sum(hits)
+            total += len(hits)
+        return {"cases": cases, "tokens": tokens, "total": total, "mem": sum(mems) / len(mems)}
+
+    results, needle_results = {}, {}
     configs = [("dynamic", None), ("full", 1.0), ("fastgen", 0.95), ("fastgen", 0.9),
-               ("fastgen", 0.99)]
+               ("fastgen", 0.99), ("fastgen-pool1", 0.95)]
     for config in configs:
-        results[config] = evaluate(config)
-        progress.step(f"{config}: mem {results[config]['mem']:.2f}")
-    equal = results[("fastgen", 0.95)]["mem"]
+        results[config] = perplexity_run(config)
+        needle_results[config] = needle_run(config)
+        progress.step(f"{config}: mem {results[config]['mem']:.2f}, needles "
+                      f"{needle_results[config]['cases']}/{len(needles)}")
+    # Equal memory: each baseline gets the kept-memory ratio FastGen reached at T = 0.95 on the
+    # same prompts (the perplexity prompt and the needle prompts separately).
     for name in ("streaming", "h2o", "snapkv"):
-        config = (name, max(equal, 1.0 / prompt_len))
-        results[config] = evaluate(config)
-        progress.step(f"{config}: mem {results[config]['mem']:.2f}")
+        config = (name, max(results[("fastgen", 0.95)]["mem"], 1.0 / prompt_len))
+        results[config] = perplexity_run(config)
+        needle_results[config] = needle_run((name, needle_results[("fastgen", 0.95)]["mem"]))
+        progress.step(f"{config}: mem {results[config]['mem']:.2f}, needles "
+                      f"{needle_results[config]['cases']}/{len(needles)}")
 
     base = results[("dynamic", None)]
+    base_needle = needle_results[("dynamic", None)]
     ppl_base = math.exp(-sum(base["logps"]) / len(base["logps"]))
     records = []
     points = []
     for config, r in results.items():
         if config[0] == "dynamic":
             continue
+        n = needle_results[config]
         ppl = math.exp(-sum(r["logps"]) / len(r["logps"]))
         agree = sum(int(a == b) for a, b in zip(r["preds"], base["preds"])) / len(r["preds"])
         label = (f"fastgen T={config[1]}" if config[0] == "fastgen"
+                 else f"fastgen T={config[1]} heavy_pool=1" if config[0] == "fastgen-pool1"
                  else f"{config[0]} budget={config[1]:.2f}" if config[0] != "full" else "full")
         metrics = {"KV mem %": 100 * r["mem"], "ppl": ppl, "ppl full": ppl_base,
                    "ppl +%": 100 * (ppl / ppl_base - 1), "agree %": 100 * agree,
-                   "needle %": 100 * r["needle"], "needle full %": 100 * base["needle"],
+                   "needle cases": n["cases"], "needle cases full": base_needle["cases"],
+                   "needle of": len(needles), "needle %": 100 * n["cases"] / len(needles),
+                   "needle tokens %": 100 * n["tokens"] / n["total"],
+                   "needle KV mem %": 100 * n["mem"],
                    "profile % of prefill": 100 * r["profile_s"] / r["prefill_s"]}
         records.append(Record(CAPABILITY, f"SmolLM2 {prompt_len}+{cont_len} tok: {label}", label,
                               "DynamicCache", (r["prefill_s"] + r["decode_s"]) * 1e3,
                               (base["prefill_s"] + base["decode_s"]) * 1e3, metrics))
-        points.append((label, 100 * r["mem"], metrics["ppl +%"], metrics["needle %"]))
-    plot_quality(points, device, prompt_len)
+        points.append((label, 100 * r["mem"], metrics["ppl +%"], 100 * n["mem"],
+                       metrics["needle %"]))
+    plot_quality(points, device, prompt_len, len(needles))
     return records
 
 
-def plot_quality(points, device, prompt_len) -> None:
+def plot_quality(points, device, prompt_len, needle_cases) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -179,15 +228,15 @@ def plot_quality(points, device, prompt_len) -> None:
     out = pathlib.Path(os.environ.get("FASTLLM_KV_PLOT_DIR", RESULTS_DIR))
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for label, mem, ppl, needle in points:
+    for label, mem, ppl, needle_mem, needle in points:
         axes[0].scatter(mem, ppl)
         axes[0].annotate(label, (mem, ppl), fontsize=7)
-        axes[1].scatter(mem, needle)
-        axes[1].annotate(label, (mem, needle), fontsize=7)
+        axes[1].scatter(needle_mem, needle)
+        axes[1].annotate(label, (needle_mem, needle), fontsize=7)
     axes[0].set_xlabel("KV memory, % of full cache")
     axes[0].set_ylabel("perplexity, % above full cache")
     axes[1].set_xlabel("KV memory, % of full cache")
-    axes[1].set_ylabel("needle tokens recovered, %")
+    axes[1].set_ylabel(f"needles retrieved, % of {needle_cases} cases")
     fig.suptitle(f"SmolLM2-135M, {prompt_len}-token prompt, {machine_name(device)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / f"{machine_name(device)}-kv-quality.png", dpi=110)
@@ -264,7 +313,7 @@ def profiling_ops(device: str, quick: bool, progress: Progress) -> list[Record]:
 
 
 def run(device: str, quick: bool = False) -> list[Record]:
-    progress = Progress(CAPABILITY, (8 if quick else 12) + 8 + (2 if quick else 4))
+    progress = Progress(CAPABILITY, (8 if quick else 12) + 9 + (2 if quick else 4))
     records = kernel(device, quick, progress)
     records += profiling_ops(device, quick, progress)
     records += quality(device, quick, progress)

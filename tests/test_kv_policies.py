@@ -10,6 +10,7 @@ from fastllm.kv.policies import (
     budget_tokens,
     check_ratio,
     fastgen_profile,
+    heavy_mask,
     kept_at_prefill,
 )
 
@@ -105,3 +106,25 @@ def test_budget_and_ratio_validation():
         check_ratio("locality", 1.2)
     with pytest.raises(TypeError):
         check_ratio("frequency", "0.3")
+
+
+def test_heavy_scores_keep_a_phrase_around_a_heavy_hitter():
+    from fastllm.kv.policies import heavy_scores
+
+    # key 20 is a heavy hitter; its neighbours get as little attention as scattered keys
+    scores = torch.full((1, 48), 1.0)
+    scores[0, 20] = 10.0
+    scores[0, [5, 40, 44]] = 1.5  # isolated keys slightly above the phrase's other tokens
+    paper = heavy_scores(scores, 1)
+    assert torch.equal(paper, scores)
+    top_paper = set(paper[0].topk(7).indices.tolist())
+    assert {20, 5, 40, 44} <= top_paper  # by single keys, the phrase is cut to its peak
+    pooled = heavy_scores(scores, 7)
+    top = pooled[0].topk(7).indices.tolist()
+    assert top[0] == 20  # the heavy hitter still ranks first, above its own neighbours
+    assert set(top) == set(range(17, 24))
+    # shapes and the number of keys kept do not change, only their order
+    assert pooled.shape == scores.shape
+    mask_paper = heavy_mask(paper, torch.zeros(1, 48, dtype=torch.uint8), 7, 48)
+    mask_pooled = heavy_mask(pooled, torch.zeros(1, 48, dtype=torch.uint8), 7, 48)
+    assert int(mask_paper.sum()) == int(mask_pooled.sum()) == 7

@@ -76,6 +76,9 @@ class _HeadCaches:
         self.window = torch.tensor([p.window for p in policies], dtype=torch.int64)
         self.heavy = torch.tensor([p.heavy for p in policies], dtype=torch.int64)
         self.grow = torch.tensor([p.grow for p in policies])
+        # Padding columns of each cache's sequence seen so far: a token at mask column c has
+        # position c - offset among its sequence's real tokens (what sinks and windows count).
+        self.offset = torch.zeros(count, dtype=torch.int64)
         self._device_tables = None
 
     # ---- storage ---------------------------------------------------------------------------------
@@ -134,14 +137,15 @@ class _HeadCaches:
 
     # ---- eviction --------------------------------------------------------------------------------
 
-    def evict_round(self, newest: int) -> bool:
-        """Evict at most one entry per cache that holds more than its policy allows."""
+    def evict_round(self, newest: Tensor) -> bool:
+        """Evict at most one entry per cache that holds more than its policy allows; ``newest``
+        [count] is each cache's newest token position (sequences are padded differently)."""
         cap = self.pos.shape[1]
         valid = torch.arange(cap)[None, :] < self.lengths[:, None]
         protected = (self.keep_special[:, None] & ((self.cls & 1) != 0))
         protected |= self.keep_punct[:, None] & ((self.cls & 2) != 0)
         protected |= self.pos < self.sinks[:, None]
-        protected |= (newest - self.pos) < self.window[:, None]
+        protected |= (newest[:, None] - self.pos) < self.window[:, None]
         candidates = valid & ~protected
         over = (~self.grow) & (candidates.sum(1) > self.heavy)
         if not bool(over.any()):
@@ -178,7 +182,7 @@ class _HeadCaches:
         self.pages = [self.pages[i] for i in order]
         self.policies = [self.policies[i] for i in order]
         for name in ("page_table", "lengths", "pos", "score", "cls", "keep_special", "keep_punct",
-                     "sinks", "window", "heavy", "grow"):
+                     "sinks", "window", "heavy", "grow", "offset"):
             setattr(self, name, getattr(self, name)[index].clone())
         self._device_tables = None
 
@@ -204,6 +208,9 @@ class FastGenLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.seen = 0
         self.heads: _HeadCaches | None = None
+        # [B, seen] bool: which mask columns of each sequence are real tokens (pads are never
+        # stored); later steps must present the same padding.
+        self.valid: Tensor | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -234,6 +241,7 @@ class FastGenLayer(CacheLayerMixin):
         if self.heads is not None:
             self.heads.release()
         self.heads = None
+        self.valid = None
         self.seen = 0
 
     def reorder_cache(self, beam_idx) -> None:  # handled by FastGenCache
@@ -255,6 +263,10 @@ class FastGenCache(Cache):
             the last queries, then grows).
         budget: the fixed policies' kept tokens per head: a ratio of the prompt (float) or a count
             (int).
+        heavy_pool: FastGen's frequency policy ranks keys by the accumulated attention of this
+            many keys centred on each, its own counted twice (odd; 1 = the paper's ranking by
+            single keys), so a phrase around a heavy hitter survives whole; see
+            ``policies.heavy_scores``.
         pool: a :class:`fastllm.memory.PagePool` to draw pages from (shared with other users), or
             None to create one holding ``max_tokens`` full-cache tokens.
     """
@@ -262,8 +274,13 @@ class FastGenCache(Cache):
     def __init__(self, model, tokenizer, recovery: float = 0.95, locality: float = 0.3,
                  frequency: float = 0.3, policy: str = "fastgen", budget: float | int = 0.5,
                  sinks: int = 4, snap_window: int = 32, pool: PagePool | None = None,
-                 max_tokens: int = 4096, page_rows: int = 16, chunk: int = 128):
+                 max_tokens: int = 4096, page_rows: int = 16, chunk: int = 128,
+                 heavy_pool: int = 7):
         _check_supported(model)
+        if isinstance(heavy_pool, bool) or not isinstance(heavy_pool, int) or heavy_pool < 1 \
+                or heavy_pool % 2 == 0:
+            raise ValueError(f"fastllm.kv: heavy_pool must be a positive odd int, got {heavy_pool!r}")
+        self.heavy_pool = heavy_pool
         self.recovery = check_ratio("recovery", recovery, low_open=True)
         self.locality = check_ratio("locality", locality)
         self.frequency = check_ratio("frequency", frequency)
@@ -289,6 +306,8 @@ class FastGenCache(Cache):
         self.page_rows = pool.page_size // self.width
         self.tokenizer = tokenizer
         self._ids: Tensor | None = None
+        self._mask_memo = None
+        self._mask_checked = None
         self.last_profile_seconds = 0.0
         super().__init__(layers=[FastGenLayer(self, i) for i in range(self.num_layers)])
         _register()
@@ -346,6 +365,7 @@ class FastGenCache(Cache):
                 continue
             caches = [b * self.num_kv_heads + h for b in order for h in range(self.num_kv_heads)]
             layer.heads.select(caches)
+            layer.valid = layer.valid[torch.tensor(order, dtype=torch.int64)].clone()
 
     def release(self) -> None:
         """Give every page back to the pool and forget all tokens."""
@@ -368,10 +388,14 @@ class FastGenCache(Cache):
     # ---- statistics ------------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Memory held against a full cache of the same tokens, and each head's policy."""
+        """Memory held against a full cache of the same tokens, and each head's policy.
+
+        Padding is not a token: a full cache would hold each sequence's real tokens only, and
+        pad entries are never stored, so neither side counts them."""
         pages = 0
         full_pages = 0
         kept_entries = 0
+        full_entries = 0
         policies = []
         for layer in self.layers:
             heads = layer.heads
@@ -379,21 +403,25 @@ class FastGenCache(Cache):
                 policies.append([])
                 continue
             pages += sum(len(p) for p in heads.pages)
-            full_pages += len(heads.pages) * -(-layer.seen // self.page_rows)
+            real = layer.seen - heads.offset
+            full_pages += int((-(-real // self.page_rows)).sum())
+            full_entries += int(real.sum())
             kept_entries += int(heads.lengths.sum())
             policies.append([{"policy": p.name, "kept": int(n)}
                              for p, n in zip(heads.policies, heads.lengths.tolist())])
-        seen = self.layers[0].seen
-        caches = len(self.layers[0].heads.pages) if self.layers[0].heads is not None else 0
+        first = self.layers[0]
+        seen = first.seen
         entry_bytes = self.width * self.pool.storage.element_size()
         return {
             "kept_bytes": pages * self.pool.page_bytes,
             "full_bytes": full_pages * self.pool.page_bytes,
             "pages": pages,
             "kept_entries": kept_entries,
-            "full_entries": seen * caches * self.num_layers,
+            "full_entries": full_entries,
             "entry_bytes": entry_bytes,
             "tokens": seen,
+            "sequence_tokens": ([] if first.valid is None
+                                else first.valid.sum(1).tolist()),
             "profile_seconds": self.last_profile_seconds,
             "policies": policies,
         }
@@ -409,6 +437,55 @@ class FastGenCache(Cache):
             return torch.zeros(batch, length, dtype=torch.uint8, device=device)
         return token_classes(self.tokenizer, ids).to(device)
 
+    def _visible(self, attention_mask, batch: int, queries: int, keys: int) -> Tensor | None:
+        """The mask as bool [B, Q, K] on the CPU (True = may attend), or None for plain causal.
+
+        Computed once per forward: transformers hands every layer the same mask tensor."""
+        if attention_mask is None:
+            return None
+        memo = self._mask_memo
+        if memo is not None and memo[0] is attention_mask:
+            return memo[1]
+        mask = attention_mask
+        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (queries, keys) \
+                or mask.shape[0] not in (1, batch):
+            raise ValueError(
+                f"fastllm.kv: cannot honour an attention mask of shape {tuple(mask.shape)}: "
+                f"expected [batch, 1, {queries}, {keys}] (one mask shared by all heads)")
+        if mask.dtype == torch.bool:
+            vis = mask[:, 0]
+        elif mask.is_floating_point():
+            vis = mask[:, 0] == 0
+            if not bool((vis | (mask[:, 0] <= torch.finfo(mask.dtype).min / 2)).all()):
+                raise ValueError("fastllm.kv: cannot honour an additive attention mask with "
+                                 "values other than 0 and -inf (an attention bias)")
+        else:
+            raise ValueError(f"fastllm.kv: attention mask of dtype {mask.dtype} is not supported")
+        vis = vis.expand(batch, queries, keys).cpu()
+        self._mask_memo = (attention_mask, vis)
+        return vis
+
+    @staticmethod
+    def _check_causal_padding(vis: Tensor, valid: Tensor, past: int) -> None:
+        """The only patterns FastGenCache can honour: every real query attends causally to every
+        real key before it, and to nothing else (padding may sit anywhere in the prompt)."""
+        batch, queries, keys = vis.shape
+        qpos = past + torch.arange(queries)
+        want = (torch.arange(keys)[None, :] <= qpos[:, None])[None] & valid[:, None, :]
+        real_rows = valid[:, past:]
+        bad = ((vis != want) & real_rows[:, :, None]).nonzero()
+        if bad.shape[0]:
+            b, i, j = bad[0].tolist()
+            raise ValueError(
+                f"fastllm.kv: cannot honour this attention mask: sequence {b}, query {past + i} "
+                f"{'sees' if bool(vis[b, i, j]) else 'does not see'} key {j}; FastGenCache "
+                "supports causal attention with padding (an attention_mask of 0/1 per token) only")
+
+    def _check_once(self, attention_mask, vis: Tensor, valid: Tensor, past: int) -> None:
+        if self._mask_checked is not attention_mask:
+            self._check_causal_padding(vis, valid, past)
+            self._mask_checked = attention_mask
+
     def _prefill_policies(self, q: Tensor, k: Tensor, classes: Tensor, scale: float):
         """Policies and kept positions of one sequence's KV heads; q [Hq, L, D], k [Hkv, L, D]."""
         length = k.shape[1]
@@ -416,7 +493,8 @@ class FastGenCache(Cache):
         policies, kept, scores = [], [], None
         if self.policy == "fastgen":
             policies, kept, scores, _ = fastgen_profile(q, k, classes, scale, self.recovery,
-                                                        self.locality, self.frequency, self.chunk)
+                                                        self.locality, self.frequency, self.chunk,
+                                                        self.heavy_pool)
             return policies, kept, scores
         budget = min(budget_tokens(self.budget, length), length)
         if self.policy == "full":
@@ -439,27 +517,41 @@ class FastGenCache(Cache):
                                         scores[h] if scores is not None else None))
         return policies, kept, scores
 
-    def _prefill(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> None:
+    def _prefill(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                 valid: Tensor) -> None:
+        """Profile and store one prompt. ``valid`` [B, L] marks real tokens: each sequence is
+        profiled on its real tokens only, exactly as if it ran alone (its rotary positions
+        already skip the padding), and pads never reach a page."""
         batch, _, length, _ = k.shape
         classes = self._classes(batch, length, torch.device("cpu"))
         all_policies, writes = [], []
         start = time.perf_counter()
         for b in range(batch):
-            policies, kept, scores = self._prefill_policies(q[b], k[b], classes[b], scale)
+            cols = valid[b].nonzero().flatten()
+            if cols.numel() == 0:
+                raise ValueError(f"fastllm.kv: sequence {b} of the batch is all padding")
+            if cols.numel() == length:
+                qb, kb = q[b], k[b]
+            else:
+                dev_cols = cols.to(q.device)
+                qb, kb = q[b][:, dev_cols], k[b][:, dev_cols]
+            policies, kept, scores = self._prefill_policies(qb, kb, classes[b, cols], scale)
             all_policies += policies
-            writes.append((kept, scores))
+            writes.append((cols, kept, scores))
         self.last_profile_seconds += time.perf_counter() - start
         heads = _HeadCaches(self.pool, self.page_rows, self.width, all_policies)
         layer.heads = heads
+        layer.valid = valid.clone()
         try:
-            for b, (kept, scores) in enumerate(writes):
+            for b, (cols, kept, scores) in enumerate(writes):
                 for h, positions in enumerate(kept):
-                    dev_pos = positions.to(k.device)
-                    rows = torch.cat([k[b, h, dev_pos], v[b, h, dev_pos]], dim=-1)
+                    c = b * self.num_kv_heads + h
+                    heads.offset[c] = length - cols.numel()
+                    dev_cols = cols[positions].to(k.device)
+                    rows = torch.cat([k[b, h, dev_cols], v[b, h, dev_cols]], dim=-1)
                     score = (scores[h, positions] if scores is not None
                              else torch.zeros(positions.shape[0]))
-                    heads.write(b * self.num_kv_heads + h, rows, positions,
-                                classes[b, positions], score)
+                    heads.write(c, rows, positions, classes[b, cols[positions]], score)
         except PoolExhaustedError as err:
             self.release()
             raise PoolExhaustedError(
@@ -473,19 +565,20 @@ class FastGenCache(Cache):
         heads = layer.heads
         batch, hkv, n, _ = k.shape
         classes = self._classes(batch, n, torch.device("cpu"))
-        positions = torch.arange(layer.seen, layer.seen + n)
+        columns = torch.arange(layer.seen, layer.seen + n)
         for b in range(batch):
             for h in range(hkv):
                 c = b * hkv + h
                 rows = torch.cat([k[b, h], v[b, h]], dim=-1)
                 score = scores_new[c] if scores_new is not None else torch.zeros(n)
                 try:
-                    heads.write(c, rows, positions, classes[b], score)
+                    heads.write(c, rows, columns - heads.offset[c], classes[b], score)
                 except PoolExhaustedError as err:
                     raise PoolExhaustedError(
                         f"fastllm.kv: no free page to append token {layer.seen} "
                         f"(pool of {self.pool.num_pages} pages is full)") from err
         layer.seen += n
+        layer.valid = torch.cat([layer.valid, torch.ones(batch, n, dtype=torch.bool)], dim=1)
 
     def _decode(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         self._append(layer, k, v, None)
@@ -498,7 +591,7 @@ class FastGenCache(Cache):
         cap = heads.score.shape[1]
         width = min(cap, scores.shape[1])
         heads.score[:, :width] += scores[:, :width].cpu()
-        heads.evict_round(layer.seen - 1)
+        heads.evict_round(layer.seen - 1 - heads.offset)
         return out[:, None]  # [B, 1, Hq, D]
 
     def _extend(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -529,25 +622,54 @@ class FastGenCache(Cache):
                 new_scores[c] = col[m:]
         self._append(layer, k, v, new_scores)
         for _ in range(n):
-            if not heads.evict_round(layer.seen - 1):
+            if not heads.evict_round(layer.seen - 1 - heads.offset):
                 break
         return out
 
     def attention(self, layer: FastGenLayer, module, query: Tensor, key: Tensor, value: Tensor,
                   attention_mask, scale: float) -> Tensor:
-        if attention_mask is not None and attention_mask.dtype == torch.bool:
-            if not bool(attention_mask[:, :, -1, :].all()):
-                raise ValueError("fastllm.kv: FastGenCache does not support padded batches yet; "
-                                 "run padded prompts one sequence at a time")
+        batch, _, n, _ = query.shape
+        past = layer.seen
+        vis = self._visible(attention_mask, batch, n, past + n)
         if layer.heads is None:
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, is_causal=query.shape[2] > 1, scale=scale, enable_gqa=True)
-            self._prefill(layer, query, key, value, scale)
-            return out.transpose(1, 2)
-        if query.shape[0] * self.num_kv_heads != len(layer.heads.pages):
+            if vis is None:
+                valid = torch.ones(batch, n, dtype=torch.bool)
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    query, key, value, is_causal=n > 1, scale=scale, enable_gqa=True)
+                out = out.transpose(1, 2)
+            else:
+                # Key columns the last query sees = the real tokens (a pad query still sees the
+                # real keys before it, never a pad key).
+                valid = vis[:, -1].clone()
+                self._check_once(attention_mask, vis, valid, 0)
+                # Prompt attention is transformers' own SDPA path under the same mask, so the
+                # logits of real positions equal a DynamicCache run.
+                out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                                scaling=scale)
+            self._prefill(layer, query, key, value, scale, valid)
+            return out
+        if batch * self.num_kv_heads != len(layer.heads.pages):
             raise ValueError(f"fastllm.kv: batch size changed from "
-                             f"{len(layer.heads.pages) // self.num_kv_heads} to {query.shape[0]}")
-        if query.shape[2] == 1:
+                             f"{len(layer.heads.pages) // self.num_kv_heads} to {batch}")
+        padded = not bool(layer.valid.all())
+        if vis is None:
+            if padded:
+                raise ValueError(
+                    "fastllm.kv: the prompt was padded but this step has no attention mask, which "
+                    "would let it attend to the pad tokens FastGenCache never stored; pass the "
+                    "attention_mask (extended with ones for the new tokens) on every step")
+        else:
+            valid = vis[:, -1]
+            if not bool(valid[:, past:].all()):
+                raise ValueError(
+                    "fastllm.kv: cannot honour padding inside the new tokens of a decode or "
+                    "extend step; only the prompt (the first forward) may be padded")
+            if not torch.equal(valid[:, :past], layer.valid):
+                raise ValueError(
+                    "fastllm.kv: this step's attention mask pads different past tokens than the "
+                    "prompt did; the padding of past tokens cannot change")
+            self._check_once(attention_mask, vis, valid, past)
+        if n == 1:
             return self._decode(layer, query, key, value, scale)
         return self._extend(layer, query, key, value, scale)
 
