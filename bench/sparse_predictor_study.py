@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--ranks", default="32,64,96,104,128,192,288,576")
     ap.add_argument("--sparsities", default="0.3,0.4,0.5,0.6,0.7")
     ap.add_argument("--ppl-ranks", default="104,192,576", help="ranks with a full ppl sweep")
+    ap.add_argument("--allocate", default="", help="ranks to try per-layer sparsity at 50%%")
     ap.add_argument("--lowrank", action="store_true", help="also the BCE low-rank predictor")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/sparse_predictor_study.json")
@@ -135,6 +136,13 @@ def main():
         ss = sparsities if r in ppl_ranks else [0.5]
         row(f"factored r={r}", sparse.predictor_cost("factored", d, n, r), rec,
             {s: ppl_at(model, held, preds, s) for s in ss}, {"recall_per_layer@0.5": per_layer})
+    for r in [int(v) for v in args.allocate.split(",") if v]:
+        preds = truncated(full, r)
+        for error in ("relative", "absolute"):
+            per_layer = sparse.allocate_sparsity(model, preds, calib[:8], 0.5, error=error)
+            row(f"factored r={r}, per-layer sparsity ({error} error)",
+                sparse.predictor_cost("factored", d, n, r), None,
+                {0.5: ppl_at(model, held, preds, per_layer)}, {"per_layer_sparsity": per_layer})
     if args.lowrank:
         t0 = time.perf_counter()
         preds = sparse.train_predictors(model, calib, kind="lowrank", rank=128, epochs=10,

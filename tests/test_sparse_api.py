@@ -195,3 +195,15 @@ def test_default_rank_keeps_the_predictor_cheap():
     assert sparse.predictor_cost("factored", 576, 1536, rank + 8) > 0.15
     with pytest.raises(ValueError, match="gated MLP"):
         sparse.train_predictors(tiny_opt(), torch.randint(0, 97, (1, 8)), kind="factored")
+
+
+def test_allocate_sparsity_keeps_the_average_and_favours_the_costly_layer():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 32))
+    with torch.no_grad():  # make layer 1's MLP output ten times larger: absolute errors follow
+        model.model.layers[1].mlp.down_proj.weight.mul_(10)
+    per_layer = sparse.allocate_sparsity(model, None, ids, 0.5, error="absolute")
+    assert len(per_layer) == 2 and sum(per_layer) / 2 == pytest.approx(0.5, abs=1e-6)
+    assert per_layer[1] < per_layer[0] and all(0 <= s <= 0.9 for s in per_layer)
+    relative = sparse.allocate_sparsity(model, None, ids, 0.5)
+    assert sum(relative) / 2 == pytest.approx(0.5, abs=1e-6)

@@ -28,7 +28,7 @@ from .._ops.sparse import sparse_mlp  # noqa: F401
 __all__ = ["sparsify", "densify", "train_predictors", "Predictors", "find_mlps",
            "calibrate_thresholds", "gate_magnitudes", "thresholds_from_magnitudes",
            "collect_mlp_data", "PredictorMismatchError", "default_rank", "predictor_cost",
-           "fit_factored_predictors"]
+           "fit_factored_predictors", "allocate_sparsity"]
 
 
 class PredictorMismatchError(ValueError):
@@ -556,6 +556,50 @@ def _train_lowrank(model: nn.Module, calibration_ids: Tensor, *, rank: int,
     device = next(model.parameters()).device
     predictors.to(device=device, dtype=model_dtype)
     return Predictors(predictors, identity, rank, lookahead, label_share, stats, "lowrank")
+
+
+@torch.no_grad()
+def allocate_sparsity(model: nn.Module, predictors: "Predictors | None", calibration_ids: Tensor,
+                      sparsity: float, *, step: float = 0.05, max_sparsity: float = 0.9,
+                      error: str = "relative") -> list[float]:
+    """Per-layer sparsities averaging ``sparsity`` that minimise the summed MLP output error.
+
+    On ``calibration_ids`` each layer's MLP output error ``||W_down (h * (1 - mask))||^2`` of the
+    predictor's top-k selection (the oracle's with ``predictors=None``) is measured on a grid of
+    keep fractions (``step`` apart); ``error="relative"`` divides it by ``||W_down h||^2``, and
+    ``"absolute"`` does not (layers with large MLP outputs then stay denser). Starting from every
+    layer at ``max_sparsity``, density is added ``step`` at a time where it removes the most
+    error, until the average density is ``1 - sparsity``.
+    """
+    grid = [round(k * step, 6) for k in range(1, int(round(1 / step)) + 1)]  # keep fractions
+    grid = [g for g in grid if g >= 1 - max_sparsity - 1e-9]
+
+    def errors(i, view, x):
+        h = view.dense_hidden(x).float()
+        scores = h.abs() if predictors is None else predictors.layers[i](x).float()
+        order = scores.argsort(dim=-1, descending=True)
+        down = view.down_w.float()
+        full = F.linear(h, down)
+        base = full.pow(2).sum().item() if error == "relative" else 1.0
+        out = []
+        for keep in grid:
+            k = int(round(keep * view.n_neurons))
+            dropped = torch.ones_like(h).scatter_(1, order[:, :k], 0.0)
+            out.append(F.linear(h * dropped, down).pow(2).sum().item() / max(base, 1e-30))
+        return out
+
+    per_layer = collect_mlp_data(model, calibration_ids, errors)
+    err = [[sum(c[j] for c in chunks) for j in range(len(grid))] for chunks in per_layer]
+    level = [0] * len(err)  # index into grid
+    budget = int(round((1 - sparsity - grid[0]) / step * len(err)))
+    for _ in range(max(0, budget)):
+        gains = [(e[l] - e[l + 1]) if l + 1 < len(grid) else -math.inf
+                 for e, l in zip(err, level)]
+        best = max(range(len(err)), key=gains.__getitem__)
+        if gains[best] == -math.inf:
+            break
+        level[best] += 1
+    return [round(1 - grid[l], 6) for l in level]
 
 
 # ---- swapping modules ----------------------------------------------------------------------------
