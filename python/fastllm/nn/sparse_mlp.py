@@ -7,8 +7,10 @@ active neuron's down weights are one contiguous row. The wrapped module is kept,
 :func:`fastllm.sparse.densify` restores it exactly.
 
 How the active neurons are chosen (``mode``):
-  - ``"predictor"``: a low-rank predictor scores every neuron from the MLP input; the top
-    ``keep`` neurons per token (or those with a logit above ``logit_threshold``) are active.
+  - ``"predictor"``: a predictor (:class:`FactoredPredictor` or Deja Vu's
+    :class:`LowRankPredictor`) scores every neuron from the MLP input; the top ``keep`` neurons
+    per token (or those with a logit above ``logit_threshold``) are active. With top-k and the
+    kernel, the indices go straight to :func:`fastllm.ops.sparse_mlp` (no mask, no host sync).
   - ``"threshold"``: training-free (CATS style): the gate (fc1 for ReLU models) runs dense and the
     neurons whose ``|act(gate)|`` exceeds the calibrated per-layer threshold are active; up and
     down run sparse.

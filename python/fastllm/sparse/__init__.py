@@ -1,6 +1,6 @@
 """Deja Vu contextual sparsity for Llama-family (SiLU-gated) and OPT (ReLU) models.
 
-    preds = fastllm.sparse.train_predictors(model, calibration_ids)      # low-rank predictors
+    preds = fastllm.sparse.train_predictors(model, calibration_ids)      # one pass, closed form
     preds.save("preds.safetensors")
     fastllm.sparse.sparsify(model, 0.5, mode="predictor", predictors=preds)
     ...  # decode as usual: the MLPs now read only the predicted neurons
