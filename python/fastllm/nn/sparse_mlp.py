@@ -20,7 +20,9 @@ How the active neurons are chosen (``mode``):
 
 Row sets: for ``rows`` > 1 tokens at once, ``batch_sets="per_row"`` gives each token its own set
 (2-D indices), ``"union"`` one shared set (the union of the rows' sets). Calls with more than
-``dense_above`` tokens (large prefill) run the dense MLP; ``None`` never does.
+``dense_above`` tokens run the dense MLP (default 1: prefill and batched calls run dense, only
+single-token decode steps run sparse, because on CPU per-row sets read each row's weights
+separately and lose to one dense GEMM below ~80% sparsity); ``None`` never does.
 ``compute="masked"`` evaluates the same selection by zeroing inactive neurons of a dense MLP (for
 fast quality sweeps); ``"kernel"`` (default) calls :func:`fastllm.ops.sparse_mlp`.
 """
@@ -99,7 +101,7 @@ class SparseMLP(nn.Module):
     def __init__(self, wrapped: nn.Module, *, mode: str = "dense", keep: int | None = None,
                  threshold: float | None = None, predictor: LowRankPredictor | None = None,
                  logit_threshold: float | None = None, batch_sets: str = "per_row",
-                 dense_above: int | None = 64, compute: str = "kernel",
+                 dense_above: int | None = 1, compute: str = "kernel",
                  deterministic: bool = False):
         super().__init__()
         if all(hasattr(wrapped, n) for n in ("gate_proj", "up_proj", "down_proj")):

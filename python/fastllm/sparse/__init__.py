@@ -633,7 +633,7 @@ def densify(model: nn.Module) -> list[SparseMLP]:
 
 def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors=None,
              calibration_ids: Tensor | None = None, *, selection: str = "topk",
-             batch_sets: str = "per_row", dense_above: int | None = 64,
+             batch_sets: str = "per_row", dense_above: int | None = 1,
              compute: str = "kernel", deterministic: bool = False,
              thresholds: list[float] | None = None, **train_kwargs) -> nn.Module:
     """Swap every MLP for a :class:`SparseMLP` at ``sparsity`` (a float or one per layer).
@@ -642,7 +642,8 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
     ``mode="predictor"`` uses ``predictors`` (a :class:`Predictors` or a path to saved ones) or
     trains them from ``calibration_ids``; ``mode="oracle"`` needs neither. ``selection="topk"``
     keeps ``(1 - sparsity) * n`` neurons per token; ``"logit"`` keeps those with logit > 0.
-    Calls with more than ``dense_above`` tokens run dense (``None``: never). ``thresholds``
+    Calls with more than ``dense_above`` tokens run dense (default 1: only single-token decode
+    steps run sparse; ``None``: never). ``thresholds``
     (per layer) skips the threshold calibration.
     """
     densify(model)
