@@ -2,7 +2,7 @@
 
 Speed: one MLP of SmolLM2-135M (576 -> 1536, SiLU-gated) and of Llama-7B (4096 -> 11008) at MLP
 sparsity 50/80/90%, batch 1 and 4 (one shared set, and per-row sets), timed interleaved against
-the dense MLP (three F.linear calls, torch's BLAS). "sparse+pred" includes the low-rank predictor
+the dense MLP (three F.linear calls, torch's BLAS). "sparse+pred" includes the factored predictor
 and the top-k; "sparse" is the kernel alone, timed in the same interleave. The ideal speedup is
 1 / (1 - sparsity) (the weight bytes read); GB/s counts the weight bytes the kernel reads.
 
@@ -29,26 +29,27 @@ import torch.nn.functional as F
 
 import fastllm.ops as ops
 import fastllm.sparse as sparse
-from fastllm.nn import LowRankPredictor, SparseMLP
+from fastllm.nn import FactoredPredictor, SparseMLP
 
 from harness import (RESULTS_DIR, Progress, Record, copy_bandwidth_gbs, git_commit, machine_name,
                      time_interleaved)
 
 CAPABILITY = "sparse"
-SHAPES = [("smollm2 576x1536", 576, 1536, 128), ("llama7b 4096x11008", 4096, 11008, 512)]
+SHAPES = [("smollm2 576x1536", 576, 1536), ("llama7b 4096x11008", 4096, 11008)]
 
 
 def _speed(device: str, quick: bool, progress: Progress) -> list[Record]:
     dtype = torch.float16 if device == "cuda" else torch.float32
     records = []
     ceiling = copy_bandwidth_gbs(device)
-    for label, d, n, rank in SHAPES:
+    for label, d, n in SHAPES:
+        rank = sparse.default_rank("factored", d, n)  # the library default: <= 15% of the MLP
         torch.manual_seed(0)
         w_gate = torch.randn(n, d, device=device, dtype=dtype) / d ** 0.5
         w_up = torch.randn(n, d, device=device, dtype=dtype) / d ** 0.5
         w_down = torch.randn(d, n, device=device, dtype=dtype) / n ** 0.5
         w_down_t = w_down.t().contiguous()
-        pred = LowRankPredictor(d, n, rank).to(device=device, dtype=dtype)
+        pred = FactoredPredictor(d, n, rank).to(device=device, dtype=dtype)
         for rows, per_row in [(1, False), (4, False), (4, True)]:
             x = torch.randn(rows, d, device=device, dtype=dtype)
             for s in (0.5, 0.8, 0.9):
@@ -67,7 +68,7 @@ def _speed(device: str, quick: bool, progress: Progress) -> list[Record]:
 
                 def with_predictor():
                     with torch.no_grad():
-                        top = pred(x).topk(keep, dim=-1).indices.to(torch.int32)
+                        top = pred.magnitude(x).topk(keep, dim=-1, sorted=False).indices
                     sel = top if per_row else top[0]
                     return ops.sparse_mlp(x, w_up, w_down_t, sel, w_gate=w_gate)
 
@@ -119,13 +120,13 @@ def _quality_and_decode(device: str, quick: bool, progress: Progress, out_dir) -
     cut = int(len(text) * 0.6)
     calib = tokenizer(text[:cut], return_tensors="pt").input_ids[0]
     held = tokenizer(text[cut:], return_tensors="pt").input_ids[0]
-    n_cal, n_eval = (4, 1) if quick else (8, 2)
+    n_cal, n_eval = (16, 2) if quick else (64, 4)  # factored predictors: more tokens cost only time
     calib_ids = calib[: n_cal * seq].reshape(n_cal, seq).to(device)
     eval_ids = held[: n_eval * seq].reshape(n_eval, seq).to(device)
 
     t0 = time.perf_counter()
-    preds = sparse.train_predictors(model, calib_ids, rank=128, epochs=4 if quick else 10,
-                                    eval_sparsity=0.5, progress=True)
+    # The library defaults: factored predictors of rank <= 15% of the MLP, fitted in closed form.
+    preds = sparse.train_predictors(model, calib_ids, eval_sparsity=0.5, progress=True)
     train_s = time.perf_counter() - t0
     # Recall of the predictor's top-k against the oracle top-k on held-out text, per sparsity.
     recall = {}
@@ -147,7 +148,7 @@ def _quality_and_decode(device: str, quick: bool, progress: Progress, out_dir) -
     dense = _perplexity(model, eval_ids)
     dense_s = time.perf_counter() - t0
     results = {"dense_ppl": dense, "eval_tokens": eval_ids.numel(),
-               "calibration_tokens": calib_ids.numel(), "predictor_rank": 128,
+               "calibration_tokens": calib_ids.numel(), "predictor_rank": preds.rank,
                "predictor_train_s": train_s, "predictor_stats": preds.stats,
                "recall_vs_oracle": recall, "modes": {}}
     magnitudes = sparse.gate_magnitudes(model, calib_ids)
@@ -179,7 +180,7 @@ def _quality_and_decode(device: str, quick: bool, progress: Progress, out_dir) -
                            do_sample=False)
 
     # Modules are built once; the timed calls only swap them in and out (no copies).
-    sparse.sparsify(model, 0.5, mode="predictor", predictors=preds, dense_above=64)
+    sparse.sparsify(model, 0.5, mode="predictor", predictors=preds)  # prefill dense (default)
     installed = sparse.densify(model)
 
     def dense_generate():

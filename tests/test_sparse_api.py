@@ -141,3 +141,69 @@ def test_lookahead_predictors_feed_the_next_layer():
     logits(model, ids[:1, :4])
     # The second layer's predictor ran once, on the first layer's MLP input.
     assert len(calls) == 1 and layers[1].lookahead_logits is None
+
+
+def test_full_rank_factored_predictor_ranks_like_the_oracle():
+    # At rank d the factored predictor reproduces gate and up exactly, so its top-k is the
+    # oracle's; at a low rank it cannot be perfect. Both on held-out tokens.
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (4, 48))
+    full = sparse.train_predictors(model, ids, kind="factored", rank=48, progress=False)
+    low = sparse.train_predictors(model, ids, kind="factored", rank=4, progress=False)
+    for a, b in zip(full.stats, low.stats):
+        assert a["topk_recall_vs_oracle@0.5"] > 0.999, a
+        assert b["topk_recall_vs_oracle@0.5"] < 0.99, b
+    sparse.sparsify(model, 0.5, mode="oracle", dense_above=None, compute="masked")
+    oracle = logits(model, ids[:1, :8])
+    sparse.sparsify(model, 0.5, mode="predictor", predictors=full, dense_above=None)
+    torch.testing.assert_close(logits(model, ids[:1, :8]), oracle, rtol=1e-4, atol=1e-4)
+
+
+def test_factored_offset_makes_logit_selection_hit_the_sparsity():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (4, 48))
+    preds = sparse.train_predictors(model, ids, rank=16, eval_sparsity=0.7, progress=False)
+    sparse.sparsify(model, 0.7, mode="predictor", predictors=preds, selection="logit",
+                    dense_above=None)
+    logits(model, ids)
+    for m in model.modules():
+        if isinstance(m, SparseMLP):
+            assert m.last_density == pytest.approx(0.3, abs=0.05)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_predictor_topk_fast_path_matches_masked(make, rows):
+    model = make()
+    ids = torch.randint(0, 97, (4, 32))
+    preds = sparse.train_predictors(model, ids, rank=16, epochs=1, progress=False)
+    step = ids[:1, :rows]
+    sparse.sparsify(model, 0.6, mode="predictor", predictors=preds, dense_above=None,
+                    compute="masked")
+    masked = logits(model, step)
+    sparse.sparsify(model, 0.6, mode="predictor", predictors=preds, dense_above=None)
+    torch.testing.assert_close(logits(model, step), masked, rtol=1e-4, atol=1e-4)
+    assert all(m.last_density == pytest.approx(0.4, abs=0.01)
+               for m in model.modules() if isinstance(m, SparseMLP))
+
+
+def test_default_rank_keeps_the_predictor_cheap():
+    # SmolLM2's MLP (576 -> 1536): the factored predictor at the default rank costs <= 15%.
+    rank = sparse.default_rank("factored", 576, 1536)
+    assert rank == 104
+    assert sparse.predictor_cost("factored", 576, 1536, rank) <= 0.15
+    assert sparse.predictor_cost("factored", 576, 1536, rank + 8) > 0.15
+    with pytest.raises(ValueError, match="gated MLP"):
+        sparse.train_predictors(tiny_opt(), torch.randint(0, 97, (1, 8)), kind="factored")
+
+
+def test_allocate_sparsity_keeps_the_average_and_favours_the_costly_layer():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 32))
+    with torch.no_grad():  # make layer 1's MLP output ten times larger: absolute errors follow
+        model.model.layers[1].mlp.down_proj.weight.mul_(10)
+    per_layer = sparse.allocate_sparsity(model, None, ids, 0.5, error="absolute")
+    assert len(per_layer) == 2 and sum(per_layer) / 2 == pytest.approx(0.5, abs=1e-6)
+    assert per_layer[1] < per_layer[0] and all(0 <= s <= 0.9 for s in per_layer)
+    relative = sparse.allocate_sparsity(model, None, ids, 0.5)
+    assert sum(relative) / 2 == pytest.approx(0.5, abs=1e-6)

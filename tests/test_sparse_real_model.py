@@ -59,13 +59,17 @@ def test_kernel_decode_matches_masked_on_real_model(smollm2, text_ids):
     assert torch.equal(outs["masked"], outs["kernel"])
 
 
-def test_predictor_on_a_real_layer(smollm2, text_ids):
+def test_factored_predictor_beats_deja_vu_lowrank_on_real_layers(smollm2, text_ids):
+    # SiLU-gated MLP: a linear logit cannot follow |up| (symmetric in its sign), the factored
+    # predictor can. bench/sparse_predictor_study.py, 32k calibration tokens, all 30 layers:
+    # factored rank 104 (14% of the MLP) top-k recall 0.72 at 50%, Deja Vu low-rank ~0.6.
     model, _ = smollm2
     _, calib_ids = text_ids
-    preds = sparse.train_predictors(model, calib_ids, rank=64, epochs=4, layers=[0],
-                                    progress=False)
-    for s in preds.stats:
-        # Better than a random choice of half the neurons (top-k recall 0.5). The bench's
-        # predictors (8x256 tokens, 10 epochs) reach only ~0.62-0.64 on these layers.
-        assert s["topk_recall_vs_oracle@0.5"] > 0.52, s
-        assert s["precision"] > s["label_density"] + 0.02, s
+    kw = dict(layers=[0, 15], progress=False, heldout=0.25)
+    factored = sparse.train_predictors(model, calib_ids, **kw)
+    assert factored.kind == "factored" and factored.rank == 104
+    lowrank = sparse.train_predictors(model, calib_ids, kind="lowrank", rank=128, epochs=4, **kw)
+    key = "topk_recall_vs_oracle@0.5"
+    for f, l in zip(factored.stats, lowrank.stats):
+        assert f[key] > 0.62 and f[key] > l[key] + 0.03, (f, l)
+        assert f["precision"] > f["label_density"] + 0.05, f

@@ -7,8 +7,10 @@ active neuron's down weights are one contiguous row. The wrapped module is kept,
 :func:`fastllm.sparse.densify` restores it exactly.
 
 How the active neurons are chosen (``mode``):
-  - ``"predictor"``: a low-rank predictor scores every neuron from the MLP input; the top
-    ``keep`` neurons per token (or those with a logit above ``logit_threshold``) are active.
+  - ``"predictor"``: a predictor (:class:`FactoredPredictor` or Deja Vu's
+    :class:`LowRankPredictor`) scores every neuron from the MLP input; the top ``keep`` neurons
+    per token (or those with a logit above ``logit_threshold``) are active. With top-k and the
+    kernel, the indices go straight to :func:`fastllm.ops.sparse_mlp` (no mask, no host sync).
   - ``"threshold"``: training-free (CATS style): the gate (fc1 for ReLU models) runs dense and the
     neurons whose ``|act(gate)|`` exceeds the calibrated per-layer threshold are active; up and
     down run sparse.
@@ -18,7 +20,9 @@ How the active neurons are chosen (``mode``):
 
 Row sets: for ``rows`` > 1 tokens at once, ``batch_sets="per_row"`` gives each token its own set
 (2-D indices), ``"union"`` one shared set (the union of the rows' sets). Calls with more than
-``dense_above`` tokens (large prefill) run the dense MLP; ``None`` never does.
+``dense_above`` tokens run the dense MLP (default 1: prefill and batched calls run dense, only
+single-token decode steps run sparse, because on CPU per-row sets read each row's weights
+separately and lose to one dense GEMM below ~80% sparsity); ``None`` never does.
 ``compute="masked"`` evaluates the same selection by zeroing inactive neurons of a dense MLP (for
 fast quality sweeps); ``"kernel"`` (default) calls :func:`fastllm.ops.sparse_mlp`.
 """
@@ -31,7 +35,7 @@ from torch import Tensor, nn
 
 from .._ops.sparse import sparse_mlp
 
-__all__ = ["SparseMLP", "LowRankPredictor"]
+__all__ = ["SparseMLP", "LowRankPredictor", "FactoredPredictor"]
 
 _ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.GELU: "gelu"}
 
@@ -62,11 +66,42 @@ class LowRankPredictor(nn.Module):
         return self.up(self.down(x))
 
 
+class FactoredPredictor(nn.Module):
+    """A predictor shaped like the SiLU-gated MLP it serves: ``z = Linear(d, rank)(x)``, then
+    rank-``rank`` estimates of the gate and up pre-activations ``g, u = Linear(rank, 2n)(z)``, and
+    the score ``log|silu(g) * u|`` (minus a per-layer offset, so ``logit > 0`` keeps about the
+    share of neurons the offset was calibrated for).
+
+    A linear logit cannot rank neurons by ``|silu(gate) * up|``: ``|up|`` is symmetric in the sign
+    of ``up``, so a linear function of x cannot follow it. This form can, and its weights have a
+    closed form (reduced-rank regression of ``[gate, up]`` on the input, see
+    :func:`fastllm.sparse.train_predictors`). Cost: ``rank * (d + 2n)`` multiply-adds per token
+    against ``3 * d * n`` for the MLP.
+    """
+
+    def __init__(self, d_model: int, n_neurons: int, rank: int, activation: str = "silu"):
+        super().__init__()
+        self.n_neurons, self.activation = n_neurons, activation
+        self.down = nn.Linear(d_model, rank, bias=False)
+        self.up = nn.Linear(rank, 2 * n_neurons, bias=True)
+        self.register_buffer("offset", torch.zeros(()))
+
+    def magnitude(self, x: Tensor) -> Tensor:
+        """``|act(g) * u|``: orders neurons as :meth:`forward` does, with fewer operations."""
+        gate, up = self.up(self.down(x)).split(self.n_neurons, dim=-1)
+        act = F.silu(gate) if self.activation == "silu" else F.gelu(
+            gate, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return (act * up).abs()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.log(self.magnitude(x) + 1e-12) - self.offset
+
+
 class SparseMLP(nn.Module):
     def __init__(self, wrapped: nn.Module, *, mode: str = "dense", keep: int | None = None,
                  threshold: float | None = None, predictor: LowRankPredictor | None = None,
                  logit_threshold: float | None = None, batch_sets: str = "per_row",
-                 dense_above: int | None = 64, compute: str = "kernel",
+                 dense_above: int | None = 1, compute: str = "kernel",
                  deterministic: bool = False):
         super().__init__()
         if all(hasattr(wrapped, n) for n in ("gate_proj", "up_proj", "down_proj")):
@@ -171,6 +206,9 @@ class SparseMLP(nn.Module):
         if self.mode == "predictor" and self.next_layer is not None:
             # Started before this layer's own work, so on CUDA it overlaps it.
             self._launch_lookahead(x)
+        if (self.mode == "predictor" and self.logit_threshold is None and self.compute == "kernel"
+                and (x.shape[0] == 1 or self.batch_sets == "per_row") and x.shape[0] > 0):
+            return self._topk_forward(x).reshape(*shape[:-1], -1)
         mask = self.select(x)
         if self.batch_sets == "union":
             mask = mask.any(dim=0, keepdim=True).expand_as(mask)
@@ -180,6 +218,24 @@ class SparseMLP(nn.Module):
         else:
             out = self._kernel_forward(x, mask)
         return out.reshape(*shape[:-1], -1)
+
+    def _topk_forward(self, x: Tensor) -> Tensor:
+        # The decode path: top-k indices go straight to the kernel (int64 is accepted, order is
+        # irrelevant), with no boolean mask, no nonzero and no host sync, which at batch 1 cost
+        # more than the weight bytes they save on a small model.
+        keep = self.n_neurons if self.keep is None else self.keep
+        if self.lookahead_logits is None and hasattr(self.predictor, "magnitude"):
+            scores = self.predictor.magnitude(x)
+        else:
+            scores = self._predict(x)
+        top = scores.topk(keep, dim=-1, sorted=False).indices
+        self.last_density = keep / self.n_neurons
+        common = dict(w_gate=self.gate_w, b_up=self.up_b, b_gate=self.gate_b, b_down=self.down_b,
+                      activation=self.activation, deterministic=self.deterministic)
+        if x.shape[0] == 1:
+            return sparse_mlp(x, self.up_w, self.down_t, top[0], **common)
+        counts = torch.full((x.shape[0],), keep, dtype=top.dtype, device=top.device)
+        return sparse_mlp(x, self.up_w, self.down_t, top.contiguous(), counts=counts, **common)
 
     def _kernel_forward(self, x: Tensor, mask: Tensor) -> Tensor:
         common = dict(w_gate=self.gate_w, b_up=self.up_b, b_gate=self.gate_b, b_down=self.down_b,
