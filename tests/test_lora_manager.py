@@ -272,3 +272,35 @@ def test_mixed_batch_on_each_device(device):
         expected = naive_forward(reference, adapters, names, ids)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert manager.stats()["hits"] == 2 and manager.stats()["misses"] == 0
+
+
+def test_store_packing_round_trip_across_page_boundaries():
+    # Rows of 40, 24 and 56 elements in pages of 100: runs break at page ends and leave gaps, the
+    # packing is one torch.cat per adapter, and B arrives transposed. Every module's A and B must
+    # read back exactly (bf16 weights into an fp32 pool: converted once), and no row may straddle
+    # a page.
+    from fastllm.lora.store import AdapterStore, ModuleSpec, ModuleWeights
+    from fastllm.memory import PagePool
+
+    specs = [ModuleSpec("q", 40, 24), ModuleSpec("v", 40, 56), ModuleSpec("o", 24, 40)]
+    store = AdapterStore(PagePool(64, 100, torch.float32, "cpu"), specs, max_rank=8)
+    adapters = {}
+    for name, ranks, dtype in [("a", (3, 8, 1), torch.float32), ("b", (8, 0, 5), torch.bfloat16),
+                               ("c", (3, 8, 1), torch.float32)]:
+        adapters[name] = {s.name: ModuleWeights(torch.randn(r, s.in_features).to(dtype),
+                                                torch.randn(s.out_features, r).to(dtype), 0.5)
+                          for s, r in zip(specs, ranks) if r}
+        store.register(name, adapters[name])
+    for name, weights in adapters.items():
+        host = store.host[name]
+        for i, spec in enumerate(specs):
+            got = store.weights(name, spec.name)
+            if spec.name not in weights:
+                assert got is None
+                continue
+            assert torch.equal(got.a, weights[spec.name].a.float())
+            assert torch.equal(got.b, weights[spec.name].b.float())
+            r = weights[spec.name].a.shape[0]
+            for kind, width in ((0, spec.in_features), (1, spec.out_features)):
+                starts = host.plan.rows[i, kind, :r]
+                assert ((starts % 100) + width <= 100).all()
