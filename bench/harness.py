@@ -212,22 +212,32 @@ def save_results(records: list[Record], device: str, out_dir: pathlib.Path = RES
 
 
 def plot_speedups(records: list[Record], capability: str, device: str,
-                  out_dir: pathlib.Path = RESULTS_DIR) -> pathlib.Path:
-    """A horizontal bar per case: speedup over the baseline (1.0 = parity)."""
+                  out_dir: pathlib.Path = RESULTS_DIR, commit: str | None = None) -> pathlib.Path:
+    """A horizontal bar per case from parity (1.0) to its speedup over the baseline, on a log
+    scale: ratios span 0.1x to 100x+, and a linear axis hides everything near parity."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    rows = [r for r in records if r.capability == capability]
+    # "quality ..." records carry perplexity in their metrics; their times are evaluation times,
+    # not speed results, so they get no bar.
+    rows = [r for r in records if r.capability == capability and not r.case.startswith("quality")]
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.5))
     labels = [f"{r.case}  ({r.ours} vs {r.baseline})" for r in rows]
     speedups = [r.speedup for r in rows]
-    ax.barh(range(len(rows)), speedups, color=["tab:green" if s >= 1 else "tab:red" for s in speedups])
+    ax.barh(range(len(rows)), [s - 1 for s in speedups], left=1,
+            color=["tab:green" if s >= 1 else "tab:red" for s in speedups])
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("speedup over baseline (same run, median of interleaved repeats)")
-    ax.set_title(f"fastllm {capability} on {machine_name(device)} (commit {git_commit()})", fontsize=9)
+    ax.set_title(f"fastllm {capability} on {machine_name(device)} (commit {commit or git_commit()})",
+                 fontsize=9)
     fig.tight_layout()
     path = out_dir / f"{machine_name(device)}-{capability}.png"
     fig.savefig(path, dpi=110)
