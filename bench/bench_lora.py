@@ -359,7 +359,14 @@ def _loading_records(device, progress):
 
 
 def run(device: str, quick: bool = False) -> list[Record]:
-    records, progress = _kernel_records(device, quick, progress_total_hint=8)
-    records += _loading_records(device, progress)
-    records += _end_to_end_records(device, quick, progress)
+    """FASTLLM_LORA_BENCH=kernels[,loading][,e2e] runs only those parts (default: all three), e.g.
+    the full kernel grid without the long end-to-end runs."""
+    import os
+    parts = set(os.environ.get("FASTLLM_LORA_BENCH", "kernels,loading,e2e").split(","))
+    records, progress = _kernel_records(device, quick, progress_total_hint=8) \
+        if "kernels" in parts else ([], Progress(CAPABILITY, 9))
+    if "loading" in parts:
+        records += _loading_records(device, progress)
+    if "e2e" in parts:
+        records += _end_to_end_records(device, quick, progress)
     return records
