@@ -1,9 +1,10 @@
 """FastGen KV eviction on SmolLM2-135M with real text: KV memory saved against quality, and the
 ragged decode attention kernel against dense masked attention.
 
-Quality (each configuration gets its own prefill of the same prompt, then teacher-forced decode):
+Quality (each configuration gets its own prefill of the same prompts, then teacher-forced decode):
 * memory: pool bytes held at the end / bytes a full cache holds for the same tokens;
-* perplexity of the true continuation, and top-1 agreement with the full cache's predictions;
+* perplexity of the true continuations of 4 (quick) or 8 prompts of 320 tokens from different
+  parts of the text, 64 tokens each, pooled; top-1 agreement with the full cache's predictions;
 * needle retrieval: facts of different kinds (FACTS; 4 in quick mode, 6 otherwise), each buried at
   4 depths of a Shakespeare filler and asked for at the end with the answer's prefix given; a case
   counts as retrieved when every answer token is the top-1 prediction (teacher-forced, i.e. greedy
@@ -57,6 +58,22 @@ FACTS = [
      "Anna's favourite fruit is the ripe", " mango."),
 ]
 DEPTHS = (0.1, 0.35, 0.6, 0.85)
+# Held out: written after FastGen's settings were chosen on FACTS, to check them (6 facts x 3
+# depths in another part of the text; bench/kv_settings_study.py).
+HELDOUT_FACTS = [
+    ("The locker number is 7264.", "What is the locker number?", "The locker number is", " 7264."),
+    ("The blue lamp belongs to Oliver.", "Who does the blue lamp belong to?",
+     "The blue lamp belongs to", " Oliver."),
+    ("The meeting was moved to the library basement.", "Where was the meeting moved?",
+     "The meeting was moved to the", " library basement."),
+    ("The password for the gate is silver falcon.", "What is the password for the gate?",
+     "The password for the gate is", " silver falcon."),
+    ("The train departs from platform 39.", "Which platform does the train depart from?",
+     "The train departs from platform", " 39."),
+    ("Lena painted her door bright orange.", "What colour did Lena paint her door?",
+     "Lena painted her door bright", " orange."),
+]
+HELDOUT_DEPTHS = (0.2, 0.5, 0.8)
 
 
 def load_model(device: str):
@@ -82,18 +99,21 @@ def make_cache(model, tokenizer, config):
     name, value = config
     if name == "fastgen":
         return FastGenCache(model, tokenizer, recovery=value)
-    if name == "fastgen-pool1":  # the paper's heavy-hitter ranking by single keys
-        return FastGenCache(model, tokenizer, recovery=value, heavy_pool=1)
+    if name == "fastgen-paper":  # the paper's heavy hitters and recovery: whole-prompt attention
+        return FastGenCache(model, tokenizer, recovery=value, heavy_pool=1, observe=0)
     return FastGenCache(model, tokenizer, policy=name, budget=value)
 
 
 @torch.no_grad()
-def teacher_forced(model, cache, prompt, target):
+def teacher_forced(model, cache, prompt, target, after_prefill=None):
     """Prefill `prompt`, then feed `target` one token at a time. Returns (log-probs of every target
-    token, argmax predictions, prefill seconds, decode seconds)."""
+    token, argmax predictions, prefill seconds, decode seconds); calls `after_prefill(cache)`
+    between the two, untimed."""
     start = time.perf_counter()
     logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
     prefill = time.perf_counter() - start
+    if after_prefill is not None:
+        after_prefill(cache)
     logps, preds = [], []
     start = time.perf_counter()
     for i in range(target.shape[1]):
@@ -112,23 +132,90 @@ def memory_ratio(cache) -> float:
     return stats["kept_bytes"] / stats["full_bytes"]
 
 
-def needle_cases(tokenizer, text: str, quick: bool, spans: bool = False):
+def needle_cases(tokenizer, text: str, quick: bool, spans: bool = False, heldout: bool = False):
     """(prompt ids, answer ids) per (fact, depth): BOS, filler with the fact at ``depth`` of it,
-    then the question and the answer's prefix; with ``spans``, also the fact's (start, stop)."""
-    facts = FACTS[:4] if quick else FACTS
-    filler = tokenizer(text[30000:50000], return_tensors="pt").input_ids[0, :240 if quick else 320]
+    then the question and the answer's prefix; with ``spans``, also the fact's (start, stop).
+    ``heldout``: HELDOUT_FACTS at HELDOUT_DEPTHS in a 320-token filler from elsewhere."""
+    if heldout:
+        facts, depths, filler_text, filler_len = HELDOUT_FACTS, HELDOUT_DEPTHS, text[90000:110000], 320
+    else:
+        facts, depths, filler_text = (FACTS[:4] if quick else FACTS), DEPTHS, text[30000:50000]
+        filler_len = 240 if quick else 320
+    filler = tokenizer(filler_text, return_tensors="pt").input_ids[0, :filler_len]
     bos = torch.tensor([tokenizer.bos_token_id])
     cases = []
     for fact, question, prefix, answer in facts:
         fact_ids = tokenizer(" " + fact, return_tensors="pt").input_ids[0]
         ask = tokenizer(f"\nQuestion: {question}\nAnswer: {prefix}", return_tensors="pt").input_ids[0]
         answer_ids = tokenizer(answer, return_tensors="pt").input_ids[0]
-        for depth in DEPTHS:
+        for depth in depths:
             at = int(depth * filler.shape[0])
             case = (torch.cat([bos, filler[:at], fact_ids, filler[at:], ask])[None],
                     answer_ids[None])
             cases.append(case + ((1 + at, 1 + at + fact_ids.shape[0]),) if spans else case)
     return cases
+
+
+def ppl_passages(tokenizer, text: str, count: int, device, prompt_len: int = 320,
+                 cont_len: int = 64):
+    """(prompt, continuation) ids from ``count`` parts of the text, 192 kB / count apart.
+    SmolLM2's tokenizer adds no BOS; every prompt starts with it as a chat would, so FastGen's
+    "special" policy has its sink token to keep. Perplexity is pooled over the prompts: one
+    prompt's few dozen tokens swing it by several percent."""
+    bos = torch.tensor([tokenizer.bos_token_id])
+    passages = []
+    step = 192000 // count
+    for offset in range(0, count * step, step):
+        ids = torch.cat([bos, tokenizer(text[offset:offset + 8000],
+                                        return_tensors="pt").input_ids[0]])[None].to(device)
+        passages.append((ids[:, :prompt_len], ids[:, prompt_len:prompt_len + cont_len]))
+    return passages
+
+
+def perplexity(model, passages, make) -> dict:
+    """Teacher-forced continuations of every passage, each with a fresh cache from ``make()``.
+    Memory is what the cache holds at the end of the continuation (and, for reference, at the end
+    of the prompt) against a full cache of the same tokens, averaged over prompts."""
+    run = {"logps": [], "preds": [], "prefill_s": 0.0, "decode_s": 0.0, "mem": 0.0,
+           "prompt_mem": 0.0, "profile_s": 0.0}
+
+    def at_prompt_end(cache):
+        run["prompt_mem"] += memory_ratio(cache) / len(passages)
+
+    for prompt, cont in passages:
+        cache = make()
+        logps, preds, prefill_s, decode_s = teacher_forced(model, cache, prompt, cont,
+                                                           at_prompt_end)
+        run["logps"] += logps
+        run["preds"] += preds
+        run["prefill_s"] += prefill_s
+        run["decode_s"] += decode_s
+        run["mem"] += memory_ratio(cache) / len(passages)
+        if hasattr(cache, "stats"):
+            run["profile_s"] += cache.stats()["profile_seconds"]
+        if hasattr(cache, "release"):
+            cache.release()
+    run["ppl"] = math.exp(-sum(run["logps"]) / len(run["logps"]))
+    return run
+
+
+def needle_retrieval(model, needles, make) -> dict:
+    """Retrieved = every answer token is the model's top-1 (teacher-forced), i.e. greedy
+    decoding starts with the answer."""
+    cases, tokens, total, mems, hit_cases = 0, 0, 0, [], []
+    for needle, answer in needles:
+        cache = make()
+        _, preds, _, _ = teacher_forced(model, cache, needle, answer)
+        mems.append(memory_ratio(cache))
+        if hasattr(cache, "release"):
+            cache.release()
+        hits = [int(p == t) for p, t in zip(preds, answer[0].tolist())]
+        hit_cases.append(int(all(hits)))
+        cases += int(all(hits))
+        tokens += sum(hits)
+        total += len(hits)
+    return {"cases": cases, "tokens": tokens, "total": total, "mem": sum(mems) / len(mems),
+            "hits": "".join(map(str, hit_cases))}
 
 
 def quality(device: str, quick: bool, progress: Progress, out_dir=None) -> list[Record]:
@@ -138,53 +225,31 @@ def quality(device: str, quick: bool, progress: Progress, out_dir=None) -> list[
         return []
     model, tokenizer = loaded
     text = TEXT.read_text()
-    # SmolLM2's tokenizer adds no BOS; start every prompt with it as a chat would, so FastGen's
-    # "special" policy has its sink token to keep.
-    bos = torch.tensor([tokenizer.bos_token_id])
-    ids = torch.cat([bos, tokenizer(text[:20000], return_tensors="pt").input_ids[0]])[None]
-    ids = ids.to(device)
-    prompt_len, cont_len = (160, 8) if quick else (320, 16)
-    prompt, cont = ids[:, :prompt_len], ids[:, prompt_len:prompt_len + cont_len]
+    passages = ppl_passages(tokenizer, text, 4 if quick else 8, device)
+    prompt_len = passages[0][0].shape[1]
+    cont_len = passages[0][1].shape[1]
     needles = [(p.to(device), a.to(device)) for p, a in needle_cases(tokenizer, text, quick)]
 
     def perplexity_run(config):
-        cache = make_cache(model, tokenizer, config)
-        logps, preds, prefill_s, decode_s = teacher_forced(model, cache, prompt, cont)
-        mem = memory_ratio(cache)
-        profile_s = cache.stats()["profile_seconds"] if hasattr(cache, "stats") else 0.0
-        if hasattr(cache, "release"):
-            cache.release()
-        return {"logps": logps, "preds": preds, "prefill_s": prefill_s, "decode_s": decode_s,
-                "mem": mem, "profile_s": profile_s}
+        return perplexity(model, passages, lambda: make_cache(model, tokenizer, config))
 
     def needle_run(config):
-        """Retrieved = every answer token is the model's top-1 (teacher-forced), i.e. greedy
-        decoding starts with the answer."""
-        cases, tokens, total, mems = 0, 0, 0, []
-        for needle, answer in needles:
-            cache = make_cache(model, tokenizer, config)
-            _, preds, _, _ = teacher_forced(model, cache, needle, answer)
-            mems.append(memory_ratio(cache))
-            if hasattr(cache, "release"):
-                cache.release()
-            hits = [int(p == t) for p, t in zip(preds, answer[0].tolist())]
-            cases += int(all(hits))
-            tokens += sum(hits)
-            total += len(hits)
-        return {"cases": cases, "tokens": tokens, "total": total, "mem": sum(mems) / len(mems)}
+        return needle_retrieval(model, needles, lambda: make_cache(model, tokenizer, config))
 
     results, needle_results = {}, {}
     configs = [("dynamic", None), ("full", 1.0), ("fastgen", 0.95), ("fastgen", 0.9),
-               ("fastgen", 0.99), ("fastgen-pool1", 0.95)]
+               ("fastgen", 0.99), ("fastgen-paper", 0.95)]
     for config in configs:
         results[config] = perplexity_run(config)
         needle_results[config] = needle_run(config)
         progress.step(f"{config}: mem {results[config]['mem']:.2f}, needles "
                       f"{needle_results[config]['cases']}/{len(needles)}")
-    # Equal memory: each baseline gets the kept-memory ratio FastGen reached at T = 0.95 on the
-    # same prompts (the perplexity prompt and the needle prompts separately).
+    # Equal memory: each baseline's budget is the share of the prompt FastGen kept at T = 0.95 on
+    # the same prompts (the perplexity prompts and the needle prompts separately). During the
+    # continuation streaming and H2O hold that many tokens while SnapKV and FastGen's full heads
+    # grow, so their memory at the end differs; the records give both.
     for name in ("streaming", "h2o", "snapkv"):
-        config = (name, max(results[("fastgen", 0.95)]["mem"], 1.0 / prompt_len))
+        config = (name, max(results[("fastgen", 0.95)]["prompt_mem"], 1.0 / prompt_len))
         results[config] = perplexity_run(config)
         needle_results[config] = needle_run((name, needle_results[("fastgen", 0.95)]["mem"]))
         progress.step(f"{config}: mem {results[config]['mem']:.2f}, needles "
@@ -192,26 +257,28 @@ def quality(device: str, quick: bool, progress: Progress, out_dir=None) -> list[
 
     base = results[("dynamic", None)]
     base_needle = needle_results[("dynamic", None)]
-    ppl_base = math.exp(-sum(base["logps"]) / len(base["logps"]))
+    ppl_base = base["ppl"]
     records = []
     points = []
     for config, r in results.items():
         if config[0] == "dynamic":
             continue
         n = needle_results[config]
-        ppl = math.exp(-sum(r["logps"]) / len(r["logps"]))
+        ppl = r["ppl"]
         agree = sum(int(a == b) for a, b in zip(r["preds"], base["preds"])) / len(r["preds"])
         label = (f"fastgen T={config[1]}" if config[0] == "fastgen"
-                 else f"fastgen T={config[1]} heavy_pool=1" if config[0] == "fastgen-pool1"
+                 else f"fastgen T={config[1]} paper ranking" if config[0] == "fastgen-paper"
                  else f"{config[0]} budget={config[1]:.2f}" if config[0] != "full" else "full")
-        metrics = {"KV mem %": 100 * r["mem"], "ppl": ppl, "ppl full": ppl_base,
+        metrics = {"KV mem %": 100 * r["mem"], "KV mem at prompt end %": 100 * r["prompt_mem"],
+                   "ppl": ppl, "ppl full": ppl_base,
                    "ppl +%": 100 * (ppl / ppl_base - 1), "agree %": 100 * agree,
                    "needle cases": n["cases"], "needle cases full": base_needle["cases"],
                    "needle of": len(needles), "needle %": 100 * n["cases"] / len(needles),
                    "needle tokens %": 100 * n["tokens"] / n["total"],
                    "needle KV mem %": 100 * n["mem"],
                    "profile % of prefill": 100 * r["profile_s"] / r["prefill_s"]}
-        records.append(Record(CAPABILITY, f"SmolLM2 {prompt_len}+{cont_len} tok: {label}", label,
+        case = f"SmolLM2 {len(passages)}x({prompt_len}+{cont_len}) tok: {label}"
+        records.append(Record(CAPABILITY, case, label,
                               "DynamicCache", (r["prefill_s"] + r["decode_s"]) * 1e3,
                               (base["prefill_s"] + base["decode_s"]) * 1e3, metrics))
         points.append((label, 100 * r["mem"], metrics["ppl +%"], 100 * n["mem"],

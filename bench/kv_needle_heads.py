@@ -2,7 +2,7 @@
 the buried fact's tokens it kept, and how much attention the last prompt query puts on the fact
 under a full cache (eager attention). Not part of bench/run.py; a diagnostic.
 
-    python bench/kv_needle_heads.py [case index ...] [--heavy-pool N] [--recovery T]
+    python bench/kv_needle_heads.py [case index ...] [--heavy-pool N] [--observe N] [--recovery T]
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from bench_kv import TEXT, load_model, needle_cases
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("cases", nargs="*", type=int, default=[0])
-    parser.add_argument("--heavy-pool", type=int, default=7)
+    parser.add_argument("--heavy-pool", type=int, default=11)
+    parser.add_argument("--observe", type=int, default=64)
     parser.add_argument("--recovery", type=float, default=0.95)
     parser.add_argument("--full", action="store_true", help="6 facts x 4 depths, 320-token filler")
     args = parser.parse_args()
@@ -34,7 +35,8 @@ def main() -> None:
             attentions = model(ids, output_attentions=True).attentions
         on_fact = torch.stack([a[0, :, -1, start:stop].sum(-1) for a in attentions])
         on_fact = on_fact.view(len(attentions), hkv, group).mean(-1)
-        cache = FastGenCache(model, tokenizer, recovery=args.recovery, heavy_pool=args.heavy_pool)
+        cache = FastGenCache(model, tokenizer, recovery=args.recovery, heavy_pool=args.heavy_pool,
+                             observe=args.observe)
         with torch.no_grad():
             model(ids, past_key_values=cache, use_cache=True)
         print(f"case {index}: {ids.shape[1]} tokens, fact at {start}..{stop}")

@@ -11,6 +11,7 @@ from fastllm.kv.policies import (
     check_ratio,
     fastgen_profile,
     heavy_mask,
+    heavy_scores,
     kept_at_prefill,
 )
 
@@ -68,6 +69,54 @@ def test_planted_patterns_pick_expected_policy(threshold):
     assert kept[1].tolist() == sorted(SPECIAL_POS + PUNCT_POS)
     assert kept[4].tolist() == list(range(L))
     assert scores.shape == (5, L)
+
+
+def test_heavy_ranking_keeps_hitters_first_then_their_phrases():
+    scores = torch.full((1, 40), 0.01)
+    scores[0, 10], scores[0, 18], scores[0, 30] = 5.0, 4.0, 0.5
+    ranked = heavy_scores(scores, 11)[0].argsort(descending=True).tolist()
+    assert ranked[:2] == [10, 18]  # hitters ahead of their neighbours, even those between two
+    assert set(ranked[2:19]) == set(range(5, 24)) - {10, 18}  # then their phrases
+    assert ranked[19] == 30  # a weak hitter after the strong ones' phrases, ahead of its own
+    assert set(ranked[20:30]) == set(range(25, 36)) - {30}
+    assert torch.equal(heavy_scores(scores, 1), scores)  # the paper's ranking
+
+
+def question_head(distractor_logit: float):
+    """One head over 80 tokens: every query reads the BOS (logit 10) and four distractor keys,
+    except the last two, which read a fact at position 10 that nothing else reads (logit 14):
+    a question asked at the end of a prompt about something buried in it."""
+    n, d = 80, 8
+    q = torch.zeros(1, n, d)
+    k = torch.zeros(1, n, d)
+    k[0, 0, 0] = 1.0
+    for j in (2, 3, 4, 5):
+        k[0, j, 1] = 1.0
+    k[0, 10, 2] = 1.0
+    q[0, :, 0] = 10.0
+    q[0, :, 1] = distractor_logit
+    q[0, -2:, 0] = 0.0
+    q[0, -2:, 1] = 0.0
+    q[0, -2:, 2] = 14.0
+    return q, k, torch.tensor([1] + [0] * (n - 1), dtype=torch.uint8)
+
+
+def test_observed_queries_keep_what_the_question_reads():
+    # Frequency keeps 4 heavy hitters: by whole-prompt attention the distractors (read by every
+    # query) outrank the fact (read by two), so the paper's ranking drops the fact; counting the
+    # last queries' attention as much as the whole prompt's keeps it.
+    q, k, classes = question_head(7.23)
+    for observe, fact_kept in [(0, False), (8, True)]:
+        policies, kept, _, _ = fastgen_profile(q, k, classes, 1.0, 0.9, 0.3, 0.05,
+                                               heavy_pool=1, observe=observe)
+        assert policies[0].name == "special+punct+local+frequency"
+        assert (10 in kept[0].tolist()) == fact_kept, observe
+    # With no heavy slots, "special" recovers 0.94 of the whole prompt's attention but a quarter
+    # of the last queries' is on the fact: observing them moves the head to full.
+    q, k, classes = question_head(-10.0)
+    names = [fastgen_profile(q, k, classes, 1.0, 0.9, 0.3, 0.0, heavy_pool=1,
+                             observe=observe)[0][0].name for observe in (0, 8)]
+    assert names == ["special", "full"]
 
 
 def test_gqa_decides_per_kv_head_over_its_group():

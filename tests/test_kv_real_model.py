@@ -136,7 +136,8 @@ def test_user_errors(smollm2, shakespeare):
                           ({"frequency": 2.0}, "frequency"),
                           ({"policy": "lru"}, "policy must be one of"),
                           ({"policy": "h2o", "budget": 0}, "token budget must be positive"),
-                          ({"heavy_pool": 4}, "heavy_pool must be a positive odd int")]:
+                          ({"heavy_pool": 4}, "heavy_pool must be a positive odd int"),
+                          ({"observe": -1}, "observe must be an int >= 0")]:
         with pytest.raises(ValueError, match=match):
             FastGenCache(model, tokenizer, **kwargs)
     fake = types.SimpleNamespace(config=types.SimpleNamespace(model_type="gpt2"))

@@ -264,9 +264,12 @@ class FastGenCache(Cache):
         budget: the fixed policies' kept tokens per head: a ratio of the prompt (float) or a count
             (int).
         heavy_pool: FastGen's frequency policy ranks keys by the accumulated attention of this
-            many keys centred on each, its own counted twice (odd; 1 = the paper's ranking by
-            single keys), so a phrase around a heavy hitter survives whole; see
+            many keys centred on each: the strongest of them plus its own (odd; 1 = the paper's
+            ranking by single keys), so a phrase around a heavy hitter survives whole; see
             ``policies.heavy_scores``.
+        observe: FastGen's heavy-hitter ranking and recovery check also weigh the attention of
+            the prompt's last ``observe`` queries, which attend the way decode will (0 = the
+            paper's whole-prompt attention only); see ``policies.fastgen_profile``.
         pool: a :class:`fastllm.memory.PagePool` to draw pages from (shared with other users), or
             None to create one holding ``max_tokens`` full-cache tokens.
     """
@@ -275,12 +278,14 @@ class FastGenCache(Cache):
                  frequency: float = 0.3, policy: str = "fastgen", budget: float | int = 0.5,
                  sinks: int = 4, snap_window: int = 32, pool: PagePool | None = None,
                  max_tokens: int = 4096, page_rows: int = 16, chunk: int = 128,
-                 heavy_pool: int = 7):
+                 heavy_pool: int = 11, observe: int = 64):
         _check_supported(model)
         if isinstance(heavy_pool, bool) or not isinstance(heavy_pool, int) or heavy_pool < 1 \
                 or heavy_pool % 2 == 0:
             raise ValueError(f"fastllm.kv: heavy_pool must be a positive odd int, got {heavy_pool!r}")
-        self.heavy_pool = heavy_pool
+        if isinstance(observe, bool) or not isinstance(observe, int) or observe < 0:
+            raise ValueError(f"fastllm.kv: observe must be an int >= 0, got {observe!r}")
+        self.heavy_pool, self.observe = heavy_pool, observe
         self.recovery = check_ratio("recovery", recovery, low_open=True)
         self.locality = check_ratio("locality", locality)
         self.frequency = check_ratio("frequency", frequency)
@@ -494,7 +499,7 @@ class FastGenCache(Cache):
         if self.policy == "fastgen":
             policies, kept, scores, _ = fastgen_profile(q, k, classes, scale, self.recovery,
                                                         self.locality, self.frequency, self.chunk,
-                                                        self.heavy_pool)
+                                                        self.heavy_pool, self.observe)
             return policies, kept, scores
         budget = min(budget_tokens(self.budget, length), length)
         if self.policy == "full":

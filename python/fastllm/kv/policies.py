@@ -143,31 +143,45 @@ def kept_at_prefill(policy: HeadPolicy, classes: Tensor, heavy_row: Tensor | Non
 
 
 def heavy_scores(scores: Tensor, pool: int) -> Tensor:
-    """Heavy-hitter ranking of the frequency policy: the accumulated attention of the ``pool``
-    keys centred on each key (their mean x ``pool`` at the edges), with the key's own counted
-    twice, over ``pool + 1``. ``pool`` 1: the accumulated attention alone, as in the FastGen paper.
+    """Heavy-hitter ranking of the frequency policy: the largest accumulated attention among the
+    ``pool`` keys centred on each key, plus the key's own. ``pool`` 1: the accumulated attention
+    alone, as in the FastGen paper.
 
     Deviation from the paper, and why: a fact in the prompt is a phrase, and the prompt's queries
     attend mostly to one or two of its tokens (the rest get little until a question asks for the
-    fact), so a ranking by single keys keeps fragments of it. Ranking by the neighbourhood keeps a
-    phrase around a heavy hitter whole, and counting the key's own score twice keeps an isolated
-    heavy hitter ahead of its own neighbours. SnapKV pools its scores over 7 keys the same way;
-    here the pool only reorders which keys the frequency policy keeps, never how many. Measured
-    in bench/bench_kv.py (needle retrieval with heavy_pool 1 and 7)."""
+    fact, and then a copying head reads it token by token), so a ranking by single keys keeps
+    fragments of it. Ranking by the neighbourhood's strongest key keeps the phrase around a heavy
+    hitter whole; adding the key's own score puts every heavy hitter ahead of its neighbours, so
+    when slots run short the hitters themselves stay. (A neighbourhood mean instead, as SnapKV
+    pools, ranks the keys between two hitters above both.) The pool only reorders which keys the
+    frequency policy keeps, never how many. The default, 11, covers a short sentence: with 7,
+    four-digit numbers lost their last digits (bench/kv_needle_heads.py). Measured in
+    bench/bench_kv.py against the paper's ranking."""
     if pool <= 1:
         return scores
-    smooth = torch.nn.functional.avg_pool1d(scores[:, None].float(), pool, 1, pool // 2,
-                                            count_include_pad=False)[:, 0]
-    return (smooth * pool + scores) / (pool + 1)
+    strongest = torch.nn.functional.max_pool1d(scores[:, None].float(), pool, 1, pool // 2)[:, 0]
+    return strongest + scores
 
 
 def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recovery: float,
-                    locality: float, frequency: float, chunk: int = 128, heavy_pool: int = 7):
+                    locality: float, frequency: float, chunk: int = 128, heavy_pool: int = 11,
+                    observe: int = 64):
     """Profile one sequence's KV heads and give each FastGen's cheapest sufficient policy.
 
     ``q`` ``[Hq, L, D]``, ``k`` ``[Hkv, L, D]`` (after RoPE), ``classes`` ``[L]`` uint8,
-    ``heavy_pool`` odd: see :func:`heavy_scores`. Returns ``(policies, kept positions per head,
-    heavy-hitter scores [Hkv, L], recovery [Hkv, 4])``.
+    ``heavy_pool`` odd: see :func:`heavy_scores`. ``observe``: the last prompt queries that stand
+    for the decode queries to come (0: none, as in the FastGen paper). Their attention counts as
+    much as all the prompt's in the heavy-hitter ranking, and a policy must recover ``recovery`` of
+    their attention as well as of the whole prompt's.
+
+    Deviation from the paper, and why: FastGen ranks and checks by the whole prompt's attention,
+    most of which comes from queries reading nearby text. A fact that only the closing question
+    asks for gets almost none of it, so heads keep fragments of the fact and lose it. The last
+    queries attend the way decode will (SnapKV's observation). Measured in bench/bench_kv.py
+    (needles and perplexity with the paper's settings, heavy_pool=1 observe=0).
+
+    Returns ``(policies, kept positions per head, heavy-hitter scores [Hkv, L], recovery
+    [Hkv, 4])``.
     """
     from .._ops import kv as kv_ops
 
@@ -176,6 +190,10 @@ def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recover
     heavy = math.ceil(frequency * length)
     classes = classes.cpu()
     raw = kv_ops.kv_attention_scores(q, k, scale, chunk).cpu()
+    observe = min(observe, length)
+    if observe:
+        last = kv_ops.kv_attention_scores(q[:, -observe:], k, scale, chunk).cpu()
+        raw = raw + last * (length / observe)
     scores = heavy_scores(raw, heavy_pool)
     hmask = heavy_mask(scores, classes[None], heavy, length - window)
     key_class = (classes[None] | (hmask.to(torch.uint8) * HEAVY)).to(torch.uint8)
@@ -183,8 +201,11 @@ def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recover
     # first `window` rows locality keeps everything by construction, which would flatter it, and
     # decode queries (which the policy will serve) all lie past the window.
     first = min(window, length - 1)
-    rec = kv_ops.kv_policy_recovery(q[:, first:], k, key_class.to(q.device), window, scale,
-                                    chunk).cpu()
+    key_class = key_class.to(q.device)
+    rec = kv_ops.kv_policy_recovery(q[:, first:], k, key_class, window, scale, chunk).cpu()
+    if observe:
+        last_rec = kv_ops.kv_policy_recovery(q[:, -observe:], k, key_class, window, scale, chunk)
+        rec = torch.minimum(rec, last_rec.cpu())
     picks = select_fastgen(rec, recovery)
     policies, kept = [], []
     for h, pick in enumerate(picks):
