@@ -7,8 +7,9 @@ import fastllm.ops as ops
 from fastllm._reference import dense_mlp_reference, sparse_mlp_reference
 from helpers import FLOAT_DTYPES, TOLERANCES, poison, random_tensor
 
-# (rows, d_in, n_neurons, d_out, k): one token, odd sizes, an empty set, a small batch
-SHAPES = [(1, 64, 96, 64, 40), (3, 37, 53, 29, 17), (2, 16, 24, 16, 0), (5, 128, 200, 72, 200)]
+# (rows, d_in, n_neurons, d_out, k): one token, odd sizes, an empty set, a small batch, wide output
+SHAPES = [(1, 64, 96, 64, 40), (3, 37, 53, 29, 17), (2, 16, 24, 16, 0), (5, 128, 200, 72, 200),
+          (2, 80, 150, 600, 61)]  # last: several output column blocks, tails everywhere
 ACTIVATIONS = [("silu", True), ("relu", False), ("gelu", False), ("gelu_tanh", True)]
 
 

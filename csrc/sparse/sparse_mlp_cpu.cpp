@@ -5,7 +5,7 @@
 //      order and accumulates h[b, j] * w_down_t[idx_j, block] into an fp32 block. Every output
 //      element has one owner and a fixed summation order, so the result is deterministic and no
 //      atomics are needed (the `deterministic` flag changes nothing on CPU).
-// Reduced-precision weights are widened to fp32 one row at a time into a per-thread buffer.
+// Weights of any dtype are widened lane by lane as they are loaded; every sum is fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cpu_vec.h"
 #include "sparse/sparse_mlp.h"
 
 #if defined(__GNUC__)
@@ -26,62 +27,109 @@ namespace {
 
 constexpr const char* kOp = "fastllm.sparse_mlp";
 
-// The inner loops, compiled twice: for AVX2+FMA (picked at run time when the CPU has it) and for
-// the baseline x86-64 / other ISAs. The `omp simd` reductions let the compiler reorder the sums.
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define FASTLLM_HAVE_AVX2_CLONE 1
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-__attribute__((target("avx2,fma"))) void axpy_avx2(float alpha, const float* x, float* y,
-                                                   int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-#endif
+// Down-projection rows accumulated per pass: the fp32 output block is loaded and stored once per
+// kGroup weight rows instead of once per row (one load and one store per row left the loop bound
+// by the output block, not by the weights it exists to stream).
+constexpr int kGroup = 4;
 
-float dot_base(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-void axpy_base(float alpha, const float* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
+#ifdef FASTLLM_HAVE_VEC
+using cpu::horizontal_sum;
+using cpu::kLanes;
+using cpu::load_vec;
+using cpu::store_vec;
+using cpu::VecF;
 
-struct Kernels {
-  float (*dot)(const float*, const float*, int64_t);
-  void (*axpy)(float, const float*, float*, int64_t);
-};
-
-const Kernels& kernels() {
-  static const Kernels k = [] {
-#ifdef FASTLLM_HAVE_AVX2_CLONE
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return Kernels{dot_avx2, axpy_avx2};
-    }
-#endif
-    return Kernels{dot_base, axpy_base};
-  }();
-  return k;
-}
-
-// A row of `n` scalar_t as fp32: the row itself for float, else widened into `buffer`.
-template <typename scalar_t>
-const float* as_float(const scalar_t* row, int64_t n, std::vector<float>& buffer) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return row;
-  } else {
-    buffer.resize(n);
-    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(row[i]);
-    return buffer.data();
+// up . x and, for gated MLPs, gate . x in one pass over x, two independent chains per row.
+template <typename w_t>
+FASTLLM_INLINE void hidden_dots_f32(const float* __restrict__ x, const w_t* __restrict__ up_row,
+                                    const w_t* __restrict__ gate_row, int64_t n, float* up,
+                                    float* gate) {
+  if (gate_row == nullptr) {
+    *up = cpu::dot_f32(x, up_row, n);
+    return;
   }
+  VecF u0 = {}, u1 = {}, g0 = {}, g1 = {};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    const VecF x0 = load_vec(x + i), x1 = load_vec(x + i + kLanes);
+    u0 += x0 * load_vec(up_row + i);
+    u1 += x1 * load_vec(up_row + i + kLanes);
+    g0 += x0 * load_vec(gate_row + i);
+    g1 += x1 * load_vec(gate_row + i + kLanes);
+  }
+  float su = horizontal_sum(u0 + u1), sg = horizontal_sum(g0 + g1);
+  for (; i < n; ++i) {
+    su += x[i] * static_cast<float>(up_row[i]);
+    sg += x[i] * static_cast<float>(gate_row[i]);
+  }
+  *up = su;
+  *gate = sg;
+}
+
+// y[0:n] += sum over g < kGroup of coeff[g] * rows[g][0:n].
+template <typename w_t>
+FASTLLM_INLINE void accumulate_rows_f32(float* __restrict__ y, const float* coeff,
+                                        const w_t* const* rows, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    VecF acc = load_vec(y + i);
+#pragma GCC unroll 4
+    for (int g = 0; g < kGroup; ++g) acc += coeff[g] * load_vec(rows[g] + i);
+    store_vec(y + i, acc);
+  }
+  for (; i < n; ++i) {
+    float acc = y[i];
+    for (int g = 0; g < kGroup; ++g) acc += coeff[g] * static_cast<float>(rows[g][i]);
+    y[i] = acc;
+  }
+}
+#else
+template <typename w_t>
+void hidden_dots_f32(const float* x, const w_t* up_row, const w_t* gate_row, int64_t n, float* up,
+                     float* gate) {
+  *up = cpu::dot_f32(x, up_row, n);
+  if (gate_row != nullptr) *gate = cpu::dot_f32(x, gate_row, n);
+}
+template <typename w_t>
+void accumulate_rows_f32(float* y, const float* coeff, const w_t* const* rows, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int g = 0; g < kGroup; ++g) y[i] += coeff[g] * static_cast<float>(rows[g][i]);
+  }
+}
+#endif
+
+// Target-cloned entry points (see cpu_vec.h); fp16 stays on the baseline ISA, where its
+// conversion is a library call either way.
+FASTLLM_MULTIVERSION void hidden_dots(const float* x, const float* up_row, const float* gate_row,
+                                      int64_t n, float* up, float* gate) {
+  hidden_dots_f32(x, up_row, gate_row, n, up, gate);
+}
+FASTLLM_MULTIVERSION void hidden_dots(const float* x, const c10::BFloat16* up_row,
+                                      const c10::BFloat16* gate_row, int64_t n, float* up,
+                                      float* gate) {
+  hidden_dots_f32(x, up_row, gate_row, n, up, gate);
+}
+void hidden_dots(const float* x, const c10::Half* up_row, const c10::Half* gate_row, int64_t n,
+                 float* up, float* gate) {
+  hidden_dots_f32(x, up_row, gate_row, n, up, gate);
+}
+void hidden_dots(const float* x, const double* up_row, const double* gate_row, int64_t n,
+                 float* up, float* gate) {
+  hidden_dots_f32(x, up_row, gate_row, n, up, gate);
+}
+FASTLLM_MULTIVERSION void accumulate_rows(float* y, const float* coeff, const float* const* rows,
+                                          int64_t n) {
+  accumulate_rows_f32(y, coeff, rows, n);
+}
+FASTLLM_MULTIVERSION void accumulate_rows(float* y, const float* coeff,
+                                          const c10::BFloat16* const* rows, int64_t n) {
+  accumulate_rows_f32(y, coeff, rows, n);
+}
+void accumulate_rows(float* y, const float* coeff, const c10::Half* const* rows, int64_t n) {
+  accumulate_rows_f32(y, coeff, rows, n);
+}
+void accumulate_rows(float* y, const float* coeff, const double* const* rows, int64_t n) {
+  accumulate_rows_f32(y, coeff, rows, n);
 }
 
 template <typename index_t>
@@ -113,7 +161,6 @@ void sparse_mlp_kernel(const at::Tensor& x, const at::Tensor& w_up,
                        const c10::optional<at::Tensor>& b_down, const at::Tensor& idx,
                        const std::vector<int64_t>& count_of, Activation act,
                        const SparseMlpShape& s, at::Tensor& out) {
-  const Kernels& kern = kernels();
   const index_t* ip = idx.const_data_ptr<index_t>();
   const scalar_t* wu = w_up.const_data_ptr<scalar_t>();
   const scalar_t* wg = s.gated ? w_gate->const_data_ptr<scalar_t>() : nullptr;
@@ -132,7 +179,6 @@ void sparse_mlp_kernel(const at::Tensor& x, const at::Tensor& w_up,
   // a task is one (row, position) pair.
   const int64_t tasks = s.per_row ? B * k : k;
   at::parallel_for(0, tasks, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> up_buf, gate_buf;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b0 = s.per_row ? t / k : 0;
       const int64_t j = s.per_row ? t % k : t;
@@ -144,48 +190,70 @@ void sparse_mlp_kernel(const at::Tensor& x, const at::Tensor& w_up,
         FASTLLM_PREFETCH(wu + next * d);
         if (s.gated) FASTLLM_PREFETCH(wg + next * d);
       }
-      const float* up_row = as_float(wu + neuron * d, d, up_buf);
-      const float* gate_row = s.gated ? as_float(wg + neuron * d, d, gate_buf) : nullptr;
+      const scalar_t* up_row = wu + neuron * d;
+      const scalar_t* gate_row = s.gated ? wg + neuron * d : nullptr;
       const float up_bias = bu ? static_cast<float>(bu[neuron]) : 0.f;
       const float gate_bias = bg ? static_cast<float>(bg[neuron]) : 0.f;
       const int64_t b_end = s.per_row ? b0 + 1 : B;
       for (int64_t b = b0; b < b_end; ++b) {
-        const float up = kern.dot(up_row, xf + b * d, d) + up_bias;
-        const float gate = s.gated ? kern.dot(gate_row, xf + b * d, d) + gate_bias : 0.f;
-        h[b * k + j] = hidden_value(act, s.gated, up, gate);
+        float up = 0.f, gate = 0.f;
+        hidden_dots(xf + b * d, up_row, gate_row, d, &up, &gate);
+        h[b * k + j] = hidden_value(act, s.gated, up + up_bias, gate + gate_bias);
       }
     }
   });
 
-  // Phase 2: down projection, one owner per (row group, column block). Blocks are wide enough for
-  // long contiguous reads of each active row and numerous enough to keep every thread busy.
-  // One column block per thread (at least 256 columns): each active row is then read in the
-  // longest contiguous runs the split allows, which is what keeps the hardware prefetcher busy.
+  // The positions whose down row is needed, per set: ReLU zeros (in every row of the set) cost
+  // no weight reads.
+  const int64_t groups = s.per_row ? B : 1;
+  std::vector<int64_t> live(static_cast<size_t>(groups * k));
+  std::vector<int64_t> live_count(static_cast<size_t>(groups), 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t b_begin = s.per_row ? g : 0, b_end = s.per_row ? g + 1 : B;
+    const int64_t count = s.per_row ? count_of[g] : k;
+    for (int64_t j = 0; j < count; ++j) {
+      bool nonzero = false;
+      for (int64_t b = b_begin; b < b_end && !nonzero; ++b) nonzero = h[b * k + j] != 0.f;
+      if (nonzero) live[g * k + live_count[g]++] = j;
+    }
+  }
+
+  // Phase 2: down projection, one owner per (set, column block). One column block per thread (at
+  // least 256 columns): each active row is then read in the longest contiguous runs the split
+  // allows, which is what keeps the hardware prefetcher busy.
   const int64_t threads = at::get_num_threads();
   int64_t block = std::max<int64_t>(256, (dout + threads - 1) / threads);
   block = std::min<int64_t>(dout, (block + 15) / 16 * 16);
   const int64_t col_blocks = block > 0 ? (dout + block - 1) / block : 0;
-  const int64_t groups = s.per_row ? B : 1;
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, groups * col_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc, row_buf;
+    std::vector<float> acc;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / col_blocks;
       const int64_t c0 = (task % col_blocks) * block;
       const int64_t width = std::min(block, dout - c0);
       const int64_t b_begin = s.per_row ? g : 0;
       const int64_t b_end = s.per_row ? g + 1 : B;
-      const int64_t count = s.per_row ? count_of[g] : k;
+      const index_t* set = ip + (s.per_row ? g * k : 0);
+      const int64_t* positions = live.data() + g * k;
+      const int64_t n_live = live_count[g];
       acc.assign(static_cast<size_t>((b_end - b_begin) * width), 0.f);
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t neuron = ip[(s.per_row ? g * k : 0) + j];
-        if (j + 1 < count) FASTLLM_PREFETCH(wd + ip[(s.per_row ? g * k : 0) + j + 1] * dout + c0);
-        const float* w_row = nullptr;
+      for (int64_t first = 0; first < n_live; first += kGroup) {
+        const int64_t n = std::min<int64_t>(kGroup, n_live - first);
+        const scalar_t* rows[kGroup];
+        for (int64_t r = 0; r < kGroup; ++r) {
+          // A short last group repeats its first row (cache-hot) with coefficient 0.
+          rows[r] = wd + set[positions[first + (r < n ? r : 0)]] * dout + c0;
+        }
+        for (int64_t r = 0; first + kGroup + r < n_live && r < kGroup; ++r) {
+          FASTLLM_PREFETCH(wd + set[positions[first + kGroup + r]] * dout + c0);
+        }
         for (int64_t b = b_begin; b < b_end; ++b) {
-          const float hv = h[b * k + j];
-          if (hv == 0.f) continue;  // ReLU zeros cost no weight reads
-          if (w_row == nullptr) w_row = as_float(wd + neuron * dout + c0, width, row_buf);
-          kern.axpy(hv, w_row, acc.data() + (b - b_begin) * width, width);
+          float coeff[kGroup];
+          for (int64_t r = 0; r < kGroup; ++r) {
+            coeff[r] = r < n ? h[b * k + positions[first + r]] : 0.f;
+          }
+          accumulate_rows(acc.data() + (b - b_begin) * width, coeff, rows, width);
         }
       }
       for (int64_t b = b_begin; b < b_end; ++b) {

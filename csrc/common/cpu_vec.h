@@ -1,0 +1,68 @@
+// fp32 inner loops for the CPU kernels, written on 16-float vectors (GCC/Clang vector extension):
+// one AVX-512 register, two AVX2 or four SSE ones, whichever target clone the including kernel
+// runs. Plain loops over float arrays left the accumulators in memory, and a single chain of
+// FMAs waits on its own latency every step; these keep several independent chains in registers.
+// Reduced-precision weights are widened lane by lane as they are loaded.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+// Compile a kernel's hot loops for AVX-512, AVX2 and the baseline and pick at load time: the build
+// targets plain x86-64, which would leave these loops at SSE2 width.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTLLM_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTLLM_MULTIVERSION
+#endif
+
+namespace fastllm::cpu {
+
+#if defined(__GNUC__)
+#define FASTLLM_HAVE_VEC 1
+#define FASTLLM_INLINE inline __attribute__((always_inline))
+typedef float VecF __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+
+FASTLLM_INLINE VecF load_vec(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename w_t>
+FASTLLM_INLINE VecF load_vec(const w_t* p) {
+  float widened[kLanes];
+  for (int l = 0; l < kLanes; ++l) widened[l] = static_cast<float>(p[l]);
+  return load_vec(widened);
+}
+FASTLLM_INLINE void store_vec(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+FASTLLM_INLINE float horizontal_sum(VecF v) {
+  float sum = 0;
+  for (int l = 0; l < kLanes; ++l) sum += v[l];
+  return sum;
+}
+
+// x . w with four independent accumulators.
+template <typename w_t>
+FASTLLM_INLINE float dot_f32(const float* __restrict__ x, const w_t* __restrict__ w, int64_t n) {
+  VecF acc[4] = {};
+  int64_t k = 0;
+  for (; k + 4 * kLanes <= n; k += 4 * kLanes) {
+    for (int u = 0; u < 4; ++u) acc[u] += load_vec(x + k + u * kLanes) * load_vec(w + k + u * kLanes);
+  }
+  for (; k + kLanes <= n; k += kLanes) acc[0] += load_vec(x + k) * load_vec(w + k);
+  float sum = horizontal_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  for (; k < n; ++k) sum += x[k] * static_cast<float>(w[k]);
+  return sum;
+}
+#else
+#define FASTLLM_INLINE inline
+template <typename w_t>
+float dot_f32(const float* x, const w_t* w, int64_t n) {
+  float sum = 0;
+  for (int64_t k = 0; k < n; ++k) sum += x[k] * static_cast<float>(w[k]);
+  return sum;
+}
+#endif
+
+}  // namespace fastllm::cpu
