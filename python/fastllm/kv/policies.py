@@ -177,8 +177,9 @@ def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recover
     Deviation from the paper, and why: FastGen ranks and checks by the whole prompt's attention,
     most of which comes from queries reading nearby text. A fact that only the closing question
     asks for gets almost none of it, so heads keep fragments of the fact and lose it. The last
-    queries attend the way decode will (SnapKV's observation). Measured in bench/bench_kv.py
-    (needles and perplexity with the paper's settings, heavy_pool=1 observe=0).
+    queries attend the way decode will (SnapKV's observation). Measured against the paper's
+    settings (heavy_pool=1, observe=0) in bench/bench_kv.py and, on held-out needles too, in
+    bench/kv_settings_study.py.
 
     Returns ``(policies, kept positions per head, heavy-hitter scores [Hkv, L], recovery
     [Hkv, 4])``.
