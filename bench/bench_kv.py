@@ -380,8 +380,14 @@ def profiling_ops(device: str, quick: bool, progress: Progress) -> list[Record]:
 
 
 def run(device: str, quick: bool = False, out_dir=None) -> list[Record]:
-    progress = Progress(CAPABILITY, (8 if quick else 12) + 9 + (2 if quick else 4))
-    records = kernel(device, quick, progress)
-    records += profiling_ops(device, quick, progress)
-    records += quality(device, quick, progress, out_dir)
+    """FASTLLM_KV_BENCH=kernel,profile,quality (the default: all) picks the parts."""
+    parts = os.environ.get("FASTLLM_KV_BENCH", "kernel,profile,quality").split(",")
+    progress = Progress(CAPABILITY, ((8 if quick else 12) if "kernel" in parts else 0)
+                        + (9 if "quality" in parts else 0)
+                        + ((2 if quick else 4) if "profile" in parts else 0))
+    records = kernel(device, quick, progress) if "kernel" in parts else []
+    if "profile" in parts:
+        records += profiling_ops(device, quick, progress)
+    if "quality" in parts:
+        records += quality(device, quick, progress, out_dir)
     return records
