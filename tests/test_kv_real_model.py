@@ -177,3 +177,15 @@ def test_batch_of_two_matches_single_sequences(smollm2, shakespeare):
         [p["policy"] for p in both.stats()["policies"][7][3:]]
     single.release()
     both.release()
+
+
+def test_token_classes_from_the_tokenizer(smollm2):
+    from fastllm.kv.policies import token_classes
+
+    _, tokenizer = smollm2
+    comma = tokenizer(",").input_ids[0]
+    word = tokenizer(" castle").input_ids[0]
+    ids = torch.tensor([[tokenizer.bos_token_id, comma, word, len(tokenizer) + 5]])
+    # special, punctuation, neither, and an id past the tokenizer's vocabulary (a model's padded
+    # embedding rows) counted as neither
+    assert token_classes(tokenizer, ids).tolist() == [[1, 2, 0, 0]]
