@@ -202,7 +202,7 @@ def perplexity(model, passages, make) -> dict:
 def needle_retrieval(model, needles, make) -> dict:
     """Retrieved = every answer token is the model's top-1 (teacher-forced), i.e. greedy
     decoding starts with the answer."""
-    cases, tokens, total, mems, hit_cases = 0, 0, 0, [], []
+    tokens, total, mems, hit_cases = 0, 0, [], []
     for needle, answer in needles:
         cache = make()
         _, preds, _, _ = teacher_forced(model, cache, needle, answer)
@@ -211,10 +211,9 @@ def needle_retrieval(model, needles, make) -> dict:
             cache.release()
         hits = [int(p == t) for p, t in zip(preds, answer[0].tolist())]
         hit_cases.append(int(all(hits)))
-        cases += int(all(hits))
         tokens += sum(hits)
         total += len(hits)
-    return {"cases": cases, "tokens": tokens, "total": total, "mem": sum(mems) / len(mems),
+    return {"cases": sum(hit_cases), "tokens": tokens, "total": total, "mem": sum(mems) / len(mems),
             "hits": "".join(map(str, hit_cases))}
 
 

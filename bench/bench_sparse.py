@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import fastllm.ops as ops
 import fastllm.sparse as sparse
-from fastllm.nn import FactoredPredictor, SparseMLP
+from fastllm.nn import FactoredPredictor
 
 from harness import (RESULTS_DIR, Progress, Record, copy_bandwidth_gbs, git_commit, machine_name,
                      time_interleaved)

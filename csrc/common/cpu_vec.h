@@ -55,6 +55,14 @@ FASTLLM_INLINE float dot_f32(const float* __restrict__ x, const w_t* __restrict_
   for (; k < n; ++k) sum += x[k] * static_cast<float>(w[k]);
   return sum;
 }
+
+// y += a * x.
+template <typename w_t>
+FASTLLM_INLINE void axpy_f32(float* __restrict__ y, float a, const w_t* __restrict__ x, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store_vec(y + i, load_vec(y + i) + a * load_vec(x + i));
+  for (; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
+}
 #else
 #define FASTLLM_INLINE inline
 template <typename w_t>
@@ -62,6 +70,10 @@ float dot_f32(const float* x, const w_t* w, int64_t n) {
   float sum = 0;
   for (int64_t k = 0; k < n; ++k) sum += x[k] * static_cast<float>(w[k]);
   return sum;
+}
+template <typename w_t>
+void axpy_f32(float* y, float a, const w_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
 }
 #endif
 

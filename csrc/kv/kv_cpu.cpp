@@ -137,17 +137,6 @@ at::Tensor kv_policy_recovery_cpu(const at::Tensor& q, const at::Tensor& k,
 
 // One cache entry's key against one query, and its value added into one output, on 16-float
 // vectors (common/cpu_vec.h), target-cloned for float and bfloat16; fp16 takes an F16C path.
-template <typename w_t>
-FASTLLM_INLINE void row_axpy_f32(float* __restrict__ y, float a, const w_t* __restrict__ x,
-                                 int64_t n) {
-  int64_t i = 0;
-#ifdef FASTLLM_HAVE_VEC
-  for (; i + cpu::kLanes <= n; i += cpu::kLanes) {
-    cpu::store_vec(y + i, cpu::load_vec(y + i) + a * cpu::load_vec(x + i));
-  }
-#endif
-  for (; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
-}
 FASTLLM_MULTIVERSION float row_dot(const float* q, const float* key, int64_t d) {
   return cpu::dot_f32(q, key, d);
 }
@@ -203,18 +192,18 @@ float row_dot(const float* q, const c10::Half* key, int64_t d) {
 }
 float row_dot(const float* q, const double* key, int64_t d) { return cpu::dot_f32(q, key, d); }
 FASTLLM_MULTIVERSION void row_axpy(float* y, float a, const float* x, int64_t d) {
-  row_axpy_f32(y, a, x, d);
+  cpu::axpy_f32(y, a, x, d);
 }
 FASTLLM_MULTIVERSION void row_axpy(float* y, float a, const c10::BFloat16* x, int64_t d) {
-  row_axpy_f32(y, a, x, d);
+  cpu::axpy_f32(y, a, x, d);
 }
 void row_axpy(float* y, float a, const c10::Half* x, int64_t d) {
 #ifdef FASTLLM_HAVE_F16C_PATH
   if (cpu_has_f16c()) return row_axpy_f16c(y, a, x, d);
 #endif
-  row_axpy_f32(y, a, x, d);
+  cpu::axpy_f32(y, a, x, d);
 }
-void row_axpy(float* y, float a, const double* x, int64_t d) { row_axpy_f32(y, a, x, d); }
+void row_axpy(float* y, float a, const double* x, int64_t d) { cpu::axpy_f32(y, a, x, d); }
 
 template <typename scalar_t>
 void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
@@ -239,7 +228,7 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
   // is read once per step, not once per query head of the group (GQA).
   const int64_t per_group_task = per_task * group;
   at::parallel_for(0, caches * splits, grain_for(per_group_task), [&](int64_t t0, int64_t t1) {
-    std::vector<float> qrows(group * d), m(group), sum(group), p(group);
+    std::vector<float> qrows(group * d), m(group), sum(group);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t s = t % splits, c = t / splits, seq = c / hkv;
       const int64_t first_head = (c % hkv) * group;
@@ -266,9 +255,9 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
       for (int64_t e = begin; e < end; ++e) {
         const scalar_t* value = rows + entry_slot(table + c * pages, e, page_rows) * 2 * d + d;
         for (int64_t g = 0; g < group; ++g) {
-          p[g] = std::exp(lg[g * width + e] - m[g]);
-          sum[g] += p[g];
-          row_axpy(o + (g * splits + s) * d, p[g], value, d);
+          const float p = std::exp(lg[g * width + e] - m[g]);
+          sum[g] += p;
+          row_axpy(o + (g * splits + s) * d, p, value, d);
         }
       }
       for (int64_t g = 0; g < group; ++g) {

@@ -98,8 +98,8 @@ void accumulate_rows_f32(float* y, const float* coeff, const w_t* const* rows, i
 }
 #endif
 
-// Target-cloned entry points (see cpu_vec.h); fp16 stays on the baseline ISA, where its
-// conversion is a library call either way.
+// Target-cloned entry points (see cpu_vec.h). fp16 stays on the baseline ISA: c10::Half's scalar
+// conversion does not vectorize in any clone (kv_cpu.cpp widens fp16 with F16C; not done here).
 FASTLLM_MULTIVERSION void hidden_dots(const float* x, const float* up_row, const float* gate_row,
                                       int64_t n, float* up, float* gate) {
   hidden_dots_f32(x, up_row, gate_row, n, up, gate);

@@ -311,7 +311,7 @@ class FastGenCache(Cache):
         self.page_rows = pool.page_size // self.width
         self.tokenizer = tokenizer
         self._ids: Tensor | None = None
-        self._classes_memo: tuple[Tensor, Tensor] | None = None
+        self._step_classes: Tensor | None = None
         self._mask_memo = None
         self._mask_checked = None
         self.last_profile_seconds = 0.0
@@ -327,7 +327,7 @@ class FastGenCache(Cache):
                 return
             ids = args[0] if args else kwargs.get("input")
             cache._ids = ids
-            cache._classes_memo = None  # a new forward call: its ids may be reused in place
+            cache._step_classes = None  # a new forward call: its ids may be reused in place
 
         self._hook = model.get_input_embeddings().register_forward_pre_hook(remember_ids,
                                                                             with_kwargs=True)
@@ -443,10 +443,9 @@ class FastGenCache(Cache):
                                  "model with input_ids, not inputs_embeds)")
             return torch.zeros(batch, length, dtype=torch.uint8, device=device)
         # Every layer of a step asks for the same ids' classes: look them up once per step.
-        memo = self._classes_memo
-        if memo is None or memo[0] is not ids:
-            memo = self._classes_memo = (ids, token_classes(self.tokenizer, ids))
-        return memo[1].to(device)
+        if self._step_classes is None:
+            self._step_classes = token_classes(self.tokenizer, ids)
+        return self._step_classes.to(device)
 
     def _visible(self, attention_mask, batch: int, queries: int, keys: int) -> Tensor | None:
         """The mask as bool [B, Q, K] on the CPU (True = may attend), or None for plain causal.

@@ -430,7 +430,6 @@ def fit_factored_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: 
     model_dtype = next(model.parameters()).dtype
     predictors = nn.ModuleList(FactoredPredictor(d, n, rank, views[0].activation)
                                for _ in range(n_layers))
-    keep = max(1, int(round((1 - eval_sparsity) * n)))
     stats = []
     for i in _progress(which, "fitting predictors", len(which), progress):
         view, src = views[i], src_of[i]
