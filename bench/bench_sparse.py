@@ -3,15 +3,16 @@
 Speed: one MLP of SmolLM2-135M (576 -> 1536, SiLU-gated) and of Llama-7B (4096 -> 11008) at MLP
 sparsity 50/80/90%, batch 1 and 4 (one shared set, and per-row sets), timed interleaved against
 the dense MLP (three F.linear calls, torch's BLAS). "sparse+pred" includes the factored predictor
-and the top-k; "sparse" is the kernel alone, timed in the same interleave. The ideal speedup is
+and the top-k; "sparse+int8 pred" the quantized predictor (int8 gate and up, group 64) and the
+top-k; "sparse" is the kernel alone; all timed in the same interleave. The ideal speedup is
 1 / (1 - sparsity) (the weight bytes read); GB/s counts the weight bytes the kernel reads.
 
-Decode: tokens/s of SmolLM2 greedy decoding with every MLP sparse (trained predictors, 50%)
-against the dense model, same run.
+Decode: tokens/s of SmolLM2 greedy decoding with every MLP sparse at 50% (factored predictors,
+and int8 predictors) against the dense model, same run.
 
 Quality: SmolLM2 perplexity on held-out tiny-shakespeare against MLP sparsity 30-90% for the
 oracle (each token's top |silu(gate) * up|), threshold (CATS-style |silu(gate)| per layer) and
-predictor modes; predictors and thresholds are fitted on an earlier, disjoint part of the text.
+predictor modes (factored and int8 predictors); predictors and thresholds are fitted on an earlier, disjoint part of the text.
 Quality rows carry the wall time of the evaluation pass (masked compute) in the ms columns: they
 are not speed results. Perplexities, recall and a plot go to sparse_quality.json / .png.
 """
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 import fastllm.ops as ops
 import fastllm.sparse as sparse
-from fastllm.nn import FactoredPredictor
+from fastllm.nn import FactoredPredictor, QuantizedPredictor
 
 from harness import (RESULTS_DIR, Progress, Record, copy_bandwidth_gbs, git_commit, machine_name,
                      time_interleaved)
@@ -50,6 +51,7 @@ def _speed(device: str, quick: bool, progress: Progress) -> list[Record]:
         w_down = torch.randn(d, n, device=device, dtype=dtype) / n ** 0.5
         w_down_t = w_down.t().contiguous()
         pred = FactoredPredictor(d, n, rank).to(device=device, dtype=dtype)
+        int8_pred = QuantizedPredictor.from_weights(w_up, w_gate, group=64)
         for rows, per_row in [(1, False), (4, False), (4, True)]:
             x = torch.randn(rows, d, device=device, dtype=dtype)
             for s in (0.5, 0.8, 0.9):
@@ -72,7 +74,13 @@ def _speed(device: str, quick: bool, progress: Progress) -> list[Record]:
                     sel = top if per_row else top[0]
                     return ops.sparse_mlp(x, w_up, w_down_t, sel, w_gate=w_gate)
 
-                t = time_interleaved({"dense": dense, "kernel": kernel, "pred": with_predictor},
+                def with_int8_predictor():
+                    top = int8_pred.magnitude(x).topk(keep, dim=-1, sorted=False).indices
+                    sel = top if per_row else top[0]
+                    return ops.sparse_mlp(x, w_up, w_down_t, sel, w_gate=w_gate)
+
+                t = time_interleaved({"dense": dense, "kernel": kernel, "pred": with_predictor,
+                                      "int8": with_int8_predictor},
                                      device, repeats=5 if quick else 15)
                 weight_bytes = 3 * keep * d * w_up.element_size() * (rows if per_row else 1)
                 gbs = weight_bytes / t["kernel"] / 1e9
@@ -84,7 +92,16 @@ def _speed(device: str, quick: bool, progress: Progress) -> list[Record]:
                                           "ideal x": ideal,
                                           "of ideal": t["dense"] / t["pred"] / ideal,
                                           "GB/s": gbs, "% copy BW": 100 * gbs / ceiling}))
+                # int8 predictor bytes: codes plus one fp32 scale per 64 columns, gate and up.
+                int8_bytes = 2 * n * d * (1 + 4 / 64)
+                records.append(Record(CAPABILITY, case, "sparse+int8 pred", "dense MLP",
+                                      t["int8"] * 1e3, t["dense"] * 1e3, {
+                                          "ideal x": ideal,
+                                          "of ideal": t["dense"] / t["int8"] / ideal,
+                                          "bytes read / dense": (int8_bytes + weight_bytes) /
+                                          (3 * n * d * w_up.element_size())}))
                 progress.step(f"{case}: {t['dense'] / t['pred']:.2f}x with predictor, "
+                              f"{t['dense'] / t['int8']:.2f}x with int8 predictor, "
                               f"{t['dense'] / t['kernel']:.2f}x kernel only (ideal {ideal:.1f}x)")
     return records
 
@@ -128,20 +145,27 @@ def _quality_and_decode(device: str, quick: bool, progress: Progress, out_dir) -
     # The library defaults: factored predictors of rank <= 15% of the MLP, fitted in closed form.
     preds = sparse.train_predictors(model, calib_ids, eval_sparsity=0.5, progress=True)
     train_s = time.perf_counter() - t0
-    # Recall of the predictor's top-k against the oracle top-k on held-out text, per sparsity.
-    recall = {}
-    for s in (0.3, 0.5, 0.7, 0.9):
-        keep = int(round((1 - s) * preds.identity["n_neurons"]))
+    # The int8 predictors: no fit, the calibration tokens only set the logit offsets.
+    int8_preds = sparse.train_predictors(model, calib_ids[:4], kind="quantized", group=64,
+                                         eval_sparsity=0.5, progress=False)
+    predictor_sets = {"predictor": preds, "predictor int8": int8_preds}
+    # Recall of each predictor's top-k against the oracle top-k on held-out text, per sparsity.
+    recall = {name: {} for name in predictor_sets}
+    for name, p in predictor_sets.items():
+        for s in (0.3, 0.5, 0.7, 0.9):
+            keep = int(round((1 - s) * p.identity["n_neurons"]))
 
-        def hit_rate(i, view, x, keep=keep):
-            with torch.no_grad():
-                top_pred = preds.layers[i](x).topk(keep, dim=-1).indices
-                top_oracle = view.dense_hidden(x).abs().topk(keep, dim=-1).indices
-                mask = torch.zeros(x.shape[0], view.n_neurons, dtype=torch.bool, device=x.device)
-                return mask.scatter_(1, top_oracle, True).gather(1, top_pred).float().mean().item()
+            def hit_rate(i, view, x, keep=keep, p=p):
+                with torch.no_grad():
+                    top_pred = p.layers[i](x).topk(keep, dim=-1).indices
+                    top_oracle = view.dense_hidden(x).abs().topk(keep, dim=-1).indices
+                    mask = torch.zeros(x.shape[0], view.n_neurons, dtype=torch.bool,
+                                       device=x.device)
+                    return mask.scatter_(1, top_oracle, True).gather(1, top_pred).float().mean() \
+                        .item()
 
-        per_layer = sparse.collect_mlp_data(model, eval_ids, hit_rate)
-        recall[s] = sum(sum(v) / len(v) for v in per_layer) / len(per_layer)
+            per_layer = sparse.collect_mlp_data(model, eval_ids, hit_rate)
+            recall[name][s] = sum(sum(v) / len(v) for v in per_layer) / len(per_layer)
 
     records = []
     t0 = time.perf_counter()
@@ -150,27 +174,29 @@ def _quality_and_decode(device: str, quick: bool, progress: Progress, out_dir) -
     results = {"dense_ppl": dense, "eval_tokens": eval_ids.numel(),
                "calibration_tokens": calib_ids.numel(), "predictor_rank": preds.rank,
                "predictor_train_s": train_s, "predictor_stats": preds.stats,
-               "recall_vs_oracle": recall, "modes": {}}
+               "recall_vs_oracle": recall["predictor"],
+               "recall_vs_oracle_int8": recall["predictor int8"], "modes": {}}
     magnitudes = sparse.gate_magnitudes(model, calib_ids)
-    for mode in ("oracle", "threshold", "predictor"):
-        results["modes"][mode] = {}
+    for name in ("oracle", "threshold", "predictor", "predictor int8"):
+        mode = name.split()[0]
+        results["modes"][name] = {}
         for s in (0.3, 0.5, 0.7, 0.9):
             thresholds = sparse.thresholds_from_magnitudes(magnitudes, s)
-            sparse.sparsify(model, s, mode=mode, predictors=preds, thresholds=thresholds,
-                            dense_above=None, compute="masked")
+            sparse.sparsify(model, s, mode=mode, predictors=predictor_sets.get(name),
+                            thresholds=thresholds, dense_above=None, compute="masked")
             t0 = time.perf_counter()
             ppl = _perplexity(model, eval_ids)
             sec = time.perf_counter() - t0
             sparse.densify(model)
-            results["modes"][mode][s] = ppl
+            results["modes"][name][s] = ppl
             metrics = {"ppl": ppl, "ppl / dense": ppl / dense}
-            if mode == "predictor":
-                metrics["recall vs oracle"] = recall[s]
-            records.append(Record(CAPABILITY, f"quality {mode} s={s:.0%}", f"ppl {mode}",
+            if name in recall:
+                metrics["recall vs oracle"] = recall[name][s]
+            records.append(Record(CAPABILITY, f"quality {name} s={s:.0%}", f"ppl {name}",
                                   "ppl dense", sec * 1e3, dense_s * 1e3, metrics))
-            progress.step(f"{mode} {s:.0%}: ppl x{ppl / dense:.3f}")
+            progress.step(f"{name} {s:.0%}: ppl x{ppl / dense:.3f}")
 
-    # End-to-end greedy decode, sparse (predictors, 50%) against dense, interleaved.
+    # End-to-end greedy decode, sparse (each predictor kind, 50%) against dense, interleaved.
     prompt = held[:32].reshape(1, 32).to(device)
     new_tokens = 16 if quick else 32
 
@@ -180,25 +206,31 @@ def _quality_and_decode(device: str, quick: bool, progress: Progress, out_dir) -
                            do_sample=False)
 
     # Modules are built once; the timed calls only swap them in and out (no copies).
-    sparse.sparsify(model, 0.5, mode="predictor", predictors=preds)  # prefill dense (default)
-    installed = sparse.densify(model)
+    installed = {}
+    for name, p in predictor_sets.items():
+        sparse.sparsify(model, 0.5, mode="predictor", predictors=p)  # prefill dense (default)
+        installed[name] = sparse.densify(model)
 
     def dense_generate():
         sparse.densify(model)
         generate()
 
-    def sparse_generate():
-        sparse._reinstall(model, installed)
-        generate()
+    def sparse_generate(name):
+        def run_it():
+            sparse._reinstall(model, installed[name])
+            generate()
+        return run_it
 
-    t = time_interleaved({"dense": dense_generate, "sparse": sparse_generate}, device,
+    t = time_interleaved({"dense": dense_generate,
+                          **{name: sparse_generate(name) for name in installed}}, device,
                          repeats=3 if quick else 5, min_seconds_per_sample=0, warmup=1)
     sparse.densify(model)
-    records.append(Record(CAPABILITY, f"smollm2 decode {new_tokens} tokens s=50%",
-                          "sparse (predictor)", "dense", t["sparse"] * 1e3, t["dense"] * 1e3,
-                          {"tok/s sparse": new_tokens / t["sparse"],
-                           "tok/s dense": new_tokens / t["dense"]}))
-    progress.step(f"decode: {t['dense'] / t['sparse']:.2f}x")
+    for name in installed:
+        records.append(Record(CAPABILITY, f"smollm2 decode {new_tokens} tokens s=50% ({name})",
+                              f"sparse ({name})", "dense", t[name] * 1e3, t["dense"] * 1e3,
+                              {"tok/s sparse": new_tokens / t[name],
+                               "tok/s dense": new_tokens / t["dense"]}))
+        progress.step(f"decode {name}: {t['dense'] / t[name]:.2f}x")
     _save_quality(results, device, pathlib.Path(out_dir))
     return records
 
@@ -229,7 +261,7 @@ def _save_quality(results: dict, device: str, out_dir: pathlib.Path) -> None:
 
 
 def run(device: str, quick: bool = False, out_dir=RESULTS_DIR) -> list[Record]:
-    progress = Progress(CAPABILITY, 2 * 3 * 3 + 12 + 1)
+    progress = Progress(CAPABILITY, 2 * 3 * 3 + 16 + 2)
     threads = torch.get_num_threads()
     if device == "cpu":
         # The project's CPU machines are small and shared: one thread for both sides gives

@@ -6,7 +6,8 @@ is the first r singular directions of the rank-R one, so truncation equals refit
 reports for each rank, on a disjoint held-out part of the text: the predictor's cost as a share
 of the MLP's multiply-adds, its top-k recall against the oracle top-k by |silu(gate) * up| per
 sparsity, and perplexity with every MLP in predictor mode (masked compute: the same selection as
-the kernel). Dense, oracle and the old Deja Vu-style BCE predictor are rows of the same table.
+the kernel). Dense, oracle, the int8 predictors (``kind="quantized"``, one row per ``--int8-groups``
+entry) and the old Deja Vu-style BCE predictor are rows of the same table.
 
     python bench/sparse_predictor_study.py --text /path/tinyshakespeare.txt --calib 32768
 
@@ -97,6 +98,8 @@ def main():
     ap.add_argument("--ppl-ranks", default="104,192,576", help="ranks with a full ppl sweep")
     ap.add_argument("--allocate", default="", help="ranks to try per-layer sparsity at 50%%")
     ap.add_argument("--lowrank", action="store_true", help="also the BCE low-rank predictor")
+    ap.add_argument("--int8-groups", default="64,576",
+                    help="scale group sizes of the int8 predictors ('' for none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/sparse_predictor_study.json")
     args = ap.parse_args()
@@ -143,6 +146,15 @@ def main():
             row(f"factored r={r}, per-layer sparsity ({error} error)",
                 sparse.predictor_cost("factored", d, n, r), None,
                 {0.5: ppl_at(model, held, preds, per_layer)}, {"per_layer_sparsity": per_layer})
+    for group in [int(g) for g in args.int8_groups.split(",") if g]:
+        preds = sparse.train_predictors(model, calib[:4], kind="quantized", group=group,
+                                        progress=False)
+        rec, per_layer = recall_vs_oracle(model, preds, held, sparsities)
+        bytes_share = 2 * (1 + 4 / group) / (3 * 4)  # of the fp32 MLP's weight bytes
+        row(f"int8 gate+up, group {group}", sparse.predictor_cost("quantized", d, n, 0), rec,
+            {s: ppl_at(model, held, preds, s) for s in sparsities},
+            {"recall_per_layer@0.5": per_layer, "bytes_share_fp32": bytes_share,
+             "bytes_share_fp16": 2 * bytes_share})
     if args.lowrank:
         t0 = time.perf_counter()
         preds = sparse.train_predictors(model, calib, kind="lowrank", rank=128, epochs=10,

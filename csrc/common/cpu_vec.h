@@ -18,6 +18,19 @@
 
 namespace fastllm::cpu {
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// For hand-written AVX2 paths (conversions the vector extension leaves scalar), chosen at run
+// time because the build targets plain x86-64.
+#define FASTLLM_HAVE_AVX2_PATHS 1
+inline bool cpu_has_avx2_fma() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+}
+#endif
+
 #if defined(__GNUC__)
 #define FASTLLM_HAVE_VEC 1
 #define FASTLLM_INLINE inline __attribute__((always_inline))

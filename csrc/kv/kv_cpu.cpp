@@ -31,110 +31,6 @@ int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, work_per_item));
 }
 
-// Logits of query head h's rows [start, start + rows) against the keys they may see, into
-// out [rows, visible] (visible = the last row's position + 1). Called inside a parallel region,
-// where ATen's matmul runs single-threaded: one level of parallelism, over heads.
-void head_chunk_logits(const at::Tensor& qf, const at::Tensor& kf, int64_t h, int64_t group,
-                       int64_t start, int64_t rows, int64_t visible, double scale,
-                       at::Tensor& out) {
-  at::mm_out(out, qf[h].narrow(0, start, rows), kf[h / group].narrow(0, 0, visible).t());
-  out.mul_(scale);
-}
-
-// Softmax of row[0..n) in place; the row becomes probabilities.
-inline void softmax_row(float* row, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
-  float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    row[j] = std::exp(row[j] - m);
-    s += row[j];
-  }
-  const float inv = 1.f / s;
-  for (int64_t j = 0; j < n; ++j) row[j] *= inv;
-}
-
-at::Tensor kv_attention_scores_cpu(const at::Tensor& q, const at::Tensor& k, double scale,
-                                   int64_t chunk) {
-  check_profile_args("fastllm.kv_attention_scores", q, k, chunk);
-  const int64_t hq = q.size(0), lq = q.size(1), hkv = k.size(0), lk = k.size(1), d = q.size(2);
-  const int64_t group = hq / hkv, offset = lk - lq;
-  at::Tensor qf = q.to(at::kFloat).contiguous();
-  at::Tensor kf = k.to(at::kFloat).contiguous();
-  at::Tensor acc = at::zeros({hq, lk}, qf.options());
-  float* acc_data = acc.data_ptr<float>();
-  for (int64_t start = 0; start < lq; start += chunk) {
-    const int64_t rows = std::min(chunk, lq - start);
-    const int64_t visible = offset + start + rows;
-    // One task per query head: its rows all add into the same accumulator row, so no races.
-    at::parallel_for(0, hq, grain_for(rows * visible * (d + 3)), [&](int64_t h0, int64_t h1) {
-      at::Tensor logits = at::empty({rows, visible}, qf.options());
-      for (int64_t h = h0; h < h1; ++h) {
-        head_chunk_logits(qf, kf, h, group, start, rows, visible, scale, logits);
-        float* data = logits.data_ptr<float>();
-        float* out = acc_data + h * lk;
-        for (int64_t r = 0; r < rows; ++r) {
-          float* row = data + r * visible;
-          const int64_t n = offset + start + r + 1;
-          softmax_row(row, n);
-          for (int64_t j = 0; j < n; ++j) out[j] += row[j];
-        }
-      }
-    });
-  }
-  return acc.view({hkv, group, lk}).sum(1);
-}
-
-at::Tensor kv_policy_recovery_cpu(const at::Tensor& q, const at::Tensor& k,
-                                  const at::Tensor& key_class, int64_t window, double scale,
-                                  int64_t chunk) {
-  constexpr const char* op = "fastllm.kv_policy_recovery";
-  check_profile_args(op, q, k, chunk);
-  check_key_class(op, k, key_class, window);
-  const int64_t hq = q.size(0), lq = q.size(1), hkv = k.size(0), lk = k.size(1), d = q.size(2);
-  const int64_t group = hq / hkv, offset = lk - lq;
-  at::Tensor qf = q.to(at::kFloat).contiguous();
-  at::Tensor kf = k.to(at::kFloat).contiguous();
-  at::Tensor cls = key_class.contiguous();
-  const uint8_t* cls_data = cls.data_ptr<uint8_t>();
-  std::vector<double> mass(hq * 5, 0.0);
-  for (int64_t start = 0; start < lq; start += chunk) {
-    const int64_t rows = std::min(chunk, lq - start);
-    const int64_t visible = offset + start + rows;
-    at::parallel_for(0, hq, grain_for(rows * visible * (d + 4)), [&](int64_t h0, int64_t h1) {
-      at::Tensor logits = at::empty({rows, visible}, qf.options());
-      for (int64_t h = h0; h < h1; ++h) {
-        head_chunk_logits(qf, kf, h, group, start, rows, visible, scale, logits);
-        float* data = logits.data_ptr<float>();
-        const uint8_t* head_cls = cls_data + (h / group) * lk;
-        for (int64_t r = 0; r < rows; ++r) {
-          float* row = data + r * visible;
-          const int64_t qpos = offset + start + r;
-          softmax_row(row, qpos + 1);
-          float part[5] = {0.f, 0.f, 0.f, 0.f, 0.f};
-          for (int64_t j = 0; j <= qpos; ++j) {
-            part[first_policy_keeping(head_cls[j], qpos, j, window)] += row[j];
-          }
-          for (int p = 0; p < 5; ++p) mass[h * 5 + p] += part[p];
-        }
-      }
-    });
-  }
-  at::Tensor out = at::empty({hkv, 4}, qf.options());
-  float* out_data = out.data_ptr<float>();
-  const double rows_total = static_cast<double>(std::max<int64_t>(lq, 1) * group);
-  for (int64_t g = 0; g < hkv; ++g) {
-    double cumulative = 0.0;
-    for (int p = 0; p < 4; ++p) {
-      double sum = 0.0;
-      for (int64_t h = g * group; h < (g + 1) * group; ++h) sum += mass[h * 5 + p];
-      cumulative += sum;
-      out_data[g * 4 + p] = static_cast<float>(cumulative / rows_total);
-    }
-  }
-  return out;
-}
-
 // One cache entry's key against one query, and its value added into one output, on 16-float
 // vectors (common/cpu_vec.h), target-cloned for float and bfloat16; fp16 takes an F16C path.
 FASTLLM_MULTIVERSION float row_dot(const float* q, const float* key, int64_t d) {
@@ -176,11 +72,7 @@ __attribute__((target("avx2,fma,f16c"))) void row_axpy_f16c(float* y, float a, c
   for (; i < d; ++i) y[i] += a * static_cast<float>(x[i]);
 }
 bool cpu_has_f16c() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
+  static const bool has = cpu::cpu_has_avx2_fma() && __builtin_cpu_supports("f16c");
   return has;
 }
 #endif
@@ -204,6 +96,124 @@ void row_axpy(float* y, float a, const c10::Half* x, int64_t d) {
   cpu::axpy_f32(y, a, x, d);
 }
 void row_axpy(float* y, float a, const double* x, int64_t d) { cpu::axpy_f32(y, a, x, d); }
+
+// Logits of query head h's rows [start, start + rows) against the keys they may see, into
+// out [rows, visible] (visible = the last row's position + 1). Called inside a parallel region,
+// where ATen's matmul runs single-threaded: one level of parallelism, over heads.
+void head_chunk_logits(const at::Tensor& qf, const at::Tensor& kf, int64_t h, int64_t group,
+                       int64_t start, int64_t rows, int64_t visible, double scale,
+                       at::Tensor& out) {
+  at::mm_out(out, qf[h].narrow(0, start, rows), kf[h / group].narrow(0, 0, visible).t());
+  out.mul_(scale);
+}
+
+// Causal softmax of a chunk of logits [rows, visible] whose row r is the query at position
+// first_position + r: the keys after it are masked, then one ATen softmax (vectorized exp) turns
+// the chunk into probabilities, zero past each row's position. A scalar exp per logit was most of
+// the profiling time.
+at::Tensor causal_softmax(at::Tensor& logits, int64_t first_position) {
+  const int64_t rows = logits.size(0), visible = logits.size(1);
+  float* data = logits.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(data + r * visible + first_position + r + 1, data + (r + 1) * visible,
+              -std::numeric_limits<float>::infinity());
+  }
+  return at::_softmax(logits, 1, false);
+}
+
+at::Tensor kv_attention_scores_cpu(const at::Tensor& q, const at::Tensor& k, double scale,
+                                   int64_t chunk) {
+  check_profile_args("fastllm.kv_attention_scores", q, k, chunk);
+  const int64_t hq = q.size(0), lq = q.size(1), hkv = k.size(0), lk = k.size(1), d = q.size(2);
+  const int64_t group = hq / hkv, offset = lk - lq;
+  at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor kf = k.to(at::kFloat).contiguous();
+  at::Tensor acc = at::zeros({hq, lk}, qf.options());
+  for (int64_t start = 0; start < lq; start += chunk) {
+    const int64_t rows = std::min(chunk, lq - start);
+    const int64_t visible = offset + start + rows;
+    // One task per query head: its rows all add into the same accumulator row, so no races.
+    at::parallel_for(0, hq, grain_for(rows * visible * (d + 3)), [&](int64_t h0, int64_t h1) {
+      at::Tensor logits = at::empty({rows, visible}, qf.options());
+      for (int64_t h = h0; h < h1; ++h) {
+        head_chunk_logits(qf, kf, h, group, start, rows, visible, scale, logits);
+        acc[h].narrow(0, 0, visible).add_(causal_softmax(logits, offset + start).sum(0));
+      }
+    });
+  }
+  return acc.view({hkv, group, lk}).sum(1);
+}
+
+at::Tensor kv_policy_recovery_cpu(const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& key_class, int64_t window, double scale,
+                                  int64_t chunk) {
+  constexpr const char* op = "fastllm.kv_policy_recovery";
+  check_profile_args(op, q, k, chunk);
+  check_key_class(op, k, key_class, window);
+  const int64_t hq = q.size(0), lq = q.size(1), hkv = k.size(0), lk = k.size(1), d = q.size(2);
+  const int64_t group = hq / hkv, offset = lk - lq;
+  at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor kf = k.to(at::kFloat).contiguous();
+  // Per KV head, 0/1 masks over the keys by the first policy that keeps them when they are
+  // outside the local window (special, punctuation, heavy, none) and, inside it, whether only the
+  // window keeps them (heavy or none): each policy's share of a row is then a masked dot product
+  // over one or two contiguous ranges, vectorized, instead of a branch per key.
+  enum Mask { kSpecialMask, kPunctMask, kHeavyMask, kNoneMask, kWindowOnlyMask, kMasks };
+  at::Tensor cls = key_class.contiguous();
+  const uint8_t* cls_data = cls.data_ptr<uint8_t>();
+  std::vector<float> masks(static_cast<size_t>(hkv * kMasks * lk), 0.f);
+  for (int64_t g = 0; g < hkv; ++g) {
+    for (int64_t j = 0; j < lk; ++j) {
+      const int policy = first_policy_keeping(cls_data[g * lk + j], lk, j, 0);
+      const int mask = policy == 0 ? kSpecialMask : policy == 1 ? kPunctMask
+                                                    : policy == 3 ? kHeavyMask : kNoneMask;
+      masks[(g * kMasks + mask) * lk + j] = 1.f;
+      if (policy >= 3) masks[(g * kMasks + kWindowOnlyMask) * lk + j] = 1.f;
+    }
+  }
+  std::vector<double> mass(hq * 5, 0.0);
+  for (int64_t start = 0; start < lq; start += chunk) {
+    const int64_t rows = std::min(chunk, lq - start);
+    const int64_t visible = offset + start + rows;
+    at::parallel_for(0, hq, grain_for(rows * visible * (d + 4)), [&](int64_t h0, int64_t h1) {
+      at::Tensor logits = at::empty({rows, visible}, qf.options());
+      for (int64_t h = h0; h < h1; ++h) {
+        head_chunk_logits(qf, kf, h, group, start, rows, visible, scale, logits);
+        const at::Tensor probs = causal_softmax(logits, offset + start);
+        const float* data = probs.const_data_ptr<float>();
+        const float* head_masks = masks.data() + (h / group) * kMasks * lk;
+        auto mask = [&](Mask m) { return head_masks + m * lk; };
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* row = data + r * visible;
+          const int64_t qpos = offset + start + r;
+          // Keys [0, outside) are out of the window; [outside, qpos] inside (see kv_math.h).
+          const int64_t outside = std::max<int64_t>(0, qpos - window + 1);
+          const int64_t inside = qpos + 1 - outside;
+          double* part = &mass[h * 5];
+          part[0] += row_dot(row, mask(kSpecialMask), qpos + 1);
+          part[1] += row_dot(row, mask(kPunctMask), qpos + 1);
+          part[2] += row_dot(row + outside, mask(kWindowOnlyMask) + outside, inside);
+          part[3] += row_dot(row, mask(kHeavyMask), outside);
+          part[4] += row_dot(row, mask(kNoneMask), outside);
+        }
+      }
+    });
+  }
+  at::Tensor out = at::empty({hkv, 4}, qf.options());
+  float* out_data = out.data_ptr<float>();
+  const double rows_total = static_cast<double>(std::max<int64_t>(lq, 1) * group);
+  for (int64_t g = 0; g < hkv; ++g) {
+    double cumulative = 0.0;
+    for (int p = 0; p < 4; ++p) {
+      double sum = 0.0;
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) sum += mass[h * 5 + p];
+      cumulative += sum;
+      out_data[g * 4 + p] = static_cast<float>(cumulative / rows_total);
+    }
+  }
+  return out;
+}
+
 
 template <typename scalar_t>
 void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,

@@ -1,4 +1,5 @@
-"""The sparse MLP op: typed wrapper and fake implementation.
+"""The sparse MLP ops (the kernel and the quantized predictor's scores): typed wrappers and fake
+implementations.
 
 Re-exported by :mod:`fastllm.ops`; the schema lives in ``csrc/registration.cpp``. No autograd:
 the op serves inference (decode); training goes through the dense MLP.
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from ._common import require_kernels_for as _require_kernels_for
 
-__all__ = ["sparse_mlp"]
+__all__ = ["sparse_mlp", "quantized_neuron_scores", "quantize_rows_int8"]
 
 
 def sparse_mlp(x: Tensor, w_up: Tensor, w_down_t: Tensor, active_idx: Tensor, *,
@@ -53,3 +54,57 @@ def _sparse_mlp_fake(x, w_up, w_gate, w_down_t, b_up, b_gate, b_down, active_idx
     torch._check(x.dim() == 2, lambda: "fastllm.sparse_mlp: x must be 2-D")
     torch._check(w_down_t.dim() == 2, lambda: "fastllm.sparse_mlp: w_down_t must be 2-D")
     return x.new_empty((x.shape[0], w_down_t.shape[1]))
+
+
+def quantize_rows_int8(w: Tensor, group: int = 64) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 copy of a ``[n, d]`` weight with one fp32 scale per ``group`` input columns.
+
+    Returns ``(q, scale)``: ``q`` int8 ``[n, d]``, ``scale`` fp32 ``[n, d // group]``, and
+    ``w ~= q * scale`` group by group (``scale = max|w| / 127`` over the group; an all-zero group
+    gets scale 0). ``group`` must divide ``d`` and be a multiple of 16.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"quantize_rows_int8: w must be 2-D, got shape {tuple(w.shape)}")
+    n, d = w.shape
+    if group <= 0 or d % group or group % 16:
+        raise ValueError(f"quantize_rows_int8: group must divide d_in ({d}) and be a positive "
+                         f"multiple of 16, got {group}")
+    grouped = w.detach().float().reshape(n, d // group, group)
+    scale = grouped.abs().amax(dim=-1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(grouped / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(n, d).contiguous(), scale.contiguous()
+
+
+def quantized_neuron_scores(x: Tensor, q_up: Tensor, up_scale: Tensor, *,
+                            q_gate: Tensor | None = None, gate_scale: Tensor | None = None,
+                            b_up: Tensor | None = None, b_gate: Tensor | None = None,
+                            activation: str = "silu") -> Tensor:
+    """Per-neuron scores ``|act(g) * u|`` (``|act(u)|`` without a gate) from int8 weights.
+
+    ``u = sum over column groups of up_scale[:, g] * (q_up[:, group g] . x[group g]) + b_up``,
+    likewise ``g``; see :func:`quantize_rows_int8` for the layout. The scores rank neurons as
+    :meth:`fastllm.nn.SparseMLP.dense_hidden` would, up to the quantization error.
+
+    Args:
+        x: ``[..., d_in]`` float32, float16 or bfloat16.
+        q_up, q_gate: int8 ``[n, d_in]``; up_scale, gate_scale: fp32 ``[n, d_in // group]`` with
+            ``group`` a multiple of 16 (``q_gate`` and ``gate_scale`` together or not at all).
+        b_up, b_gate: optional fp32 ``[n]``.
+        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.
+
+    Returns fp32 ``[..., n]``.
+    """
+    _require_kernels_for(x, "quantized_neuron_scores")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    out = torch.ops.fastllm.quantized_neuron_scores.default(
+        x2.contiguous(), q_up, up_scale, q_gate, gate_scale, b_up, b_gate, activation)
+    return out.reshape(*lead, q_up.shape[0])
+
+
+@torch.library.register_fake("fastllm::quantized_neuron_scores")
+def _quantized_neuron_scores_fake(x, q_up, up_scale, q_gate, gate_scale, b_up, b_gate, activation):
+    torch._check(x.dim() == 2, lambda: "fastllm.quantized_neuron_scores: x must be 2-D")
+    torch._check(q_up.dim() == 2, lambda: "fastllm.quantized_neuron_scores: q_up must be 2-D")
+    return x.new_empty((x.shape[0], q_up.shape[0]), dtype=torch.float32)

@@ -9,10 +9,12 @@ from .galore import (GaLoreAdamWReference, galore_adam8bit_step_reference,
                      galore_adam_step_reference, galore_project_back_reference,
                      galore_project_reference, galore_projector_reference)
 from .lora import lora_expand_reference, lora_shrink_reference
-from .sparse import dense_mlp_reference, sparse_mlp_reference
+from .sparse import (dense_mlp_reference, quantized_neuron_scores_reference,
+                     sparse_mlp_reference)
 
 __all__ = ["pool_gather_reference", "pool_write_reference", "lora_shrink_reference",
            "lora_expand_reference", "dense_mlp_reference", "sparse_mlp_reference",
+           "quantized_neuron_scores_reference",
            "GaLoreAdamWReference", "galore_adam8bit_step_reference",
            "galore_adam_step_reference", "galore_project_back_reference",
            "galore_project_reference", "galore_projector_reference"]

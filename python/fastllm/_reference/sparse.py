@@ -61,3 +61,19 @@ def dense_mlp_reference(x: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: 
     """The dense MLP with nn.Linear weights (``w_down`` is ``[d_out, n]``), in x's dtype."""
     h = _hidden(x, w_up, w_gate, b_up, b_gate, activation)
     return F.linear(h, w_down, b_down)
+
+
+def quantized_neuron_scores_reference(x: Tensor, q_up: Tensor, up_scale: Tensor,
+                                      q_gate: Tensor | None = None,
+                                      gate_scale: Tensor | None = None, b_up: Tensor | None = None,
+                                      b_gate: Tensor | None = None,
+                                      activation: str = "silu") -> Tensor:
+    """Dequantize (``q * scale`` per column group) and score ``|act(g) * u|`` in fp32."""
+    def dequant(q, scale):
+        n, d = q.shape
+        groups = scale.shape[1]
+        return (q.float().reshape(n, groups, d // groups) * scale[..., None].float()).reshape(n, d)
+    w_gate = None if q_gate is None else dequant(q_gate, gate_scale)
+    return _hidden(x.float(), dequant(q_up, up_scale), w_gate,
+                   None if b_up is None else b_up.float(),
+                   None if b_gate is None else b_gate.float(), activation).abs()

@@ -1,5 +1,6 @@
 """Drop-in nn.Module replacements backed by fastllm's kernels."""
 
 from .lora_linear import LoRALinear  # noqa: F401
-from .sparse_mlp import FactoredPredictor, LowRankPredictor, SparseMLP  # noqa: F401
+from .sparse_mlp import (FactoredPredictor, LowRankPredictor, QuantizedPredictor,  # noqa: F401
+                         SparseMLP)
 from .galore_linear import GaLoreLinear, to_galore_linear  # noqa: F401

@@ -7,8 +7,8 @@ active neuron's down weights are one contiguous row. The wrapped module is kept,
 :func:`fastllm.sparse.densify` restores it exactly.
 
 How the active neurons are chosen (``mode``):
-  - ``"predictor"``: a predictor (:class:`FactoredPredictor` or Deja Vu's
-    :class:`LowRankPredictor`) scores every neuron from the MLP input; the top ``keep`` neurons
+  - ``"predictor"``: a predictor (:class:`FactoredPredictor`, :class:`QuantizedPredictor` or
+    Deja Vu's :class:`LowRankPredictor`) scores every neuron from the MLP input; the top ``keep`` neurons
     per token (or those with a logit above ``logit_threshold``) are active. With top-k and the
     kernel, the indices go straight to :func:`fastllm.ops.sparse_mlp` (no mask, no host sync).
   - ``"threshold"``: training-free (CATS style): the gate (fc1 for ReLU models) runs dense and the
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._ops.sparse import sparse_mlp
+from .._ops.sparse import quantize_rows_int8, quantized_neuron_scores, sparse_mlp
 
-__all__ = ["SparseMLP", "LowRankPredictor", "FactoredPredictor"]
+__all__ = ["SparseMLP", "LowRankPredictor", "FactoredPredictor", "QuantizedPredictor"]
 
 _ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.GELU: "gelu"}
 
@@ -92,6 +92,81 @@ class FactoredPredictor(nn.Module):
         act = F.silu(gate) if self.activation == "silu" else F.gelu(
             gate, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return (act * up).abs()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.log(self.magnitude(x) + 1e-12) - self.offset
+
+
+class QuantizedPredictor(nn.Module):
+    """Scores every neuron from an int8 copy of the MLP's own gate and up weights (one fp32 scale
+    per ``group`` input columns): ``|act(g) * u|`` (``|act(u)|`` for a plain MLP) through
+    :func:`fastllm.ops.quantized_neuron_scores`, minus nothing but the quantization error.
+
+    Not trained: it ranks neurons as the dense MLP would, so its top-k recall against the oracle
+    is close to 1, where a low-rank predictor's is limited by its rank. The price is its size:
+    ``1 + 4 / group`` bytes per gate and up weight (a sixth of an fp32 MLP's gate and up bytes, a
+    third of a half-precision one's) and ``2 d n`` multiply-adds (``d n`` without a gate).
+    Scales, biases and the offset stay fp32 when the module is cast to another dtype.
+    """
+
+    _FP32_BUFFERS = ("up_scale", "gate_scale", "b_up", "b_gate", "offset")
+
+    def __init__(self, d_model: int, n_neurons: int, group: int = 64, activation: str = "silu",
+                 gated: bool = True, bias: bool = False):
+        super().__init__()
+        if group <= 0 or d_model % group or group % 16:
+            raise ValueError(f"QuantizedPredictor: group must divide d_model ({d_model}) and be a "
+                             f"positive multiple of 16, got {group}")
+        self.n_neurons, self.activation, self.group = n_neurons, activation, group
+        groups = d_model // group
+        self.register_buffer("q_up", torch.zeros(n_neurons, d_model, dtype=torch.int8))
+        self.register_buffer("up_scale", torch.zeros(n_neurons, groups))
+        self.register_buffer("q_gate", torch.zeros(n_neurons, d_model, dtype=torch.int8)
+                             if gated else None)
+        self.register_buffer("gate_scale", torch.zeros(n_neurons, groups) if gated else None)
+        self.register_buffer("b_up", torch.zeros(n_neurons) if bias else None)
+        self.register_buffer("b_gate", torch.zeros(n_neurons) if bias and gated else None)
+        self.register_buffer("offset", torch.zeros(()))
+
+    @classmethod
+    def from_weights(cls, w_up: Tensor, w_gate: Tensor | None = None, b_up: Tensor | None = None,
+                     b_gate: Tensor | None = None, activation: str = "silu",
+                     group: int = 64) -> "QuantizedPredictor":
+        pred = cls(w_up.shape[1], w_up.shape[0], group, activation, w_gate is not None,
+                   b_up is not None or b_gate is not None)
+        with torch.no_grad():
+            q, scale = quantize_rows_int8(w_up, group)
+            pred.q_up.copy_(q)
+            pred.up_scale.copy_(scale)
+            if w_gate is not None:
+                q, scale = quantize_rows_int8(w_gate, group)
+                pred.q_gate.copy_(q)
+                pred.gate_scale.copy_(scale)
+            for name, b in (("b_up", b_up), ("b_gate", b_gate)):
+                if b is not None and getattr(pred, name) is not None:
+                    getattr(pred, name).copy_(b.detach().float())
+        return pred.to(w_up.device)
+
+    @classmethod
+    def from_state(cls, state: dict, activation: str) -> "QuantizedPredictor":
+        """An empty predictor shaped like a saved state dict (for loading)."""
+        n, d = state["q_up"].shape
+        pred = cls(d, n, d // state["up_scale"].shape[1], activation, "q_gate" in state,
+                   "b_up" in state)
+        pred.load_state_dict(state)
+        return pred
+
+    def _apply(self, fn, recurse=True):
+        kept = {k: self._buffers[k] for k in self._FP32_BUFFERS if self._buffers.get(k) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():  # follow the device, keep fp32 (and the exact values)
+            self._buffers[name] = old.to(self._buffers[name].device)
+        return self
+
+    def magnitude(self, x: Tensor) -> Tensor:
+        return quantized_neuron_scores(x, self.q_up, self.up_scale, q_gate=self.q_gate,
+                                       gate_scale=self.gate_scale, b_up=self.b_up,
+                                       b_gate=self.b_gate, activation=self.activation)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.log(self.magnitude(x) + 1e-12) - self.offset

@@ -8,7 +8,8 @@
 
 ``mode="threshold"`` needs no training: per-layer thresholds on ``|act(gate)|`` are calibrated to
 the target sparsity from ``calibration_ids`` (CATS style). ``mode="oracle"`` keeps each token's
-largest ``|h|`` (quality upper bound). See :class:`fastllm.nn.SparseMLP` for the per-call options.
+largest ``|h|`` (quality upper bound). ``train_predictors(model, ids, kind="quantized")`` scores
+neurons from an int8 copy of the gate and up weights instead of a trained low-rank map. See :class:`fastllm.nn.SparseMLP` for the per-call options.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.sparse_mlp import FactoredPredictor, LowRankPredictor, SparseMLP
+from ..nn.sparse_mlp import FactoredPredictor, LowRankPredictor, QuantizedPredictor, SparseMLP
 from .._ops.sparse import sparse_mlp  # noqa: F401
 
 __all__ = ["sparsify", "densify", "train_predictors", "Predictors", "find_mlps",
            "calibrate_thresholds", "gate_magnitudes", "thresholds_from_magnitudes",
            "collect_mlp_data", "PredictorMismatchError", "default_rank", "predictor_cost",
-           "fit_factored_predictors", "allocate_sparsity"]
+           "fit_factored_predictors", "quantize_predictors", "allocate_sparsity"]
 
 
 class PredictorMismatchError(ValueError):
@@ -197,7 +198,9 @@ class Predictors:
     lookahead: bool = False
     label_share: float = 0.9
     stats: list = field(default_factory=list)  # per layer: recall/precision on held-out tokens
-    kind: str = "lowrank"  # "lowrank" (Deja Vu, BCE-trained) or "factored" (closed form)
+    # "lowrank" (Deja Vu, BCE-trained), "factored" (closed form) or "quantized" (int8 weights;
+    # rank is 0, the group size is in the tensors' shapes)
+    kind: str = "lowrank"
 
     def save(self, path) -> None:
         from safetensors.torch import save_file
@@ -229,12 +232,17 @@ class Predictors:
         rank = int(meta["rank"])
         kind = meta.get("kind", "lowrank")
         activation = _make_view(find_mlps(model)[0]).activation
-        layers = nn.ModuleList(_new_predictor(kind, current["hidden_size"], current["n_neurons"],
-                                              rank, activation)
-                               for _ in range(current["n_layers"]))
-        for i, layer in enumerate(layers):
-            layer.load_state_dict({k.split(".", 2)[2]: v for k, v in tensors.items()
-                                   if k.startswith(f"layers.{i}.")})
+        states = [{k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"layers.{i}.")}
+                  for i in range(current["n_layers"])]
+        if kind == "quantized":
+            layers = nn.ModuleList(QuantizedPredictor.from_state(state, activation)
+                                   for state in states)
+        else:
+            layers = nn.ModuleList(_new_predictor(kind, current["hidden_size"],
+                                                  current["n_neurons"], rank, activation)
+                                   for _ in states)
+            for layer, state in zip(layers, states):
+                layer.load_state_dict(state)
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         layers.to(device=device, dtype=dtype)
@@ -247,14 +255,18 @@ def _new_predictor(kind: str, d: int, n: int, rank: int, activation: str) -> nn.
         return FactoredPredictor(d, n, rank, activation)
     if kind == "lowrank":
         return LowRankPredictor(d, n, rank)
-    raise ValueError(f"fastllm.sparse: unknown predictor kind {kind!r} (expected 'factored' or "
-                     "'lowrank')")
+    raise ValueError(f"fastllm.sparse: unknown predictor kind {kind!r} (expected 'factored', "
+                     "'quantized' or 'lowrank')")
 
 
 def predictor_cost(kind: str, d: int, n: int, rank: int, gated: bool = True) -> float:
     """Multiply-adds of one predictor call as a share of the dense MLP's (``3dn`` gated, ``2dn``
-    plain)."""
-    per_token = rank * (d + 2 * n) if kind == "factored" else rank * (d + n)
+    plain). For ``"quantized"`` (``rank`` unused) they are the gate and up projections' own;
+    what it saves is bytes (int8), see :class:`~fastllm.nn.QuantizedPredictor`."""
+    if kind == "quantized":
+        per_token = (2 if gated else 1) * d * n
+    else:
+        per_token = rank * (d + 2 * n) if kind == "factored" else rank * (d + n)
     return per_token / ((3 if gated else 2) * d * n)
 
 
@@ -291,11 +303,15 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
                      layers: list[int] | None = None, progress: bool = True, seed: int = 0,
                      weighting: bool = False, ridge: float = 1e-3, batch_size: int = 8,
                      epochs: int = 20, lr: float = 1e-3, batch_tokens: int = 256,
-                     magnitude_weight: float = 0.0, init: str = "random") -> Predictors:
+                     magnitude_weight: float = 0.0, init: str = "random",
+                     group: int = 64) -> Predictors:
     """Fit one neuron predictor per MLP from the dense model's activations on ``calibration_ids``.
 
     ``kind="factored"`` (the default for SiLU/GELU-gated models) fits a
     :class:`~fastllm.nn.FactoredPredictor` in closed form, see :func:`fit_factored_predictors`;
+    ``kind="quantized"`` needs no fit: an int8 copy of each MLP's gate and up weights, one scale
+    per ``group`` input columns (:class:`~fastllm.nn.QuantizedPredictor`,
+    :func:`quantize_predictors`); the calibration tokens only set the offsets and the stats.
     ``kind="lowrank"`` (the default for ReLU/plain MLPs, Deja Vu's predictor) trains
     ``Linear(d, rank) -> Linear(rank, n)`` logits with weighted BCE (``label_share``,
     ``epochs``, ``lr``, ``batch_tokens``, ``magnitude_weight``, ``init`` apply to it).
@@ -314,6 +330,14 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
     if kind == "factored" and first.kind != "gated":
         raise ValueError("fastllm.sparse.train_predictors: kind='factored' needs a gated MLP "
                          "(gate/up/down); use kind='lowrank' for ReLU/plain MLPs")
+    if kind == "quantized":
+        if lookahead:
+            raise ValueError("fastllm.sparse.train_predictors: kind='quantized' scores a layer from "
+                             "its own weights and input, so it has no lookahead form; use "
+                             "kind='factored' for lookahead")
+        return quantize_predictors(model, calibration_ids, group=group, label_share=label_share,
+                                   eval_sparsity=eval_sparsity, layers=layers, progress=progress,
+                                   batch_size=batch_size)
     if rank is None:
         rank = default_rank(kind, first.up_w.shape[1], first.n_neurons,
                             first.kind == "gated", max_cost)
@@ -467,6 +491,55 @@ def fit_factored_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: 
     predictors.to(device=device, dtype=model_dtype)
     return Predictors(predictors, _model_identity(model), rank, lookahead, label_share, stats,
                       "factored")
+
+
+@torch.no_grad()
+def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None, *,
+                        group: int = 64, label_share: float = 0.9, eval_sparsity: float = 0.5,
+                        layers: list[int] | None = None, progress: bool = True,
+                        batch_size: int = 8, sample_tokens: int = 2048) -> Predictors:
+    """One :class:`~fastllm.nn.QuantizedPredictor` per MLP: int8 gate and up weights, one fp32 scale
+    per ``group`` input columns. Nothing is fitted. With ``calibration_ids``, one dense pass keeps up
+    to ``sample_tokens`` MLP inputs per layer, which set the offset (``logit > 0`` keeps the
+    ``1 - eval_sparsity`` share) and give ``Predictors.stats`` on those tokens (the predictor was
+    not trained on them, but the offset was set on them). ``layers`` restricts which MLPs get a
+    predictor (the others keep an all-zero one, which scores every neuron 0).
+    """
+    sites = find_mlps(model)
+    views = [_make_view(s) for s in sites]
+    which = list(range(len(sites))) if layers is None else list(layers)
+    first = views[0]
+    d, n = first.up_w.shape[1], first.n_neurons
+    gated, bias = first.kind == "gated", first.up_b is not None
+    predictors = nn.ModuleList(QuantizedPredictor(d, n, group, first.activation, gated, bias)
+                               for _ in sites)
+    for i in _progress(which, "quantizing predictors", len(which), progress):
+        v = views[i]
+        predictors[i] = QuantizedPredictor.from_weights(v.up_w, v.gate_w, v.up_b, v.gate_b,
+                                                        v.activation, group)
+    stats = []
+    if calibration_ids is not None:
+        samples = {i: [] for i in which}
+        kept = dict.fromkeys(which, 0)
+
+        def keep_inputs(i, view, x):
+            if i in samples and kept[i] < sample_tokens:
+                take = x[:sample_tokens - kept[i]].detach()
+                samples[i].append(take)
+                kept[i] += take.shape[0]
+        collect_mlp_data(model, calibration_ids, keep_inputs, batch_size=batch_size)
+        for i in which:
+            x = torch.cat(samples[i])
+            pred = predictors[i]
+            scores = pred(x).float()
+            pred.offset.fill_(scores.flatten().kthvalue(
+                max(1, int(round(eval_sparsity * scores.numel())))).values.item())
+            h_abs = views[i].dense_hidden(x).float().abs().cpu()
+            stats.append({"layer": i, **_held_stats((scores - pred.offset).cpu(), h_abs,
+                                                     share_labels(h_abs, label_share),
+                                                     eval_sparsity)})
+    return Predictors(predictors, _model_identity(model), 0, False, label_share, stats,
+                      "quantized")
 
 
 def _train_lowrank(model: nn.Module, calibration_ids: Tensor, *, rank: int,
