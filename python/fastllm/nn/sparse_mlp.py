@@ -100,7 +100,8 @@ class FactoredPredictor(nn.Module):
 class QuantizedPredictor(nn.Module):
     """Scores every neuron from an int8 copy of the MLP's own gate and up weights (one fp32 scale
     per ``group`` input columns): ``|act(g) * u|`` (``|act(u)|`` for a plain MLP) through
-    :func:`fastllm.ops.quantized_neuron_scores`, minus nothing but the quantization error.
+    :func:`fastllm.ops.quantized_neuron_scores`, which differs from the oracle's score only by the
+    rounding of the weights.
 
     Not trained: it ranks neurons as the dense MLP would, so its top-k recall against the oracle
     is close to 1, where a low-rank predictor's is limited by its rank. The price is its size:
