@@ -70,6 +70,9 @@ class _HeadCaches:
         self.pos = torch.zeros(count, 16, dtype=torch.int64)
         self.score = torch.zeros(count, 16, dtype=torch.float32)
         self.cls = torch.zeros(count, 16, dtype=torch.uint8)
+        # Entries the policy keeps whatever their age and score (specials, punctuation, sinks),
+        # fixed when written, so eviction does not re-derive them from the classes every step.
+        self.fixed = torch.zeros(count, 16, dtype=torch.bool)
         self.keep_special = torch.tensor([p.keep_special for p in policies])
         self.keep_punct = torch.tensor([p.keep_punct for p in policies])
         self.sinks = torch.tensor([p.sinks for p in policies], dtype=torch.int64)
@@ -98,7 +101,7 @@ class _HeadCaches:
             self._device_tables = None
         if entries > self.pos.shape[1]:
             cap = max(entries, 2 * self.pos.shape[1])
-            for name in ("pos", "score", "cls"):
+            for name in ("pos", "score", "cls", "fixed"):
                 old = getattr(self, name)
                 new = torch.zeros(old.shape[0], cap, dtype=old.dtype)
                 new[:, :old.shape[1]] = old
@@ -107,6 +110,11 @@ class _HeadCaches:
     def slots(self, cache: int, entries: Tensor) -> Tensor:
         table = self.page_table[cache].to(torch.int64)
         return table[entries // self.page_rows] * self.page_rows + entries % self.page_rows
+
+    def slots_of(self, caches: Tensor, entries: Tensor) -> Tensor:
+        """Pool slot of entry ``entries[i]`` of cache ``caches[i]``."""
+        pages = self.page_table[caches, entries // self.page_rows].to(torch.int64)
+        return pages * self.page_rows + entries % self.page_rows
 
     def rows_view(self) -> Tensor:
         return self.pool.rows(self.width)
@@ -120,9 +128,31 @@ class _HeadCaches:
         self.pool.write(self.slots(cache, entries).to(self.pool.device), rows.contiguous())
         self.pos[cache, start:start + n] = pos.cpu()
         self.cls[cache, start:start + n] = cls.cpu()
+        self.fixed[cache, start:start + n] = self._fixed(cache, pos.cpu(), cls.cpu())
         self.score[cache, start:start + n] = score.float().cpu()
         self.lengths[cache] = start + n
         self._device_tables = None
+
+    def append_one(self, rows: Tensor, pos: Tensor, cls: Tensor, score: Tensor) -> None:
+        """Append one entry to every cache (rows [count, 2D] on the pool's device): a decode step.
+        One pool write and one indexed store per field for the whole layer; per-cache calls cost
+        a quarter of a decode step's samples in small host ops."""
+        entries = self.lengths.clone()
+        for cache in range(len(self.pages)):
+            self._ensure_capacity(cache, int(entries[cache]) + 1)
+        caches = torch.arange(len(self.pages))
+        self.pool.write(self.slots_of(caches, entries).to(self.pool.device), rows.contiguous())
+        self.pos[caches, entries] = pos.cpu()
+        self.cls[caches, entries] = cls.cpu()
+        self.fixed[caches, entries] = self._fixed(caches, pos.cpu(), cls.cpu())
+        self.score[caches, entries] = score.float().cpu()
+        self.lengths += 1
+        self._device_tables = None
+
+    def _fixed(self, caches, pos: Tensor, cls: Tensor) -> Tensor:
+        """Whether entries (token position ``pos``, class ``cls``) of ``caches`` are kept for good."""
+        return ((self.keep_special[caches] & ((cls & 1) != 0))
+                | (self.keep_punct[caches] & ((cls & 2) != 0)) | (pos < self.sinks[caches]))
 
     def read(self, cache: int) -> Tensor:
         """All entries of one cache as [n, 2D] (the dense fallback for multi-token steps)."""
@@ -142,33 +172,35 @@ class _HeadCaches:
         [count] is each cache's newest token position (sequences are padded differently)."""
         cap = self.pos.shape[1]
         valid = torch.arange(cap)[None, :] < self.lengths[:, None]
-        protected = (self.keep_special[:, None] & ((self.cls & 1) != 0))
-        protected |= self.keep_punct[:, None] & ((self.cls & 2) != 0)
-        protected |= self.pos < self.sinks[:, None]
-        protected |= (newest[:, None] - self.pos) < self.window[:, None]
+        protected = self.fixed | ((newest[:, None] - self.pos) < self.window[:, None])
         candidates = valid & ~protected
         over = (~self.grow) & (candidates.sum(1) > self.heavy)
         if not bool(over.any()):
             return False
         victims = self.score.masked_fill(~candidates, float("inf")).argmin(1)
-        for cache in over.nonzero().flatten().tolist():
-            self._remove(cache, int(victims[cache]))
+        self._remove(over.nonzero().flatten(), victims[over])
         self._device_tables = None
         return True
 
-    def _remove(self, cache: int, entry: int) -> None:
-        last = int(self.lengths[cache]) - 1
-        if entry != last:
-            src = self.slots(cache, torch.tensor([last])).to(self.pool.device)
-            dst = self.slots(cache, torch.tensor([entry])).to(self.pool.device)
-            self.pool.write(dst, self.pool.gather(src, self.width))
-            for name in ("pos", "score", "cls"):
+    def _remove(self, caches: Tensor, entries: Tensor) -> None:
+        """Remove entry ``entries[i]`` of cache ``caches[i]`` (distinct caches): each cache's last
+        entry moves into the hole (order is irrelevant to attention once positions are baked into
+        the keys), all moves in one pool gather and one write."""
+        last = self.lengths[caches] - 1
+        moving = entries != last
+        if bool(moving.any()):
+            into, src, dst = caches[moving], last[moving], entries[moving]
+            self.pool.write(self.slots_of(into, dst).to(self.pool.device),
+                            self.pool.gather(self.slots_of(into, src).to(self.pool.device),
+                                             self.width))
+            for name in ("pos", "score", "cls", "fixed"):
                 arr = getattr(self, name)
-                arr[cache, entry] = arr[cache, last]
-        self.lengths[cache] = last
-        if last % self.page_rows == 0 and self.pages[cache]:
-            # The last page just emptied: give it back.
-            self.pool.free([self.pages[cache].pop()])
+                arr[into, dst] = arr[into, src]
+        self.lengths[caches] = last
+        for cache in caches[last % self.page_rows == 0].tolist():
+            if self.pages[cache]:
+                # The last page just emptied: give it back.
+                self.pool.free([self.pages[cache].pop()])
 
     # ---- batch -----------------------------------------------------------------------------------
 
@@ -181,8 +213,8 @@ class _HeadCaches:
         index = torch.tensor(order, dtype=torch.int64)
         self.pages = [self.pages[i] for i in order]
         self.policies = [self.policies[i] for i in order]
-        for name in ("page_table", "lengths", "pos", "score", "cls", "keep_special", "keep_punct",
-                     "sinks", "window", "heavy", "grow", "offset"):
+        for name in ("page_table", "lengths", "pos", "score", "cls", "fixed", "keep_special",
+                     "keep_punct", "sinks", "window", "heavy", "grow", "offset"):
             setattr(self, name, getattr(self, name)[index].clone())
         self._device_tables = None
 
@@ -576,17 +608,22 @@ class FastGenCache(Cache):
         batch, hkv, n, _ = k.shape
         classes = self._classes(batch, n, torch.device("cpu"))
         columns = torch.arange(layer.seen, layer.seen + n)
-        for b in range(batch):
-            for h in range(hkv):
-                c = b * hkv + h
-                rows = torch.cat([k[b, h], v[b, h]], dim=-1)
-                score = scores_new[c] if scores_new is not None else torch.zeros(n)
-                try:
-                    heads.write(c, rows, columns - heads.offset[c], classes[b], score)
-                except PoolExhaustedError as err:
-                    raise PoolExhaustedError(
-                        f"fastllm.kv: no free page to append token {layer.seen} "
-                        f"(pool of {self.pool.num_pages} pages is full)") from err
+        try:
+            if n == 1 and scores_new is None:  # a decode step: every cache at once
+                heads.append_one(torch.cat([k, v], dim=-1).reshape(batch * hkv, -1),
+                                 layer.seen - heads.offset, classes[:, 0].repeat_interleave(hkv),
+                                 torch.zeros(batch * hkv))
+            else:
+                for b in range(batch):
+                    for h in range(hkv):
+                        c = b * hkv + h
+                        rows = torch.cat([k[b, h], v[b, h]], dim=-1)
+                        score = scores_new[c] if scores_new is not None else torch.zeros(n)
+                        heads.write(c, rows, columns - heads.offset[c], classes[b], score)
+        except PoolExhaustedError as err:
+            raise PoolExhaustedError(
+                f"fastllm.kv: no free page to append token {layer.seen} "
+                f"(pool of {self.pool.num_pages} pages is full)") from err
         layer.seen += n
         layer.valid = torch.cat([layer.valid, torch.ones(batch, n, dtype=torch.bool)], dim=1)
 
