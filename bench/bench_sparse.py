@@ -143,7 +143,8 @@ def _quality_and_decode(device: str, quick: bool, progress: Progress, out_dir) -
 
     t0 = time.perf_counter()
     # The library defaults: factored predictors of rank <= 15% of the MLP, fitted in closed form.
-    preds = sparse.train_predictors(model, calib_ids, eval_sparsity=0.5, progress=True)
+    preds = sparse.train_predictors(model, calib_ids, kind="factored", eval_sparsity=0.5,
+                                    progress=True)
     train_s = time.perf_counter() - t0
     # The int8 predictors: no fit, the calibration tokens only set the logit offsets.
     int8_preds = sparse.train_predictors(model, calib_ids[:4], kind="quantized", group=64,

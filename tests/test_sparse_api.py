@@ -97,7 +97,7 @@ def test_dense_above_runs_large_prefill_dense():
 def test_predictors_train_save_load_and_refuse_other_models(tmp_path):
     model = tiny_llama()
     ids = torch.randint(0, 97, (4, 48))
-    preds = sparse.train_predictors(model, ids, rank=16, epochs=5, progress=False)
+    preds = sparse.train_predictors(model, ids, kind="factored", rank=16, progress=False)
     assert len(preds.stats) == 2
     for s in preds.stats:
         assert 0 <= s["recall"] <= 1 and 0 <= s["precision"] <= 1
@@ -132,7 +132,8 @@ def test_predictor_learns_relu_activity_better_than_chance():
 def test_lookahead_predictors_feed_the_next_layer():
     model = tiny_llama()
     ids = torch.randint(0, 97, (4, 32))
-    preds = sparse.train_predictors(model, ids, rank=16, epochs=2, lookahead=True, progress=False)
+    preds = sparse.train_predictors(model, ids, rank=16, lookahead=True, progress=False)
+    assert preds.kind == "factored"  # auto: the int8 predictor has no lookahead form
     sparse.sparsify(model, 0.5, mode="predictor", predictors=preds, dense_above=None)
     layers = [m for m in model.modules() if isinstance(m, SparseMLP)]
     assert layers[0].next_layer is layers[1]
@@ -162,7 +163,8 @@ def test_full_rank_factored_predictor_ranks_like_the_oracle():
 def test_factored_offset_makes_logit_selection_hit_the_sparsity():
     model = tiny_llama()
     ids = torch.randint(0, 97, (4, 48))
-    preds = sparse.train_predictors(model, ids, rank=16, eval_sparsity=0.7, progress=False)
+    preds = sparse.train_predictors(model, ids, kind="factored", rank=16, eval_sparsity=0.7,
+                                    progress=False)
     sparse.sparsify(model, 0.7, mode="predictor", predictors=preds, selection="logit",
                     dense_above=None)
     logits(model, ids)
@@ -176,7 +178,8 @@ def test_factored_offset_makes_logit_selection_hit_the_sparsity():
 def test_predictor_topk_fast_path_matches_masked(make, rows):
     model = make()
     ids = torch.randint(0, 97, (4, 32))
-    preds = sparse.train_predictors(model, ids, rank=16, epochs=1, progress=False)
+    preds = sparse.train_predictors(model, ids, kind="factored" if make is tiny_llama else "lowrank",
+                                    rank=16, epochs=1, progress=False)
     step = ids[:1, :rows]
     sparse.sparsify(model, 0.6, mode="predictor", predictors=preds, dense_above=None,
                     compute="masked")

@@ -66,10 +66,28 @@ def test_factored_predictor_beats_deja_vu_lowrank_on_real_layers(smollm2, text_i
     model, _ = smollm2
     _, calib_ids = text_ids
     kw = dict(layers=[0, 15], progress=False, heldout=0.25)
-    factored = sparse.train_predictors(model, calib_ids, **kw)
+    factored = sparse.train_predictors(model, calib_ids, kind="factored", **kw)
     assert factored.kind == "factored" and factored.rank == 104
     lowrank = sparse.train_predictors(model, calib_ids, kind="lowrank", rank=128, epochs=4, **kw)
     key = "topk_recall_vs_oracle@0.5"
     for f, l in zip(factored.stats, lowrank.stats):
         assert f[key] > 0.62 and f[key] > l[key] + 0.03, (f, l)
         assert f["precision"] > f["label_density"] + 0.05, f
+
+
+def test_default_int8_predictor_meets_the_recall_and_perplexity_targets(smollm2, text_ids):
+    # Issue 5's targets at 50% sparsity: top-k recall >= 0.95 against the oracle and perplexity
+    # within 5% of dense. The default predictor for a gated MLP is the int8 copy of gate and up.
+    model, _ = smollm2
+    eval_ids, calib_ids = text_ids
+    preds = sparse.train_predictors(model, calib_ids[:1], progress=False)
+    assert preds.kind == "quantized" and preds.layers[0].group == 64
+    assert min(s["topk_recall_vs_oracle@0.5"] for s in preds.stats) > 0.95
+    dense = perplexity(model, eval_ids)
+    try:
+        sparse.sparsify(model, 0.5, mode="predictor", predictors=preds, dense_above=None,
+                        compute="masked")
+        ratio = perplexity(model, eval_ids) / dense
+    finally:
+        sparse.densify(model)
+    assert ratio < 1.05, ratio

@@ -304,9 +304,13 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
                      weighting: bool = False, ridge: float = 1e-3, batch_size: int = 8,
                      epochs: int = 20, lr: float = 1e-3, batch_tokens: int = 256,
                      magnitude_weight: float = 0.0, init: str = "random",
-                     group: int = 64) -> Predictors:
+                     group: int | None = None) -> Predictors:
     """Fit one neuron predictor per MLP from the dense model's activations on ``calibration_ids``.
 
+    ``kind="auto"`` takes ``"quantized"`` for gated MLPs (``"factored"`` with ``lookahead``, which
+    the int8 form has not, or when ``d`` is not a multiple of 16) and ``"lowrank"`` for ReLU/plain
+    MLPs. Why the int8 one for gated MLPs: on SmolLM2 it ranks neurons like the oracle (top-k
+    recall 0.995 at 50%), where the factored predictor at its default cost reaches 0.72.
     ``kind="factored"`` (the default for SiLU/GELU-gated models) fits a
     :class:`~fastllm.nn.FactoredPredictor` in closed form, see :func:`fit_factored_predictors`;
     ``kind="quantized"`` needs no fit: an int8 copy of each MLP's gate and up weights, one scale
@@ -326,7 +330,12 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
     sites = find_mlps(model)
     first = _make_view(sites[0])
     if kind == "auto":
-        kind = "factored" if first.kind == "gated" else "lowrank"
+        if first.kind != "gated":
+            kind = "lowrank"
+        elif lookahead or first.up_w.shape[1] % 16:
+            kind = "factored"
+        else:
+            kind = "quantized"
     if kind == "factored" and first.kind != "gated":
         raise ValueError("fastllm.sparse.train_predictors: kind='factored' needs a gated MLP "
                          "(gate/up/down); use kind='lowrank' for ReLU/plain MLPs")
@@ -495,11 +504,12 @@ def fit_factored_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: 
 
 @torch.no_grad()
 def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None, *,
-                        group: int = 64, label_share: float = 0.9, eval_sparsity: float = 0.5,
+                        group: int | None = None, label_share: float = 0.9, eval_sparsity: float = 0.5,
                         layers: list[int] | None = None, progress: bool = True,
                         batch_size: int = 8, sample_tokens: int = 2048) -> Predictors:
     """One :class:`~fastllm.nn.QuantizedPredictor` per MLP: int8 gate and up weights, one fp32 scale
-    per ``group`` input columns. Nothing is fitted. With ``calibration_ids``, one dense pass keeps up
+    per ``group`` input columns (``None``: 64, or 32 or 16 when 64 does not divide ``d``). Nothing
+    is fitted. With ``calibration_ids``, one dense pass keeps up
     to ``sample_tokens`` MLP inputs per layer, which set the offset (``logit > 0`` keeps the
     ``1 - eval_sparsity`` share) and give ``Predictors.stats`` on those tokens (the predictor was
     not trained on them, but the offset was set on them). ``layers`` restricts which MLPs get a
@@ -511,6 +521,11 @@ def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None,
     first = views[0]
     d, n = first.up_w.shape[1], first.n_neurons
     gated, bias = first.kind == "gated", first.up_b is not None
+    if group is None:
+        group = next((g for g in (64, 32, 16) if d % g == 0), None)
+        if group is None:
+            raise ValueError(f"fastllm.sparse: the int8 predictor needs d_model ({d}) to be a "
+                             "multiple of 16; use kind='factored' or kind='lowrank'")
     predictors = nn.ModuleList(QuantizedPredictor(d, n, group, first.activation, gated, bias)
                                for _ in sites)
     for i in _progress(which, "quantizing predictors", len(which), progress):
