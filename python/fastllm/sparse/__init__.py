@@ -1,6 +1,6 @@
 """Deja Vu contextual sparsity for Llama-family (SiLU-gated) and OPT (ReLU) models.
 
-    preds = fastllm.sparse.train_predictors(model, calibration_ids)      # one pass, closed form
+    preds = fastllm.sparse.train_predictors(model, calibration_ids)      # int8 gate/up (gated)
     preds.save("preds.safetensors")
     fastllm.sparse.sparsify(model, 0.5, mode="predictor", predictors=preds)
     ...  # decode as usual: the MLPs now read only the predicted neurons
@@ -8,8 +8,9 @@
 
 ``mode="threshold"`` needs no training: per-layer thresholds on ``|act(gate)|`` are calibrated to
 the target sparsity from ``calibration_ids`` (CATS style). ``mode="oracle"`` keeps each token's
-largest ``|h|`` (quality upper bound). ``train_predictors(model, ids, kind="quantized")`` scores
-neurons from an int8 copy of the gate and up weights instead of a trained low-rank map. See :class:`fastllm.nn.SparseMLP` for the per-call options.
+largest ``|h|`` (quality upper bound). For gated MLPs the default predictor is an int8 copy of
+the gate and up weights (``kind="quantized"``), not a trained low-rank map. See
+:class:`fastllm.nn.SparseMLP` for the per-call options.
 """
 
 from __future__ import annotations
@@ -311,7 +312,7 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
     the int8 form has not, or when ``d`` is not a multiple of 16) and ``"lowrank"`` for ReLU/plain
     MLPs. Why the int8 one for gated MLPs: on SmolLM2 it ranks neurons like the oracle (top-k
     recall 0.995 at 50%), where the factored predictor at its default cost reaches 0.72.
-    ``kind="factored"`` (the default for SiLU/GELU-gated models) fits a
+    ``kind="factored"`` (gated MLPs) fits a
     :class:`~fastllm.nn.FactoredPredictor` in closed form, see :func:`fit_factored_predictors`;
     ``kind="quantized"`` needs no fit: an int8 copy of each MLP's gate and up weights, one scale
     per ``group`` input columns (:class:`~fastllm.nn.QuantizedPredictor`,
@@ -504,13 +505,14 @@ def fit_factored_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: 
 
 @torch.no_grad()
 def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None, *,
-                        group: int | None = None, label_share: float = 0.9, eval_sparsity: float = 0.5,
+                        group: int | None = None, label_share: float = 0.9,
+                        eval_sparsity: float = 0.5,
                         layers: list[int] | None = None, progress: bool = True,
                         batch_size: int = 8, sample_tokens: int = 2048) -> Predictors:
     """One :class:`~fastllm.nn.QuantizedPredictor` per MLP: int8 gate and up weights, one fp32 scale
     per ``group`` input columns (``None``: 64, or 32 or 16 when 64 does not divide ``d``). Nothing
-    is fitted. With ``calibration_ids``, one dense pass keeps up
-    to ``sample_tokens`` MLP inputs per layer, which set the offset (``logit > 0`` keeps the
+    is fitted. With ``calibration_ids``, one dense pass keeps up to ``sample_tokens`` MLP inputs
+    per layer, which set the offset (``logit > 0`` keeps the
     ``1 - eval_sparsity`` share) and give ``Predictors.stats`` on those tokens (the predictor was
     not trained on them, but the offset was set on them). ``layers`` restricts which MLPs get a
     predictor (the others keep an all-zero one, which scores every neuron 0).
