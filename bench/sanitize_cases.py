@@ -83,6 +83,22 @@ def sparse_cases(device):
         ops.sparse_mlp(x.bfloat16(), w_up.bfloat16(), w_down_t.bfloat16(), per_row,
                        counts=counts, activation="relu", deterministic=deterministic)
     ops.sparse_mlp(x, w_up, w_down_t, shared[:0], w_gate=w_gate)
+    # The int8 predictor's scores: 5 rows (a full and a partial pass of rows), a row length that
+    # ends mid-warp-step (80 = 5 lanes of 16), groups of 16 and the whole row, biases, no gate.
+    from fastllm._ops.sparse import quantize_rows_int8
+    x5 = torch.randn(5, 80, device=device)
+    for group, gated in ((16, True), (80, False)):
+        q_up, up_scale = quantize_rows_int8(torch.randn(n, 80, device=device), group)
+        q_gate, gate_scale = quantize_rows_int8(torch.randn(n, 80, device=device), group) \
+            if gated else (None, None)
+        b_up = torch.randn(n, device=device)
+        out = ops.quantized_neuron_scores(x5.half(), q_up, up_scale, q_gate=q_gate,
+                                          gate_scale=gate_scale, b_up=b_up,
+                                          activation="silu" if gated else "relu")
+        want = ref.quantized_neuron_scores_reference(x5.half(), q_up, up_scale, q_gate,
+                                                     gate_scale, b_up, None,
+                                                     "silu" if gated else "relu")
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
 
 
 def galore_cases(device):
