@@ -183,9 +183,12 @@ def _bad_cases(device):
     yield dict(q_up=torch.zeros(32, 12, dtype=torch.int8, device=device).t()), ValueError, \
         "q_up must be contiguous"
     yield dict(activation="tanh"), ValueError, "activation must be one of"
+    yield dict(x=torch.zeros(2, 0, device=device), q_up=torch.zeros(12, 0, dtype=torch.int8,
+               device=device), q_gate=None, gate_scale=None, b_gate=None), ValueError, \
+        "at least one column"
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(15))
 def test_rejects_bad_arguments(device, case):
     change, error, match = list(_bad_cases(device))[case]
     w = quantized_mlp(32, 12, 16, device)

@@ -66,6 +66,9 @@ inline NeuronScoreShape check_neuron_scores(const char* op, const at::Tensor& x,
   check_dim(op, "x", x, 2);
   check_dtype_in(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
   check_contiguous(op, "x", x);
+  // Zero columns would make the scale group 0 (the kernels divide by it).
+  TORCH_CHECK_VALUE(x.size(1) > 0, op, ": x must have at least one column (d_in > 0), got shape ",
+                    x.sizes());
   check_dim(op, "q_up", q_up, 2);
   const int64_t neurons = q_up.size(0);
   check_quantized_weight(op, "q_up", q_up, "up_scale", up_scale, x, neurons);

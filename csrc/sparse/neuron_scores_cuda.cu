@@ -103,11 +103,11 @@ at::Tensor quantized_neuron_scores_cuda(const at::Tensor& x, const at::Tensor& q
   const NeuronScoreShape s =
       check_neuron_scores(kOp, x, q_up, up_scale, q_gate, gate_scale, b_up, b_gate);
   const Activation act = parse_activation(kOp, std::string(activation));
-  check_aligned("q_up", q_up);
-  if (s.gated) check_aligned("q_gate", *q_gate);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({s.rows, s.neurons}, x.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
+  check_aligned("q_up", q_up);
+  if (s.gated) check_aligned("q_gate", *q_gate);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks =
