@@ -8,6 +8,13 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// For hand-written AVX2 paths (conversions the vector extension leaves scalar), chosen at run
+// time because the build targets plain x86-64.
+#define FASTLLM_HAVE_AVX2_PATHS 1
+#include <immintrin.h>
+#endif
+
 // Compile a kernel's hot loops for AVX-512, AVX2 and the baseline and pick at load time: the build
 // targets plain x86-64, which would leave these loops at SSE2 width.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -18,16 +25,20 @@
 
 namespace fastllm::cpu {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// For hand-written AVX2 paths (conversions the vector extension leaves scalar), chosen at run
-// time because the build targets plain x86-64.
-#define FASTLLM_HAVE_AVX2_PATHS 1
+#ifdef FASTLLM_HAVE_AVX2_PATHS
 inline bool cpu_has_avx2_fma() {
   static const bool has = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
   return has;
+}
+
+// The sum of an AVX register's eight lanes.
+__attribute__((target("avx2,fma"))) inline float lane_sum(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
 }
 #endif
 

@@ -1,8 +1,9 @@
 // CPU kernels for FastGen profiling and ragged decode attention.
 //
 // Profiling works on `chunk` query rows at a time, one task per query head: a matmul gives the
-// head's logits for the chunk, then a fused pass turns each row into probabilities and folds them
-// into the per-key scores or the per-policy masses. Each task holds one [chunk, Lk] block.
+// head's logits for the chunk, one causal softmax turns them into probabilities, and their column
+// sums (per-key scores) or masked dot products (per-policy masses) are folded in. Each task holds
+// one [chunk, Lk] block.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -10,10 +11,6 @@
 #include <cmath>
 #include <limits>
 #include <vector>
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #include "common/cpu_vec.h"
 #include "kv/kv_checks.h"
@@ -39,7 +36,7 @@ FASTLLM_MULTIVERSION float row_dot(const float* q, const float* key, int64_t d) 
 FASTLLM_MULTIVERSION float row_dot(const float* q, const c10::BFloat16* key, int64_t d) {
   return cpu::dot_f32(q, key, d);
 }
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#ifdef FASTLLM_HAVE_AVX2_PATHS
 // fp16 rows: c10::Half's scalar conversion left the fp16 decode at under 1 GB/s; F16C widens
 // eight halves per instruction. Picked at run time (the build targets plain x86-64).
 #define FASTLLM_HAVE_F16C_PATH 1
@@ -53,10 +50,7 @@ __attribute__((target("avx2,fma,f16c"))) float row_dot_f16c(const float* q, cons
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8),
                            _mm256_cvtph_ps(_mm_loadu_si128(halves + 1)), acc1);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
-  float sum = 0.f;
-  for (float lane : lanes) sum += lane;
+  float sum = cpu::lane_sum(_mm256_add_ps(acc0, acc1));
   for (; i < d; ++i) sum += q[i] * static_cast<float>(key[i]);
   return sum;
 }

@@ -108,8 +108,7 @@ class _HeadCaches:
                 setattr(self, name, new)
 
     def slots(self, cache: int, entries: Tensor) -> Tensor:
-        table = self.page_table[cache].to(torch.int64)
-        return table[entries // self.page_rows] * self.page_rows + entries % self.page_rows
+        return self.slots_of(torch.full_like(entries, cache), entries)
 
     def slots_of(self, caches: Tensor, entries: Tensor) -> Tensor:
         """Pool slot of entry ``entries[i]`` of cache ``caches[i]``."""
@@ -126,9 +125,10 @@ class _HeadCaches:
         self._ensure_capacity(cache, start + n)
         entries = torch.arange(start, start + n)
         self.pool.write(self.slots(cache, entries).to(self.pool.device), rows.contiguous())
-        self.pos[cache, start:start + n] = pos.cpu()
-        self.cls[cache, start:start + n] = cls.cpu()
-        self.fixed[cache, start:start + n] = self._fixed(cache, pos.cpu(), cls.cpu())
+        pos, cls = pos.cpu(), cls.cpu()
+        self.pos[cache, start:start + n] = pos
+        self.cls[cache, start:start + n] = cls
+        self.fixed[cache, start:start + n] = self._fixed(cache, pos, cls)
         self.score[cache, start:start + n] = score.float().cpu()
         self.lengths[cache] = start + n
         self._device_tables = None
@@ -142,9 +142,10 @@ class _HeadCaches:
             self._ensure_capacity(cache, int(entries[cache]) + 1)
         caches = torch.arange(len(self.pages))
         self.pool.write(self.slots_of(caches, entries).to(self.pool.device), rows.contiguous())
-        self.pos[caches, entries] = pos.cpu()
-        self.cls[caches, entries] = cls.cpu()
-        self.fixed[caches, entries] = self._fixed(caches, pos.cpu(), cls.cpu())
+        pos, cls = pos.cpu(), cls.cpu()
+        self.pos[caches, entries] = pos
+        self.cls[caches, entries] = cls
+        self.fixed[caches, entries] = self._fixed(caches, pos, cls)
         self.score[caches, entries] = score.float().cpu()
         self.lengths += 1
         self._device_tables = None
