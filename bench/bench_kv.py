@@ -136,15 +136,17 @@ def memory_ratio(cache) -> float:
     return stats["kept_bytes"] / stats["full_bytes"]
 
 
-def needle_cases(tokenizer, text: str, quick: bool, spans: bool = False, heldout: bool = False):
+def needle_cases(tokenizer, text: str, quick: bool, spans: bool = False, heldout: bool = False,
+                 filler_len: int | None = None):
     """(prompt ids, answer ids) per (fact, depth): BOS, filler with the fact at ``depth`` of it,
     then the question and the answer's prefix; with ``spans``, also the fact's (start, stop).
-    ``heldout``: HELDOUT_FACTS at HELDOUT_DEPTHS in a 320-token filler from elsewhere."""
+    ``heldout``: HELDOUT_FACTS at HELDOUT_DEPTHS in a 320-token filler from elsewhere.
+    ``filler_len``: filler tokens instead of the default (at most about 4500)."""
     if heldout:
-        facts, depths, filler_text, filler_len = HELDOUT_FACTS, HELDOUT_DEPTHS, text[90000:110000], 320
+        facts, depths, filler_text, filler_len = HELDOUT_FACTS, HELDOUT_DEPTHS, text[90000:110000], filler_len or 320
     else:
         facts, depths, filler_text = (FACTS[:4] if quick else FACTS), DEPTHS, text[30000:50000]
-        filler_len = 240 if quick else 320
+        filler_len = filler_len or (240 if quick else 320)
     filler = tokenizer(filler_text, return_tensors="pt").input_ids[0, :filler_len]
     bos = torch.tensor([tokenizer.bos_token_id])
     cases = []

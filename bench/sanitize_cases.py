@@ -63,6 +63,24 @@ def kv_cases(device):
     for splits in (1, 3):
         ops.kv_ragged_decode(torch.randn(2, hq, d, device=device).half(), kv_rows.half(), table,
                              lens, page_rows, d ** -0.5, splits)
+    # Eviction: caches shorter and longer than a warp, one that grows, one without evictable
+    # entries, tied scores, step scores narrower than the longest cache.
+    caches, cap = 5, 70
+    lengths = torch.tensor([70, 3, 40, 0, 33])
+    pos = torch.stack([torch.randperm(cap) for _ in range(caches)])
+    score = torch.randint(0, 4, (caches, cap)).float()
+    flags = torch.randint(0, 16, (caches, cap), dtype=torch.uint8)
+    flags[1] |= 8
+    args = [pos, score, flags, lengths, torch.rand(caches, 50), torch.full((caches,), cap),
+            torch.tensor([4, 0, 10, 2, 1]), torch.tensor([10, 0, 5, 0, 2]),
+            torch.tensor([False, False, False, False, True])]
+    want_args = [t.clone() for t in args]
+    got_args = [t.to(device) for t in args]
+    moves = ops.kv_evict_round(*got_args)
+    want = ref.kv_evict_round_reference(*want_args)
+    torch.testing.assert_close(moves.cpu(), want, rtol=0, atol=0)
+    for got, expected in zip(got_args[:4], want_args[:4]):
+        torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
 
 
 def sparse_cases(device):

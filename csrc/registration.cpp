@@ -66,4 +66,11 @@ TORCH_LIBRARY(fastllm, m) {
   // [B, Hq] and per-entry group-summed probabilities float32 [B*Hkv, pages*page_rows].
   m.def("kv_ragged_decode(Tensor q, Tensor kv_rows, Tensor page_table, Tensor lengths, "
         "int page_rows, float scale, int num_splits) -> (Tensor, Tensor, Tensor)");
+  // One decode step's eviction over C ragged caches' bookkeeping, rows [C, capacity]: adds
+  // step_scores [C, W] into score, then every cache (grow false) whose evictable entries (flags bit
+  // 8 clear, newest - pos >= window) outnumber heavy evicts its lowest-score one, the first on
+  // ties, and its last entry's bookkeeping moves into the hole. Returns int64 [C, 2]: (victim,
+  // last) per cache, -1 where none was evicted; the caller moves the pool rows likewise.
+  m.def("kv_evict_round(Tensor(a!) pos, Tensor(b!) score, Tensor(c!) flags, Tensor(d!) lengths, "
+        "Tensor step_scores, Tensor newest, Tensor window, Tensor heavy, Tensor grow) -> Tensor");
 }

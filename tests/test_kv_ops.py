@@ -7,6 +7,7 @@ import fastllm.ops as ops
 from fastllm._reference import (
     dense_masked_decode_reference,
     kv_attention_scores_reference,
+    kv_evict_round_reference,
     kv_policy_recovery_reference,
     kv_ragged_decode_reference,
 )
@@ -169,6 +170,75 @@ def test_ragged_decode_empty_caches(device):
     assert (out == 0).all() and torch.isinf(lse).all() and (scores == 0).all()
 
 
+# ---- eviction bookkeeping -------------------------------------------------------------------------
+
+KEEP = 8
+
+
+def make_bookkeeping(caches, cap, step_width, device, seed=0, tied_scores=False):
+    """Random eviction bookkeeping for ``caches`` caches: (pos, score, flags, lengths, step_scores,
+    newest, window, heavy, grow), entries beyond each length filled with junk the op must ignore."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, cap + 1, (caches,), generator=gen)
+    lengths[0] = cap
+    pos = torch.stack([torch.randperm(2 * cap, generator=gen)[:cap] for _ in range(caches)])
+    score = torch.rand(caches, cap, generator=gen)
+    if tied_scores:
+        score = (score * 3).floor()
+    flags = torch.randint(0, 4, (caches, cap), generator=gen, dtype=torch.uint8)
+    flags |= (torch.rand(caches, cap, generator=gen) < 0.2).to(torch.uint8) * KEEP
+    step = torch.rand(caches, step_width, generator=gen)
+    newest = torch.full((caches,), 2 * cap, dtype=torch.int64)
+    window = torch.randint(0, cap, (caches,), generator=gen)
+    heavy = torch.randint(0, cap // 2 + 1, (caches,), generator=gen)
+    grow = torch.rand(caches, generator=gen) < 0.2
+    return [t.to(device) for t in (pos, score, flags, lengths, step, newest, window, heavy, grow)]
+
+
+@pytest.mark.parametrize("caches, cap, step_width", [(1, 1, 1), (7, 40, 40), (30, 300, 512),
+                                                      (5, 70, 0), (3, 100, 33)])
+@pytest.mark.parametrize("tied_scores", [False, True])
+def test_evict_round_matches_reference(device, caches, cap, step_width, tied_scores):
+    args = make_bookkeeping(caches, cap, step_width, device, tied_scores=tied_scores)
+    want_args = [t.clone() for t in args]
+    got = ops.kv_evict_round(*args)
+    want = kv_evict_round_reference(*want_args)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for name, g, w in zip(("pos", "score", "flags", "lengths"), args[:4], want_args[:4]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=f"{name} differs")
+    assert (got[:, 0] >= 0).any() or caches == 1
+
+
+def test_evict_round_keeps_entries_its_policy_protects(device):
+    """One cache over budget: the victim is the lowest-score entry that is neither KEEP nor in the
+    window, and the last entry takes its place."""
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5]], device=device)
+    score = torch.tensor([[0.0, 0.5, 0.1, 0.9, 0.05, 0.0]], device=device)
+    flags = torch.tensor([[KEEP | 1, 0, 0, 0, 2, 0]], dtype=torch.uint8, device=device)
+    lengths = torch.tensor([6], device=device)
+    one = torch.ones(1, dtype=torch.int64, device=device)
+    moves = ops.kv_evict_round(pos, score, flags, lengths, torch.zeros(1, 0, device=device),
+                               5 * one, 2 * one, 2 * one, torch.zeros(1, dtype=torch.bool,
+                                                                     device=device))
+    # Evictable: entries 1, 2, 3 (0 is KEEP; 4 and 5 lie in the window of 2), more than heavy = 2.
+    # Entries 0, 4 and 5 score lower than entry 2 but are protected, so entry 2 goes.
+    assert moves.tolist() == [[2, 5]]
+    assert lengths.tolist() == [5]
+    assert pos[0, :5].tolist() == [0, 1, 5, 3, 4]
+    assert score[0, :5].tolist() == pytest.approx([0.0, 0.5, 0.0, 0.9, 0.05])
+
+
+def test_evict_round_adds_step_scores_without_evicting(device):
+    pos, score, flags, lengths, step, newest, window, heavy, grow = make_bookkeeping(
+        4, 20, 24, device)
+    heavy.fill_(1000)
+    before = score.clone()
+    moves = ops.kv_evict_round(pos, score, flags, lengths, step, newest, window, heavy, grow)
+    assert (moves == -1).all()
+    cols = torch.arange(20, device=device)[None] < lengths[:, None]
+    torch.testing.assert_close(score, torch.where(cols, before + step[:, :20], before))
+
+
 def test_opcheck(device):
     q3 = random_tensor(6, 11, 8, device=device)
     k3 = random_tensor(2, 11, 8, device=device)
@@ -179,6 +249,8 @@ def test_opcheck(device):
     q = random_tensor(1, 6, 8, device=device)
     torch.library.opcheck(torch.ops.fastllm.kv_ragged_decode.default,
                           (q, kv_rows, table, lens, 4, 0.35, 2))
+    torch.library.opcheck(torch.ops.fastllm.kv_evict_round.default,
+                          tuple(make_bookkeeping(6, 30, 32, device)))
 
 
 # ---- rejections --------------------------------------------------------------------------------
@@ -233,3 +305,35 @@ def test_decode_rejections(device):
         call(q, kv_rows, bad, lens, 4, 1.0)
     with pytest.raises(TypeError, match="kv_rows must have the dtype of q"):
         call(q, kv_rows.half(), table, lens, 4, 1.0)
+
+
+def test_evict_round_rejections_leave_the_bookkeeping_alone(device):
+    args = make_bookkeeping(3, 10, 10, device)
+    names = ("pos", "score", "flags", "lengths", "step_scores", "newest", "window", "heavy", "grow")
+    snapshot = [t.clone() for t in args]
+
+    def call_with(**changes):
+        return ops.kv_evict_round(*[changes.get(n, t) for n, t in zip(names, args)])
+
+    with pytest.raises(TypeError, match="kv_evict_round: pos must have dtype"):
+        call_with(pos=args[0].int())
+    with pytest.raises(TypeError, match="score must have dtype"):
+        call_with(score=args[1].double())
+    with pytest.raises(TypeError, match="flags must have dtype"):
+        call_with(flags=args[2].bool())
+    with pytest.raises(TypeError, match="grow must have dtype"):
+        call_with(grow=args[8].long())
+    with pytest.raises(ValueError, match=r"score must be \[caches, capacity\]"):
+        call_with(score=args[1][:, :5].contiguous())
+    with pytest.raises(ValueError, match=r"heavy must be \[caches\]"):
+        call_with(heavy=args[7][:2].contiguous())
+    with pytest.raises(ValueError, match="step_scores must have one row per cache"):
+        call_with(step_scores=args[4][:2].contiguous())
+    with pytest.raises(ValueError, match="flags must be contiguous"):
+        call_with(flags=args[2].t().contiguous().t())
+    with pytest.raises(ValueError, match="pos must be 2-D"):
+        call_with(pos=args[0][0])
+    with pytest.raises(IndexError, match="lengths must lie in"):
+        call_with(lengths=torch.tensor([3, 11, 0], device=device))
+    for name, before, after in zip(names, snapshot, args):
+        torch.testing.assert_close(after, before, rtol=0, atol=0, msg=f"{name} changed")

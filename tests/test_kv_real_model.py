@@ -114,11 +114,11 @@ def test_fastgen_special_and_punct_heads_keep_them(smollm2, shakespeare):
     for layer in cache.layers:
         heads = layer.heads
         for c, policy in enumerate(heads.policies):
-            cls = heads.cls[c, :int(heads.lengths[c])]
+            cls = heads.flags[c, :int(heads.lengths[c])]
             if policy.name == "special":
                 seen_any = True
                 # at most the newest (just attended, evicted next step) is not special
-                assert int((cls & 1 == 0).sum()) <= 1
+                assert int(((cls & 1) == 0).sum()) <= 1
             if policy.name == "special+punct":
                 assert int(((cls & 3) == 0).sum()) <= 1
     table = profile(model, tokenizer, shakespeare[:300], recovery=0.5)

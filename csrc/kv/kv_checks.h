@@ -69,4 +69,46 @@ inline void check_decode_args(const at::Tensor& q, const at::Tensor& kv_rows,
   check_index_range(op, "page_table", page_table, kv_rows.size(0) / page_rows);
 }
 
+inline void check_evict_args(const at::Tensor& pos, const at::Tensor& score, const at::Tensor& flags,
+                             const at::Tensor& lengths, const at::Tensor& step_scores,
+                             const at::Tensor& newest, const at::Tensor& window,
+                             const at::Tensor& heavy, const at::Tensor& grow) {
+  constexpr const char* op = "fastllm.kv_evict_round";
+  check_dim(op, "pos", pos, 2);
+  check_dtype_in(op, "pos", pos, {at::kLong});
+  const int64_t caches = pos.size(0), cap = pos.size(1);
+  struct Arg {
+    const char* name;
+    const at::Tensor& t;
+    at::ScalarType dtype;
+    bool per_entry;
+  };
+  const Arg args[] = {{"score", score, at::kFloat, true},     {"flags", flags, at::kByte, true},
+                      {"lengths", lengths, at::kLong, false}, {"newest", newest, at::kLong, false},
+                      {"window", window, at::kLong, false},   {"heavy", heavy, at::kLong, false},
+                      {"grow", grow, at::kBool, false}};
+  for (const Arg& arg : args) {
+    check_dtype_in(op, arg.name, arg.t, {arg.dtype});
+    check_same_device(op, "pos", pos, arg.name, arg.t);
+    check_contiguous(op, arg.name, arg.t);
+    if (arg.per_entry) {
+      TORCH_CHECK_VALUE(arg.t.dim() == 2 && arg.t.size(0) == caches && arg.t.size(1) == cap, op,
+                        ": ", arg.name, " must be [caches, capacity] like pos = ", pos.sizes(),
+                        ", got ", arg.t.sizes());
+    } else {
+      TORCH_CHECK_VALUE(arg.t.dim() == 1 && arg.t.size(0) == caches, op, ": ", arg.name,
+                        " must be [caches] = [", caches, "], got ", arg.t.sizes());
+    }
+  }
+  check_contiguous(op, "pos", pos);
+  check_dim(op, "step_scores", step_scores, 2);
+  check_dtype_in(op, "step_scores", step_scores, {at::kFloat});
+  check_same_device(op, "pos", pos, "step_scores", step_scores);
+  check_contiguous(op, "step_scores", step_scores);
+  TORCH_CHECK_VALUE(step_scores.size(0) == caches, op, ": step_scores must have one row per cache (",
+                    caches, "), got ", step_scores.sizes());
+  // Last: it may synchronise with the GPU.
+  check_index_range(op, "lengths", lengths, cap + 1);
+}
+
 }  // namespace fastllm::kv

@@ -326,12 +326,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cpu(
   return {out, lse, scores};
 }
 
+at::Tensor kv_evict_round_cpu(at::Tensor& pos, at::Tensor& score, at::Tensor& flags,
+                              at::Tensor& lengths, const at::Tensor& step_scores,
+                              const at::Tensor& newest, const at::Tensor& window,
+                              const at::Tensor& heavy, const at::Tensor& grow) {
+  check_evict_args(pos, score, flags, lengths, step_scores, newest, window, heavy, grow);
+  const int64_t caches = pos.size(0), cap = pos.size(1), step_width = step_scores.size(1);
+  at::Tensor moves = at::full({caches, 2}, -1, lengths.options());
+  int64_t* pos_data = pos.data_ptr<int64_t>();
+  float* score_data = score.data_ptr<float>();
+  uint8_t* flag_data = flags.data_ptr<uint8_t>();
+  int64_t* len_data = lengths.data_ptr<int64_t>();
+  int64_t* move_data = moves.data_ptr<int64_t>();
+  const float* step_data = step_scores.const_data_ptr<float>();
+  const int64_t* newest_data = newest.const_data_ptr<int64_t>();
+  const int64_t* window_data = window.const_data_ptr<int64_t>();
+  const int64_t* heavy_data = heavy.const_data_ptr<int64_t>();
+  const bool* grow_data = grow.const_data_ptr<bool>();
+  // A decode step has a few dozen caches of a few hundred entries: one thread, no task overhead.
+  for (int64_t c = 0; c < caches; ++c) {
+    const int64_t len = len_data[c];
+    int64_t* p = pos_data + c * cap;
+    float* s = score_data + c * cap;
+    uint8_t* f = flag_data + c * cap;
+    const float* add = step_data + c * step_width;
+    for (int64_t j = 0, n = std::min(len, step_width); j < n; ++j) s[j] += add[j];
+    if (grow_data[c]) continue;
+    int64_t evictable_count = 0, victim = -1;
+    for (int64_t j = 0; j < len; ++j) {
+      if (!evictable(f[j], p[j], newest_data[c], window_data[c])) continue;
+      ++evictable_count;
+      if (victim < 0 || s[j] < s[victim]) victim = j;
+    }
+    if (evictable_count <= heavy_data[c]) continue;
+    const int64_t last = len - 1;
+    p[victim] = p[last];
+    s[victim] = s[last];
+    f[victim] = f[last];
+    len_data[c] = last;
+    move_data[2 * c] = victim;
+    move_data[2 * c + 1] = last;
+  }
+  return moves;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastllm, CPU, m) {
   m.impl("kv_attention_scores", &kv_attention_scores_cpu);
   m.impl("kv_policy_recovery", &kv_policy_recovery_cpu);
   m.impl("kv_ragged_decode", &kv_ragged_decode_cpu);
+  m.impl("kv_evict_round", &kv_evict_round_cpu);
 }
 
 }  // namespace fastllm::kv

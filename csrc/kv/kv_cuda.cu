@@ -292,12 +292,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
   return {out, lse, scores};
 }
 
+// Eviction round: one warp per cache. Lanes stride over the entries (adding the step's scores and
+// counting the evictable ones), a shuffle reduction finds the lowest score (the first entry on
+// ties, as the CPU loop does), and lane 0 moves the last entry's bookkeeping into the hole.
+constexpr int kEvictWarps = 4;
+
+__global__ void evict_round_kernel(int64_t* pos, float* score, uint8_t* flags, int64_t* lengths,
+                                   const float* step_scores, int64_t step_width,
+                                   const int64_t* newest, const int64_t* window,
+                                   const int64_t* heavy, const bool* grow, int64_t* moves,
+                                   int64_t caches, int64_t cap) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kEvictWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (c >= caches) return;  // whole warps leave together: c is uniform within a warp
+  const int64_t len = lengths[c];
+  int64_t* p = pos + c * cap;
+  float* s = score + c * cap;
+  uint8_t* f = flags + c * cap;
+  const int64_t added = len < step_width ? len : step_width;
+  int64_t count = 0, victim = -1;
+  float best = 0.f;
+  for (int64_t j = lane; j < len; j += 32) {
+    float value = s[j];
+    if (j < added) {
+      value += step_scores[c * step_width + j];
+      s[j] = value;
+    }
+    if (evictable(f[j], p[j], newest[c], window[c])) {
+      ++count;
+      if (victim < 0 || value < best) {
+        best = value;
+        victim = j;
+      }
+    }
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    count += __shfl_down_sync(0xffffffffu, count, offset);
+    const float other_best = __shfl_down_sync(0xffffffffu, best, offset);
+    const int64_t other = __shfl_down_sync(0xffffffffu, victim, offset);
+    if (other >= 0 && (victim < 0 || other_best < best || (other_best == best && other < victim))) {
+      best = other_best;
+      victim = other;
+    }
+  }
+  __syncwarp();  // lane 0 reads scores other lanes just wrote
+  if (lane != 0 || grow[c] || count <= heavy[c]) return;
+  const int64_t last = len - 1;
+  p[victim] = p[last];
+  s[victim] = s[last];
+  f[victim] = f[last];
+  lengths[c] = last;
+  moves[2 * c] = victim;
+  moves[2 * c + 1] = last;
+}
+
+at::Tensor kv_evict_round_cuda(at::Tensor& pos, at::Tensor& score, at::Tensor& flags,
+                               at::Tensor& lengths, const at::Tensor& step_scores,
+                               const at::Tensor& newest, const at::Tensor& window,
+                               const at::Tensor& heavy, const at::Tensor& grow) {
+  check_evict_args(pos, score, flags, lengths, step_scores, newest, window, heavy, grow);
+  const c10::cuda::CUDAGuard guard(pos.device());
+  const int64_t caches = pos.size(0);
+  at::Tensor moves = at::full({caches, 2}, -1, lengths.options());
+  if (caches == 0) return moves;
+  const auto blocks = static_cast<unsigned>((caches + kEvictWarps - 1) / kEvictWarps);
+  evict_round_kernel<<<blocks, 32 * kEvictWarps, 0, at::cuda::getCurrentCUDAStream()>>>(
+      pos.data_ptr<int64_t>(), score.data_ptr<float>(), flags.data_ptr<uint8_t>(),
+      lengths.data_ptr<int64_t>(), step_scores.const_data_ptr<float>(), step_scores.size(1),
+      newest.const_data_ptr<int64_t>(), window.const_data_ptr<int64_t>(),
+      heavy.const_data_ptr<int64_t>(), grow.const_data_ptr<bool>(), moves.data_ptr<int64_t>(),
+      caches, pos.size(1));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return moves;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastllm, CUDA, m) {
   m.impl("kv_attention_scores", &kv_attention_scores_cuda);
   m.impl("kv_policy_recovery", &kv_policy_recovery_cuda);
   m.impl("kv_ragged_decode", &kv_ragged_decode_cuda);
+  m.impl("kv_evict_round", &kv_evict_round_cuda);
 }
 
 }  // namespace fastllm::kv

@@ -12,6 +12,9 @@ namespace fastllm::kv {
 constexpr int kSpecial = 1;
 constexpr int kPunct = 2;
 constexpr int kHeavy = 4;
+// Cache-entry flags bit: the entry's policy keeps it for good (a special or punctuation token its
+// policy keeps, or a sink); the low bits are the token's class as above.
+constexpr int kKeep = 8;
 
 // Which of FastGen's cumulative policies first keeps key j for a query at position qpos:
 // 0 special, 1 punctuation, 2 locality, 3 frequency, 4 only the full cache.
@@ -21,6 +24,12 @@ FASTLLM_HOST_DEVICE int first_policy_keeping(int key_class, int64_t qpos, int64_
   if (qpos - j < window) return 2;
   if (key_class & kHeavy) return 3;
   return 4;
+}
+
+// Whether a cache entry (token position pos, flags) may be evicted once the newest token is at
+// position newest: not kept for good and outside the policy's local window.
+FASTLLM_HOST_DEVICE bool evictable(int flags, int64_t pos, int64_t newest, int64_t window) {
+  return !(flags & kKeep) && newest - pos >= window;
 }
 
 // Pool slot of entry e of a ragged cache whose pages are page_row (one row of the page table).

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ._common import require_kernels_for as _require_kernels_for
 
-__all__ = ["kv_attention_scores", "kv_policy_recovery", "kv_ragged_decode"]
+__all__ = ["kv_attention_scores", "kv_evict_round", "kv_policy_recovery", "kv_ragged_decode"]
 
 
 def kv_attention_scores(q: Tensor, k: Tensor, scale: float, chunk: int = 128) -> Tensor:
@@ -68,6 +68,32 @@ def kv_ragged_decode(q: Tensor, kv_rows: Tensor, page_table: Tensor, lengths: Te
                                                       scale, num_splits)
 
 
+def kv_evict_round(pos: Tensor, score: Tensor, flags: Tensor, lengths: Tensor,
+                   step_scores: Tensor, newest: Tensor, window: Tensor, heavy: Tensor,
+                   grow: Tensor) -> Tensor:
+    """One decode step's eviction over ``C`` ragged caches' bookkeeping, in place.
+
+    Args:
+        pos: int64 ``[C, capacity]`` token position of each entry (entry ``e`` in column ``e``).
+        score: float32 ``[C, capacity]`` accumulated attention (the heavy-hitter statistic).
+        flags: uint8 ``[C, capacity]``: class bits (1 special, 2 punctuation) and 8 = kept for
+            good by the cache's policy.
+        lengths: int64 ``[C]`` entries held; the first ``lengths[c]`` columns are valid.
+        step_scores: float32 ``[C, W]`` added into ``score`` first (``[C, 0]`` for none).
+        newest: int64 ``[C]`` the newest token's position in each cache's sequence.
+        window, heavy: int64 ``[C]`` the policy's local window and heavy-hitter count.
+        grow: bool ``[C]`` caches that never evict.
+
+    A cache evicts when it does not grow and more than ``heavy`` of its entries are evictable
+    (flag 8 clear, ``newest - pos >= window``): the lowest-score one, the first on ties; its last
+    entry's bookkeeping moves into the hole and ``lengths`` drops by one. Returns int64 ``[C, 2]``
+    (victim, last) per cache, -1 where none was evicted: the caller moves the pool rows likewise.
+    """
+    _require_kernels_for(pos, "kv_evict_round")
+    return torch.ops.fastllm.kv_evict_round.default(pos, score, flags, lengths, step_scores,
+                                                    newest, window, heavy, grow)
+
+
 @torch.library.register_fake("fastllm::kv_attention_scores")
 def _scores_fake(q, k, scale, chunk):
     return q.new_empty((k.shape[0], k.shape[1]), dtype=torch.float32)
@@ -76,6 +102,11 @@ def _scores_fake(q, k, scale, chunk):
 @torch.library.register_fake("fastllm::kv_policy_recovery")
 def _recovery_fake(q, k, key_class, window, scale, chunk):
     return q.new_empty((k.shape[0], 4), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastllm::kv_evict_round")
+def _evict_fake(pos, score, flags, lengths, step_scores, newest, window, heavy, grow):
+    return lengths.new_empty((pos.shape[0], 2))
 
 
 @torch.library.register_fake("fastllm::kv_ragged_decode")

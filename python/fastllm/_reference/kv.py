@@ -21,6 +21,9 @@ import torch
 from torch import Tensor
 
 SPECIAL, PUNCT, HEAVY = 1, 2, 4
+# Cache-entry flags (kv_evict_round): the token's class bits plus KEEP, set when the entry's policy
+# keeps it for good (a special or punctuation token the policy keeps, or a sink).
+KEEP = 8
 
 
 def _chunk_probs(q: Tensor, k: Tensor, scale: float, chunk: int):
@@ -131,3 +134,34 @@ def dense_masked_decode_reference(q: Tensor, keys: Tensor, values: Tensor, keep:
     logits = logits.masked_fill(~keep.repeat_interleave(group, dim=1), float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return torch.einsum("bht,bhtd->bhd", probs, v).to(q.dtype)
+
+
+def kv_evict_round_reference(pos: Tensor, score: Tensor, flags: Tensor, lengths: Tensor,
+                             step_scores: Tensor, newest: Tensor, window: Tensor, heavy: Tensor,
+                             grow: Tensor) -> Tensor:
+    """One eviction round over ``C`` ragged caches' bookkeeping, in place.
+
+    ``pos`` int64, ``score`` float32 and ``flags`` uint8 are ``[C, capacity]`` (entry ``e`` of cache
+    ``c`` in column ``e``, the first ``lengths[c]`` valid); ``step_scores`` float32 ``[C, W]`` is
+    added into ``score`` first. A cache evicts when it does not ``grow`` and more than ``heavy`` of
+    its entries are evictable: ``KEEP`` clear and ``newest - pos >= window``. Its victim is the
+    evictable entry with the lowest score (the first on ties); its last entry moves into the hole
+    and its length drops by one. Returns int64 ``[C, 2]``: (victim, last) per cache, -1 where none
+    was evicted.
+    """
+    caches, cap = pos.shape
+    width = min(cap, step_scores.shape[1])
+    score[:, :width] += step_scores[:, :width] * (torch.arange(width, device=pos.device)
+                                                  < lengths[:, None])
+    valid = torch.arange(cap, device=pos.device)[None, :] < lengths[:, None]
+    evictable = valid & ((flags & KEEP) == 0) & ((newest[:, None] - pos) >= window[:, None])
+    over = ~grow & (evictable.sum(1) > heavy)
+    victims = score.masked_fill(~evictable, float("inf")).argmin(1)
+    moves = torch.full((caches, 2), -1, dtype=torch.int64, device=pos.device)
+    for c in over.nonzero().flatten().tolist():
+        victim, last = int(victims[c]), int(lengths[c]) - 1
+        for field in (pos, score, flags):
+            field[c, victim] = field[c, last].clone()
+        lengths[c] = last
+        moves[c, 0], moves[c, 1] = victim, last
+    return moves

@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..memory import PagePool, PoolExhaustedError
 from .._ops import kv as kv_ops
+from .._reference.kv import KEEP
 from .policies import (
     POLICIES,
     HeadPolicy,
@@ -69,12 +70,12 @@ class _HeadCaches:
         self.lengths = torch.zeros(count, dtype=torch.int64)
         self.pos = torch.zeros(count, 16, dtype=torch.int64)
         self.score = torch.zeros(count, 16, dtype=torch.float32)
-        self.cls = torch.zeros(count, 16, dtype=torch.uint8)
-        # Entries the policy keeps whatever their age and score (specials, punctuation, sinks),
-        # fixed when written, so eviction does not re-derive them from the classes every step.
-        self.fixed = torch.zeros(count, 16, dtype=torch.bool)
-        self.keep_special = torch.tensor([p.keep_special for p in policies])
-        self.keep_punct = torch.tensor([p.keep_punct for p in policies])
+        # The token's class bits, plus KEEP when the policy keeps the entry whatever its age and
+        # score (specials, punctuation, sinks): set when written, so eviction never re-derives it.
+        self.flags = torch.zeros(count, 16, dtype=torch.uint8)
+        # Class bits (1 special, 2 punctuation) each cache's policy keeps for good.
+        self.keep_classes = torch.tensor([int(p.keep_special) | 2 * int(p.keep_punct)
+                                          for p in policies], dtype=torch.uint8)
         self.sinks = torch.tensor([p.sinks for p in policies], dtype=torch.int64)
         self.window = torch.tensor([p.window for p in policies], dtype=torch.int64)
         self.heavy = torch.tensor([p.heavy for p in policies], dtype=torch.int64)
@@ -101,7 +102,7 @@ class _HeadCaches:
             self._device_tables = None
         if entries > self.pos.shape[1]:
             cap = max(entries, 2 * self.pos.shape[1])
-            for name in ("pos", "score", "cls", "fixed"):
+            for name in ("pos", "score", "flags"):
                 old = getattr(self, name)
                 new = torch.zeros(old.shape[0], cap, dtype=old.dtype)
                 new[:, :old.shape[1]] = old
@@ -127,33 +128,33 @@ class _HeadCaches:
         self.pool.write(self.slots(cache, entries).to(self.pool.device), rows.contiguous())
         pos, cls = pos.cpu(), cls.cpu()
         self.pos[cache, start:start + n] = pos
-        self.cls[cache, start:start + n] = cls
-        self.fixed[cache, start:start + n] = self._fixed(cache, pos, cls)
+        self.flags[cache, start:start + n] = self._flags(cache, pos, cls)
         self.score[cache, start:start + n] = score.float().cpu()
         self.lengths[cache] = start + n
         self._device_tables = None
 
-    def append_one(self, rows: Tensor, pos: Tensor, cls: Tensor, score: Tensor) -> None:
-        """Append one entry to every cache (rows [count, 2D] on the pool's device): a decode step.
+    def append_one(self, rows: Tensor, pos: Tensor, cls: Tensor) -> None:
+        """Append one entry to every cache (rows [count, 2D] on the pool's device, pos and cls
+        [count] on the host), its score 0 until the step's attention adds to it: a decode step.
         One pool write and one indexed store per field for the whole layer; per-cache calls cost
         a quarter of a decode step's samples in small host ops."""
         entries = self.lengths.clone()
-        for cache in range(len(self.pages)):
-            self._ensure_capacity(cache, int(entries[cache]) + 1)
+        if bool((entries % self.page_rows == 0).any()) or int(entries.max()) >= self.pos.shape[1]:
+            for cache in range(len(self.pages)):
+                self._ensure_capacity(cache, int(entries[cache]) + 1)
         caches = torch.arange(len(self.pages))
         self.pool.write(self.slots_of(caches, entries).to(self.pool.device), rows.contiguous())
-        pos, cls = pos.cpu(), cls.cpu()
         self.pos[caches, entries] = pos
-        self.cls[caches, entries] = cls
-        self.fixed[caches, entries] = self._fixed(caches, pos, cls)
-        self.score[caches, entries] = score.float().cpu()
+        self.flags[caches, entries] = self._flags(slice(None), pos, cls)
+        self.score[caches, entries] = 0.0
         self.lengths += 1
         self._device_tables = None
 
-    def _fixed(self, caches, pos: Tensor, cls: Tensor) -> Tensor:
-        """Whether entries (token position ``pos``, class ``cls``) of ``caches`` are kept for good."""
-        return ((self.keep_special[caches] & ((cls & 1) != 0))
-                | (self.keep_punct[caches] & ((cls & 2) != 0)) | (pos < self.sinks[caches]))
+    def _flags(self, caches, pos: Tensor, cls: Tensor) -> Tensor:
+        """Flags of entries (token position ``pos``, class ``cls``) of ``caches``: the class, and
+        KEEP where the cache's policy keeps the entry for good."""
+        keep = ((cls & self.keep_classes[caches]) != 0) | (pos < self.sinks[caches])
+        return cls | keep.to(torch.uint8) * KEEP
 
     def read(self, cache: int) -> Tensor:
         """All entries of one cache as [n, 2D] (the dense fallback for multi-token steps)."""
@@ -168,40 +169,36 @@ class _HeadCaches:
 
     # ---- eviction --------------------------------------------------------------------------------
 
-    def evict_round(self, newest: Tensor) -> bool:
-        """Evict at most one entry per cache that holds more than its policy allows; ``newest``
-        [count] is each cache's newest token position (sequences are padded differently)."""
-        cap = self.pos.shape[1]
-        valid = torch.arange(cap)[None, :] < self.lengths[:, None]
-        protected = self.fixed | ((newest[:, None] - self.pos) < self.window[:, None])
-        candidates = valid & ~protected
-        over = (~self.grow) & (candidates.sum(1) > self.heavy)
-        if not bool(over.any()):
-            return False
-        victims = self.score.masked_fill(~candidates, float("inf")).argmin(1)
-        self._remove(over.nonzero().flatten(), victims[over])
-        self._device_tables = None
-        return True
+    def evict_round(self, newest: Tensor, step_scores: Tensor | None = None) -> bool:
+        """Add ``step_scores`` [count, W] (this step's attention per entry) into the scores, then
+        evict at most one entry per cache that holds more than its policy allows; ``newest``
+        [count] is each cache's newest token position (sequences are padded differently).
 
-    def _remove(self, caches: Tensor, entries: Tensor) -> None:
-        """Remove entry ``entries[i]`` of cache ``caches[i]`` (distinct caches): each cache's last
-        entry moves into the hole (order is irrelevant to attention once positions are baked into
-        the keys), all moves in one pool gather and one write."""
-        last = self.lengths[caches] - 1
-        moving = entries != last
+        The bookkeeping (choice of victims, each cache's last entry moved into its hole: order is
+        irrelevant to attention once positions are baked into the keys) is one op,
+        ``kv_evict_round``; a dozen small tensor ops per layer here made a decode step's
+        bookkeeping cost more than its attention. The pool rows then move in one gather and one
+        write, and pages that emptied go back to the pool."""
+        if step_scores is None:
+            step_scores = torch.empty(len(self.pages), 0)
+        moves = kv_ops.kv_evict_round(self.pos, self.score, self.flags, self.lengths,
+                                      step_scores, newest, self.window, self.heavy, self.grow)
+        caches = (moves[:, 0] >= 0).nonzero().flatten()
+        if caches.numel() == 0:
+            return False
+        victim, last = moves[caches].unbind(1)
+        moving = victim != last
         if bool(moving.any()):
-            into, src, dst = caches[moving], last[moving], entries[moving]
-            self.pool.write(self.slots_of(into, dst).to(self.pool.device),
-                            self.pool.gather(self.slots_of(into, src).to(self.pool.device),
+            into = caches[moving]
+            self.pool.write(self.slots_of(into, victim[moving]).to(self.pool.device),
+                            self.pool.gather(self.slots_of(into, last[moving]).to(self.pool.device),
                                              self.width))
-            for name in ("pos", "score", "cls", "fixed"):
-                arr = getattr(self, name)
-                arr[into, dst] = arr[into, src]
-        self.lengths[caches] = last
         for cache in caches[last % self.page_rows == 0].tolist():
             if self.pages[cache]:
                 # The last page just emptied: give it back.
                 self.pool.free([self.pages[cache].pop()])
+        self._device_tables = None
+        return True
 
     # ---- batch -----------------------------------------------------------------------------------
 
@@ -214,8 +211,8 @@ class _HeadCaches:
         index = torch.tensor(order, dtype=torch.int64)
         self.pages = [self.pages[i] for i in order]
         self.policies = [self.policies[i] for i in order]
-        for name in ("page_table", "lengths", "pos", "score", "cls", "fixed", "keep_special",
-                     "keep_punct", "sinks", "window", "heavy", "grow", "offset"):
+        for name in ("page_table", "lengths", "pos", "score", "flags", "keep_classes", "sinks",
+                     "window", "heavy", "grow", "offset"):
             setattr(self, name, getattr(self, name)[index].clone())
         self._device_tables = None
 
@@ -612,8 +609,7 @@ class FastGenCache(Cache):
         try:
             if n == 1 and scores_new is None:  # a decode step: every cache at once
                 heads.append_one(torch.cat([k, v], dim=-1).reshape(batch * hkv, -1),
-                                 layer.seen - heads.offset, classes[:, 0].repeat_interleave(hkv),
-                                 torch.zeros(batch * hkv))
+                                 layer.seen - heads.offset, classes[:, 0].repeat_interleave(hkv))
             else:
                 for b in range(batch):
                     for h in range(hkv):
@@ -636,10 +632,7 @@ class FastGenCache(Cache):
         splits = max(1, min(32, longest // 512))
         out, _, scores = kv_ops.kv_ragged_decode(q[:, :, 0].contiguous(), heads.rows_view(), table,
                                                   lengths, self.page_rows, scale, splits)
-        cap = heads.score.shape[1]
-        width = min(cap, scores.shape[1])
-        heads.score[:, :width] += scores[:, :width].cpu()
-        heads.evict_round(layer.seen - 1 - heads.offset)
+        heads.evict_round(layer.seen - 1 - heads.offset, scores.cpu())
         return out[:, None]  # [B, 1, Hq, D]
 
     def _extend(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
