@@ -335,5 +335,7 @@ def test_evict_round_rejections_leave_the_bookkeeping_alone(device):
         call_with(pos=args[0][0])
     with pytest.raises(IndexError, match="lengths must lie in"):
         call_with(lengths=torch.tensor([3, 11, 0], device=device))
+    with pytest.raises(ValueError, match="heavy must be >= 0"):
+        call_with(heavy=torch.tensor([0, -1, 2], device=device))
     for name, before, after in zip(names, snapshot, args):
         torch.testing.assert_close(after, before, rtol=0, atol=0, msg=f"{name} changed")

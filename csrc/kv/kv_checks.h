@@ -107,8 +107,13 @@ inline void check_evict_args(const at::Tensor& pos, const at::Tensor& score, con
   check_contiguous(op, "step_scores", step_scores);
   TORCH_CHECK_VALUE(step_scores.size(0) == caches, op, ": step_scores must have one row per cache (",
                     caches, "), got ", step_scores.sizes());
-  // Last: it may synchronise with the GPU.
+  // Last: these may synchronise with the GPU. A negative heavy count would make a cache with no
+  // evictable entry "over budget" with no victim to take.
   check_index_range(op, "lengths", lengths, cap + 1);
+  if (heavy.numel() > 0) {
+    const int64_t min_heavy = heavy.min().item<int64_t>();
+    TORCH_CHECK_VALUE(min_heavy >= 0, op, ": heavy must be >= 0, got ", min_heavy);
+  }
 }
 
 }  // namespace fastllm::kv
