@@ -359,13 +359,7 @@ at::Tensor kv_evict_round_cpu(at::Tensor& pos, at::Tensor& score, at::Tensor& fl
       if (victim < 0 || s[j] < s[victim]) victim = j;
     }
     if (evictable_count <= heavy_data[c]) continue;
-    const int64_t last = len - 1;
-    p[victim] = p[last];
-    s[victim] = s[last];
-    f[victim] = f[last];
-    len_data[c] = last;
-    move_data[2 * c] = victim;
-    move_data[2 * c + 1] = last;
+    evict_entry(pos_data, score_data, flag_data, len_data, move_data, c, cap, victim);
   }
   return moves;
 }

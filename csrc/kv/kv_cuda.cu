@@ -337,13 +337,7 @@ __global__ void evict_round_kernel(int64_t* pos, float* score, uint8_t* flags, i
   }
   __syncwarp();  // lane 0 reads scores other lanes just wrote
   if (lane != 0 || grow[c] || count <= heavy[c]) return;
-  const int64_t last = len - 1;
-  p[victim] = p[last];
-  s[victim] = s[last];
-  f[victim] = f[last];
-  lengths[c] = last;
-  moves[2 * c] = victim;
-  moves[2 * c + 1] = last;
+  evict_entry(pos, score, flags, lengths, moves, c, cap, victim);
 }
 
 at::Tensor kv_evict_round_cuda(at::Tensor& pos, at::Tensor& score, at::Tensor& flags,

@@ -32,6 +32,19 @@ FASTLLM_HOST_DEVICE bool evictable(int flags, int64_t pos, int64_t newest, int64
   return !(flags & kKeep) && newest - pos >= window;
 }
 
+// Evicts entry victim of cache c (bookkeeping rows of cap entries): the cache's last entry takes
+// its place, the length drops by one, and moves[c] records (victim, last) for the pool rows.
+FASTLLM_HOST_DEVICE void evict_entry(int64_t* pos, float* score, uint8_t* flags, int64_t* lengths,
+                                     int64_t* moves, int64_t c, int64_t cap, int64_t victim) {
+  const int64_t last = lengths[c] - 1, row = c * cap;
+  pos[row + victim] = pos[row + last];
+  score[row + victim] = score[row + last];
+  flags[row + victim] = flags[row + last];
+  lengths[c] = last;
+  moves[2 * c] = victim;
+  moves[2 * c + 1] = last;
+}
+
 // Pool slot of entry e of a ragged cache whose pages are page_row (one row of the page table).
 template <typename Index>
 FASTLLM_HOST_DEVICE int64_t entry_slot(const Index* page_row, int64_t e, int64_t page_rows) {
