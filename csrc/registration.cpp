@@ -3,7 +3,14 @@
 // implementations for their dispatch key.
 #include <torch/library.h>
 
+#include "common/index_errors.h"
+
 TORCH_LIBRARY(fastllm, m) {
+  // ---- index validation (common/index_errors.h) ------------------------------------------------
+  // The device's error word: int32 [1], a bit per (op, argument) whose kernel met an index out of
+  // range (and skipped it). Reading its value is the caller's synchronisation, not the op's.
+  m.def("index_error_word(Device device) -> Tensor",
+        [](c10::Device device) { return fastllm::index_error_word(device); });
   // ---- memory: the unified page pool -----------------------------------------------------------
   // pool is a [num_slots, width] view of the pool's storage; rows[i] goes to pool[slots[i]].
   m.def("pool_write(Tensor(a!) pool, Tensor slots, Tensor rows) -> ()");

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "common/index_errors.h"
+
 #include <initializer_list>
 #include <string>
 
@@ -56,14 +58,18 @@ inline void check_same_device(const char* op, const char* name_a, const at::Tens
                     "'s device (", a.device(), "), got ", b.device());
 }
 
-// Every index must lie in [0, limit). On CUDA this costs one synchronisation; we pay it because a
-// bad index would otherwise write outside the pool or fault the context for the whole process.
+// Every index must lie in [0, limit). Checked on the host for CPU tensors, and for CUDA tensors
+// only in the debug mode (one synchronisation): otherwise the kernels guard each index themselves
+// and report a bad one through the device error word (common/index_errors.h).
 inline void check_index_range(const char* op, const char* name, const at::Tensor& index,
                               int64_t limit) {
-  if (index.numel() == 0) return;
+  // BEGIN host value checks
+  if (index.numel() == 0 || !host_checks_index_values(index)) return;
   auto [lo, hi] = at::aminmax(index);
-  const int64_t min_index = lo.item<int64_t>();
-  const int64_t max_index = hi.item<int64_t>();
+  const at::Tensor bounds = at::stack({lo, hi}).to(at::kLong).cpu();
+  // END host value checks
+  const int64_t min_index = bounds.data_ptr<int64_t>()[0];
+  const int64_t max_index = bounds.data_ptr<int64_t>()[1];
   TORCH_CHECK_INDEX(min_index >= 0 && max_index < limit, op, ": ", name,
                     " must lie in [0, ", limit, "), got values in [", min_index, ", ", max_index,
                     "]");

@@ -7,6 +7,7 @@ tracing) and autograd formulas live with their capability in ``fastllm/<capabili
 pure-PyTorch references in :mod:`fastllm._reference`.
 """
 
+from ._ops.index_checks import checked_indices, index_error_word, raise_index_errors
 from ._ops.galore import galore_adam8bit_step, galore_adam_step, galore_project, galore_project_back_
 from ._ops.kv import kv_attention_scores, kv_evict_round, kv_policy_recovery, kv_ragged_decode
 from ._ops.lora import lora_expand, lora_shrink
@@ -16,4 +17,4 @@ from ._ops.sparse import quantized_neuron_scores, sparse_mlp
 __all__ = ["pool_gather", "pool_write", "lora_shrink", "lora_expand", "kv_attention_scores",
            "kv_policy_recovery", "kv_ragged_decode", "kv_evict_round", "sparse_mlp",
            "quantized_neuron_scores", "galore_adam_step", "galore_adam8bit_step", "galore_project",
-           "galore_project_back_"]
+           "galore_project_back_", "index_error_word", "raise_index_errors", "checked_indices"]

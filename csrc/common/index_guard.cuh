@@ -1,0 +1,22 @@
+// Device side of the index guards (see index_errors.h): a kernel that finds an index out of range
+// skips the work that index would address and records which argument was bad.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "common/index_errors.h"
+
+namespace fastllm {
+
+// The current device's error word, as a kernel argument.
+inline unsigned int* device_error_word(const at::Tensor& like) {
+  return reinterpret_cast<unsigned int*>(index_error_word(like.device()).data_ptr<int32_t>());
+}
+
+__device__ __forceinline__ void report_index_error(unsigned int* word, IndexError code) {
+  atomicOr(word, static_cast<unsigned int>(code));
+}
+
+}  // namespace fastllm
