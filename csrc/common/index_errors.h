@@ -30,7 +30,8 @@ enum IndexError : uint32_t {
   kKvEvictLengths = 1u << 7,
   kSparseActiveIdx = 1u << 8,
   kSparseCounts = 1u << 9,
-  kIndexErrorCount = 10,
+  kLoraSgmvPlan = 1u << 10,
+  kIndexErrorCount = 11,
 };
 
 // Whether index values of `t` are checked on the host: always for CPU tensors, for CUDA tensors
