@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common/index_errors.h"
+#include "lora/lora_index.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastllm compiled kernels (ops live in torch.ops.fastllm)";
@@ -13,4 +14,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_index_debug_mode", &fastllm::set_index_debug_mode);
   m.def("index_debug_mode", &fastllm::index_debug_mode);
   m.def("describe_index_errors", &fastllm::describe_index_errors);
+  // LoRA planning facts the Python layer builds plans with (one source of truth: lora_index.h).
+  m.attr("lora_tile") = pybind11::int_(fastllm::lora::kTile);
+  m.def("lora_gpu_prefers_sgmv", &fastllm::lora::gpu_prefers_sgmv);
 }

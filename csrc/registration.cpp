@@ -53,12 +53,15 @@ TORCH_LIBRARY(fastllm, m) {
   // batch's adapter a starts at element a_rows[s, a, j] (b_rows for B^T rows). token_adapter[t] is
   // the batch adapter of token t, or -1 for the base model. path: 0 auto, 1 BGMV, 2 SGMV.
   // h[s, t, j] = x[t] . A_{s,a,j} for j < ranks[s, a], else 0; h is float32 (float64 for float64).
+  // sgmv_order / sgmv_tiles: an SGMV plan (lora/lora_index.h), built once per batch by
+  // fastllm.ops.lora_sgmv_plan; CUDA runs SGMV only with one (the CPU builds its own if absent).
   m.def("lora_shrink(Tensor x, Tensor pool, Tensor a_rows, Tensor ranks, Tensor token_adapter, "
-        "int path=0) -> Tensor");
+        "int path=0, Tensor? sgmv_order=None, Tensor? sgmv_tiles=None) -> Tensor");
   // y[t, slice s] += scalings[s, a] * sum_j h[s, t, j] * B^T_{s,a,j}; slice s is slice_sizes[s]
   // columns wide, slices laid side by side. Tokens with adapter -1 are left untouched.
   m.def("lora_expand(Tensor(a!) y, Tensor h, Tensor pool, Tensor b_rows, Tensor ranks, "
-        "Tensor scalings, Tensor token_adapter, int[] slice_sizes, int path=0) -> ()");
+        "Tensor scalings, Tensor token_adapter, int[] slice_sizes, int path=0, "
+        "Tensor? sgmv_order=None, Tensor? sgmv_tiles=None) -> ()");
 
   // ---- kv: FastGen profiling and ragged per-head decode attention ------------------------------
   // q [Hq, Lq, D] (the last Lq positions), k [Hkv, Lk, D]: per-key attention summed over each KV

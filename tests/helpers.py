@@ -28,3 +28,13 @@ def poison(tensor: torch.Tensor) -> torch.Tensor:
 def random_tensor(*shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """Normal random values, never all zeros: a kernel that writes nothing cannot pass."""
     return torch.randn(*shape, dtype=torch.float32, device=device).to(dtype)
+
+
+def value_checks(device):
+    """Where index *values* are checked at the call: always on the CPU; on CUDA only in the debug
+    mode (otherwise the kernels skip bad indices and report them through the error word), so
+    rejection tests of values turn it on for CUDA."""
+    import contextlib
+
+    import fastllm.ops as ops
+    return ops.checked_indices() if torch.device(device).type == "cuda" else contextlib.nullcontext()

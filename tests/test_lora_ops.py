@@ -7,7 +7,7 @@ import torch
 
 import fastllm.ops as ops
 from fastllm._reference import lora_expand_reference, lora_shrink_reference
-from helpers import FLOAT_DTYPES, TOLERANCES, poison, random_tensor
+from helpers import FLOAT_DTYPES, TOLERANCES, poison, random_tensor, value_checks
 
 RANKS = [1, 8, 16, 64, 128, 256]
 
@@ -254,7 +254,7 @@ def test_shrink_rejects_bad_input(device, case):
     name, make, error, message = SHRINK_BAD[case]
     args = _shrink_args(device)
     args[name] = make(args)
-    with pytest.raises(error, match=message):
+    with value_checks(device), pytest.raises(error, match=message):
         ops.lora_shrink(**args)
 
 
@@ -284,6 +284,6 @@ def test_expand_rejects_bad_input_and_leaves_y_unchanged(device, case):
     args = _expand_args(device)
     args[name] = make(args)
     before = args["y"].clone()
-    with pytest.raises(error, match=message):
+    with value_checks(device), pytest.raises(error, match=message):
         ops.lora_expand(**args)
     torch.testing.assert_close(args["y"], before, rtol=0, atol=0)

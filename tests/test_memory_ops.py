@@ -5,7 +5,7 @@ import torch
 
 import fastllm.ops as ops
 from fastllm._reference import pool_gather_reference, pool_write_reference
-from helpers import FLOAT_DTYPES, poison, random_tensor
+from helpers import FLOAT_DTYPES, poison, random_tensor, value_checks
 
 # widths: one element, odd sizes (no vector access), a KV head, an adapter row
 WIDTHS = [1, 7, 64, 100, 4096]
@@ -160,7 +160,7 @@ def test_pool_write_rejects_bad_input(device, case):
     if name == "slots on another device" and device == "cpu":
         pytest.skip("a device mismatch needs a CUDA pool")
     before = pool.clone()
-    with pytest.raises(error, match=message):
+    with value_checks(device), pytest.raises(error, match=message):
         ops.pool_write(pool, slots, rows)
     torch.testing.assert_close(pool, before, rtol=0, atol=0, equal_nan=True, msg=name)
 
@@ -173,5 +173,24 @@ def test_pool_write_rejects_bad_input(device, case):
 ])
 def test_pool_gather_rejects_bad_input(device, slots, error, message):
     pool = random_tensor(8, 4, device=device)
-    with pytest.raises(error, match=message):
+    with value_checks(device), pytest.raises(error, match=message):
         ops.pool_gather(pool, slots.to(device))
+
+
+def test_cuda_bad_slots_are_skipped_and_reported(device):
+    # Without the debug mode a CUDA call checks no values on the host (no synchronisation): the
+    # kernel skips a bad slot, touches nothing outside the pool and reports it.
+    if device != "cuda":
+        pytest.skip("the device error word exists on CUDA only")
+    ops.raise_index_errors()
+    pool = random_tensor(8, 4, device=device)
+    before = pool.clone()
+    ops.pool_write(pool, torch.tensor([1, 99, -3], device=device), random_tensor(3, 4, device=device))
+    assert torch.equal(pool[0], before[0]) and torch.equal(pool[2:], before[2:])
+    with pytest.raises(IndexError, match="pool_write: slots"):
+        ops.raise_index_errors()
+    rows = ops.pool_gather(pool, torch.tensor([2, 8], device=device))
+    assert torch.equal(rows[0], pool[2]) and torch.equal(rows[1], torch.zeros(4, device=device))
+    with pytest.raises(IndexError, match="pool_gather: slots"):
+        ops.raise_index_errors()
+    ops.raise_index_errors()  # cleared

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -39,93 +40,39 @@ inline void check_tables(const char* op, const char* rows_name, const at::Tensor
                     ": path must be 0 (auto), 1 (BGMV) or 2 (SGMV), got ", path);
 }
 
-// Value checks: ranks in [0, max_rank], tokens' adapters in [-1, adapters), and every row a token
-// can read lies inside the pool. On the GPU these cost a synchronisation; a wrong offset would
-// otherwise read (or, in expand's backward, write) outside the pool.
-inline void check_values(const char* op, const char* rows_name, const at::Tensor& pool,
-                         const at::Tensor& rows, const at::Tensor& ranks,
-                         const at::Tensor& token_adapter, const std::vector<int64_t>& widths) {
-  const int64_t slices = rows.size(0), adapters = rows.size(1), max_rank = rows.size(2);
-  const int64_t pool_size = pool.numel();
-  if (pool.device().is_cpu()) {
-    const int32_t* rank = ranks.data_ptr<int32_t>();
-    const int64_t* offset = rows.data_ptr<int64_t>();
-    for (int64_t s = 0; s < slices; ++s) {
-      for (int64_t a = 0; a < adapters; ++a) {
-        const int32_t r = rank[s * adapters + a];
-        TORCH_CHECK_VALUE(r >= 0 && r <= max_rank, op, ": ranks must lie in [0, ", max_rank,
-                          "] (the width of ", rows_name, "), got ", r, " at [", s, ", ", a, "]");
-        for (int64_t j = 0; j < r; ++j) {
-          const int64_t o = offset[table_index(s, a, j, adapters, max_rank)];
-          TORCH_CHECK_INDEX(o >= 0 && o + widths[s] <= pool_size, op, ": ", rows_name, "[", s,
-                            ", ", a, ", ", j, "] = ", o, " puts a row of ", widths[s],
-                            " elements outside the pool of ", pool_size, " elements");
-        }
-      }
-    }
-    AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_check", [&] {
-      const index_t* ids = token_adapter.data_ptr<index_t>();
-      for (int64_t t = 0; t < token_adapter.numel(); ++t) {
-        TORCH_CHECK_INDEX(ids[t] >= -1 && ids[t] < adapters, op, ": token_adapter must lie in [-1, ",
-                          adapters, "), got ", static_cast<int64_t>(ids[t]), " at token ", t);
-      }
-    });
-    return;
-  }
-  // On the GPU: reduce every check to a few numbers on the device and copy them back at once, a
-  // single synchronisation (an .item() per check would be one each, several per call).
-  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
-  std::vector<at::Tensor> summary;
-  if (ranks.numel()) {
-    summary.push_back(ranks.min().to(at::kLong).view(1));
-    summary.push_back(ranks.max().to(at::kLong).view(1));
-    if (rows.numel()) {
-      const at::Tensor valid =
-          at::arange(max_rank, ranks.options()).view({1, 1, -1}) < ranks.unsqueeze(-1);
-      const at::Tensor width =
-          at::tensor(widths, rows.options().device(at::kCPU)).to(rows.device()).view({-1, 1, 1});
-      summary.push_back(rows.masked_fill(~valid, kNone).min().view(1));
-      summary.push_back((rows + width).masked_fill(~valid, -kNone).max().view(1));
-    }
-  }
-  if (token_adapter.numel()) {
-    summary.push_back(token_adapter.min().to(at::kLong).view(1));
-    summary.push_back(token_adapter.max().to(at::kLong).view(1));
-  }
-  if (summary.empty()) return;
-  const at::Tensor host = at::cat(summary).cpu();
-  const int64_t* value = host.data_ptr<int64_t>();
-  if (ranks.numel()) {
-    const int64_t min_rank = *value++, top_rank = *value++;
-    TORCH_CHECK_VALUE(min_rank >= 0 && top_rank <= max_rank, op, ": ranks must lie in [0, ",
-                      max_rank, "] (the width of ", rows_name, "), got values in [", min_rank,
-                      ", ", top_rank, "]");
-    if (rows.numel()) {
-      const int64_t min_offset = *value++, max_end = *value++;
-      const bool any_row = min_offset != kNone;
-      TORCH_CHECK_INDEX(!any_row || (min_offset >= 0 && max_end <= pool_size), op, ": ",
-                        rows_name, " puts rows outside the pool of ", pool_size,
-                        " elements (rows span [", min_offset, ", ", max_end, "))");
-    }
-  }
-  if (token_adapter.numel()) {
-    const int64_t min_id = *value++, max_id = *value++;
-    TORCH_CHECK_INDEX(min_id >= -1 && max_id < adapters, op, ": token_adapter must lie in [-1, ",
-                      adapters, "), got values in [", min_id, ", ", max_id, "]");
-  }
+// An optional SGMV plan (lora_index.h): both tensors or neither, int32, on the pool's device.
+inline void check_plan(const char* op, const at::Tensor& pool,
+                       const c10::optional<at::Tensor>& order,
+                       const c10::optional<at::Tensor>& tiles, int64_t tokens) {
+  TORCH_CHECK_VALUE(order.has_value() == tiles.has_value(), op,
+                    ": sgmv_order and sgmv_tiles must be given together (build both with "
+                    "fastllm.ops.lora_sgmv_plan), got only ",
+                    order.has_value() ? "sgmv_order" : "sgmv_tiles");
+  if (!order.has_value()) return;
+  check_dim(op, "sgmv_order", *order, 1);
+  check_dtype_in(op, "sgmv_order", *order, {at::kInt});
+  check_contiguous(op, "sgmv_order", *order);
+  check_same_device(op, "pool", pool, "sgmv_order", *order);
+  TORCH_CHECK_VALUE(order->size(0) <= tokens, op, ": sgmv_order lists at most one entry per token (",
+                    tokens, "), got ", order->size(0));
+  check_dim(op, "sgmv_tiles", *tiles, 2);
+  check_dtype_in(op, "sgmv_tiles", *tiles, {at::kInt});
+  check_contiguous(op, "sgmv_tiles", *tiles);
+  check_same_device(op, "pool", pool, "sgmv_tiles", *tiles);
+  TORCH_CHECK_VALUE(tiles->size(1) == kTileFields, op,
+                    ": sgmv_tiles must be [tiles, 3] (first, end, adapter), got ", tiles->sizes());
 }
 
-// SGMV work list, built on the host: `order` lists the tokens grouped by adapter (tokens without
-// an adapter left out); tile i covers order[tile_begin[i] .. tile_begin[i + 1]) and uses adapter
-// tile_adapter[i]. A counting sort: O(tokens + adapters), plain vectors so the CPU path allocates
-// no tensors.
+// SGMV work list: `order` lists the tokens grouped by adapter (tokens without an adapter left out);
+// tile i covers order[tile[3i] .. tile[3i + 1]) and uses adapter tile[3i + 2] (the layout of an
+// sgmv_tiles tensor). Plain vectors so the CPU path allocates no tensors.
 struct Tiles {
   std::vector<int32_t> order;
-  std::vector<int32_t> tile_begin;    // tiles + 1 entries
-  std::vector<int32_t> tile_adapter;  // tiles entries
-  int64_t count() const { return static_cast<int64_t>(tile_adapter.size()); }
+  std::vector<int32_t> tile;  // kTileFields entries per tile
+  int64_t count() const { return static_cast<int64_t>(tile.size()) / kTileFields; }
 };
 
+// A counting sort over host adapter ids: O(tokens + adapters).
 inline Tiles build_tiles(const std::vector<int64_t>& ids, int64_t adapters) {
   std::vector<int64_t> start(adapters + 1, 0);
   for (int64_t id : ids) {
@@ -140,18 +87,93 @@ inline Tiles build_tiles(const std::vector<int64_t>& ids, int64_t adapters) {
   }
   for (int64_t a = 0; a < adapters; ++a) {
     for (int64_t b = start[a]; b < start[a + 1]; b += kTile) {
-      tiles.tile_begin.push_back(static_cast<int32_t>(b));
-      tiles.tile_adapter.push_back(static_cast<int32_t>(a));
+      tiles.tile.push_back(static_cast<int32_t>(b));
+      tiles.tile.push_back(static_cast<int32_t>(std::min<int64_t>(b + kTile, start[a + 1])));
+      tiles.tile.push_back(static_cast<int32_t>(a));
     }
   }
-  tiles.tile_begin.push_back(static_cast<int32_t>(start[adapters]));
   return tiles;
 }
 
-inline std::vector<int64_t> host_token_adapters(const at::Tensor& token_adapter) {
-  const at::Tensor ids = token_adapter.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* data = ids.data_ptr<int64_t>();
-  return std::vector<int64_t>(data, data + ids.numel());
+// Value checks, on host copies: ranks in [0, max_rank], tokens' adapters in [-1, adapters), every
+// row a token can read inside the pool, and a given plan consistent with token_adapter. Always
+// for CPU tensors; for CUDA tensors only in the debug mode (otherwise the kernels guard every
+// index and report through the device error word).
+inline void check_values(const char* op, const char* rows_name, const at::Tensor& pool,
+                         const at::Tensor& rows_in, const at::Tensor& ranks_in,
+                         const at::Tensor& token_adapter_in, const std::vector<int64_t>& widths,
+                         const c10::optional<at::Tensor>& order_in,
+                         const c10::optional<at::Tensor>& tiles_in) {
+  // BEGIN host value checks
+  if (!host_checks_index_values(pool)) return;
+  const at::Tensor rows = rows_in.cpu(), ranks = ranks_in.cpu();
+  const at::Tensor token_adapter = token_adapter_in.to(at::kCPU, at::kLong);
+  const at::Tensor order = order_in.has_value() ? order_in->cpu() : at::Tensor();
+  const at::Tensor tiles = tiles_in.has_value() ? tiles_in->cpu() : at::Tensor();
+  // END host value checks
+  const int64_t slices = rows.size(0), adapters = rows.size(1), max_rank = rows.size(2);
+  const int64_t pool_size = pool.numel();
+  const int32_t* rank = ranks.data_ptr<int32_t>();
+  const int64_t* offset = rows.data_ptr<int64_t>();
+  for (int64_t s = 0; s < slices; ++s) {
+    for (int64_t a = 0; a < adapters; ++a) {
+      const int32_t r = rank[s * adapters + a];
+      TORCH_CHECK_VALUE(r >= 0 && r <= max_rank, op, ": ranks must lie in [0, ", max_rank,
+                        "] (the width of ", rows_name, "), got ", r, " at [", s, ", ", a, "]");
+      for (int64_t j = 0; j < r; ++j) {
+        const int64_t o = offset[table_index(s, a, j, adapters, max_rank)];
+        TORCH_CHECK_INDEX(o >= 0 && o + widths[s] <= pool_size, op, ": ", rows_name, "[", s,
+                          ", ", a, ", ", j, "] = ", o, " puts a row of ", widths[s],
+                          " elements outside the pool of ", pool_size, " elements");
+      }
+    }
+  }
+  const int64_t* ids = token_adapter.data_ptr<int64_t>();
+  const int64_t tokens = token_adapter.numel();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK_INDEX(ids[t] >= -1 && ids[t] < adapters, op, ": token_adapter must lie in [-1, ",
+                      adapters, "), got ", ids[t], " at token ", t);
+  }
+  if (!order.defined()) return;
+  // The plan must be the one lora_sgmv_plan builds from token_adapter (up to tile order).
+  const int32_t* listed = order.data_ptr<int32_t>();
+  const int32_t* tile = tiles.data_ptr<int32_t>();
+  const int64_t listed_count = order.numel();
+  std::vector<int8_t> seen(tokens, 0);
+  int64_t covered = 0;
+  for (int64_t i = 0; i < tiles.size(0); ++i) {
+    const int64_t first = tile[kTileFields * i], end = tile[kTileFields * i + 1];
+    const int64_t a = tile[kTileFields * i + 2];
+    TORCH_CHECK_INDEX(0 <= first && first < end && end <= listed_count && end - first <= kTile,
+                      op, ": sgmv_tiles[", i, "] = (", first, ", ", end, ", ", a,
+                      ") must cover 1 to ", kTile, " entries of sgmv_order (", listed_count,
+                      " entries)");
+    TORCH_CHECK_INDEX(0 <= a && a < adapters, op, ": sgmv_tiles[", i, "] names adapter ", a,
+                      ", outside [0, ", adapters, ")");
+    for (int64_t k = first; k < end; ++k) {
+      const int64_t t = listed[k];
+      TORCH_CHECK_INDEX(0 <= t && t < tokens && ids[t] == a && !seen[t], op, ": sgmv_order[", k,
+                        "] = ", t, " in a tile of adapter ", a, " is not a token of that adapter "
+                        "listed once (rebuild the plan from token_adapter)");
+      seen[t] = 1;
+      ++covered;
+    }
+  }
+  int64_t with_adapter = 0;
+  for (int64_t t = 0; t < tokens; ++t) with_adapter += ids[t] >= 0;
+  TORCH_CHECK_VALUE(covered == with_adapter, op, ": the SGMV plan covers ", covered,
+                    " tokens but token_adapter gives ", with_adapter, " tokens an adapter");
+}
+
+// Tiles of a plan tensor (host memory), or built from token_adapter when there is none.
+inline Tiles host_tiles(const std::vector<int64_t>& ids, int64_t adapters,
+                        const c10::optional<at::Tensor>& order,
+                        const c10::optional<at::Tensor>& tiles) {
+  if (!order.has_value()) return build_tiles(ids, adapters);
+  Tiles out;
+  out.order.assign(order->data_ptr<int32_t>(), order->data_ptr<int32_t>() + order->numel());
+  out.tile.assign(tiles->data_ptr<int32_t>(), tiles->data_ptr<int32_t>() + tiles->numel());
+  return out;
 }
 
 inline at::ScalarType accumulate_dtype(at::ScalarType dtype) {
@@ -159,7 +181,9 @@ inline at::ScalarType accumulate_dtype(at::ScalarType dtype) {
 }
 
 inline void check_shrink(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows,
-                         const at::Tensor& ranks, const at::Tensor& token_adapter, int64_t path) {
+                         const at::Tensor& ranks, const at::Tensor& token_adapter, int64_t path,
+                         const c10::optional<at::Tensor>& order,
+                         const c10::optional<at::Tensor>& tiles) {
   constexpr const char* op = "fastllm.lora_shrink";
   check_dim(op, "x", x, 2);
   check_float_dtype(op, "x", x);
@@ -167,15 +191,18 @@ inline void check_shrink(const at::Tensor& x, const at::Tensor& pool, const at::
   check_same_dtype(op, "x", x, "pool", pool);
   check_same_device(op, "x", x, "pool", pool);
   check_tables(op, "a_rows", pool, a_rows, ranks, token_adapter, x.size(0), path);
+  check_plan(op, pool, order, tiles, x.size(0));
   check_values(op, "a_rows", pool, a_rows, ranks, token_adapter,
-               std::vector<int64_t>(a_rows.size(0), x.size(1)));
+               std::vector<int64_t>(a_rows.size(0), x.size(1)), order, tiles);
 }
 
 inline std::vector<int64_t> check_expand(const at::Tensor& y, const at::Tensor& h,
                                          const at::Tensor& pool, const at::Tensor& b_rows,
                                          const at::Tensor& ranks, const at::Tensor& scalings,
                                          const at::Tensor& token_adapter,
-                                         at::IntArrayRef slice_sizes, int64_t path) {
+                                         at::IntArrayRef slice_sizes, int64_t path,
+                                         const c10::optional<at::Tensor>& order,
+                                         const c10::optional<at::Tensor>& tiles) {
   constexpr const char* op = "fastllm.lora_expand";
   check_dim(op, "y", y, 2);
   check_float_dtype(op, "y", y);
@@ -184,6 +211,8 @@ inline std::vector<int64_t> check_expand(const at::Tensor& y, const at::Tensor& 
   check_same_device(op, "y", y, "pool", pool);
   check_tables(op, "b_rows", pool, b_rows, ranks, token_adapter, y.size(0), path);
   const int64_t slices = b_rows.size(0);
+  TORCH_CHECK_VALUE(slices <= kMaxSlices, op, ": at most ", kMaxSlices, " output slices, got ",
+                    slices);
   TORCH_CHECK_VALUE(static_cast<int64_t>(slice_sizes.size()) == slices, op,
                     ": slice_sizes must have one entry per slice (", slices, "), got ",
                     slice_sizes.size());
@@ -211,8 +240,9 @@ inline std::vector<int64_t> check_expand(const at::Tensor& y, const at::Tensor& 
   check_same_device(op, "y", y, "scalings", scalings);
   TORCH_CHECK_VALUE(scalings.sizes() == ranks.sizes(), op, ": scalings must have the shape of "
                     "ranks ", ranks.sizes(), ", got ", scalings.sizes());
+  check_plan(op, pool, order, tiles, y.size(0));
   check_values(op, "b_rows", pool, b_rows, ranks, token_adapter,
-               std::vector<int64_t>(slice_sizes.begin(), slice_sizes.end()));
+               std::vector<int64_t>(slice_sizes.begin(), slice_sizes.end()), order, tiles);
   return offsets;
 }
 

@@ -123,7 +123,7 @@ std::vector<int64_t> token_adapters(const at::Tensor& token_adapter) {
 template <typename scalar_t, typename acc_t>
 void shrink_kernel(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows,
                    const at::Tensor& ranks, const std::vector<int64_t>& adapter_of, int64_t path,
-                   at::Tensor& h) {
+                   const Tiles& tiles, at::Tensor& h) {
   const int64_t tokens = x.size(0), in = x.size(1);
   const int64_t slices = a_rows.size(0), adapters = a_rows.size(1), max_rank = a_rows.size(2);
   const scalar_t* x_data = x.data_ptr<scalar_t>();
@@ -157,19 +157,17 @@ void shrink_kernel(const at::Tensor& x, const at::Tensor& pool, const at::Tensor
     return;
   }
 
-  const Tiles tiles = build_tiles(adapter_of, adapters);
   const int32_t* order = tiles.order.data();
-  const int32_t* tile_begin = tiles.tile_begin.data();
-  const int32_t* tile_adapter = tiles.tile_adapter.data();
+  const int32_t* tile_of = tiles.tile.data();
   const int64_t items = tiles.count() * slices;
   at::parallel_for(0, items, grain_for(kTile * in * max_rank), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> widened(kWide ? 0 : kTile * in);
     const acc_t* xs[kTile];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t tile = item / slices, s = item % slices, a = tile_adapter[tile];
+      const int64_t tile = item / slices, s = item % slices;
+      const int64_t first = tile_of[kTileFields * tile], a = tile_of[kTileFields * tile + 2];
+      const int n = static_cast<int>(tile_of[kTileFields * tile + 1] - first);
       const int32_t r = rank[s * adapters + a];
-      const int64_t first = tile_begin[tile];
-      const int n = static_cast<int>(std::min<int64_t>(kTile, tile_begin[tile + 1] - first));
       for (int i = 0; i < n; ++i) {
         const int64_t t = order[first + i];
         if constexpr (kWide) {
@@ -193,17 +191,20 @@ void shrink_kernel(const at::Tensor& x, const at::Tensor& pool, const at::Tensor
 
 at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows,
                            const at::Tensor& ranks, const at::Tensor& token_adapter,
-                           int64_t path) {
-  check_shrink(x, pool, a_rows, ranks, token_adapter, path);
+                           int64_t path, const c10::optional<at::Tensor>& sgmv_order,
+                           const c10::optional<at::Tensor>& sgmv_tiles) {
+  check_shrink(x, pool, a_rows, ranks, token_adapter, path, sgmv_order, sgmv_tiles);
   const int64_t slices = a_rows.size(0), max_rank = a_rows.size(2), tokens = x.size(0);
   at::Tensor h = at::zeros({slices, tokens, max_rank}, x.options().dtype(
       accumulate_dtype(x.scalar_type())));
   if (h.numel() == 0 || x.size(1) == 0) return h;
   path = resolve_path(path, tokens, a_rows.size(1));
   const std::vector<int64_t> adapter_of = token_adapters(token_adapter);
+  const Tiles tiles =
+      path == kSgmv ? host_tiles(adapter_of, a_rows.size(1), sgmv_order, sgmv_tiles) : Tiles{};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_shrink", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    shrink_kernel<scalar_t, acc_t>(x, pool, a_rows, ranks, adapter_of, path, h);
+    shrink_kernel<scalar_t, acc_t>(x, pool, a_rows, ranks, adapter_of, path, tiles, h);
   });
   return h;
 }
@@ -214,7 +215,7 @@ template <typename scalar_t, typename acc_t>
 void expand_kernel(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool,
                    const at::Tensor& b_rows, const at::Tensor& ranks, const at::Tensor& scalings,
                    const std::vector<int64_t>& adapter_of, const std::vector<int64_t>& widths,
-                   const std::vector<int64_t>& offsets, int64_t path) {
+                   const std::vector<int64_t>& offsets, int64_t path, const Tiles& tiles) {
   const int64_t tokens = y.size(0), width = y.size(1);
   const int64_t slices = b_rows.size(0), adapters = b_rows.size(1), max_rank = b_rows.size(2);
   scalar_t* y_data = y.data_ptr<scalar_t>();
@@ -259,20 +260,18 @@ void expand_kernel(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool,
     return;
   }
 
-  const Tiles tiles = build_tiles(adapter_of, adapters);
   const int32_t* order = tiles.order.data();
-  const int32_t* tile_begin = tiles.tile_begin.data();
-  const int32_t* tile_adapter = tiles.tile_adapter.data();
+  const int32_t* tile_of = tiles.tile.data();
   const int64_t items = tiles.count() * slices;
   at::parallel_for(0, items, grain_for(kTile * widest * max_rank), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(kWide ? 0 : kTile * widest);
     acc_t* outs[kTile];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t tile = item / slices, s = item % slices, a = tile_adapter[tile];
+      const int64_t tile = item / slices, s = item % slices;
+      const int64_t first = tile_of[kTileFields * tile], a = tile_of[kTileFields * tile + 2];
+      const int n = static_cast<int>(tile_of[kTileFields * tile + 1] - first);
       const int32_t r = rank[s * adapters + a];
       if (r == 0 || widths[s] == 0) continue;
-      const int64_t first = tile_begin[tile];
-      const int n = static_cast<int>(std::min<int64_t>(kTile, tile_begin[tile + 1] - first));
       for (int i = 0; i < n; ++i) {
         scalar_t* yt = y_data + order[first + i] * width + offsets[s];
         if constexpr (kWide) {
@@ -307,17 +306,22 @@ void expand_kernel(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool,
 
 void lora_expand_cpu(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool,
                      const at::Tensor& b_rows, const at::Tensor& ranks, const at::Tensor& scalings,
-                     const at::Tensor& token_adapter, at::IntArrayRef slice_sizes, int64_t path) {
+                     const at::Tensor& token_adapter, at::IntArrayRef slice_sizes, int64_t path,
+                     const c10::optional<at::Tensor>& sgmv_order,
+                     const c10::optional<at::Tensor>& sgmv_tiles) {
   const std::vector<int64_t> offsets = check_expand(y, h, pool, b_rows, ranks, scalings,
-                                                    token_adapter, slice_sizes, path);
+                                                    token_adapter, slice_sizes, path, sgmv_order,
+                                                    sgmv_tiles);
   if (y.numel() == 0 || b_rows.size(2) == 0 || b_rows.size(0) == 0) return;
   path = resolve_path(path, y.size(0), b_rows.size(1));
   const std::vector<int64_t> adapter_of = token_adapters(token_adapter);
   const std::vector<int64_t> widths(slice_sizes.begin(), slice_sizes.end());
+  const Tiles tiles =
+      path == kSgmv ? host_tiles(adapter_of, b_rows.size(1), sgmv_order, sgmv_tiles) : Tiles{};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "lora_expand", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     expand_kernel<scalar_t, acc_t>(y, h, pool, b_rows, ranks, scalings, adapter_of, widths,
-                                   offsets, path);
+                                   offsets, path, tiles);
   });
 }
 

@@ -8,11 +8,18 @@
 //         padding work.
 // expand: threads stride over output columns; each thread owns its columns of y, so no atomics.
 // Accumulation is fp32 (fp64 for fp64 inputs) throughout.
+//
+// No host synchronisation: the host checks only metadata; every index value read here (adapter
+// ids, ranks, row offsets, the SGMV plan) is bounds-checked in the kernel, and a bad one skips the
+// work it addresses and sets its bit in the device error word (common/index_errors.h). SGMV needs
+// a plan built by the caller (fastllm.ops.lora_sgmv_plan, once per batch); without one the op
+// runs BGMV. Slice offsets travel by value.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/index_guard.cuh"
 #include "lora/lora_checks.h"
 #include "lora/lora_index.h"
 
@@ -21,6 +28,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Expand stages a work item's row offsets in shared memory (8 bytes per row).
+constexpr int64_t kMaxCudaRank = 4096;
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
@@ -28,175 +37,251 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
+// Everything a kernel needs to read the batch's tables safely.
+struct Tables {
+  const int64_t* rows;
+  const int32_t* ranks;
+  int64_t adapters, max_rank, pool_size;
+  unsigned int* error_word;
+};
+
+// The rank of (slice, adapter), or 0 (reported) when it lies outside [0, max_rank].
+__device__ __forceinline__ int checked_rank(const Tables& t, int64_t s, int64_t a) {
+  const int r = t.ranks[s * t.adapters + a];
+  if (r < 0 || r > t.max_rank) {
+    report_index_error(t.error_word, kLoraRanks);
+    return 0;
+  }
+  return r;
+}
+
+// Row j's offset, or -1 (reported) when a row of `width` elements there leaves the pool.
+__device__ __forceinline__ int64_t checked_row(const Tables& t, int64_t s, int64_t a, int j,
+                                               int64_t width) {
+  const int64_t o = t.rows[table_index(s, a, j, t.adapters, t.max_rank)];
+  if (o < 0 || o > t.pool_size - width) {
+    report_index_error(t.error_word, kLoraRows);
+    return -1;
+  }
+  return o;
+}
+
+// The adapter of token t: -1 for none or (reported) for an id outside [-1, adapters).
 template <typename index_t>
-__device__ __forceinline__ int64_t load_adapter(const index_t* ids, int64_t t) {
-  return static_cast<int64_t>(ids[t]);
+__device__ __forceinline__ int64_t checked_adapter(const Tables& t, const index_t* ids,
+                                                   int64_t token) {
+  const int64_t a = static_cast<int64_t>(ids[token]);
+  if (a < -1 || a >= t.adapters) {
+    report_index_error(t.error_word, kLoraTokenAdapter);
+    return -1;
+  }
+  return a;
+}
+
+// Tile `tile` of a plan: its tokens (n of them, n = 0 for a bad tile, reported) and adapter.
+struct Tile {
+  int n;
+  int64_t adapter;
+  int64_t token[kTile];
+};
+
+__device__ __forceinline__ Tile load_tile(const Tables& t, const int32_t* order, int64_t listed,
+                                          const int32_t* tiles, int64_t tile, int64_t tokens) {
+  Tile out{0, 0, {}};
+  const int64_t first = tiles[kTileFields * tile], end = tiles[kTileFields * tile + 1];
+  const int64_t a = tiles[kTileFields * tile + 2];
+  if (first < 0 || end <= first || end > listed || end - first > kTile || a < 0 ||
+      a >= t.adapters) {
+    report_index_error(t.error_word, kLoraSgmvPlan);
+    return out;
+  }
+  out.adapter = a;
+  for (int i = 0; i < kTile; ++i) out.token[i] = 0;
+  for (int64_t k = first; k < end; ++k) {
+    const int64_t token = order[k];
+    if (token < 0 || token >= tokens) {
+      report_index_error(t.error_word, kLoraSgmvPlan);
+      out.n = 0;
+      return out;
+    }
+    out.token[out.n++] = token;
+  }
+  return out;
 }
 
 // grid: (tokens, slices)
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void shrink_bgmv(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pool,
-                            const int64_t* __restrict__ rows, const int32_t* __restrict__ ranks,
-                            const index_t* __restrict__ token_adapter, acc_t* __restrict__ h,
-                            int64_t tokens, int64_t in, int64_t adapters, int64_t max_rank) {
+                            Tables tables, const index_t* __restrict__ token_adapter,
+                            acc_t* __restrict__ h, int64_t tokens, int64_t in) {
   const int64_t t = blockIdx.x, s = blockIdx.y;
-  const int64_t a = load_adapter(token_adapter, t);
+  const int64_t a = checked_adapter(tables, token_adapter, t);
   if (a < 0) return;
-  const int r = ranks[s * adapters + a];
+  const int r = checked_rank(tables, s, a);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const scalar_t* xt = x + t * in;
   for (int j = warp; j < r; j += kWarps) {
-    const scalar_t* w = pool + rows[table_index(s, a, j, adapters, max_rank)];
+    const int64_t offset = checked_row(tables, s, a, j, in);
+    if (offset < 0) continue;  // h stays 0 for a bad row
+    const scalar_t* w = pool + offset;
     acc_t sum = 0;
     for (int64_t k = lane; k < in; k += 32) {
       sum += static_cast<acc_t>(xt[k]) * static_cast<acc_t>(w[k]);
     }
     sum = warp_sum(sum);
-    if (lane == 0) h[h_index(s, t, j, tokens, max_rank)] = sum;
+    if (lane == 0) h[h_index(s, t, j, tokens, tables.max_rank)] = sum;
   }
 }
 
 // grid: (tiles, slices)
 template <typename scalar_t, typename acc_t>
 __global__ void shrink_sgmv(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pool,
-                            const int64_t* __restrict__ rows, const int32_t* __restrict__ ranks,
-                            const int32_t* __restrict__ order,
-                            const int32_t* __restrict__ tile_begin,
-                            const int32_t* __restrict__ tile_adapter, acc_t* __restrict__ h,
-                            int64_t tokens, int64_t in, int64_t adapters, int64_t max_rank) {
-  const int64_t tile = blockIdx.x, s = blockIdx.y, a = tile_adapter[tile];
-  const int first = tile_begin[tile];
-  const int n = min(kTile, tile_begin[tile + 1] - first);
-  const int r = ranks[s * adapters + a];
+                            Tables tables, const int32_t* __restrict__ order, int64_t listed,
+                            const int32_t* __restrict__ tiles, acc_t* __restrict__ h,
+                            int64_t tokens, int64_t in) {
+  const int64_t s = blockIdx.y;
+  const Tile tile = load_tile(tables, order, listed, tiles, blockIdx.x, tokens);
+  if (tile.n == 0) return;
+  const int64_t a = tile.adapter;
+  const int n = tile.n;
+  const int r = checked_rank(tables, s, a);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int64_t token[kTile];
-  for (int i = 0; i < kTile; ++i) token[i] = i < n ? order[first + i] : order[first];
   for (int j = warp; j < r; j += kWarps) {
-    const scalar_t* w = pool + rows[table_index(s, a, j, adapters, max_rank)];
+    const int64_t offset = checked_row(tables, s, a, j, in);
+    if (offset < 0) continue;
+    const scalar_t* w = pool + offset;
     acc_t sum[kTile] = {};
     for (int64_t k = lane; k < in; k += 32) {
       const acc_t wk = static_cast<acc_t>(w[k]);
 #pragma unroll
       for (int i = 0; i < kTile; ++i) {
-        if (i < n) sum[i] += static_cast<acc_t>(x[token[i] * in + k]) * wk;
+        if (i < n) sum[i] += static_cast<acc_t>(x[tile.token[i] * in + k]) * wk;
       }
     }
 #pragma unroll
     for (int i = 0; i < kTile; ++i) {
       const acc_t total = warp_sum(sum[i]);
-      if (lane == 0 && i < n) h[h_index(s, token[i], j, tokens, max_rank)] = total;
+      if (lane == 0 && i < n) h[h_index(s, tile.token[i], j, tokens, tables.max_rank)] = total;
     }
   }
 }
 
-// grid: (tokens, slices)
+// Stages the item's row offsets in shared memory, a bad row's as -1 (reported once per block).
+__device__ __forceinline__ void stage_rows(const Tables& t, int64_t s, int64_t a, int r,
+                                           int64_t width, int64_t* staged) {
+  for (int j = threadIdx.x; j < r; j += blockDim.x) staged[j] = checked_row(t, s, a, j, width);
+  __syncthreads();
+}
+
+// grid: (tokens, slices); dynamic shared memory: max_rank int64 row offsets
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void expand_bgmv(scalar_t* __restrict__ y, const acc_t* __restrict__ h,
-                            const scalar_t* __restrict__ pool, const int64_t* __restrict__ rows,
-                            const int32_t* __restrict__ ranks, const float* __restrict__ scalings,
-                            const index_t* __restrict__ token_adapter,
-                            const int64_t* __restrict__ slice_offsets, int64_t tokens,
-                            int64_t width, int64_t adapters, int64_t max_rank) {
+                            const scalar_t* __restrict__ pool, Tables tables,
+                            const float* __restrict__ scalings,
+                            const index_t* __restrict__ token_adapter, SliceOffsets slices,
+                            int64_t tokens, int64_t width) {
+  extern __shared__ int64_t staged_rows[];
   const int64_t t = blockIdx.x, s = blockIdx.y;
-  const int64_t a = load_adapter(token_adapter, t);
+  const int64_t a = checked_adapter(tables, token_adapter, t);
   if (a < 0) return;
-  const int r = ranks[s * adapters + a];
-  const acc_t c = static_cast<acc_t>(scalings[s * adapters + a]);
-  const int64_t begin = slice_offsets[s], size = slice_offsets[s + 1] - begin;
-  const acc_t* ht = h + h_index(s, t, 0, tokens, max_rank);
-  const int64_t* row = rows + table_index(s, a, 0, adapters, max_rank);
+  const int r = checked_rank(tables, s, a);
+  const int64_t begin = slices.begin[s], size = slices.begin[s + 1] - begin;
+  stage_rows(tables, s, a, r, size, staged_rows);
+  const acc_t c = static_cast<acc_t>(scalings[s * tables.adapters + a]);
+  const acc_t* ht = h + h_index(s, t, 0, tokens, tables.max_rank);
   scalar_t* yt = y + t * width + begin;
   for (int64_t o = threadIdx.x; o < size; o += blockDim.x) {
     acc_t sum = 0;
-    for (int j = 0; j < r; ++j) sum += ht[j] * static_cast<acc_t>(pool[row[j] + o]);
+    for (int j = 0; j < r; ++j) {
+      const int64_t row = staged_rows[j];
+      if (row >= 0) sum += ht[j] * static_cast<acc_t>(pool[row + o]);
+    }
     yt[o] = static_cast<scalar_t>(static_cast<acc_t>(yt[o]) + c * sum);
   }
 }
 
-// grid: (tiles, slices)
+// grid: (tiles, slices); dynamic shared memory: max_rank int64 row offsets
 template <typename scalar_t, typename acc_t>
 __global__ void expand_sgmv(scalar_t* __restrict__ y, const acc_t* __restrict__ h,
-                            const scalar_t* __restrict__ pool, const int64_t* __restrict__ rows,
-                            const int32_t* __restrict__ ranks, const float* __restrict__ scalings,
-                            const int32_t* __restrict__ order,
-                            const int32_t* __restrict__ tile_begin,
-                            const int32_t* __restrict__ tile_adapter,
-                            const int64_t* __restrict__ slice_offsets, int64_t tokens,
-                            int64_t width, int64_t adapters, int64_t max_rank) {
-  const int64_t tile = blockIdx.x, s = blockIdx.y, a = tile_adapter[tile];
-  const int first = tile_begin[tile];
-  const int n = min(kTile, tile_begin[tile + 1] - first);
-  const int r = ranks[s * adapters + a];
-  const acc_t c = static_cast<acc_t>(scalings[s * adapters + a]);
-  const int64_t begin = slice_offsets[s], size = slice_offsets[s + 1] - begin;
-  const int64_t* row = rows + table_index(s, a, 0, adapters, max_rank);
-  int64_t token[kTile];
-  for (int i = 0; i < kTile; ++i) token[i] = i < n ? order[first + i] : order[first];
+                            const scalar_t* __restrict__ pool, Tables tables,
+                            const float* __restrict__ scalings, const int32_t* __restrict__ order,
+                            int64_t listed, const int32_t* __restrict__ tiles,
+                            SliceOffsets slices, int64_t tokens, int64_t width) {
+  extern __shared__ int64_t staged_rows[];
+  const int64_t s = blockIdx.y;
+  const Tile tile = load_tile(tables, order, listed, tiles, blockIdx.x, tokens);
+  if (tile.n == 0) return;
+  const int64_t a = tile.adapter;
+  const int n = tile.n;
+  const int r = checked_rank(tables, s, a);
+  const int64_t begin = slices.begin[s], size = slices.begin[s + 1] - begin;
+  stage_rows(tables, s, a, r, size, staged_rows);
+  const acc_t c = static_cast<acc_t>(scalings[s * tables.adapters + a]);
   for (int64_t o = threadIdx.x; o < size; o += blockDim.x) {
     acc_t sum[kTile] = {};
     for (int j = 0; j < r; ++j) {
-      const acc_t w = static_cast<acc_t>(pool[row[j] + o]);
+      const int64_t row = staged_rows[j];
+      if (row < 0) continue;
+      const acc_t w = static_cast<acc_t>(pool[row + o]);
 #pragma unroll
       for (int i = 0; i < kTile; ++i) {
-        if (i < n) sum[i] += h[h_index(s, token[i], j, tokens, max_rank)] * w;
+        if (i < n) sum[i] += h[h_index(s, tile.token[i], j, tokens, tables.max_rank)] * w;
       }
     }
 #pragma unroll
     for (int i = 0; i < kTile; ++i) {
       if (i < n) {
-        scalar_t* yo = y + token[i] * width + begin + o;
+        scalar_t* yo = y + tile.token[i] * width + begin + o;
         *yo = static_cast<scalar_t>(static_cast<acc_t>(*yo) + c * sum[i]);
       }
     }
   }
 }
 
-struct DeviceTiles {
-  at::Tensor order, tile_begin, tile_adapter;
-  int64_t count;
-};
+Tables make_tables(const at::Tensor& pool, const at::Tensor& rows, const at::Tensor& ranks) {
+  TORCH_CHECK_VALUE(rows.size(2) <= kMaxCudaRank, "fastllm.lora: on CUDA the row tables may be at "
+                    "most ", kMaxCudaRank, " wide (max_rank), got ", rows.size(2));
+  return {rows.data_ptr<int64_t>(), ranks.data_ptr<int32_t>(), rows.size(1), rows.size(2),
+          pool.numel(), device_error_word(pool)};
+}
 
-// The tile list is built on the host (one small device-to-host copy of token_adapter); SGMV is the
-// prefill path, where that copy is small next to the work.
-DeviceTiles device_tiles(const at::Tensor& token_adapter, int64_t adapters) {
-  const Tiles tiles = build_tiles(host_token_adapters(token_adapter), adapters);
-  const auto device = token_adapter.device();
-  auto upload = [&](const std::vector<int32_t>& v) {
-    return at::tensor(v, at::kInt).to(device);
-  };
-  return {upload(tiles.order), upload(tiles.tile_begin), upload(tiles.tile_adapter), tiles.count()};
+int64_t sm_count() {
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
 at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows,
-                            const at::Tensor& ranks, const at::Tensor& token_adapter,
-                            int64_t path) {
+                            const at::Tensor& ranks, const at::Tensor& token_adapter, int64_t path,
+                            const c10::optional<at::Tensor>& sgmv_order,
+                            const c10::optional<at::Tensor>& sgmv_tiles) {
   const c10::cuda::CUDAGuard guard(x.device());
-  check_shrink(x, pool, a_rows, ranks, token_adapter, path);
-  const int64_t slices = a_rows.size(0), adapters = a_rows.size(1), max_rank = a_rows.size(2);
+  check_shrink(x, pool, a_rows, ranks, token_adapter, path, sgmv_order, sgmv_tiles);
+  const int64_t slices = a_rows.size(0), max_rank = a_rows.size(2);
   const int64_t tokens = x.size(0), in = x.size(1);
+  const int64_t plan_tiles = sgmv_tiles.has_value() ? sgmv_tiles->size(0) : -1;
+  path = resolve_path_cuda(path, tokens, plan_tiles, sm_count());
+  TORCH_CHECK_VALUE(path != kSgmv || sgmv_order.has_value(), "fastllm.lora_shrink: path=2 (SGMV) "
+                    "on CUDA needs sgmv_order and sgmv_tiles (fastllm.ops.lora_sgmv_plan): the op "
+                    "cannot read token_adapter without synchronising");
   at::Tensor h = at::zeros({slices, tokens, max_rank},
                            x.options().dtype(accumulate_dtype(x.scalar_type())));
   if (h.numel() == 0 || in == 0) return h;
-  path = resolve_path(path, tokens, adapters);
+  const Tables tables = make_tables(pool, a_rows, ranks);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_shrink", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     if (path == kBgmv) {
       AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_shrink_ids", [&] {
         shrink_bgmv<scalar_t, acc_t, index_t><<<dim3(tokens, slices), kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), a_rows.data_ptr<int64_t>(),
-            ranks.data_ptr<int32_t>(), token_adapter.data_ptr<index_t>(), h.data_ptr<acc_t>(),
-            tokens, in, adapters, max_rank);
+            x.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), tables,
+            token_adapter.data_ptr<index_t>(), h.data_ptr<acc_t>(), tokens, in);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     } else {
-      const DeviceTiles tiles = device_tiles(token_adapter, adapters);
-      if (tiles.count == 0) return;
-      shrink_sgmv<scalar_t, acc_t><<<dim3(tiles.count, slices), kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), a_rows.data_ptr<int64_t>(),
-          ranks.data_ptr<int32_t>(), tiles.order.data_ptr<int32_t>(),
-          tiles.tile_begin.data_ptr<int32_t>(), tiles.tile_adapter.data_ptr<int32_t>(),
-          h.data_ptr<acc_t>(), tokens, in, adapters, max_rank);
+      if (plan_tiles == 0) return;
+      shrink_sgmv<scalar_t, acc_t><<<dim3(plan_tiles, slices), kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), tables,
+          sgmv_order->data_ptr<int32_t>(), sgmv_order->numel(), sgmv_tiles->data_ptr<int32_t>(),
+          h.data_ptr<acc_t>(), tokens, in);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -206,37 +291,44 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& pool, const a
 void lora_expand_cuda(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool,
                       const at::Tensor& b_rows, const at::Tensor& ranks,
                       const at::Tensor& scalings, const at::Tensor& token_adapter,
-                      at::IntArrayRef slice_sizes, int64_t path) {
+                      at::IntArrayRef slice_sizes, int64_t path,
+                      const c10::optional<at::Tensor>& sgmv_order,
+                      const c10::optional<at::Tensor>& sgmv_tiles) {
   const c10::cuda::CUDAGuard guard(y.device());
-  std::vector<int64_t> offsets = check_expand(y, h, pool, b_rows, ranks, scalings, token_adapter,
-                                              slice_sizes, path);
-  const int64_t slices = b_rows.size(0), adapters = b_rows.size(1), max_rank = b_rows.size(2);
+  const std::vector<int64_t> offsets = check_expand(y, h, pool, b_rows, ranks, scalings,
+                                                    token_adapter, slice_sizes, path, sgmv_order,
+                                                    sgmv_tiles);
+  const int64_t slices = b_rows.size(0), max_rank = b_rows.size(2);
   const int64_t tokens = y.size(0), width = y.size(1);
+  const int64_t plan_tiles = sgmv_tiles.has_value() ? sgmv_tiles->size(0) : -1;
+  path = resolve_path_cuda(path, tokens, plan_tiles, sm_count());
+  TORCH_CHECK_VALUE(path != kSgmv || sgmv_order.has_value(), "fastllm.lora_expand: path=2 (SGMV) "
+                    "on CUDA needs sgmv_order and sgmv_tiles (fastllm.ops.lora_sgmv_plan): the op "
+                    "cannot read token_adapter without synchronising");
   if (y.numel() == 0 || max_rank == 0 || slices == 0) return;
-  path = resolve_path(path, tokens, adapters);
-  offsets.push_back(width);
-  const at::Tensor slice_offsets = at::tensor(offsets, at::kLong).to(y.device());
+  SliceOffsets slice_offsets{};
+  for (int64_t s = 0; s < slices; ++s) slice_offsets.begin[s] = offsets[s];
+  slice_offsets.begin[slices] = width;
+  const Tables tables = make_tables(pool, b_rows, ranks);
+  const size_t shared_bytes = static_cast<size_t>(max_rank) * sizeof(int64_t);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "lora_expand", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     if (path == kBgmv) {
       AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_expand_ids", [&] {
-        expand_bgmv<scalar_t, acc_t, index_t><<<dim3(tokens, slices), kThreads, 0, stream>>>(
-            y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), pool.data_ptr<scalar_t>(),
-            b_rows.data_ptr<int64_t>(), ranks.data_ptr<int32_t>(), scalings.data_ptr<float>(),
-            token_adapter.data_ptr<index_t>(), slice_offsets.data_ptr<int64_t>(), tokens, width,
-            adapters, max_rank);
+        expand_bgmv<scalar_t, acc_t, index_t>
+            <<<dim3(tokens, slices), kThreads, shared_bytes, stream>>>(
+                y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), pool.data_ptr<scalar_t>(), tables,
+                scalings.data_ptr<float>(), token_adapter.data_ptr<index_t>(), slice_offsets,
+                tokens, width);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     } else {
-      const DeviceTiles tiles = device_tiles(token_adapter, adapters);
-      if (tiles.count == 0) return;
-      expand_sgmv<scalar_t, acc_t><<<dim3(tiles.count, slices), kThreads, 0, stream>>>(
-          y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), pool.data_ptr<scalar_t>(),
-          b_rows.data_ptr<int64_t>(), ranks.data_ptr<int32_t>(), scalings.data_ptr<float>(),
-          tiles.order.data_ptr<int32_t>(), tiles.tile_begin.data_ptr<int32_t>(),
-          tiles.tile_adapter.data_ptr<int32_t>(), slice_offsets.data_ptr<int64_t>(), tokens,
-          width, adapters, max_rank);
+      if (plan_tiles == 0) return;
+      expand_sgmv<scalar_t, acc_t><<<dim3(plan_tiles, slices), kThreads, shared_bytes, stream>>>(
+          y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), pool.data_ptr<scalar_t>(), tables,
+          scalings.data_ptr<float>(), sgmv_order->data_ptr<int32_t>(), sgmv_order->numel(),
+          sgmv_tiles->data_ptr<int32_t>(), slice_offsets, tokens, width);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -20,7 +20,7 @@ template <Direction direction, typename Index>
 bool move_rows_cpu(const at::Tensor& pool, const at::Tensor& dense, const at::Tensor& slots) {
   const int64_t rows = slots.numel();
   const int64_t row_bytes = pool.size(1) * pool.element_size();
-  const auto num_slots = static_cast<uint64_t>(pool.size(0));
+  const int64_t num_slots = pool.size(0);
   if (rows == 0) return true;
   auto* pool_bytes = static_cast<char*>(pool.data_ptr());
   auto* dense_bytes = static_cast<char*>(dense.data_ptr());
@@ -29,8 +29,7 @@ bool move_rows_cpu(const at::Tensor& pool, const at::Tensor& dense, const at::Te
   std::atomic<bool> all_in_range{true};
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      // One unsigned compare rejects negatives too.
-      if (static_cast<uint64_t>(slot_ids[row]) >= num_slots) {
+      if (!slot_in_range(slot_ids[row], num_slots)) {
         all_in_range.store(false, std::memory_order_relaxed);
         return;
       }

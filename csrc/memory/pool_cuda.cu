@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/index_guard.cuh"
 #include "memory/pool_checks.h"
 #include "memory/pool_rows.h"
 
@@ -19,7 +20,8 @@ constexpr int kThreadsPerBlock = 256;
 template <Direction direction, typename Unit, typename Index>
 __global__ void move_rows_kernel(Unit* __restrict__ pool, Unit* __restrict__ dense,
                                  const Index* __restrict__ slots, int64_t rows,
-                                 int64_t units_per_row, int threads_per_row_log2) {
+                                 int64_t num_slots, int64_t units_per_row,
+                                 int threads_per_row_log2, unsigned int* error_word) {
   const int threads_per_row = 1 << threads_per_row_log2;
   const int rows_per_block = kThreadsPerBlock >> threads_per_row_log2;
   const int lane = threadIdx.x & (threads_per_row - 1);
@@ -27,8 +29,22 @@ __global__ void move_rows_kernel(Unit* __restrict__ pool, Unit* __restrict__ den
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block +
                      (threadIdx.x >> threads_per_row_log2);
        row < rows; row += row_stride) {
-    Unit* pool_row = pool + slot_offset(slots[row], units_per_row);
+    const Index slot = slots[row];
     Unit* dense_row = dense + row * units_per_row;
+    if (!slot_in_range(slot, num_slots)) {
+      // Never touch the pool through a bad slot; a gather's row reads as zeros.
+      if (lane == 0) {
+        report_index_error(error_word, direction == Direction::kGather ? kPoolGatherSlots
+                                                                       : kPoolWriteSlots);
+      }
+      if constexpr (direction == Direction::kGather) {
+        for (int64_t unit = lane; unit < units_per_row; unit += threads_per_row) {
+          dense_row[unit] = Unit{};
+        }
+      }
+      continue;
+    }
+    Unit* pool_row = pool + slot_offset(slot, units_per_row);
     for (int64_t unit = lane; unit < units_per_row; unit += threads_per_row) {
       if constexpr (direction == Direction::kGather) {
         dense_row[unit] = pool_row[unit];
@@ -57,7 +73,8 @@ void launch_move_rows(const at::Tensor& pool, const at::Tensor& dense, const at:
   move_rows_kernel<direction, Unit, Index>
       <<<blocks, kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
           static_cast<Unit*>(pool.data_ptr()), static_cast<Unit*>(dense.data_ptr()),
-          slots.const_data_ptr<Index>(), rows, units_per_row, threads_per_row_log2);
+          slots.const_data_ptr<Index>(), rows, pool.size(0), units_per_row, threads_per_row_log2,
+          device_error_word(pool));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -27,6 +27,13 @@ FASTLLM_HOST_DEVICE int64_t slot_offset(Index slot, int64_t units_per_row) {
   return static_cast<int64_t>(slot) * units_per_row;
 }
 
+// Whether a slot addresses a row of a pool of num_slots rows; one unsigned compare rejects
+// negatives too. Both kernels skip (and report) a slot that does not.
+template <typename Index>
+FASTLLM_HOST_DEVICE bool slot_in_range(Index slot, int64_t num_slots) {
+  return static_cast<uint64_t>(static_cast<int64_t>(slot)) < static_cast<uint64_t>(num_slots);
+}
+
 // Which way a kernel moves rows: pool -> dense (gather) or dense -> pool (write).
 enum class Direction { kGather, kWrite };
 

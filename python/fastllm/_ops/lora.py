@@ -5,6 +5,11 @@ described in ``csrc/lora/lora_index.h``. In short: adapter rows live anywhere in
 page-pool storage); ``a_rows[s, a, j]`` / ``b_rows[s, a, j]`` are the element offsets of row ``j`` of
 A / of B^T for output slice ``s`` of the batch's adapter ``a``; ``ranks[s, a]`` says how many rows
 are real; ``token_adapter[t]`` is the batch adapter of token ``t`` (``-1``: base model only).
+
+SGMV (tokens grouped by adapter) needs a plan, ``(sgmv_order, sgmv_tiles)`` from
+:func:`lora_sgmv_plan`: build it once per batch on the host, where the adapters of the batch are
+known, and copy it to the device with the batch. The CUDA kernels never read ``token_adapter``
+on the host, so without a plan they run BGMV (the CPU kernels build a plan themselves).
 """
 
 from __future__ import annotations
@@ -14,11 +19,59 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .. import _C
 from ._common import require_kernels_for as _require_kernels_for
 
-__all__ = ["lora_shrink", "lora_expand", "PATH_AUTO", "PATH_BGMV", "PATH_SGMV"]
+__all__ = ["lora_shrink", "lora_expand", "lora_sgmv_plan", "PATH_AUTO", "PATH_BGMV", "PATH_SGMV"]
 
 PATH_AUTO, PATH_BGMV, PATH_SGMV = 0, 1, 2
+# Tokens per SGMV tile (csrc/lora/lora_index.h).
+SGMV_TILE = int(_C.lora_tile)
+
+
+def lora_sgmv_plan(token_adapter: Tensor, adapters: int) -> tuple[Tensor, Tensor]:
+    """The SGMV work list for a batch: ``(order, tiles)``, int32 CPU tensors.
+
+    ``order`` lists the tokens that have an adapter, grouped by adapter (in token order within an
+    adapter); ``tiles[i] = (first, end, adapter)`` covers ``order[first:end]``, at most
+    ``SGMV_TILE`` tokens of one adapter. Pass both to :func:`lora_shrink` / :func:`lora_expand`
+    (on the op's device). ``token_adapter`` should be a CPU tensor (a CUDA one is copied to the
+    host: a synchronisation); values must lie in ``[-1, adapters)``.
+    """
+    if not isinstance(token_adapter, Tensor) or token_adapter.dim() != 1:
+        raise ValueError(f"lora_sgmv_plan: token_adapter must be a 1-D tensor, got "
+                         f"{getattr(token_adapter, 'shape', type(token_adapter).__name__)}")
+    if token_adapter.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"lora_sgmv_plan: token_adapter must be int32 or int64, got "
+                        f"{token_adapter.dtype}")
+    if not isinstance(adapters, int) or adapters < 0:
+        raise ValueError(f"lora_sgmv_plan: adapters must be an int >= 0, got {adapters!r}")
+    ids = token_adapter.to("cpu", torch.int64)
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= adapters):
+        raise IndexError(f"lora_sgmv_plan: token_adapter must lie in [-1, {adapters}), got values "
+                         f"in [{int(ids.min())}, {int(ids.max())}]")
+    order = torch.argsort(ids, stable=True)
+    order = order[ids[order] >= 0]
+    counts = torch.bincount(ids[ids >= 0], minlength=adapters)
+    starts = torch.cumsum(counts, 0) - counts
+    per_adapter = (counts + SGMV_TILE - 1) // SGMV_TILE
+    adapter = torch.repeat_interleave(torch.arange(adapters), per_adapter)
+    first_tile = torch.cumsum(per_adapter, 0) - per_adapter
+    within = torch.arange(adapter.numel()) - first_tile[adapter]
+    first = starts[adapter] + within * SGMV_TILE
+    end = torch.minimum(first + SGMV_TILE, starts[adapter] + counts[adapter])
+    tiles = torch.stack([first, end, adapter], 1).to(torch.int32)
+    return order.to(torch.int32), tiles.contiguous()
+
+
+def _plan_for(token_adapter: Tensor, adapters: int, path: int, order, tiles):
+    # The wrappers' convenience for direct callers: a CUDA SGMV call without a plan gets one built
+    # here (reading token_adapter: one synchronisation). Batched code passes its own plan.
+    if order is not None or tiles is not None or path != PATH_SGMV \
+            or token_adapter.device.type != "cuda":
+        return order, tiles
+    order, tiles = lora_sgmv_plan(token_adapter, adapters)
+    return order.to(token_adapter.device), tiles.to(token_adapter.device)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,7 +79,8 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def lora_shrink(x: Tensor, pool: Tensor, a_rows: Tensor, ranks: Tensor, token_adapter: Tensor,
-                path: int = PATH_AUTO) -> Tensor:
+                path: int = PATH_AUTO, sgmv_order: Tensor | None = None,
+                sgmv_tiles: Tensor | None = None) -> Tensor:
     """``h[s, t, j] = x[t] . A[s, a_t, j]`` for ``j < ranks[s, a_t]``, else 0.
 
     Args:
@@ -35,27 +89,39 @@ def lora_shrink(x: Tensor, pool: Tensor, a_rows: Tensor, ranks: Tensor, token_ad
         a_rows: ``[slices, adapters, max_rank]`` int64 element offsets of A's rows in ``pool``.
         ranks: ``[slices, adapters]`` int32, each in ``[0, max_rank]``.
         token_adapter: ``[tokens]`` int32/int64 in ``[-1, adapters)``.
-        path: ``PATH_AUTO`` (choose by tokens per adapter), ``PATH_BGMV`` (per token, for decode)
+        path: ``PATH_AUTO`` (choose: on CPU by tokens per adapter; on CUDA SGMV only with a plan
+            whose tiles keep the GPU busy for less traffic), ``PATH_BGMV`` (per token, for decode)
             or ``PATH_SGMV`` (tokens grouped by adapter in tiles, for prefill).
+        sgmv_order, sgmv_tiles: the plan from :func:`lora_sgmv_plan` on ``x``'s device, or None.
+            A CUDA ``PATH_SGMV`` call without one builds it here, reading ``token_adapter``
+            (one synchronisation).
+
+    Index values are checked on the host for CPU tensors; on CUDA the kernels guard them and
+    report through :func:`fastllm.ops.raise_index_errors` (see :mod:`fastllm._ops.index_checks`).
 
     Returns ``h`` of shape ``[slices, tokens, max_rank]`` in float32 (float64 for float64 ``x``):
     the intermediate stays fp32 whatever the input dtype. Differentiable in ``x`` and ``pool``.
     """
     _require_kernels_for(x, "lora_shrink")
-    return torch.ops.fastllm.lora_shrink.default(x, pool, a_rows, ranks, token_adapter, path)
+    sgmv_order, sgmv_tiles = _plan_for(token_adapter, a_rows.shape[1], path, sgmv_order,
+                                       sgmv_tiles)
+    return torch.ops.fastllm.lora_shrink.default(x, pool, a_rows, ranks, token_adapter, path,
+                                                 sgmv_order, sgmv_tiles)
 
 
 def lora_expand(y: Tensor, h: Tensor, pool: Tensor, b_rows: Tensor, ranks: Tensor,
                 scalings: Tensor, token_adapter: Tensor, slice_sizes: Sequence[int],
-                path: int = PATH_AUTO) -> Tensor:
+                path: int = PATH_AUTO, sgmv_order: Tensor | None = None,
+                sgmv_tiles: Tensor | None = None) -> Tensor:
     """Add ``scalings[s, a_t] * h[s, t, :r] @ B^T[s, a_t, :r]`` into slice ``s`` of ``y[t]``, in place.
 
     Args:
         y: ``[tokens, sum(slice_sizes)]`` contiguous base-layer output; slices side by side (for a
             fused qkv or gate/up projection). Rows of tokens without an adapter are not touched.
         h: ``[slices, tokens, max_rank]`` from :func:`lora_shrink` (float32; float64 for float64).
-        pool, b_rows, ranks, token_adapter, path: as for :func:`lora_shrink`; ``b_rows`` holds
-            offsets of B^T's rows (``slice_sizes[s]`` elements each).
+        pool, b_rows, ranks, token_adapter, path, sgmv_order, sgmv_tiles: as for
+            :func:`lora_shrink`; ``b_rows`` holds offsets of B^T's rows (``slice_sizes[s]``
+            elements each). At most 16 slices.
         scalings: ``[slices, adapters]`` float32, the adapter's ``alpha / r`` (or rsLoRA's).
 
     Returns ``y``. Differentiable in ``y``, ``h`` and ``pool`` (autograd records it as an in-place
@@ -63,23 +129,28 @@ def lora_expand(y: Tensor, h: Tensor, pool: Tensor, b_rows: Tensor, ranks: Tenso
     """
     _require_kernels_for(y, "lora_expand")
     sizes = [int(size) for size in slice_sizes]
+    sgmv_order, sgmv_tiles = _plan_for(token_adapter, b_rows.shape[1], path, sgmv_order,
+                                       sgmv_tiles)
     if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or pool.requires_grad):
-        return _ExpandInPlace.apply(y, h, pool, b_rows, ranks, scalings, token_adapter, sizes, path)
+        return _ExpandInPlace.apply(y, h, pool, b_rows, ranks, scalings, token_adapter, sizes, path,
+                                    sgmv_order, sgmv_tiles)
     torch.ops.fastllm.lora_expand.default(y, h, pool, b_rows, ranks, scalings, token_adapter, sizes,
-                                          path)
+                                          path, sgmv_order, sgmv_tiles)
     return y
 
 
 # ---- fakes ---------------------------------------------------------------------------------------
 
 @torch.library.register_fake("fastllm::lora_shrink")
-def _lora_shrink_fake(x, pool, a_rows, ranks, token_adapter, path=0):
+def _lora_shrink_fake(x, pool, a_rows, ranks, token_adapter, path=0, sgmv_order=None,
+                      sgmv_tiles=None):
     return x.new_empty((a_rows.shape[0], x.shape[0], a_rows.shape[2]),
                        dtype=_accumulate_dtype(x.dtype))
 
 
 @torch.library.register_fake("fastllm::lora_expand")
-def _lora_expand_fake(y, h, pool, b_rows, ranks, scalings, token_adapter, slice_sizes, path=0):
+def _lora_expand_fake(y, h, pool, b_rows, ranks, scalings, token_adapter, slice_sizes, path=0,
+                      sgmv_order=None, sgmv_tiles=None):
     return None
 
 
@@ -106,9 +177,9 @@ def _add_row_grads(grad_pool: Tensor, rows: Tensor, ranks: Tensor, token_adapter
 
 
 def _shrink_setup_context(ctx, inputs, output) -> None:
-    x, pool, a_rows, ranks, token_adapter, path = inputs
+    x, pool, a_rows, ranks, token_adapter, path, sgmv_order, sgmv_tiles = inputs
     ctx.save_for_backward(x, pool, a_rows, ranks, token_adapter)
-    ctx.path = path
+    ctx.path, ctx.plan = path, (sgmv_order, sgmv_tiles)
 
 
 def _shrink_backward(ctx, grad_h: Tensor):
@@ -121,13 +192,14 @@ def _shrink_backward(ctx, grad_h: Tensor):
         wide = x.new_zeros(x.shape[0], slices * x.shape[1])
         ones = torch.ones(slices, adapters, dtype=torch.float32, device=x.device)
         torch.ops.fastllm.lora_expand.default(wide, grad_h, pool, a_rows, ranks, ones,
-                                              token_adapter, [x.shape[1]] * slices, ctx.path)
+                                              token_adapter, [x.shape[1]] * slices, ctx.path,
+                                              *ctx.plan)
         grad_x = wide.view(x.shape[0], slices, x.shape[1]).sum(1)
     if ctx.needs_input_grad[1]:
         grad_pool = torch.zeros_like(pool)
         for s in range(slices):
             _add_row_grads(grad_pool, a_rows[s], ranks[s], token_adapter, grad_h[s], x)
-    return grad_x, grad_pool, None, None, None, None
+    return grad_x, grad_pool, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastllm::lora_shrink", _shrink_backward,
@@ -139,12 +211,13 @@ class _ExpandInPlace(torch.autograd.Function):
     # expand gets its backward from a Function that marks y dirty.
 
     @staticmethod
-    def forward(ctx, y, h, pool, b_rows, ranks, scalings, token_adapter, slice_sizes, path):
+    def forward(ctx, y, h, pool, b_rows, ranks, scalings, token_adapter, slice_sizes, path,
+                sgmv_order, sgmv_tiles):
         torch.ops.fastllm.lora_expand.default(y, h, pool, b_rows, ranks, scalings, token_adapter,
-                                              slice_sizes, path)
+                                              slice_sizes, path, sgmv_order, sgmv_tiles)
         ctx.mark_dirty(y)
         ctx.save_for_backward(h, pool, b_rows, ranks, scalings, token_adapter)
-        ctx.slice_sizes, ctx.path = slice_sizes, path
+        ctx.slice_sizes, ctx.path, ctx.plan = slice_sizes, path, (sgmv_order, sgmv_tiles)
         return y
 
     @staticmethod
@@ -169,8 +242,8 @@ class _ExpandInPlace(torch.autograd.Function):
                 # dL/dh[s, t, j] = scale_t * g[t] . B^T[s, a_t, j]: a shrink over B's rows.
                 grad_h[s] = torch.ops.fastllm.lora_shrink.default(
                     g, pool, b_rows[s:s + 1].contiguous(), ranks[s:s + 1].contiguous(),
-                    token_adapter, ctx.path)[0] * scale
+                    token_adapter, ctx.path, *ctx.plan)[0] * scale
             if grad_pool is not None:
                 _add_row_grads(grad_pool, b_rows[s], ranks[s], token_adapter, h[s] * scale, g)
             begin += size
-        return grad_y, grad_h, grad_pool, None, None, None, None, None, None
+        return grad_y, grad_h, grad_pool, None, None, None, None, None, None, None, None

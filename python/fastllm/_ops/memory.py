@@ -23,6 +23,9 @@ def pool_write(pool: Tensor, slots: Tensor, rows: Tensor) -> None:
         rows: ``[n, width]`` contiguous, same dtype and device as ``pool``.
 
     Bad arguments raise before anything is written, so a rejected call leaves ``pool`` unchanged.
+    On CUDA, slot *values* are checked only in the debug mode (:func:`fastllm.ops.checked_indices`);
+    otherwise the kernel skips an out-of-range slot's row and reports it through
+    :func:`fastllm.ops.raise_index_errors`, with no host synchronisation.
     """
     _require_kernels_for(pool, "pool_write")
     torch.ops.fastllm.pool_write.default(pool, slots, rows)
@@ -33,7 +36,9 @@ def pool_gather(pool: Tensor, slots: Tensor) -> Tensor:
 
     Args:
         pool: ``[num_slots, width]`` contiguous float tensor, a row view of a page pool.
-        slots: ``[n]`` int32 or int64 slot indices in ``[0, num_slots)``; repeats allowed.
+        slots: ``[n]`` int32 or int64 slot indices in ``[0, num_slots)``; repeats allowed. On
+            CUDA an out-of-range slot gives a row of zeros and is reported through
+            :func:`fastllm.ops.raise_index_errors` (no host synchronisation).
 
     Differentiable with respect to ``pool``.
     """

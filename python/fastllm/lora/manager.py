@@ -20,6 +20,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._host import to_device
+from .._ops.lora import PATH_AUTO, lora_expand, lora_sgmv_plan, lora_shrink
 from ..memory import PagePool
 from ..nn.lora_linear import LoRALinear
 from .store import AdapterStore, ModuleSpec, ModuleWeights
@@ -35,13 +37,18 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])
 
 
 class _BatchState:
-    """Row tables of one batch, per module, and the token -> adapter map per input shape."""
+    """Everything the LoRA kernels need for one batch, built once per :meth:`AdapterManager.batch`
+    (row tables, ranks, scalings) and once per input shape (token -> adapter map and SGMV plan),
+    on the host and copied to the device without blocking. A forward call only launches kernels:
+    nothing here reads device memory, so a decode step can be captured in a CUDA graph."""
 
-    def __init__(self, manager: "AdapterManager", seq_adapter: Tensor, rows: Tensor, ranks: Tensor,
-                 scalings: Tensor, module_rank: list[int]) -> None:
+    def __init__(self, manager: "AdapterManager", seq_adapter: Tensor, adapters: int, rows: Tensor,
+                 ranks: Tensor, scalings: Tensor, module_rank: list[int]) -> None:
         self.pool = manager.pool.storage
+        self.device = manager.device
         self.batch_size = seq_adapter.numel()
-        self.seq_adapter = seq_adapter
+        self.seq_adapter = seq_adapter  # CPU int32, one entry per sequence
+        self.adapters = adapters
         self.entries = [None] * len(module_rank)
         if rows is not None:
             # One copy per table, then per-module views (unbind): contiguous without a copy each.
@@ -51,18 +58,21 @@ class _BatchState:
                              scalings.unsqueeze(1).contiguous().unbind(0))
             self.entries = [entry if top else None
                             for entry, top in zip(per_module, module_rank)]
-        self._tokens: dict[int, Tensor] = {}
+        self._tokens: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
-    def tokens(self, x: Tensor) -> Tensor:
+    def tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(token_adapter, sgmv_order, sgmv_tiles) on the device for an input shaped like x."""
         if x.shape[0] != self.batch_size:
             raise RuntimeError(f"AdapterManager.batch was given {self.batch_size} adapter names but "
                                f"the model got a batch of {x.shape[0]} sequences")
         per_sequence = x.numel() // (x.shape[-1] * self.batch_size) if x.shape[-1] else 1
-        ids = self._tokens.get(per_sequence)
-        if ids is None:
+        entry = self._tokens.get(per_sequence)
+        if entry is None:
             ids = self.seq_adapter.repeat_interleave(per_sequence)
-            self._tokens[per_sequence] = ids
-        return ids
+            order, tiles = lora_sgmv_plan(ids, self.adapters)
+            entry = tuple(to_device(t, self.device) for t in (ids, order, tiles))
+            self._tokens[per_sequence] = entry
+        return entry
 
     def apply(self, index: int, x: Tensor, y: Tensor) -> Tensor:
         entry = self.entries[index]
@@ -72,21 +82,21 @@ class _BatchState:
         if x.dtype != self.pool.dtype:
             raise TypeError(f"LoRALinear: input dtype {x.dtype} differs from the adapter pool's "
                             f"{self.pool.dtype}; create the AdapterManager after casting the model")
-        ids = self.tokens(x)
+        ids, order, tiles = self.tokens(x)
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         y2 = y.view(-1, y.shape[-1])
-        # BGMV or SGMV: the kernels choose from the tokens per distinct adapter of this call.
-        path = 0
+        # BGMV or SGMV: the kernels choose from the call's tokens and the plan's tiles.
+        path = PATH_AUTO
         if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-            from .._ops import lora as _ops
-            h = _ops.lora_shrink(x2, self.pool, a_rows, ranks, ids, path)
-            return _ops.lora_expand(y2, h, self.pool, b_rows, ranks, scalings, ids,
-                                    [y2.shape[1]], path).view_as(y)
-        h = torch.ops.fastllm.lora_shrink.default(x2, self.pool, a_rows, ranks, ids, path)
+            h = lora_shrink(x2, self.pool, a_rows, ranks, ids, path, order, tiles)
+            return lora_expand(y2, h, self.pool, b_rows, ranks, scalings, ids, [y2.shape[1]], path,
+                               order, tiles).view_as(y)
+        h = torch.ops.fastllm.lora_shrink.default(x2, self.pool, a_rows, ranks, ids, path, order,
+                                                  tiles)
         torch.ops.fastllm.lora_expand.default(y2, h, self.pool, b_rows, ranks, scalings, ids,
-                                              [y2.shape[1]], path)
+                                              [y2.shape[1]], path, order, tiles)
         return y
 
 
@@ -266,13 +276,14 @@ class AdapterManager:
         try:
             position = {n: i for i, n in enumerate(distinct)}
             seq_adapter = torch.tensor([-1 if n is None else position[n] for n in names],
-                                       dtype=torch.int32, device=self.device)
+                                       dtype=torch.int32)
             if distinct:
                 rows, ranks, scalings, module_rank = self.store.tables(distinct, residents)
             else:
                 rows = ranks = scalings = None
                 module_rank = [0] * len(self.store.modules)
-            self._active = _BatchState(self, seq_adapter, rows, ranks, scalings, module_rank)
+            self._active = _BatchState(self, seq_adapter, len(distinct), rows, ranks, scalings,
+                                       module_rank)
             yield self
         finally:
             self._active = None

@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .._host import to_device
 from ..memory import PagePool, PoolExhaustedError
 
 OWNER = "lora"
@@ -241,10 +242,11 @@ class AdapterStore:
         self._in_use = set()
 
     def prefetch(self, names: Iterable[str]) -> None:
-        """Start loading adapters that a coming batch will use. On CUDA the copies run on a side
-        stream and overlap with compute on the current stream (the next :meth:`acquire` waits for
-        them); on CPU this is a plain synchronous load. Adapters in the running batch are not
-        evicted to make room; a prefetch that does not fit stops quietly (the batch will load it)."""
+        """Start loading adapters that a coming batch will use. On CUDA the host-to-device copies
+        run on a side stream and overlap with compute on the current stream (the next
+        :meth:`acquire` waits for them); nothing here waits on the host. On CPU this is a plain
+        synchronous load. Adapters in the running batch are not evicted to make room; a prefetch
+        that does not fit stops quietly (the batch will load it)."""
         names = [n for n in dict.fromkeys(names) if n not in self.resident]
         missing = [n for n in names if n not in self.host]
         if missing:
@@ -259,18 +261,27 @@ class AdapterStore:
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.pool.device)
         side = self._side_stream
-        # The side stream must not overwrite pages the current stream may still be reading.
-        side.wait_stream(torch.cuda.current_stream(self.pool.device))
+        compute = torch.cuda.current_stream(self.pool.device)
+        # Pages handed out now may have been freed by work still queued on the compute stream (an
+        # evicted adapter's last reads, a KV cache's): the side stream's writes into the pool
+        # wait for that work, but its host-to-device copies (the slow part) do not.
+        queued = torch.cuda.Event()
+        queued.record(compute)
         with torch.cuda.stream(side):
             for name in names:
                 try:
-                    resident = self._make_resident(name, count=False, protect=set(names))
+                    resident = self._make_resident(name, count=False, protect=set(names),
+                                                   compute=compute, before_write=queued)
                 except PoolExhaustedError:
                     return
                 resident.ready = torch.cuda.Event()
                 resident.ready.record(side)
 
-    def _make_resident(self, name: str, count: bool, protect: set | None = None) -> ResidentAdapter:
+    def _make_resident(self, name: str, count: bool, protect: set | None = None,
+                       compute=None, before_write=None) -> ResidentAdapter:
+        """Page adapter ``name`` in (LRU eviction for room). ``compute``: the stream the batches
+        run on when this is called from the prefetch side stream; ``before_write``: an event the
+        pool write must wait for."""
         resident = self.resident.get(name)
         if resident is not None:
             self.resident.move_to_end(name)
@@ -294,24 +305,32 @@ class AdapterStore:
             for victim in evictable:  # least recently used first
                 if need <= self.pool.free_pages:
                     break
-                self._evict(victim)
+                self._evict(victim, compute)
         page_ids = self.pool.alloc(need, OWNER)
         device = self.pool.device
-        slots = page_ids.to(device)
+        slots = to_device(page_ids, device)
+        # The buffer is pinned on CUDA (register), so this copy does not block the host.
         data = host.buffer.to(device, non_blocking=True) if device.type != "cpu" else host.buffer
+        if before_write is not None:
+            torch.cuda.current_stream(device).wait_event(before_write)
         self.pool.write(slots, data)
         self.bytes_moved += host.nbytes
         page = self.pool.page_size
         logical = host.plan.rows
         physical = page_ids[logical // page] * page + logical % page
-        resident = ResidentAdapter(name, page_ids, physical.to(device))
+        resident = ResidentAdapter(name, page_ids, to_device(physical, device))
         self.resident[name] = resident
         return resident
 
-    def _evict(self, name: str) -> None:
+    def _evict(self, name: str, compute=None) -> None:
         resident = self.resident.pop(name)
         if resident.ready is not None and self.pool.device.type == "cuda":
-            torch.cuda.current_stream(self.pool.device).wait_event(resident.ready)
+            # A prefetched adapter's write may still be in flight on the side stream. Its pages go
+            # back to the pool now and the next owner uses them on the compute stream, so that
+            # stream (not the side stream we may be running on) must wait for the write.
+            stream = compute if compute is not None else torch.cuda.current_stream(
+                self.pool.device)
+            stream.wait_event(resident.ready)
         self.pool.free(resident.page_ids)
         self.evictions += 1
 
@@ -332,7 +351,7 @@ class AdapterStore:
         ranks = torch.stack([h.ranks for h in hosts], 1)
         scalings = torch.stack([h.scalings for h in hosts], 1)
         module_rank = ranks.max(1).values.tolist()
-        return rows, ranks.to(device), scalings.to(device), module_rank
+        return rows, to_device(ranks, device), to_device(scalings, device), module_rank
 
     def weights(self, name: str, module: str) -> ModuleWeights | None:
         """An adapter's A, B and scaling for one module, read back from its host pages."""

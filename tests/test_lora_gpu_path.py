@@ -1,0 +1,256 @@
+"""The LoRA GPU path without host synchronisation: the SGMV plan built once per batch on the host,
+the GPU's BGMV/SGMV rule, a mixed-batch decode step on fake CUDA tensors (proof, without a GPU,
+that the Python layer reads no device data), and on a GPU: bad indices reported through the
+device error word, and a decode step captured in a CUDA graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fastllm.ops as ops
+from fastllm import _C
+from fastllm._ops.lora import SGMV_TILE
+from fastllm.lora import AdapterManager
+from helpers import random_tensor
+
+transformers = pytest.importorskip("transformers")
+
+cuda_only = pytest.mark.skipif(not (_C.with_cuda and torch.cuda.is_available()),
+                               reason="needs a GPU and fastllm's CUDA kernels")
+
+
+# ---- the SGMV plan -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ids", [[], [-1, -1], [0], [2, 0, 2, -1, 1, 2] * 7, [1] * 17])
+def test_sgmv_plan_groups_tokens_by_adapter_in_tiles(ids):
+    token_adapter = torch.tensor(ids, dtype=torch.int64)
+    order, tiles = ops.lora_sgmv_plan(token_adapter, 3)
+    assert order.dtype == tiles.dtype == torch.int32 and tiles.shape[1] == 3
+    covered = []
+    for first, end, adapter in tiles.tolist():
+        assert 0 < end - first <= SGMV_TILE
+        members = order[first:end].tolist()
+        assert all(ids[t] == adapter for t in members)
+        covered += members
+    assert sorted(covered) == [t for t, a in enumerate(ids) if a >= 0]
+    assert sorted(covered) == sorted(order.tolist())  # every listed token in exactly one tile
+
+
+def test_ops_give_the_same_result_with_a_plan():
+    pool = random_tensor(1 << 12)
+    a_rows = torch.randint(0, (1 << 12) - 32, (1, 3, 8))
+    ranks = torch.tensor([[8, 3, 5]], dtype=torch.int32)
+    ids = torch.tensor([2, 0, -1, 1, 1, 0, 2, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    x = random_tensor(ids.numel(), 32)
+    plan = ops.lora_sgmv_plan(ids, 3)
+    expected = ops.lora_shrink(x, pool, a_rows, ranks, ids, 2)  # the CPU builds its own tiles
+    torch.testing.assert_close(ops.lora_shrink(x, pool, a_rows, ranks, ids, 2, *plan), expected)
+    y = random_tensor(ids.numel(), 32)
+    scalings = torch.rand(1, 3)
+    want = ops.lora_expand(y.clone(), expected, pool, a_rows, ranks, scalings, ids, [32], 2)
+    got = ops.lora_expand(y.clone(), expected, pool, a_rows, ranks, scalings, ids, [32], 2, *plan)
+    torch.testing.assert_close(got, want)
+
+
+def _bad_plans(ids):
+    order, tiles = ops.lora_sgmv_plan(ids, 3)
+    wrong_adapter = tiles.clone()
+    wrong_adapter[0, 2] = (wrong_adapter[0, 2] + 1) % 3
+    too_long = tiles.clone()
+    too_long[0, 1] = order.numel() + 1
+    return [
+        ("sgmv_tiles", (order, None), ValueError, r"sgmv_order and sgmv_tiles must be given together"),
+        ("sgmv_order", (order.long(), tiles), TypeError, r"sgmv_order must have dtype in \{Int\}"),
+        ("sgmv_tiles", (order, tiles[:, :2].contiguous()), ValueError, r"sgmv_tiles must be \[tiles, 3\]"),
+        ("sgmv_tiles", (order, wrong_adapter), IndexError, r"is not a token of that adapter"),
+        ("sgmv_tiles", (order, too_long), IndexError, r"sgmv_tiles\[0\].*must cover 1 to 8"),
+        ("sgmv_order", (order[:-1].contiguous(), tiles[:-1].contiguous()), ValueError,
+         r"the SGMV plan covers"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_bad_plans_are_rejected_naming_the_argument(case):
+    ids = torch.tensor([2, 0, 2, -1, 1, 2, 0, 0, 1])
+    name, plan, error, message = _bad_plans(ids)[case]
+    pool = random_tensor(1 << 10)
+    a_rows = torch.randint(0, (1 << 10) - 16, (1, 3, 4))
+    ranks = torch.tensor([[4, 2, 3]], dtype=torch.int32)
+    with pytest.raises(error, match=message):
+        ops.lora_shrink(random_tensor(9, 16), pool, a_rows, ranks, ids, 2, *plan)
+    y = random_tensor(9, 16)
+    before = y.clone()
+    with pytest.raises(error, match=message):
+        ops.lora_expand(y, torch.zeros(1, 9, 4), pool, a_rows, ranks, torch.ones(1, 3), ids, [16],
+                        2, *plan)
+    assert torch.equal(y, before)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: (torch.tensor([[0, 1]]), 2), ValueError, "token_adapter must be a 1-D tensor"),
+    (lambda: (torch.tensor([0.0]), 2), TypeError, "must be int32 or int64"),
+    (lambda: (torch.tensor([0, 2]), 2), IndexError, r"must lie in \[-1, 2\)"),
+    (lambda: (torch.tensor([0, -2]), 2), IndexError, r"must lie in \[-1, 2\)"),
+    (lambda: (torch.tensor([0]), -1), ValueError, "adapters must be an int >= 0"),
+])
+def test_sgmv_plan_rejects_bad_input(make, error, message):
+    with pytest.raises(error, match=message):
+        ops.lora_sgmv_plan(*make())
+
+
+# ---- the GPU rule --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens, adapters, sgmv", [
+    (1, 1, False),        # one decode token
+    (64, 16, False),      # a decode batch of 64 sequences on 16 adapters: 64 blocks either way
+    (64, 1, False),       # 64 sequences sharing one adapter: 8 tiles leave the GPU idle
+    (256, 4, False),      # 256 blocks vs 32 tiles: both within two waves, a tie goes to BGMV
+    (512, 4, True),       # 512 blocks vs 64 tiles (under two waves: costs as 264)
+    (4096, 4, True),      # a prefill: 512 tiles read each row 8x less often
+    (2048, 64, True),
+])
+def test_gpu_path_rule(tokens, adapters, sgmv):
+    tiles = sum(-(-(tokens // adapters) // SGMV_TILE) for _ in range(adapters))
+    assert _C.lora_gpu_prefers_sgmv(tokens, tiles, 132) is sgmv
+
+
+# ---- a decode step on fake CUDA tensors ----------------------------------------------------------
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=136,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def random_adapter(model, rank, scale=0.05):
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+            state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, module.in_features) * scale
+            state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(module.out_features, rank) * scale
+    return state
+
+
+def _to_fake_cuda(mode, model, state):
+    """Every tensor a decode step touches, as a fake CUDA tensor (created inside `mode`)."""
+    fake = lambda t: mode.from_tensor(t).to("cuda")  # noqa: E731
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(fake(p), requires_grad=False)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = fake(b)
+    state.pool = fake(state.pool)
+    state.device = torch.device("cuda")
+    state.entries = [None if e is None else tuple(fake(t) for t in e) for e in state.entries]
+    state._tokens = {k: tuple(fake(t) for t in v) for k, v in state._tokens.items()}
+
+
+def _decode_step_on_fake_cuda(inject=None):
+    model = tiny_llama()
+    r4, r16 = random_adapter(model, 4), random_adapter(model, 16)
+    manager = AdapterManager(model, max_rank=16, num_pages=64, page_size=4096)
+    manager.load("r4", r4, {"r": 4, "lora_alpha": 8})
+    manager.load("r16", r16, {"r": 16, "lora_alpha": 16})
+    names = ["r4", None, "r16", "r4"]
+    step = torch.randint(0, 96, (4, 1))
+    with torch.no_grad(), manager.batch(names):
+        # The batch's host work (tables, the decode shape's token map and plan) happens once, on
+        # the first call of a shape; this warm-up is that call. Then only launches remain.
+        model(step, use_cache=False)
+        state = manager._active
+        if inject is not None:
+            inject(state)
+        with FakeTensorMode() as mode:
+            _to_fake_cuda(mode, model, state)
+            logits = model(mode.from_tensor(step).to("cuda"), use_cache=False).logits
+    return logits
+
+
+def test_mixed_batch_decode_step_reads_no_device_data():
+    logits = _decode_step_on_fake_cuda()
+    assert logits.device.type == "cuda" and logits.shape == (4, 1, 96)
+
+
+def test_fake_cuda_step_catches_a_host_read():
+    # The proof above can fail: a forward that reads a device value raises on fake tensors.
+    def inject(state):
+        original = state.apply
+
+        def apply(index, x, y):
+            if x.sum().item() > 1e30:  # a host read of device data
+                pass
+            return original(index, x, y)
+        state.apply = apply
+    with pytest.raises(Exception, match="DataDependent|local_scalar_dense|item"):
+        _decode_step_on_fake_cuda(inject)
+
+
+# ---- on a GPU ------------------------------------------------------------------------------------
+
+@cuda_only
+def test_cuda_bad_indices_are_skipped_and_reported():
+    ops.raise_index_errors()
+    pool = random_tensor(1 << 12, device="cuda")
+    a_rows = torch.randint(0, (1 << 12) - 32, (1, 2, 4), device="cuda")
+    ranks = torch.tensor([[4, 2]], dtype=torch.int32, device="cuda")
+    x = random_tensor(3, 32, device="cuda")
+    bad_ids = torch.tensor([0, 5, 1], device="cuda")
+    h = ops.lora_shrink(x, pool, a_rows, ranks, bad_ids, 1)
+    assert torch.equal(h[0, 1], torch.zeros_like(h[0, 1]))  # the bad token's work was skipped
+    with pytest.raises(IndexError, match="token_adapter"):
+        ops.raise_index_errors()
+    far = a_rows.clone()
+    far[0, 0, 1] = 10**12
+    y = random_tensor(3, 32, device="cuda")
+    ops.lora_expand(y, h, pool, far, ranks, torch.ones(1, 2, device="cuda"),
+                    torch.tensor([0, -1, 1], device="cuda"), [32], 1)
+    with pytest.raises(IndexError, match="a_rows/b_rows"):
+        ops.raise_index_errors()
+    with ops.checked_indices(), pytest.raises(IndexError, match=r"token_adapter must lie in"):
+        ops.lora_shrink(x, pool, a_rows, ranks, bad_ids, 1)
+
+
+@cuda_only
+def test_cuda_sgmv_without_a_plan_is_refused_by_the_op():
+    pool = random_tensor(1 << 10, device="cuda")
+    a_rows = torch.zeros(1, 1, 2, dtype=torch.int64, device="cuda")
+    ranks = torch.tensor([[2]], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="needs sgmv_order and sgmv_tiles"):
+        torch.ops.fastllm.lora_shrink.default(random_tensor(2, 8, device="cuda"), pool, a_rows,
+                                              ranks, torch.zeros(2, dtype=torch.int64,
+                                                                 device="cuda"), 2)
+
+
+@cuda_only
+def test_cuda_mixed_batch_decode_step_no_syncs_and_graph_replay_equals_eager():
+    model = tiny_llama().cuda()
+    r4, r16 = random_adapter(model, 4), random_adapter(model, 16)
+    manager = AdapterManager(model, max_rank=16, num_pages=64, page_size=4096)
+    manager.load("r4", r4, {"r": 4, "lora_alpha": 8})
+    manager.load("r16", r16, {"r": 16, "lora_alpha": 16})
+    step = torch.randint(0, 96, (4, 1), device="cuda")
+    with torch.no_grad(), manager.batch(["r4", None, "r16", "r4"]):
+        eager = model(step, use_cache=False).logits  # warm-up: the shape's plan is built here
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            again = model(step, use_cache=False).logits
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(again, eager)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(step, use_cache=False).logits
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured, eager)
+    ops.raise_index_errors()
