@@ -4,6 +4,8 @@ calls on the CPU kernels, which checks the cases themselves (shapes, results aga
 
 Sizes are small so memcheck/racecheck finish in seconds, but chosen to cover each kernel's
 branches: narrow and full-width vector access, int32 and int64 indices, partial thread groups.
+bad_index_cases passes out-of-range indices: the CUDA kernels must skip them without touching
+memory outside any tensor (what memcheck watches) and report them through the error word.
 """
 
 import argparse
@@ -143,13 +145,60 @@ def galore_cases(device):
     ops.galore_project_back_(grad, low, left, right, alpha=-0.5)
 
 
+def _expect_bad_index(device, what, call):
+    """A call with out-of-range index values: the CPU rejects it; CUDA kernels skip the bad indices
+    (memcheck proves they touch nothing outside the tensors) and report them in the error word."""
+    if device == "cpu":
+        try:
+            call()
+        except (IndexError, ValueError):
+            return
+        raise AssertionError(f"{what}: the CPU accepted a bad index")
+    call()
+    try:
+        ops.raise_index_errors()
+    except IndexError:
+        return
+    raise AssertionError(f"{what}: the bad index was not reported")
+
+
+def bad_index_cases(device):
+    if device == "cuda":
+        ops.raise_index_errors()  # start clean
+    pool = torch.randn(64, 32, device=device)
+    _expect_bad_index(device, "pool_write", lambda: ops.pool_write(
+        pool, torch.tensor([3, 64, -1], device=device), torch.randn(3, 32, device=device)))
+    _expect_bad_index(device, "pool_gather", lambda: ops.pool_gather(
+        pool, torch.tensor([1 << 40, 2], device=device)))
+    flat = torch.randn(1 << 12, device=device)
+    rows = torch.randint(0, (1 << 12) - 64, (1, 2, 4), device=device)
+    ranks = torch.tensor([[4, 2]], dtype=torch.int32, device=device)
+    x = torch.randn(3, 64, device=device)
+    _expect_bad_index(device, "lora_shrink token_adapter", lambda: ops.lora_shrink(
+        x, flat, rows, ranks, torch.tensor([0, 7, -5], device=device), 1))
+    far = rows.clone()
+    far[0, 1, 0] = (1 << 12) - 8  # a row running past the pool's end
+    _expect_bad_index(device, "lora_shrink a_rows", lambda: ops.lora_shrink(
+        x, flat, far, ranks, torch.tensor([1, 1, 0], device=device), 1))
+    _expect_bad_index(device, "lora_expand ranks", lambda: ops.lora_expand(
+        torch.randn(3, 64, device=device), torch.zeros(1, 3, 4, device=device), flat, rows,
+        ranks + 9, torch.ones(1, 2, device=device), torch.tensor([0, 1, -1], device=device), [64],
+        1))
+    ids = torch.tensor([0, 1, 1], device=device)
+    order, tiles = ops.lora_sgmv_plan(ids.cpu(), 2)
+    tiles[0, 1] = 50  # past the end of order
+    _expect_bad_index(device, "lora_shrink sgmv_tiles", lambda: ops.lora_shrink(
+        x, flat, rows, ranks, ids, 2, order.to(device), tiles.to(device)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda")
     device = parser.parse_args().device
     if device == "cuda":
         assert torch.cuda.is_available(), "sanitize_cases needs a GPU (or --device cpu)"
-    for cases in (memory_cases, lora_cases, kv_cases, sparse_cases, galore_cases):
+    for cases in (memory_cases, lora_cases, kv_cases, sparse_cases, galore_cases,
+                  bad_index_cases):
         cases(device)
         print(f"{cases.__name__} ok", flush=True)
     if device == "cuda":

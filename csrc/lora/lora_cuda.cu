@@ -95,17 +95,21 @@ __device__ __forceinline__ Tile load_tile(const Tables& t, const int32_t* order,
     report_index_error(t.error_word, kLoraSgmvPlan);
     return out;
   }
-  out.adapter = a;
-  for (int i = 0; i < kTile; ++i) out.token[i] = 0;
-  for (int64_t k = first; k < end; ++k) {
-    const int64_t token = order[k];
-    if (token < 0 || token >= tokens) {
-      report_index_error(t.error_word, kLoraSgmvPlan);
-      out.n = 0;
-      return out;
-    }
-    out.token[out.n++] = token;
+  const int n = static_cast<int>(end - first);
+  bool bad = false;
+  // Fixed trip count and constant indices keep the token list in registers.
+#pragma unroll
+  for (int i = 0; i < kTile; ++i) {
+    const int64_t token = i < n ? static_cast<int64_t>(order[first + i]) : 0;
+    bad |= token < 0 || token >= tokens;
+    out.token[i] = token;
   }
+  if (bad) {
+    report_index_error(t.error_word, kLoraSgmvPlan);
+    return out;
+  }
+  out.n = n;
+  out.adapter = a;
   return out;
 }
 

@@ -14,8 +14,11 @@ from ._ops.lora import lora_expand, lora_sgmv_plan, lora_shrink
 from ._ops.memory import pool_gather, pool_write
 from ._ops.sparse import quantized_neuron_scores, sparse_mlp
 
-__all__ = ["pool_gather", "pool_write", "lora_shrink", "lora_expand", "lora_sgmv_plan",
-           "kv_attention_scores", "kv_policy_recovery", "kv_ragged_decode", "kv_evict_round",
-           "sparse_mlp", "quantized_neuron_scores", "galore_adam_step", "galore_adam8bit_step",
-           "galore_project", "galore_project_back_", "index_error_word", "raise_index_errors",
-           "checked_indices"]
+# The kernels: each has a CPU and a CUDA implementation, a fake and a reference in _reference.
+OPS = ["pool_gather", "pool_write", "lora_shrink", "lora_expand", "kv_attention_scores",
+       "kv_policy_recovery", "kv_ragged_decode", "kv_evict_round", "sparse_mlp",
+       "quantized_neuron_scores", "galore_adam_step", "galore_adam8bit_step", "galore_project",
+       "galore_project_back_"]
+# Host-side helpers around them: the LoRA SGMV plan and the CUDA index-error word.
+HELPERS = ["lora_sgmv_plan", "index_error_word", "raise_index_errors", "checked_indices"]
+__all__ = OPS + HELPERS
