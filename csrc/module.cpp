@@ -17,4 +17,14 @@ PYBIND11_MODULE(_C, m) {
   // LoRA planning facts the Python layer builds plans with (one source of truth: lora_index.h).
   m.attr("lora_tile") = pybind11::int_(fastllm::lora::kTile);
   m.def("lora_gpu_prefers_sgmv", &fastllm::lora::gpu_prefers_sgmv);
+  // Decode launch plans, exposed so the CPU tests check what the CUDA launches will use.
+  m.def("lora_plan_shrink", [](int64_t tokens, int64_t slices, int64_t in, int64_t max_rank,
+                               int64_t sms, int64_t vec) {
+    const auto plan = fastllm::lora::plan_shrink(tokens, slices, in, max_rank, sms, vec);
+    return pybind11::make_tuple(plan.splits, plan.chunk, plan.row_groups);
+  });
+  m.def("lora_plan_expand_tiles", &fastllm::lora::plan_expand_tiles);
+  m.attr("lora_shrink_threads") = pybind11::int_(fastllm::lora::kShrinkWarps * 32);
+  m.attr("lora_expand_threads") = pybind11::int_(fastllm::lora::kExpandThreads);
+  m.attr("lora_max_shrink_chunk") = pybind11::int_(fastllm::lora::kMaxShrinkChunk);
 }

@@ -254,3 +254,45 @@ def test_cuda_mixed_batch_decode_step_no_syncs_and_graph_replay_equals_eager():
         torch.cuda.synchronize()
         torch.testing.assert_close(captured, eager)
     ops.raise_index_errors()
+
+
+# ---- overflow in the host checks (review findings) -----------------------------------------------
+
+def test_row_offset_near_int64_max_is_rejected():
+    pool = random_tensor(1 << 10)
+    a_rows = torch.zeros(1, 1, 2, dtype=torch.int64)
+    a_rows[0, 0, 1] = 2**63 - 4  # o + width would wrap negative
+    ranks = torch.tensor([[2]], dtype=torch.int32)
+    with pytest.raises(IndexError, match=r"a_rows\[0, 0, 1\].*outside the pool"):
+        ops.lora_shrink(random_tensor(2, 16), pool, a_rows, ranks, torch.zeros(2, dtype=torch.int64))
+
+
+def test_slice_sizes_whose_sum_wraps_are_rejected():
+    pool = random_tensor(1 << 10)
+    b_rows = torch.zeros(4, 1, 2, dtype=torch.int64)
+    ranks = torch.full((4, 1), 2, dtype=torch.int32)
+    y = random_tensor(2, 24)
+    before = y.clone()
+    sizes = [2**62, 2**62, 2**62, 2**62 + 24]  # adds up to 2**64 + 24: 24 after wrapping
+    with pytest.raises(ValueError, match="slice_sizes must be >= 0 and add up to y's width 24"):
+        ops.lora_expand(y, torch.zeros(4, 2, 2), pool, b_rows, ranks, torch.ones(4, 1),
+                        torch.zeros(2, dtype=torch.int64), sizes)
+    assert torch.equal(y, before)
+
+
+@cuda_only
+def test_first_op_inside_graph_capture_is_refused_not_corrupted():
+    # Run in a fresh process: the error word must not exist yet.
+    import subprocess
+    import sys
+    code = (
+        "import torch, fastllm.ops as ops\n"
+        "pool = torch.randn(8, 4, device='cuda'); s = torch.tensor([1], device='cuda')\n"
+        "g = torch.cuda.CUDAGraph()\n"
+        "try:\n"
+        "    with torch.cuda.graph(g):\n"
+        "        ops.pool_gather(pool, s)\n"
+        "except RuntimeError as e:\n"
+        "    print('refused' if 'eagerly before capturing' in str(e) else e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "refused" in out.stdout, out.stdout + out.stderr

@@ -29,8 +29,19 @@ constexpr const char* kNames[kIndexErrorCount] = {
     "fastllm.kv_evict_round: lengths outside [0, capacity]",
     "fastllm.sparse_mlp: active_idx outside [0, neurons)",
     "fastllm.sparse_mlp: counts outside [0, k]",
-    "fastllm.lora_shrink/lora_expand: sgmv_order/sgmv_tiles outside the batch",
+    "fastllm.lora_shrink/lora_expand: sgmv_order/sgmv_tiles outside the batch or not matching "
+    "token_adapter",
 };
+
+std::mutex& words_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+std::unordered_map<int, at::Tensor>& words() {
+  static std::unordered_map<int, at::Tensor> by_device;
+  return by_device;
+}
 
 }  // namespace
 
@@ -41,14 +52,17 @@ bool host_checks_index_values(const at::Tensor& t) {
   return !t.is_cuda() || index_debug_mode();
 }
 
+bool index_error_word_exists(const at::Device& device) {
+  const std::lock_guard<std::mutex> lock(words_mutex());
+  return words().count(device.index()) != 0;
+}
+
 at::Tensor index_error_word(const at::Device& device) {
-  static std::mutex mutex;
-  static std::unordered_map<int, at::Tensor> words;
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto found = words.find(device.index());
-  if (found != words.end()) return found->second;
+  const std::lock_guard<std::mutex> lock(words_mutex());
+  auto found = words().find(device.index());
+  if (found != words().end()) return found->second;
   at::Tensor word = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device));
-  words.emplace(device.index(), word);
+  words().emplace(device.index(), word);
   return word;
 }
 

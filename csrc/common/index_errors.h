@@ -43,6 +43,7 @@ bool index_debug_mode();
 // The device's error word (int32 [1], zero until a kernel finds a bad index). Allocated on the
 // first call for that device: call any op once before capturing a CUDA graph.
 at::Tensor index_error_word(const at::Device& device);
+bool index_error_word_exists(const at::Device& device);
 // "fastllm.pool_write: slots" etc., for each bit set in `bits`, joined by "; ".
 std::string describe_index_errors(uint32_t bits);
 

@@ -122,7 +122,7 @@ inline void check_values(const char* op, const char* rows_name, const at::Tensor
                         "] (the width of ", rows_name, "), got ", r, " at [", s, ", ", a, "]");
       for (int64_t j = 0; j < r; ++j) {
         const int64_t o = offset[table_index(s, a, j, adapters, max_rank)];
-        TORCH_CHECK_INDEX(o >= 0 && o + widths[s] <= pool_size, op, ": ", rows_name, "[", s,
+        TORCH_CHECK_INDEX(o >= 0 && o <= pool_size - widths[s], op, ": ", rows_name, "[", s,
                           ", ", a, ", ", j, "] = ", o, " puts a row of ", widths[s],
                           " elements outside the pool of ", pool_size, " elements");
       }
@@ -211,15 +211,16 @@ inline std::vector<int64_t> check_expand(const at::Tensor& y, const at::Tensor& 
   check_same_device(op, "y", y, "pool", pool);
   check_tables(op, "b_rows", pool, b_rows, ranks, token_adapter, y.size(0), path);
   const int64_t slices = b_rows.size(0);
-  TORCH_CHECK_VALUE(slices <= kMaxSlices, op, ": at most ", kMaxSlices, " output slices, got ",
-                    slices);
   TORCH_CHECK_VALUE(static_cast<int64_t>(slice_sizes.size()) == slices, op,
                     ": slice_sizes must have one entry per slice (", slices, "), got ",
                     slice_sizes.size());
   int64_t total = 0;
   std::vector<int64_t> offsets;
   for (int64_t s = 0; s < slices; ++s) {
-    TORCH_CHECK_VALUE(slice_sizes[s] >= 0, op, ": slice_sizes must be >= 0, got ", slice_sizes);
+    // Bounded by what is left of y's width, so the running total cannot overflow.
+    TORCH_CHECK_VALUE(slice_sizes[s] >= 0 && slice_sizes[s] <= y.size(1) - total, op,
+                      ": slice_sizes must be >= 0 and add up to y's width ", y.size(1), ", got ",
+                      slice_sizes);
     offsets.push_back(total);
     total += slice_sizes[s];
   }

@@ -85,8 +85,13 @@ struct Tile {
   int64_t token[kTile];
 };
 
+// A token whose token_adapter entry is not the tile's adapter is a plan that does not match the
+// batch: reported, and the tile skipped. (A token listed twice or left out cannot be seen here
+// without a pass over the whole plan; the host check of the debug mode finds those.)
+template <typename index_t>
 __device__ __forceinline__ Tile load_tile(const Tables& t, const int32_t* order, int64_t listed,
-                                          const int32_t* tiles, int64_t tile, int64_t tokens) {
+                                          const int32_t* tiles, int64_t tile, int64_t tokens,
+                                          const index_t* token_adapter) {
   Tile out{0, 0, {}};
   const int64_t first = tiles[kTileFields * tile], end = tiles[kTileFields * tile + 1];
   const int64_t a = tiles[kTileFields * tile + 2];
@@ -101,7 +106,8 @@ __device__ __forceinline__ Tile load_tile(const Tables& t, const int32_t* order,
 #pragma unroll
   for (int i = 0; i < kTile; ++i) {
     const int64_t token = i < n ? static_cast<int64_t>(order[first + i]) : 0;
-    bad |= token < 0 || token >= tokens;
+    const bool inside = token >= 0 && token < tokens;
+    bad |= !inside || (i < n && static_cast<int64_t>(token_adapter[inside ? token : 0]) != a);
     out.token[i] = token;
   }
   if (bad) {
@@ -113,38 +119,94 @@ __device__ __forceinline__ Tile load_tile(const Tables& t, const int32_t* order,
   return out;
 }
 
-// grid: (tokens, slices)
+// 16-byte words: the unit of every vector access below.
+template <typename scalar_t>
+constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+
+template <typename scalar_t>
+__device__ __forceinline__ bool word_aligned(const scalar_t* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// sum + w . x over one word of each.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t dot_word(acc_t sum, const uint4& w, const uint4& x) {
+  const scalar_t* ws = reinterpret_cast<const scalar_t*>(&w);
+  const scalar_t* xs = reinterpret_cast<const scalar_t*>(&x);
+#pragma unroll
+  for (int i = 0; i < kVec<scalar_t>; ++i) {
+    sum += static_cast<acc_t>(ws[i]) * static_cast<acc_t>(xs[i]);
+  }
+  return sum;
+}
+
+// Decode shrink (lora_index.h, plan_shrink). grid: (tokens, splits * row_groups, slices),
+// kShrinkWarps warps; dynamic shared memory: the split's chunk of x.
+// vector_x: x's rows are 16-byte aligned and whole words long (checked on the host); a weight
+// row whose offset is not word-aligned is read with scalar loads instead.
 template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void shrink_bgmv(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pool,
-                            Tables tables, const index_t* __restrict__ token_adapter,
-                            acc_t* __restrict__ h, int64_t tokens, int64_t in) {
-  const int64_t t = blockIdx.x, s = blockIdx.y;
+__global__ void __launch_bounds__(kShrinkWarps * 32)
+    shrink_bgmv(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pool, Tables tables,
+                const index_t* __restrict__ token_adapter, acc_t* __restrict__ h, int64_t tokens,
+                int64_t in, int64_t chunk, int64_t row_groups, int64_t splits, bool vector_x) {
+  extern __shared__ uint4 staged_words[];
+  scalar_t* staged_x = reinterpret_cast<scalar_t*>(staged_words);
+  constexpr int vec = kVec<scalar_t>;
+  const int64_t t = blockIdx.x, s = blockIdx.z;
+  const int64_t split = blockIdx.y / row_groups, group = blockIdx.y % row_groups;
   const int64_t a = checked_adapter(tables, token_adapter, t);
   if (a < 0) return;
   const int r = checked_rank(tables, s, a);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (group * kShrinkWarps >= r) return;  // the whole block: rows past the rank are not read
+  const int64_t begin = split * chunk;
+  const int64_t end = begin + chunk < in ? begin + chunk : in;
+  if (begin >= end) return;
   const scalar_t* xt = x + t * in;
-  for (int j = warp; j < r; j += kWarps) {
-    const int64_t offset = checked_row(tables, s, a, j, in);
-    if (offset < 0) continue;  // h stays 0 for a bad row
-    const scalar_t* w = pool + offset;
-    acc_t sum = 0;
-    for (int64_t k = lane; k < in; k += 32) {
-      sum += static_cast<acc_t>(xt[k]) * static_cast<acc_t>(w[k]);
+  if (vector_x) {
+    for (int64_t k = threadIdx.x * vec; k < end - begin; k += blockDim.x * vec) {
+      staged_words[k / vec] = *reinterpret_cast<const uint4*>(xt + begin + k);
     }
-    sum = warp_sum(sum);
-    if (lane == 0) h[h_index(s, t, j, tokens, tables.max_rank)] = sum;
+  } else {
+    for (int64_t k = threadIdx.x; k < end - begin; k += blockDim.x) staged_x[k] = xt[begin + k];
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int j = static_cast<int>(group) * kShrinkWarps + warp;
+  if (j >= r) return;
+  const int64_t offset = checked_row(tables, s, a, j, in);
+  if (offset < 0) return;  // h keeps 0 for a bad row
+  const scalar_t* w = pool + offset + begin;
+  acc_t sum = 0;
+  if (vector_x && word_aligned(w)) {
+    for (int64_t k = lane * vec; k < end - begin; k += 32 * vec) {
+      sum = dot_word<scalar_t, acc_t>(sum, *reinterpret_cast<const uint4*>(w + k),
+                                      staged_words[k / vec]);
+    }
+  } else {
+    for (int64_t k = lane; k < end - begin; k += 32) {
+      sum += static_cast<acc_t>(w[k]) * static_cast<acc_t>(staged_x[k]);
+    }
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) {
+    acc_t* out = h + h_index(s, t, j, tokens, tables.max_rank);
+    if (splits == 1) {
+      *out = sum;
+    } else {
+      atomicAdd(out, sum);  // h starts at zero; the split order makes the last bits vary
+    }
   }
 }
 
 // grid: (tiles, slices)
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void shrink_sgmv(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pool,
-                            Tables tables, const int32_t* __restrict__ order, int64_t listed,
+                            Tables tables, const index_t* __restrict__ token_adapter,
+                            const int32_t* __restrict__ order, int64_t listed,
                             const int32_t* __restrict__ tiles, acc_t* __restrict__ h,
                             int64_t tokens, int64_t in) {
   const int64_t s = blockIdx.y;
-  const Tile tile = load_tile(tables, order, listed, tiles, blockIdx.x, tokens);
+  const Tile tile = load_tile(tables, order, listed, tiles, blockIdx.x, tokens, token_adapter);
   if (tile.n == 0) return;
   const int64_t a = tile.adapter;
   const int n = tile.n;
@@ -177,47 +239,92 @@ __device__ __forceinline__ void stage_rows(const Tables& t, int64_t s, int64_t a
   __syncthreads();
 }
 
-// grid: (tokens, slices); dynamic shared memory: max_rank int64 row offsets
+// Decode expand (lora_index.h, plan_expand_tiles). grid: (tokens, column tiles, slices),
+// kExpandThreads threads, each owning vec contiguous outputs; dynamic shared memory: the token's
+// row offsets (int64) then its h (acc_t), max_rank of each.
+// vector_y: y's rows and every slice start are word-aligned and slices whole words (host check).
 template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void expand_bgmv(scalar_t* __restrict__ y, const acc_t* __restrict__ h,
-                            const scalar_t* __restrict__ pool, Tables tables,
-                            const float* __restrict__ scalings,
-                            const index_t* __restrict__ token_adapter, SliceOffsets slices,
-                            int64_t tokens, int64_t width) {
+__global__ void __launch_bounds__(kExpandThreads)
+    expand_bgmv(scalar_t* __restrict__ y, const acc_t* __restrict__ h,
+                const scalar_t* __restrict__ pool, Tables tables,
+                const float* __restrict__ scalings, const index_t* __restrict__ token_adapter,
+                SliceOffsets slices, int64_t tokens, int64_t width, bool vector_y) {
   extern __shared__ int64_t staged_rows[];
-  const int64_t t = blockIdx.x, s = blockIdx.y;
+  acc_t* staged_h = reinterpret_cast<acc_t*>(staged_rows + tables.max_rank);
+  constexpr int vec = kVec<scalar_t>;
+  const int64_t t = blockIdx.x, s = blockIdx.z;
   const int64_t a = checked_adapter(tables, token_adapter, t);
   if (a < 0) return;
-  const int r = checked_rank(tables, s, a);
   const int64_t begin = slices.begin[s], size = slices.begin[s + 1] - begin;
-  stage_rows(tables, s, a, r, size, staged_rows);
-  const acc_t c = static_cast<acc_t>(scalings[s * tables.adapters + a]);
+  const int64_t first = (blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x) * vec;
+  if (blockIdx.y * static_cast<int64_t>(blockDim.x) * vec >= size) return;  // whole block
+  const int r = checked_rank(tables, s, a);
+  if (r == 0) return;  // y untouched, as on the CPU
   const acc_t* ht = h + h_index(s, t, 0, tokens, tables.max_rank);
-  scalar_t* yt = y + t * width + begin;
-  for (int64_t o = threadIdx.x; o < size; o += blockDim.x) {
-    acc_t sum = 0;
-    for (int j = 0; j < r; ++j) {
-      const int64_t row = staged_rows[j];
-      if (row >= 0) sum += ht[j] * static_cast<acc_t>(pool[row + o]);
+  for (int j = threadIdx.x; j < r; j += blockDim.x) {
+    staged_h[j] = ht[j];
+    // Only the tile with blockIdx.y == 0 reports a bad row, so each is reported once per token.
+    const int64_t o = tables.rows[table_index(s, a, j, tables.adapters, tables.max_rank)];
+    const bool inside = o >= 0 && o <= tables.pool_size - size;
+    if (!inside && blockIdx.y == 0) report_index_error(tables.error_word, kLoraRows);
+    staged_rows[j] = inside ? o : -1;
+  }
+  __syncthreads();
+  if (first >= size) return;
+  const int owned = size - first < vec ? static_cast<int>(size - first) : vec;
+  acc_t sum[vec] = {};
+  for (int j = 0; j < r; ++j) {
+    const int64_t row = staged_rows[j];
+    if (row < 0) continue;
+    const scalar_t* w = pool + row + first;
+    const acc_t hj = staged_h[j];
+    if (vector_y && word_aligned(w)) {
+      const uint4 word = *reinterpret_cast<const uint4*>(w);
+      const scalar_t* ws = reinterpret_cast<const scalar_t*>(&word);
+#pragma unroll
+      for (int i = 0; i < vec; ++i) sum[i] += hj * static_cast<acc_t>(ws[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < vec; ++i) {
+        if (i < owned) sum[i] += hj * static_cast<acc_t>(w[i]);
+      }
     }
-    yt[o] = static_cast<scalar_t>(static_cast<acc_t>(yt[o]) + c * sum);
+  }
+  const acc_t c = static_cast<acc_t>(scalings[s * tables.adapters + a]);
+  scalar_t* yo = y + t * width + begin + first;
+  if (vector_y) {
+    uint4 word = *reinterpret_cast<const uint4*>(yo);
+    scalar_t* ys = reinterpret_cast<scalar_t*>(&word);
+#pragma unroll
+    for (int i = 0; i < vec; ++i) {
+      ys[i] = static_cast<scalar_t>(static_cast<acc_t>(ys[i]) + c * sum[i]);
+    }
+    *reinterpret_cast<uint4*>(yo) = word;
+  } else {
+#pragma unroll
+    for (int i = 0; i < vec; ++i) {
+      if (i < owned) yo[i] = static_cast<scalar_t>(static_cast<acc_t>(yo[i]) + c * sum[i]);
+    }
   }
 }
 
 // grid: (tiles, slices); dynamic shared memory: max_rank int64 row offsets
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void expand_sgmv(scalar_t* __restrict__ y, const acc_t* __restrict__ h,
                             const scalar_t* __restrict__ pool, Tables tables,
-                            const float* __restrict__ scalings, const int32_t* __restrict__ order,
-                            int64_t listed, const int32_t* __restrict__ tiles,
-                            SliceOffsets slices, int64_t tokens, int64_t width) {
+                            const float* __restrict__ scalings,
+                            const index_t* __restrict__ token_adapter,
+                            const int32_t* __restrict__ order, int64_t listed,
+                            const int32_t* __restrict__ tiles, SliceOffsets slices,
+                            int64_t tokens, int64_t width) {
   extern __shared__ int64_t staged_rows[];
   const int64_t s = blockIdx.y;
-  const Tile tile = load_tile(tables, order, listed, tiles, blockIdx.x, tokens);
+  const Tile tile = load_tile(tables, order, listed, tiles, blockIdx.x, tokens, token_adapter);
   if (tile.n == 0) return;
   const int64_t a = tile.adapter;
   const int n = tile.n;
   const int r = checked_rank(tables, s, a);
+  if (r == 0) return;  // y untouched, as on the CPU
   const int64_t begin = slices.begin[s], size = slices.begin[s + 1] - begin;
   stage_rows(tables, s, a, r, size, staged_rows);
   const acc_t c = static_cast<acc_t>(scalings[s * tables.adapters + a]);
@@ -249,6 +356,8 @@ Tables make_tables(const at::Tensor& pool, const at::Tensor& rows, const at::Ten
           pool.numel(), device_error_word(pool)};
 }
 
+bool is_word_aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
 int64_t sm_count() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
@@ -274,19 +383,30 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& pool, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_shrink", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     if (path == kBgmv) {
+      constexpr int vec = kVec<scalar_t>;
+      const ShrinkLaunch plan = plan_shrink(tokens, slices, in, max_rank, sm_count(), vec);
+      TORCH_CHECK_VALUE(plan.chunk <= kMaxShrinkChunk, "fastllm.lora_shrink: x is too wide (",
+                        in, " columns) for the CUDA decode kernel");
+      const bool vector_x = in % vec == 0 && is_word_aligned(x.data_ptr());
+      const size_t shared_bytes = static_cast<size_t>(plan.chunk) * sizeof(scalar_t);
       AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_shrink_ids", [&] {
-        shrink_bgmv<scalar_t, acc_t, index_t><<<dim3(tokens, slices), kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), tables,
-            token_adapter.data_ptr<index_t>(), h.data_ptr<acc_t>(), tokens, in);
+        shrink_bgmv<scalar_t, acc_t, index_t>
+            <<<dim3(tokens, plan.blocks(), slices), kShrinkWarps * 32, shared_bytes, stream>>>(
+                x.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), tables,
+                token_adapter.data_ptr<index_t>(), h.data_ptr<acc_t>(), tokens, in, plan.chunk,
+                plan.row_groups, plan.splits, vector_x);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     } else {
       if (plan_tiles == 0) return;
-      shrink_sgmv<scalar_t, acc_t><<<dim3(plan_tiles, slices), kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), tables,
-          sgmv_order->data_ptr<int32_t>(), sgmv_order->numel(), sgmv_tiles->data_ptr<int32_t>(),
-          h.data_ptr<acc_t>(), tokens, in);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_shrink_ids", [&] {
+        shrink_sgmv<scalar_t, acc_t, index_t><<<dim3(plan_tiles, slices), kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), tables,
+            token_adapter.data_ptr<index_t>(), sgmv_order->data_ptr<int32_t>(),
+            sgmv_order->numel(), sgmv_tiles->data_ptr<int32_t>(), h.data_ptr<acc_t>(), tokens,
+            in);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
   });
   return h;
@@ -304,6 +424,8 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool
                                                     sgmv_tiles);
   const int64_t slices = b_rows.size(0), max_rank = b_rows.size(2);
   const int64_t tokens = y.size(0), width = y.size(1);
+  TORCH_CHECK_VALUE(slices <= kMaxSlices, "fastllm.lora_expand: at most ", kMaxSlices,
+                    " output slices on CUDA, got ", slices);
   const int64_t plan_tiles = sgmv_tiles.has_value() ? sgmv_tiles->size(0) : -1;
   path = resolve_path_cuda(path, tokens, plan_tiles, sm_count());
   TORCH_CHECK_VALUE(path != kSgmv || sgmv_order.has_value(), "fastllm.lora_expand: path=2 (SGMV) "
@@ -319,21 +441,36 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "lora_expand", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     if (path == kBgmv) {
+      constexpr int vec = kVec<scalar_t>;
+      int64_t widest = 0;
+      bool vector_y = width % vec == 0 && is_word_aligned(y.data_ptr());
+      for (int64_t s = 0; s < slices; ++s) {
+        widest = std::max(widest, slice_sizes[s]);
+        vector_y = vector_y && offsets[s] % vec == 0 && slice_sizes[s] % vec == 0;
+      }
+      const int64_t tiles = plan_expand_tiles(widest, vec);
+      TORCH_CHECK_VALUE(tiles <= kMaxGridYZ, "fastllm.lora_expand: a slice of ", widest,
+                        " columns is too wide for the CUDA decode kernel");
+      const size_t bgmv_shared = static_cast<size_t>(max_rank) * (sizeof(int64_t) + sizeof(acc_t));
       AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_expand_ids", [&] {
         expand_bgmv<scalar_t, acc_t, index_t>
-            <<<dim3(tokens, slices), kThreads, shared_bytes, stream>>>(
+            <<<dim3(tokens, tiles, slices), kExpandThreads, bgmv_shared, stream>>>(
                 y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), pool.data_ptr<scalar_t>(), tables,
                 scalings.data_ptr<float>(), token_adapter.data_ptr<index_t>(), slice_offsets,
-                tokens, width);
+                tokens, width, vector_y);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     } else {
       if (plan_tiles == 0) return;
-      expand_sgmv<scalar_t, acc_t><<<dim3(plan_tiles, slices), kThreads, shared_bytes, stream>>>(
-          y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), pool.data_ptr<scalar_t>(), tables,
-          scalings.data_ptr<float>(), sgmv_order->data_ptr<int32_t>(), sgmv_order->numel(),
-          sgmv_tiles->data_ptr<int32_t>(), slice_offsets, tokens, width);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_expand_ids", [&] {
+        expand_sgmv<scalar_t, acc_t, index_t>
+            <<<dim3(plan_tiles, slices), kThreads, shared_bytes, stream>>>(
+                y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), pool.data_ptr<scalar_t>(), tables,
+                scalings.data_ptr<float>(), token_adapter.data_ptr<index_t>(),
+                sgmv_order->data_ptr<int32_t>(), sgmv_order->numel(),
+                sgmv_tiles->data_ptr<int32_t>(), slice_offsets, tokens, width);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
   });
 }

@@ -15,6 +15,7 @@
 //    instead of once per token.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common/host_device.h"
@@ -54,6 +55,55 @@ FASTLLM_HOST_DEVICE int64_t h_index(int64_t slice, int64_t token, int64_t row, i
 }
 
 // CPU rule: the tiles are built in the op from token_adapter (host memory, free to read).
+// ---- decode (BGMV) launch planning, host-only and unit-tested on the CPU -------------------------
+//
+// Shrink: a block of kShrinkWarps warps serves one (token, slice, group of kShrinkWarps rows,
+// K split); each warp reduces one adapter row over the split's chunk of x (staged in shared
+// memory, shared by the block's rows) with one 16-byte load per lane per step, and adds its
+// partial sum into h (atomically when K is split). Splitting K is what lets a single decode token
+// occupy the GPU: without it one token is one block.
+constexpr int kShrinkWarps = 4;
+// Largest chunk of x a block stages (elements): 32 KB of fp64, 16 KB of fp32, 8 KB of fp16.
+constexpr int64_t kMaxShrinkChunk = 4096;
+// CUDA's limit on grid.y and grid.z.
+constexpr int64_t kMaxGridYZ = 65535;
+
+struct ShrinkLaunch {
+  int64_t splits;      // K splits per (token, slice, row group)
+  int64_t chunk;       // elements of x per split, a multiple of 32 * vec
+  int64_t row_groups;  // ceil(max_rank / kShrinkWarps)
+  int64_t blocks() const { return splits * row_groups; }  // per (token, slice)
+};
+
+// vec: elements per 16-byte word (8 for fp16/bf16, 4 for fp32, 2 for fp64). Splits K until the
+// launch has at least two waves of blocks (2 * sms), never below one warp step (32 * vec
+// elements) per split: beyond that there is no more independent work to hand out.
+inline ShrinkLaunch plan_shrink(int64_t tokens, int64_t slices, int64_t in, int64_t max_rank,
+                                int64_t sms, int64_t vec) {
+  const int64_t step = 32 * vec;
+  const int64_t row_groups = std::max<int64_t>(1, (max_rank + kShrinkWarps - 1) / kShrinkWarps);
+  const int64_t steps = std::max<int64_t>(1, (in + step - 1) / step);
+  const int64_t base = std::max<int64_t>(1, tokens * slices * row_groups);
+  const int64_t target = 2 * std::max<int64_t>(1, sms);
+  const int64_t wanted = std::min(steps, std::max<int64_t>(1, (target + base - 1) / base));
+  // Rounding the steps per split down keeps at least `wanted` splits.
+  int64_t steps_per_split = std::max<int64_t>(1, steps / wanted);
+  steps_per_split = std::min(steps_per_split, std::max<int64_t>(1, kMaxShrinkChunk / step));
+  const int64_t max_splits = std::max<int64_t>(1, kMaxGridYZ / row_groups);
+  steps_per_split = std::max(steps_per_split, (steps + max_splits - 1) / max_splits);
+  return {(steps + steps_per_split - 1) / steps_per_split, steps_per_split * step, row_groups};
+}
+
+// Expand: a block of kExpandThreads threads serves one (token, column tile, slice); each thread
+// owns vec contiguous outputs (one 16-byte word of y and of each B^T row), and the token's h and
+// row offsets are loaded once per block into shared memory.
+constexpr int kExpandThreads = 128;
+
+inline int64_t plan_expand_tiles(int64_t widest_slice, int64_t vec) {
+  const int64_t per_block = kExpandThreads * vec;
+  return std::max<int64_t>(1, (widest_slice + per_block - 1) / per_block);
+}
+
 inline int64_t resolve_path(int64_t path, int64_t tokens, int64_t adapters) {
   if (path != kAuto) return path;
   return tokens >= kSgmvMinTokensPerAdapter * (adapters > 0 ? adapters : 1) ? kSgmv : kBgmv;

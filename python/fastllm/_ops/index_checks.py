@@ -46,6 +46,8 @@ def raise_index_errors(device: torch.device | str | None = None) -> None:
     if not (_C.with_cuda and torch.cuda.is_available()):
         return
     word = index_error_word(device)
+    # Every stream's kernels (prefetch runs on a side stream) must have finished writing it.
+    torch.cuda.synchronize(word.device)
     bits = int(word.item())
     if bits:
         word.zero_()

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
+from .._host import to_device
 from ._common import require_kernels_for as _require_kernels_for
 
 __all__ = ["lora_shrink", "lora_expand", "lora_sgmv_plan", "PATH_AUTO", "PATH_BGMV", "PATH_SGMV"]
@@ -71,7 +72,7 @@ def _plan_for(token_adapter: Tensor, adapters: int, path: int, order, tiles):
             or token_adapter.device.type != "cuda":
         return order, tiles
     order, tiles = lora_sgmv_plan(token_adapter, adapters)
-    return order.to(token_adapter.device), tiles.to(token_adapter.device)
+    return to_device(order, token_adapter.device), to_device(tiles, token_adapter.device)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -169,6 +170,9 @@ def _add_row_grads(grad_pool: Tensor, rows: Tensor, ranks: Tensor, token_adapter
     one_hot = (token_adapter.unsqueeze(1) == torch.arange(adapters, device=rows.device)).to(dtype)
     block = torch.einsum("tu,tr,tw->urw", one_hot, coeff.to(dtype), data.to(dtype))
     real = torch.arange(max_rank, device=rows.device) < ranks.unsqueeze(1)  # [adapters, R]
+    # A row outside the pool contributes nothing (the forward kernels skip it too), so an
+    # index_add_ never sees it: on CUDA the values are not checked on the host.
+    real &= (rows >= 0) & (rows <= grad_pool.numel() - data.shape[1])
     index = rows.unsqueeze(-1) + torch.arange(data.shape[1], device=rows.device)
     # Rows past an adapter's rank may hold any offset: send their (zero) sums to element 0.
     index = torch.where(real.unsqueeze(-1), index, torch.zeros_like(index))
@@ -226,10 +230,15 @@ class _ExpandInPlace(torch.autograd.Function):
         grad_h = grad_pool = None
         grad_y = grad_y.contiguous()
         # Per-token scaling (0 for tokens without an adapter), one column per slice.
-        valid = token_adapter >= 0
-        safe = token_adapter.clamp(min=0).long()
-        token_scale = torch.where(valid.unsqueeze(0), scalings[:, safe],
-                                  torch.zeros((), dtype=scalings.dtype, device=scalings.device))
+        adapters = scalings.shape[1]
+        valid = (token_adapter >= 0) & (token_adapter < adapters)
+        safe = token_adapter.clamp(0, max(adapters - 1, 0)).long()
+        if adapters == 0:
+            token_scale = scalings.new_zeros(scalings.shape[0], token_adapter.shape[0])
+        else:
+            token_scale = torch.where(valid.unsqueeze(0), scalings[:, safe],
+                                      torch.zeros((), dtype=scalings.dtype,
+                                                  device=scalings.device))
         begin = 0
         if ctx.needs_input_grad[1]:
             grad_h = torch.zeros_like(h)

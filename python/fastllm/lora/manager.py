@@ -68,6 +68,14 @@ class _BatchState:
         per_sequence = x.numel() // (x.shape[-1] * self.batch_size) if x.shape[-1] else 1
         entry = self._tokens.get(per_sequence)
         if entry is None:
+            if self.device.type == "cuda" and torch.cuda.is_available() \
+                    and torch.cuda.is_current_stream_capturing():
+                # A copy captured here would read a pinned staging block that is recycled
+                # after capture: replays would see stale ids.
+                raise RuntimeError(
+                    f"AdapterManager: the first call with {per_sequence} tokens per sequence ran "
+                    "inside CUDA-graph capture; run that shape once eagerly in the same batch "
+                    "before capturing")
             ids = self.seq_adapter.repeat_interleave(per_sequence)
             order, tiles = lora_sgmv_plan(ids, self.adapters)
             entry = tuple(to_device(t, self.device) for t in (ids, order, tiles))
@@ -259,7 +267,11 @@ class AdapterManager:
     def batch(self, adapter_names: Sequence[str | None]):
         """Apply ``adapter_names[i]`` to sequence ``i`` of every forward inside the block
         (``None``: base model), as PEFT's ``adapter_names`` argument does. Loads missing adapters
-        into the pool, evicting least-recently-used ones that this batch does not use."""
+        into the pool, evicting least-recently-used ones that this batch does not use.
+
+        CUDA graphs: capture inside the block, after one eager call of the captured shape (it
+        builds that shape's token map and SGMV plan). A graph reads this batch's tables, which are
+        freed when the block exits: capture again for every batch."""
         if self._active is not None:
             raise RuntimeError("AdapterManager.batch: a batch is already active")
         if self._merged is not None:

@@ -4,8 +4,10 @@ Layout of one adapter. For each target module m (in the store's module order) th
 contributes r_m rows of A (``in_m`` elements each) followed by r_m rows of B^T (``out_m`` elements
 each). Rows are packed one after another into a run of whole pages; a row that would straddle a
 page boundary starts on the next page instead, so every row is contiguous in the pool and the
-kernels can address it with one offset. The packed host buffer is exactly the adapter's pages, so
-loading is one host-to-device copy plus one ``pool_write`` of whole pages.
+kernels can address it with one offset. Rows start on 16-byte boundaries (for page sizes of whole
+16-byte words), which the CUDA decode kernels' 16-byte loads rely on for speed, not for safety.
+The packed host buffer is exactly the adapter's pages, so loading is one host-to-device copy plus
+one ``pool_write`` of whole pages.
 
 Adapters that share a rank pattern share the packing plan (cached), so registering thousands of
 same-shaped adapters costs one ``torch.cat`` each (plus a transposed copy of every B).
@@ -188,9 +190,16 @@ class AdapterStore:
         offsets = [[[0] * max_rank, [0] * max_rank] for _ in self.modules]
         pieces = []
         pos = 0
+        # Rows start on 16-byte boundaries (with a page size of whole 16-byte words) so that the
+        # CUDA decode kernels read them with 16-byte loads; widths that are multiples of 8
+        # elements (every Llama-family shape) need no padding at all.
+        word = max(1, 16 // self.pool.storage.element_size())
         for i, (spec, r) in enumerate(zip(self.modules, ranks)):
             for kind, width in ((0, spec.in_features), (1, spec.out_features)):
                 for j in range(r):
+                    if pos % word:
+                        pieces.append(word - pos % word)
+                        pos += word - pos % word
                     if pos % page + width > page:
                         next_page = (pos // page + 1) * page
                         pieces.append(next_page - pos)
