@@ -696,9 +696,8 @@ class FastGenCache(Cache):
         self._class_log.settle()
         for layer in self.layers:
             if layer.heads is not None:
-                with _host_only():
-                    layer.heads.advance(layer.seen, self._class_log)
-                    layer.heads.release_excess(layer.seen)
+                layer.heads.advance(layer.seen, self._class_log)
+                layer.heads.release_excess(layer.seen)
 
     def release(self) -> None:
         """Give every page back to the pool and forget all tokens."""
@@ -964,10 +963,9 @@ class FastGenCache(Cache):
         column = layer.seen
         _, cls = self._device_classes(layer, k.device, batch, 1)
         try:
-            with _host_only():
-                need = heads.bound(column) + 1  # the append, before this step's eviction
-                evicts = heads.advance(column + 1, self._class_log)
-                heads.reserve(need)
+            need = heads.bound(column) + 1  # the append, before this step's eviction
+            evicts = heads.advance(column + 1, self._class_log)
+            heads.reserve(need)
         except PoolExhaustedError as err:
             raise PoolExhaustedError(
                 f"fastllm.kv: no free page to append token {layer.seen} "
@@ -981,8 +979,7 @@ class FastGenCache(Cache):
                                                   heads.table, heads.lengths.to(torch.int32),
                                                   self.page_rows, scale, splits)
         heads.evict_round(newest, scores, move=evicts is None or bool(evicts.any()))
-        with _host_only():
-            heads.release_excess(layer.seen)
+        heads.release_excess(layer.seen)
         return out[:, None]  # [B, 1, Hq, D]
 
     def _extend(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -995,9 +992,8 @@ class FastGenCache(Cache):
         group = hq // hkv
         classes, _ = self._device_classes(layer, k.device, batch, n)
         self._class_log.settle()
-        with _host_only():
-            heads.advance(layer.seen, self._class_log)
-            heads.release_excess(layer.seen)
+        heads.advance(layer.seen, self._class_log)
+        heads.release_excess(layer.seen)
         out = torch.empty(batch, n, hq, d, dtype=q.dtype, device=q.device)
         new_scores = torch.zeros(batch * hkv, n, device=q.device)
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
@@ -1034,8 +1030,7 @@ class FastGenCache(Cache):
             if not bool((heads.evict_round(newest)[:, 0] >= 0).any()):
                 break
         heads.resync(layer.seen)
-        with _host_only():
-            heads.release_excess(layer.seen)
+        heads.release_excess(layer.seen)
         return out
 
     def _host_checks_values(self, t: Tensor) -> bool:
