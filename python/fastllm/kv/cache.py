@@ -71,6 +71,14 @@ def _check_supported(model) -> None:
             f"Llama family: {', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM2 is 'llama')")
 
 
+def _real_gpu(device: torch.device) -> bool:
+    """Whether work on ``device`` reaches a real GPU now: not fake tensors (a FakeTensorMode is
+    active), not a stream being captured into a CUDA graph."""
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and not torch.cuda.is_current_stream_capturing()
+            and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None)
+
+
 def _upload(values, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Host values (a list or numpy array) as a tensor on ``device`` without blocking the host: a
     pinned, non-blocking copy on a GPU (the caching host allocator keeps the pinned block until the
@@ -79,8 +87,7 @@ def _upload(values, dtype: torch.dtype, device: torch.device) -> Tensor:
     host = torch.as_tensor(values, dtype=dtype)
     if device.type == "cpu":
         return host
-    if device.type == "cuda" and torch.cuda.is_available() \
-            and not torch.cuda.is_current_stream_capturing():
+    if _real_gpu(device):
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
 
@@ -130,8 +137,7 @@ class _ClassLog:
             self.store(column, classes.numpy())
             return
         host = event = None
-        if classes.is_cuda and torch.cuda.is_available() \
-                and not torch.cuda.is_current_stream_capturing():
+        if type(classes) is torch.Tensor and _real_gpu(classes.device):
             host = torch.empty(classes.shape, dtype=torch.uint8, pin_memory=True)
             host.copy_(classes, non_blocking=True)
             event = torch.cuda.Event()
