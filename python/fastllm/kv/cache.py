@@ -10,9 +10,19 @@ How it plugs into transformers: the model's attention implementation becomes ``"
   allocated pages;
 * on a decode step: appends the token to every head's cache, runs ``kv_ragged_decode`` over the
   ragged caches, adds the returned probabilities to the heavy-hitter scores and evicts at most one
-  entry per head (swap with the last entry, free the last page when it empties).
+  entry per head (``kv_evict_round``: swap with the last entry, free the last page when it
+  empties).
 
 Every other attention call (a model used with another cache) goes to transformers' SDPA.
+
+On a GPU a decode step never waits for the device (issue 13). The bookkeeping (page table,
+lengths, each entry's position, score and flags) lives on the cache's device and the step's
+append, attention, score update and eviction are all device work. The host decides pages from a
+mirror of each cache's length (``_HeadCaches``), which follows from the policy alone, never from
+the scores; only the classes of generated tokens (special, punctuation) come from the device, by
+a non-blocking copy the host reads a step or so later, and until then the mirror is an upper
+bound. The prompt (profiling and compaction), multi-token steps, ``stats()`` and batch reorders
+may synchronise.
 """
 
 from __future__ import annotations
@@ -147,6 +157,8 @@ class _ClassLog:
 
     def poll(self) -> None:
         """Learn the pending steps whose copies have completed; never waits."""
+        if self.pending and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return  # no event queries while a CUDA graph is being captured
         while self.pending:
             column, classes, host, event, step = self.pending[0]
             if event is not None:
@@ -420,7 +432,7 @@ class _HeadCaches:
         index = torch.arange(int(self.m_len[cache]), device=self.device)
         return self.pool.gather(self.slots(torch.full_like(index, cache), index), self.width)
 
-    # ---- a decode step, on the device --------------------------------------------------------------
+    # ---- a decode step, on the device ------------------------------------------------------------
 
     def append_one(self, rows: Tensor, cls: Tensor, newest: Tensor) -> None:
         """Append one entry to every cache (rows [C, 2D], classes [C] and positions [C] on the
@@ -955,7 +967,8 @@ class FastGenCache(Cache):
         else:
             table = self._class_table_on(device)
             classes = table[ids.to(device).clamp(0, table.shape[0] - 1)]
-        per_cache = classes[:, 0].repeat_interleave(self.num_kv_heads) if n == 1 else None
+        per_cache = (classes[:, :1].expand(batch, self.num_kv_heads).reshape(-1) if n == 1
+                     else None)
         self._class_log.record(layer.seen, classes)
         self._step_device_classes = (layer.seen, classes, per_cache)
         return classes, per_cache
