@@ -64,9 +64,21 @@ inline void check_decode_args(const at::Tensor& q, const at::Tensor& kv_rows,
                     ": lengths must have one entry per page_table row (", page_table.size(0),
                     "), got ", lengths.size(0));
   TORCH_CHECK_VALUE(num_splits > 0, op, ": num_splits must be positive, got ", num_splits);
-  // Last: these may synchronise with the GPU.
+  // Values: always on the host for CPU tensors; for CUDA tensors only in the debug mode (each
+  // check then synchronises), else the kernels skip out-of-range lengths and page ids and report
+  // them in the device error word (kKvLengths, kKvPageTable).
   check_index_range(op, "lengths", lengths, page_table.size(1) * page_rows + 1);
   check_index_range(op, "page_table", page_table, kv_rows.size(0) / page_rows);
+}
+
+// A negative heavy count would make a cache with no evictable entry "over budget" with no victim
+// to take.
+inline void check_heavy_counts(const char* op, const at::Tensor& heavy) {
+  // BEGIN host value checks
+  if (heavy.numel() == 0 || !host_checks_index_values(heavy)) return;
+  const int64_t min_heavy = heavy.min().item<int64_t>();
+  // END host value checks
+  TORCH_CHECK_VALUE(min_heavy >= 0, op, ": heavy must be >= 0, got ", min_heavy);
 }
 
 inline void check_evict_args(const at::Tensor& pos, const at::Tensor& score, const at::Tensor& flags,
@@ -107,13 +119,11 @@ inline void check_evict_args(const at::Tensor& pos, const at::Tensor& score, con
   check_contiguous(op, "step_scores", step_scores);
   TORCH_CHECK_VALUE(step_scores.size(0) == caches, op, ": step_scores must have one row per cache (",
                     caches, "), got ", step_scores.sizes());
-  // Last: these may synchronise with the GPU. A negative heavy count would make a cache with no
-  // evictable entry "over budget" with no victim to take.
+  // Values, as in check_decode_args: the CUDA kernel skips a cache whose length is out of range
+  // (kKvEvictLengths) and never evicts without a victim, so outside the debug mode a negative
+  // heavy count only changes which entries a cache keeps, never what memory it touches.
   check_index_range(op, "lengths", lengths, cap + 1);
-  if (heavy.numel() > 0) {
-    const int64_t min_heavy = heavy.min().item<int64_t>();
-    TORCH_CHECK_VALUE(min_heavy >= 0, op, ": heavy must be >= 0, got ", min_heavy);
-  }
+  check_heavy_counts(op, heavy);
 }
 
 }  // namespace fastllm::kv

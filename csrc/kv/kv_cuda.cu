@@ -8,6 +8,13 @@
 // Decode: grid (cache x group head, split). A split writes its logits to a workspace, then its
 // threads (one per head_dim element) sum exp(logit - max) * value; a second kernel merges splits
 // and a third turns logits into per-entry probabilities summed over the group.
+//
+// No host synchronisation: index values are checked on the host only in the debug mode (see
+// common/index_errors.h). The decode kernels treat a cache whose length lies outside
+// [0, pages * page_rows] as empty and skip every entry whose page id lies outside the pool, and the
+// eviction kernel leaves a cache whose length lies outside [0, capacity] alone; each reports its
+// bit in the device error word. An entry skipped that way gets no probability; outputs of a cache
+// with no usable entry are zero.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,6 +22,7 @@
 
 #include <cfloat>
 
+#include "common/index_guard.cuh"
 #include "kv/kv_checks.h"
 #include "kv/kv_math.h"
 
@@ -146,6 +154,16 @@ at::Tensor kv_policy_recovery_cuda(const at::Tensor& q, const at::Tensor& k,
   return launch_profile<1>(q, k, &key_class, window, scale);
 }
 
+// Cache c's length, or 0 (an empty cache) when it lies outside [0, width]; err, where given,
+// records the bad length.
+__device__ int64_t guarded_length(const int32_t* lengths, int64_t c, int64_t width,
+                                  unsigned int* err) {
+  const int64_t len = lengths[c];
+  if (length_in_range(len, width)) return len;
+  if (err != nullptr && threadIdx.x == 0) report_index_error(err, kKvLengths);
+  return 0;
+}
+
 template <typename scalar_t>
 __global__ void decode_split_kernel(const scalar_t* __restrict__ q,
                                     const scalar_t* __restrict__ rows,
@@ -153,8 +171,9 @@ __global__ void decode_split_kernel(const scalar_t* __restrict__ q,
                                     const int32_t* __restrict__ lengths, float* __restrict__ logits,
                                     float* __restrict__ part_m, float* __restrict__ part_s,
                                     float* __restrict__ part_o, int64_t hq, int64_t hkv,
-                                    int64_t pages, int64_t page_rows, int64_t width, int d,
-                                    int64_t splits, float scale) {
+                                    int64_t pages, int64_t page_rows, int64_t pool_pages,
+                                    int64_t width, int d, int64_t splits, float scale,
+                                    unsigned int* err) {
   extern __shared__ float q_shared[];
   const int64_t group = hq / hkv;
   const int64_t cg = blockIdx.x, s = blockIdx.y;
@@ -165,11 +184,18 @@ __global__ void decode_split_kernel(const scalar_t* __restrict__ q,
   }
   __syncthreads();
   int64_t begin, end;
-  split_range(lengths[c], splits, s, &begin, &end);
+  // Only split 0 reports a bad length: one report per cache is enough.
+  split_range(guarded_length(lengths, c, pages * page_rows, s == 0 && g == 0 ? err : nullptr),
+              splits, s, &begin, &end);
   const int32_t* page_row = table + c * pages;
   float* lg = logits + cg * width;
   float m = -FLT_MAX, sum = 0.f;
   for (int64_t e = begin + threadIdx.x; e < end; e += blockDim.x) {
+    if (!page_in_range(page_row[e / page_rows], pool_pages)) {
+      report_index_error(err, kKvPageTable);
+      lg[e] = -INFINITY;  // no probability, and the value loop skips it
+      continue;
+    }
     const float x = dot_row(q_shared, rows + entry_slot(page_row, e, page_rows) * 2 * d, d);
     lg[e] = x;
     const float mm = fmaxf(m, x);
@@ -181,6 +207,7 @@ __global__ void decode_split_kernel(const scalar_t* __restrict__ q,
   for (int i = threadIdx.x; i < d; i += blockDim.x) {
     float acc = 0.f;
     for (int64_t e = begin; e < end; ++e) {
+      if (!page_in_range(page_row[e / page_rows], pool_pages)) continue;
       const scalar_t* value = rows + entry_slot(page_row, e, page_rows) * 2 * d + d;
       acc += __expf(lg[e] - m) * static_cast<float>(value[i]);
     }
@@ -232,10 +259,12 @@ __global__ void decode_scores_kernel(const float* __restrict__ logits,
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= width) return;
   float acc = 0.f;
-  if (e < lengths[c]) {
+  if (e < guarded_length(lengths, c, width, nullptr)) {
     for (int64_t g = 0; g < group; ++g) {
       const int64_t head = (c % hkv) * group + g;
-      acc += __expf(logits[(c * group + g) * width + e] - lse[seq * hq + head]);
+      const float l = lse[seq * hq + head];
+      // A head with no usable entry (lse -inf) gives no probability, not exp(-inf + inf).
+      if (l != -INFINITY) acc += __expf(logits[(c * group + g) * width + e] - l);
     }
   }
   scores[c * width + e] = acc;
@@ -265,6 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
   at::Tensor part_s = at::empty({caches * group * num_splits}, f32);
   at::Tensor part_o = at::empty({caches * group * num_splits, d}, f32);
   auto stream = at::cuda::getCurrentCUDAStream();
+  unsigned int* err = device_error_word(q);
   // The logits already carry the scale (folded into q), so the scores kernel needs none.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kv_ragged_decode", [&] {
     decode_split_kernel<scalar_t>
@@ -273,8 +303,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
             qc.const_data_ptr<scalar_t>(), kv_rows.const_data_ptr<scalar_t>(),
             table.const_data_ptr<int32_t>(), lens.const_data_ptr<int32_t>(), logits.data_ptr<float>(),
             part_m.data_ptr<float>(), part_s.data_ptr<float>(), part_o.data_ptr<float>(), hq, hkv,
-            pages, page_rows, std::max<int64_t>(width, 1), static_cast<int>(d), num_splits,
-            static_cast<float>(scale));
+            pages, page_rows, kv_rows.size(0) / page_rows, std::max<int64_t>(width, 1),
+            static_cast<int>(d), num_splits, static_cast<float>(scale), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     decode_merge_kernel<scalar_t><<<static_cast<unsigned>(caches * group), kThreads, 0, stream>>>(
         part_m.data_ptr<float>(), part_s.data_ptr<float>(), part_o.data_ptr<float>(),
@@ -294,18 +324,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
 
 // Eviction round: one warp per cache. Lanes stride over the entries (adding the step's scores and
 // counting the evictable ones), a shuffle reduction finds the lowest score (the first entry on
-// ties, as the CPU loop does), and lane 0 moves the last entry's bookkeeping into the hole.
+// ties, as the CPU loop does), and lane 0 moves the last entry's bookkeeping into the hole. A cache
+// whose length lies outside [0, cap] is left alone (and reported); one with no victim (only
+// possible with a negative heavy count, checked on the host in the debug mode) never evicts.
 constexpr int kEvictWarps = 4;
 
 __global__ void evict_round_kernel(int64_t* pos, float* score, uint8_t* flags, int64_t* lengths,
                                    const float* step_scores, int64_t step_width,
                                    const int64_t* newest, const int64_t* window,
                                    const int64_t* heavy, const bool* grow, int64_t* moves,
-                                   int64_t caches, int64_t cap) {
+                                   int64_t caches, int64_t cap, unsigned int* err) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kEvictWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (c >= caches) return;  // whole warps leave together: c is uniform within a warp
   const int64_t len = lengths[c];
+  if (!length_in_range(len, cap)) {  // uniform within the warp, like c
+    if (lane == 0) report_index_error(err, kKvEvictLengths);
+    return;
+  }
   int64_t* p = pos + c * cap;
   float* s = score + c * cap;
   uint8_t* f = flags + c * cap;
@@ -336,7 +372,7 @@ __global__ void evict_round_kernel(int64_t* pos, float* score, uint8_t* flags, i
     }
   }
   __syncwarp();  // lane 0 reads scores other lanes just wrote
-  if (lane != 0 || grow[c] || count <= heavy[c]) return;
+  if (lane != 0 || grow[c] || count <= heavy[c] || victim < 0) return;
   evict_entry(pos, score, flags, lengths, moves, c, cap, victim);
 }
 
@@ -355,7 +391,7 @@ at::Tensor kv_evict_round_cuda(at::Tensor& pos, at::Tensor& score, at::Tensor& f
       lengths.data_ptr<int64_t>(), step_scores.const_data_ptr<float>(), step_scores.size(1),
       newest.const_data_ptr<int64_t>(), window.const_data_ptr<int64_t>(),
       heavy.const_data_ptr<int64_t>(), grow.const_data_ptr<bool>(), moves.data_ptr<int64_t>(),
-      caches, pos.size(1));
+      caches, pos.size(1), device_error_word(pos));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return moves;
 }

@@ -45,6 +45,15 @@ FASTLLM_HOST_DEVICE void evict_entry(int64_t* pos, float* score, uint8_t* flags,
   moves[2 * c + 1] = last;
 }
 
+// Index guards of the CUDA kernels (CPU values are checked on the host before any kernel runs,
+// see common/index_errors.h): a cache length in [0, limit] and a page id in [0, pages).
+FASTLLM_HOST_DEVICE bool length_in_range(int64_t len, int64_t limit) {
+  return len >= 0 && len <= limit;
+}
+FASTLLM_HOST_DEVICE bool page_in_range(int64_t page, int64_t pages) {
+  return page >= 0 && page < pages;
+}
+
 // Pool slot of entry e of a ragged cache whose pages are page_row (one row of the page table).
 template <typename Index>
 FASTLLM_HOST_DEVICE int64_t entry_slot(const Index* page_row, int64_t e, int64_t page_rows) {

@@ -62,6 +62,13 @@ def kv_ragged_decode(q: Tensor, kv_rows: Tensor, page_table: Tensor, lengths: Te
     Returns ``(out [B, Hq, D], lse float32 [B, Hq], scores float32 [B * Hkv, max_pages *
     page_rows])``, where ``scores`` is each entry's probability summed over the query group (the
     heavy-hitter statistic), zero past each length.
+
+    Index values (``lengths`` in ``[0, max_pages * page_rows]``, the page ids a cache uses in
+    ``[0, num_slots / page_rows)``) raise ``IndexError`` for CPU tensors. For CUDA tensors they are
+    checked only under :func:`fastllm.ops.checked_indices` (each check synchronises); otherwise the
+    kernel treats a cache with a bad length as empty and gives no probability to an entry on a bad
+    page, never touching memory outside the tensors, and
+    :func:`fastllm.ops.raise_index_errors` reports it later. Nothing here synchronises.
     """
     _require_kernels_for(q, "kv_ragged_decode")
     return torch.ops.fastllm.kv_ragged_decode.default(q, kv_rows, page_table, lengths, page_rows,
@@ -88,6 +95,11 @@ def kv_evict_round(pos: Tensor, score: Tensor, flags: Tensor, lengths: Tensor,
     (flag 8 clear, ``newest - pos >= window``): the lowest-score one, the first on ties; its last
     entry's bookkeeping moves into the hole and ``lengths`` drops by one. Returns int64 ``[C, 2]``
     (victim, last) per cache, -1 where none was evicted: the caller moves the pool rows likewise.
+
+    ``lengths`` outside ``[0, capacity]`` and a negative ``heavy`` raise for CPU tensors; for CUDA
+    tensors only under :func:`fastllm.ops.checked_indices`, otherwise a cache with a bad length
+    is left alone and reported to :func:`fastllm.ops.raise_index_errors`, and a cache never evicts
+    without a victim. Nothing here synchronises.
     """
     _require_kernels_for(pos, "kv_evict_round")
     return torch.ops.fastllm.kv_evict_round.default(pos, score, flags, lengths, step_scores,

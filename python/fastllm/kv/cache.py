@@ -10,17 +10,30 @@ How it plugs into transformers: the model's attention implementation becomes ``"
   allocated pages;
 * on a decode step: appends the token to every head's cache, runs ``kv_ragged_decode`` over the
   ragged caches, adds the returned probabilities to the heavy-hitter scores and evicts at most one
-  entry per head (swap with the last entry, free the last page when it empties).
+  entry per head (``kv_evict_round``: swap with the last entry, free the last page when it
+  empties).
 
 Every other attention call (a model used with another cache) goes to transformers' SDPA.
+
+On a GPU a decode step never waits for the device (issue 13). The bookkeeping (page table,
+lengths, each entry's position, score and flags) lives on the cache's device and the step's
+append, attention, score update and eviction are all device work. The host decides pages from a
+mirror of each cache's length (``_HeadCaches``), which follows from the policy alone, never from
+the scores; only the classes of generated tokens (special, punctuation) come from the device, by
+a non-blocking copy the host reads a step or so later, and until then the mirror is an upper
+bound. The prompt (profiling and compaction), multi-token steps, ``stats()`` and batch reorders
+may synchronise.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import sys
 import time
 import weakref
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -28,12 +41,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .. import _C
 from ..memory import PagePool, PoolExhaustedError
 from .._ops import kv as kv_ops
 from .._reference.kv import KEEP
 from .policies import (
     POLICIES,
     HeadPolicy,
+    _class_table,
     budget_tokens,
     check_ratio,
     fastgen_profile,
@@ -44,6 +59,14 @@ from .policies import (
 ATTENTION_NAME = "fastllm_kv"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 OWNER = "kv"
+
+try:
+    # Host bookkeeping (numpy, the page pool's free list) never runs under a tensor mode: under
+    # FakeTensorMode (the tests' proof that a decode step reads no device data) it stays real,
+    # while every device tensor stays fake, so reading one still raises.
+    from torch._subclasses.fake_tensor import unset_fake_temporarily as _host_only
+except ImportError:  # pragma: no cover - older torch
+    _host_only = contextlib.nullcontext
 
 # The layer whose update() ran last, with the tensors it returned: the attention function that
 # follows in the same layer picks it up (identity-checked, so a stale entry is never used).
@@ -58,171 +81,427 @@ def _check_supported(model) -> None:
             f"Llama family: {', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM2 is 'llama')")
 
 
-class _HeadCaches:
-    """Bookkeeping for one layer's B * Hkv ragged caches (host tensors, small)."""
+def _real_gpu(device: torch.device) -> bool:
+    """Whether work on ``device`` reaches a real GPU now: not fake tensors (a FakeTensorMode is
+    active), not a stream being captured into a CUDA graph."""
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and not torch.cuda.is_current_stream_capturing()
+            and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None)
 
-    def __init__(self, pool: PagePool, page_rows: int, width: int, policies: list[HeadPolicy]):
+
+def _upload(values, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Host values (a list or numpy array) as a tensor on ``device`` without blocking the host: a
+    pinned, non-blocking copy on a GPU (the caching host allocator keeps the pinned block until the
+    copy has run). Without a real GPU (fake CUDA tensors in the tests) a plain copy is equally
+    free of synchronisation."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    if _real_gpu(device):
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class _ClassLog:
+    """What the host knows of the token classes (1 special, 2 punctuation) of each sequence, by
+    real position: ``by_pos [B, capacity]``, valid for mask columns ``< known``.
+
+    The prompt's classes are known at prefill. A decode step's token lives on the device: on the
+    CPU it is read at once; on a GPU its classes are copied to pinned memory without blocking and
+    read once the copy's event has completed (usually by the next step), so no decode step waits.
+    Until then the host mirror of a cache whose length depends on them (a policy keeping special or
+    punctuation tokens) holds an upper bound. ``settle()`` (which may synchronise) learns the rest.
+    """
+
+    def __init__(self, by_pos: np.ndarray, offset: np.ndarray, known: int):
+        self.by_pos = by_pos      # uint8 [B, capacity]
+        self.offset = offset      # int64 [B]: pad columns of each sequence's prompt
+        self.known = known        # classes of mask columns < known are in by_pos
+        self.pending: collections.deque = collections.deque()
+        self.steps = 0
+        # Tests only: keep CPU steps pending this many steps, as a GPU's copies may be.
+        self.delay = 0
+
+    def at(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        return self.by_pos[seq, np.clip(pos, 0, self.by_pos.shape[1] - 1)]
+
+    def store(self, column: int, data: np.ndarray) -> None:
+        """Classes ``data [B, n]`` of mask columns ``column ..``; columns arrive in order."""
+        if column != self.known:
+            raise RuntimeError(f"fastllm.kv: internal error: classes of column {column} arrived "
+                               f"while the host knows {self.known} columns")
+        n = data.shape[1]
+        pos = column - self.offset
+        need = int(pos.max()) + n
+        if need > self.by_pos.shape[1]:
+            grown = np.zeros((self.by_pos.shape[0], max(need, 2 * self.by_pos.shape[1])), np.uint8)
+            grown[:, :self.by_pos.shape[1]] = self.by_pos
+            self.by_pos = grown
+        self.by_pos[np.arange(data.shape[0])[:, None], pos[:, None] + np.arange(n)] = data
+        self.known = column + n
+
+    def record(self, column: int, classes: Tensor) -> None:
+        """A step's classes ``[B, n]`` on the cache's device, for columns ``column ..``."""
+        self.steps += 1
+        if classes.device.type == "cpu" and not self.delay and not self.pending:
+            self.store(column, classes.numpy())
+            return
+        host = event = None
+        if type(classes) is torch.Tensor and _real_gpu(classes.device):
+            host = torch.empty(classes.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(classes, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(classes.device))
+        self.pending.append((column, classes, host, event, self.steps))
+        self.poll()
+
+    def poll(self) -> None:
+        """Learn the pending steps whose copies have completed; never waits."""
+        if self.pending and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return  # no event queries while a CUDA graph is being captured
+        while self.pending:
+            column, classes, host, event, step = self.pending[0]
+            if event is not None:
+                if not event.query():
+                    return
+                data = host.numpy()
+            elif classes.device.type == "cpu" and self.steps - step >= self.delay:
+                data = classes.numpy()
+            else:  # fake tensors, or a step captured in a CUDA graph: only settle() reads them
+                return
+            self.pending.popleft()
+            self.store(column, data)
+
+    def settle(self) -> None:
+        """Learn every pending step (synchronises with the device)."""
+        while self.pending:
+            column, classes, host, event, _ = self.pending.popleft()
+            if event is not None:
+                event.synchronize()
+                data = host.numpy()
+            else:
+                data = classes.cpu().numpy()
+            self.store(column, data)
+
+    def select(self, order: list[int]) -> None:
+        self.settle()
+        self.by_pos = self.by_pos[order]
+        self.offset = self.offset[order]
+
+
+class _HeadCaches:
+    """One layer's ``C = B * Hkv`` ragged caches.
+
+    The bookkeeping the kernels use lives on the pool's device: ``table`` (int32 page ids),
+    ``lengths``, and per entry ``pos``, ``score``, ``flags``, plus each cache's policy. A decode
+    step appends and evicts there (``kv_evict_round``) without the host reading any of it.
+
+    The host keeps a mirror of what page allocation needs (numpy, per cache): the length
+    ``m_len`` and the number of evictable entries ``m_evictable`` after the mask columns
+    ``< m_seen``. Both follow from the policy without the scores: each step appends one entry; the
+    entry that leaves the local window (position ``newest - window``) becomes evictable unless its
+    policy keeps it for good; and a cache evicts one entry iff more than ``heavy`` are evictable.
+    Only the classes of decode tokens come from the device (``_ClassLog``): a cache whose policy
+    keeps special or punctuation tokens advances once they are known, and meanwhile its length is
+    bounded by ``m_len + (seen - m_seen)``. Pages are allocated for that bound and returned as soon
+    as it drops, so on the CPU (classes known at once) a cache holds exactly the pages its entries
+    fill; on a GPU, at most the pages of the steps whose classes are still in flight more.
+    """
+
+    DEVICE_TENSORS = ("table", "lengths", "pos", "score", "flags", "keep_classes", "sinks",
+                      "window", "heavy", "grow", "offset")
+
+    def __init__(self, pool: PagePool, page_rows: int, width: int, policies: list[HeadPolicy],
+                 offset: np.ndarray, hkv: int):
         self.pool, self.page_rows, self.width = pool, page_rows, width
+        self.device = pool.device
         count = len(policies)
         self.policies = policies
         self.pages: list[list[int]] = [[] for _ in range(count)]
-        self.page_table = torch.zeros(count, 1, dtype=torch.int32)
-        self.lengths = torch.zeros(count, dtype=torch.int64)
-        self.pos = torch.zeros(count, 16, dtype=torch.int64)
-        self.score = torch.zeros(count, 16, dtype=torch.float32)
+        # Host copies of the policies (the mirror's inputs).
+        self.h_keep = np.array([int(p.keep_special) | 2 * int(p.keep_punct) for p in policies],
+                               dtype=np.uint8)
+        self.h_sinks = np.array([p.sinks for p in policies], dtype=np.int64)
+        self.h_window = np.array([p.window for p in policies], dtype=np.int64)
+        self.h_heavy = np.array([p.heavy for p in policies], dtype=np.int64)
+        self.h_grow = np.array([p.grow for p in policies], dtype=bool)
+        # Padding columns of each cache's sequence: a token at mask column c has position
+        # c - offset among its sequence's real tokens (what sinks and windows count).
+        self.h_offset = np.asarray(offset, dtype=np.int64).copy()
+        self.hkv = hkv
+        self.h_seq = np.arange(count, dtype=np.int64) // hkv
+        # Caches whose length depends on the classes of decode tokens.
+        self.h_dep = (self.h_keep != 0) & ~self.h_grow
+        self.any_dep = bool(self.h_dep.any())
+        self.npages = np.zeros(count, dtype=np.int64)
+        self.m_len = np.zeros(count, dtype=np.int64)
+        self.m_evictable = np.zeros(count, dtype=np.int64)
+        self.m_seen = np.zeros(count, dtype=np.int64)
+        # Device copies: the kernels' inputs.
+        self.keep_classes = _upload(self.h_keep, torch.uint8, self.device)
+        self.sinks = _upload(self.h_sinks, torch.int64, self.device)
+        self.window = _upload(self.h_window, torch.int64, self.device)
+        self.heavy = _upload(self.h_heavy, torch.int64, self.device)
+        self.grow = _upload(self.h_grow, torch.bool, self.device)
+        self.offset = _upload(self.h_offset, torch.int64, self.device)
+        self.table = torch.zeros(count, 1, dtype=torch.int32, device=self.device)
+        self.lengths = torch.zeros(count, dtype=torch.int64, device=self.device)
+        self.pos = torch.zeros(count, 16, dtype=torch.int64, device=self.device)
+        self.score = torch.zeros(count, 16, dtype=torch.float32, device=self.device)
         # The token's class bits, plus KEEP when the policy keeps the entry whatever its age and
         # score (specials, punctuation, sinks): set when written, so eviction never re-derives it.
-        self.flags = torch.zeros(count, 16, dtype=torch.uint8)
-        # Class bits (1 special, 2 punctuation) each cache's policy keeps for good.
-        self.keep_classes = torch.tensor([int(p.keep_special) | 2 * int(p.keep_punct)
-                                          for p in policies], dtype=torch.uint8)
-        self.sinks = torch.tensor([p.sinks for p in policies], dtype=torch.int64)
-        self.window = torch.tensor([p.window for p in policies], dtype=torch.int64)
-        self.heavy = torch.tensor([p.heavy for p in policies], dtype=torch.int64)
-        self.grow = torch.tensor([p.grow for p in policies])
-        # Padding columns of each cache's sequence seen so far: a token at mask column c has
-        # position c - offset among its sequence's real tokens (what sinks and windows count).
-        self.offset = torch.zeros(count, dtype=torch.int64)
-        self._device_tables = None
+        self.flags = torch.zeros(count, 16, dtype=torch.uint8, device=self.device)
+
+    # ---- the host mirror -------------------------------------------------------------------------
+
+    def _host_flags(self, cache: int, pos: np.ndarray, cls: np.ndarray) -> np.ndarray:
+        keep = ((cls & self.h_keep[cache]) != 0) | (pos < self.h_sinks[cache])
+        return cls | keep.astype(np.uint8) * KEEP
+
+    def bound(self, seen: int) -> np.ndarray:
+        """Upper bound of each cache's length once mask columns ``< seen`` are in (exact where
+        the mirror has caught up)."""
+        return self.m_len + (seen - self.m_seen)
+
+    def advance(self, seen: int, classes: _ClassLog):
+        """Advance the mirror over mask columns ``< seen`` as far as the token classes are known.
+        Returns the eviction verdict [C] of column ``seen - 1``, or None if some cache could not
+        be advanced over it."""
+        verdict = None
+        for column in range(int(self.m_seen.min()), seen):
+            active = self.m_seen == column
+            if self.any_dep:
+                active &= ~self.h_dep | (column - self.h_window < classes.known)
+            if not active.any():
+                if column >= self.m_seen.max():
+                    break  # every cache waits for a class: nothing later can advance
+                continue
+            cross = column - self.h_offset - self.h_window  # the entry leaving the window
+            keep = (((classes.at(self.h_seq, cross) & self.h_keep) != 0)
+                    | (cross < self.h_sinks))
+            evictable = self.m_evictable + (active & (cross >= 0) & ~keep)
+            evicts = active & ~self.h_grow & (evictable > self.h_heavy)
+            self.m_evictable = evictable - evicts
+            self.m_len += active.astype(np.int64) - evicts
+            self.m_seen += active
+            if column == seen - 1 and active.all():
+                verdict = evicts
+        return verdict
+
+    def resync(self, seen: int) -> None:
+        """Rebuild the mirror from the device state (synchronises; after multi-token steps)."""
+        lengths = self.lengths.cpu().numpy()
+        cap = self.pos.shape[1]
+        newest = seen - 1 - self.h_offset
+        evictable = ((self.flags.cpu().numpy() & KEEP) == 0) \
+            & (newest[:, None] - self.pos.cpu().numpy() >= self.h_window[:, None]) \
+            & (np.arange(cap)[None, :] < lengths[:, None])
+        self.m_len = lengths.astype(np.int64)
+        self.m_evictable = evictable.sum(1).astype(np.int64)
+        self.m_seen = np.full_like(self.m_len, seen)
 
     # ---- storage ---------------------------------------------------------------------------------
 
-    def _ensure_capacity(self, cache: int, entries: int) -> None:
+    def reserve(self, entries: np.ndarray) -> None:
+        """Pages and bookkeeping columns for ``entries [C]`` entries per cache (host decision;
+        the device table is updated without blocking)."""
         need = -(-entries // self.page_rows)
-        have = len(self.pages[cache])
-        if need > have:
-            ids = self.pool.alloc(need - have, OWNER).tolist()
-            self.pages[cache].extend(ids)
-            if need > self.page_table.shape[1]:
-                grown = torch.zeros(self.page_table.shape[0], max(need, 2 * self.page_table.shape[1]),
-                                    dtype=torch.int32)
-                grown[:, :self.page_table.shape[1]] = self.page_table
-                self.page_table = grown
-            self.page_table[cache, have:need] = torch.tensor(ids, dtype=torch.int32)
-            self._device_tables = None
-        if entries > self.pos.shape[1]:
-            cap = max(entries, 2 * self.pos.shape[1])
+        short = np.nonzero(need > self.npages)[0]
+        if short.size:
+            counts = need[short] - self.npages[short]
+            with _host_only():
+                ids = self.pool.alloc(int(counts.sum()), OWNER).tolist()
+            rows, cols = [], []
+            for cache, n in zip(short.tolist(), counts.tolist()):
+                have = len(self.pages[cache])
+                self.pages[cache].extend(ids[:n])
+                del ids[:n]
+                rows += [cache] * n
+                cols += range(have, have + n)
+            new = [self.pages[r][c] for r, c in zip(rows, cols)]
+            self.npages[short] = need[short]
+            width = self.table.shape[1]
+            if int(need.max()) > width:
+                grown = torch.zeros(self.table.shape[0], max(int(need.max()), 2 * width),
+                                    dtype=torch.int32, device=self.device)
+                grown[:, :width] = self.table
+                self.table = grown
+            where = _upload([rows, cols, new], torch.int64, self.device)
+            self.table[where[0], where[1]] = where[2].to(torch.int32)
+        longest = int(entries.max(initial=0))
+        if longest > self.pos.shape[1]:
+            cap = max(longest, 2 * self.pos.shape[1])
             for name in ("pos", "score", "flags"):
                 old = getattr(self, name)
-                new = torch.zeros(old.shape[0], cap, dtype=old.dtype)
-                new[:, :old.shape[1]] = old
-                setattr(self, name, new)
+                new_t = torch.zeros(old.shape[0], cap, dtype=old.dtype, device=self.device)
+                new_t[:, :old.shape[1]] = old
+                setattr(self, name, new_t)
 
-    def slots(self, cache: int, entries: Tensor) -> Tensor:
-        return self.slots_of(torch.full_like(entries, cache), entries)
+    def release_excess(self, seen: int) -> None:
+        """Give back the pages past each cache's length bound (its entries fill a prefix)."""
+        keep = -(-self.bound(seen) // self.page_rows)
+        extra = np.nonzero(self.npages > keep)[0]
+        if not extra.size:
+            return
+        freed = []
+        for cache, k in zip(extra.tolist(), keep[extra].tolist()):
+            freed += self.pages[cache][k:]
+            del self.pages[cache][k:]
+        self.npages[extra] = keep[extra]
+        if freed:
+            with _host_only():
+                self.pool.free(freed)
 
-    def slots_of(self, caches: Tensor, entries: Tensor) -> Tensor:
-        """Pool slot of entry ``entries[i]`` of cache ``caches[i]``."""
-        pages = self.page_table[caches, entries // self.page_rows].to(torch.int64)
+    def slots(self, caches: Tensor, entries: Tensor) -> Tensor:
+        """Pool slots of entries ``entries`` of caches ``caches`` (device, any matching shape)."""
+        pages = self.table[caches, entries // self.page_rows].to(torch.int64)
+        return pages * self.page_rows + entries % self.page_rows
+
+    def _own_slots(self, entries: Tensor) -> Tensor:
+        """Pool slots of entries ``entries [C, k]``, row c of cache c."""
+        pages = self.table.gather(1, entries // self.page_rows).to(torch.int64)
         return pages * self.page_rows + entries % self.page_rows
 
     def rows_view(self) -> Tensor:
         return self.pool.rows(self.width)
 
+    def fill(self, entries: list, seen: int) -> None:
+        """The prompt's kept entries: ``(positions, classes, scores, rows)`` per cache (host
+        positions, classes and scores; rows ``[n, 2D]`` on the pool's device). One allocation,
+        one pool write and one upload per tensor for the layer."""
+        count = len(entries)
+        counts = np.array([e[0].shape[0] for e in entries], dtype=np.int64)
+        need = -(-counts // self.page_rows)
+        with _host_only():
+            ids = self.pool.alloc(int(need.sum()), OWNER).tolist()
+        table = np.zeros((count, max(1, int(need.max(initial=0)))), dtype=np.int32)
+        cap = max(16, int(counts.max(initial=0)) + 1)
+        pos = np.zeros((count, cap), dtype=np.int64)
+        flags = np.zeros((count, cap), dtype=np.uint8)
+        score = torch.zeros(count, cap, dtype=torch.float32)
+        slots, rows = [], []
+        for c, (positions, cls, sc, r) in enumerate(entries):
+            n = int(counts[c])
+            self.pages[c] = ids[:int(need[c])]
+            del ids[:int(need[c])]
+            table[c, :len(self.pages[c])] = self.pages[c]
+            p = positions.numpy()
+            pos[c, :n] = p
+            flags[c, :n] = self._host_flags(c, p, cls.numpy())
+            score[c, :n] = sc.float()
+            e = np.arange(n)
+            slots.append(table[c, e // self.page_rows].astype(np.int64) * self.page_rows
+                         + e % self.page_rows)
+            rows.append(r)
+        self.npages = need.copy()
+        if counts.sum():
+            self.pool.write(_upload(np.concatenate(slots), torch.int64, self.device),
+                            torch.cat(rows).contiguous())
+        self.table = _upload(table, torch.int32, self.device)
+        self.pos = _upload(pos, torch.int64, self.device)
+        self.flags = _upload(flags, torch.uint8, self.device)
+        self.score = _upload(score, torch.float32, self.device)
+        self.lengths = _upload(counts, torch.int64, self.device)
+        newest = seen - 1 - self.h_offset
+        evictable = ((flags & KEEP) == 0) & (newest[:, None] - pos >= self.h_window[:, None]) \
+            & (np.arange(cap)[None, :] < counts[:, None])
+        self.m_len = counts.copy()
+        self.m_evictable = evictable.sum(1).astype(np.int64)
+        self.m_seen = np.full(count, seen, dtype=np.int64)
+
     def write(self, cache: int, rows: Tensor, pos: Tensor, cls: Tensor, score: Tensor) -> None:
-        """Append entries (rows [n, 2D] on the pool's device) to one cache."""
+        """Append entries (rows [n, 2D], pos, cls and score [n], all on the pool's device) to one
+        cache: the multi-token path, whose mirror is exact (``resync`` follows)."""
         n = rows.shape[0]
-        start = int(self.lengths[cache])
-        self._ensure_capacity(cache, start + n)
-        entries = torch.arange(start, start + n)
-        self.pool.write(self.slots(cache, entries).to(self.pool.device), rows.contiguous())
-        pos, cls = pos.cpu(), cls.cpu()
+        start = int(self.m_len[cache])
+        entries = self.m_len.copy()
+        entries[cache] = start + n
+        self.reserve(entries)
+        index = torch.arange(start, start + n, device=self.device)
+        self.pool.write(self.slots(torch.full_like(index, cache), index), rows.contiguous())
         self.pos[cache, start:start + n] = pos
-        self.flags[cache, start:start + n] = self._flags(cache, pos, cls)
-        self.score[cache, start:start + n] = score.float().cpu()
+        keep = ((cls & self.keep_classes[cache]) != 0) | (pos < self.sinks[cache])
+        self.flags[cache, start:start + n] = cls | keep.to(torch.uint8) * KEEP
+        self.score[cache, start:start + n] = score.float()
         self.lengths[cache] = start + n
-        self._device_tables = None
-
-    def append_one(self, rows: Tensor, pos: Tensor, cls: Tensor) -> None:
-        """Append one entry to every cache (rows [count, 2D] on the pool's device, pos and cls
-        [count] on the host), its score 0 until the step's attention adds to it: a decode step.
-        One pool write and one indexed store per field for the whole layer; per-cache calls cost
-        a quarter of a decode step's samples in small host ops."""
-        entries = self.lengths.clone()
-        if bool((entries % self.page_rows == 0).any()) or int(entries.max()) >= self.pos.shape[1]:
-            for cache in range(len(self.pages)):
-                self._ensure_capacity(cache, int(entries[cache]) + 1)
-        caches = torch.arange(len(self.pages))
-        self.pool.write(self.slots_of(caches, entries).to(self.pool.device), rows.contiguous())
-        self.pos[caches, entries] = pos
-        self.flags[caches, entries] = self._flags(slice(None), pos, cls)
-        self.score[caches, entries] = 0.0
-        self.lengths += 1
-        self._device_tables = None
-
-    def _flags(self, caches, pos: Tensor, cls: Tensor) -> Tensor:
-        """Flags of entries (token position ``pos``, class ``cls``) of ``caches``: the class, and
-        KEEP where the cache's policy keeps the entry for good."""
-        keep = ((cls & self.keep_classes[caches]) != 0) | (pos < self.sinks[caches])
-        return cls | keep.to(torch.uint8) * KEEP
+        self.m_len[cache] = start + n
 
     def read(self, cache: int) -> Tensor:
-        """All entries of one cache as [n, 2D] (the dense fallback for multi-token steps)."""
-        n = int(self.lengths[cache])
-        return self.pool.gather(self.slots(cache, torch.arange(n)).to(self.pool.device), self.width)
+        """All entries of one cache as [n, 2D] (the dense fallback for multi-token steps; the
+        mirror must be exact)."""
+        index = torch.arange(int(self.m_len[cache]), device=self.device)
+        return self.pool.gather(self.slots(torch.full_like(index, cache), index), self.width)
 
-    def device_tables(self, device) -> tuple[Tensor, Tensor]:
-        if self._device_tables is None:
-            self._device_tables = (self.page_table.to(device),
-                                   self.lengths.to(device=device, dtype=torch.int32))
-        return self._device_tables
+    # ---- a decode step, on the device ------------------------------------------------------------
 
-    # ---- eviction --------------------------------------------------------------------------------
+    def append_one(self, rows: Tensor, cls: Tensor, newest: Tensor) -> None:
+        """Append one entry to every cache (rows [C, 2D], classes [C] and positions [C] on the
+        device), its score 0 until the step's attention adds to it. The caller reserved room."""
+        entries = self.lengths[:, None]
+        self.pool.write(self._own_slots(entries)[:, 0], rows.contiguous())
+        self.pos.scatter_(1, entries, newest[:, None])
+        keep = ((cls & self.keep_classes) != 0) | (newest < self.sinks)
+        self.flags.scatter_(1, entries, (cls | keep.to(torch.uint8) * KEEP)[:, None])
+        self.score.scatter_(1, entries, 0.0)
+        self.lengths += 1
 
-    def evict_round(self, newest: Tensor, step_scores: Tensor | None = None) -> bool:
-        """Add ``step_scores`` [count, W] (this step's attention per entry) into the scores, then
+    def evict_round(self, newest: Tensor, step_scores: Tensor | None = None,
+                    move: bool = True) -> Tensor:
+        """Add ``step_scores`` [C, W] (this step's attention per entry) into the scores, then
         evict at most one entry per cache that holds more than its policy allows; ``newest``
-        [count] is each cache's newest token position (sequences are padded differently).
+        [C] is each cache's newest token position (sequences are padded differently). Returns
+        the op's moves [C, 2] (device).
 
         The bookkeeping (choice of victims, each cache's last entry moved into its hole: order is
         irrelevant to attention once positions are baked into the keys) is one op,
-        ``kv_evict_round``; a dozen small tensor ops per layer here made a decode step's
-        bookkeeping cost more than its attention. The pool rows then move in one gather and one
-        write, and pages that emptied go back to the pool."""
+        ``kv_evict_round``. The pool rows then move in one gather and one write over every
+        cache, whether it evicted or not (one that did not copies its newest row onto itself),
+        so the host never learns which did. ``move=False`` skips that when the host mirror knows
+        that no cache evicts."""
         if step_scores is None:
-            step_scores = torch.empty(len(self.pages), 0)
+            step_scores = torch.empty(len(self.pages), 0, device=self.device)
         moves = kv_ops.kv_evict_round(self.pos, self.score, self.flags, self.lengths,
                                       step_scores, newest, self.window, self.heavy, self.grow)
-        caches = (moves[:, 0] >= 0).nonzero().flatten()
-        if caches.numel() == 0:
-            return False
-        victim, last = moves[caches].unbind(1)
-        moving = victim != last
-        if bool(moving.any()):
-            into = caches[moving]
-            self.pool.write(self.slots_of(into, victim[moving]).to(self.pool.device),
-                            self.pool.gather(self.slots_of(into, last[moving]).to(self.pool.device),
-                                             self.width))
-        for cache in caches[last % self.page_rows == 0].tolist():
-            if self.pages[cache]:
-                # The last page just emptied: give it back.
-                self.pool.free([self.pages[cache].pop()])
-        self._device_tables = None
-        return True
+        if move:
+            newest_entry = (self.lengths - 1).clamp_(min=0)[:, None]
+            entries = torch.where(moves[:, :1] >= 0, moves.flip(1), newest_entry)  # (from, to)
+            slots = self._own_slots(entries).t().contiguous()
+            self.pool.write(slots[1], self.pool.gather(slots[0], self.width))
+        return moves
 
     # ---- batch -----------------------------------------------------------------------------------
 
     def select(self, order: list[int]) -> None:
-        """Keep caches in ``order`` (no repeats); free the pages of the others."""
+        """Keep caches in ``order`` (no repeats); free the pages of the others. The mirror must
+        be exact (the caller settles first)."""
         kept = set(order)
-        for cache in range(len(self.pages)):
-            if cache not in kept and self.pages[cache]:
-                self.pool.free(self.pages[cache])
-        index = torch.tensor(order, dtype=torch.int64)
+        freed = [p for cache in range(len(self.pages)) if cache not in kept
+                 for p in self.pages[cache]]
+        if freed:
+            with _host_only():
+                self.pool.free(freed)
         self.pages = [self.pages[i] for i in order]
         self.policies = [self.policies[i] for i in order]
-        for name in ("page_table", "lengths", "pos", "score", "flags", "keep_classes", "sinks",
-                     "window", "heavy", "grow", "offset"):
-            setattr(self, name, getattr(self, name)[index].clone())
-        self._device_tables = None
+        index = np.array(order, dtype=np.int64)
+        for name in ("h_keep", "h_sinks", "h_window", "h_heavy", "h_grow", "h_offset", "h_dep",
+                     "npages", "m_len", "m_evictable", "m_seen"):
+            setattr(self, name, getattr(self, name)[index].copy())
+        self.h_seq = np.arange(index.size, dtype=np.int64) // self.hkv
+        self.any_dep = bool(self.h_dep.any())
+        device_index = _upload(index, torch.int64, self.device)
+        for name in self.DEVICE_TENSORS:
+            setattr(self, name, getattr(self, name)[device_index].clone())
 
     def release(self) -> None:
-        for pages in self.pages:
-            if pages:
-                self.pool.free(pages)
+        freed = [p for pages in self.pages for p in pages]
+        if freed:
+            with _host_only():
+                self.pool.free(freed)
         self.pages = [[] for _ in self.pages]
+        self.npages[:] = 0
+        self.m_len[:] = 0
+        self.m_evictable[:] = 0
         self.lengths.zero_()
-        self._device_tables = None
 
 
 class FastGenLayer(CacheLayerMixin):
@@ -238,9 +517,21 @@ class FastGenLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.seen = 0
         self.heads: _HeadCaches | None = None
-        # [B, seen] bool: which mask columns of each sequence are real tokens (pads are never
-        # stored); later steps must present the same padding.
-        self.valid: Tensor | None = None
+        # [B, prompt] bool (host): which mask columns of each prompt are real tokens (pads are
+        # never stored; every later column is real); later steps must present the same padding.
+        self.prompt_valid: Tensor | None = None
+        self.padded = False
+
+    @property
+    def valid(self) -> Tensor | None:
+        """[B, seen] bool: which mask columns of each sequence are real tokens."""
+        if self.prompt_valid is None:
+            return None
+        extra = self.seen - self.prompt_valid.shape[1]
+        if extra == 0:
+            return self.prompt_valid
+        return torch.cat([self.prompt_valid,
+                          torch.ones(self.prompt_valid.shape[0], extra, dtype=torch.bool)], dim=1)
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -271,7 +562,8 @@ class FastGenLayer(CacheLayerMixin):
         if self.heads is not None:
             self.heads.release()
         self.heads = None
-        self.valid = None
+        self.prompt_valid = None
+        self.padded = False
         self.seen = 0
 
     def reorder_cache(self, beam_idx) -> None:  # handled by FastGenCache
@@ -342,6 +634,11 @@ class FastGenCache(Cache):
         self.tokenizer = tokenizer
         self._ids: Tensor | None = None
         self._step_classes: Tensor | None = None
+        # This forward's token classes on the device, per sequence [B, n] and per cache [C]
+        # (decode steps), and the host's knowledge of every position's class.
+        self._step_device_classes: tuple | None = None
+        self._class_log: _ClassLog | None = None
+        self._class_tables: dict = {}
         self._mask_memo = None
         self._mask_checked = None
         self.last_profile_seconds = 0.0
@@ -358,6 +655,7 @@ class FastGenCache(Cache):
             ids = args[0] if args else kwargs.get("input")
             cache._ids = ids
             cache._step_classes = None  # a new forward call: its ids may be reused in place
+            cache._step_device_classes = None
 
         self._hook = model.get_input_embeddings().register_forward_pre_hook(remember_ids,
                                                                             with_kwargs=True)
@@ -397,17 +695,34 @@ class FastGenCache(Cache):
         return len(layer.heads.pages) // self.num_kv_heads
 
     def _select(self, order: list[int]) -> None:
+        # Not a decode step: the host may wait for the device here.
+        self._settle()
         for layer in self.layers:
             if layer.heads is None:
                 continue
             caches = [b * self.num_kv_heads + h for b in order for h in range(self.num_kv_heads)]
             layer.heads.select(caches)
-            layer.valid = layer.valid[torch.tensor(order, dtype=torch.int64)].clone()
+            layer.prompt_valid = layer.prompt_valid[torch.tensor(order, dtype=torch.int64)].clone()
+        if self._class_log is not None:
+            self._class_log.select(order)
+
+    def _settle(self) -> None:
+        """Learn every token class still in flight, bring each layer's host mirror up to date
+        and give back the pages it no longer needs (synchronises with the device)."""
+        if self._class_log is None:
+            return
+        self._class_log.settle()
+        for layer in self.layers:
+            if layer.heads is not None:
+                layer.heads.advance(layer.seen, self._class_log)
+                layer.heads.release_excess(layer.seen)
 
     def release(self) -> None:
         """Give every page back to the pool and forget all tokens."""
         for layer in self.layers:
             layer.reset()
+        self._class_log = None
+        self._step_device_classes = None
 
     def reset(self) -> None:
         self.release()
@@ -428,7 +743,9 @@ class FastGenCache(Cache):
         """Memory held against a full cache of the same tokens, and each head's policy.
 
         Padding is not a token: a full cache would hold each sequence's real tokens only, and
-        pad entries are never stored, so neither side counts them."""
+        pad entries are never stored, so neither side counts them. Synchronises with the device
+        (it learns the token classes still in flight and returns the pages they free)."""
+        self._settle()
         pages = 0
         full_pages = 0
         kept_entries = 0
@@ -440,12 +757,18 @@ class FastGenCache(Cache):
                 policies.append([])
                 continue
             pages += sum(len(p) for p in heads.pages)
-            real = layer.seen - heads.offset
+            real = layer.seen - heads.h_offset
             full_pages += int((-(-real // self.page_rows)).sum())
             full_entries += int(real.sum())
-            kept_entries += int(heads.lengths.sum())
+            lengths = heads.lengths.cpu().numpy()
+            if not np.array_equal(lengths, heads.m_len):
+                raise RuntimeError(
+                    f"fastllm.kv: internal error: layer {layer.layer_idx}'s host mirror of the "
+                    f"cache lengths {heads.m_len.tolist()[:8]} differs from the device's "
+                    f"{lengths.tolist()[:8]}")
+            kept_entries += int(lengths.sum())
             policies.append([{"policy": p.name, "kept": int(n)}
-                             for p, n in zip(heads.policies, heads.lengths.tolist())])
+                             for p, n in zip(heads.policies, lengths.tolist())])
         first = self.layers[0]
         seen = first.seen
         entry_bytes = self.width * self.pool.storage.element_size()
@@ -487,11 +810,7 @@ class FastGenCache(Cache):
         if memo is not None and memo[0] is attention_mask:
             return memo[1]
         mask = attention_mask
-        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (queries, keys) \
-                or mask.shape[0] not in (1, batch):
-            raise ValueError(
-                f"fastllm.kv: cannot honour an attention mask of shape {tuple(mask.shape)}: "
-                f"expected [batch, 1, {queries}, {keys}] (one mask shared by all heads)")
+        self._check_mask_shape(mask, batch, queries, keys)
         if mask.dtype == torch.bool:
             vis = mask[:, 0]
         elif mask.is_floating_point():
@@ -504,6 +823,16 @@ class FastGenCache(Cache):
         vis = vis.expand(batch, queries, keys).cpu()
         self._mask_memo = (attention_mask, vis)
         return vis
+
+    @staticmethod
+    def _check_mask_shape(mask: Tensor, batch: int, queries: int, keys: int) -> None:
+        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (queries, keys) \
+                or mask.shape[0] not in (1, batch):
+            raise ValueError(
+                f"fastllm.kv: cannot honour an attention mask of shape {tuple(mask.shape)}: "
+                f"expected [batch, 1, {queries}, {keys}] (one mask shared by all heads)")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise ValueError(f"fastllm.kv: attention mask of dtype {mask.dtype} is not supported")
 
     @staticmethod
     def _check_causal_padding(vis: Tensor, valid: Tensor, past: int) -> None:
@@ -561,7 +890,8 @@ class FastGenCache(Cache):
                  valid: Tensor) -> None:
         """Profile and store one prompt. ``valid`` [B, L] marks real tokens: each sequence is
         profiled on its real tokens only, exactly as if it ran alone (its rotary positions
-        already skip the padding), and pads never reach a page."""
+        already skip the padding), and pads never reach a page. The host may wait for the device
+        here (profiling reads the scores): the prompt is the one step the GPU path synchronises."""
         batch, _, length, _ = k.shape
         classes = self._classes(batch, length, torch.device("cpu"))
         all_policies, writes = [], []
@@ -579,19 +909,26 @@ class FastGenCache(Cache):
             all_policies += policies
             writes.append((cols, kept, scores))
         self.last_profile_seconds += time.perf_counter() - start
-        heads = _HeadCaches(self.pool, self.page_rows, self.width, all_policies)
-        layer.heads = heads
-        layer.valid = valid.clone()
+        pads = np.array([length - cols.numel() for cols, _, _ in writes], dtype=np.int64)
+        if self._class_log is None:  # the first layer: every layer sees the same tokens
+            by_pos = np.zeros((batch, length + 64), dtype=np.uint8)
+            for b, (cols, _, _) in enumerate(writes):
+                by_pos[b, :cols.numel()] = classes[b, cols].numpy()
+            self._class_log = _ClassLog(by_pos, pads, length)
+        self._class_table_on(k.device)  # uploaded now, so no decode step has to
+        hkv = self.num_kv_heads
+        heads = _HeadCaches(self.pool, self.page_rows, self.width, all_policies,
+                            np.repeat(pads, hkv), hkv)
+        entries = []
+        for b, (cols, kept, scores) in enumerate(writes):
+            for h, positions in enumerate(kept):
+                dev_cols = cols[positions].to(k.device)
+                rows = torch.cat([k[b, h, dev_cols], v[b, h, dev_cols]], dim=-1)
+                score = (scores[h, positions] if scores is not None
+                         else torch.zeros(positions.shape[0]))
+                entries.append((positions, classes[b, cols[positions]], score, rows))
         try:
-            for b, (cols, kept, scores) in enumerate(writes):
-                for h, positions in enumerate(kept):
-                    c = b * self.num_kv_heads + h
-                    heads.offset[c] = length - cols.numel()
-                    dev_cols = cols[positions].to(k.device)
-                    rows = torch.cat([k[b, h, dev_cols], v[b, h, dev_cols]], dim=-1)
-                    score = (scores[h, positions] if scores is not None
-                             else torch.zeros(positions.shape[0]))
-                    heads.write(c, rows, positions, classes[b, cols[positions]], score)
+            heads.fill(entries, length)
         except PoolExhaustedError as err:
             self.release()
             raise PoolExhaustedError(
@@ -599,51 +936,85 @@ class FastGenCache(Cache):
                 f"pool ({self.pool.num_pages} pages of {self.page_rows} entries, "
                 f"{self.pool.free_pages} free after releasing this cache); give FastGenCache a "
                 f"larger max_tokens or pool") from err
+        layer.heads = heads
+        layer.prompt_valid = valid.clone()
+        layer.padded = not bool(valid.all())
         layer.seen = length
 
-    def _append(self, layer: FastGenLayer, k: Tensor, v: Tensor, scores_new: Tensor | None) -> None:
+    def _class_table_on(self, device: torch.device) -> Tensor:
+        """The vocabulary's class bits on ``device``, with a trailing 0 for ids past it."""
+        table = self._class_tables.get(device)
+        if table is None:
+            host = _class_table(self.tokenizer)
+            table = torch.cat([host, host.new_zeros(1)]).to(device)
+            self._class_tables[device] = table
+        return table
+
+    def _device_classes(self, layer: FastGenLayer, device: torch.device, batch: int,
+                        n: int) -> tuple[Tensor, Tensor]:
+        """This forward's token classes on the device, ``[B, n]`` and, for a decode step, per
+        cache ``[C]``; looked up once per forward (every layer asks) and handed to the host's
+        class log without waiting for them."""
+        memo = self._step_device_classes
+        if memo is not None and memo[0] == layer.seen:
+            return memo[1], memo[2]
+        ids = self._ids
+        if ids is None or ids.shape != (batch, n):
+            if self.policy == "fastgen":
+                raise ValueError("fastllm.kv: FastGen needs the token ids of each step (call the "
+                                 "model with input_ids, not inputs_embeds)")
+            classes = torch.zeros(batch, n, dtype=torch.uint8, device=device)
+        else:
+            table = self._class_table_on(device)
+            classes = table[ids.to(device).clamp(0, table.shape[0] - 1)]
+        per_cache = (classes[:, :1].expand(batch, self.num_kv_heads).reshape(-1) if n == 1
+                     else None)
+        self._class_log.record(layer.seen, classes)
+        self._step_device_classes = (layer.seen, classes, per_cache)
+        return classes, per_cache
+
+    def _decode(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """One token per sequence: append it to every cache, attend over the ragged caches, add
+        the probabilities to the heavy-hitter scores and evict at most one entry per cache, all
+        on the device. The host decides the pages from its mirror and reads nothing back."""
         heads = layer.heads
-        batch, hkv, n, _ = k.shape
-        classes = self._classes(batch, n, torch.device("cpu"))
-        columns = torch.arange(layer.seen, layer.seen + n)
+        batch, hkv = k.shape[0], k.shape[1]
+        column = layer.seen
+        _, cls = self._device_classes(layer, k.device, batch, 1)
         try:
-            if n == 1 and scores_new is None:  # a decode step: every cache at once
-                heads.append_one(torch.cat([k, v], dim=-1).reshape(batch * hkv, -1),
-                                 layer.seen - heads.offset, classes[:, 0].repeat_interleave(hkv))
-            else:
-                for b in range(batch):
-                    for h in range(hkv):
-                        c = b * hkv + h
-                        rows = torch.cat([k[b, h], v[b, h]], dim=-1)
-                        score = scores_new[c] if scores_new is not None else torch.zeros(n)
-                        heads.write(c, rows, columns - heads.offset[c], classes[b], score)
+            need = heads.bound(column) + 1  # the append, before this step's eviction
+            evicts = heads.advance(column + 1, self._class_log)
+            heads.reserve(need)
         except PoolExhaustedError as err:
             raise PoolExhaustedError(
                 f"fastllm.kv: no free page to append token {layer.seen} "
                 f"(pool of {self.pool.num_pages} pages is full)") from err
-        layer.seen += n
-        layer.valid = torch.cat([layer.valid, torch.ones(batch, n, dtype=torch.bool)], dim=1)
-
-    def _decode(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        self._append(layer, k, v, None)
-        heads = layer.heads
-        table, lengths = heads.device_tables(q.device)
-        longest = int(heads.lengths.max())
+        newest = column - heads.offset
+        heads.append_one(torch.cat([k, v], dim=-1).reshape(batch * hkv, -1), cls, newest)
+        layer.seen += 1
+        longest = int(need.max(initial=0))
         splits = max(1, min(32, longest // 512))
-        out, _, scores = kv_ops.kv_ragged_decode(q[:, :, 0].contiguous(), heads.rows_view(), table,
-                                                  lengths, self.page_rows, scale, splits)
-        heads.evict_round(layer.seen - 1 - heads.offset, scores.cpu())
+        out, _, scores = kv_ops.kv_ragged_decode(q[:, :, 0].contiguous(), heads.rows_view(),
+                                                  heads.table, heads.lengths.to(torch.int32),
+                                                  self.page_rows, scale, splits)
+        heads.evict_round(newest, scores, move=evicts is None or bool(evicts.any()))
+        heads.release_excess(layer.seen)
         return out[:, None]  # [B, 1, Hq, D]
 
     def _extend(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         """Several new tokens on top of compressed caches: dense attention per head over its kept
-        entries plus the new tokens (causal among themselves)."""
+        entries plus the new tokens (causal among themselves). Not a decode step: it reads the
+        device (lengths, whether a round evicted) and leaves the host mirror exact."""
         heads = layer.heads
         batch, hq, n, d = q.shape
         hkv = k.shape[1]
         group = hq // hkv
+        classes, _ = self._device_classes(layer, k.device, batch, n)
+        self._class_log.settle()
+        heads.advance(layer.seen, self._class_log)
+        heads.release_excess(layer.seen)
         out = torch.empty(batch, n, hq, d, dtype=q.dtype, device=q.device)
-        new_scores = torch.zeros(batch * hkv, n)
+        new_scores = torch.zeros(batch * hkv, n, device=q.device)
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         for b in range(batch):
             for h in range(hkv):
@@ -657,22 +1028,41 @@ class FastGenCache(Cache):
                 logits = (qg @ keys.T * scale).masked_fill(~visible, float("-inf"))
                 probs = logits.softmax(-1)
                 out[b, :, h * group:(h + 1) * group] = (probs @ values).transpose(0, 1).to(q.dtype)
-                col = probs.sum((0, 1)).cpu()
+                col = probs.sum((0, 1))
                 m = cached.shape[0]
                 heads.score[c, :m] += col[:m]
                 new_scores[c] = col[m:]
-        self._append(layer, k, v, new_scores)
+        columns = torch.arange(layer.seen, layer.seen + n, device=q.device)
+        try:
+            for b in range(batch):
+                for h in range(hkv):
+                    c = b * hkv + h
+                    heads.write(c, torch.cat([k[b, h], v[b, h]], dim=-1),
+                                columns - int(heads.h_offset[c]), classes[b], new_scores[c])
+        except PoolExhaustedError as err:
+            raise PoolExhaustedError(
+                f"fastllm.kv: no free page to append token {layer.seen} "
+                f"(pool of {self.pool.num_pages} pages is full)") from err
+        layer.seen += n
+        newest = layer.seen - 1 - heads.offset
         for _ in range(n):
-            if not heads.evict_round(layer.seen - 1 - heads.offset):
+            if not bool((heads.evict_round(newest)[:, 0] >= 0).any()):
                 break
+        heads.resync(layer.seen)
+        heads.release_excess(layer.seen)
         return out
+
+    def _host_checks_values(self, t: Tensor) -> bool:
+        """Whether this step may read mask values on the host: always for CPU tensors; for
+        other devices only in fastllm's index debug mode (``fastllm.ops.checked_indices``)."""
+        return t.device.type == "cpu" or _C.index_debug_mode()
 
     def attention(self, layer: FastGenLayer, module, query: Tensor, key: Tensor, value: Tensor,
                   attention_mask, scale: float) -> Tensor:
         batch, _, n, _ = query.shape
         past = layer.seen
-        vis = self._visible(attention_mask, batch, n, past + n)
         if layer.heads is None:
+            vis = self._visible(attention_mask, batch, n, past + n)
             if vis is None:
                 valid = torch.ones(batch, n, dtype=torch.bool)
                 out = torch.nn.functional.scaled_dot_product_attention(
@@ -692,14 +1082,19 @@ class FastGenCache(Cache):
         if batch * self.num_kv_heads != len(layer.heads.pages):
             raise ValueError(f"fastllm.kv: batch size changed from "
                              f"{len(layer.heads.pages) // self.num_kv_heads} to {batch}")
-        padded = not bool(layer.valid.all())
-        if vis is None:
-            if padded:
+        if attention_mask is None:
+            if layer.padded:
                 raise ValueError(
                     "fastllm.kv: the prompt was padded but this step has no attention mask, which "
                     "would let it attend to the pad tokens FastGenCache never stored; pass the "
                     "attention_mask (extended with ones for the new tokens) on every step")
+        elif n == 1 and not self._host_checks_values(query):
+            # A decode step on a GPU: reading the mask would stop the GPU. Its shape is checked;
+            # its values (which only restate the prompt's padding, never stored) are checked in
+            # the debug mode.
+            self._check_mask_shape(attention_mask, batch, n, past + n)
         else:
+            vis = self._visible(attention_mask, batch, n, past + n)
             valid = vis[:, -1]
             if not bool(valid[:, past:].all()):
                 raise ValueError(

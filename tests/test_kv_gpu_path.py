@@ -1,0 +1,488 @@
+"""FastGenCache's GPU path without host synchronisation (issue 13): decode steps on fake CUDA
+tensors (they raise on any read of device data), the host mirror of the cache lengths against the
+device's, index errors reported by the CUDA kernels, and a decode step in a CUDA graph.
+
+A small random-weight Llama and a stub tokenizer: nothing to download, runs anywhere."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    FakeTensor,
+    FakeTensorMode,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastllm
+import fastllm.ops as ops
+from fastllm._reference import kv_evict_round_reference, kv_ragged_decode_reference
+from fastllm.kv import FastGenCache
+from fastllm.kv.cache import _HeadCaches
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+class StubTokenizer:
+    """What FastGenCache asks of a tokenizer: ids 0 and 1 are special, every id that is a multiple
+    of 5 decodes to punctuation."""
+
+    all_special_ids = [0, 1]
+
+    def __len__(self):
+        return VOCAB
+
+    def batch_decode(self, ids):
+        return ["." if i[0] % 5 == 0 else f" w{i[0]}" for i in ids]
+
+
+def tiny_llama(device="cpu"):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    # Sharper attention than the default init's near-uniform one, so FastGen's heads differ.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model.to(device)
+
+
+# Per policy: FastGenCache arguments. "fastgen" with a low recovery gives heads that keep special
+# and punctuation tokens with no local window, whose length depends on each decode token's class:
+# the case where the host's mirror must wait for the device.
+POLICIES = {
+    "fastgen": dict(policy="fastgen", recovery=0.3, locality=0.1, frequency=0.1),
+    "h2o": dict(policy="h2o", budget=12),
+    "streaming": dict(policy="streaming", budget=10, sinks=2),
+    "full": dict(policy="full"),
+}
+
+
+def prompt_batch(lengths, generator=None):
+    """Left-padded prompts of the given lengths: ids [B, L] and the 0/1 mask."""
+    width = max(lengths)
+    ids = torch.randint(2, VOCAB, (len(lengths), width), generator=generator)
+    ids[:, 0] = 1
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, width - n:] = 1
+        ids[i, width - n] = 1
+    return ids, mask
+
+
+def prefilled(policy, lengths=(40, 31), page_rows=4, device="cpu"):
+    model = tiny_llama(device)
+    cache = FastGenCache(model, StubTokenizer(), page_rows=page_rows, max_tokens=256,
+                         **POLICIES[policy])
+    ids, mask = prompt_batch(lengths)
+    with torch.no_grad():
+        model(ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+              use_cache=True)
+    return model, cache, mask
+
+
+def step_tokens(steps, batch, generator=None):
+    return torch.randint(2, VOCAB, (steps, batch, 1), generator=generator)
+
+
+def move_state(cache, device):
+    """Move a prefilled cache's device state (the pool and each layer's bookkeeping) to
+    ``device``; the host state (pages, mirror, token classes) stays where it is."""
+    cache.pool.storage = cache.pool.storage.to(device)
+    cache.pool.device = cache.pool.storage.device
+    for layer in cache.layers:
+        layer.heads.device = cache.pool.device
+        for name in _HeadCaches.DEVICE_TENSORS:
+            setattr(layer.heads, name, getattr(layer.heads, name).to(device))
+    cache._class_tables.clear()
+
+
+class DeviceToHostCopy(RuntimeError):
+    pass
+
+
+class NoDeviceToHost(TorchDispatchMode):
+    """Fails on any copy of a CUDA tensor to the host. A fake tensor raises when its data is read
+    (``.item()``, ``.tolist()``); this also catches a ``.cpu()`` whose result is never read, which
+    would still stop a real GPU."""
+
+    COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default,
+              torch.ops.aten.copy.default, torch.ops.aten._copy_from.default)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.COPIES:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            out = func(*args, **kwargs)
+            dst = out if func is not torch.ops.aten.copy_.default else args[0]
+            if dst.device.type == "cpu" and any(t.device.type == "cuda" for t in tensors):
+                raise DeviceToHostCopy(f"{func} copies a CUDA tensor to the host")
+            return out
+        return func(*args, **kwargs)
+
+
+def fake_decode(policy, steps=10):
+    """Prefill for real on the CPU, then run ``steps`` decode steps with the model and the cache
+    state as fake CUDA tensors, failing on any read or host copy of device data. Returns the
+    cache and the last logits."""
+    model, cache, mask = prefilled(policy)
+    tokens = step_tokens(steps, mask.shape[0])
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        model.to("cuda")
+        move_state(cache, "cuda")
+        for t in range(steps):
+            mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
+            ids, step_mask = tokens[t].to("cuda"), mask.to("cuda")
+            with NoDeviceToHost():
+                logits = model(ids, attention_mask=step_mask, past_key_values=cache,
+                               use_cache=True).logits
+    return cache, logits
+
+
+# ---- (1) decode steps read no device data --------------------------------------------------------
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_decode_steps_on_fake_cuda_read_no_device_data(policy):
+    steps = 10
+    cache, logits = fake_decode(policy, steps)
+    assert isinstance(logits, FakeTensor) and logits.device.type == "cuda"
+    assert logits.shape == (2, 1, VOCAB)
+    prompt = cache.layers[0].prompt_valid.shape[1]
+    for layer in cache.layers:
+        heads = layer.heads
+        assert layer.seen == prompt + steps
+        assert isinstance(heads.lengths, FakeTensor) and isinstance(heads.table, FakeTensor)
+        # The host allocated pages from its mirror alone: enough for every cache's bound.
+        bound = heads.bound(layer.seen)
+        assert (heads.npages * cache.page_rows >= bound).all()
+        assert heads.npages.tolist() == [len(p) for p in heads.pages]
+        if policy == "fastgen":
+            # heads keeping punctuation with no window wait for the decode tokens' classes,
+            # which never arrive from fake tensors: their mirror stays an upper bound
+            assert heads.h_dep.any()
+            assert (heads.m_seen[heads.h_dep & (heads.h_window == 0)] == prompt).all()
+        else:  # no policy reads classes: the mirror is exact without the device
+            assert (heads.m_seen == layer.seen).all()
+    assert cache.pool.used_pages == sum(len(p) for layer in cache.layers for p in layer.heads.pages)
+
+
+@pytest.mark.parametrize("read", ["item", "tolist", "int", "cpu", "to_cpu", "copy_to_host"])
+def test_fake_decode_would_catch_a_device_read(monkeypatch, read):
+    # The proof above is only as good as its ability to fail: a decode step that reads device
+    # data or copies it to the host (here injected into the append) must raise.
+    original = _HeadCaches.append_one
+
+    def reading(self, rows, cls, newest):
+        if read == "item":
+            self.lengths.max().item()
+        elif read == "tolist":
+            self.lengths.tolist()
+        elif read == "int":
+            int(self.lengths[0])
+        elif read == "cpu":
+            self.lengths.cpu()
+        elif read == "to_cpu":
+            self.score.to("cpu", non_blocking=True)
+        else:
+            torch.empty(self.lengths.shape, dtype=self.lengths.dtype).copy_(self.lengths)
+        return original(self, rows, cls, newest)
+
+    monkeypatch.setattr(_HeadCaches, "append_one", reading)
+    with pytest.raises((DataDependentOutputException, DeviceToHostCopy)):
+        fake_decode("h2o", steps=1)
+
+
+# ---- (2) the host mirror equals the device lengths -----------------------------------------------
+
+def recount_evictable(heads, seen):
+    """Evictable entries per cache from the device state (what kv_evict_round counts)."""
+    lengths = heads.lengths.cpu().numpy()
+    newest = seen - 1 - heads.h_offset
+    keep = (heads.flags.cpu().numpy() & 8) != 0
+    out = (~keep) & (newest[:, None] - heads.pos.cpu().numpy() >= heads.h_window[:, None])
+    return (out & (np.arange(heads.pos.shape[1]) < lengths[:, None])).sum(1)
+
+
+def run_steps(policy, steps, delay=0, check=None):
+    model, cache, mask = prefilled(policy)
+    cache._class_log.delay = delay
+    tokens = step_tokens(steps, mask.shape[0], torch.Generator().manual_seed(1))
+    out = []
+    with torch.no_grad():
+        for t in range(steps):
+            mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
+            out.append(model(tokens[t], attention_mask=mask, past_key_values=cache,
+                             use_cache=True).logits)
+            if check is not None:
+                check(cache)
+    return cache, torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_host_mirror_equals_device_lengths_on_cpu(policy):
+    def exact(cache):
+        for layer in cache.layers:
+            heads = layer.heads
+            lengths = heads.lengths.numpy()
+            assert (heads.m_seen == layer.seen).all()
+            np.testing.assert_array_equal(heads.m_len, lengths)
+            np.testing.assert_array_equal(heads.m_evictable, recount_evictable(heads, layer.seen))
+            # exactly the pages the entries fill, as before the mirror existed
+            np.testing.assert_array_equal(heads.npages, -(-lengths // cache.page_rows))
+
+    cache, _ = run_steps(policy, 30, check=exact)
+    layer = cache.layers[1]
+    real = layer.seen - layer.heads.h_offset
+    if policy == "full":
+        np.testing.assert_array_equal(layer.heads.m_len, real)
+    else:  # the policies really evicted during the steps
+        assert (layer.heads.m_len < real).all()
+    stats = cache.stats()
+    assert stats["kept_bytes"] == cache.pool.used_bytes("kv")
+
+
+@pytest.mark.parametrize("delay", [1, 4])
+def test_host_mirror_with_classes_in_flight_bounds_then_catches_up(delay):
+    # As on a GPU, the decode tokens' classes reach the host `delay` steps late: meanwhile the
+    # mirror bounds every length and holds enough pages; the device computes exactly what it
+    # computes when the host knows everything at once.
+    def bounded(cache):
+        for layer in cache.layers:
+            heads = layer.heads
+            lengths = heads.lengths.numpy()
+            assert (heads.bound(layer.seen) >= lengths).all()
+            assert (heads.npages * cache.page_rows >= lengths).all()
+            assert (heads.m_seen >= layer.seen - delay).all()
+
+    lagged, got = run_steps("fastgen", 30, delay=delay, check=bounded)
+    prompt_only, want = run_steps("fastgen", 30)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    stats = lagged.stats()  # settles: the mirror is exact again and extra pages are back
+    assert stats == {**prompt_only.stats(), "profile_seconds": stats["profile_seconds"]}
+    for a, b in zip(lagged.layers, prompt_only.layers):
+        np.testing.assert_array_equal(a.heads.m_len, b.heads.lengths.numpy())
+        assert [len(p) for p in a.heads.pages] == [len(p) for p in b.heads.pages]
+
+
+def test_reordered_batch_keeps_the_mirror_exact():
+    model, cache, mask = prefilled("fastgen", lengths=(40, 31, 25))
+    with torch.no_grad():
+        for t in range(8):
+            if t == 4:
+                cache.batch_select_indices([2, 0])  # drop a sequence, swap the others
+                mask = mask[[2, 0]]
+            mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
+            model(torch.randint(2, VOCAB, (mask.shape[0], 1)), attention_mask=mask,
+                  past_key_values=cache, use_cache=True)
+            for layer in cache.layers:
+                np.testing.assert_array_equal(layer.heads.m_len, layer.heads.lengths.numpy())
+    assert len(cache.layers[0].heads.pages) == 2 * cache.num_kv_heads
+    assert cache.stats()["kept_bytes"] == cache.pool.used_bytes("kv")
+
+
+def test_multi_token_step_resyncs_the_mirror():
+    model, cache, mask = prefilled("h2o")
+    with torch.no_grad():
+        for n in (3, 1, 2, 1):
+            mask = torch.cat([mask, torch.ones(mask.shape[0], n, dtype=mask.dtype)], dim=1)
+            model(torch.randint(2, VOCAB, (2, n)), attention_mask=mask, past_key_values=cache,
+                  use_cache=True)
+            for layer in cache.layers:
+                np.testing.assert_array_equal(layer.heads.m_len, layer.heads.lengths.numpy())
+                np.testing.assert_array_equal(layer.heads.m_evictable,
+                                              recount_evictable(layer.heads, layer.seen))
+    cache.stats()
+
+
+# ---- (3) CUDA: index errors and a CUDA graph ----------------------------------------------------
+
+def ragged_case(device):
+    """Two sequences x two KV heads over a pool of 8 pages of 4 rows."""
+    kv_rows = torch.randn(32, 16, device=device)
+    table = torch.tensor([[0, 1, 2], [3, 4, 0], [5, 0, 0], [6, 7, 0]], dtype=torch.int32,
+                         device=device)
+    lengths = torch.tensor([9, 6, 3, 8], dtype=torch.int32, device=device)
+    q = torch.randn(2, 4, 8, device=device)
+    return q, kv_rows, table, lengths
+
+
+def clear_index_errors(device):
+    if torch.device(device).type == "cuda":
+        ops.index_error_word(device).zero_()
+
+
+@pytest.mark.parametrize("argument", ["page_table", "lengths"])
+def test_bad_decode_index_is_an_error_or_skipped_and_reported(device, argument):
+    q, kv_rows, table, lengths = ragged_case(device)
+    bad_table, bad_lengths = table.clone(), lengths.clone()
+    if argument == "page_table":
+        bad_table[1, 1] = 99  # cache 1 (sequence 0) reads page 99 of an 8-page pool
+    else:
+        bad_lengths[1] = 1000
+    call = lambda: ops.kv_ragged_decode(q, kv_rows, bad_table, bad_lengths, 4, 0.5)  # noqa: E731
+    if device == "cpu":  # always checked on the host
+        with pytest.raises(IndexError, match=f"{argument} must lie in"):
+            call()
+        return
+    clear_index_errors(device)
+    with ops.checked_indices(), pytest.raises(IndexError, match=f"{argument} must lie in"):
+        call()
+    before = kv_rows.clone()
+    out, lse, scores = call()  # returns without reading the values on the host
+    torch.cuda.synchronize()
+    assert torch.equal(kv_rows, before)
+    assert torch.isfinite(out).all() and torch.isfinite(scores).all()
+    # sequence 1 (caches 2 and 3) is untouched by the bad index
+    want = kv_ragged_decode_reference(q, kv_rows, table, lengths, 4, 0.5)
+    torch.testing.assert_close(out[1], want[0][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores[2:], want[2][2:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match=f"kv_ragged_decode: {argument}"):
+        ops.raise_index_errors(device)
+    ops.raise_index_errors(device)  # read and cleared
+
+
+def test_bad_evict_lengths_are_an_error_or_skipped_and_reported(device):
+    caches, cap = 4, 10
+    pos = torch.arange(caches * cap, device=device).view(caches, cap).clone()
+    score = torch.rand(caches, cap, device=device)
+    flags = torch.zeros(caches, cap, dtype=torch.uint8, device=device)
+    lengths = torch.tensor([10, 25, 7, 3], device=device)  # cache 1: past its capacity
+    rest = (torch.zeros(caches, 0, device=device), torch.full((caches,), 100, device=device),
+            torch.zeros(caches, dtype=torch.int64, device=device),
+            torch.ones(caches, dtype=torch.int64, device=device),
+            torch.zeros(caches, dtype=torch.bool, device=device))
+    args = [pos, score, flags, lengths, *rest]
+    if device == "cpu":
+        with pytest.raises(IndexError, match="lengths must lie in"):
+            ops.kv_evict_round(*args)
+        return
+    clear_index_errors(device)
+    with ops.checked_indices(), pytest.raises(IndexError, match="lengths must lie in"):
+        ops.kv_evict_round(*args)
+    want_args = [t.clone() for t in args]
+    want_args[3][1] = 0  # the reference of the good caches: cache 1 as if empty
+    want_moves = kv_evict_round_reference(*want_args)
+    snapshot = [t.clone() for t in args[:4]]
+    moves = ops.kv_evict_round(*args)
+    torch.cuda.synchronize()
+    assert moves[1].tolist() == [-1, -1]
+    for t, before in zip(args[:4], snapshot):
+        assert torch.equal(t[1], before[1])  # the bad cache is left alone
+    good = [0, 2, 3]
+    torch.testing.assert_close(moves[good], want_moves[good], rtol=0, atol=0)
+    for t, w in zip(args[:3], want_args[:3]):
+        torch.testing.assert_close(t[good], w[good], rtol=0, atol=0)
+    with pytest.raises(IndexError, match="kv_evict_round: lengths"):
+        ops.raise_index_errors(device)
+
+
+def snapshot(cache):
+    """Device state (cloned) and host state (copied) of a cache, for restoring in place."""
+    device = {"pool": cache.pool.storage.clone()}
+    host = {"log": copy.copy(cache._class_log), "pending": list(cache._class_log.pending),
+            "by_pos": cache._class_log.by_pos.copy()}
+    for i, layer in enumerate(cache.layers):
+        heads = layer.heads
+        for name in ("lengths", "pos", "score", "flags", "table"):
+            device[i, name] = getattr(heads, name).clone()
+        host[i] = (layer.seen, [list(p) for p in heads.pages],
+                   {n: getattr(heads, n).copy() for n in ("m_len", "m_evictable", "m_seen",
+                                                            "npages")})
+    return device, host
+
+
+def restore(cache, state):
+    device, host = state
+    cache.pool.storage.copy_(device["pool"])
+    log = cache._class_log
+    log.__dict__.update(host["log"].__dict__)
+    log.pending = type(log.pending)(host["pending"])
+    log.by_pos = host["by_pos"].copy()
+    for i, layer in enumerate(cache.layers):
+        heads = layer.heads
+        for name in ("lengths", "pos", "score", "flags", "table"):
+            getattr(heads, name).copy_(device[i, name])
+        layer.seen, pages, mirror = host[i]
+        heads.pages = [list(p) for p in pages]
+        for name, value in mirror.items():
+            setattr(heads, name, value.copy())
+    cache._step_device_classes = None
+
+
+def host_mirror(cache):
+    return [(layer.seen, [len(p) for p in layer.heads.pages],
+             [getattr(layer.heads, n).tolist() for n in ("m_len", "m_evictable", "m_seen")])
+            for layer in cache.layers]
+
+
+@pytest.mark.parametrize("policy", ["h2o", "fastgen"])
+def test_decode_step_in_a_cuda_graph_equals_eager(device, policy):
+    # The same decode step from the same state twice: eagerly, then captured in a CUDA graph and
+    # replayed. (On the CPU the second run is eager too: that checks the snapshot and restore the
+    # GPU case relies on.)
+    model, cache, mask = prefilled(policy, page_rows=16, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    tokens = step_tokens(20, 2).to(device)
+
+    def grows(cache):  # whether the next step needs a page or a wider bookkeeping tensor
+        for layer in cache.layers:
+            need = layer.heads.bound(layer.seen) + 1
+            if (-(-need // cache.page_rows) > layer.heads.npages).any() \
+                    or need.max() > layer.heads.pos.shape[1]:
+                return True
+        return False
+
+    with torch.no_grad():
+        mask = mask.to(device)
+        t = 0
+        # Eager warm-up steps (error word, workspaces, class tables), until the next step
+        # needs no new page: allocation is host work, which a replay skips.
+        while t < 2 or grows(cache):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            model(tokens[t], attention_mask=mask, past_key_values=cache, use_cache=True)
+            t += 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        sync()
+        cache._class_log.poll()  # both runs start from the same host knowledge
+        before = snapshot(cache)
+        eager = model(tokens[t], attention_mask=mask, past_key_values=cache,
+                      use_cache=True).logits.clone()
+        sync()
+        after, _ = snapshot(cache)
+        host_after = host_mirror(cache)
+        restore(cache, before)
+        static_tokens, static_mask = tokens[t].clone(), mask.clone()
+        if device == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = model(static_tokens, attention_mask=static_mask, past_key_values=cache,
+                               use_cache=True).logits
+            graph.replay()
+        else:
+            static = model(static_tokens, attention_mask=static_mask, past_key_values=cache,
+                           use_cache=True).logits
+        sync()
+    torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
+    replayed, _ = snapshot(cache)
+    for key, want in after.items():
+        torch.testing.assert_close(replayed[key], want, rtol=1e-5, atol=1e-6, msg=str(key))
+    assert host_mirror(cache) == host_after
+    ops.raise_index_errors()
+
+
+# ---- (4) the CUDA kernels are built --------------------------------------------------------------
+
+@pytest.mark.skipif(not fastllm.build_info()["cuda"], reason="fastllm built without CUDA")
+def test_kv_cuda_kernels_are_built():
+    # csrc/kv/kv_cuda.cu compiled and registered (the CPU-only machines build CUDA too).
+    for op in ("kv_attention_scores", "kv_policy_recovery", "kv_ragged_decode", "kv_evict_round"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastllm::{op}", "CUDA"), op
