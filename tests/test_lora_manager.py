@@ -304,3 +304,38 @@ def test_store_packing_round_trip_across_page_boundaries():
             for kind, width in ((0, spec.in_features), (1, spec.out_features)):
                 starts = host.plan.rows[i, kind, :r]
                 assert ((starts % 100) + width <= 100).all()
+
+
+def test_projections_sharing_an_input_share_one_shrink():
+    # q/k/v (and gate/up) read the same hidden states: one multi-slice shrink serves them, and the
+    # logits equal those of a shrink per projection.
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func.name()] += 1
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_llama()
+    adapter = random_adapter(model, 4)
+    manager = AdapterManager(model, max_rank=8, num_pages=64, page_size=4096)
+    manager.load("all", adapter, {"r": 4, "lora_alpha": 8})
+    ids = torch.randint(0, 96, (2, 5))
+    assert len(manager.fused_groups) == 4  # (q, k, v) and (gate, up) in each of 2 layers
+    with torch.no_grad():
+        with manager.batch(["all", None]):
+            counter = CountOps()
+            with counter:
+                fused = model(ids).logits
+        assert counter.calls["fastllm::lora_shrink"] == 2 * 4  # qkv, o, gate/up, down per layer
+        assert counter.calls["fastllm::lora_expand"] == 2 * 7
+        manager.fused_groups = []
+        with manager.batch(["all", None]):
+            separate = model(ids).logits
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)

@@ -58,6 +58,22 @@ class _BatchState:
                              scalings.unsqueeze(1).contiguous().unbind(0))
             self.entries = [entry if top else None
                             for entry, top in zip(per_module, module_rank)]
+        # Projections that read the same input (q/k/v, gate/up) share one multi-slice shrink: the
+        # first of them to run computes h for all, the others take their slice of it.
+        self.group_of: list[tuple[int, int] | None] = [None] * len(module_rank)
+        self.group_tables: list[tuple[Tensor, Tensor, frozenset]] = []
+        for members in manager.fused_groups:
+            members = [i for i in members if self.entries[i] is not None]
+            if len(members) < 2:
+                continue
+            a_rows = torch.stack([self.entries[i][0][0] for i in members])
+            group_ranks = torch.stack([self.entries[i][2][0] for i in members])
+            for position, i in enumerate(members):
+                self.group_of[i] = (len(self.group_tables), position)
+            self.group_tables.append((a_rows, group_ranks, frozenset(members)))
+        # (group, input, its version, h, members still to read h): one slot, since a group's
+        # projections run back to back; cleared once all have read it, so no input outlives it.
+        self._shared_h: tuple | None = None
         self._tokens: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     def tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,15 +113,31 @@ class _BatchState:
         y2 = y.view(-1, y.shape[-1])
         # BGMV or SGMV: the kernels choose from the call's tokens and the plan's tiles.
         path = PATH_AUTO
-        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-            h = lora_shrink(x2, self.pool, a_rows, ranks, ids, path, order, tiles)
+        autograd = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+        shrink = lora_shrink if autograd else torch.ops.fastllm.lora_shrink.default
+        group = self.group_of[index]
+        if group is None:
+            h = shrink(x2, self.pool, a_rows, ranks, ids, path, order, tiles)
+        else:
+            h = self._group_h(group, index, x, x2, shrink, ids, path, order, tiles)
+        if autograd:
             return lora_expand(y2, h, self.pool, b_rows, ranks, scalings, ids, [y2.shape[1]], path,
                                order, tiles).view_as(y)
-        h = torch.ops.fastllm.lora_shrink.default(x2, self.pool, a_rows, ranks, ids, path, order,
-                                                  tiles)
         torch.ops.fastllm.lora_expand.default(y2, h, self.pool, b_rows, ranks, scalings, ids,
                                               [y2.shape[1]], path, order, tiles)
         return y
+
+    def _group_h(self, group, index, x, x2, shrink, ids, path, order, tiles) -> Tensor:
+        gid, position = group
+        slot = self._shared_h
+        if slot is None or slot[0] != gid or slot[1] is not x or slot[2] != x._version \
+                or index not in slot[4]:
+            a_rows, ranks, members = self.group_tables[gid]
+            h = shrink(x2, self.pool, a_rows, ranks, ids, path, order, tiles)
+            slot = (gid, x, x._version, h, set(members))
+        slot[4].discard(index)
+        self._shared_h = slot if slot[4] else None
+        return slot[3][position:position + 1]
 
 
 class AdapterManager:
@@ -156,6 +188,7 @@ class AdapterManager:
         self.target_modules = tuple(target_modules)
         self._active: _BatchState | None = None
         self._merged: str | None = None
+        self.fused_groups = _fused_groups(specs)
         self._originals = []
         for index, (name, module) in enumerate(found):
             parent_name, _, child = name.rpartition(".")
@@ -338,6 +371,23 @@ class AdapterManager:
         for parent, child, base in self._originals:
             setattr(parent, child, base)
         self._originals = []
+
+
+# Projections a Llama-family block applies to one input, one after another.
+FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _fused_groups(specs: Sequence[ModuleSpec]) -> list[list[int]]:
+    """Module indices that share an input: the same parent, one of FUSED_PROJECTIONS, the same
+    in_features. (A group whose members turn out to be called on different tensors still gives
+    right results: each call then runs its own shrink.)"""
+    groups: dict[tuple, list[int]] = {}
+    for index, spec in enumerate(specs):
+        parent, _, leaf = spec.name.rpartition(".")
+        for kind, names in enumerate(FUSED_PROJECTIONS):
+            if leaf in names:
+                groups.setdefault((parent, kind, spec.in_features), []).append(index)
+    return [members for members in groups.values() if len(members) > 1]
 
 
 def _read_peft_dir(path: pathlib.Path):
