@@ -281,7 +281,8 @@ class _GaLoreBase(torch.optim.Optimizer):
         """Report the steps skipped on the device (CUDA) for a non-finite gradient since the last
         report: a :class:`GaLoreNumericalWarning` per parameter, and ``{label: count}`` for those
         with any. Synchronises with the device: call it where you would anyway (logging).
-        Steps skipped by the host check (CPU, refresh steps) were reported when they happened."""
+        Steps skipped by the host check (CPU, refresh steps) were reported when they happened.
+        Counts not yet reported are not part of ``state_dict()``."""
         out = {}
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
