@@ -34,14 +34,18 @@ TORCH_LIBRARY(fastllm, m) {
   // the low-rank space (fp32), W = decay * W + alpha * left (m / (sqrt(v) + eps)) right with
   // decay = 1 - lr * weight_decay and alpha = -lr * bias_correction(step) * scale * decay.
   // Without projectors it is a plain AdamW step on W. grad_is_projected: grad is already low-rank.
+  // found_inf: one element on param's device (bool or float, as torch.amp makes it); non-zero
+  // skips the step (W and moments unchanged), decided on the device without a host sync.
   m.def("galore_adam_step(Tensor(a!) param, Tensor grad, Tensor? left, Tensor? right, "
         "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, bool grad_is_projected, float lr, "
-        "float beta1, float beta2, float eps, float weight_decay, float scale, int step) -> ()");
+        "float beta1, float beta2, float eps, float weight_decay, float scale, int step, "
+        "Tensor? found_inf=None) -> ()");
   // The same with blockwise 8-bit moments: int8/uint8 codes, one fp32 absmax per 256 elements.
   m.def("galore_adam8bit_step(Tensor(a!) param, Tensor grad, Tensor? left, Tensor? right, "
         "Tensor(b!) exp_avg_codes, Tensor(c!) exp_avg_absmax, Tensor(d!) exp_avg_sq_codes, "
         "Tensor(e!) exp_avg_sq_absmax, bool grad_is_projected, float lr, float beta1, "
-        "float beta2, float eps, float weight_decay, float scale, int step) -> ()");
+        "float beta2, float eps, float weight_decay, float scale, int step, "
+        "Tensor? found_inf=None) -> ()");
   // left^T grad right^T as a new fp32 tensor.
   m.def("galore_project(Tensor grad, Tensor? left, Tensor? right) -> Tensor");
   // param = beta * param + alpha * (left low right), in place.

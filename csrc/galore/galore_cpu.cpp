@@ -100,9 +100,17 @@ void adam8bit_kernel_typed(const at::Tensor& low, at::Tensor& m_codes, at::Tenso
   });
 }
 
+// A step skipped by found_inf: moments untouched, a zero step (an accumulated out untouched).
+bool skipped(const at::Tensor& skip, at::Tensor& out, bool accumulate) {
+  if (!skip.defined() || skip.const_data_ptr<float>()[0] == 0.f) return false;
+  if (!accumulate) out.zero_();
+  return true;
+}
+
 void adam_kernel_cpu(const at::Tensor& low, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
-                     at::Tensor& out, const AdamCoeffs& c, bool accumulate) {
-  if (low.numel() == 0) return;
+                     at::Tensor& out, const AdamCoeffs& c, bool accumulate,
+                     const at::Tensor& skip) {
+  if (low.numel() == 0 || skipped(skip, out, accumulate)) return;
   dispatch_pair(low, out, [&](auto low_tag, auto out_tag) {
     adam_kernel_typed<decltype(low_tag), decltype(out_tag)>(low, exp_avg, exp_avg_sq, out, c,
                                                             accumulate);
@@ -111,12 +119,16 @@ void adam_kernel_cpu(const at::Tensor& low, at::Tensor& exp_avg, at::Tensor& exp
 
 void adam8bit_kernel_cpu(const at::Tensor& low, at::Tensor& m_codes, at::Tensor& m_absmax,
                          at::Tensor& v_codes, at::Tensor& v_absmax, at::Tensor& out,
-                         const AdamCoeffs& c, bool accumulate) {
-  if (low.numel() == 0) return;
+                         const AdamCoeffs& c, bool accumulate, const at::Tensor& skip) {
+  if (low.numel() == 0 || skipped(skip, out, accumulate)) return;
   dispatch_pair(low, out, [&](auto low_tag, auto out_tag) {
     adam8bit_kernel_typed<decltype(low_tag), decltype(out_tag)>(low, m_codes, m_absmax, v_codes,
                                                                 v_absmax, out, c, accumulate);
   });
+}
+
+void decay_kernel_cpu(at::Tensor& param, double decay, const at::Tensor& skip) {
+  if (skip.const_data_ptr<float>()[0] == 0.f) param.mul_(decay);
 }
 
 void galore_adam_step_cpu(at::Tensor& param, const at::Tensor& grad,
@@ -124,9 +136,10 @@ void galore_adam_step_cpu(at::Tensor& param, const at::Tensor& grad,
                           const std::optional<at::Tensor>& right, at::Tensor& exp_avg,
                           at::Tensor& exp_avg_sq, bool grad_is_projected, double lr, double beta1,
                           double beta2, double eps, double weight_decay, double scale,
-                          int64_t step) {
-  galore_adam_step_impl(&adam_kernel_cpu, param, grad, left, right, exp_avg, exp_avg_sq,
-                        grad_is_projected, Hyper{lr, beta1, beta2, eps, weight_decay, scale, step});
+                          int64_t step, const std::optional<at::Tensor>& found_inf) {
+  galore_adam_step_impl(&adam_kernel_cpu, &decay_kernel_cpu, param, grad, left, right, exp_avg,
+                        exp_avg_sq, grad_is_projected,
+                        Hyper{lr, beta1, beta2, eps, weight_decay, scale, step}, found_inf);
 }
 
 void galore_adam8bit_step_cpu(at::Tensor& param, const at::Tensor& grad,
@@ -134,10 +147,11 @@ void galore_adam8bit_step_cpu(at::Tensor& param, const at::Tensor& grad,
                               const std::optional<at::Tensor>& right, at::Tensor& m_codes,
                               at::Tensor& m_absmax, at::Tensor& v_codes, at::Tensor& v_absmax,
                               bool grad_is_projected, double lr, double beta1, double beta2,
-                              double eps, double weight_decay, double scale, int64_t step) {
-  galore_adam8bit_step_impl(&adam8bit_kernel_cpu, param, grad, left, right, m_codes, m_absmax,
-                            v_codes, v_absmax, grad_is_projected,
-                            Hyper{lr, beta1, beta2, eps, weight_decay, scale, step});
+                              double eps, double weight_decay, double scale, int64_t step,
+                              const std::optional<at::Tensor>& found_inf) {
+  galore_adam8bit_step_impl(&adam8bit_kernel_cpu, &decay_kernel_cpu, param, grad, left, right,
+                            m_codes, m_absmax, v_codes, v_absmax, grad_is_projected,
+                            Hyper{lr, beta1, beta2, eps, weight_decay, scale, step}, found_inf);
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 // CUDA kernels for the GaLore steps. The GEMMs (down-projection, and back-projection with the
 // weight update as its epilogue) go to cuBLAS through ATen in galore_step.h; these kernels are the
-// elementwise Adam math in the low-rank space, with fp32 or blockwise 8-bit moments.
+// elementwise Adam math in the low-rank space, with fp32 or blockwise 8-bit moments. Nothing here
+// reads device data on the host: a step skipped for a non-finite gradient (found_inf) is decided
+// by the kernels themselves.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,9 +25,27 @@ unsigned grid_for(int64_t work_items) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(work_items, max_blocks)));
 }
 
+// A step skipped by found_inf (read on the device, uniform across the grid): moments untouched,
+// a zero step written to a non-accumulated out. Returns whether the caller must stop.
+template <typename O>
+__device__ __forceinline__ bool skip_step(const float* skip, O* o, int64_t numel,
+                                          bool accumulate) {
+  if (skip == nullptr || *skip == 0.f) return false;
+  if (!accumulate) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+         i += stride) {
+      o[i] = static_cast<O>(0.f);
+    }
+  }
+  return true;
+}
+
 template <typename G, typename O>
 __global__ void adam_kernel(const G* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
-                            O* __restrict__ o, int64_t numel, AdamCoeffs c, bool accumulate) {
+                            O* __restrict__ o, int64_t numel, AdamCoeffs c, bool accumulate,
+                            const float* __restrict__ skip) {
+  if (skip_step(skip, o, numel, accumulate)) return;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += stride) {
@@ -42,7 +62,9 @@ template <typename G, typename O>
 __global__ void adam8bit_kernel(const G* __restrict__ g, int8_t* __restrict__ mq,
                                 float* __restrict__ ma, uint8_t* __restrict__ vq,
                                 float* __restrict__ va, O* __restrict__ o, int64_t numel,
-                                int64_t blocks, AdamCoeffs c, bool accumulate) {
+                                int64_t blocks, AdamCoeffs c, bool accumulate,
+                                const float* __restrict__ skip) {
+  if (skip_step(skip, o, numel, accumulate)) return;  // uniform: no thread reaches a barrier
   __shared__ float red_m[kQuantBlock];
   __shared__ float red_v[kQuantBlock];
   const int t = threadIdx.x;
@@ -82,8 +104,36 @@ __global__ void adam8bit_kernel(const G* __restrict__ g, int8_t* __restrict__ mq
   }
 }
 
+template <typename O>
+__global__ void decay_kernel(O* __restrict__ p, int64_t numel, float decay,
+                             const float* __restrict__ skip) {
+  if (*skip != 0.f) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+       i += stride) {
+    p[i] = static_cast<O>(static_cast<float>(p[i]) * decay);
+  }
+}
+
+const float* skip_ptr(const at::Tensor& skip) {
+  return skip.defined() ? skip.const_data_ptr<float>() : nullptr;
+}
+
+void decay_kernel_cuda(at::Tensor& param, double decay, const at::Tensor& skip) {
+  const int64_t numel = param.numel();
+  if (numel == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_weight_type(param.scalar_type(), [&](auto tag) {
+    using O = decltype(tag);
+    decay_kernel<O><<<grid_for((numel + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        param.data_ptr<O>(), numel, static_cast<float>(decay), skip.const_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 void adam_kernel_cuda(const at::Tensor& low, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
-                      at::Tensor& out, const AdamCoeffs& c, bool accumulate) {
+                      at::Tensor& out, const AdamCoeffs& c, bool accumulate,
+                      const at::Tensor& skip) {
   const int64_t numel = low.numel();
   if (numel == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -92,14 +142,14 @@ void adam_kernel_cuda(const at::Tensor& low, at::Tensor& exp_avg, at::Tensor& ex
     using O = decltype(out_tag);
     adam_kernel<G, O><<<grid_for((numel + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
         low.const_data_ptr<G>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
-        out.data_ptr<O>(), numel, c, accumulate);
+        out.data_ptr<O>(), numel, c, accumulate, skip_ptr(skip));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void adam8bit_kernel_cuda(const at::Tensor& low, at::Tensor& m_codes, at::Tensor& m_absmax,
                           at::Tensor& v_codes, at::Tensor& v_absmax, at::Tensor& out,
-                          const AdamCoeffs& c, bool accumulate) {
+                          const AdamCoeffs& c, bool accumulate, const at::Tensor& skip) {
   const int64_t numel = low.numel();
   if (numel == 0) return;
   const int64_t blocks = quant_blocks(numel);
@@ -110,7 +160,7 @@ void adam8bit_kernel_cuda(const at::Tensor& low, at::Tensor& m_codes, at::Tensor
     adam8bit_kernel<G, O><<<grid_for(blocks), kThreads, 0, stream>>>(
         low.const_data_ptr<G>(), m_codes.data_ptr<int8_t>(), m_absmax.data_ptr<float>(),
         v_codes.data_ptr<uint8_t>(), v_absmax.data_ptr<float>(), out.data_ptr<O>(), numel, blocks,
-        c, accumulate);
+        c, accumulate, skip_ptr(skip));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -120,10 +170,11 @@ void galore_adam_step_cuda(at::Tensor& param, const at::Tensor& grad,
                            const std::optional<at::Tensor>& right, at::Tensor& exp_avg,
                            at::Tensor& exp_avg_sq, bool grad_is_projected, double lr, double beta1,
                            double beta2, double eps, double weight_decay, double scale,
-                           int64_t step) {
+                           int64_t step, const std::optional<at::Tensor>& found_inf) {
   const c10::cuda::CUDAGuard device_guard(param.device());
-  galore_adam_step_impl(&adam_kernel_cuda, param, grad, left, right, exp_avg, exp_avg_sq,
-                        grad_is_projected, Hyper{lr, beta1, beta2, eps, weight_decay, scale, step});
+  galore_adam_step_impl(&adam_kernel_cuda, &decay_kernel_cuda, param, grad, left, right, exp_avg,
+                        exp_avg_sq, grad_is_projected,
+                        Hyper{lr, beta1, beta2, eps, weight_decay, scale, step}, found_inf);
 }
 
 void galore_adam8bit_step_cuda(at::Tensor& param, const at::Tensor& grad,
@@ -131,11 +182,12 @@ void galore_adam8bit_step_cuda(at::Tensor& param, const at::Tensor& grad,
                                const std::optional<at::Tensor>& right, at::Tensor& m_codes,
                                at::Tensor& m_absmax, at::Tensor& v_codes, at::Tensor& v_absmax,
                                bool grad_is_projected, double lr, double beta1, double beta2,
-                               double eps, double weight_decay, double scale, int64_t step) {
+                               double eps, double weight_decay, double scale, int64_t step,
+                               const std::optional<at::Tensor>& found_inf) {
   const c10::cuda::CUDAGuard device_guard(param.device());
-  galore_adam8bit_step_impl(&adam8bit_kernel_cuda, param, grad, left, right, m_codes, m_absmax,
-                            v_codes, v_absmax, grad_is_projected,
-                            Hyper{lr, beta1, beta2, eps, weight_decay, scale, step});
+  galore_adam8bit_step_impl(&adam8bit_kernel_cuda, &decay_kernel_cuda, param, grad, left, right,
+                            m_codes, m_absmax, v_codes, v_absmax, grad_is_projected,
+                            Hyper{lr, beta1, beta2, eps, weight_decay, scale, step}, found_inf);
 }
 
 }  // namespace

@@ -11,6 +11,12 @@
 // with alpha = -lr * bias_correction * scale * decay and decay = 1 - lr * weight_decay, which is
 // galore-torch's "update, then decoupled weight decay on the updated weight".
 // Without projectors the fused kernel updates W itself (plain AdamW, same order of decay).
+//
+// found_inf (optional, one element on param's device): when non-zero the kernels leave the moments
+// and W untouched and write a zero step, so a step with a non-finite gradient is skipped without
+// the host reading anything (no synchronisation). With a projector and weight decay the decay
+// must be skipped too, and cuBLAS takes beta from the host: W is then scaled by the device-side
+// DecayKernel (one more pass over W, fp32 arithmetic) and the GEMM adds with beta 1.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,13 +30,20 @@
 namespace fastllm::galore {
 
 // Elementwise Adam over `low` (any float dtype) with fp32 moments; writes out (fp32 for a
-// low-rank output, or the weight itself when accumulate is set).
+// low-rank output, or the weight itself when accumulate is set). `skip` (undefined, or one fp32
+// element on the device): non-zero leaves the moments and an accumulated out unchanged and
+// writes zeros to a non-accumulated out.
 using AdamKernel = void (*)(const at::Tensor& low, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
-                            at::Tensor& out, const AdamCoeffs& coeffs, bool accumulate);
+                            at::Tensor& out, const AdamCoeffs& coeffs, bool accumulate,
+                            const at::Tensor& skip);
 // The same with blockwise 8-bit moments (codes + per-block absmax), requantised in place.
 using Adam8bitKernel = void (*)(const at::Tensor& low, at::Tensor& m_codes, at::Tensor& m_absmax,
                                 at::Tensor& v_codes, at::Tensor& v_absmax, at::Tensor& out,
-                                const AdamCoeffs& coeffs, bool accumulate);
+                                const AdamCoeffs& coeffs, bool accumulate,
+                                const at::Tensor& skip);
+
+// param *= decay (fp32 arithmetic) unless skip[0] is non-zero.
+using DecayKernel = void (*)(at::Tensor& param, double decay, const at::Tensor& skip);
 
 struct Hyper {
   double lr, beta1, beta2, eps, weight_decay, scale;
@@ -165,6 +178,30 @@ inline void project_back_into(at::Tensor& param, const at::Tensor& norm,
   param.addmm_(a, b, beta, alpha);
 }
 
+// found_inf as the kernels read it: one fp32 element (undefined when not given).
+inline at::Tensor skip_flag(const char* op, const std::optional<at::Tensor>& found_inf,
+                            const at::Tensor& param) {
+  if (!found_inf.has_value()) return at::Tensor();
+  TORCH_CHECK_VALUE(found_inf->numel() == 1, op, ": found_inf must have one element, got shape ",
+                    found_inf->sizes());
+  check_dtype_in(op, "found_inf", *found_inf, {at::kFloat, at::kBool});
+  check_same_device(op, "param", param, "found_inf", *found_inf);
+  return found_inf->to(at::kFloat).reshape({1}).contiguous();
+}
+
+// param = beta * param + alpha * (left norm right) where the step may have been skipped on the
+// device (skip defined): the decay must then be skipped too, so it becomes a device factor.
+inline void project_back_step(DecayKernel decay_kernel, at::Tensor& param, const at::Tensor& norm,
+                              const std::optional<at::Tensor>& left,
+                              const std::optional<at::Tensor>& right, double decay, double alpha,
+                              const at::Tensor& skip) {
+  if (skip.defined() && decay != 1.0) {
+    decay_kernel(param, decay, skip);
+    decay = 1.0;
+  }
+  project_back_into(param, norm, left, right, decay, alpha);
+}
+
 inline AdamCoeffs coeffs_of(const Hyper& h, float out_alpha, float out_beta) {
   return AdamCoeffs{static_cast<float>(h.beta1), static_cast<float>(h.beta2),
                     static_cast<float>(h.eps), out_alpha, out_beta};
@@ -183,37 +220,40 @@ inline StepPlan plan_of(const Hyper& h) {
   return {decay, -step_size * h.scale * decay};
 }
 
-inline void galore_adam_step_impl(AdamKernel kernel, at::Tensor& param, const at::Tensor& grad,
-                                  const std::optional<at::Tensor>& left,
+inline void galore_adam_step_impl(AdamKernel kernel, DecayKernel decay_kernel, at::Tensor& param,
+                                  const at::Tensor& grad, const std::optional<at::Tensor>& left,
                                   const std::optional<at::Tensor>& right, at::Tensor& exp_avg,
                                   at::Tensor& exp_avg_sq, bool grad_is_projected,
-                                  const Hyper& h) {
+                                  const Hyper& h, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "fastllm.galore_adam_step";
   const auto low_shape = check_projection(op, param, grad, left, right, grad_is_projected);
   const int64_t low_numel = numel_of(low_shape);
   check_moment(op, "exp_avg", exp_avg, at::kFloat, low_numel, param);
   check_moment(op, "exp_avg_sq", exp_avg_sq, at::kFloat, low_numel, param);
   check_hyper(op, h);
+  const at::Tensor skip = skip_flag(op, found_inf, param);
   const StepPlan plan = plan_of(h);
   if (!left && !right) {
     at::Tensor g = grad.contiguous();
     kernel(g, exp_avg, exp_avg_sq, param,
-           coeffs_of(h, static_cast<float>(plan.alpha), static_cast<float>(plan.decay)), true);
+           coeffs_of(h, static_cast<float>(plan.alpha), static_cast<float>(plan.decay)), true,
+           skip);
     return;
   }
   at::Tensor low = grad_is_projected ? grad.contiguous() : project_down(grad, left, right);
   at::Tensor norm = at::empty(low_shape, param.options().dtype(at::kFloat));
-  kernel(low, exp_avg, exp_avg_sq, norm, coeffs_of(h, 1.0f, 0.0f), false);
-  project_back_into(param, norm, left, right, plan.decay, plan.alpha);
+  kernel(low, exp_avg, exp_avg_sq, norm, coeffs_of(h, 1.0f, 0.0f), false, skip);
+  project_back_step(decay_kernel, param, norm, left, right, plan.decay, plan.alpha, skip);
 }
 
-inline void galore_adam8bit_step_impl(Adam8bitKernel kernel, at::Tensor& param,
-                                      const at::Tensor& grad,
+inline void galore_adam8bit_step_impl(Adam8bitKernel kernel, DecayKernel decay_kernel,
+                                      at::Tensor& param, const at::Tensor& grad,
                                       const std::optional<at::Tensor>& left,
                                       const std::optional<at::Tensor>& right, at::Tensor& m_codes,
                                       at::Tensor& m_absmax, at::Tensor& v_codes,
                                       at::Tensor& v_absmax, bool grad_is_projected,
-                                      const Hyper& h) {
+                                      const Hyper& h,
+                                      const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "fastllm.galore_adam8bit_step";
   const auto low_shape = check_projection(op, param, grad, left, right, grad_is_projected);
   const int64_t low_numel = numel_of(low_shape);
@@ -222,17 +262,19 @@ inline void galore_adam8bit_step_impl(Adam8bitKernel kernel, at::Tensor& param,
   check_moment(op, "exp_avg_sq_codes", v_codes, at::kByte, low_numel, param);
   check_moment(op, "exp_avg_sq_absmax", v_absmax, at::kFloat, quant_blocks(low_numel), param);
   check_hyper(op, h);
+  const at::Tensor skip = skip_flag(op, found_inf, param);
   const StepPlan plan = plan_of(h);
   if (!left && !right) {
     at::Tensor g = grad.contiguous();
     kernel(g, m_codes, m_absmax, v_codes, v_absmax, param,
-           coeffs_of(h, static_cast<float>(plan.alpha), static_cast<float>(plan.decay)), true);
+           coeffs_of(h, static_cast<float>(plan.alpha), static_cast<float>(plan.decay)), true,
+           skip);
     return;
   }
   at::Tensor low = grad_is_projected ? grad.contiguous() : project_down(grad, left, right);
   at::Tensor norm = at::empty(low_shape, param.options().dtype(at::kFloat));
-  kernel(low, m_codes, m_absmax, v_codes, v_absmax, norm, coeffs_of(h, 1.0f, 0.0f), false);
-  project_back_into(param, norm, left, right, plan.decay, plan.alpha);
+  kernel(low, m_codes, m_absmax, v_codes, v_absmax, norm, coeffs_of(h, 1.0f, 0.0f), false, skip);
+  project_back_step(decay_kernel, param, norm, left, right, plan.decay, plan.alpha, skip);
 }
 
 }  // namespace fastllm::galore

@@ -7,7 +7,14 @@
 // w_up / w_gate are nn.Linear weights ([n_neurons, d_in], one neuron per contiguous row) and
 // w_down_t is the down projection's weight transposed and made contiguous ([n_neurons, d_out]),
 // so every active neuron costs three contiguous row reads. The index set is either shared by
-// every row of the batch (1-D idx) or one set per row (2-D idx, with optional per-row counts).
+// every row of the batch (1-D idx) or one set per row (2-D idx), with optional counts (one per
+// set: [1] for a shared set, [rows] for per-row sets): only the first counts[s] entries of set s
+// are used, so a set can be built on the device with a fixed, host-known width (no sync).
+//
+// Index values: CPU tensors are checked on the host. On CUDA (outside the debug mode, see
+// common/index_errors.h) the kernels guard them instead: a count outside [0, k] is clamped into
+// it and reports kSparseCounts; an active_idx entry outside [0, n) contributes nothing (its
+// weights are never read) and reports kSparseActiveIdx.
 // Shared by the CPU and CUDA kernels: activations, argument checks.
 #pragma once
 
@@ -45,6 +52,29 @@ FASTLLM_HOST_DEVICE float apply_activation(Activation act, float v) {
 // The hidden value of one neuron from its pre-activations (gate is ignored without a gate).
 FASTLLM_HOST_DEVICE float hidden_value(Activation act, bool gated, float up, float gate) {
   return gated ? apply_activation(act, gate) * up : apply_activation(act, up);
+}
+
+// The usable length of a set whose count is `raw` (k without counts): clamped into [0, k], so a
+// bad count never sends a kernel past the set's k entries. `*bad` tells whether it was outside.
+FASTLLM_HOST_DEVICE int64_t guarded_count(int64_t raw, int64_t k, bool* bad) {
+  *bad = raw < 0 || raw > k;
+  return raw < 0 ? 0 : (raw > k ? k : raw);
+}
+
+// Whether a neuron index may be dereferenced (n = number of neurons).
+FASTLLM_HOST_DEVICE bool neuron_in_range(int64_t neuron, int64_t n) {
+  return neuron >= 0 && neuron < n;
+}
+
+// The entries [*begin, *end) of a set of `count` entries that slice `slice` of `slices` sums.
+// Computed from the set's own count, so a set padded to a wide fixed width (built on the device
+// without knowing its count) still spreads its real entries over every slice.
+FASTLLM_HOST_DEVICE void slice_range(int64_t count, int64_t slices, int64_t slice, int64_t* begin,
+                                     int64_t* end) {
+  const int64_t per = (count + slices - 1) / slices;
+  const int64_t b = slice * per;
+  *begin = b < count ? b : count;
+  *end = b + per < count ? b + per : count;
 }
 
 struct SparseMlpShape {
@@ -115,16 +145,18 @@ inline SparseMlpShape check_sparse_mlp(const char* op, const at::Tensor& x, cons
                       "row of x (", x.size(0), "), got shape ", idx.sizes());
   }
   if (counts.has_value()) {
-    TORCH_CHECK_VALUE(per_row, op, ": counts is only meaningful with a 2-D (per-row) active_idx");
     check_dim(op, "counts", *counts, 1);
+    TORCH_CHECK_VALUE(per_row || counts->size(0) == 1, op,
+                      ": counts is only meaningful with one entry per set: length 1 for a 1-D "
+                      "(shared) active_idx, got shape ", counts->sizes());
     check_index_dtype(op, "counts", *counts);
     TORCH_CHECK_TYPE(counts->scalar_type() == idx.scalar_type(), op,
                      ": counts must have active_idx's dtype (", idx.scalar_type(), "), got ",
                      counts->scalar_type());
     check_contiguous(op, "counts", *counts);
     check_same_device(op, "x", x, "counts", *counts);
-    TORCH_CHECK_VALUE(counts->size(0) == x.size(0), op, ": counts must have length ", x.size(0),
-                      ", got ", counts->size(0));
+    TORCH_CHECK_VALUE(!per_row || counts->size(0) == x.size(0), op, ": counts must have length ",
+                      x.size(0), ", got ", counts->size(0));
   }
   return {x.size(0), d_in, neurons, d_out, per_row ? idx.size(1) : idx.size(0), per_row,
           w_gate.has_value()};

@@ -142,12 +142,13 @@ void check_index_values(const at::Tensor& idx, const c10::optional<at::Tensor>& 
     if (counts.has_value()) {
       count = counts->scalar_type() == at::kInt ? counts->const_data_ptr<int32_t>()[r]
                                                 : counts->const_data_ptr<int64_t>()[r];
-      TORCH_CHECK_INDEX(count >= 0 && count <= s.k, kOp, ": counts[", r, "] must lie in [0, ",
-                        s.k, "], got ", count);
+      bool bad = false;
+      guarded_count(count, s.k, &bad);
+      TORCH_CHECK_INDEX(!bad, kOp, ": counts[", r, "] must lie in [0, ", s.k, "], got ", count);
     }
     for (int64_t j = 0; j < count; ++j) {
       const int64_t v = p[r * s.k + j];
-      TORCH_CHECK_INDEX(v >= 0 && v < s.neurons, kOp, ": active_idx must lie in [0, ", s.neurons,
+      TORCH_CHECK_INDEX(neuron_in_range(v, s.neurons), kOp, ": active_idx must lie in [0, ", s.neurons,
                         "), got ", v, " at set ", r, " position ", j);
     }
   }
@@ -176,17 +177,23 @@ void sparse_mlp_kernel(const at::Tensor& x, const at::Tensor& w_up,
   std::vector<float> h(static_cast<size_t>(B * k), 0.f);
 
   // Phase 1: hidden values. Shared set: a task is a neuron, dotted with every row. Per-row sets:
-  // a task is one (row, position) pair.
-  const int64_t tasks = s.per_row ? B * k : k;
+  // a task is one (row, position) pair. Only counted entries are tasks (a set padded to a wide
+  // fixed width would otherwise leave the threads given its padding idle): task t of set b is
+  // entry t - first[b].
+  const int64_t sets = s.per_row ? B : 1;
+  std::vector<int64_t> first(static_cast<size_t>(sets + 1), 0);
+  for (int64_t b = 0; b < sets; ++b) first[b + 1] = first[b] + count_of[b];
+  const int64_t tasks = first[sets];
   at::parallel_for(0, tasks, 16, [&](int64_t begin, int64_t end) {
+    int64_t b0 = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b0 = s.per_row ? t / k : 0;
-      const int64_t j = s.per_row ? t % k : t;
-      if (s.per_row && j >= count_of[b0]) continue;  // padding: h stays 0, never read
-      const int64_t neuron = ip[t];
-      if (t + 1 < end) {
+      while (t >= first[b0 + 1]) ++b0;
+      const int64_t j = t - first[b0];
+      const int64_t pos = b0 * k + j;  // position in idx (b0 is 0 for a shared set)
+      const int64_t neuron = ip[pos];
+      if (t + 1 < end && t + 1 < first[b0 + 1]) {
         // The next neuron's rows are somewhere else in memory: start fetching them now.
-        const int64_t next = ip[t + 1];
+        const int64_t next = ip[pos + 1];
         FASTLLM_PREFETCH(wu + next * d);
         if (s.gated) FASTLLM_PREFETCH(wg + next * d);
       }
@@ -210,7 +217,7 @@ void sparse_mlp_kernel(const at::Tensor& x, const at::Tensor& w_up,
   std::vector<int64_t> live_count(static_cast<size_t>(groups), 0);
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t b_begin = s.per_row ? g : 0, b_end = s.per_row ? g + 1 : B;
-    const int64_t count = s.per_row ? count_of[g] : k;
+    const int64_t count = count_of[g];
     for (int64_t j = 0; j < count; ++j) {
       bool nonzero = false;
       for (int64_t b = b_begin; b < b_end && !nonzero; ++b) nonzero = h[b * k + j] != 0.f;
@@ -286,7 +293,7 @@ at::Tensor sparse_mlp_cpu(const at::Tensor& x, const at::Tensor& w_up,
   std::vector<int64_t> count_of(static_cast<size_t>(s.per_row ? s.rows : 1), s.k);
   if (counts.has_value()) {
     at::Tensor c = counts->to(at::kLong);
-    for (int64_t r = 0; r < s.rows; ++r) count_of[r] = c.const_data_ptr<int64_t>()[r];
+    for (size_t r = 0; r < count_of.size(); ++r) count_of[r] = c.const_data_ptr<int64_t>()[r];
   }
   at::Tensor out = at::empty({s.rows, s.d_out}, x.options());
   if (out.numel() == 0) return out;

@@ -7,11 +7,16 @@
 //     atomicAdd into an fp32 accumulator. Deterministic: each slice writes its own partial row and
 //     finish_kernel sums the slices in slice order.
 //   finish_kernel: adds the bias and casts to the output dtype.
+// No host synchronisation: index values are not read on the host (outside the debug mode); both
+// kernels guard them (sparse_mlp.h: guarded_count, neuron_in_range) and the hidden kernel reports
+// bad ones to the device error word (kSparseCounts, kSparseActiveIdx). A neuron index out of range
+// contributes nothing. With k == 0 no kernel reads counts, so nothing can be reported for them.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/index_guard.cuh"
 #include "sparse/sparse_mlp.h"
 
 namespace fastllm::sparse {
@@ -32,9 +37,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The usable length of `set` (k without counts); *bad when its count was outside [0, k].
 template <typename index_t>
-__device__ __forceinline__ int64_t set_count(const index_t* counts, int64_t set, int64_t k) {
-  return counts == nullptr ? k : static_cast<int64_t>(counts[set]);
+__device__ __forceinline__ int64_t set_count(const index_t* counts, int64_t set, int64_t k,
+                                             bool* bad) {
+  *bad = false;
+  return counts == nullptr ? k : guarded_count(static_cast<int64_t>(counts[set]), k, bad);
 }
 
 template <typename scalar_t, typename index_t>
@@ -44,7 +52,8 @@ __global__ void hidden_kernel(const scalar_t* __restrict__ x, const scalar_t* __
                               const scalar_t* __restrict__ b_gate,
                               const index_t* __restrict__ idx, const index_t* __restrict__ counts,
                               float* __restrict__ h, int64_t rows, int64_t d, int64_t k,
-                              bool per_row, Activation act) {
+                              int64_t neurons, bool per_row, Activation act,
+                              unsigned int* __restrict__ error_word) {
   const int lane = threadIdx.x & 31;
   const int64_t tasks = per_row ? rows * k : k;
   const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -53,11 +62,17 @@ __global__ void hidden_kernel(const scalar_t* __restrict__ x, const scalar_t* __
     const int64_t b_first = per_row ? t / k : 0;
     const int64_t j = per_row ? t % k : t;
     const int64_t b_last = per_row ? b_first + 1 : rows;
-    if (per_row && j >= set_count(counts, b_first, k)) {
-      if (lane == 0) h[b_first * k + j] = 0.f;
+    bool bad_count;
+    const int64_t count = set_count(counts, per_row ? b_first : 0, k, &bad_count);
+    if (bad_count && j == 0 && lane == 0) report_index_error(error_word, kSparseCounts);
+    if (j >= count) continue;  // padding: the down kernel never reads h past the count
+    const int64_t neuron = static_cast<int64_t>(idx[t]);
+    if (!neuron_in_range(neuron, neurons)) {
+      // Never dereferenced: h is 0 for every row of the set, so the neuron contributes nothing.
+      if (lane == 0) report_index_error(error_word, kSparseActiveIdx);
+      for (int64_t b = b_first + lane; b < b_last; b += 32) h[b * k + j] = 0.f;
       continue;
     }
-    const int64_t neuron = static_cast<int64_t>(idx[t]);
     const scalar_t* up_row = w_up + neuron * d;
     const scalar_t* gate_row = w_gate != nullptr ? w_gate + neuron * d : nullptr;
     for (int64_t b0 = b_first; b0 < b_last; b0 += kRowsPerPass) {
@@ -96,18 +111,21 @@ template <typename scalar_t, typename index_t>
 __global__ void down_kernel(const scalar_t* __restrict__ w_down_t, const index_t* __restrict__ idx,
                             const index_t* __restrict__ counts, const float* __restrict__ h,
                             float* __restrict__ acc, int64_t rows, int64_t d_out, int64_t k,
-                            int64_t slice, bool per_row, bool partials) {
+                            int64_t neurons, bool per_row, bool partials) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (col >= d_out) return;
   const int64_t b_first = per_row ? blockIdx.z : static_cast<int64_t>(blockIdx.z) * kRowsPerPass;
   const int nb = per_row ? 1 : static_cast<int>(min64(kRowsPerPass, rows - b_first));
-  const int64_t count = per_row ? set_count(counts, b_first, k) : k;
-  const int64_t j_begin = static_cast<int64_t>(blockIdx.y) * slice;
-  const int64_t j_end = min64(count, j_begin + slice);
+  bool bad_count;  // reported by hidden_kernel
+  const int64_t count = set_count(counts, per_row ? b_first : 0, k, &bad_count);
+  int64_t j_begin, j_end;
+  slice_range(count, gridDim.y, blockIdx.y, &j_begin, &j_end);
   const index_t* set = idx + (per_row ? b_first * k : 0);
   float sum[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t j = j_begin; j < j_end; ++j) {
-    const float w = to_f(w_down_t[static_cast<int64_t>(set[j]) * d_out + col]);
+    const int64_t neuron = static_cast<int64_t>(set[j]);
+    if (!neuron_in_range(neuron, neurons)) continue;  // reported by hidden_kernel
+    const float w = to_f(w_down_t[neuron * d_out + col]);
 #pragma unroll
     for (int r = 0; r < kRowsPerPass; ++r) {
       if (r < nb) sum[r] += h[(b_first + r) * k + j] * w;
@@ -143,17 +161,23 @@ const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
+// The debug mode's full check (FASTLLM_CHECK_INDICES=1 / fastllm.ops.checked_indices()): the same
+// errors as on CPU, at the price of synchronisations. Outside it nothing here runs.
 void check_index_values_cuda(const at::Tensor& idx, const c10::optional<at::Tensor>& counts,
                              const SparseMlpShape& s) {
+  // BEGIN host value checks
+  if (!host_checks_index_values(idx)) return;
   if (!counts.has_value()) {
     check_index_range(kOp, "active_idx", idx, s.neurons);
     return;
   }
   check_index_range(kOp, "counts", *counts, s.k + 1);
-  // Padding past a row's count may hold anything (e.g. -1): only the counted entries are checked.
+  // Padding past a set's count may hold anything (e.g. -1): only the counted entries are checked.
+  const at::Tensor sets = idx.dim() == 1 ? idx.unsqueeze(0) : idx;
   at::Tensor live = at::arange(s.k, idx.options().dtype(at::kLong)).unsqueeze(0) <
                     counts->to(at::kLong).unsqueeze(1);
-  check_index_range(kOp, "active_idx", idx.masked_select(live), s.neurons);
+  check_index_range(kOp, "active_idx", sets.masked_select(live), s.neurons);
+  // END host value checks
 }
 
 at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
@@ -175,10 +199,10 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
 
   const int64_t col_tiles = (s.d_out + kThreads - 1) / kThreads;
   const int64_t row_groups = s.per_row ? s.rows : (s.rows + kRowsPerPass - 1) / kRowsPerPass;
-  // Enough neuron slices for ~4 blocks per SM, but at least 32 neurons per slice.
+  // Enough neuron slices for ~4 blocks per SM, but at least 32 neurons per slice of a full set
+  // (each block splits its set's actual count, read on the device, over the slices).
   const int64_t want = std::max<int64_t>(1, (4 * sms) / std::max<int64_t>(1, col_tiles * row_groups));
   const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(want, (s.k + 31) / 32));
-  const int64_t slice = std::max<int64_t>(1, (s.k + slices - 1) / slices);
   TORCH_CHECK_VALUE(row_groups <= 65535, kOp, ": too many per-row sets for one launch (",
                     s.rows, ")");
 
@@ -187,6 +211,8 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
   at::Tensor acc = deterministic
                        ? at::empty({acc_slices, s.rows, s.d_out}, x.options().dtype(at::kFloat))
                        : at::zeros({1, s.rows, s.d_out}, x.options().dtype(at::kFloat));
+
+  unsigned int* error_word = device_error_word(x);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_mlp_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(active_idx.scalar_type(), "sparse_mlp_cuda_index", [&] {
@@ -199,7 +225,7 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
             x.const_data_ptr<scalar_t>(), w_up.const_data_ptr<scalar_t>(),
             ptr_or_null<scalar_t>(w_gate), ptr_or_null<scalar_t>(b_up),
             ptr_or_null<scalar_t>(b_gate), active_idx.const_data_ptr<index_t>(), cp,
-            h.data_ptr<float>(), s.rows, s.d_in, s.k, s.per_row, act);
+            h.data_ptr<float>(), s.rows, s.d_in, s.k, s.neurons, s.per_row, act, error_word);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (s.k > 0 || deterministic) {
@@ -207,7 +233,7 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
                         static_cast<unsigned>(row_groups));
         down_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
             w_down_t.const_data_ptr<scalar_t>(), active_idx.const_data_ptr<index_t>(), cp,
-            h.const_data_ptr<float>(), acc.data_ptr<float>(), s.rows, s.d_out, s.k, slice,
+            h.const_data_ptr<float>(), acc.data_ptr<float>(), s.rows, s.d_out, s.k, s.neurons,
             s.per_row, deterministic);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }

@@ -25,7 +25,8 @@ QUANT_BLOCK = 256
 def galore_adam_step(param: Tensor, grad: Tensor, left: Tensor | None, right: Tensor | None,
                      exp_avg: Tensor, exp_avg_sq: Tensor, *, grad_is_projected: bool = False,
                      lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6,
-                     weight_decay: float = 0.0, scale: float = 1.0, step: int) -> None:
+                     weight_decay: float = 0.0, scale: float = 1.0, step: int,
+                     found_inf: Tensor | None = None) -> None:
     """One fused GaLore-AdamW step on ``param`` (in place), moments updated in place.
 
     Projects ``grad`` down (unless ``grad_is_projected``), updates the fp32 moments ``exp_avg`` /
@@ -40,29 +41,36 @@ def galore_adam_step(param: Tensor, grad: Tensor, left: Tensor | None, right: Te
         grad: the full gradient (``param``'s shape) or, with ``grad_is_projected``, the low-rank one.
         left, right: projectors (any float dtype; cast to the weight's dtype for the GEMMs).
         exp_avg, exp_avg_sq: contiguous float32 moments with the low-rank gradient's numel.
+        found_inf: optional one-element bool or float32 tensor on ``param``'s device (e.g.
+            ``~torch.isfinite(grad).all()``, or torch.amp's ``found_inf``). Non-zero: the step is
+            skipped, ``param`` and the moments are left unchanged. Read by the kernels on the
+            device, so skipping a bad step costs no host synchronisation.
     """
     _require_kernels_for(param, "galore_adam_step")
     torch.ops.fastllm.galore_adam_step.default(param, grad, left, right, exp_avg, exp_avg_sq,
                                                grad_is_projected, lr, beta1, beta2, eps,
-                                               weight_decay, scale, step)
+                                               weight_decay, scale, step, found_inf)
 
 
 def galore_adam8bit_step(param: Tensor, grad: Tensor, left: Tensor | None, right: Tensor | None,
                          exp_avg_codes: Tensor, exp_avg_absmax: Tensor, exp_avg_sq_codes: Tensor,
                          exp_avg_sq_absmax: Tensor, *, grad_is_projected: bool = False, lr: float,
                          beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6,
-                         weight_decay: float = 0.0, scale: float = 1.0, step: int) -> None:
+                         weight_decay: float = 0.0, scale: float = 1.0, step: int,
+                         found_inf: Tensor | None = None) -> None:
     """:func:`galore_adam_step` with blockwise 8-bit moments, requantised in place.
 
     ``exp_avg_codes`` (int8) and ``exp_avg_sq_codes`` (uint8) hold one code per low-rank element;
     ``*_absmax`` (float32) one scale per block of :data:`QUANT_BLOCK` elements. Codes are companded:
     ``m = sign(q) (|q| / 127)^2 absmax`` and ``v = (q / 255)^4 absmax``, so small moments keep
-    relative precision. Zero codes and zero absmax are a valid fresh state.
+    relative precision. Zero codes and zero absmax are a valid fresh state. ``found_inf`` as in
+    :func:`galore_adam_step` (a skipped step leaves codes and absmax unchanged).
     """
     _require_kernels_for(param, "galore_adam8bit_step")
     torch.ops.fastllm.galore_adam8bit_step.default(
         param, grad, left, right, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
-        exp_avg_sq_absmax, grad_is_projected, lr, beta1, beta2, eps, weight_decay, scale, step)
+        exp_avg_sq_absmax, grad_is_projected, lr, beta1, beta2, eps, weight_decay, scale, step,
+        found_inf)
 
 
 def galore_project(grad: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
@@ -78,14 +86,14 @@ def galore_project_back_(param: Tensor, low: Tensor, left: Tensor | None, right:
 
 @torch.library.register_fake("fastllm::galore_adam_step")
 def _galore_adam_step_fake(param, grad, left, right, exp_avg, exp_avg_sq, grad_is_projected, lr,
-                           beta1, beta2, eps, weight_decay, scale, step) -> None:
+                           beta1, beta2, eps, weight_decay, scale, step, found_inf=None) -> None:
     return None
 
 
 @torch.library.register_fake("fastllm::galore_adam8bit_step")
 def _galore_adam8bit_step_fake(param, grad, left, right, m_codes, m_absmax, v_codes, v_absmax,
                                grad_is_projected, lr, beta1, beta2, eps, weight_decay, scale,
-                               step) -> None:
+                               step, found_inf=None) -> None:
     return None
 
 

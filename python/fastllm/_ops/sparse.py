@@ -30,14 +30,24 @@ def sparse_mlp(x: Tensor, w_up: Tensor, w_down_t: Tensor, active_idx: Tensor, *,
         w_up, w_gate: ``[n, d_in]`` as stored by ``nn.Linear`` (one neuron per row).
         w_down_t: ``[n, d_out]``, the down projection's weight transposed and contiguous.
         active_idx: int32/int64. 1-D ``[k]``: one set shared by every row of ``x``; 2-D
-            ``[rows, k]``: a set per row of the flattened ``x`` (the first ``counts[r]`` entries
-            when ``counts`` is given; the padding after them is never read).
-        counts: ``[rows]`` with ``active_idx``'s dtype, only with a 2-D ``active_idx``.
+            ``[rows, k]``: a set per row of the flattened ``x``. With ``counts`` only the first
+            ``counts[s]`` entries of set ``s`` are used; the padding after them is never read.
+        counts: one count per set, with ``active_idx``'s dtype: ``[1]`` for a 1-D
+            ``active_idx``, ``[rows]`` for a 2-D one. Lets a caller build a set on the device
+            with a fixed width known on the host (e.g. every neuron's slot, active ones first),
+            so nothing is read back to size it.
         activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.
         deterministic: on CUDA, sum partial results in a fixed order instead of with atomics
             (CPU is always deterministic).
 
-    An empty set gives ``b_down`` (or zeros). Indices outside ``[0, n)`` raise IndexError.
+    An empty set gives ``b_down`` (or zeros).
+
+    Index values: on CPU, an index outside ``[0, n)`` or a count outside ``[0, k]`` raises
+    IndexError. On CUDA they are not read on the host (that would synchronise): the kernels skip
+    a bad neuron (it contributes nothing), clamp a bad count into ``[0, k]``, and report either in
+    the device error word, raised by :func:`fastllm.ops.raise_index_errors`; inside
+    :func:`fastllm.ops.checked_indices` (or with ``FASTLLM_CHECK_INDICES=1``) they raise at the
+    call as on CPU.
     """
     _require_kernels_for(x, "sparse_mlp")
     lead = x.shape[:-1]

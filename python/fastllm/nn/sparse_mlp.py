@@ -25,6 +25,17 @@ single-token decode steps run sparse, because on CPU per-row sets read each row'
 separately and lose to one dense GEMM below ~80% sparsity); ``None`` never does.
 ``compute="masked"`` evaluates the same selection by zeroing inactive neurons of a dense MLP (for
 fast quality sweeps); ``"kernel"`` (default) calls :func:`fastllm.ops.sparse_mlp`.
+
+On a GPU no path reads device data on the host, so a decode step is CUDA-graph capturable and
+``torch.compile(fullgraph=True)`` traces it without graph breaks:
+  - top-k selection (predictor or oracle) hands the top-k indices to the kernel;
+  - a mask (threshold mode, ``logit_threshold``, union sets, oracle with several rows) becomes,
+    on the device, index sets of a fixed width: every neuron's slot, the active neurons first in
+    index order, plus a count per set, which the kernel reads on the device (no ``nonzero``, no
+    ``.item()`` to size the sets);
+  - :attr:`SparseMLP.last_density` is kept as a tensor (:attr:`SparseMLP.last_density_tensor`);
+    reading ``last_density`` converts it to a float, which synchronises: do it outside the loop.
+Bad indices in the sets are guarded in the kernel (see :func:`fastllm.ops.sparse_mlp`).
 """
 
 from __future__ import annotations
@@ -133,8 +144,9 @@ class QuantizedPredictor(nn.Module):
     def from_weights(cls, w_up: Tensor, w_gate: Tensor | None = None, b_up: Tensor | None = None,
                      b_gate: Tensor | None = None, activation: str = "silu",
                      group: int = 64) -> "QuantizedPredictor":
-        pred = cls(w_up.shape[1], w_up.shape[0], group, activation, w_gate is not None,
-                   b_up is not None or b_gate is not None)
+        with torch.device(w_up.device):  # built in place: no host copy to upload
+            pred = cls(w_up.shape[1], w_up.shape[0], group, activation, w_gate is not None,
+                       b_up is not None or b_gate is not None)
         with torch.no_grad():
             q, scale = quantize_rows_int8(w_up, group)
             pred.q_up.copy_(q)
@@ -146,7 +158,7 @@ class QuantizedPredictor(nn.Module):
             for name, b in (("b_up", b_up), ("b_gate", b_gate)):
                 if b is not None and getattr(pred, name) is not None:
                     getattr(pred, name).copy_(b.detach().float())
-        return pred.to(w_up.device)
+        return pred
 
     @classmethod
     def from_state(cls, state: dict, activation: str) -> "QuantizedPredictor":
@@ -205,13 +217,37 @@ class SparseMLP(nn.Module):
         self.batch_sets, self.dense_above = batch_sets, dense_above
         self.compute, self.deterministic = compute, deterministic
         self.lookahead_logits: Tensor | None = None  # set by the previous layer in lookahead mode
-        self.lookahead_event = None
+        self.lookahead_event = None                  # recorded on the side stream after them
         self.next_layer: SparseMLP | None = None     # the layer this one predicts for
-        self.last_density: float | None = None       # share of neurons active in the last call
+        self._side_event = None                      # reused for the event this layer records
+        # Share of neurons active in the last call: a float, or a 0-dim tensor on the input's
+        # device when it depends on the data (no host sync to produce it).
+        self._density: float | Tensor | None = None
 
     @property
     def wrapped(self) -> nn.Module:
         return self._wrapped[0]
+
+    @property
+    def last_density(self) -> float | None:
+        """Share of neurons active in the last call, as a float. Reading it synchronises with the
+        device when it was computed from the data (threshold and mask paths): for a loop that
+        must not stop the GPU, keep :attr:`last_density_tensor` instead."""
+        d = self._density
+        return float(d) if isinstance(d, Tensor) else d
+
+    @last_density.setter
+    def last_density(self, value: float | Tensor | None) -> None:
+        self._density = value
+
+    @property
+    def last_density_tensor(self) -> Tensor | None:
+        """:attr:`last_density` without a sync: a 0-dim float32 tensor on the input's device (or
+        ``None`` before the first call)."""
+        d = self._density
+        if d is None or isinstance(d, Tensor):
+            return d
+        return torch.tensor(d, dtype=torch.float32, device=self.up_w.device)
 
     # ---- pieces -------------------------------------------------------------------------------
     def _act(self, v: Tensor) -> Tensor:
@@ -230,9 +266,14 @@ class SparseMLP(nn.Module):
     def _predict(self, x: Tensor) -> Tensor:
         if self.lookahead_logits is not None:
             logits = self.lookahead_logits
-            if self.lookahead_event is not None:
-                torch.cuda.current_stream().wait_event(self.lookahead_event)
+            event = self.lookahead_event
             self.lookahead_logits = self.lookahead_event = None
+            if event is not None:
+                # Made on the side stream: this stream waits for them, and the allocator must not
+                # hand their memory back to the side stream before this stream's reads are done.
+                current = torch.cuda.current_stream(logits.device)
+                current.wait_event(event)
+                logits.record_stream(current)
             if logits.shape[0] == x.shape[0]:
                 return logits
         return self.predictor(x)
@@ -241,17 +282,21 @@ class SparseMLP(nn.Module):
         nxt = self.next_layer
         if nxt is None or nxt.predictor is None:
             return
-        if x.is_cuda:
-            # The next layer's predictor overlaps this layer's MLP (and the next attention).
+        if x.is_cuda and torch.cuda.is_available():
+            # The next layer's predictor overlaps this layer's MLP (and the next attention), on a
+            # side stream of x's device (not the current device's: the model may live elsewhere).
+            current = torch.cuda.current_stream(x.device)
             stream = _side_stream(x.device)
-            stream.wait_stream(torch.cuda.current_stream())
+            stream.wait_stream(current)
             x.record_stream(stream)  # x's memory must outlive the side stream's read of it
+            if self._side_event is None:
+                self._side_event = torch.cuda.Event()
             with torch.cuda.stream(stream):
                 nxt.lookahead_logits = nxt.predictor(x)
-                event = torch.cuda.Event()
-                event.record(stream)
-            nxt.lookahead_event = event
+                self._side_event.record(stream)
+            nxt.lookahead_event = self._side_event
         else:
+            # CPU, or CUDA tensors without a CUDA runtime (fake tensors): the same work in order.
             nxt.lookahead_logits = nxt.predictor(x)
 
     def select(self, x: Tensor) -> Tensor:
@@ -277,7 +322,7 @@ class SparseMLP(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         if self.mode == "dense" or (self.dense_above is not None and x.shape[0] > self.dense_above):
-            self.last_density = 1.0
+            self._density = 1.0
             return self.dense_forward(x).reshape(*shape[:-1], -1)
         if self.mode == "predictor" and self.next_layer is not None:
             # Started before this layer's own work, so on CUDA it overlaps it.
@@ -288,7 +333,8 @@ class SparseMLP(nn.Module):
         mask = self.select(x)
         if self.batch_sets == "union":
             mask = mask.any(dim=0, keepdim=True).expand_as(mask)
-        self.last_density = mask.float().mean().item() if x.shape[0] else 0.0
+        # A tensor, not .item(): reading it back would stop the GPU (and break torch.compile).
+        self._density = mask.float().mean() if x.shape[0] else 0.0
         if self.compute == "masked":
             out = F.linear(self.dense_hidden(x) * mask, self.down_w, self.down_b)
         else:
@@ -305,30 +351,45 @@ class SparseMLP(nn.Module):
         else:
             scores = self._predict(x)
         top = scores.topk(keep, dim=-1, sorted=False).indices
-        self.last_density = keep / self.n_neurons
+        self._density = keep / self.n_neurons
         common = dict(w_gate=self.gate_w, b_up=self.up_b, b_gate=self.gate_b, b_down=self.down_b,
                       activation=self.activation, deterministic=self.deterministic)
         if x.shape[0] == 1:
             return sparse_mlp(x, self.up_w, self.down_t, top[0], **common)
-        counts = torch.full((x.shape[0],), keep, dtype=top.dtype, device=top.device)
-        return sparse_mlp(x, self.up_w, self.down_t, top.contiguous(), counts=counts, **common)
+        # Every row's set has exactly `keep` entries: no counts needed.
+        return sparse_mlp(x, self.up_w, self.down_t, top.contiguous(), **common)
 
     def _kernel_forward(self, x: Tensor, mask: Tensor) -> Tensor:
         common = dict(w_gate=self.gate_w, b_up=self.up_b, b_gate=self.gate_b, b_down=self.down_b,
                       activation=self.activation, deterministic=self.deterministic)
         if self.batch_sets == "union" or x.shape[0] == 1:
-            idx = mask[0].nonzero().squeeze(1).to(torch.int32)
-            return sparse_mlp(x, self.up_w, self.down_t, idx, **common)
-        counts = mask.sum(dim=1)
-        # Per-row sets padded to the widest row: sorting puts each row's active indices first.
-        k = int(counts.max().item()) if counts.numel() else 0
-        order = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]
-        return sparse_mlp(x, self.up_w, self.down_t, order.to(torch.int32).contiguous(),
-                          counts=counts.to(torch.int32), **common)
+            idx, counts = _mask_to_sets(mask[:1])
+            return sparse_mlp(x, self.up_w, self.down_t, idx[0], counts=counts, **common)
+        idx, counts = _mask_to_sets(mask)
+        return sparse_mlp(x, self.up_w, self.down_t, idx, counts=counts, **common)
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind}, activation={self.activation}, mode={self.mode}, "
                 f"keep={self.keep}, threshold={self.threshold}, n_neurons={self.n_neurons}")
+
+
+def _mask_to_sets(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row index sets of a ``[rows, n]`` boolean mask, built on the device without reading it:
+    ``(idx [rows, n], counts [rows])``, both int64. Row r of ``idx`` is a stable partition of
+    ``0..n-1``: its active neurons first in increasing order (as ``nonzero`` lists them), then the
+    inactive ones, which the kernel never reads (they are past ``counts[r]``).
+
+    The width is ``n``, the only bound known without looking at the mask (``nonzero`` or a
+    ``counts.max().item()`` would give a tighter one at the price of a host sync); the kernel
+    spreads each set's real count over its blocks, and the padding costs a skipped task each.
+    """
+    n = mask.shape[1]
+    counts = mask.sum(dim=1)
+    slot = mask.cumsum(dim=1) - 1          # among the active neurons: this one's position
+    neuron = torch.arange(n, device=mask.device).expand_as(slot)
+    # An inactive neuron j follows every active one and the inactive ones before it.
+    target = torch.where(mask, slot, counts.unsqueeze(1) + neuron - slot - 1)
+    return torch.empty_like(target).scatter_(1, target, neuron), counts
 
 
 _SIDE_STREAMS: dict = {}

@@ -10,6 +10,17 @@ randomized range finder, much cheaper), ``svd_oversample`` and ``svd_niter`` for
 ``reproject_moments`` (carry the first moment into the new subspace at a refresh instead of keeping
 it as galore-torch does), ``proj_dtype`` (``"float32"`` or ``"bfloat16"``: storage of the projector),
 ``check_finite`` (skip a step whose gradient is not finite, default True).
+
+Host synchronisation: on CUDA a step that does not refresh the projector reads nothing back from
+the device. The finiteness check is then decided on the device (the step's kernels receive a
+``found_inf`` flag and leave the weight and moments unchanged when it is set), so the warning for
+a skipped step is deferred: it is given at the parameter's next refresh step, or when you call
+:meth:`skipped_steps <GaLoreAdamW.skipped_steps>`; and a skipped step still counts in the
+parameter's ``step`` (bias correction and the refresh schedule run on, which the host cannot
+avoid without reading the flag). On CPU the check stays on the host: the warning comes at once
+and a skipped step does not count. Refresh steps synchronise on every device: the SVD
+(``torch.linalg.svd`` checks its convergence on the host) and the finiteness checks of the
+gradient and of the new projector.
 """
 
 from __future__ import annotations
@@ -77,6 +88,9 @@ class _GaLoreBase(torch.optim.Optimizer):
         self.layerwise = layerwise
         self.accumulation_steps = accumulation_steps
         self._micro_batches: dict[Tensor, int] = {}
+        # Steps skipped on the device for a non-finite gradient and not yet reported, per
+        # parameter: an int32 device counter (reading it synchronises, so it waits).
+        self._skipped: dict[Tensor, Tensor] = {}
         self._hooks = []
         for gi, group in enumerate(self.param_groups):
             if "rank" in group:
@@ -196,6 +210,17 @@ class _GaLoreBase(torch.optim.Optimizer):
 
     # ---- the step ----------------------------------------------------------------------------
 
+    def _needs_refresh(self, group: dict, state: dict, step: int) -> bool:
+        if "rank" not in group:
+            return False
+        left, right = self._projectors(state)
+        return step % group["update_proj_gap"] == 0 or (left is None and right is None)
+
+    @staticmethod
+    def _checks_on_device(p: Tensor) -> bool:
+        """Whether ``p``'s non-refresh steps decide finiteness on the device (no host sync)."""
+        return p.is_cuda
+
     def _gather_gradient(self, p: Tensor, group: dict, state: dict, step: int, label: str):
         """The gradient to use: ``(grad, grad_is_projected)`` or ``(None, _)`` to skip ``p``."""
         full = p.grad
@@ -205,8 +230,7 @@ class _GaLoreBase(torch.optim.Optimizer):
         if "rank" not in group:
             return full, False
         left, right = self._projectors(state)
-        needs_refresh = step % group["update_proj_gap"] == 0 or (left is None and right is None)
-        if needs_refresh:
+        if self._needs_refresh(group, state, step):
             if full is None:
                 raise RuntimeError(
                     f"GaLore: {label} needs its full gradient at step {step} to refresh the "
@@ -227,11 +251,47 @@ class _GaLoreBase(torch.optim.Optimizer):
         return full, False
 
     def _finite_or_warn(self, grad: Tensor, group: dict, step: int, label: str) -> bool:
+        # Host check (synchronises on CUDA): CPU tensors, and refresh steps.
         if not group.get("check_finite", True) or bool(torch.isfinite(grad).all()):
             return True
         warnings.warn(f"GaLore: non-finite gradient for {label} at step {step}: step skipped, "
                       "weights and moments unchanged", GaLoreNumericalWarning, stacklevel=4)
         return False
+
+    def _found_inf(self, p: Tensor, grad: Tensor) -> Tensor:
+        """A device flag, set when ``grad`` is not finite, counted for :meth:`skipped_steps`."""
+        found_inf = torch.isfinite(grad).all().logical_not()
+        counter = self._skipped.get(p)
+        if counter is None:
+            counter = self._skipped[p] = torch.zeros((), dtype=torch.int32, device=grad.device)
+        counter.add_(found_inf)
+        return found_inf
+
+    def _report_skipped(self, p: Tensor, label: str, stacklevel: int) -> int:
+        counter = self._skipped.pop(p, None)
+        count = 0 if counter is None else int(counter)  # synchronises
+        if count:
+            warnings.warn(f"GaLore: non-finite gradient for {label}: {count} step(s) skipped on "
+                          "the device since the last report, weights and moments unchanged "
+                          "(each still counted in the step count)", GaLoreNumericalWarning,
+                          stacklevel=stacklevel)
+        return count
+
+    def skipped_steps(self) -> dict[str, int]:
+        """Report the steps skipped on the device (CUDA) for a non-finite gradient since the last
+        report: a :class:`GaLoreNumericalWarning` per parameter, and ``{label: count}`` for those
+        with any. Synchronises with the device: call it where you would anyway (logging).
+        Steps skipped by the host check (CPU, refresh steps) were reported when they happened.
+        Counts not yet reported are not part of ``state_dict()``."""
+        out = {}
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p in self._skipped:
+                    label = _param_label(group, i, gi)
+                    count = self._report_skipped(p, label, stacklevel=3)
+                    if count:
+                        out[label] = count
+        return out
 
     def _publish_projector(self, p: Tensor, group: dict, state: dict) -> None:
         # Tell a GaLoreLinear (or the layer-wise hook) whether the next backward may produce the
@@ -253,8 +313,22 @@ class _GaLoreBase(torch.optim.Optimizer):
             state["svd_seed"] = zlib.crc32(f"{gi}/{index}".encode())
         step = state["step"]
         label = _param_label(group, index, gi)
+        refresh = self._needs_refresh(group, state, step)
+        on_device = self._checks_on_device(p) and not refresh and group.get("check_finite", True)
+        if refresh and p in self._skipped:
+            self._report_skipped(p, label, stacklevel=5)  # a refresh synchronises anyway
         grad, grad_is_projected = self._gather_gradient(p, group, state, step, label)
-        if grad is not None and self._finite_or_warn(grad, group, step, label):
+        if grad is not None and on_device:
+            # No host sync: the flag goes to the step's kernels, which skip a non-finite step.
+            if "rank" in group and not grad_is_projected:
+                # Projected first (the op would do this same GEMM), so the finiteness check reads
+                # the small low-rank gradient: a NaN or inf anywhere in the full gradient makes
+                # its columns (rows) of the projection NaN or inf (IEEE: inf * 0 is NaN).
+                grad = _ops.galore_project(grad, *self._projectors(state))
+                grad_is_projected = True
+            self._update(p, grad, grad_is_projected, group, state, self._found_inf(p, grad))
+            state["step"] = step + 1
+        elif grad is not None and self._finite_or_warn(grad, group, step, label):
             self._update(p, grad, grad_is_projected, group, state)
             state["step"] = step + 1
         if hasattr(p, LOWRANK_GRAD):
@@ -262,7 +336,9 @@ class _GaLoreBase(torch.optim.Optimizer):
         self._publish_projector(p, group, state)
 
     def _update(self, p: Tensor, grad: Tensor, grad_is_projected: bool, group: dict,
-                state: dict) -> None:
+                state: dict, found_inf: Tensor | None = None) -> None:
+        """One update of ``p``; with ``found_inf`` (a device flag) it must leave ``p`` and the
+        state tensors unchanged when the flag is set, without reading it on the host."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -386,6 +462,10 @@ class GaLoreAdamW(_GaLoreBase):
             steps once every ``k`` backward passes, and between them a projected weight keeps only
             its low-rank gradient.
         accumulation_steps: micro-batches per optimizer step in layer-wise mode.
+
+    On CUDA a non-refresh step reads nothing back from the device; a step skipped for a
+    non-finite gradient is reported later (:meth:`skipped_steps`, or the next refresh). See the
+    module docstring.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
@@ -403,7 +483,7 @@ class GaLoreAdamW(_GaLoreBase):
         state["exp_avg"] = self._apply_transition(state["exp_avg"], c_left, c_right, False)
         state["exp_avg_sq"] = self._apply_transition(state["exp_avg_sq"], c_left, c_right, True)
 
-    def _update(self, p, grad, grad_is_projected, group, state) -> None:
+    def _update(self, p, grad, grad_is_projected, group, state, found_inf=None) -> None:
         left, right = self._projectors(state) if "rank" in group else (None, None)
         if "exp_avg" not in state:
             shape = grad.shape if (grad_is_projected or "rank" not in group) else \
@@ -417,7 +497,7 @@ class GaLoreAdamW(_GaLoreBase):
                               beta2=beta2, eps=group["eps"],
                               weight_decay=group["weight_decay"],
                               scale=group["scale"] if "rank" in group else 1.0,
-                              step=state["step"] + 1)
+                              step=state["step"] + 1, found_inf=found_inf)
         if target is not p:
             p.copy_(target)
 
@@ -458,7 +538,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             codes, absmax = quantize_blockwise_reference(values, signed)
             state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
 
-    def _update(self, p, grad, grad_is_projected, group, state) -> None:
+    def _update(self, p, grad, grad_is_projected, group, state, found_inf=None) -> None:
         left, right = self._projectors(state) if "rank" in group else (None, None)
         if "exp_avg_codes" not in state:
             shape = tuple(grad.shape) if (grad_is_projected or "rank" not in group) else \
@@ -477,7 +557,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
             grad_is_projected=grad_is_projected, lr=group["lr"], beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"],
-            scale=group["scale"] if "rank" in group else 1.0, step=state["step"] + 1)
+            scale=group["scale"] if "rank" in group else 1.0, step=state["step"] + 1,
+            found_inf=found_inf)
         if target is not p:
             p.copy_(target)
 
@@ -491,7 +572,9 @@ class GaLoreAdafactor(_GaLoreBase):
     """galore-torch's ``GaLoreAdafactor``: Hugging Face Adafactor (factored second moment,
     relative step size, update clipping) run on the projected gradient, the update
     back-projected and scaled with ``fastllm.ops.galore_project_back_`` (weight decay, applied
-    before the update as Adafactor does, folded into the same GEMM)."""
+    before the update as Adafactor does, folded into the same GEMM when its factor is known on
+    the host; with ``scale_parameter`` it depends on the weight's RMS, which stays on the device,
+    and is then applied in its own pass). No host sync in a non-refresh step on CUDA."""
 
     def __init__(self, params, lr: float | None = None, eps=(1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8,
@@ -522,7 +605,10 @@ class GaLoreAdafactor(_GaLoreBase):
     def _rms(t: Tensor) -> Tensor:
         return t.norm(2) / (t.numel() ** 0.5)
 
-    def _update(self, p, grad, grad_is_projected, group, state) -> None:
+    def _update(self, p, grad, grad_is_projected, group, state, found_inf=None) -> None:
+        # No host sync: the parameter scale (hence lr) stays a device tensor, and with found_inf
+        # every state update is selected on the device (torch.where) instead of skipped on the
+        # host.
         left, right = self._projectors(state) if "rank" in group else (None, None)
         if "rank" in group and not grad_is_projected:
             grad = _ops.galore_project(grad, left, right)
@@ -537,41 +623,61 @@ class GaLoreAdafactor(_GaLoreBase):
                                                       device=grad.device)
             else:
                 state["exp_avg_sq"] = torch.zeros_like(grad)
+        ok = None if found_inf is None else found_inf.logical_not()
         t = state["step"] + 1
         p32 = p.float()
         rel_step = group["lr"]
         if group["relative_step"]:
             min_step = 1e-6 * t if group["warmup_init"] else 1e-2
             rel_step = min(min_step, 1.0 / math.sqrt(t))
-        param_scale = max(group["eps"][1], float(self._rms(p32))) if group["scale_parameter"] \
-            else 1.0
-        lr = param_scale * rel_step
+        lr = rel_step
+        if group["scale_parameter"]:
+            # max(eps, rms(p)) * rel_step in float64, as with a Python float, but on the device.
+            lr = self._rms(p32).double().clamp(min=group["eps"][1]) * rel_step
         beta2t = 1.0 - math.pow(t, group["decay_rate"])
         update = grad.square() + group["eps"][0]
         if factored:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+            _ema_(row, beta2t, update.mean(dim=-1), 1.0 - beta2t, ok)
+            _ema_(col, beta2t, update.mean(dim=-2), 1.0 - beta2t, ok)
             r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
             c_factor = col.unsqueeze(-2).rsqrt()
             update = (r_factor * c_factor).mul_(grad)
         else:
-            state["exp_avg_sq"].mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+            _ema_(state["exp_avg_sq"], beta2t, update, 1.0 - beta2t, ok)
             update = state["exp_avg_sq"].rsqrt().mul_(grad)
         update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
         update.mul_(lr)
         if group["beta1"] is not None:
-            state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
+            _ema_(state["exp_avg"], group["beta1"], update, 1.0 - group["beta1"], ok)
             update = state["exp_avg"]
-        decay = 1.0 - group["weight_decay"] * lr
+        decay = 1.0 if group["weight_decay"] == 0 else 1.0 - group["weight_decay"] * lr
+        if ok is not None:
+            update = torch.where(ok, update, 0.0)
+            if isinstance(decay, Tensor) or decay != 1.0:  # never bool() of a tensor
+                decay = torch.where(ok, decay, 1.0)
         if "rank" in group:
             target = _contiguous_target(p)
+            beta = decay
+            if isinstance(decay, Tensor):
+                # galore_project_back_ takes its beta from the host: scale on the device first.
+                target.copy_((target.float() * decay).to(target.dtype))
+                beta = 1.0
             _ops.galore_project_back_(target, update, left, right, alpha=-group["scale"],
-                                      beta=decay)
+                                      beta=beta)
             if target is not p:
                 p.copy_(target)
         else:
             p.copy_((p32 * decay - update).to(p.dtype))
+
+
+def _ema_(dst: Tensor, beta: float, value: Tensor, alpha: float, ok: Tensor | None) -> None:
+    """``dst = beta * dst + alpha * value`` in place; with ``ok`` (a device bool) only when it is
+    set (selected on the device, nothing read back)."""
+    if ok is None:
+        dst.mul_(beta).add_(value, alpha=alpha)
+    else:
+        dst.copy_(torch.where(ok, dst.mul(beta).add_(value, alpha=alpha), dst))
 
 
 # ---- parameter groups ----------------------------------------------------------------------------
