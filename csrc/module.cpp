@@ -23,7 +23,11 @@ PYBIND11_MODULE(_C, m) {
     const auto plan = fastllm::lora::plan_shrink(tokens, slices, in, max_rank, sms, vec);
     return pybind11::make_tuple(plan.splits, plan.chunk, plan.row_groups);
   });
-  m.def("lora_plan_expand_tiles", &fastllm::lora::plan_expand_tiles);
+  m.def("lora_plan_expand", [](int64_t tokens, int64_t slices, int64_t widest, int64_t vec,
+                               int64_t sms) {
+    const auto plan = fastllm::lora::plan_expand(tokens, slices, widest, vec, sms);
+    return pybind11::make_tuple(plan.threads, plan.tiles);
+  });
   m.attr("lora_shrink_threads") = pybind11::int_(fastllm::lora::kShrinkWarps * 32);
   m.attr("lora_expand_threads") = pybind11::int_(fastllm::lora::kExpandThreads);
   m.attr("lora_max_shrink_chunk") = pybind11::int_(fastllm::lora::kMaxShrinkChunk);

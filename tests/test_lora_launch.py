@@ -46,11 +46,20 @@ def test_64_decode_tokens_get_two_waves():
     assert 64 * splits * row_groups >= 2 * SMS and splits == 2
 
 
+@pytest.mark.parametrize("tokens", [1, 8, 64, 512])
 @pytest.mark.parametrize("widest, vec", [(8, 8), (1024, 8), (1025, 8), (4096, 8), (14336, 4)])
-def test_expand_tiles_cover_the_widest_slice(widest, vec):
-    tiles = _C.lora_plan_expand_tiles(widest, vec)
-    per_block = _C.lora_expand_threads * vec
-    assert tiles * per_block >= widest > (tiles - 1) * per_block
+def test_expand_tiles_cover_the_widest_slice_with_smaller_blocks_for_few_tokens(tokens, widest,
+                                                                                vec):
+    threads, tiles = _C.lora_plan_expand(tokens, 1, widest, vec, SMS)
+    assert threads in (32, 64, 128)
+    assert tiles * threads * vec >= widest > (tiles - 1) * threads * vec
+    if threads > 32:  # blocks only shrink while the launch is under two waves
+        assert tokens * tiles >= 2 * SMS
+
+
+def test_batch_1_expand_uses_single_warp_blocks():
+    # hidden 4096, fp16: 16 blocks of one warp (256 columns each) instead of 4 of 128 threads
+    assert _C.lora_plan_expand(1, 1, 4096, 8, SMS) == (32, 16)
 
 
 # ---- static checks of the compiled kernels -------------------------------------------------------

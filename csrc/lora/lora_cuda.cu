@@ -30,6 +30,8 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // Expand stages a work item's row offsets in shared memory (8 bytes per row).
 constexpr int64_t kMaxCudaRank = 4096;
+// Dynamic shared memory a launch may take without raising the kernel's limit.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
@@ -178,6 +180,8 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   const scalar_t* w = pool + offset + begin;
   acc_t sum = 0;
   if (vector_x && word_aligned(w)) {
+    // Unrolled so that several 16-byte loads are in flight per lane before their FMAs.
+#pragma unroll 4
     for (int64_t k = lane * vec; k < end - begin; k += 32 * vec) {
       sum = dot_word<scalar_t, acc_t>(sum, *reinterpret_cast<const uint4*>(w + k),
                                       staged_words[k / vec]);
@@ -239,7 +243,7 @@ __device__ __forceinline__ void stage_rows(const Tables& t, int64_t s, int64_t a
   __syncthreads();
 }
 
-// Decode expand (lora_index.h, plan_expand_tiles). grid: (tokens, column tiles, slices),
+// Decode expand (lora_index.h, plan_expand). grid: (tokens, column tiles, slices), 32 to
 // kExpandThreads threads, each owning vec contiguous outputs; dynamic shared memory: the token's
 // row offsets (int64) then its h (acc_t), max_rank of each.
 // vector_y: y's rows and every slice start are word-aligned and slices whole words (host check).
@@ -273,6 +277,7 @@ __global__ void __launch_bounds__(kExpandThreads)
   if (first >= size) return;
   const int owned = size - first < vec ? static_cast<int>(size - first) : vec;
   acc_t sum[vec] = {};
+#pragma unroll 4
   for (int j = 0; j < r; ++j) {
     const int64_t row = staged_rows[j];
     if (row < 0) continue;
@@ -384,6 +389,8 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& pool, const a
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     if (path == kBgmv) {
       constexpr int vec = kVec<scalar_t>;
+      TORCH_CHECK_VALUE(slices <= kMaxGridYZ, "fastllm.lora_shrink: at most ", kMaxGridYZ,
+                        " slices on CUDA, got ", slices);
       const ShrinkLaunch plan = plan_shrink(tokens, slices, in, max_rank, sm_count(), vec);
       TORCH_CHECK_VALUE(plan.chunk <= kMaxShrinkChunk, "fastllm.lora_shrink: x is too wide (",
                         in, " columns) for the CUDA decode kernel");
@@ -448,13 +455,17 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool
         widest = std::max(widest, slice_sizes[s]);
         vector_y = vector_y && offsets[s] % vec == 0 && slice_sizes[s] % vec == 0;
       }
-      const int64_t tiles = plan_expand_tiles(widest, vec);
-      TORCH_CHECK_VALUE(tiles <= kMaxGridYZ, "fastllm.lora_expand: a slice of ", widest,
+      const ExpandLaunch plan = plan_expand(tokens, slices, widest, vec, sm_count());
+      TORCH_CHECK_VALUE(plan.tiles <= kMaxGridYZ, "fastllm.lora_expand: a slice of ", widest,
                         " columns is too wide for the CUDA decode kernel");
       const size_t bgmv_shared = static_cast<size_t>(max_rank) * (sizeof(int64_t) + sizeof(acc_t));
+      TORCH_CHECK_VALUE(bgmv_shared <= kDefaultSharedBytes, "fastllm.lora_expand: b_rows is ",
+                        max_rank, " wide (max_rank); the CUDA decode kernel takes at most ",
+                        kDefaultSharedBytes / (sizeof(int64_t) + sizeof(acc_t)), " for ",
+                        y.scalar_type());
       AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_expand_ids", [&] {
         expand_bgmv<scalar_t, acc_t, index_t>
-            <<<dim3(tokens, tiles, slices), kExpandThreads, bgmv_shared, stream>>>(
+            <<<dim3(tokens, plan.tiles, slices), plan.threads, bgmv_shared, stream>>>(
                 y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), pool.data_ptr<scalar_t>(), tables,
                 scalings.data_ptr<float>(), token_adapter.data_ptr<index_t>(), slice_offsets,
                 tokens, width, vector_y);

@@ -91,17 +91,32 @@ inline ShrinkLaunch plan_shrink(int64_t tokens, int64_t slices, int64_t in, int6
   steps_per_split = std::min(steps_per_split, std::max<int64_t>(1, kMaxShrinkChunk / step));
   const int64_t max_splits = std::max<int64_t>(1, kMaxGridYZ / row_groups);
   steps_per_split = std::max(steps_per_split, (steps + max_splits - 1) / max_splits);
+  // Even out the splits (43 steps in 2 would otherwise be 21 + 21 + 1).
+  const int64_t splits = (steps + steps_per_split - 1) / steps_per_split;
+  steps_per_split = (steps + splits - 1) / splits;
   return {(steps + steps_per_split - 1) / steps_per_split, steps_per_split * step, row_groups};
 }
 
-// Expand: a block of kExpandThreads threads serves one (token, column tile, slice); each thread
-// owns vec contiguous outputs (one 16-byte word of y and of each B^T row), and the token's h and
-// row offsets are loaded once per block into shared memory.
+// Expand: a block serves one (token, column tile, slice); each thread owns vec contiguous outputs
+// (one 16-byte word of y and of each B^T row), and the token's h and row offsets are loaded once
+// per block into shared memory. Blocks shrink from kExpandThreads to one warp until the launch has
+// two waves (decode batches are a few tokens wide); splitting the rank across warps would go
+// further and is not done yet.
 constexpr int kExpandThreads = 128;
 
-inline int64_t plan_expand_tiles(int64_t widest_slice, int64_t vec) {
-  const int64_t per_block = kExpandThreads * vec;
-  return std::max<int64_t>(1, (widest_slice + per_block - 1) / per_block);
+struct ExpandLaunch {
+  int64_t threads;  // per block: 32, 64 or 128
+  int64_t tiles;    // column tiles covering the widest slice
+};
+
+inline ExpandLaunch plan_expand(int64_t tokens, int64_t slices, int64_t widest_slice, int64_t vec,
+                                int64_t sms) {
+  const int64_t target = 2 * std::max<int64_t>(1, sms);
+  const int64_t width = std::max<int64_t>(1, widest_slice);
+  int64_t threads = kExpandThreads;
+  auto tiles_for = [&](int64_t t) { return (width + t * vec - 1) / (t * vec); };
+  while (threads > 32 && tokens * slices * tiles_for(threads) < target) threads /= 2;
+  return {threads, tiles_for(threads)};
 }
 
 inline int64_t resolve_path(int64_t path, int64_t tokens, int64_t adapters) {
