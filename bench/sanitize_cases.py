@@ -184,6 +184,22 @@ def bad_index_cases(device):
         torch.randn(3, 64, device=device), torch.zeros(1, 3, 4, device=device), flat, rows,
         ranks + 9, torch.ones(1, 2, device=device), torch.tensor([0, 1, -1], device=device), [64],
         1))
+    w_up, w_down_t = torch.randn(48, 64, device=device), torch.randn(48, 32, device=device)
+    _expect_bad_index(device, "sparse_mlp active_idx", lambda: ops.sparse_mlp(
+        x, w_up, w_down_t, torch.tensor([1, 10**6, -2], device=device)))
+    _expect_bad_index(device, "sparse_mlp counts", lambda: ops.sparse_mlp(
+        x, w_up, w_down_t, torch.randint(0, 48, (3, 5), device=device),
+        counts=torch.tensor([5, 9, -1], device=device)))
+    q = torch.randn(2, 4, 16, device=device)
+    kv_rows = torch.randn(8 * 4, 32, device=device)  # 8 pages of 4 rows
+    table = torch.randint(0, 8, (4, 3), dtype=torch.int32, device=device)
+    lengths = torch.tensor([12, 5, 0, 9], dtype=torch.int32, device=device)
+    far_table = table.clone()
+    far_table[1, 0] = 99
+    _expect_bad_index(device, "kv_ragged_decode page_table", lambda: ops.kv_ragged_decode(
+        q, kv_rows, far_table, lengths, 4, 0.25, 2))
+    _expect_bad_index(device, "kv_ragged_decode lengths", lambda: ops.kv_ragged_decode(
+        q, kv_rows, table, lengths + 100, 4, 0.25, 2))
     ids = torch.tensor([0, 1, 1], device=device)
     order, tiles = ops.lora_sgmv_plan(ids.cpu(), 2)
     tiles[0, 1] = 50  # past the end of order

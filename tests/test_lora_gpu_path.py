@@ -151,6 +151,7 @@ def _to_fake_cuda(mode, model, state):
     state.pool = fake(state.pool)
     state.device = torch.device("cuda")
     state.entries = [None if e is None else tuple(fake(t) for t in e) for e in state.entries]
+    state.group_tables = [(fake(a), fake(r), members) for a, r, members in state.group_tables]
     state._tokens = {k: tuple(fake(t) for t in v) for k, v in state._tokens.items()}
 
 
