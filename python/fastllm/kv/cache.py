@@ -594,6 +594,12 @@ class FastGenCache(Cache):
             paper's whole-prompt attention only); see ``policies.fastgen_profile``.
         pool: a :class:`fastllm.memory.PagePool` to draw pages from (shared with other users), or
             None to create one holding ``max_tokens`` full-cache tokens.
+
+    On a GPU, decode steps read nothing back from the device (prefill does: it picks the
+    policies). CUDA graphs: a captured decode step replays correctly once; the step's position
+    and its pages are decided on the host when it is captured, so each further step needs a new
+    capture (or an eager step). Capturing once for many steps needs those on the device and pages
+    reserved ahead, which is not built yet.
     """
 
     def __init__(self, model, tokenizer, recovery: float = 0.95, locality: float = 0.3,
@@ -983,8 +989,9 @@ class FastGenCache(Cache):
         _, cls = self._device_classes(layer, k.device, batch, 1)
         try:
             need = heads.bound(column) + 1  # the append, before this step's eviction
-            evicts = heads.advance(column + 1, self._class_log)
+            # Pages first: if the pool is full the mirror must not have moved ahead of the device.
             heads.reserve(need)
+            evicts = heads.advance(column + 1, self._class_log)
         except PoolExhaustedError as err:
             raise PoolExhaustedError(
                 f"fastllm.kv: no free page to append token {layer.seen} "
@@ -1131,8 +1138,16 @@ def _register() -> None:
     if _registered:
         return
     ALL_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _fastllm_kv_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _always_built_sdpa_mask)
     _registered = True
+
+
+def _always_built_sdpa_mask(*args, **kwargs):
+    # transformers skips the mask when no token is padded, which it finds out by reading the
+    # padding mask on the host: a synchronisation in every decode step generate() runs. The
+    # ragged decode only looks at the mask's shape, so build it every time instead.
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
 
 
 def profile(model, tokenizer, text: str, **kwargs) -> list[list[dict]]:
