@@ -1110,7 +1110,8 @@ class FastGenCache(Cache):
             if not torch.equal(valid[:, :past], layer.valid):
                 raise ValueError(
                     "fastllm.kv: this step's attention mask pads different past tokens than the "
-                    "prompt did; the padding of past tokens cannot change")
+                    "prompt did (or is missing); the padding of past tokens cannot change: pass "
+                    "the whole sequence's attention mask, pads included, at every step")
             self._check_once(attention_mask, vis, valid, past)
         if n == 1:
             return self._decode(layer, query, key, value, scale)
