@@ -474,7 +474,9 @@ def test_decode_step_in_a_cuda_graph_equals_eager(device, policy):
     torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
     replayed, _ = snapshot(cache)
     for key, want in after.items():
-        torch.testing.assert_close(replayed[key], want, rtol=1e-5, atol=1e-6, msg=str(key))
+        # (unused pool pages hold whatever torch.empty left there, NaN included)
+        torch.testing.assert_close(replayed[key], want, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   msg=str(key))
     assert host_mirror(cache) == host_after
     ops.raise_index_errors()
 
