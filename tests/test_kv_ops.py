@@ -11,7 +11,7 @@ from fastllm._reference import (
     kv_policy_recovery_reference,
     kv_ragged_decode_reference,
 )
-from helpers import FLOAT_DTYPES, random_tensor
+from helpers import FLOAT_DTYPES, random_tensor, value_checks
 
 # profiling accumulates hundreds of probabilities in float32; the inputs' rounding dominates
 PROFILE_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3),
@@ -299,11 +299,11 @@ def test_decode_rejections(device):
         call(q, kv_rows, table, lens, 4, 1.0, 0)
     # Index values: always checked for CPU tensors; for CUDA ones in the debug mode (without it
     # the kernels skip and report them: tests/test_kv_gpu_path.py).
-    with ops.checked_indices(), pytest.raises(IndexError, match="lengths must lie in"):
+    with value_checks(device), pytest.raises(IndexError, match="lengths must lie in"):
         call(q, kv_rows, table, torch.tensor([9, 13], dtype=torch.int32, device=device), 4, 1.0)
     bad = table.clone()
     bad[0, 0] = 10_000
-    with ops.checked_indices(), pytest.raises(IndexError, match="page_table must lie in"):
+    with value_checks(device), pytest.raises(IndexError, match="page_table must lie in"):
         call(q, kv_rows, bad, lens, 4, 1.0)
     with pytest.raises(TypeError, match="kv_rows must have the dtype of q"):
         call(q, kv_rows.half(), table, lens, 4, 1.0)
@@ -335,9 +335,9 @@ def test_evict_round_rejections_leave_the_bookkeeping_alone(device):
         call_with(flags=args[2].t().contiguous().t())
     with pytest.raises(ValueError, match="pos must be 2-D"):
         call_with(pos=args[0][0])
-    with ops.checked_indices(), pytest.raises(IndexError, match="lengths must lie in"):
+    with value_checks(device), pytest.raises(IndexError, match="lengths must lie in"):
         call_with(lengths=torch.tensor([3, 11, 0], device=device))
-    with ops.checked_indices(), pytest.raises(ValueError, match="heavy must be >= 0"):
+    with value_checks(device), pytest.raises(ValueError, match="heavy must be >= 0"):
         call_with(heavy=torch.tensor([0, -1, 2], device=device))
     for name, before, after in zip(names, snapshot, args):
         torch.testing.assert_close(after, before, rtol=0, atol=0, msg=f"{name} changed")
