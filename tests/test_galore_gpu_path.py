@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 import fastllm
@@ -33,17 +32,7 @@ needs_cuda = pytest.mark.skipif(
 GAP = 7  # update_proj_gap: steps 1..6 do not refresh
 
 
-class Tiny(nn.Module):
-    """Two projected linears of opposite aspect (std picks different sides), a regular norm."""
-
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(24, 40)
-        self.down = nn.Linear(40, 24, bias=False)
-        self.norm = nn.LayerNorm(24)
-
-    def forward(self, x):
-        return self.norm(self.down(torch.tanh(self.up(x))))
+from test_galore_optim import Tiny  # noqa: E402  (two linears of opposite aspect, a norm)
 
 
 def groups(model, **kw):

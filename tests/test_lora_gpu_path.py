@@ -119,23 +119,7 @@ def test_gpu_path_rule(tokens, adapters, sgmv):
 
 # ---- a decode step on fake CUDA tensors ----------------------------------------------------------
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=136,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def random_adapter(model, rank, scale=0.05):
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
-            state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, module.in_features) * scale
-            state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(module.out_features, rank) * scale
-    return state
+from test_lora_manager import random_adapter, tiny_llama  # noqa: E402
 
 
 def _to_fake_cuda(mode, model, state):
