@@ -42,6 +42,9 @@ import traceback
 
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402  (bench/harness.py: the benchmarks' timer)
+
 SIZES = {
     # hidden a multiple of 64 (the int8 predictor's group), intermediate a multiple of 16
     "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -239,18 +242,8 @@ def compare(got: torch.Tensor, want: torch.Tensor) -> dict:
 
 
 def _sample_ms(fn, device: str, inner: int) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / inner
-    begin = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - begin) * 1e3 / inner
+    # The benchmark harness's timer (CUDA events on a GPU), in milliseconds.
+    return harness._time_once(fn, device, inner) * 1e3
 
 
 def time_interleaved(fns: dict, device: str, inner: int, repeats: int) -> dict:
