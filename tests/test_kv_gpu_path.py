@@ -6,7 +6,7 @@ A small random-weight Llama and a stub tokenizer: nothing to download, runs anyw
 
 from __future__ import annotations
 
-import copy
+import contextlib
 
 import numpy as np
 import pytest
@@ -385,100 +385,270 @@ def test_bad_evict_lengths_are_an_error_or_skipped_and_reported(device):
         ops.raise_index_errors(device)
 
 
-def snapshot(cache):
-    """Device state (cloned) and host state (copied) of a cache, for restoring in place."""
-    device = {"pool": cache.pool.storage.clone()}
-    host = {"log": copy.copy(cache._class_log), "pending": list(cache._class_log.pending),
-            "by_pos": cache._class_log.by_pos.copy()}
-    for i, layer in enumerate(cache.layers):
-        heads = layer.heads
-        for name in ("lengths", "pos", "score", "flags", "table"):
-            device[i, name] = getattr(heads, name).clone()
-        host[i] = (layer.seen, [list(p) for p in heads.pages],
-                   {n: getattr(heads, n).copy() for n in ("m_len", "m_evictable", "m_seen",
-                                                            "npages")})
-    return device, host
-
-
-def restore(cache, state):
-    device, host = state
-    cache.pool.storage.copy_(device["pool"])
-    log = cache._class_log
-    log.__dict__.update(host["log"].__dict__)
-    log.pending = type(log.pending)(host["pending"])
-    log.by_pos = host["by_pos"].copy()
-    for i, layer in enumerate(cache.layers):
-        heads = layer.heads
-        for name in ("lengths", "pos", "score", "flags", "table"):
-            getattr(heads, name).copy_(device[i, name])
-        layer.seen, pages, mirror = host[i]
-        heads.pages = [list(p) for p in pages]
-        for name, value in mirror.items():
-            setattr(heads, name, value.copy())
-    cache._step_device_classes = None
-
-
 def host_mirror(cache):
     return [(layer.seen, [len(p) for p in layer.heads.pages],
              [getattr(layer.heads, n).tolist() for n in ("m_len", "m_evictable", "m_seen")])
             for layer in cache.layers]
 
 
-@pytest.mark.parametrize("policy", ["h2o", "fastgen"])
-def test_decode_step_in_a_cuda_graph_equals_eager(device, policy):
-    # The same decode step from the same state twice: eagerly, then captured in a CUDA graph and
-    # replayed. (On the CPU the second run is eager too: that checks the snapshot and restore the
-    # GPU case relies on.)
-    model, cache, mask = prefilled(policy, page_rows=16, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    tokens = step_tokens(20, 2).to(device)
+def twin_caches(policy, device, page_rows=4, max_tokens=256):
+    """One model, two caches prefilled on the same padded prompt."""
+    model = tiny_llama(device)
+    ids, mask = prompt_batch((40, 31))
+    caches = []
+    for _ in range(2):
+        cache = FastGenCache(model, StubTokenizer(), page_rows=page_rows, max_tokens=max_tokens,
+                             **POLICIES[policy])
+        with torch.no_grad():
+            model(ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                  use_cache=True)
+        caches.append(cache)
+    return model, caches, mask.to(device)
 
-    def grows(cache):  # whether the next step needs a page or a wider bookkeeping tensor
-        for layer in cache.layers:
-            need = layer.heads.bound(layer.seen) + 1
-            if (-(-need // cache.page_rows) > layer.heads.npages).any() \
-                    or need.max() > layer.heads.pos.shape[1]:
-                return True
-        return False
 
+def eager_steps(model, cache, mask, tokens):
+    """Decode steps as users call them (mask grown by one column per step)."""
+    out = []
     with torch.no_grad():
-        mask = mask.to(device)
-        t = 0
-        # Eager warm-up steps (error word, workspaces, class tables), until the next step
-        # needs no new page: allocation is host work, which a replay skips.
-        while t < 2 or grows(cache):
+        for t in range(tokens.shape[0]):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            model(tokens[t], attention_mask=mask, past_key_values=cache, use_cache=True)
-            t += 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        sync()
-        cache._class_log.poll()  # both runs start from the same host knowledge
-        before = snapshot(cache)
-        eager = model(tokens[t], attention_mask=mask, past_key_values=cache,
-                      use_cache=True).logits.clone()
-        sync()
-        after, _ = snapshot(cache)
-        host_after = host_mirror(cache)
-        restore(cache, before)
-        static_tokens, static_mask = tokens[t].clone(), mask.clone()
-        if device == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static = model(static_tokens, attention_mask=static_mask, past_key_values=cache,
-                               use_cache=True).logits
-            graph.replay()
-        else:
-            static = model(static_tokens, attention_mask=static_mask, past_key_values=cache,
-                           use_cache=True).logits
-        sync()
-    torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
-    replayed, _ = snapshot(cache)
-    for key, want in after.items():
-        # (unused pool pages hold whatever torch.empty left there, NaN included)
-        torch.testing.assert_close(replayed[key], want, rtol=1e-5, atol=1e-6, equal_nan=True,
-                                   msg=str(key))
-    assert host_mirror(cache) == host_after
+            out.append(model(tokens[t], attention_mask=mask, past_key_values=cache,
+                             use_cache=True).logits)
+    return out, mask
+
+
+class GraphStep:
+    """A decode step as a captured graph sees it: static token ids, positions and mask, the
+    positions advanced on the device by the step itself. ``capture=True`` (CUDA) records one
+    step into a CUDA graph; each ``__call__`` then replays it (else runs it eagerly)."""
+
+    def __init__(self, model, cache, mask, capture=False):
+        self.model, self.cache = model, cache
+        device = mask.device
+        self.ids = torch.zeros(mask.shape[0], 1, dtype=torch.long, device=device)
+        self.positions = torch.full((1, 1), cache.get_seq_length(), dtype=torch.long,
+                                    device=device)
+        self.mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # never read
+        self.graph = None
+        if capture:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+
+    def _step(self):
+        with torch.no_grad():
+            logits = self.model(self.ids, attention_mask=self.mask, position_ids=self.positions,
+                                past_key_values=self.cache, use_cache=True).logits
+        self.positions.add_(1)
+        return logits
+
+    def __call__(self, token):
+        self.ids.copy_(token)
+        if self.graph is None:
+            return self._step().clone()
+        self.graph.replay()
+        return self.logits.clone()
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_graph_steps_equal_eager_steps_step_after_step(device, policy):
+    # One capture replayed for every step (on the CPU the steps inside graph_steps run eagerly:
+    # the same code with the host doing nothing between them) against eager steps on a twin.
+    model, (eager, graphed), mask = twin_caches(policy, device)
+    tokens = step_tokens(24, 2, torch.Generator().manual_seed(3)).to(device)
+    warm, steps = 2, 18
+    want, mask_after = eager_steps(model, eager, mask, tokens[:warm + steps])
+    eager_steps(model, graphed, mask, tokens[:warm])  # warm-up: error word, workspaces
+    if device == "cuda":
+        torch.cuda.synchronize()
+    with graphed.graph_steps(steps + 1):  # the capture itself runs no step on a GPU
+        pool_pages = graphed.pool.used_pages
+        seen = [layer.seen for layer in graphed.layers]
+        step = GraphStep(model, graphed, torch.cat([mask, torch.ones_like(mask[:, :warm])], 1),
+                         capture=device == "cuda")
+        got = [step(tokens[warm + t]) for t in range(steps)]
+        # the host did nothing a replay skips: no page, no position
+        assert graphed.pool.used_pages == pool_pages
+        assert [layer.seen for layer in graphed.layers] == seen
+    for t in range(steps):
+        torch.testing.assert_close(got[t], want[warm + t], rtol=1e-5, atol=1e-5,
+                                   msg=f"step {t}")
+    # On exit the host knows what the device did: the mirror, the pages and the classes.
+    assert host_mirror(graphed) == host_mirror(eager)
+    for a, b in zip(graphed.layers, eager.layers):
+        assert torch.equal(a.heads.lengths, b.heads.lengths)
+        for c, n in enumerate(b.heads.lengths.tolist()):
+            for name in ("pos", "flags"):
+                assert torch.equal(getattr(a.heads, name)[c, :n], getattr(b.heads, name)[c, :n])
+    assert graphed._class_log.known == eager._class_log.known
+    width = min(graphed._class_log.by_pos.shape[1], eager._class_log.by_pos.shape[1])
+    np.testing.assert_array_equal(graphed._class_log.by_pos[:, :width],
+                                  eager._class_log.by_pos[:, :width])
+    assert graphed.stats()["kept_bytes"] == eager.stats()["kept_bytes"]
+    # and eager steps carry on from there exactly as on the twin
+    more = step_tokens(4, 2, torch.Generator().manual_seed(4)).to(device)
+    after_eager, _ = eager_steps(model, eager, mask_after, more)
+    after_graph, _ = eager_steps(model, graphed, mask_after, more)
+    for a, b in zip(after_graph, after_eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     ops.raise_index_errors()
+
+
+class OpTrace(TorchDispatchMode):
+    """Each op a step dispatches, with its tensors' shapes and dtypes and its other arguments:
+    what a CUDA graph bakes in (the tensors' values are what it replays on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    @staticmethod
+    def _describe(value):
+        if isinstance(value, torch.Tensor):
+            return ("T", tuple(value.shape), value.dtype)
+        if isinstance(value, (list, tuple)):
+            return tuple(OpTrace._describe(v) for v in value)
+        return repr(value)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops.append((str(func), self._describe(args),
+                         self._describe(tuple(sorted(kwargs.items())))))
+        return func(*args, **kwargs)
+
+
+def traced_steps(cache, model, mask, tokens, inside):
+    step = GraphStep(model, cache, mask)
+    traces = []
+    context = cache.graph_steps(tokens.shape[0]) if inside else contextlib.nullcontext()
+    with context:
+        for t in range(tokens.shape[0]):
+            if not inside:  # as users call it: positions from the cache, the mask grown
+                step.mask = torch.cat([step.mask, torch.ones_like(step.mask[:, :1])], 1)
+                step.positions.fill_(cache.get_seq_length())
+            token = tokens[t]
+            with OpTrace() as trace:
+                step(token)
+            traces.append(trace.ops)
+    return traces
+
+
+@pytest.mark.parametrize("policy", ["fastgen", "full"])
+def test_graph_steps_dispatch_the_same_ops_every_step(policy):
+    # What makes one capture valid for every step, shown without a GPU: inside graph_steps each
+    # step dispatches the same ops on tensors of the same shapes with the same other arguments.
+    # Outside it the steps differ (the host's position is an argument, the mask grows, pages are
+    # allocated as caches grow), which is why a capture there is refused.
+    model, (outside, inside), mask = twin_caches(policy, "cpu")
+    tokens = step_tokens(12, 2, torch.Generator().manual_seed(5))
+    same = traced_steps(inside, model, mask, tokens, inside=True)
+    assert len(same[0]) > 50
+    for t, trace in enumerate(same[1:], 1):
+        assert trace == same[0], f"step {t} dispatched different ops than step 0"
+    differ = traced_steps(outside, model, mask, tokens, inside=False)
+    assert any(trace != differ[0] for trace in differ[1:])
+
+
+def pages_bits(cache):
+    return cache.pool.storage.view(torch.int32).view(cache.pool.num_pages, -1)
+
+
+def test_graph_steps_past_the_reservation_raise_and_touch_no_other_page():
+    model, (cache, _), mask = twin_caches("full", "cpu")  # "full" grows every step
+    owned = {p for layer in cache.layers for pages in layer.heads.pages for p in pages}
+    tokens = step_tokens(12, 2, torch.Generator().manual_seed(6))
+    with pytest.raises(RuntimeError, match=r"graph_steps\(2\): 12 decode steps ran"):
+        with cache.graph_steps(2):
+            reserved = {p for layer in cache.layers for pages in layer.heads.pages
+                        for p in pages}
+            others = sorted(set(range(cache.pool.num_pages)) - reserved)
+            # (bits: free pages hold whatever torch.empty left there, NaN included)
+            before = pages_bits(cache)[others].clone()
+            step = GraphStep(model, cache, mask)
+            for t in range(12):
+                step(tokens[t])
+    assert torch.equal(pages_bits(cache)[others], before)
+    assert owned <= reserved
+    for layer in cache.layers:  # each cache stopped at the room it had
+        heads = layer.heads
+        assert (heads.lengths.numpy() <= heads.npages * cache.page_rows).all()
+        assert heads.m_len.tolist() == heads.lengths.tolist()
+    assert cache.stats()["kept_bytes"] == cache.pool.used_bytes("kv")
+
+
+def test_graph_steps_refusals_name_the_problem():
+    model, (cache, fresh), mask = twin_caches("h2o", "cpu")
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="steps must be a positive int"):
+            with cache.graph_steps(bad):
+                pass
+    unused = FastGenCache(model, StubTokenizer(), page_rows=4, max_tokens=64, policy="h2o",
+                          budget=12)
+    with pytest.raises(RuntimeError, match="prefill"):
+        with unused.graph_steps(4):
+            pass
+    state = host_mirror(cache)
+    with cache.graph_steps(4):
+        with pytest.raises(RuntimeError, match="already inside"):
+            with cache.graph_steps(4):
+                pass
+        with pytest.raises(RuntimeError, match="stats"):
+            cache.stats()
+        with pytest.raises(RuntimeError, match="reordering"):
+            cache.batch_select_indices([1, 0])
+        with pytest.raises(RuntimeError, match="one-token decode steps"), torch.no_grad():
+            model(torch.randint(2, VOCAB, (2, 3)), position_ids=torch.arange(3)[None] + 40,
+                  past_key_values=cache, use_cache=True)
+    assert host_mirror(cache) == state  # nothing ran
+    # a reservation the pool cannot hold is refused and leaves the cache as it was
+    used = cache.pool.used_pages
+    with pytest.raises(fastllm.memory.PoolExhaustedError, match="graph_steps: no room"):
+        with cache.graph_steps(10_000):
+            pass
+    assert cache.pool.used_pages == used and host_mirror(cache) == state
+    assert all(layer.graph is None for layer in cache.layers) and cache._graph is None
+
+
+@pytest.mark.parametrize("policy", ["fastgen", "h2o"])
+def test_graph_steps_on_fake_cuda_read_no_device_data(policy):
+    # The steps inside graph_steps, as a replay runs them: on fake CUDA tensors, failing on any
+    # read or host copy of device data, with the host state unchanged by every step.
+    model, cache, mask = prefilled(policy)
+    steps = 6
+    tokens = step_tokens(steps, mask.shape[0])
+    inside = cache.graph_steps(steps)
+    inside.__enter__()  # never exited: that reads the device (the step counters)
+    state = host_mirror(cache)
+    used = cache.pool.used_pages
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        model.to("cuda")
+        move_state(cache, "cuda")
+        graph = cache._graph
+        graph.classes = graph.classes.to("cuda")
+        for layer in cache.layers:
+            layer.graph.seen = layer.graph.seen.to("cuda")
+            layer.graph.capacity = layer.graph.capacity.to("cuda")
+        step = GraphStep(model, cache, mask.to("cuda"))
+        for t in range(steps):
+            with NoDeviceToHost():
+                logits = step(tokens[t].to("cuda"))
+    assert isinstance(logits, FakeTensor) and logits.shape == (2, 1, VOCAB)
+    assert host_mirror(cache) == state and cache.pool.used_pages == used
+
+
+@pytest.mark.skipif(not (fastllm.build_info()["cuda"] and torch.cuda.is_available()),
+                    reason="needs a GPU and fastllm's CUDA kernels")
+def test_capture_outside_graph_steps_is_refused():
+    model, cache, mask = prefilled("h2o", device="cuda")
+    eager_steps(model, cache, mask, step_tokens(2, 2).cuda())
+    torch.cuda.synchronize()
+    graph, refused = torch.cuda.CUDAGraph(), None
+    with torch.cuda.graph(graph):
+        try:  # caught inside, so the capture itself ends cleanly
+            GraphStep(model, cache, mask)(torch.ones(2, 1, dtype=torch.long, device="cuda"))
+        except RuntimeError as error:
+            refused = error
+    assert refused is not None and "inside cache.graph_steps" in str(refused)
 
 
 @pytest.mark.skipif(not (fastllm.build_info()["cuda"] and torch.cuda.is_available()),

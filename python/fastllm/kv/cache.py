@@ -305,6 +305,10 @@ class _HeadCaches:
     def reserve(self, entries: np.ndarray) -> None:
         """Pages and bookkeeping columns for ``entries [C]`` entries per cache (host decision;
         the device table is updated without blocking)."""
+        if int(entries.max(initial=0)) >= 2**31:
+            # the decode kernels take int32 lengths
+            raise PoolExhaustedError(f"fastllm.kv: a cache of {int(entries.max())} entries is "
+                                     "past the kernels' int32 lengths")
         need = -(-entries // self.page_rows)
         short = np.nonzero(need > self.npages)[0]
         if short.size:
@@ -434,16 +438,30 @@ class _HeadCaches:
 
     # ---- a decode step, on the device ------------------------------------------------------------
 
-    def append_one(self, rows: Tensor, cls: Tensor, newest: Tensor) -> None:
+    def append_one(self, rows: Tensor, cls: Tensor, newest: Tensor,
+                   capacity: Tensor | None = None) -> None:
         """Append one entry to every cache (rows [C, 2D], classes [C] and positions [C] on the
-        device), its score 0 until the step's attention adds to it. The caller reserved room."""
-        entries = self.lengths[:, None]
+        device), its score 0 until the step's attention adds to it. The caller reserved room;
+        ``capacity`` [C] (device), where given, is the room each cache has (graph steps: the
+        host does not know the lengths), and a cache that is full overwrites its last entry
+        rather than touch a page or column it does not own."""
+        entries = self.lengths if capacity is None else torch.minimum(self.lengths, capacity - 1)
+        entries = entries[:, None]
         self.pool.write(self._own_slots(entries)[:, 0], rows.contiguous())
         self.pos.scatter_(1, entries, newest[:, None])
         keep = ((cls & self.keep_classes) != 0) | (newest < self.sinks)
         self.flags.scatter_(1, entries, (cls | keep.to(torch.uint8) * KEEP)[:, None])
         self.score.scatter_(1, entries, 0.0)
-        self.lengths += 1
+        if capacity is None:
+            self.lengths += 1
+        else:
+            self.lengths.copy_(entries[:, 0] + 1)
+
+    def capacity(self) -> Tensor:
+        """Entries each cache has room for [C] (device): its pages, within the bookkeeping
+        columns."""
+        room = np.minimum(self.npages * self.page_rows, self.pos.shape[1])
+        return _upload(room, torch.int64, self.device)
 
     def evict_round(self, newest: Tensor, step_scores: Tensor | None = None,
                     move: bool = True) -> Tensor:
@@ -504,6 +522,33 @@ class _HeadCaches:
         self.lengths.zero_()
 
 
+class _LayerGraphSteps:
+    """One layer's decode-step state inside ``FastGenCache.graph_steps``: what an eager step
+    takes from the host, kept where a replayed step can read and advance it."""
+
+    def __init__(self, heads: _HeadCaches, seen: int, splits: int):
+        # The mask column of the next token, advanced by every step (eager or replayed).
+        self.seen = torch.full((1,), seen, dtype=torch.int64, device=heads.device)
+        # Each cache's room: its pages, reserved on entry for every step allowed.
+        self.capacity = heads.capacity()
+        # Fixed at entry from the longest cache the steps can reach, as a replay cannot change it.
+        self.splits = splits
+
+
+class _GraphSteps:
+    """``FastGenCache.graph_steps`` state shared by the layers."""
+
+    def __init__(self, start: int, steps: int, batch: int, device: torch.device):
+        self.start, self.steps = start, steps
+        # The class bits of every step's token [B, steps], for the host's class log on exit.
+        self.classes = torch.zeros(batch, steps, dtype=torch.uint8, device=device)
+
+
+def _decode_splits(longest: int) -> int:
+    """Splits of the ragged decode over the longest cache: one per 512 entries, at most 32."""
+    return max(1, min(32, longest // 512))
+
+
 class FastGenLayer(CacheLayerMixin):
     """One model layer of a :class:`FastGenCache`; holds no dense tensors."""
 
@@ -521,6 +566,8 @@ class FastGenLayer(CacheLayerMixin):
         # never stored; every later column is real); later steps must present the same padding.
         self.prompt_valid: Tensor | None = None
         self.padded = False
+        # Inside FastGenCache.graph_steps: this layer's step state on the device.
+        self.graph: _LayerGraphSteps | None = None
 
     @property
     def valid(self) -> Tensor | None:
@@ -565,6 +612,7 @@ class FastGenLayer(CacheLayerMixin):
         self.prompt_valid = None
         self.padded = False
         self.seen = 0
+        self.graph = None
 
     def reorder_cache(self, beam_idx) -> None:  # handled by FastGenCache
         raise NotImplementedError
@@ -596,10 +644,10 @@ class FastGenCache(Cache):
             None to create one holding ``max_tokens`` full-cache tokens.
 
     On a GPU, decode steps read nothing back from the device (prefill does: it picks the
-    policies). CUDA graphs: a captured decode step replays correctly once; the step's position
-    and its pages are decided on the host when it is captured, so each further step needs a new
-    capture (or an eager step). Capturing once for many steps needs those on the device and pages
-    reserved ahead, which is not built yet.
+    policies). CUDA graphs: capture a decode step inside :meth:`graph_steps`, which keeps the
+    step's position on the device and reserves the pages of the steps ahead; the capture then
+    replays correctly step after step. Outside it a capture is refused (the step's position and
+    pages would be host decisions baked into the graph).
     """
 
     def __init__(self, model, tokenizer, recovery: float = 0.95, locality: float = 0.3,
@@ -647,6 +695,7 @@ class FastGenCache(Cache):
         self._class_tables: dict = {}
         self._mask_memo = None
         self._mask_checked = None
+        self._graph: _GraphSteps | None = None
         self.last_profile_seconds = 0.0
         super().__init__(layers=[FastGenLayer(self, i) for i in range(self.num_layers)])
         _register()
@@ -694,6 +743,93 @@ class FastGenCache(Cache):
         raise NotImplementedError("fastllm.kv: evicted entries cannot be restored, so "
                                   "FastGenCache does not support crop (assisted decoding)")
 
+    @contextlib.contextmanager
+    def graph_steps(self, steps: int):
+        """Decode up to ``steps`` more tokens per sequence with each step's state on the device,
+        so that one decode step captured with ``torch.cuda.graph`` replays correctly step after
+        step::
+
+            with cache.graph_steps(64):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    logits = model(ids, position_ids=positions, past_key_values=cache).logits
+                for _ in range(64):
+                    graph.replay()          # then write the next token into ids, positions += 1
+
+        On entry (synchronises): learns the token classes still in flight, reserves every
+        cache's pages for ``steps`` more tokens and fixes the attention's split count. Inside,
+        each decode step (eager or replayed) reads its position from a counter on the device and
+        advances it, always moves the rows an eviction displaces, and frees no page; the host
+        learns nothing of the steps. So pass the model the positions it cannot derive:
+        ``position_ids`` (and ``cache_position`` on transformers versions that take it) as
+        device tensors you advance, because ``get_seq_length()`` stays at its value on entry
+        until exit; the attention mask is not read (a decode step never reads it on a GPU). Only
+        one-token decode steps may run inside. On exit (synchronises): reads how many steps
+        ran, brings the host mirror and the class log up to date and gives back the pages no
+        cache needs. Raises there if more than ``steps`` steps ran: the extra steps' outputs are
+        invalid (a full cache overwrote its last entry; no other cache's pages were touched).
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"fastllm.kv: graph_steps: steps must be a positive int, got "
+                             f"{steps!r}")
+        if self._graph is not None:
+            raise RuntimeError("fastllm.kv: graph_steps: already inside graph_steps")
+        if self.layers[0].heads is None:
+            raise RuntimeError("fastllm.kv: graph_steps: run the prompt (prefill) first")
+        self._settle()
+        self._class_table_on(self.pool.device)  # a capture cannot upload it
+        start = self.layers[0].seen
+        try:
+            for layer in self.layers:
+                heads = layer.heads
+                need = heads.bound(layer.seen) + steps
+                heads.reserve(need)
+                layer.graph = _LayerGraphSteps(heads, layer.seen,
+                                               _decode_splits(int(need.max(initial=0))))
+        except PoolExhaustedError as err:
+            for layer in self.layers:
+                layer.graph = None
+                layer.heads.release_excess(layer.seen)
+            raise PoolExhaustedError(
+                f"fastllm.kv: graph_steps: no room for {steps} more tokens per sequence (pool of "
+                f"{self.pool.num_pages} pages, {self.pool.free_pages} free); ask for fewer "
+                "steps or give FastGenCache a larger pool") from err
+        self._graph = _GraphSteps(start, steps, self._batch(), self.pool.device)
+        try:
+            yield self
+        finally:
+            self._end_graph_steps()
+
+    def _end_graph_steps(self) -> None:
+        graph, self._graph = self._graph, None
+        counters = torch.cat([layer.graph.seen for layer in self.layers]).cpu()
+        ran = sorted(set((counters - graph.start).tolist()))
+        for layer in self.layers:
+            layer.graph = None
+        if len(ran) != 1:
+            # A forward stopped part-way: the layers disagree and the cache cannot be repaired.
+            self.release()
+            raise RuntimeError(f"fastllm.kv: graph_steps: the layers ran different numbers of "
+                               f"steps {ran}; the cache was released")
+        ran = ran[0]
+        known = min(ran, graph.steps)
+        if known:
+            self._class_log.store(graph.start, graph.classes[:, :known].cpu().numpy())
+        for layer in self.layers:
+            layer.seen = graph.start + ran
+            layer.heads.resync(layer.seen)
+            layer.heads.release_excess(layer.seen)
+        self._step_device_classes = None
+        if ran > graph.steps:
+            raise RuntimeError(
+                f"fastllm.kv: graph_steps({graph.steps}): {ran} decode steps ran; the outputs of "
+                f"the {ran - graph.steps} steps past the reserved ones are invalid")
+
+    def _refuse_inside_graph_steps(self, what: str) -> None:
+        if self._graph is not None:
+            raise RuntimeError(f"fastllm.kv: {what} is not possible inside graph_steps (the "
+                               "host does not know the steps' state until it exits)")
+
     def _batch(self) -> int:
         layer = self.layers[0]
         if layer.heads is None:
@@ -702,6 +838,7 @@ class FastGenCache(Cache):
 
     def _select(self, order: list[int]) -> None:
         # Not a decode step: the host may wait for the device here.
+        self._refuse_inside_graph_steps("reordering the batch")
         self._settle()
         for layer in self.layers:
             if layer.heads is None:
@@ -729,6 +866,7 @@ class FastGenCache(Cache):
             layer.reset()
         self._class_log = None
         self._step_device_classes = None
+        self._graph = None
 
     def reset(self) -> None:
         self.release()
@@ -751,6 +889,7 @@ class FastGenCache(Cache):
         Padding is not a token: a full cache would hold each sequence's real tokens only, and
         pad entries are never stored, so neither side counts them. Synchronises with the device
         (it learns the token classes still in flight and returns the pages they free)."""
+        self._refuse_inside_graph_steps("stats()")
         self._settle()
         pages = 0
         full_pages = 0
@@ -975,7 +1114,12 @@ class FastGenCache(Cache):
             classes = table[ids.to(device).clamp(0, table.shape[0] - 1)]
         per_cache = (classes[:, :1].expand(batch, self.num_kv_heads).reshape(-1) if n == 1
                      else None)
-        self._class_log.record(layer.seen, classes)
+        graph = self._graph
+        if graph is None:
+            self._class_log.record(layer.seen, classes)
+        else:  # the host learns them on exit (a replay runs no Python)
+            step = (layer.graph.seen - graph.start).clamp_(0, graph.steps - 1)
+            graph.classes.scatter_(1, step.expand(batch, 1), classes)
         self._step_device_classes = (layer.seen, classes, per_cache)
         return classes, per_cache
 
@@ -985,6 +1129,13 @@ class FastGenCache(Cache):
         on the device. The host decides the pages from its mirror and reads nothing back."""
         heads = layer.heads
         batch, hkv = k.shape[0], k.shape[1]
+        if layer.graph is not None:
+            return self._graph_decode(layer, q, k, v, scale)
+        if k.device.type == "cuda" and torch.cuda.is_available() \
+                and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fastllm.kv: capture FastGenCache decode steps inside "
+                               "cache.graph_steps(n): outside it a step's position and pages "
+                               "are host decisions a replay would repeat")
         column = layer.seen
         _, cls = self._device_classes(layer, k.device, batch, 1)
         try:
@@ -999,14 +1150,32 @@ class FastGenCache(Cache):
         newest = column - heads.offset
         heads.append_one(torch.cat([k, v], dim=-1).reshape(batch * hkv, -1), cls, newest)
         layer.seen += 1
-        longest = int(need.max(initial=0))
-        splits = max(1, min(32, longest // 512))
+        splits = _decode_splits(int(need.max(initial=0)))
         out, _, scores = kv_ops.kv_ragged_decode(q[:, :, 0].contiguous(), heads.rows_view(),
                                                   heads.table, heads.lengths.to(torch.int32),
                                                   self.page_rows, scale, splits)
         heads.evict_round(newest, scores, move=evicts is None or bool(evicts.any()))
         heads.release_excess(layer.seen)
         return out[:, None]  # [B, 1, Hq, D]
+
+    def _graph_decode(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor,
+                      scale: float) -> Tensor:
+        """A decode step inside ``graph_steps``: the same device work as ``_decode`` with the
+        position from the layer's device counter, the pages reserved on entry, a fixed split
+        count and the eviction's row move always made; the host does nothing a replay would
+        skip."""
+        heads, state = layer.heads, layer.graph
+        batch, hkv = k.shape[0], k.shape[1]
+        _, cls = self._device_classes(layer, k.device, batch, 1)
+        newest = state.seen - heads.offset
+        heads.append_one(torch.cat([k, v], dim=-1).reshape(batch * hkv, -1), cls, newest,
+                         capacity=state.capacity)
+        state.seen += 1
+        out, _, scores = kv_ops.kv_ragged_decode(q[:, :, 0].contiguous(), heads.rows_view(),
+                                                  heads.table, heads.lengths.to(torch.int32),
+                                                  self.page_rows, scale, state.splits)
+        heads.evict_round(newest, scores, move=True)
+        return out[:, None]
 
     def _extend(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         """Several new tokens on top of compressed caches: dense attention per head over its kept
@@ -1089,6 +1258,15 @@ class FastGenCache(Cache):
         if batch * self.num_kv_heads != len(layer.heads.pages):
             raise ValueError(f"fastllm.kv: batch size changed from "
                              f"{len(layer.heads.pages) // self.num_kv_heads} to {batch}")
+        if self._graph is not None:
+            # The host's position is stale inside graph_steps: only the mask's batch and query
+            # dimensions are checked (a decode step never reads it on a GPU).
+            if n != 1:
+                raise RuntimeError(f"fastllm.kv: only one-token decode steps may run inside "
+                                   f"graph_steps, got {n} tokens")
+            if attention_mask is not None:
+                self._check_mask_shape(attention_mask, batch, n, attention_mask.shape[-1])
+            return self._decode(layer, query, key, value, scale)
         if attention_mask is None:
             if layer.padded:
                 raise ValueError(
