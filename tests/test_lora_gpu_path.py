@@ -281,3 +281,86 @@ def test_first_op_inside_graph_capture_is_refused_not_corrupted():
         "    print('refused' if 'eagerly before capturing' in str(e) else e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "refused" in out.stdout, out.stdout + out.stderr
+
+
+# ---- CUDA: tensor-core SGMV and the deterministic decode shrink ---------------------------------
+
+def _prefill_problem(in_features, slice_sizes, ranks_list, counts, dtype, seed=0):
+    """CPU tensors: adapters of the given ranks with rows packed one after another in one pool (16-
+    byte aligned when the row lengths are whole words, as the store packs them), and a batch
+    where adapter a has counts[a % len(counts)] tokens, shuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    adapters, slices, max_rank = len(ranks_list), len(slice_sizes), max(ranks_list)
+    a_rows = torch.zeros(slices, adapters, max_rank, dtype=torch.int64)
+    b_rows = torch.zeros(slices, adapters, max_rank, dtype=torch.int64)
+    pos = 0
+    for s, out_features in enumerate(slice_sizes):
+        for a, r in enumerate(ranks_list):
+            a_rows[s, a, :r] = pos + torch.arange(r) * in_features
+            pos += r * in_features
+            b_rows[s, a, :r] = pos + torch.arange(r) * out_features
+            pos += r * out_features
+    pool = (torch.randn(pos, generator=generator) * 0.1).to(dtype)
+    ranks = torch.tensor(ranks_list, dtype=torch.int32).repeat(slices, 1)
+    ids = torch.cat([torch.full((counts[a % len(counts)],), a) for a in range(adapters)])
+    ids = ids[torch.randperm(ids.numel(), generator=generator)]
+    x = torch.randn(ids.numel(), in_features, generator=generator).to(dtype)
+    y = torch.randn(ids.numel(), sum(slice_sizes), generator=generator).to(dtype)
+    scalings = torch.rand(slices, adapters, generator=generator) + 0.5
+    return x, y, pool, a_rows, b_rows, ranks, scalings, ids
+
+
+def _cuda(*tensors):
+    return [t.cuda() for t in tensors]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_features, slice_sizes, ranks_list", [
+    (4096, [4096], [16, 16]),               # full tiles, K a whole number of staged chunks
+    (1000, [96, 40, 24], [1, 17, 64, 100]),  # K tail; ranks across the MMA's 16, 32 and 64 edges
+    (136, [129], [33, 8]),                  # a second column block of one column
+    (1001, [130], [5, 9]),                  # rows not word-aligned: element loads
+])
+@pytest.mark.parametrize("counts", [[1, 8, 9, 23], [3]])  # partial and full tiles of 8 tokens
+def test_cuda_tensor_core_sgmv_matches_the_cpu_kernel(dtype, in_features, slice_sizes,
+                                                     ranks_list, counts):
+    x, y, pool, a_rows, b_rows, ranks, scalings, ids = _prefill_problem(
+        in_features, slice_sizes, ranks_list, counts, dtype)
+    adapters = len(ranks_list)
+    want_h = ops.lora_shrink(x, pool, a_rows, ranks, ids, 2)
+    gx, gy, gpool, ga, gb, granks, gscale, gids = _cuda(x, y, pool, a_rows, b_rows, ranks,
+                                                        scalings, ids)
+    plan = ops.lora_sgmv_plan(ids, adapters)
+    plan = [p.cuda() for p in plan]
+    got_h = ops.lora_shrink(gx, gpool, ga, granks, gids, 2, *plan)
+    # Same products in fp32, another summation order.
+    scale = float(want_h.abs().max())
+    torch.testing.assert_close(got_h.cpu(), want_h, rtol=1e-3, atol=1e-3 * scale)
+    want_y = ops.lora_expand(y.clone(), want_h, pool, b_rows, ranks, scalings, ids, slice_sizes, 2)
+    got_y = ops.lora_expand(gy.clone(), want_h.cuda(), gpool, gb, granks, gscale, gids,
+                            slice_sizes, 2, *plan)
+    # The tensor cores take h rounded to the input type (the CPU keeps fp32).
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    delta = (want_y.float() - y.float()).abs().max()
+    torch.testing.assert_close(got_y.cpu().float(), want_y.float(), rtol=tol,
+                               atol=tol * float(delta))
+    ops.raise_index_errors("cuda")
+
+
+@cuda_only
+def test_cuda_deterministic_decode_shrink_is_reproducible_bit_for_bit():
+    # Batch 1 at hidden 4096 splits K 16 ways (test_lora_launch.py); with deterministic
+    # algorithms on, the splits are summed in a fixed order instead of atomically.
+    x, _, pool, a_rows, _, ranks, _, ids = _prefill_problem(4096, [4096], [16], [1],
+                                                           torch.float16)
+    want = ops.lora_shrink(x, pool, a_rows, ranks, ids, 1)
+    args = _cuda(x, pool, a_rows, ranks, ids)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [ops.lora_shrink(*args, 1) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])
+    torch.testing.assert_close(runs[0].cpu(), want, rtol=1e-3, atol=1e-3)

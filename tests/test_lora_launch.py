@@ -62,6 +62,24 @@ def test_batch_1_expand_uses_single_warp_blocks():
     assert _C.lora_plan_expand(1, 1, 4096, 8, SMS) == (32, 16)
 
 
+@pytest.mark.parametrize("max_rank", [1, 16, 31, 32, 33, 256, 4096])
+@pytest.mark.parametrize("widest", [1, 8, 127, 128, 129, 4096, 14336])
+def test_tensor_core_sgmv_grid_covers_every_rank_row_and_output_column(max_rank, widest):
+    rank_groups, column_blocks = _C.lora_plan_sgmv_mma(max_rank, widest)
+    ranks, columns = _C.lora_mma_ranks, _C.lora_mma_columns
+    assert rank_groups * ranks >= max_rank > (rank_groups - 1) * ranks
+    assert column_blocks * columns >= widest > (column_blocks - 1) * columns
+    assert rank_groups <= 65535 and column_blocks <= 65535  # grid.y
+
+
+def test_prefill_of_512_tokens_on_one_adapter_fills_the_gpu_on_tensor_cores():
+    # 64 tiles of 8 tokens; q/k/v expand (4096 + 1024 + 1024 columns, widest 4096) at rank 16.
+    tiles = 512 // _C.lora_tile
+    _, column_blocks = _C.lora_plan_sgmv_mma(16, 4096)
+    assert tiles * column_blocks * 3 >= 2 * SMS
+    assert _C.lora_gpu_prefers_sgmv(512, tiles, SMS)
+
+
 # ---- static checks of the compiled kernels -------------------------------------------------------
 
 def _cuobjdump() -> str | None:
@@ -95,14 +113,14 @@ def test_lora_kernels_have_no_spills_or_stack():
         assert "STACK:0 " in usage and "LOCAL:0" in usage, f"{name}: {usage}"
 
 
-def _sass(kernel: str) -> dict[str, str]:
-    """SASS per mangled function name containing `kernel` and `Half` (the fp16 instantiation)."""
+def _sass(kernel: str, dtype: str = "Half") -> dict[str, str]:
+    """SASS per mangled function name containing `kernel` and `dtype` (default fp16)."""
     out = subprocess.run([_cuobjdump(), "-sass", _library()], capture_output=True, text=True,
                          check=True).stdout
     functions = {}
     for block in out.split("Function : ")[1:]:
         name = block.split("\n", 1)[0].strip()
-        if kernel in name and "Half" in name:
+        if kernel in name and dtype in name:
             functions[name] = block
     return functions
 
@@ -113,4 +131,15 @@ def test_decode_kernels_use_16_byte_global_loads(kernel):
     functions = _sass(kernel)
     assert functions, f"no fp16 {kernel} in the binary"
     for name, sass in functions.items():
+        assert re.search(r"LDG\.E\.128", sass), f"{name} has no 16-byte global load"
+
+
+@needs_cuda_binary
+@pytest.mark.parametrize("kernel", ["shrink_sgmv_mma", "expand_sgmv_mma"])
+@pytest.mark.parametrize("dtype", ["Half", "BFloat16"])
+def test_prefill_kernels_run_on_tensor_cores_with_16_byte_loads(kernel, dtype):
+    functions = _sass(kernel, dtype)
+    assert functions, f"no {dtype} {kernel} in the binary"
+    for name, sass in functions.items():
+        assert re.search(r"HMMA\.\d+\.F32", sass), f"{name} has no tensor-core MMA"
         assert re.search(r"LDG\.E\.128", sass), f"{name} has no 16-byte global load"

@@ -7,7 +7,10 @@
 //         read once per tile. Rows at or beyond a token's rank are skipped: mixed ranks cost no
 //         padding work.
 // expand: threads stride over output columns; each thread owns its columns of y, so no atomics.
-// Accumulation is fp32 (fp64 for fp64 inputs) throughout.
+// SGMV in fp16 / bf16 on sm_80+ runs on tensor cores instead (lora_index.h, plan_sgmv_mma).
+// Accumulation is fp32 (fp64 for fp64 inputs) throughout. The split-K decode shrink adds its
+// partial sums with atomics, unless torch.use_deterministic_algorithms(True) is on: then each
+// split writes its own slice of a workspace, summed in a fixed order.
 //
 // No host synchronisation: the host checks only metadata; every index value read here (adapter
 // ids, ranks, row offsets, the SGMV plan) is bounds-checked in the kernel, and a bad one skips the
@@ -17,7 +20,12 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "common/index_guard.cuh"
 #include "lora/lora_checks.h"
@@ -150,7 +158,8 @@ template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kShrinkWarps * 32)
     shrink_bgmv(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pool, Tables tables,
                 const index_t* __restrict__ token_adapter, acc_t* __restrict__ h, int64_t tokens,
-                int64_t in, int64_t chunk, int64_t row_groups, int64_t splits, bool vector_x) {
+                int64_t in, int64_t chunk, int64_t row_groups, int64_t splits, bool vector_x,
+                int64_t split_stride) {
   extern __shared__ uint4 staged_words[];
   scalar_t* staged_x = reinterpret_cast<scalar_t*>(staged_words);
   constexpr int vec = kVec<scalar_t>;
@@ -193,8 +202,9 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   }
   sum = warp_sum(sum);
   if (lane == 0) {
-    acc_t* out = h + h_index(s, t, j, tokens, tables.max_rank);
-    if (splits == 1) {
+    // split_stride > 0: each split owns a slice of the workspace (deterministic; summed later).
+    acc_t* out = h + split * split_stride + h_index(s, t, j, tokens, tables.max_rank);
+    if (splits == 1 || split_stride > 0) {
       *out = sum;
     } else {
       atomicAdd(out, sum);  // h starts at zero; the split order makes the last bits vary
@@ -354,6 +364,207 @@ __global__ void expand_sgmv(scalar_t* __restrict__ y, const acc_t* __restrict__ 
   }
 }
 
+
+// ---- SGMV on tensor cores (fp16 / bf16, sm_80+; lora_index.h, plan_sgmv_mma) ---------------------
+
+// The CUDA type WMMA takes for a scalar type; void where the tensor-core kernels do not apply.
+template <typename scalar_t>
+struct MmaType {
+  using type = void;
+};
+template <>
+struct MmaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct MmaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// Shared-memory row padding (elements): keeps rows 16-byte aligned and WMMA fragment pointers
+// 32-byte aligned while shifting successive rows across banks.
+constexpr int kMmaPad = 8;
+
+// Stages columns [k0, k0 + kCols) of `rows` rows into shared memory (row stride ld), reading row i
+// at base + start[i] (start < 0: a row that must read as zeros) up to column `limit`; zeros past
+// it. Each 16-byte word is one load where the source word is aligned and inside, element loads
+// otherwise. (Offsets from a global base, not pointers kept in shared memory, so that the loads
+// compile to global loads rather than generic ones.)
+template <int kCols, typename scalar_t>
+__device__ __forceinline__ void stage_chunk(scalar_t* dst, int ld,
+                                            const scalar_t* __restrict__ base,
+                                            const int64_t* start, int rows, int64_t k0,
+                                            int64_t limit) {
+  constexpr int vec = kVec<scalar_t>;
+  constexpr int words = kCols / vec;
+  for (int e = threadIdx.x; e < rows * words; e += blockDim.x) {
+    const int row = e / words, word = e % words;
+    const int64_t k = k0 + static_cast<int64_t>(word) * vec;
+    scalar_t* d = dst + row * ld + word * vec;
+    const scalar_t* p = start[row] >= 0 ? base + start[row] : nullptr;
+    if (p != nullptr && k + vec <= limit && word_aligned(p + k)) {
+      *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(p + k);
+    } else {
+#pragma unroll
+      for (int i = 0; i < vec; ++i) {
+        d[i] = (p != nullptr && k + i < limit) ? p[k + i] : static_cast<scalar_t>(0.0f);
+      }
+    }
+  }
+}
+
+// The tile's tokens in shared memory, where the block indexes them by thread (a register array
+// indexed at run time would live on the stack). Every thread of the block must call it.
+__device__ __forceinline__ void share_tile_tokens(const Tile& tile, int64_t* shared) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < kTile; ++i) shared[i] = tile.token[i];
+  }
+  __syncthreads();
+}
+
+// grid: (tiles, rank groups, slices), kMmaWarps warps. h[s, token, j] for the tile's tokens and
+// the group's kMmaRanks rows j; a row past the rank or a bad row keeps h at 0.
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    shrink_sgmv_mma(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pool,
+                    Tables tables, const index_t* __restrict__ token_adapter,
+                    const int32_t* __restrict__ order, int64_t listed,
+                    const int32_t* __restrict__ tiles, float* __restrict__ h, int64_t tokens,
+                    int64_t in) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using mma_t = typename MmaType<scalar_t>::type;
+  constexpr int ld = kMmaChunk + kMmaPad;
+  __shared__ alignas(32) scalar_t xs[kTile * ld];
+  __shared__ alignas(32) scalar_t ws[kMmaRanks * ld];
+  __shared__ alignas(32) float partial[kMmaWarps][kTile * kMmaRanks];
+  __shared__ int64_t x_row[kTile];
+  __shared__ int64_t w_row[kMmaRanks];
+  __shared__ int64_t tile_token[kTile];
+  const int64_t s = blockIdx.z;
+  const Tile tile = load_tile(tables, order, listed, tiles, blockIdx.x, tokens, token_adapter);
+  if (tile.n == 0) return;
+  const int r = checked_rank(tables, s, tile.adapter);
+  const int j0 = static_cast<int>(blockIdx.y) * kMmaRanks;
+  if (j0 >= r) return;  // the whole block
+  share_tile_tokens(tile, tile_token);
+  if (threadIdx.x < kTile) {
+    x_row[threadIdx.x] = threadIdx.x < tile.n ? tile_token[threadIdx.x] * in : -1;
+  }
+  if (threadIdx.x < kMmaRanks) {
+    const int j = j0 + static_cast<int>(threadIdx.x);
+    w_row[threadIdx.x] = j < r ? checked_row(tables, s, tile.adapter, j, in) : -1;
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32;
+  wmma::fragment<wmma::accumulator, 8, 32, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  for (int64_t k0 = 0; k0 < in; k0 += kMmaChunk) {
+    stage_chunk<kMmaChunk>(xs, ld, x, x_row, kTile, k0, in);
+    stage_chunk<kMmaChunk>(ws, ld, pool, w_row, kMmaRanks, k0, in);
+    __syncthreads();
+    for (int kk = warp * 16; kk < kMmaChunk; kk += kMmaWarps * 16) {
+      wmma::fragment<wmma::matrix_a, 8, 32, 16, mma_t, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 8, 32, 16, mma_t, wmma::col_major> b;
+      wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(xs + kk), ld);
+      wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(ws + kk), ld);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    __syncthreads();  // the next chunk overwrites the staged rows
+  }
+  wmma::store_matrix_sync(partial[warp], acc, kMmaRanks, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = threadIdx.x; e < kTile * kMmaRanks; e += blockDim.x) {
+    const int i = e / kMmaRanks, jj = e % kMmaRanks;
+    if (i >= tile.n || j0 + jj >= r || w_row[jj] < 0) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) sum += partial[w][e];
+    h[h_index(s, tile_token[i], j0 + jj, tokens, tables.max_rank)] = sum;
+  }
+#endif
+}
+
+// grid: (tiles, column blocks, slices), kMmaWarps warps. y[token, slice columns of the block] +=
+// scaling * h W^T; a bad row contributes nothing (reported by the first column block).
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    expand_sgmv_mma(scalar_t* __restrict__ y, const float* __restrict__ h,
+                    const scalar_t* __restrict__ pool, Tables tables,
+                    const float* __restrict__ scalings, const index_t* __restrict__ token_adapter,
+                    const int32_t* __restrict__ order, int64_t listed,
+                    const int32_t* __restrict__ tiles, SliceOffsets slices, int64_t tokens,
+                    int64_t width) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using mma_t = typename MmaType<scalar_t>::type;
+  constexpr int h_ld = kMmaRankChunk + kMmaPad;
+  constexpr int w_ld = kMmaColumns + kMmaPad;
+  __shared__ alignas(32) scalar_t hs[kTile * h_ld];
+  __shared__ alignas(32) scalar_t ws[kMmaRankChunk * w_ld];
+  __shared__ alignas(32) float out[kTile * kMmaColumns];
+  __shared__ int64_t w_row[kMmaRankChunk];
+  __shared__ int64_t tile_token[kTile];
+  const int64_t s = blockIdx.z;
+  const Tile tile = load_tile(tables, order, listed, tiles, blockIdx.x, tokens, token_adapter);
+  if (tile.n == 0) return;
+  const int64_t begin = slices.begin[s], size = slices.begin[s + 1] - begin;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kMmaColumns;
+  if (col0 >= size) return;  // the whole block: a narrower slice
+  const int r = checked_rank(tables, s, tile.adapter);
+  if (r == 0) return;  // y untouched, as on the CPU
+  share_tile_tokens(tile, tile_token);
+  const int warp = threadIdx.x / 32;
+  wmma::fragment<wmma::accumulator, 8, 32, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  for (int j0 = 0; j0 < r; j0 += kMmaRankChunk) {
+    // The chunk's rank rows rounded up to the MMA's K of 16: a rank-16 adapter stages 16 rows.
+    const int depth = min(kMmaRankChunk, (r - j0 + 15) / 16 * 16);
+    if (threadIdx.x < kMmaRankChunk) {
+      const int j = j0 + static_cast<int>(threadIdx.x);
+      int64_t row = -1;
+      if (j < r) {
+        const int64_t o = tables.rows[table_index(s, tile.adapter, j, tables.adapters,
+                                                  tables.max_rank)];
+        const bool inside = o >= 0 && o <= tables.pool_size - size;
+        if (!inside && blockIdx.y == 0) report_index_error(tables.error_word, kLoraRows);
+        row = inside ? o + col0 : -1;
+      }
+      w_row[threadIdx.x] = row;
+    }
+    for (int e = threadIdx.x; e < kTile * depth; e += blockDim.x) {
+      const int i = e / depth, jj = e % depth;
+      const float v = i < tile.n && j0 + jj < r
+                          ? h[h_index(s, tile_token[i], j0 + jj, tokens, tables.max_rank)]
+                          : 0.0f;
+      hs[i * h_ld + jj] = static_cast<scalar_t>(v);
+    }
+    __syncthreads();
+    stage_chunk<kMmaColumns>(ws, w_ld, pool, w_row, depth, 0, size - col0);
+    __syncthreads();
+    for (int kk = 0; kk < depth; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 8, 32, 16, mma_t, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 8, 32, 16, mma_t, wmma::row_major> b;
+      wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(hs + kk), h_ld);
+      wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(ws + kk * w_ld + warp * 32), w_ld);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    __syncthreads();  // the next rank chunk overwrites the staged rows
+  }
+  wmma::store_matrix_sync(out + warp * 32, acc, kMmaColumns, wmma::mem_row_major);
+  __syncthreads();
+  const float c = scalings[s * tables.adapters + tile.adapter];
+  for (int e = threadIdx.x; e < kTile * kMmaColumns; e += blockDim.x) {
+    const int i = e / kMmaColumns, col = e % kMmaColumns;
+    const int64_t o = col0 + col;
+    if (i >= tile.n || o >= size) continue;
+    scalar_t* yo = y + tile_token[i] * width + begin + o;
+    *yo = static_cast<scalar_t>(static_cast<float>(*yo) + c * out[e]);
+  }
+#endif
+}
+
 Tables make_tables(const at::Tensor& pool, const at::Tensor& rows, const at::Tensor& ranks) {
   TORCH_CHECK_VALUE(rows.size(2) <= kMaxCudaRank, "fastllm.lora: on CUDA the row tables may be at "
                     "most ", kMaxCudaRank, " wide (max_rank), got ", rows.size(2));
@@ -365,6 +576,59 @@ bool is_word_aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 1
 
 int64_t sm_count() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// Whether SGMV in this type runs on tensor cores on the current GPU.
+template <typename scalar_t>
+bool use_tensor_cores() {
+  return !std::is_void_v<typename MmaType<scalar_t>::type> &&
+         at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+// Tensor-core SGMV launches; no-ops for the types the tensor cores do not take (never chosen:
+// use_tensor_cores is false for them), so that only fp16 / bf16 instantiate the kernels.
+template <typename scalar_t>
+void launch_shrink_sgmv_mma(const at::Tensor& x, const at::Tensor& pool, const Tables& tables,
+                            const at::Tensor& token_adapter, const at::Tensor& order,
+                            const at::Tensor& tiles, at::Tensor& h, int64_t max_rank,
+                            cudaStream_t stream) {
+  if constexpr (!std::is_void_v<typename MmaType<scalar_t>::type>) {
+    const int64_t slices = h.size(0), tokens = x.size(0), in = x.size(1);
+    TORCH_CHECK_VALUE(slices <= kMaxGridYZ, "fastllm.lora_shrink: at most ", kMaxGridYZ,
+                      " slices on CUDA, got ", slices);
+    const SgmvMmaLaunch plan = plan_sgmv_mma(max_rank, 0);
+    AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_shrink_ids", [&] {
+      shrink_sgmv_mma<scalar_t, index_t>
+          <<<dim3(tiles.size(0), plan.rank_groups, slices), kMmaWarps * 32, 0, stream>>>(
+              x.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), tables,
+              token_adapter.data_ptr<index_t>(), order.data_ptr<int32_t>(), order.numel(),
+              tiles.data_ptr<int32_t>(), h.data_ptr<float>(), tokens, in);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+}
+
+template <typename scalar_t>
+void launch_expand_sgmv_mma(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool,
+                            const Tables& tables, const at::Tensor& scalings,
+                            const at::Tensor& token_adapter, const at::Tensor& order,
+                            const at::Tensor& tiles, const SliceOffsets& slice_offsets,
+                            int64_t max_rank, int64_t widest, cudaStream_t stream) {
+  if constexpr (!std::is_void_v<typename MmaType<scalar_t>::type>) {
+    const int64_t slices = h.size(0), tokens = y.size(0), width = y.size(1);
+    const SgmvMmaLaunch plan = plan_sgmv_mma(max_rank, widest);
+    TORCH_CHECK_VALUE(plan.column_blocks <= kMaxGridYZ, "fastllm.lora_expand: a slice of ",
+                      widest, " columns is too wide for the CUDA prefill kernel");
+    AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_expand_ids", [&] {
+      expand_sgmv_mma<scalar_t, index_t>
+          <<<dim3(tiles.size(0), plan.column_blocks, slices), kMmaWarps * 32, 0, stream>>>(
+              y.data_ptr<scalar_t>(), h.data_ptr<float>(), pool.data_ptr<scalar_t>(), tables,
+              scalings.data_ptr<float>(), token_adapter.data_ptr<index_t>(),
+              order.data_ptr<int32_t>(), order.numel(), tiles.data_ptr<int32_t>(), slice_offsets,
+              tokens, width);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
 }
 
 at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows,
@@ -396,14 +660,25 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& pool, const a
                         in, " columns) for the CUDA decode kernel");
       const bool vector_x = in % vec == 0 && is_word_aligned(x.data_ptr());
       const size_t shared_bytes = static_cast<size_t>(plan.chunk) * sizeof(scalar_t);
+      // Deterministic: one workspace slice per K split (zeros where a row is past its rank),
+      // summed in split order by at::sum; otherwise the splits add into h atomically.
+      const bool ordered = plan.splits > 1 && at::globalContext().deterministicAlgorithms();
+      at::Tensor out = ordered ? at::zeros({plan.splits, slices, tokens, max_rank}, h.options())
+                               : h;
+      const int64_t split_stride = ordered ? slices * tokens * max_rank : 0;
       AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_shrink_ids", [&] {
         shrink_bgmv<scalar_t, acc_t, index_t>
             <<<dim3(tokens, plan.blocks(), slices), kShrinkWarps * 32, shared_bytes, stream>>>(
                 x.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), tables,
-                token_adapter.data_ptr<index_t>(), h.data_ptr<acc_t>(), tokens, in, plan.chunk,
-                plan.row_groups, plan.splits, vector_x);
+                token_adapter.data_ptr<index_t>(), out.data_ptr<acc_t>(), tokens, in, plan.chunk,
+                plan.row_groups, plan.splits, vector_x, split_stride);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
+      if (ordered) at::sum_out(h, out, {0});
+    } else if (use_tensor_cores<scalar_t>()) {
+      if (plan_tiles == 0) return;
+      launch_shrink_sgmv_mma<scalar_t>(x, pool, tables, token_adapter, *sgmv_order, *sgmv_tiles,
+                                       h, max_rank, stream);
     } else {
       if (plan_tiles == 0) return;
       AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_shrink_ids", [&] {
@@ -471,6 +746,12 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool
                 tokens, width, vector_y);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
+    } else if (use_tensor_cores<scalar_t>()) {
+      if (plan_tiles == 0) return;
+      int64_t widest = 0;
+      for (int64_t s = 0; s < slices; ++s) widest = std::max(widest, slice_sizes[s]);
+      launch_expand_sgmv_mma<scalar_t>(y, h, pool, tables, scalings, token_adapter, *sgmv_order,
+                                       *sgmv_tiles, slice_offsets, max_rank, widest, stream);
     } else {
       if (plan_tiles == 0) return;
       AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_expand_ids", [&] {

@@ -119,6 +119,36 @@ inline ExpandLaunch plan_expand(int64_t tokens, int64_t slices, int64_t widest_s
   return {threads, tiles_for(threads)};
 }
 
+// ---- prefill (SGMV) on tensor cores: fp16 / bf16 on sm_80 and later -------------------------------
+//
+// A block serves one plan tile (<= kTile tokens of one adapter) with kMmaWarps warps and WMMA
+// m8n32k16 products (fp32 accumulation): the tile's kTile tokens are the M of the product, so a
+// tile fills it with no padding when full.
+//  - shrink, grid (tiles, rank groups, slices): kMmaRanks adapter rows per block (the N); x's tile
+//    and the rows are staged kMmaChunk columns of K at a time (16-byte loads), each warp multiplies
+//    its share of the chunk's K steps, and the warps' partial products are summed at the end.
+//  - expand, grid (tiles, column blocks, slices): kMmaColumns output columns per block, 32 per
+//    warp (the N); the rank is the K, staged kMmaRankChunk rows at a time. The tensor cores take
+//    h in the input type, so h is rounded to fp16 / bf16 there (the CPU keeps it in fp32): the
+//    same rounding y gets when it is stored.
+// fp32 and fp64 (and GPUs before sm_80) keep the CUDA-core SGMV kernels.
+constexpr int kMmaWarps = 4;
+constexpr int kMmaRanks = 32;
+constexpr int kMmaChunk = 256;
+constexpr int kMmaRankChunk = 64;
+constexpr int kMmaColumns = kMmaWarps * 32;
+static_assert(kTile == 8, "the tensor-core SGMV kernels use the tile as the M of m8n32k16");
+
+struct SgmvMmaLaunch {
+  int64_t rank_groups;    // shrink grid.y: ceil(max_rank / kMmaRanks)
+  int64_t column_blocks;  // expand grid.y: ceil(widest slice / kMmaColumns)
+};
+
+inline SgmvMmaLaunch plan_sgmv_mma(int64_t max_rank, int64_t widest_slice) {
+  return {std::max<int64_t>(1, (max_rank + kMmaRanks - 1) / kMmaRanks),
+          std::max<int64_t>(1, (widest_slice + kMmaColumns - 1) / kMmaColumns)};
+}
+
 inline int64_t resolve_path(int64_t path, int64_t tokens, int64_t adapters) {
   if (path != kAuto) return path;
   return tokens >= kSgmvMinTokensPerAdapter * (adapters > 0 ? adapters : 1) ? kSgmv : kBgmv;
