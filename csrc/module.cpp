@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common/index_errors.h"
+#include "kv/kv_math.h"
 #include "lora/lora_index.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -28,6 +29,12 @@ PYBIND11_MODULE(_C, m) {
     const auto plan = fastllm::lora::plan_expand(tokens, slices, widest, vec, sms);
     return pybind11::make_tuple(plan.threads, plan.tiles);
   });
+  // KV decode launch plans (kv_math.h), for the cache's split choice and the CPU tests.
+  m.def("kv_plan_decode", [](int64_t group, int64_t d, int64_t elem_bytes) {
+    const auto plan = fastllm::kv::plan_decode(group, d, elem_bytes);
+    return pybind11::make_tuple(plan.grouped, plan.tile, plan.key_lanes, plan.shared_bytes);
+  });
+  m.def("kv_plan_decode_splits", &fastllm::kv::plan_decode_splits);
   m.def("lora_plan_sgmv_mma", [](int64_t max_rank, int64_t widest) {
     const auto plan = fastllm::lora::plan_sgmv_mma(max_rank, widest);
     return pybind11::make_tuple(plan.rank_groups, plan.column_blocks);

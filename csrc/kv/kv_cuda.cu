@@ -5,9 +5,13 @@
 // arbitrary length) and adds the probability into the key's score or the policy's mass. No
 // attention map is ever stored, so the `chunk` argument (the CPU's working-set bound) is unused.
 //
-// Decode: grid (cache x group head, split). A split writes its logits to a workspace, then its
-// threads (one per head_dim element) sum exp(logit - max) * value; a second kernel merges splits
-// and a third turns logits into per-entry probabilities summed over the group.
+// Decode: grid (cache, split), one block serving the cache's whole query group
+// (decode_gqa_kernel, planned by kv_math.h's plan_decode): the split's K/V rows are streamed
+// through shared memory once, in tiles double-buffered with cp.async, with an online softmax per
+// head; the logits go to a workspace once. A second kernel merges the splits and a third turns
+// the logits into per-entry probabilities summed over the group. Shapes the grouped kernel does
+// not take (fp64, head dims that are not whole 16-byte words, very large groups) use the
+// per-head kernel (grid (cache x group head, split)), which reads each row once per head.
 //
 // No host synchronisation: index values are checked on the host only in the debug mode (see
 // common/index_errors.h). The decode kernels treat a cache whose length lies outside
@@ -219,6 +223,260 @@ __global__ void decode_split_kernel(const scalar_t* __restrict__ q,
   }
 }
 
+
+// 16-byte global -> shared copy; asynchronous (cp.async, cached in L2 only: rows are read once)
+// on sm_80 and later, a plain load and store before.
+__device__ __forceinline__ void copy16_async(void* shared_dst, const void* global_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src));
+#else
+  *reinterpret_cast<uint4*>(shared_dst) = *reinterpret_cast<const uint4*>(global_src);
+#endif
+}
+
+__device__ __forceinline__ void async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most `pending` committed groups of this thread's copies are in flight.
+template <int pending>
+__device__ __forceinline__ void async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+#endif
+}
+
+// The floats of one 16-byte word of scalar_t (8 fp16 / bf16, 4 fp32), by bit operations on the
+// word's registers (taking the word's address instead can put it on the stack).
+template <typename scalar_t>
+__device__ __forceinline__ void word_floats(const uint4& w, float* out);
+
+template <>
+__device__ __forceinline__ void word_floats<float>(const uint4& w, float* out) {
+  out[0] = __uint_as_float(w.x);
+  out[1] = __uint_as_float(w.y);
+  out[2] = __uint_as_float(w.z);
+  out[3] = __uint_as_float(w.w);
+}
+
+template <>
+__device__ __forceinline__ void word_floats<at::Half>(const uint4& w, float* out) {
+  const unsigned parts[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(parts[i] & 0xffffu)));
+    out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(parts[i] >> 16)));
+  }
+}
+
+template <>
+__device__ __forceinline__ void word_floats<at::BFloat16>(const uint4& w, float* out) {
+  const unsigned parts[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // a bf16 is the high half of the fp32 with the same bits
+    out[2 * i] = __uint_as_float(parts[i] << 16);
+    out[2 * i + 1] = __uint_as_float(parts[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+__device__ __forceinline__ float warp_total(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// The grouped decode split (kv_math.h, plan_decode). grid: (caches, splits), kDecodeThreads
+// threads; dynamic shared memory as plan_decode lays it out. Writes the split's partial max,
+// sum and unnormalised output per query head (the layout decode_merge_kernel reads) and each
+// entry's logit per head into the workspace (decode_scores_kernel reads it).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kDecodeThreads)
+    decode_gqa_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ rows,
+                      const int32_t* __restrict__ table, const int32_t* __restrict__ lengths,
+                      float* __restrict__ logits, float* __restrict__ part_m,
+                      float* __restrict__ part_s, float* __restrict__ part_o, int64_t hq,
+                      int64_t hkv, int64_t pages, int64_t page_rows, int64_t pool_pages,
+                      int64_t width, int d, int64_t splits, int tile, int key_lanes, float scale,
+                      unsigned int* err) {
+  constexpr int vec = 16 / static_cast<int>(sizeof(scalar_t));
+  extern __shared__ uint4 shared_words[];
+  const int group = static_cast<int>(hq / hkv);
+  const int row_elems = 2 * d, chunks = d / vec, words_per_row = row_elems / vec;
+  scalar_t* stage = reinterpret_cast<scalar_t*>(shared_words);  // [2][tile][2D]
+  float* q_s = reinterpret_cast<float*>(stage + 2 * tile * row_elems);  // [G][D], scaled
+  float* logit_s = q_s + group * d;                                     // [G][tile]
+  float* p_s = logit_s + group * tile;                                  // [G][tile]
+  float* m_s = p_s + group * tile;
+  float* l_s = m_s + group;
+  float* alpha_s = l_s + group;
+
+  const int64_t c = blockIdx.x, s = blockIdx.y;
+  const int64_t seq = c / hkv, head0 = (c % hkv) * group;
+  for (int i = threadIdx.x; i < group * d; i += blockDim.x) {
+    q_s[i] = static_cast<float>(q[(seq * hq + head0) * d + i]) * scale;
+  }
+  if (threadIdx.x < group) {
+    m_s[threadIdx.x] = -FLT_MAX;
+    l_s[threadIdx.x] = 0.f;
+  }
+  int64_t begin, end;
+  // Only split 0 reports a bad length: one report per cache is enough.
+  split_range(guarded_length(lengths, c, pages * page_rows, s == 0 ? err : nullptr), splits, s,
+              &begin, &end);
+  const int32_t* page_row = table + c * pages;
+  // Entry indices fit 32 bits (lengths are int32): 32-bit division, no 64-bit division routine.
+  const int rows_per_page = static_cast<int>(page_rows);
+
+  // Copies entries [first, first + n) into buffer `buf`; a row whose page lies outside the pool
+  // is zeroed (its logit becomes -inf below, and 0 * zeros keeps P.V finite).
+  auto stage_tile = [&](int buf, int64_t first) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(tile), end - first));
+    scalar_t* dst = stage + buf * tile * row_elems;
+    for (int w = threadIdx.x; w < n * words_per_row; w += blockDim.x) {
+      const int e = w / words_per_row, word = w % words_per_row;
+      const int entry = static_cast<int>(first) + e;
+      const int64_t page = page_row[entry / rows_per_page];
+      scalar_t* to = dst + e * row_elems + word * vec;
+      if (page_in_range(page, pool_pages)) {
+        const int64_t slot = page * page_rows + entry % rows_per_page;
+        copy16_async(to, rows + slot * row_elems + word * vec);
+      } else {
+        *reinterpret_cast<uint4*>(to) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    async_commit();
+  };
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int keys_per_warp = 32 / key_lanes;
+  const int key_of_lane = lane / key_lanes, part = lane % key_lanes;
+  const int pairs = group * chunks;
+  float acc[kDecodeMaxPairs][vec];
+#pragma unroll
+  for (int k = 0; k < kDecodeMaxPairs; ++k) {
+#pragma unroll
+    for (int i = 0; i < vec; ++i) acc[k][i] = 0.f;
+  }
+
+  const int64_t tiles = (end - begin + tile - 1) / tile;
+  if (tiles > 0) stage_tile(0, begin);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t first = begin + t * tile;
+    const int n = static_cast<int>(min(static_cast<int64_t>(tile), end - first));
+    if (t + 1 < tiles) {
+      stage_tile(static_cast<int>((t + 1) & 1), first + tile);
+      async_wait<1>();  // this tile's copies are done, the next tile's may still fly
+    } else {
+      async_wait<0>();
+    }
+    __syncthreads();  // every thread's copies of this tile (and, at t = 0, q_s, m_s, l_s)
+    const scalar_t* buf = stage + (t & 1) * tile * row_elems;
+
+    // QK^T: key_lanes lanes per key, one 16-byte word of it each; every lane runs the same trip
+    // count so the shuffles see the whole warp.
+    for (int e0 = warp * keys_per_warp; e0 < tile; e0 += warps * keys_per_warp) {
+      const int e = e0 + key_of_lane;
+      const bool live = e < n && part < chunks;
+      uint4 word = make_uint4(0u, 0u, 0u, 0u);
+      if (live) word = *reinterpret_cast<const uint4*>(buf + e * row_elems + part * vec);
+      float k[vec];
+      word_floats<scalar_t>(word, k);
+      bool usable = e < n;
+      if (usable && part == 0 &&
+          !page_in_range(page_row[(static_cast<int>(first) + e) / rows_per_page], pool_pages)) {
+        report_index_error(err, kKvPageTable);
+        usable = false;
+      }
+      for (int g = 0; g < group; ++g) {
+        float dot = 0.f;
+        if (live) {
+          const float* qg = q_s + g * d + part * vec;
+#pragma unroll
+          for (int i = 0; i < vec; ++i) dot += qg[i] * k[i];
+        }
+        for (int offset = key_lanes / 2; offset > 0; offset >>= 1) {
+          dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        }
+        if (part == 0 && e < tile) logit_s[g * tile + e] = usable ? dot : -INFINITY;
+      }
+    }
+    __syncthreads();
+
+    // The logits, once, for the per-entry probabilities; and the online softmax, a warp per head.
+    for (int i = threadIdx.x; i < group * n; i += blockDim.x) {
+      const int g = i / n, e = i % n;
+      logits[(c * group + g) * width + first + e] = logit_s[g * tile + e];
+    }
+    for (int g = warp; g < group; g += warps) {
+      float top = -FLT_MAX;
+      for (int e = lane; e < n; e += 32) top = fmaxf(top, logit_s[g * tile + e]);
+      top = warp_max(top);
+      const float m_old = m_s[g], m_new = fmaxf(m_old, top);
+      float sum = 0.f;
+      for (int e = lane; e < tile; e += 32) {
+        const float p = e < n ? __expf(logit_s[g * tile + e] - m_new) : 0.f;
+        p_s[g * tile + e] = p;
+        sum += p;
+      }
+      sum = warp_total(sum);
+      if (lane == 0) {
+        const float alpha = __expf(m_old - m_new);
+        alpha_s[g] = alpha;
+        l_s[g] = l_s[g] * alpha + sum;
+        m_s[g] = m_new;
+      }
+    }
+    __syncthreads();
+
+    // P.V: each thread's (head, chunk) pairs, 16-byte words of the values.
+#pragma unroll
+    for (int k = 0; k < kDecodeMaxPairs; ++k) {
+      const int pair = threadIdx.x + k * kDecodeThreads;
+      if (pair < pairs) {
+        const int g = pair / chunks, chunk = pair % chunks;
+        const float alpha = alpha_s[g];
+#pragma unroll
+        for (int i = 0; i < vec; ++i) acc[k][i] *= alpha;
+        const float* p = p_s + g * tile;
+        const scalar_t* value = buf + d + chunk * vec;
+        for (int e = 0; e < n; ++e) {
+          float v[vec];
+          word_floats<scalar_t>(*reinterpret_cast<const uint4*>(value + e * row_elems), v);
+          const float pe = p[e];
+#pragma unroll
+          for (int i = 0; i < vec; ++i) acc[k][i] += pe * v[i];
+        }
+      }
+    }
+    __syncthreads();  // the next iteration stages into the buffer read two tiles ago, and
+                      // rewrites logit_s / p_s
+  }
+
+#pragma unroll
+  for (int k = 0; k < kDecodeMaxPairs; ++k) {
+    const int pair = threadIdx.x + k * kDecodeThreads;
+    if (pair < pairs) {
+      const int g = pair / chunks, chunk = pair % chunks;
+      float* o = part_o + ((c * group + g) * splits + s) * d + chunk * vec;
+#pragma unroll
+      for (int i = 0; i < vec; ++i) o[i] = acc[k][i];
+    }
+  }
+  __syncthreads();  // m_s / l_s of a split with no tile were set before the loop
+  if (threadIdx.x < group) {
+    const int64_t t = (c * group + threadIdx.x) * splits + s;
+    part_m[t] = m_s[threadIdx.x];
+    part_s[t] = l_s[threadIdx.x];
+  }
+}
+
 template <typename scalar_t>
 __global__ void decode_merge_kernel(const float* __restrict__ part_m,
                                     const float* __restrict__ part_s,
@@ -283,12 +541,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
   at::Tensor out = at::empty_like(qc);
   at::Tensor lse = at::empty({batch, hq}, f32);
   at::Tensor scores = at::empty({caches, width}, f32);
-  if (caches == 0 || d == 0) {
+  if (caches == 0 || hq == 0) {  // nothing to attend (a zero-size grid would not launch)
     out.zero_();
     lse.fill_(-INFINITY);
     scores.zero_();
     return {out, lse, scores};
   }
+  TORCH_CHECK_VALUE(num_splits <= 65535, "fastllm.kv_ragged_decode: num_splits must be at most "
+                    "65535 on CUDA (the grid's y), got ", num_splits);
   at::Tensor logits = at::empty({caches * group, std::max<int64_t>(width, 1)}, f32);
   at::Tensor part_m = at::empty({caches * group * num_splits}, f32);
   at::Tensor part_s = at::empty({caches * group * num_splits}, f32);
@@ -296,7 +556,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
   auto stream = at::cuda::getCurrentCUDAStream();
   unsigned int* err = device_error_word(q);
   // The logits already carry the scale (folded into q), so the scores kernel needs none.
+  const DecodeLaunch plan = plan_decode(group, d, q.element_size());
+  const bool grouped = plan.grouped && (reinterpret_cast<uintptr_t>(kv_rows.data_ptr()) & 15) == 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kv_ragged_decode", [&] {
+    if constexpr (sizeof(scalar_t) <= 4) {
+      if (grouped) {
+        decode_gqa_kernel<scalar_t>
+            <<<dim3(static_cast<unsigned>(caches), static_cast<unsigned>(num_splits)),
+               kDecodeThreads, plan.shared_bytes, stream>>>(
+                qc.const_data_ptr<scalar_t>(), kv_rows.const_data_ptr<scalar_t>(),
+                table.const_data_ptr<int32_t>(), lens.const_data_ptr<int32_t>(),
+                logits.data_ptr<float>(), part_m.data_ptr<float>(), part_s.data_ptr<float>(),
+                part_o.data_ptr<float>(), hq, hkv, pages, page_rows, kv_rows.size(0) / page_rows,
+                std::max<int64_t>(width, 1), static_cast<int>(d), num_splits,
+                static_cast<int>(plan.tile), static_cast<int>(plan.key_lanes),
+                static_cast<float>(scale), err);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+    if (!grouped) {
     decode_split_kernel<scalar_t>
         <<<dim3(static_cast<unsigned>(caches * group), static_cast<unsigned>(num_splits)), kThreads,
            d * sizeof(float), stream>>>(
@@ -306,6 +584,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
             pages, page_rows, kv_rows.size(0) / page_rows, std::max<int64_t>(width, 1),
             static_cast<int>(d), num_splits, static_cast<float>(scale), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     decode_merge_kernel<scalar_t><<<static_cast<unsigned>(caches * group), kThreads, 0, stream>>>(
         part_m.data_ptr<float>(), part_s.data_ptr<float>(), part_o.data_ptr<float>(),
         out.data_ptr<scalar_t>(), lse.data_ptr<float>(), hq, hkv, static_cast<int>(d), num_splits);

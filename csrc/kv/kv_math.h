@@ -68,4 +68,60 @@ FASTLLM_HOST_DEVICE void split_range(int64_t len, int64_t splits, int64_t s, int
   *end = (s + 1) * per < len ? (s + 1) * per : len;
 }
 
+// ---- decode launch planning (host functions, unit-tested on the CPU) ------------------------------
+//
+// The grouped decode kernel (kv_cuda.cu, decode_gqa_kernel): one block of kDecodeThreads threads
+// per (cache, split) serves the cache's whole query group, so each K/V row is read from HBM once
+// and reused by the G query heads. It streams the split's entries in tiles (an entry's K and V
+// are one contiguous row of 2D elements in the pool) into shared memory with 16-byte cp.async
+// copies, double-buffered so the next tile's copies overlap this tile's math. Per tile: QK^T with
+// `key_lanes` lanes per key (one 16-byte word of the key each, a shuffle reduction), an online
+// softmax per query head, then P.V with each thread owning 16-byte chunks of the head dims of
+// one or more (head, chunk) pairs.
+constexpr int kDecodeThreads = 128;
+constexpr int64_t kDecodeStageBytes = 16 * 1024;  // one of the two buffers of staged rows
+constexpr int kDecodeMaxPairs = 4;                // (head, chunk) accumulators per thread
+constexpr int64_t kDecodeSharedLimit = 48 * 1024;
+
+struct DecodeLaunch {
+  bool grouped;         // false: the per-head fallback kernel (fp64, odd head dims, huge groups)
+  int64_t tile;         // entries staged per buffer
+  int64_t key_lanes;    // lanes per key in QK^T (a power of two >= D / vec)
+  int64_t shared_bytes; // dynamic shared memory
+};
+
+inline DecodeLaunch plan_decode(int64_t group, int64_t d, int64_t elem_bytes) {
+  const DecodeLaunch fallback{false, 0, 0, 0};
+  if (elem_bytes != 2 && elem_bytes != 4) return fallback;
+  const int64_t vec = 16 / elem_bytes;
+  if (group <= 0 || d <= 0 || d % vec != 0) return fallback;
+  const int64_t chunks = d / vec;
+  int64_t lanes = 1;
+  while (lanes < chunks) lanes *= 2;
+  if (lanes > 32 || group * chunks > kDecodeMaxPairs * kDecodeThreads) return fallback;
+  const int64_t row_bytes = 2 * d * elem_bytes;
+  int64_t tile = kDecodeStageBytes / row_bytes;
+  tile = tile < 8 ? 8 : (tile > 64 ? 64 : tile);
+  // stage[2][tile][2D] | q[G][D] fp32 | logits and probabilities [G][tile] fp32 | m, l, alpha [G]
+  const int64_t shared = 2 * tile * row_bytes + 4 * (group * d + 2 * group * tile + 3 * group);
+  if (shared > kDecodeSharedLimit) return fallback;
+  return {true, tile, lanes, shared};
+}
+
+// Splits per cache for a GPU with `sms` SMs: enough (cache, split) blocks for two waves, no split
+// shorter than kMinSplitEntries of the longest cache (each split costs a merge read), at most
+// kMaxDecodeSplits. Shorter caches leave their last splits empty (those blocks exit at once).
+constexpr int64_t kMinSplitEntries = 64;
+constexpr int64_t kMaxDecodeSplits = 64;
+
+inline int64_t plan_decode_splits(int64_t caches, int64_t longest, int64_t sms) {
+  const int64_t blocks = 2 * (sms > 0 ? sms : 1);
+  const int64_t c = caches > 0 ? caches : 1;
+  int64_t splits = (blocks + c - 1) / c;
+  const int64_t most = longest / kMinSplitEntries;
+  if (splits > most) splits = most;
+  if (splits > kMaxDecodeSplits) splits = kMaxDecodeSplits;
+  return splits < 1 ? 1 : splits;
+}
+
 }  // namespace fastllm::kv

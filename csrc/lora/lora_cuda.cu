@@ -397,12 +397,16 @@ __device__ __forceinline__ void stage_chunk(scalar_t* dst, int ld,
                                             int64_t limit) {
   constexpr int vec = kVec<scalar_t>;
   constexpr int words = kCols / vec;
-  for (int e = threadIdx.x; e < rows * words; e += blockDim.x) {
+  // The block size is the kernels' fixed kMmaWarps warps: a constant stride gives the compiler
+  // exact trip counts to batch the loads by.
+  for (int e = threadIdx.x; e < rows * words; e += kMmaWarps * 32) {
     const int row = e / words, word = e % words;
     const int64_t k = k0 + static_cast<int64_t>(word) * vec;
     scalar_t* d = dst + row * ld + word * vec;
     const scalar_t* p = start[row] >= 0 ? base + start[row] : nullptr;
-    if (p != nullptr && k + vec <= limit && word_aligned(p + k)) {
+    if (p == nullptr || k >= limit) {
+      *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);  // a dead row or the K tail
+    } else if (k + vec <= limit && word_aligned(p + k)) {
       *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(p + k);
     } else {
 #pragma unroll
@@ -483,6 +487,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     for (int w = 0; w < kMmaWarps; ++w) sum += partial[w][e];
     h[h_index(s, tile_token[i], j0 + jj, tokens, tables.max_rank)] = sum;
   }
+#else
+  __trap();  // built for an arch without these tensor cores: never launched (the host checks)
 #endif
 }
 
@@ -501,7 +507,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   using mma_t = typename MmaType<scalar_t>::type;
   constexpr int h_ld = kMmaRankChunk + kMmaPad;
   constexpr int w_ld = kMmaColumns + kMmaPad;
+  // h in two parts, hi = h rounded to the input type and lo = the rest rounded again: two MMAs
+  // carry h to ~2^-22 (fp16) / ~2^-16 (bf16) relative instead of one rounding's 2^-11 / 2^-8.
   __shared__ alignas(32) scalar_t hs[kTile * h_ld];
+  __shared__ alignas(32) scalar_t hs_lo[kTile * h_ld];
   __shared__ alignas(32) scalar_t ws[kMmaRankChunk * w_ld];
   __shared__ alignas(32) float out[kTile * kMmaColumns];
   __shared__ int64_t w_row[kMmaRankChunk];
@@ -538,7 +547,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       const float v = i < tile.n && j0 + jj < r
                           ? h[h_index(s, tile_token[i], j0 + jj, tokens, tables.max_rank)]
                           : 0.0f;
-      hs[i * h_ld + jj] = static_cast<scalar_t>(v);
+      const scalar_t hi = static_cast<scalar_t>(v);
+      hs[i * h_ld + jj] = hi;
+      hs_lo[i * h_ld + jj] = static_cast<scalar_t>(v - static_cast<float>(hi));
     }
     __syncthreads();
     stage_chunk<kMmaColumns>(ws, w_ld, pool, w_row, depth, 0, size - col0);
@@ -546,8 +557,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     for (int kk = 0; kk < depth; kk += 16) {
       wmma::fragment<wmma::matrix_a, 8, 32, 16, mma_t, wmma::row_major> a;
       wmma::fragment<wmma::matrix_b, 8, 32, 16, mma_t, wmma::row_major> b;
-      wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(hs + kk), h_ld);
       wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(ws + kk * w_ld + warp * 32), w_ld);
+      wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(hs + kk), h_ld);
+      wmma::mma_sync(acc, a, b, acc);
+      wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(hs_lo + kk), h_ld);
       wmma::mma_sync(acc, a, b, acc);
     }
     __syncthreads();  // the next rank chunk overwrites the staged rows
@@ -562,6 +575,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     scalar_t* yo = y + tile_token[i] * width + begin + o;
     *yo = static_cast<scalar_t>(static_cast<float>(*yo) + c * out[e]);
   }
+#else
+  __trap();  // built for an arch without these tensor cores: never launched (the host checks)
 #endif
 }
 
@@ -578,11 +593,18 @@ int64_t sm_count() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
-// Whether SGMV in this type runs on tensor cores on the current GPU.
+// Whether SGMV in this type runs on tensor cores on the current GPU: an sm_80+ device and
+// kernels compiled for sm_80+ (PTX of an older arch JIT-compiled here would hold the trap).
 template <typename scalar_t>
 bool use_tensor_cores() {
-  return !std::is_void_v<typename MmaType<scalar_t>::type> &&
-         at::cuda::getCurrentDeviceProperties()->major >= 8;
+  if constexpr (std::is_void_v<typename MmaType<scalar_t>::type>) {
+    return false;
+  } else {
+    if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, shrink_sgmv_mma<scalar_t, int64_t>));
+    return attributes.ptxVersion >= 80;
+  }
 }
 
 // Tensor-core SGMV launches; no-ops for the types the tensor cores do not take (never chosen:
@@ -661,7 +683,8 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& pool, const a
       const bool vector_x = in % vec == 0 && is_word_aligned(x.data_ptr());
       const size_t shared_bytes = static_cast<size_t>(plan.chunk) * sizeof(scalar_t);
       // Deterministic: one workspace slice per K split (zeros where a row is past its rank),
-      // summed in split order by at::sum; otherwise the splits add into h atomically.
+      // summed by at::sum in an order fixed by the shape; otherwise the splits add into h
+      // atomically, in whatever order the blocks finish.
       const bool ordered = plan.splits > 1 && at::globalContext().deterministicAlgorithms();
       at::Tensor out = ordered ? at::zeros({plan.splits, slices, tokens, max_rank}, h.options())
                                : h;
