@@ -3,6 +3,10 @@
 Importing fastllm loads the compiled extension ``fastllm._C``, which registers every op under
 ``torch.ops.fastllm``. There is no pure-Python fallback: if the extension cannot load, import fails
 and says why.
+
+fastllm needs only torch and numpy. ``fastllm.kv`` (a transformers Cache) needs transformers, from
+the ``hf`` extra (``pip install 'fastllm[hf]'``); it is imported on first use, so ``import
+fastllm`` stays fast and works without it.
 """
 
 from __future__ import annotations
@@ -52,6 +56,18 @@ def build_info() -> dict:
 
 from . import ops  # noqa: E402
 from . import memory  # noqa: E402
-from . import kv, lora, nn, optim, sparse  # noqa: E402,F401
+from . import lora, nn, optim, sparse  # noqa: E402,F401
+
+# Imported on first use (PEP 562): fastllm.kv needs transformers, which fastllm does not depend on
+# (the ``hf`` extra installs it), and importing it takes seconds.
+_LAZY_SUBMODULES = ("kv",)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["build_info", "ops", "memory", "kv", "lora", "nn", "optim", "sparse", "__version__"]

@@ -1,12 +1,17 @@
 """FastGen adaptive KV cache eviction: per-head policies profiled at prefill, ragged per-head
 caches in the unified page pool.
 
+Needs transformers (``pip install 'fastllm[hf]'``): FastGenCache is a transformers Cache.
+
 >>> cache = fastllm.kv.FastGenCache(model, tokenizer)            # doctest: +SKIP
 >>> model.generate(ids, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
 >>> cache.stats()["kept_bytes"] / cache.stats()["full_bytes"]      # doctest: +SKIP
 """
 
-from .cache import SUPPORTED_MODEL_TYPES, FastGenCache, profile
+from .._optional import needs
+
+with needs("transformers", "fastllm.kv"):
+    from .cache import SUPPORTED_MODEL_TYPES, FastGenCache, profile
 from .policies import FASTGEN_POLICIES, POLICIES
 
 __all__ = ["FASTGEN_POLICIES", "POLICIES", "SUPPORTED_MODEL_TYPES", "FastGenCache", "profile"]

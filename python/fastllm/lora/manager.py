@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._host import to_device
+from .._optional import require
 from .._ops.lora import PATH_AUTO, lora_expand, lora_sgmv_plan, lora_shrink
 from ..memory import PagePool
 from ..nn.lora_linear import LoRALinear
@@ -400,7 +401,7 @@ def _read_peft_dir(path: pathlib.Path):
         raise ValueError(f"AdapterManager.load: {path} is a {config['peft_type']} adapter, not LoRA")
     weights = path / "adapter_model.safetensors"
     if weights.exists():
-        from safetensors.torch import load_file
+        load_file = require("safetensors.torch", "AdapterManager.load").load_file
         state = load_file(str(weights))
     elif (path / "adapter_model.bin").exists():
         state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)

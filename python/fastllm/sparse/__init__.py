@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.sparse_mlp import FactoredPredictor, LowRankPredictor, QuantizedPredictor, SparseMLP
+from .._optional import require
 from .._ops.sparse import sparse_mlp  # noqa: F401
 
 __all__ = ["sparsify", "densify", "train_predictors", "Predictors", "find_mlps",
@@ -204,7 +205,7 @@ class Predictors:
     kind: str = "lowrank"
 
     def save(self, path) -> None:
-        from safetensors.torch import save_file
+        save_file = require("safetensors.torch", "Predictors.save").save_file
         tensors = {f"layers.{i}.{k}": v.detach().contiguous().cpu()
                    for i, layer in enumerate(self.layers) for k, v in layer.state_dict().items()}
         meta = {"fastllm_sparse_predictors": "1", "identity": json.dumps(self.identity),
@@ -216,7 +217,7 @@ class Predictors:
     @classmethod
     def load(cls, path, model: nn.Module) -> "Predictors":
         """Load predictors saved by :meth:`save`; refuse if they were trained for another model."""
-        from safetensors import safe_open
+        safe_open = require("safetensors", "Predictors.load").safe_open
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("fastllm_sparse_predictors") != "1":
