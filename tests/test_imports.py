@@ -17,6 +17,8 @@ import textwrap
 
 import pytest
 
+import fastllm
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The undeclared packages fastllm's optional paths and its test suite use: each must be blocked.
 UNDECLARED = ("transformers", "peft", "accelerate", "gguf", "safetensors", "tqdm", "matplotlib")
@@ -56,8 +58,11 @@ BLOCKER = textwrap.dedent(r"""
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
+    # The fastllm this test session imports (the installed one, with its compiled _C), not the
+    # source tree, which holds no extension in a fresh clone.
+    package_parent = str(pathlib.Path(fastllm.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "python"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=300)
 

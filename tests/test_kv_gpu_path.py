@@ -634,6 +634,9 @@ def test_graph_steps_on_fake_cuda_read_no_device_data(policy):
                 logits = step(tokens[t].to("cuda"))
     assert isinstance(logits, FakeTensor) and logits.shape == (2, 1, VOCAB)
     assert host_mirror(cache) == state and cache.pool.used_pages == used
+    cache.release()  # inside graph_steps too: the exit then has nothing to read
+    inside.__exit__(None, None, None)
+    assert cache._graph is None and cache.pool.used_pages == 0
 
 
 @pytest.mark.skipif(not (fastllm.build_info()["cuda"] and torch.cuda.is_available()),

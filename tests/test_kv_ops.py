@@ -112,6 +112,12 @@ DECODE_CASES = [  # (B, Hq, Hkv, D, lengths, page_rows)
     (2, 4, 2, 8, [5, 0, 33, 7], 4),
     (1, 2, 2, 7, [3, 3], 1),
     (3, 6, 3, 16, [100, 64, 1, 2, 3, 90, 0, 0, 50], 8),
+    # The grouped CUDA kernel's edges: head dims 96 / 128 / 256, groups up to 8, lengths around
+    # a page (15, 16, 17) and several staged tiles (the double buffer), empty caches.
+    (2, 8, 2, 96, [1, 15, 17, 200], 16),
+    (1, 8, 1, 128, [300], 16),
+    (1, 4, 2, 256, [16, 129], 16),
+    (1, 16, 2, 64, [70, 0], 16),
 ]
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import sys
 import time
 import weakref
@@ -544,9 +545,26 @@ class _GraphSteps:
         self.classes = torch.zeros(batch, steps, dtype=torch.uint8, device=device)
 
 
-def _decode_splits(longest: int) -> int:
-    """Splits of the ragged decode over the longest cache: one per 512 entries, at most 32."""
-    return max(1, min(32, longest // 512))
+# An H100's / H200's SM count, for fake CUDA tensors on a machine without a GPU.
+_DEFAULT_SMS = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count  # no synchronisation
+
+
+def _decode_splits(caches: int, longest: int, device: torch.device) -> int:
+    """Splits of the ragged decode over each cache, from the longest cache's length bound: on a
+    GPU enough (cache, split) blocks for two waves of its SMs (kv_math.h, plan_decode_splits);
+    on the CPU one per 512 entries, at most 32."""
+    if device.type != "cuda":
+        return max(1, min(32, longest // 512))
+    if torch.cuda.is_available():
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        sms = _DEFAULT_SMS
+    return _C.kv_plan_decode_splits(caches, longest, sms)
 
 
 class FastGenLayer(CacheLayerMixin):
@@ -785,7 +803,8 @@ class FastGenCache(Cache):
                 need = heads.bound(layer.seen) + steps
                 heads.reserve(need)
                 layer.graph = _LayerGraphSteps(heads, layer.seen,
-                                               _decode_splits(int(need.max(initial=0))))
+                                               _decode_splits(need.size, int(need.max(initial=0)),
+                                                              heads.device))
         except PoolExhaustedError as err:
             for layer in self.layers:
                 layer.graph = None
@@ -801,6 +820,8 @@ class FastGenCache(Cache):
             self._end_graph_steps()
 
     def _end_graph_steps(self) -> None:
+        if self._graph is None:  # released inside graph_steps: nothing left to learn
+            return
         graph, self._graph = self._graph, None
         counters = torch.cat([layer.graph.seen for layer in self.layers]).cpu()
         ran = sorted(set((counters - graph.start).tolist()))
@@ -1150,7 +1171,7 @@ class FastGenCache(Cache):
         newest = column - heads.offset
         heads.append_one(torch.cat([k, v], dim=-1).reshape(batch * hkv, -1), cls, newest)
         layer.seen += 1
-        splits = _decode_splits(int(need.max(initial=0)))
+        splits = _decode_splits(need.size, int(need.max(initial=0)), k.device)
         out, _, scores = kv_ops.kv_ragged_decode(q[:, :, 0].contiguous(), heads.rows_view(),
                                                   heads.table, heads.lengths.to(torch.int32),
                                                   self.page_rows, scale, splits)

@@ -1,0 +1,81 @@
+"""The KV decode launch plans (pure host functions, checked here on the CPU) and static checks of
+the compiled grouped decode kernel (no GPU needed): 16-byte cp.async copies, no stack or spills.
+These guard the design until a GPU can time it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from fastllm import _C
+from test_lora_launch import _cuobjdump, _library, needs_cuda_binary
+
+SMS = 132  # an H100 / H200
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 7, 8])
+@pytest.mark.parametrize("d, elem", [(64, 2), (96, 2), (128, 2), (256, 2), (64, 4), (128, 4)])
+def test_common_shapes_take_the_grouped_kernel(group, d, elem):
+    grouped, tile, key_lanes, shared = _C.kv_plan_decode(group, d, elem)
+    vec = 16 // elem
+    assert grouped
+    assert 8 <= tile <= 64 and 2 * tile * 2 * d * elem <= 2 * 16 * 1024  # two 16 KB buffers
+    assert key_lanes >= d // vec and key_lanes & (key_lanes - 1) == 0 and key_lanes <= 32
+    assert shared <= 48 * 1024  # no opt-in to large shared memory needed
+    assert group * (d // vec) <= 4 * 128  # at most 4 (head, chunk) accumulators per thread
+
+
+@pytest.mark.parametrize("group, d, elem", [(4, 100, 2), (4, 7, 4), (4, 128, 8), (64, 256, 2),
+                                            (8, 256, 4), (0, 64, 2)])
+def test_other_shapes_fall_back_to_the_per_head_kernel(group, d, elem):
+    # head dims that are not whole 16-byte words, fp64, groups whose accumulators do not fit
+    assert not _C.kv_plan_decode(group, d, elem)[0]
+
+
+def test_head_dim_96_pads_its_key_lanes_to_a_power_of_two():
+    assert _C.kv_plan_decode(4, 96, 2)[2] == 16  # 12 words of the key, 16 lanes
+
+
+@pytest.mark.parametrize("caches", [1, 8, 64, 256, 2048])
+@pytest.mark.parametrize("longest", [0, 1, 63, 64, 1000, 8192, 32768])
+def test_splits_fill_two_waves_without_splits_shorter_than_64_entries(caches, longest):
+    splits = _C.kv_plan_decode_splits(caches, longest, SMS)
+    assert 1 <= splits <= 64
+    assert splits == 1 or longest // splits >= 64
+    assert caches * splits >= 2 * SMS or splits == 64 or splits == max(1, longest // 64)
+
+
+def test_batch_1_with_1k_entries_launches_a_wave_and_batch_32_two():
+    # 8 KV heads: 8 caches x 16 splits of 64 entries; 32 x 8 = 256 caches x 2 splits.
+    assert _C.kv_plan_decode_splits(8, 1024, SMS) == 16
+    assert _C.kv_plan_decode_splits(256, 8192, SMS) == 2
+
+
+def _resource_usage() -> dict[str, str]:
+    out = subprocess.run([_cuobjdump(), "--dump-resource-usage", _library()], capture_output=True,
+                         text=True, check=True).stdout
+    return dict(re.findall(r"Function (\S*decode_gqa_kernel\S*):\s*\n\s*(REG:.*)", out))
+
+
+@needs_cuda_binary
+def test_grouped_decode_kernel_has_no_spills_or_stack():
+    usage = _resource_usage()
+    assert len(usage) >= 3, "expected fp16, bf16 and fp32 grouped decode kernels"
+    for name, line in usage.items():
+        assert "STACK:0 " in line and "LOCAL:0" in line, f"{name}: {line}"
+
+
+@needs_cuda_binary
+def test_grouped_decode_kernel_streams_rows_with_16_byte_async_copies():
+    out = subprocess.run([_cuobjdump(), "-sass", _library()], capture_output=True, text=True,
+                         check=True).stdout
+    found = 0
+    for block in out.split("Function : ")[1:]:
+        name = block.split("\n", 1)[0].strip()
+        if "decode_gqa_kernel" in name:
+            found += 1
+            assert re.search(r"LDGSTS\.E\.BYPASS\.128", block), f"{name}: no 16-byte cp.async"
+            assert "LDGDEPBAR" in block, f"{name}: copies never committed as a group"
+    assert found >= 3
