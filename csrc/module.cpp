@@ -6,6 +6,7 @@
 #include "common/index_errors.h"
 #include "kv/kv_math.h"
 #include "lora/lora_index.h"
+#include "sparse/sparse_mlp.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastllm compiled kernels (ops live in torch.ops.fastllm)";
@@ -35,6 +36,11 @@ PYBIND11_MODULE(_C, m) {
     return pybind11::make_tuple(plan.grouped, plan.tile, plan.key_lanes, plan.shared_bytes);
   });
   m.def("kv_plan_decode_splits", &fastllm::kv::plan_decode_splits);
+  m.def("sparse_plan_down", [](int64_t rows, int64_t d_out, int64_t k, bool per_row, int64_t sms,
+                               int64_t vec) {
+    const auto plan = fastllm::sparse::plan_sparse_down(rows, d_out, k, per_row, sms, vec);
+    return pybind11::make_tuple(plan.col_tiles, plan.slices, plan.row_groups);
+  });
   m.def("lora_plan_sgmv_mma", [](int64_t max_rank, int64_t widest) {
     const auto plan = fastllm::lora::plan_sgmv_mma(max_rank, widest);
     return pybind11::make_tuple(plan.rank_groups, plan.column_blocks);

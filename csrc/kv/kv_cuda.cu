@@ -27,6 +27,7 @@
 #include <cfloat>
 
 #include "common/index_guard.cuh"
+#include "common/vec_words.cuh"
 #include "kv/kv_checks.h"
 #include "kv/kv_math.h"
 
@@ -229,7 +230,8 @@ __global__ void decode_split_kernel(const scalar_t* __restrict__ q,
 __device__ __forceinline__ void copy16_async(void* shared_dst, const void* global_src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src)
+               : "memory");
 #else
   *reinterpret_cast<uint4*>(shared_dst) = *reinterpret_cast<const uint4*>(global_src);
 #endif
@@ -237,7 +239,7 @@ __device__ __forceinline__ void copy16_async(void* shared_dst, const void* globa
 
 __device__ __forceinline__ void async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
@@ -245,41 +247,8 @@ __device__ __forceinline__ void async_commit() {
 template <int pending>
 __device__ __forceinline__ void async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
 #endif
-}
-
-// The floats of one 16-byte word of scalar_t (8 fp16 / bf16, 4 fp32), by bit operations on the
-// word's registers (taking the word's address instead can put it on the stack).
-template <typename scalar_t>
-__device__ __forceinline__ void word_floats(const uint4& w, float* out);
-
-template <>
-__device__ __forceinline__ void word_floats<float>(const uint4& w, float* out) {
-  out[0] = __uint_as_float(w.x);
-  out[1] = __uint_as_float(w.y);
-  out[2] = __uint_as_float(w.z);
-  out[3] = __uint_as_float(w.w);
-}
-
-template <>
-__device__ __forceinline__ void word_floats<at::Half>(const uint4& w, float* out) {
-  const unsigned parts[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(parts[i] & 0xffffu)));
-    out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(parts[i] >> 16)));
-  }
-}
-
-template <>
-__device__ __forceinline__ void word_floats<at::BFloat16>(const uint4& w, float* out) {
-  const unsigned parts[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // a bf16 is the high half of the fp32 with the same bits
-    out[2 * i] = __uint_as_float(parts[i] << 16);
-    out[2 * i + 1] = __uint_as_float(parts[i] & 0xffff0000u);
-  }
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -381,7 +350,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
     // QK^T: key_lanes lanes per key, one 16-byte word of it each; every lane runs the same trip
     // count so the shuffles see the whole warp.
-    for (int e0 = warp * keys_per_warp; e0 < tile; e0 += warps * keys_per_warp) {
+    for (int e0 = warp * keys_per_warp; e0 < n; e0 += warps * keys_per_warp) {
       const int e = e0 + key_of_lane;
       const bool live = e < n && part < chunks;
       uint4 word = make_uint4(0u, 0u, 0u, 0u);

@@ -98,7 +98,10 @@ inline DecodeLaunch plan_decode(int64_t group, int64_t d, int64_t elem_bytes) {
   const int64_t chunks = d / vec;
   int64_t lanes = 1;
   while (lanes < chunks) lanes *= 2;
-  if (lanes > 32 || group * chunks > kDecodeMaxPairs * kDecodeThreads) return fallback;
+  // (a thread per head keeps its softmax state: at most kDecodeThreads heads per group)
+  if (lanes > 32 || group > kDecodeThreads || group * chunks > kDecodeMaxPairs * kDecodeThreads) {
+    return fallback;
+  }
   const int64_t row_bytes = 2 * d * elem_bytes;
   int64_t tile = kDecodeStageBytes / row_bytes;
   tile = tile < 8 ? 8 : (tile > 64 ? 64 : tile);
@@ -108,14 +111,18 @@ inline DecodeLaunch plan_decode(int64_t group, int64_t d, int64_t elem_bytes) {
   return {true, tile, lanes, shared};
 }
 
-// Splits per cache for a GPU with `sms` SMs: enough (cache, split) blocks for two waves, no split
-// shorter than kMinSplitEntries of the longest cache (each split costs a merge read), at most
-// kMaxDecodeSplits. Shorter caches leave their last splits empty (those blocks exit at once).
+// Splits per cache for a GPU with `sms` SMs: enough (cache, split) blocks for two waves of
+// kDecodeBlocksPerSm resident blocks (the grouped kernel's registers allow about 4 per SM), no
+// split shorter than kMinSplitEntries of the longest cache (each split costs a merge read), at
+// most kMaxDecodeSplits. Each cache divides its own length by the split count, so a much shorter
+// cache gets splits of a few entries (cheap blocks, but not free: a known cost of one count for
+// all caches).
 constexpr int64_t kMinSplitEntries = 64;
 constexpr int64_t kMaxDecodeSplits = 64;
+constexpr int64_t kDecodeBlocksPerSm = 4;
 
 inline int64_t plan_decode_splits(int64_t caches, int64_t longest, int64_t sms) {
-  const int64_t blocks = 2 * (sms > 0 ? sms : 1);
+  const int64_t blocks = 2 * kDecodeBlocksPerSm * (sms > 0 ? sms : 1);
   const int64_t c = caches > 0 ? caches : 1;
   int64_t splits = (blocks + c - 1) / c;
   const int64_t most = longest / kMinSplitEntries;

@@ -77,6 +77,33 @@ FASTLLM_HOST_DEVICE void slice_range(int64_t count, int64_t slices, int64_t slic
   *end = b + per < count ? b + per : count;
 }
 
+// ---- CUDA launch planning (host functions, unit-tested on the CPU) --------------------------------
+//
+// The down projection's grid: x = column tiles (kSparseThreads threads, each owning `vec`
+// contiguous output columns, one 16-byte word of w_down_t's row: vec = 8 for fp16 / bf16, 4 for
+// fp32, 1 where rows are not whole aligned words), y = slices of the active set, z = row groups
+// (kSparseRowsPerPass rows of a shared set read each weight once; per-row sets one row each).
+constexpr int kSparseThreads = 256;
+constexpr int kSparseRowsPerPass = 4;
+
+struct SparseDownLaunch {
+  int64_t col_tiles, slices, row_groups;
+};
+
+// Slices: enough for ~4 blocks per SM, but at least 32 neurons per slice of a full set (each
+// block splits its set's actual count, read on the device, over the slices).
+inline SparseDownLaunch plan_sparse_down(int64_t rows, int64_t d_out, int64_t k, bool per_row,
+                                         int64_t sms, int64_t vec) {
+  const int64_t columns = kSparseThreads * (vec > 0 ? vec : 1);
+  const int64_t col_tiles = (d_out + columns - 1) / columns;
+  const int64_t row_groups =
+      per_row ? rows : (rows + kSparseRowsPerPass - 1) / kSparseRowsPerPass;
+  const int64_t base = col_tiles * row_groups > 0 ? col_tiles * row_groups : 1;
+  const int64_t want = (4 * (sms > 0 ? sms : 1) + base - 1) / base;
+  const int64_t most = (k + 31) / 32 > 0 ? (k + 31) / 32 : 1;
+  return {col_tiles, want < most ? (want > 0 ? want : 1) : most, row_groups};
+}
+
 struct SparseMlpShape {
   int64_t rows;      // B
   int64_t d_in;

@@ -1,9 +1,12 @@
-// CUDA sparse MLP, three plain kernels:
+// CUDA sparse MLP, three kernels:
 //   hidden_kernel: one warp per active neuron (shared set) or per (row, position) (per-row sets);
-//     lanes stride the neuron's contiguous up/gate row, so each weight row is one coalesced read,
+//     lanes stride the neuron's contiguous up/gate row in 16-byte words (8 fp16 / bf16, 4 fp32;
+//     unrolled so that several are in flight per lane), so each weight row is one coalesced read,
 //     reused for up to kRowsPerPass batch rows held in registers; fp32 h[b, j] goes to scratch.
-//   down_kernel: a block owns 256 output columns x one slice of the active neurons; each thread
-//     walks its slice and reads w_down_t[idx_j, column] (coalesced across the block). Default:
+//   down_vec_kernel: a block owns 256 x vec output columns x one slice of the active neurons
+//     (sparse_mlp.h, plan_sparse_down); each thread walks its slice and reads one 16-byte word of
+//     w_down_t[idx_j] per neuron, skipping neurons whose h is 0 in every row it serves (ReLU).
+//     down_kernel is the scalar form, for rows that are not whole aligned words. Default:
 //     atomicAdd into an fp32 accumulator. Deterministic: each slice writes its own partial row and
 //     finish_kernel sums the slices in slice order.
 //   finish_kernel: adds the bias and casts to the output dtype.
@@ -17,15 +20,16 @@
 #include <torch/library.h>
 
 #include "common/index_guard.cuh"
+#include "common/vec_words.cuh"
 #include "sparse/sparse_mlp.h"
 
 namespace fastllm::sparse {
 namespace {
 
 constexpr const char* kOp = "fastllm.sparse_mlp";
-constexpr int kThreads = 256;
+constexpr int kThreads = kSparseThreads;
 constexpr int kWarpsPerBlock = kThreads / 32;
-constexpr int kRowsPerPass = 4;  // batch rows accumulated per read of a weight row
+constexpr int kRowsPerPass = kSparseRowsPerPass;  // batch rows per read of a weight row
 
 template <typename T>
 __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
@@ -52,7 +56,7 @@ __global__ void hidden_kernel(const scalar_t* __restrict__ x, const scalar_t* __
                               const scalar_t* __restrict__ b_gate,
                               const index_t* __restrict__ idx, const index_t* __restrict__ counts,
                               float* __restrict__ h, int64_t rows, int64_t d, int64_t k,
-                              int64_t neurons, bool per_row, Activation act,
+                              int64_t neurons, bool per_row, Activation act, bool vector,
                               unsigned int* __restrict__ error_word) {
   const int lane = threadIdx.x & 31;
   const int64_t tasks = per_row ? rows * k : k;
@@ -79,7 +83,35 @@ __global__ void hidden_kernel(const scalar_t* __restrict__ x, const scalar_t* __
       const int nb = static_cast<int>(min64(kRowsPerPass, b_last - b0));
       float up[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
       float gate[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
-      for (int64_t i = lane; i < d; i += 32) {
+      if constexpr (sizeof(scalar_t) <= 4) {
+        if (vector) {  // x and the rows are whole 16-byte words (host check)
+          constexpr int vec = kWordElems<scalar_t>;
+#pragma unroll 4
+          for (int64_t i = lane * vec; i < d; i += 32 * vec) {
+            float wu[vec], wg[vec];
+            word_floats<scalar_t>(load_word(up_row + i), wu);
+            if (gate_row != nullptr) {
+              word_floats<scalar_t>(load_word(gate_row + i), wg);
+            } else {
+#pragma unroll
+              for (int e = 0; e < vec; ++e) wg[e] = 0.f;
+            }
+#pragma unroll
+            for (int r = 0; r < kRowsPerPass; ++r) {
+              if (r < nb) {
+                float xv[vec];
+                word_floats<scalar_t>(load_word(x + (b0 + r) * d + i), xv);
+#pragma unroll
+                for (int e = 0; e < vec; ++e) {
+                  up[r] += wu[e] * xv[e];
+                  gate[r] += wg[e] * xv[e];
+                }
+              }
+            }
+          }
+        }
+      }
+      for (int64_t i = lane; i < d && !(vector && sizeof(scalar_t) <= 4); i += 32) {
         const float wu = to_f(up_row[i]);
         const float wg = gate_row != nullptr ? to_f(gate_row[i]) : 0.f;
 #pragma unroll
@@ -143,6 +175,65 @@ __global__ void down_kernel(const scalar_t* __restrict__ w_down_t, const index_t
   }
 }
 
+// The 16-byte form of down_kernel (same grid, columns in words of vec): the host takes it when
+// w_down_t's rows are whole aligned words.
+template <typename scalar_t, typename index_t>
+__global__ void down_vec_kernel(const scalar_t* __restrict__ w_down_t,
+                                const index_t* __restrict__ idx,
+                                const index_t* __restrict__ counts, const float* __restrict__ h,
+                                float* __restrict__ acc, int64_t rows, int64_t d_out, int64_t k,
+                                int64_t neurons, bool per_row, bool partials) {
+  constexpr int vec = kWordElems<scalar_t>;
+  const int64_t col = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * vec;
+  if (col >= d_out) return;  // d_out is a whole number of words
+  const int64_t b_first = per_row ? blockIdx.z : static_cast<int64_t>(blockIdx.z) * kRowsPerPass;
+  const int nb = per_row ? 1 : static_cast<int>(min64(kRowsPerPass, rows - b_first));
+  bool bad_count;  // reported by hidden_kernel
+  const int64_t count = set_count(counts, per_row ? b_first : 0, k, &bad_count);
+  int64_t j_begin, j_end;
+  slice_range(count, gridDim.y, blockIdx.y, &j_begin, &j_end);
+  const index_t* set = idx + (per_row ? b_first * k : 0);
+  float sum[kRowsPerPass][vec];
+#pragma unroll
+  for (int r = 0; r < kRowsPerPass; ++r) {
+#pragma unroll
+    for (int e = 0; e < vec; ++e) sum[r][e] = 0.f;
+  }
+#pragma unroll 4
+  for (int64_t j = j_begin; j < j_end; ++j) {
+    const int64_t neuron = static_cast<int64_t>(set[j]);
+    if (!neuron_in_range(neuron, neurons)) continue;  // reported by hidden_kernel
+    float hv[kRowsPerPass];
+    bool live = false;
+#pragma unroll
+    for (int r = 0; r < kRowsPerPass; ++r) {
+      hv[r] = r < nb ? h[(b_first + r) * k + j] : 0.f;
+      live |= hv[r] != 0.f;
+    }
+    if (!live) continue;  // the same for the whole block: the row is never read
+    float w[vec];
+    word_floats<scalar_t>(load_word(w_down_t + neuron * d_out + col), w);
+#pragma unroll
+    for (int r = 0; r < kRowsPerPass; ++r) {
+#pragma unroll
+      for (int e = 0; e < vec; ++e) sum[r][e] += hv[r] * w[e];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRowsPerPass; ++r) {
+    if (r >= nb) continue;
+    const int64_t b = b_first + r;
+    if (partials) {
+      float* to = acc + (static_cast<int64_t>(blockIdx.y) * rows + b) * d_out + col;
+#pragma unroll
+      for (int e = 0; e < vec; ++e) to[e] = sum[r][e];
+    } else if (j_begin < j_end) {
+#pragma unroll
+      for (int e = 0; e < vec; ++e) atomicAdd(acc + b * d_out + col + e, sum[r][e]);
+    }
+  }
+}
+
 template <typename scalar_t>
 __global__ void finish_kernel(const float* __restrict__ acc, const scalar_t* __restrict__ b_down,
                               scalar_t* __restrict__ out, int64_t rows, int64_t d_out,
@@ -180,6 +271,19 @@ void check_index_values_cuda(const at::Tensor& idx, const c10::optional<at::Tens
   // END host value checks
 }
 
+// down_vec_kernel exists for 16- and 32-bit types (vector_down is false for fp64).
+template <typename scalar_t, typename index_t>
+void launch_down_vec(dim3 grid, cudaStream_t stream, const at::Tensor& w_down_t,
+                     const at::Tensor& active_idx, const index_t* counts, const at::Tensor& h,
+                     at::Tensor& acc, const SparseMlpShape& s, bool deterministic) {
+  if constexpr (sizeof(scalar_t) <= 4) {
+    down_vec_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
+        w_down_t.const_data_ptr<scalar_t>(), active_idx.const_data_ptr<index_t>(), counts,
+        h.const_data_ptr<float>(), acc.data_ptr<float>(), s.rows, s.d_out, s.k, s.neurons,
+        s.per_row, deterministic);
+  }
+}
+
 at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
                            const c10::optional<at::Tensor>& w_gate, const at::Tensor& w_down_t,
                            const c10::optional<at::Tensor>& b_up,
@@ -197,12 +301,16 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
-  const int64_t col_tiles = (s.d_out + kThreads - 1) / kThreads;
-  const int64_t row_groups = s.per_row ? s.rows : (s.rows + kRowsPerPass - 1) / kRowsPerPass;
-  // Enough neuron slices for ~4 blocks per SM, but at least 32 neurons per slice of a full set
-  // (each block splits its set's actual count, read on the device, over the slices).
-  const int64_t want = std::max<int64_t>(1, (4 * sms) / std::max<int64_t>(1, col_tiles * row_groups));
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(want, (s.k + 31) / 32));
+  // 16-byte words where every row (and x) is whole aligned words; scalar loads otherwise.
+  const int64_t vec = x.element_size() <= 4 ? 16 / x.element_size() : 1;
+  auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
+  const bool vector_in = vec > 1 && s.d_in % vec == 0 && aligned(x.data_ptr()) &&
+                         aligned(w_up.data_ptr()) &&
+                         (!w_gate.has_value() || aligned(w_gate->data_ptr()));
+  const bool vector_down = vec > 1 && s.d_out % vec == 0 && aligned(w_down_t.data_ptr());
+  const SparseDownLaunch plan =
+      plan_sparse_down(s.rows, s.d_out, s.k, s.per_row, sms, vector_down ? vec : 1);
+  const int64_t col_tiles = plan.col_tiles, slices = plan.slices, row_groups = plan.row_groups;
   TORCH_CHECK_VALUE(row_groups <= 65535, kOp, ": too many per-row sets for one launch (",
                     s.rows, ")");
 
@@ -225,16 +333,22 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
             x.const_data_ptr<scalar_t>(), w_up.const_data_ptr<scalar_t>(),
             ptr_or_null<scalar_t>(w_gate), ptr_or_null<scalar_t>(b_up),
             ptr_or_null<scalar_t>(b_gate), active_idx.const_data_ptr<index_t>(), cp,
-            h.data_ptr<float>(), s.rows, s.d_in, s.k, s.neurons, s.per_row, act, error_word);
+            h.data_ptr<float>(), s.rows, s.d_in, s.k, s.neurons, s.per_row, act, vector_in,
+            error_word);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (s.k > 0 || deterministic) {
         const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(slices),
                         static_cast<unsigned>(row_groups));
-        down_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
-            w_down_t.const_data_ptr<scalar_t>(), active_idx.const_data_ptr<index_t>(), cp,
-            h.const_data_ptr<float>(), acc.data_ptr<float>(), s.rows, s.d_out, s.k, s.neurons,
-            s.per_row, deterministic);
+        if (vector_down) {
+          launch_down_vec<scalar_t, index_t>(grid, stream, w_down_t, active_idx, cp, h, acc, s,
+                                             deterministic);
+        } else {
+          down_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
+              w_down_t.const_data_ptr<scalar_t>(), active_idx.const_data_ptr<index_t>(), cp,
+              h.const_data_ptr<float>(), acc.data_ptr<float>(), s.rows, s.d_out, s.k, s.neurons,
+              s.per_row, deterministic);
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       const int64_t total = s.rows * s.d_out;

@@ -1,0 +1,66 @@
+"""The sparse MLP's CUDA launch plan (a pure host function, checked here on the CPU) and static
+checks of the compiled gather kernels (no GPU needed): 16-byte global loads in the up/gate and
+down kernels, no stack or spills. These guard the design until a GPU can time it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from fastllm import _C
+from test_lora_launch import _cuobjdump, _library, needs_cuda_binary
+
+SMS = 132  # an H100 / H200
+
+
+@pytest.mark.parametrize("rows, per_row", [(1, False), (4, False), (5, False), (8, True)])
+@pytest.mark.parametrize("d_out", [8, 600, 4096, 11008])
+@pytest.mark.parametrize("k", [0, 1, 31, 33, 5504, 11008])
+@pytest.mark.parametrize("vec", [1, 4, 8])
+def test_down_grid_covers_every_column_and_row_with_slices_of_32_neurons(rows, per_row, d_out, k,
+                                                                         vec):
+    col_tiles, slices, row_groups = _C.sparse_plan_down(rows, d_out, k, per_row, SMS, vec)
+    columns = 256 * vec
+    assert col_tiles * columns >= d_out > (col_tiles - 1) * columns
+    assert row_groups == (rows if per_row else -(-rows // 4))
+    assert 1 <= slices <= max(1, -(-k // 32))  # no slice of a full set under 32 neurons
+    blocks = col_tiles * slices * row_groups
+    assert blocks >= 4 * SMS or slices == max(1, -(-k // 32))
+
+
+def test_llama_7b_decode_at_50_percent_fills_the_gpu():
+    # 5504 of 11008 neurons, d_out 4096 in fp16: 2 column tiles of 2048 columns, 172 slices of
+    # 32 neurons: ~2.6 blocks per SM, each reading 32 rows of one 16-byte word per thread.
+    col_tiles, slices, _ = _C.sparse_plan_down(1, 4096, 5504, False, SMS, 8)
+    assert col_tiles == 2 and slices == 172
+
+
+def _sass_blocks(kernel: str):
+    out = subprocess.run([_cuobjdump(), "-sass", _library()], capture_output=True, text=True,
+                         check=True).stdout
+    for block in out.split("Function : ")[1:]:
+        name = block.split("\n", 1)[0].strip()
+        if kernel in name and ("Half" in name or "BFloat16" in name):
+            yield name, block
+
+
+@needs_cuda_binary
+@pytest.mark.parametrize("kernel", ["hidden_kernel", "down_vec_kernel"])
+def test_gather_kernels_use_16_byte_global_loads(kernel):
+    found = list(_sass_blocks(kernel))
+    assert found, f"no fp16 / bf16 {kernel} in the binary"
+    for name, sass in found:
+        assert re.search(r"LDG\.E\.128", sass), f"{name} has no 16-byte global load"
+
+
+@needs_cuda_binary
+def test_sparse_kernels_have_no_spills_or_stack():
+    out = subprocess.run([_cuobjdump(), "--dump-resource-usage", _library()], capture_output=True,
+                         text=True, check=True).stdout
+    kernels = re.findall(r"Function (\S*(?:hidden_kernel|down_vec_kernel|down_kernel)\S*):\s*\n"
+                         r"\s*(REG:.*)", out)
+    assert len(kernels) >= 12
+    for name, usage in kernels:
+        assert "STACK:0 " in usage and "LOCAL:0" in usage, f"{name}: {usage}"
