@@ -619,7 +619,7 @@ def _loading_records(device, progress):
 # Seconds `run` may take in the quick GPU mode: bench/gpu_check.sh's bench stage gives run.py
 # about 35 s, of which process start (run.py imports every bench_*.py), CUDA initialisation, the
 # two ceilings and writing the results and the plot take an estimated 8-10. The parts themselves
-# are estimated at ~17 s on an H200 (never measured: see the README): kernels ~8 (building ~1750
+# are estimated at ~17 s on an H200 (not yet measured on a GPU): kernels ~8 (building ~1750
 # rotated input sets, ~24 cases), decode8b ~4-5, loading ~4; this deadline leaves margin.
 GPU_QUICK_SECONDS = 20
 
