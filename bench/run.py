@@ -32,7 +32,7 @@ def main() -> None:
 
     scripts = sorted(pathlib.Path(__file__).parent.glob("bench_*.py"))
     wanted = {name for name in args.only.split(",") if name}
-    records = []
+    records, failures = [], []
     for script in scripts:
         module = importlib.import_module(script.stem)
         if wanted and module.CAPABILITY not in wanted:
@@ -45,8 +45,14 @@ def main() -> None:
         path = harness.save_results(new, device, out_dir)
         plot = harness.plot_speedups(new, module.CAPABILITY, device, out_dir)
         print(f"   wrote {path} and {plot}", flush=True)
+        # A bench that carries on past a failing part lists it in FAILURES: its other records
+        # are saved above, and the run still ends in failure.
+        failures += [f"{module.CAPABILITY}: {line}" for line in getattr(module, "FAILURES", [])]
     print()
     print(harness.format_table(records))
+    if failures:
+        print("\nfailed:\n  " + "\n  ".join(failures), flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
