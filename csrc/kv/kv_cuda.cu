@@ -1,9 +1,8 @@
 // CUDA kernels for FastGen profiling and ragged decode attention.
 //
-// Profiling: one block per (query head, query row). The block finds the row's max and sum with
-// an online softmax over its keys, then recomputes each logit (cheaper than holding a row of
-// arbitrary length) and adds the probability into the key's score or the policy's mass. No
-// attention map is ever stored, so the `chunk` argument (the CPU's working-set bound) is unused.
+// Profiling: ATen ops per chunk of query rows (a batched cuBLAS GEMM, a causal softmax, fixed-
+// order reductions; see chunk_probabilities): the attention map is held one chunk at a time and
+// the results repeat bit for bit run to run.
 //
 // Decode: grid (cache, split), one block serving the cache's whole query group
 // (decode_gqa_kernel, planned by kv_math.h's plan_decode): the split's K/V rows are streamed
@@ -58,18 +57,6 @@ __device__ void block_softmax_stats(float& m, float& s) {
   __syncthreads();
 }
 
-__device__ float block_sum(float v) {
-  __shared__ float buf[kThreads];
-  buf[threadIdx.x] = v;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) buf[threadIdx.x] += buf[threadIdx.x + stride];
-    __syncthreads();
-  }
-  const float out = buf[0];
-  __syncthreads();
-  return out;
-}
 
 template <typename scalar_t>
 __device__ float dot_row(const float* q_shared, const scalar_t* key, int d) {
@@ -78,76 +65,47 @@ __device__ float dot_row(const float* q_shared, const scalar_t* key, int d) {
   return acc;
 }
 
-// mode 0: scores[g, j] += p. mode 1: mass[h, policy] += p (policy from key_class and window).
-template <typename scalar_t, int mode>
-__global__ void profile_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                               const uint8_t* __restrict__ key_class, float* __restrict__ out,
-                               int64_t hq, int64_t lq, int64_t hkv, int64_t lk, int d,
-                               int64_t window, float scale) {
-  extern __shared__ float q_shared[];
-  const int64_t h = blockIdx.x / lq, r = blockIdx.x % lq;
-  const int64_t g = h / (hq / hkv);
-  const int64_t qpos = lk - lq + r;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) {
-    q_shared[i] = static_cast<float>(q[(h * lq + r) * d + i]) * scale;
-  }
-  __syncthreads();
-  const scalar_t* keys = k + g * lk * d;
-  float m = -FLT_MAX, s = 0.f;
-  for (int64_t j = threadIdx.x; j <= qpos; j += blockDim.x) {
-    const float x = dot_row(q_shared, keys + j * d, d);
-    const float mm = fmaxf(m, x);
-    s = s * __expf(m - mm) + __expf(x - mm);
-    m = mm;
-  }
-  block_softmax_stats(m, s);
-  const float inv = 1.f / s;
-  float part[5] = {0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int64_t j = threadIdx.x; j <= qpos; j += blockDim.x) {
-    const float p = __expf(dot_row(q_shared, keys + j * d, d) - m) * inv;
-    if constexpr (mode == 0) {
-      atomicAdd(out + g * lk + j, p);
-    } else {
-      part[first_policy_keeping(key_class[g * lk + j], qpos, j, window)] += p;
-    }
-  }
-  if constexpr (mode == 1) {
-    for (int p = 0; p < 4; ++p) {
-      const float total = block_sum(part[p]);
-      if (threadIdx.x == 0) atomicAdd(out + h * 4 + p, total);
-    }
-  }
+// Profiling, per chunk of `chunk` query rows: one batched GEMM (cuBLAS) of all the query heads of
+// each KV head against the keys the chunk sees, a causal softmax and reductions, in ATen ops on
+// the current stream. No L x L map is held and nothing is added atomically, so the scores and
+// the policies chosen from them are the same run to run (a float-atomic kernel summed them in
+// whatever order its blocks finished). fp32 math, as the CPU kernel.
+
+// Probabilities [Hkv, G, rows, visible] of query rows [start, start + rows) (queries qg
+// [Hkv, G, Lq, D], keys kf [Hkv, Lk, D], fp32; the last query sits at key Lk - 1).
+at::Tensor chunk_probabilities(const at::Tensor& qg, const at::Tensor& kf, int64_t start,
+                               int64_t rows, double scale) {
+  const int64_t hkv = qg.size(0), group = qg.size(1), lq = qg.size(2), d = qg.size(3);
+  const int64_t offset = kf.size(1) - lq, visible = offset + start + rows;
+  const at::Tensor queries = qg.narrow(2, start, rows).reshape({hkv, group * rows, d});
+  at::Tensor logits = at::bmm(queries, kf.narrow(1, 0, visible).transpose(1, 2));
+  logits.mul_(scale);
+  logits = logits.view({hkv, group, rows, visible});
+  const auto index = qg.options().dtype(at::kLong);
+  const at::Tensor position = at::arange(offset + start, offset + start + rows, index).unsqueeze(1);
+  logits.masked_fill_(at::arange(visible, index).unsqueeze(0) > position, -INFINITY);
+  return at::_softmax(logits, -1, false);
 }
 
-template <int mode>
-at::Tensor launch_profile(const at::Tensor& q, const at::Tensor& k, const at::Tensor* key_class,
-                          int64_t window, double scale) {
-  const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t hq = q.size(0), lq = q.size(1), hkv = k.size(0), lk = k.size(1), d = q.size(2);
-  at::Tensor qc = q.contiguous(), kc = k.contiguous();
-  at::Tensor out = mode == 0 ? at::zeros({hkv, lk}, q.options().dtype(at::kFloat))
-                             : at::zeros({hq, 4}, q.options().dtype(at::kFloat));
-  at::Tensor cls = key_class ? key_class->contiguous() : at::Tensor();
-  if (hq * lq > 0 && d > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kv_profile", [&] {
-      profile_kernel<scalar_t, mode>
-          <<<static_cast<unsigned>(hq * lq), kThreads, d * sizeof(float),
-             at::cuda::getCurrentCUDAStream()>>>(
-              qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
-              key_class ? cls.const_data_ptr<uint8_t>() : nullptr, out.data_ptr<float>(), hq, lq,
-              hkv, lk, static_cast<int>(d), window, static_cast<float>(scale));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  if (mode == 0) return out;
-  const int64_t group = hq / hkv;
-  return out.view({hkv, group, 4}).sum(1).cumsum(1).div_(static_cast<double>(std::max<int64_t>(lq, 1) * group));
+std::pair<at::Tensor, at::Tensor> float_heads(const at::Tensor& q, const at::Tensor& k) {
+  const int64_t hq = q.size(0), lq = q.size(1), hkv = k.size(0), d = q.size(2);
+  return {q.to(at::kFloat).contiguous().view({hkv, hq / hkv, lq, d}),
+          k.to(at::kFloat).contiguous()};
 }
 
 at::Tensor kv_attention_scores_cuda(const at::Tensor& q, const at::Tensor& k, double scale,
                                     int64_t chunk) {
   check_profile_args("fastllm.kv_attention_scores", q, k, chunk);
-  return launch_profile<0>(q, k, nullptr, 0, scale);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t lq = q.size(1), hkv = k.size(0), lk = k.size(1);
+  at::Tensor scores = at::zeros({hkv, lk}, q.options().dtype(at::kFloat));
+  if (q.size(0) == 0 || lq == 0) return scores;
+  const auto [qg, kf] = float_heads(q, k);
+  for (int64_t start = 0; start < lq; start += chunk) {
+    const int64_t rows = std::min(chunk, lq - start), visible = lk - lq + start + rows;
+    scores.narrow(1, 0, visible).add_(chunk_probabilities(qg, kf, start, rows, scale).sum({1, 2}));
+  }
+  return scores;
 }
 
 at::Tensor kv_policy_recovery_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -156,7 +114,41 @@ at::Tensor kv_policy_recovery_cuda(const at::Tensor& q, const at::Tensor& k,
   constexpr const char* op = "fastllm.kv_policy_recovery";
   check_profile_args(op, q, k, chunk);
   check_key_class(op, k, key_class, window);
-  return launch_profile<1>(q, k, &key_class, window, scale);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t hq = q.size(0), lq = q.size(1), hkv = k.size(0), lk = k.size(1);
+  const int64_t group = hkv > 0 ? hq / hkv : 1;
+  at::Tensor mass = at::zeros({hkv, 4}, q.options().dtype(at::kFloat));
+  if (hq > 0 && lq > 0) {
+    const auto [qg, kf] = float_heads(q, k);
+    // Which policy first keeps each key (kv_math.h, first_policy_keeping): special, then
+    // punctuation, then the local window (depends on the query), then heavy hitters.
+    const at::Tensor cls = key_class.to(at::kInt);
+    const at::Tensor special = cls.bitwise_and(kSpecial).ne(0);
+    const at::Tensor punct = cls.bitwise_and(kPunct).ne(0).logical_and(special.logical_not());
+    const at::Tensor by_class = special.logical_or(punct);
+    const at::Tensor heavy = cls.bitwise_and(kHeavy).ne(0).logical_and(by_class.logical_not());
+    const auto index = q.options().dtype(at::kLong);
+    for (int64_t start = 0; start < lq; start += chunk) {
+      const int64_t rows = std::min(chunk, lq - start), visible = lk - lq + start + rows;
+      const at::Tensor probs = chunk_probabilities(qg, kf, start, rows, scale);
+      const at::Tensor position =
+          at::arange(lk - lq + start, lk - lq + start + rows, index).unsqueeze(1);
+      // [rows, visible]: the key lies in the query's local window
+      const at::Tensor local = (position - at::arange(visible, index).unsqueeze(0)).lt(window);
+      auto keys = [&](const at::Tensor& m) {  // [Hkv, 1, 1, visible]
+        return m.narrow(1, 0, visible).view({hkv, 1, 1, visible});
+      };
+      const at::Tensor local_only = local.view({1, 1, rows, visible})
+                                        .logical_and(keys(by_class).logical_not());
+      const at::Tensor heavy_only = keys(heavy).logical_and(local.view({1, 1, rows, visible})
+                                                                .logical_not());
+      const at::Tensor parts[4] = {keys(special), keys(punct), local_only, heavy_only};
+      for (int p = 0; p < 4; ++p) {
+        mass.select(1, p).add_(probs.mul(parts[p].to(at::kFloat)).sum({1, 2, 3}));
+      }
+    }
+  }
+  return mass.cumsum(1).div_(static_cast<double>(std::max<int64_t>(lq, 1) * group));
 }
 
 // Cache c's length, or 0 (an empty cache) when it lies outside [0, width]; err, where given,
