@@ -40,6 +40,19 @@ def lora_cases(device):
         y = torch.randn(14, 72, device=device, dtype=torch.float16)
         ops.lora_expand(y, h, pool, rows, ranks, torch.ones(2, 3, device=device), token_adapter,
                         [40, 32], path)
+    # The tensor-core SGMV (fp16 / bf16): rows 16-byte aligned (the vector staging), a rank over
+    # one group of 32 rows and one 64-row chunk, K past one 256-column chunk with a tail, a
+    # second 128-column block, tiles of 1 to 8 tokens.
+    for dtype in (torch.float16, torch.bfloat16):
+        pool = torch.randn(1 << 17, device=device, dtype=dtype)
+        rows = torch.randint(0, ((1 << 17) - 1024) // 8, (2, 3, 70), device=device) * 8
+        ranks = torch.tensor([[70, 1, 33], [16, 70, 5]], dtype=torch.int32, device=device)
+        token_adapter = torch.tensor([0] * 9 + [1] + [2] * 8 + [-1], device=device)
+        x = torch.randn(token_adapter.numel(), 520, device=device, dtype=dtype)
+        h = ops.lora_shrink(x, pool, rows, ranks, token_adapter, 2)
+        y = torch.randn(token_adapter.numel(), 336, device=device, dtype=dtype)
+        ops.lora_expand(y, h, pool, rows, ranks, torch.ones(2, 3, device=device), token_adapter,
+                        [200, 136], 2)
 
 
 def kv_cases(device):
@@ -65,6 +78,20 @@ def kv_cases(device):
     for splits in (1, 3):
         ops.kv_ragged_decode(torch.randn(2, hq, d, device=device).half(), kv_rows.half(), table,
                              lens, page_rows, d ** -0.5, splits)
+    # The grouped decode kernel at a real head dim: G = 4, D = 128 (fp16) and 64 (fp32), caches
+    # over several staged tiles (the cp.async double buffer) and around a page.
+    for d, dtype in ((128, torch.float16), (64, torch.float32)):
+        page_rows, lengths = 16, [300, 17, 16, 0]
+        pages_per = -(-max(lengths) // page_rows)
+        kv_rows = torch.randn((4 * pages_per + 2) * page_rows, 2 * d, device=device).to(dtype)
+        table = torch.randperm(4 * pages_per + 2)[:4 * pages_per].view(4, pages_per)
+        table, lens = table.to(device, torch.int32), torch.tensor(lengths, dtype=torch.int32,
+                                                                  device=device)
+        q = torch.randn(2, 8, d, device=device).to(dtype)
+        for splits in (1, 5):
+            out, _, _ = ops.kv_ragged_decode(q, kv_rows, table, lens, page_rows, d ** -0.5, splits)
+        want, _, _ = ref.kv_ragged_decode_reference(q, kv_rows, table, lens, page_rows, d ** -0.5)
+        torch.testing.assert_close(out.float(), want.float(), rtol=2e-3, atol=2e-3)
     # Eviction: caches shorter and longer than a warp, one that grows, one without evictable
     # entries, tied scores, step scores narrower than the longest cache.
     caches, cap = 5, 70
@@ -103,6 +130,16 @@ def sparse_cases(device):
         ops.sparse_mlp(x.bfloat16(), w_up.bfloat16(), w_down_t.bfloat16(), per_row,
                        counts=counts, activation="relu", deterministic=deterministic)
     ops.sparse_mlp(x, w_up, w_down_t, shared[:0], w_gate=w_gate)
+    # The 16-byte gather kernels in fp16: two row groups of a shared set, ReLU zeros skipped.
+    d_in, n, d_out = 256, 500, 264
+    x = torch.randn(5, d_in, device=device).half()
+    w_up = (torch.randn(n, d_in, device=device) / 16).half()
+    w_down_t = (torch.randn(n, d_out, device=device) / 16).half()
+    shared = torch.randperm(n)[:300].to(device)
+    out = ops.sparse_mlp(x, w_up, w_down_t, shared, activation="relu")
+    want = ref.sparse_mlp_reference(x, w_up, None, w_down_t, None, None, None, shared, None,
+                                    "relu")
+    torch.testing.assert_close(out.float(), want.float(), rtol=1e-2, atol=1e-2)
     # The int8 predictor's scores: 5 rows (a full and a partial pass of rows), a row length that
     # ends mid-warp-step (80 = 5 lanes of 16), groups of 16 and the whole row, biases, no gate.
     from fastllm._ops.sparse import quantize_rows_int8
