@@ -360,6 +360,72 @@ def kernel(device: str, quick: bool, progress: Progress) -> list[Record]:
     return records
 
 
+def ragged_case(batch: int, hkv: int, group: int, d: int, t: int, kept: float, dtype, device,
+                page_rows: int = 16, seed: int = 0):
+    """A batch of full caches [B, Hkv, T, 2D] and the ragged paged caches of a random `kept`
+    share of each (the newest entry always kept), with the query."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    full = torch.randn(batch, hkv, t, 2 * d, device=device, generator=generator).to(dtype)
+    keep = torch.rand(batch, hkv, t, device=device, generator=generator) < kept
+    keep[..., -1] = True
+    lengths = keep.sum(-1).flatten()
+    caches = batch * hkv
+    pages = -(-int(lengths.max()) // page_rows)
+    kv_rows = torch.zeros(caches * pages * page_rows, 2 * d, device=device, dtype=dtype)
+    table = torch.arange(caches * pages, dtype=torch.int32, device=device).view(caches, pages)
+    for c in range(caches):
+        rows = full[c // hkv, c % hkv][keep[c // hkv, c % hkv]]
+        kv_rows[c * pages * page_rows:c * pages * page_rows + rows.shape[0]] = rows
+    q = torch.randn(batch, hkv * group, d, device=device, generator=generator).to(dtype)
+    return q, full, kv_rows, table, lengths.to(torch.int32), page_rows
+
+
+def gpu_decode_grid(device: str, quick: bool, progress: Progress, ceiling: float,
+                    cases=None) -> list[Record]:
+    """The decode kernel at serving shapes (Llama-8B-like: 8 KV heads, G = 4, D = 128, fp16):
+    ragged caches holding 40% or 100% of T entries against dense SDPA over the full cache (what
+    runs without eviction), GB/s on the bytes the kernel reads against the copy ceiling."""
+    import fastllm._C as C
+    records = []
+    if cases is None:
+        batches, lengths_t = ([1, 32], [1024, 8192]) if quick else ([1, 8, 32, 64],
+                                                                     [1024, 8192, 32768])
+        cases = [(b, 8, 4, 128, t, kept, torch.float16) for b in batches for t in lengths_t
+                 for kept in (0.4, 1.0)]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count \
+        if device == "cuda" else 132
+    for batch, hkv, group, d, t, kept, dtype in cases:
+        q, full, kv_rows, table, lens32, page_rows = ragged_case(batch, hkv, group, d, t, kept,
+                                                                 dtype, device)
+        splits = C.kv_plan_decode_splits(batch * hkv, int(lens32.max()), sms) \
+            if device == "cuda" else 1
+        keys, values = full[..., :d].contiguous(), full[..., d:].contiguous()
+        q4 = q[:, :, None]  # [B, Hq, 1, D]
+        scale = d ** -0.5
+
+        def ours():
+            ops.kv_ragged_decode(q, kv_rows, table, lens32, page_rows, scale, splits)
+
+        def sdpa():
+            torch.nn.functional.scaled_dot_product_attention(q4, keys, values, scale=scale,
+                                                             enable_gqa=True)
+
+        timing = time_interleaved({"ours": ours, "base": sdpa}, device, repeats=5 if quick else 15)
+        kept_bytes = int(lens32.sum()) * 2 * d * full.element_size()
+        gbs = kept_bytes / timing["ours"] / 1e9
+        case = (f"decode B={batch} Hkv={hkv} G={group} D={d} T={t} kept {kept:.0%} "
+                f"{str(dtype).removeprefix('torch.')}")
+        records.append(Record(CAPABILITY, case, "kv_ragged_decode", "SDPA (full cache)",
+                              timing["ours"] * 1e3, timing["base"] * 1e3,
+                              {"KV bytes read": kept_bytes, "splits": splits, "GB/s": gbs,
+                               "% of copy BW": 100 * gbs / ceiling,
+                               "SDPA GB/s": full.numel() * full.element_size()
+                               / timing["base"] / 1e9}))
+        progress.step(f"{case}: {timing['base'] / timing['ours']:.2f}x SDPA, "
+                      f"{100 * gbs / ceiling:.0f}% of copy")
+    return records
+
+
 def profiling_ops(device: str, quick: bool, progress: Progress) -> list[Record]:
     """The two prefill profiling passes against their chunked pure-PyTorch references."""
     records = []
@@ -424,10 +490,13 @@ def decode_speed(device: str, quick: bool, progress: Progress) -> list[Record]:
 def run(device: str, quick: bool = False, out_dir=None) -> list[Record]:
     """FASTLLM_KV_BENCH=kernel,profile,decode,quality (the default: all) picks the parts."""
     parts = os.environ.get("FASTLLM_KV_BENCH", "kernel,profile,decode,quality").split(",")
-    progress = Progress(CAPABILITY, ((8 if quick else 12) if "kernel" in parts else 0)
+    gpu_grid = (8 if quick else 24) if "kernel" in parts and device == "cuda" else 0
+    progress = Progress(CAPABILITY, gpu_grid + ((8 if quick else 12) if "kernel" in parts else 0)
                         + (9 if "quality" in parts else 0) + (1 if "decode" in parts else 0)
                         + ((2 if quick else 4) if "profile" in parts else 0))
     records = kernel(device, quick, progress) if "kernel" in parts else []
+    if "kernel" in parts and device == "cuda":
+        records += gpu_decode_grid(device, quick, progress, copy_bandwidth_gbs(device))
     if "profile" in parts:
         records += profiling_ops(device, quick, progress)
     if "decode" in parts:
