@@ -23,6 +23,7 @@ def test_common_shapes_take_the_grouped_kernel(group, d, elem):
     assert grouped
     assert 8 <= tile <= 64 and 2 * tile * 2 * d * elem <= 2 * 16 * 1024  # two 16 KB buffers
     assert key_lanes >= d // vec and key_lanes & (key_lanes - 1) == 0 and key_lanes <= 32
+    assert tile <= 8 * 4 * (32 // key_lanes)  # each lane's key words of a tile fit 8 registers
     assert shared <= 48 * 1024  # no opt-in to large shared memory needed
     assert group * (d // vec) <= 4 * 128  # at most 4 (head, chunk) accumulators per thread
 

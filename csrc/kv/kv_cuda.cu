@@ -280,8 +280,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
   const int64_t c = blockIdx.x, s = blockIdx.y;
   const int64_t seq = c / hkv, head0 = (c % hkv) * group;
+  // q_s holds head g's element (part * vec + i) at g * D + i * chunks + part: the lanes of one
+  // key (consecutive parts) read consecutive banks, and the other keys' lanes the same words.
   for (int i = threadIdx.x; i < group * d; i += blockDim.x) {
-    q_s[i] = static_cast<float>(q[(seq * hq + head0) * d + i]) * scale;
+    const int g = i / d, dim = i % d;
+    q_s[g * d + (dim % vec) * chunks + dim / vec] =
+        static_cast<float>(q[(seq * hq + head0) * d + i]) * scale;
   }
   if (threadIdx.x < group) {
     m_s[threadIdx.x] = -FLT_MAX;
@@ -340,32 +344,45 @@ __global__ void __launch_bounds__(kDecodeThreads)
     __syncthreads();  // every thread's copies of this tile (and, at t = 0, q_s, m_s, l_s)
     const scalar_t* buf = stage + (t & 1) * tile * row_elems;
 
-    // QK^T: key_lanes lanes per key, one 16-byte word of it each; every lane runs the same trip
-    // count so the shuffles see the whole warp.
-    for (int e0 = warp * keys_per_warp; e0 < n; e0 += warps * keys_per_warp) {
-      const int e = e0 + key_of_lane;
-      const bool live = e < n && part < chunks;
-      uint4 word = make_uint4(0u, 0u, 0u, 0u);
-      if (live) word = *reinterpret_cast<const uint4*>(buf + e * row_elems + part * vec);
-      float k[vec];
-      word_floats<scalar_t>(word, k);
-      bool usable = e < n;
-      if (usable && part == 0 &&
-          !page_in_range(page_row[(static_cast<int>(first) + e) / rows_per_page], pool_pages)) {
-        report_index_error(err, kKvPageTable);
-        usable = false;
+    // QK^T: key_lanes lanes per key, one 16-byte word of it each. The lane's words of all its
+    // keys in the tile (at most kDecodeKeysPerLane, plan_decode) go to registers first, so q is
+    // read from shared memory once per head, not once per key and head. Trip counts depend on the
+    // warp only, so the shuffles see the whole warp.
+    const int key_step = warps * keys_per_warp;
+    const int first_key = warp * keys_per_warp;
+    const int keys = n > first_key ? (n - first_key + key_step - 1) / key_step : 0;
+    uint4 words[kDecodeKeysPerLane];
+    unsigned usable = 0;  // bit it: key it of this lane is an entry with a page in the pool
+#pragma unroll
+    for (int it = 0; it < kDecodeKeysPerLane; ++it) {
+      const int e = first_key + it * key_step + key_of_lane;
+      words[it] = make_uint4(0u, 0u, 0u, 0u);
+      if (it < keys && e < n) {
+        if (part < chunks) words[it] = *reinterpret_cast<const uint4*>(buf + e * row_elems + part * vec);
+        const bool page_ok =
+            page_in_range(page_row[(static_cast<int>(first) + e) / rows_per_page], pool_pages);
+        if (!page_ok && part == 0) report_index_error(err, kKvPageTable);
+        usable |= static_cast<unsigned>(page_ok) << it;
       }
-      for (int g = 0; g < group; ++g) {
-        float dot = 0.f;
-        if (live) {
-          const float* qg = q_s + g * d + part * vec;
+    }
+    for (int g = 0; g < group; ++g) {
+      float qg[vec];
+#pragma unroll
+      for (int i = 0; i < vec; ++i) qg[i] = part < chunks ? q_s[g * d + i * chunks + part] : 0.f;
+#pragma unroll
+      for (int it = 0; it < kDecodeKeysPerLane; ++it) {
+        if (it < keys) {  // warp-uniform
+          float k[vec];
+          word_floats<scalar_t>(words[it], k);
+          float dot = 0.f;
 #pragma unroll
           for (int i = 0; i < vec; ++i) dot += qg[i] * k[i];
+          for (int offset = key_lanes / 2; offset > 0; offset >>= 1) {
+            dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+          }
+          const int e = first_key + it * key_step + key_of_lane;
+          if (part == 0 && e < n) logit_s[g * tile + e] = (usable >> it) & 1u ? dot : -INFINITY;
         }
-        for (int offset = key_lanes / 2; offset > 0; offset >>= 1) {
-          dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        }
-        if (part == 0 && e < tile) logit_s[g * tile + e] = usable ? dot : -INFINITY;
       }
     }
     __syncthreads();

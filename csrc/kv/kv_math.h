@@ -81,6 +81,7 @@ FASTLLM_HOST_DEVICE void split_range(int64_t len, int64_t splits, int64_t s, int
 constexpr int kDecodeThreads = 128;
 constexpr int64_t kDecodeStageBytes = 16 * 1024;  // one of the two buffers of staged rows
 constexpr int kDecodeMaxPairs = 4;                // (head, chunk) accumulators per thread
+constexpr int kDecodeKeysPerLane = 8;             // key words a lane holds per tile in QK^T
 constexpr int64_t kDecodeSharedLimit = 48 * 1024;
 
 struct DecodeLaunch {
@@ -105,6 +106,9 @@ inline DecodeLaunch plan_decode(int64_t group, int64_t d, int64_t elem_bytes) {
   const int64_t row_bytes = 2 * d * elem_bytes;
   int64_t tile = kDecodeStageBytes / row_bytes;
   tile = tile < 8 ? 8 : (tile > 64 ? 64 : tile);
+  // Each lane holds its keys' words of a tile in registers: 4 warps x 32 / lanes keys per step.
+  const int64_t keys_per_step = (kDecodeThreads / 32) * (32 / lanes);
+  if (tile > kDecodeKeysPerLane * keys_per_step) tile = kDecodeKeysPerLane * keys_per_step;
   // stage[2][tile][2D] | q[G][D] fp32 | logits and probabilities [G][tile] fp32 | m, l, alpha [G]
   const int64_t shared = 2 * tile * row_bytes + 4 * (group * d + 2 * group * tile + 3 * group);
   if (shared > kDecodeSharedLimit) return fallback;
