@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from fastllm import _C
-from test_lora_launch import _cuobjdump, _library, needs_cuda_binary
+from test_lora_launch import _cuobjdump, _library, needs_cuda_binary, sass_dump
 
 SMS = 132  # an H100 / H200
 
@@ -71,8 +71,7 @@ def test_grouped_decode_kernel_has_no_spills_or_stack():
 
 @needs_cuda_binary
 def test_grouped_decode_kernel_streams_rows_with_16_byte_async_copies():
-    out = subprocess.run([_cuobjdump(), "-sass", _library()], capture_output=True, text=True,
-                         check=True).stdout
+    out = sass_dump()
     found = 0
     for block in out.split("Function : ")[1:]:
         name = block.split("\n", 1)[0].strip()

@@ -4,6 +4,7 @@ in the decode shrink and expand. These guard the design until a GPU can time it.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 import shutil
@@ -113,10 +114,16 @@ def test_lora_kernels_have_no_spills_or_stack():
         assert "STACK:0 " in usage and "LOCAL:0" in usage, f"{name}: {usage}"
 
 
+@functools.lru_cache(maxsize=None)
+def sass_dump() -> str:
+    """The library's SASS, disassembled once per test process (several seconds each time)."""
+    return subprocess.run([_cuobjdump(), "-sass", _library()], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def _sass(kernel: str, dtype: str = "Half") -> dict[str, str]:
     """SASS per mangled function name containing `kernel` and `dtype` (default fp16)."""
-    out = subprocess.run([_cuobjdump(), "-sass", _library()], capture_output=True, text=True,
-                         check=True).stdout
+    out = sass_dump()
     functions = {}
     for block in out.split("Function : ")[1:]:
         name = block.split("\n", 1)[0].strip()

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from fastllm import _C
-from test_lora_launch import _cuobjdump, _library, needs_cuda_binary
+from test_lora_launch import _cuobjdump, _library, needs_cuda_binary, sass_dump
 
 SMS = 132  # an H100 / H200
 
@@ -38,8 +38,7 @@ def test_llama_7b_decode_at_50_percent_fills_the_gpu():
 
 
 def _sass_blocks(kernel: str):
-    out = subprocess.run([_cuobjdump(), "-sass", _library()], capture_output=True, text=True,
-                         check=True).stdout
+    out = sass_dump()
     for block in out.split("Function : ")[1:]:
         name = block.split("\n", 1)[0].strip()
         if kernel in name and ("Half" in name or "BFloat16" in name):
