@@ -7,8 +7,8 @@
 // Decode: grid (cache, split), one block serving the cache's whole query group
 // (decode_gqa_kernel, planned by kv_math.h's plan_decode): the split's K/V rows are streamed
 // through shared memory once, in tiles double-buffered with cp.async, with an online softmax per
-// head; the logits go to a workspace once. A second kernel merges the splits and a third turns
-// the logits into per-entry probabilities summed over the group. Shapes the grouped kernel does
+// head; the logits go to a workspace once. A second kernel merges the splits and turns the
+// logits into per-entry probabilities summed over the group (decode_merge_scores_kernel). Shapes the grouped kernel does
 // not take (fp64, head dims that are not whole 16-byte words, very large groups) use the
 // per-head kernel (grid (cache x group head, split)), which reads each row once per head.
 //
@@ -455,50 +455,62 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
+// The splits' merge and the per-entry probabilities in one kernel. grid: (caches, entry blocks of
+// kThreads); dynamic shared memory: 3 floats per query head of the group. Every block merges its
+// cache's splits per head (a few dozen partials), so each entry's probability is the logit
+// normalised by the head's log-sum-exp, summed over the group; blocks with y == 0 also write the
+// cache's outputs and log-sum-exps.
 template <typename scalar_t>
-__global__ void decode_merge_kernel(const float* __restrict__ part_m,
-                                    const float* __restrict__ part_s,
-                                    const float* __restrict__ part_o, scalar_t* __restrict__ out,
-                                    float* __restrict__ lse, int64_t hq, int64_t hkv, int d,
-                                    int64_t splits) {
-  const int64_t group = hq / hkv;
-  const int64_t cg = blockIdx.x, c = cg / group, g = cg % group;
-  const int64_t seq = c / hkv, head = (c % hkv) * group + g;
-  float m = -FLT_MAX;
-  for (int64_t s = 0; s < splits; ++s) {
-    if (part_s[cg * splits + s] > 0.f) m = fmaxf(m, part_m[cg * splits + s]);
-  }
-  float total = 0.f;
-  for (int64_t s = 0; s < splits; ++s) {
-    const int64_t t = cg * splits + s;
-    if (part_s[t] > 0.f) total += __expf(part_m[t] - m) * part_s[t];
-  }
-  for (int i = threadIdx.x; i < d; i += blockDim.x) {
-    float acc = 0.f;
+__global__ void decode_merge_scores_kernel(const float* __restrict__ part_m,
+                                           const float* __restrict__ part_s,
+                                           const float* __restrict__ part_o,
+                                           const float* __restrict__ logits,
+                                           const int32_t* __restrict__ lengths,
+                                           scalar_t* __restrict__ out, float* __restrict__ lse,
+                                           float* __restrict__ scores, int64_t hq, int64_t hkv,
+                                           int d, int64_t splits, int64_t width) {
+  extern __shared__ float merged[];
+  const int group = static_cast<int>(hq / hkv);
+  float* m_s = merged;              // the head's largest partial max
+  float* total_s = m_s + group;     // its sum of exp, relative to m_s
+  float* lse_s = total_s + group;   // -inf for a head with no usable entry
+  const int64_t c = blockIdx.x, seq = c / hkv, head0 = (c % hkv) * group;
+  for (int g = threadIdx.x; g < group; g += blockDim.x) {
+    const float* pm = part_m + (c * group + g) * splits;
+    const float* ps = part_s + (c * group + g) * splits;
+    float m = -FLT_MAX;
     for (int64_t s = 0; s < splits; ++s) {
-      const int64_t t = cg * splits + s;
-      if (part_s[t] > 0.f) acc += __expf(part_m[t] - m) * part_o[t * d + i];
+      if (ps[s] > 0.f) m = fmaxf(m, pm[s]);
     }
-    out[(seq * hq + head) * d + i] = static_cast<scalar_t>(total > 0.f ? acc / total : 0.f);
+    float total = 0.f;
+    for (int64_t s = 0; s < splits; ++s) {
+      if (ps[s] > 0.f) total += __expf(pm[s] - m) * ps[s];
+    }
+    m_s[g] = m;
+    total_s[g] = total;
+    lse_s[g] = total > 0.f ? m + logf(total) : -INFINITY;
   }
-  if (threadIdx.x == 0) lse[seq * hq + head] = total > 0.f ? m + logf(total) : -INFINITY;
-}
-
-__global__ void decode_scores_kernel(const float* __restrict__ logits,
-                                     const float* __restrict__ lse,
-                                     const int32_t* __restrict__ lengths,
-                                     float* __restrict__ scores, int64_t hq, int64_t hkv,
-                                     int64_t width) {
-  const int64_t group = hq / hkv;
-  const int64_t c = blockIdx.y;
-  const int64_t seq = c / hkv;
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  __syncthreads();
+  if (blockIdx.y == 0) {
+    for (int i = threadIdx.x; i < group * d; i += blockDim.x) {
+      const int g = i / d, dim = i % d;
+      const float* ps = part_s + (c * group + g) * splits;
+      const float* pm = part_m + (c * group + g) * splits;
+      float acc = 0.f;
+      for (int64_t s = 0; s < splits; ++s) {
+        if (ps[s] > 0.f) acc += __expf(pm[s] - m_s[g]) * part_o[((c * group + g) * splits + s) * d + dim];
+      }
+      const float total = total_s[g];
+      out[(seq * hq + head0 + g) * d + dim] = static_cast<scalar_t>(total > 0.f ? acc / total : 0.f);
+    }
+    for (int g = threadIdx.x; g < group; g += blockDim.x) lse[seq * hq + head0 + g] = lse_s[g];
+  }
+  const int64_t e = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (e >= width) return;
   float acc = 0.f;
   if (e < guarded_length(lengths, c, width, nullptr)) {
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t head = (c % hkv) * group + g;
-      const float l = lse[seq * hq + head];
+    for (int g = 0; g < group; ++g) {
+      const float l = lse_s[g];
       // A head with no usable entry (lse -inf) gives no probability, not exp(-inf + inf).
       if (l != -INFINITY) acc += __expf(logits[(c * group + g) * width + e] - l);
     }
@@ -563,19 +575,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
             static_cast<int>(d), num_splits, static_cast<float>(scale), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    decode_merge_kernel<scalar_t><<<static_cast<unsigned>(caches * group), kThreads, 0, stream>>>(
-        part_m.data_ptr<float>(), part_s.data_ptr<float>(), part_o.data_ptr<float>(),
-        out.data_ptr<scalar_t>(), lse.data_ptr<float>(), hq, hkv, static_cast<int>(d), num_splits);
+    const int64_t entry_blocks = std::max<int64_t>(1, (width + kThreads - 1) / kThreads);
+    TORCH_CHECK_VALUE(entry_blocks <= 65535, "fastllm.kv_ragged_decode: a page table of ", width,
+                      " entries is too wide for one CUDA launch");
+    decode_merge_scores_kernel<scalar_t>
+        <<<dim3(static_cast<unsigned>(caches), static_cast<unsigned>(entry_blocks)), kThreads,
+           3 * group * sizeof(float), stream>>>(
+            part_m.data_ptr<float>(), part_s.data_ptr<float>(), part_o.data_ptr<float>(),
+            logits.data_ptr<float>(), lens.const_data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
+            lse.data_ptr<float>(), scores.data_ptr<float>(), hq, hkv, static_cast<int>(d),
+            num_splits, width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (width > 0) {
-    decode_scores_kernel<<<dim3(static_cast<unsigned>((width + kThreads - 1) / kThreads),
-                                static_cast<unsigned>(caches)),
-                           kThreads, 0, stream>>>(logits.data_ptr<float>(), lse.data_ptr<float>(),
-                                                  lens.const_data_ptr<int32_t>(),
-                                                  scores.data_ptr<float>(), hq, hkv, width);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
   return {out, lse, scores};
 }
 
