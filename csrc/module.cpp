@@ -45,7 +45,9 @@ PYBIND11_MODULE(_C, m) {
     const auto plan = fastllm::lora::plan_sgmv_mma(max_rank, widest);
     return pybind11::make_tuple(plan.rank_groups, plan.column_blocks);
   });
+  m.def("lora_plan_sgmv_mma_k_splits", &fastllm::lora::plan_sgmv_mma_k_splits);
   m.attr("lora_mma_ranks") = pybind11::int_(fastllm::lora::kMmaRanks);
+  m.attr("lora_mma_chunk") = pybind11::int_(fastllm::lora::kMmaChunk);
   m.attr("lora_mma_columns") = pybind11::int_(fastllm::lora::kMmaColumns);
   m.attr("lora_shrink_threads") = pybind11::int_(fastllm::lora::kShrinkWarps * 32);
   m.attr("lora_expand_threads") = pybind11::int_(fastllm::lora::kExpandThreads);

@@ -365,3 +365,23 @@ def test_cuda_deterministic_decode_shrink_is_reproducible_bit_for_bit():
         torch.use_deterministic_algorithms(before)
     assert all(torch.equal(run, runs[0]) for run in runs[1:])
     torch.testing.assert_close(runs[0].cpu(), want, rtol=1e-3, atol=1e-3)
+
+
+@cuda_only
+def test_cuda_deterministic_tensor_core_shrink_is_reproducible_bit_for_bit():
+    # A 512-token prefill at rank 16 splits K across blocks with atomics (test_lora_launch.py);
+    # with deterministic algorithms on it runs one split per block.
+    x, _, pool, a_rows, _, ranks, _, ids = _prefill_problem(4096, [4096], [16], [512],
+                                                           torch.bfloat16)
+    want = ops.lora_shrink(x, pool, a_rows, ranks, ids, 2)
+    args = _cuda(x, pool, a_rows, ranks, ids)
+    plan = [p.cuda() for p in ops.lora_sgmv_plan(ids, 1)]
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [ops.lora_shrink(*args, 2, *plan) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])
+    scale = float(want.abs().max())
+    torch.testing.assert_close(runs[0].cpu(), want, rtol=1e-3, atol=1e-3 * scale)

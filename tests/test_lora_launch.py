@@ -76,9 +76,22 @@ def test_tensor_core_sgmv_grid_covers_every_rank_row_and_output_column(max_rank,
 def test_prefill_of_512_tokens_on_one_adapter_fills_the_gpu_on_tensor_cores():
     # 64 tiles of 8 tokens; q/k/v expand (4096 + 1024 + 1024 columns, widest 4096) at rank 16.
     tiles = 512 // _C.lora_tile
-    _, column_blocks = _C.lora_plan_sgmv_mma(16, 4096)
+    rank_groups, column_blocks = _C.lora_plan_sgmv_mma(16, 4096)
     assert tiles * column_blocks * 3 >= 2 * SMS
     assert _C.lora_gpu_prefers_sgmv(512, tiles, SMS)
+    # the shrink splits K (hidden 4096 = 16 chunks) to reach 4 blocks per SM: 192 -> 576 blocks
+    k_splits = _C.lora_plan_sgmv_mma_k_splits(tiles, rank_groups, 3, 4096, SMS)
+    assert k_splits == 3 and tiles * rank_groups * k_splits * 3 >= 4 * SMS
+
+
+@pytest.mark.parametrize("tiles", [1, 8, 64, 4096])
+@pytest.mark.parametrize("rank_groups", [1, 8, 128])
+@pytest.mark.parametrize("hidden", [8, 256, 257, 4096, 14336])
+def test_shrink_k_splits_never_leave_a_split_without_a_chunk_of_k(tiles, rank_groups, hidden):
+    k_splits = _C.lora_plan_sgmv_mma_k_splits(tiles, rank_groups, 1, hidden, SMS)
+    chunks = -(-hidden // _C.lora_mma_chunk)
+    assert 1 <= k_splits <= min(16, chunks) and rank_groups * k_splits <= 65535
+    assert tiles * rank_groups * k_splits >= 4 * SMS or k_splits == min(16, chunks)
 
 
 # ---- static checks of the compiled kernels -------------------------------------------------------

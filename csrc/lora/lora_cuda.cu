@@ -427,15 +427,16 @@ __device__ __forceinline__ void share_tile_tokens(const Tile& tile, int64_t* sha
   __syncthreads();
 }
 
-// grid: (tiles, rank groups, slices), kMmaWarps warps. h[s, token, j] for the tile's tokens and
-// the group's kMmaRanks rows j; a row past the rank or a bad row keeps h at 0.
+// grid: (tiles, rank groups x K splits, slices), kMmaWarps warps. h[s, token, j] for the tile's
+// tokens and the group's kMmaRanks rows j over the split's chunks of K (added atomically into the
+// zeroed h when K is split); a row past the rank or a bad row keeps h at 0.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     shrink_sgmv_mma(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pool,
                     Tables tables, const index_t* __restrict__ token_adapter,
                     const int32_t* __restrict__ order, int64_t listed,
                     const int32_t* __restrict__ tiles, float* __restrict__ h, int64_t tokens,
-                    int64_t in) {
+                    int64_t in, int64_t rank_groups, int64_t k_splits) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   using mma_t = typename MmaType<scalar_t>::type;
@@ -450,8 +451,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const Tile tile = load_tile(tables, order, listed, tiles, blockIdx.x, tokens, token_adapter);
   if (tile.n == 0) return;
   const int r = checked_rank(tables, s, tile.adapter);
-  const int j0 = static_cast<int>(blockIdx.y) * kMmaRanks;
+  const int j0 = static_cast<int>(blockIdx.y % rank_groups) * kMmaRanks;
   if (j0 >= r) return;  // the whole block
+  const int64_t chunks = (in + kMmaChunk - 1) / kMmaChunk;
+  const int64_t per_split = (chunks + k_splits - 1) / k_splits;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y / rank_groups) * per_split * kMmaChunk;
+  if (k_begin >= in) return;  // an empty split (the splits were evened out)
+  const int64_t k_end = k_begin + per_split * kMmaChunk < in ? k_begin + per_split * kMmaChunk : in;
   share_tile_tokens(tile, tile_token);
   if (threadIdx.x < kTile) {
     x_row[threadIdx.x] = threadIdx.x < tile.n ? tile_token[threadIdx.x] * in : -1;
@@ -464,7 +470,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const int warp = threadIdx.x / 32;
   wmma::fragment<wmma::accumulator, 8, 32, 16, float> acc;
   wmma::fill_fragment(acc, 0.0f);
-  for (int64_t k0 = 0; k0 < in; k0 += kMmaChunk) {
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kMmaChunk) {
     stage_chunk<kMmaChunk>(xs, ld, x, x_row, kTile, k0, in);
     stage_chunk<kMmaChunk>(ws, ld, pool, w_row, kMmaRanks, k0, in);
     __syncthreads();
@@ -485,7 +491,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     float sum = 0.0f;
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) sum += partial[w][e];
-    h[h_index(s, tile_token[i], j0 + jj, tokens, tables.max_rank)] = sum;
+    float* out = h + h_index(s, tile_token[i], j0 + jj, tokens, tables.max_rank);
+    if (k_splits == 1) {
+      *out = sum;
+    } else {
+      atomicAdd(out, sum);
+    }
   }
 #else
   __trap();  // built for an arch without these tensor cores: never launched (the host checks)
@@ -619,12 +630,19 @@ void launch_shrink_sgmv_mma(const at::Tensor& x, const at::Tensor& pool, const T
     TORCH_CHECK_VALUE(slices <= kMaxGridYZ, "fastllm.lora_shrink: at most ", kMaxGridYZ,
                       " slices on CUDA, got ", slices);
     const SgmvMmaLaunch plan = plan_sgmv_mma(max_rank, 0);
+    // Deterministic algorithms: one split, no atomics.
+    const int64_t k_splits =
+        at::globalContext().deterministicAlgorithms()
+            ? 1
+            : plan_sgmv_mma_k_splits(tiles.size(0), plan.rank_groups, slices, in, sm_count());
     AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_shrink_ids", [&] {
       shrink_sgmv_mma<scalar_t, index_t>
-          <<<dim3(tiles.size(0), plan.rank_groups, slices), kMmaWarps * 32, 0, stream>>>(
+          <<<dim3(tiles.size(0), plan.rank_groups * k_splits, slices), kMmaWarps * 32, 0,
+             stream>>>(
               x.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), tables,
               token_adapter.data_ptr<index_t>(), order.data_ptr<int32_t>(), order.numel(),
-              tiles.data_ptr<int32_t>(), h.data_ptr<float>(), tokens, in);
+              tiles.data_ptr<int32_t>(), h.data_ptr<float>(), tokens, in, plan.rank_groups,
+              k_splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -149,6 +149,25 @@ inline SgmvMmaLaunch plan_sgmv_mma(int64_t max_rank, int64_t widest_slice) {
           std::max<int64_t>(1, (widest_slice + kMmaColumns - 1) / kMmaColumns)};
 }
 
+// Shrink K splits: a prefill of few tiles at a small rank leaves most SMs idle (512 tokens at rank
+// 16 on q/k/v: 64 tiles x 1 rank group x 3 slices = 192 blocks of 4 warps), so K is split across
+// blocks, their partial sums added atomically into the zeroed h, until there are about
+// kMmaBlocksPerSm blocks per SM; never below one staged chunk of K per split, at most
+// kMmaMaxKSplits. grid.y = rank groups x K splits.
+constexpr int64_t kMmaBlocksPerSm = 4;
+constexpr int64_t kMmaMaxKSplits = 16;
+
+inline int64_t plan_sgmv_mma_k_splits(int64_t tiles, int64_t rank_groups, int64_t slices,
+                                      int64_t in, int64_t sms) {
+  const int64_t groups = std::max<int64_t>(1, rank_groups);
+  const int64_t blocks = std::max<int64_t>(1, tiles * groups * slices);
+  const int64_t target = kMmaBlocksPerSm * std::max<int64_t>(1, sms);
+  const int64_t chunks = std::max<int64_t>(1, (in + kMmaChunk - 1) / kMmaChunk);
+  int64_t splits = (target + blocks - 1) / blocks;
+  splits = std::min({splits, chunks, kMmaMaxKSplits, kMaxGridYZ / groups});
+  return std::max<int64_t>(1, splits);
+}
+
 inline int64_t resolve_path(int64_t path, int64_t tokens, int64_t adapters) {
   if (path != kAuto) return path;
   return tokens >= kSgmvMinTokensPerAdapter * (adapters > 0 ? adapters : 1) ? kSgmv : kBgmv;
