@@ -664,8 +664,12 @@ def parse_args(argv):
                         help="set one stage's time limit exactly (repeatable)")
     parser.add_argument("--budget", type=float, default=BUDGET_S,
                         help=f"seconds for the whole check (default {BUDGET_S})")
-    parser.add_argument("--bench-only", default=os.environ.get("GPU_CHECK_BENCH_ONLY", ""),
-                        help="capabilities for bench/run.py --only (default: all)")
+    # The GPU kernels' capabilities first: the stage's time limit may stop it part-way, and
+    # bench/run.py saves each capability's records when it ends.
+    parser.add_argument("--bench-only", default=os.environ.get("GPU_CHECK_BENCH_ONLY",
+                                                               "lora,kv,sparse,memory,galore"),
+                        help="capabilities for bench/run.py --only, in run order (default: all, "
+                             "the GPU kernels' first)")
     parser.add_argument("--workers", type=int, default=4,
                         help="pytest-xdist workers for the CUDA tests where xdist is installed")
     parser.add_argument("--keep-logs", action="store_true",

@@ -31,12 +31,16 @@ def main() -> None:
           f"matmul {harness.matmul_tflops(device):.2f} TFLOP/s", flush=True)
 
     scripts = sorted(pathlib.Path(__file__).parent.glob("bench_*.py"))
-    wanted = {name for name in args.only.split(",") if name}
+    wanted = [name for name in args.only.split(",") if name]
+    modules = [importlib.import_module(script.stem) for script in scripts]
+    if wanted:
+        # --only's order is the run's: a caller with a time limit (bench/gpu_check.sh) lists the
+        # capabilities it wants first, and each one's records are saved as soon as it ends.
+        modules = sorted((m for m in modules if m.CAPABILITY in wanted),
+                         key=lambda m: wanted.index(m.CAPABILITY))
     records, failures = [], []
-    for script in scripts:
-        module = importlib.import_module(script.stem)
-        if wanted and module.CAPABILITY not in wanted:
-            continue
+    for module in modules:
+        script = pathlib.Path(module.__file__)
         print(f"== {module.CAPABILITY} ({script.name})", flush=True)
         # A bench that writes extra files (plots beyond the speedup bars) takes out_dir.
         extra = {"out_dir": out_dir} if "out_dir" in inspect.signature(module.run).parameters else {}
