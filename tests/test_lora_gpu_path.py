@@ -349,6 +349,15 @@ def test_cuda_tensor_core_sgmv_matches_the_cpu_kernel(dtype, in_features, slice_
     ops.raise_index_errors("cuda")
 
 
+def _deterministic_runs(call, times=3):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return [call() for _ in range(times)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 @cuda_only
 def test_cuda_deterministic_decode_shrink_is_reproducible_bit_for_bit():
     # Batch 1 at hidden 4096 splits K 16 ways (test_lora_launch.py); with deterministic
@@ -357,12 +366,7 @@ def test_cuda_deterministic_decode_shrink_is_reproducible_bit_for_bit():
                                                            torch.float16)
     want = ops.lora_shrink(x, pool, a_rows, ranks, ids, 1)
     args = _cuda(x, pool, a_rows, ranks, ids)
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = [ops.lora_shrink(*args, 1) for _ in range(3)]
-    finally:
-        torch.use_deterministic_algorithms(before)
+    runs = _deterministic_runs(lambda: ops.lora_shrink(*args, 1))
     assert all(torch.equal(run, runs[0]) for run in runs[1:])
     torch.testing.assert_close(runs[0].cpu(), want, rtol=1e-3, atol=1e-3)
 
@@ -376,12 +380,7 @@ def test_cuda_deterministic_tensor_core_shrink_is_reproducible_bit_for_bit():
     want = ops.lora_shrink(x, pool, a_rows, ranks, ids, 2)
     args = _cuda(x, pool, a_rows, ranks, ids)
     plan = [p.cuda() for p in ops.lora_sgmv_plan(ids, 1)]
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = [ops.lora_shrink(*args, 2, *plan) for _ in range(3)]
-    finally:
-        torch.use_deterministic_algorithms(before)
+    runs = _deterministic_runs(lambda: ops.lora_shrink(*args, 2, *plan))
     assert all(torch.equal(run, runs[0]) for run in runs[1:])
     scale = float(want.abs().max())
     torch.testing.assert_close(runs[0].cpu(), want, rtol=1e-3, atol=1e-3 * scale)

@@ -137,6 +137,26 @@ __global__ void hidden_kernel(const scalar_t* __restrict__ x, const scalar_t* __
   }
 }
 
+// What a down-projection block serves (grid y = neuron slices, z = row groups): its batch rows
+// (kRowsPerPass for a shared set, one for per-row sets), their set, and its slice of the set's
+// actual count (read on the device; a bad count is reported by hidden_kernel).
+template <typename index_t>
+struct DownBlock {
+  int64_t b_first, j_begin, j_end;
+  int nb;
+  const index_t* set;
+
+  __device__ DownBlock(const index_t* idx, const index_t* counts, int64_t rows, int64_t k,
+                       bool per_row) {
+    b_first = per_row ? blockIdx.z : static_cast<int64_t>(blockIdx.z) * kRowsPerPass;
+    nb = per_row ? 1 : static_cast<int>(min64(kRowsPerPass, rows - b_first));
+    bool bad_count;
+    const int64_t count = set_count(counts, per_row ? b_first : 0, k, &bad_count);
+    slice_range(count, gridDim.y, blockIdx.y, &j_begin, &j_end);
+    set = idx + (per_row ? b_first * k : 0);
+  }
+};
+
 // grid: x = column tiles, y = neuron slices, z = row groups (kRowsPerPass rows for a shared set,
 // one row for per-row sets).
 template <typename scalar_t, typename index_t>
@@ -146,13 +166,10 @@ __global__ void down_kernel(const scalar_t* __restrict__ w_down_t, const index_t
                             int64_t neurons, bool per_row, bool partials) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (col >= d_out) return;
-  const int64_t b_first = per_row ? blockIdx.z : static_cast<int64_t>(blockIdx.z) * kRowsPerPass;
-  const int nb = per_row ? 1 : static_cast<int>(min64(kRowsPerPass, rows - b_first));
-  bool bad_count;  // reported by hidden_kernel
-  const int64_t count = set_count(counts, per_row ? b_first : 0, k, &bad_count);
-  int64_t j_begin, j_end;
-  slice_range(count, gridDim.y, blockIdx.y, &j_begin, &j_end);
-  const index_t* set = idx + (per_row ? b_first * k : 0);
+  const DownBlock<index_t> block(idx, counts, rows, k, per_row);
+  const int64_t b_first = block.b_first, j_begin = block.j_begin, j_end = block.j_end;
+  const int nb = block.nb;
+  const index_t* set = block.set;
   float sum[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t j = j_begin; j < j_end; ++j) {
     const int64_t neuron = static_cast<int64_t>(set[j]);
@@ -186,13 +203,10 @@ __global__ void down_vec_kernel(const scalar_t* __restrict__ w_down_t,
   constexpr int vec = kWordElems<scalar_t>;
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * vec;
   if (col >= d_out) return;  // d_out is a whole number of words
-  const int64_t b_first = per_row ? blockIdx.z : static_cast<int64_t>(blockIdx.z) * kRowsPerPass;
-  const int nb = per_row ? 1 : static_cast<int>(min64(kRowsPerPass, rows - b_first));
-  bool bad_count;  // reported by hidden_kernel
-  const int64_t count = set_count(counts, per_row ? b_first : 0, k, &bad_count);
-  int64_t j_begin, j_end;
-  slice_range(count, gridDim.y, blockIdx.y, &j_begin, &j_end);
-  const index_t* set = idx + (per_row ? b_first * k : 0);
+  const DownBlock<index_t> block(idx, counts, rows, k, per_row);
+  const int64_t b_first = block.b_first, j_begin = block.j_begin, j_end = block.j_end;
+  const int nb = block.nb;
+  const index_t* set = block.set;
   float sum[kRowsPerPass][vec];
 #pragma unroll
   for (int r = 0; r < kRowsPerPass; ++r) {
