@@ -2,7 +2,8 @@
 //
 // Profiling: ATen ops per chunk of query rows (a batched cuBLAS GEMM, a causal softmax, fixed-
 // order reductions; see chunk_probabilities): the attention map is held one chunk at a time and
-// the results repeat bit for bit run to run.
+// the results repeat bit for bit run to run, as far as cuBLAS does (one stream, or
+// CUBLAS_WORKSPACE_CONFIG set); with TF32 allowed for fp32 matmuls the GEMMs follow it.
 //
 // Decode: grid (cache, split), one block serving the cache's whole query group
 // (decode_gqa_kernel, planned by kv_math.h's plan_decode): the split's K/V rows are streamed
@@ -130,22 +131,24 @@ at::Tensor kv_policy_recovery_cuda(const at::Tensor& q, const at::Tensor& k,
     const auto index = q.options().dtype(at::kLong);
     for (int64_t start = 0; start < lq; start += chunk) {
       const int64_t rows = std::min(chunk, lq - start), visible = lk - lq + start + rows;
-      const at::Tensor probs = chunk_probabilities(qg, kf, start, rows, scale);
+      // Summed over the group first: every mask below is the same for a KV head's query heads.
+      const at::Tensor probs = chunk_probabilities(qg, kf, start, rows, scale).sum(1);
       const at::Tensor position =
           at::arange(lk - lq + start, lk - lq + start + rows, index).unsqueeze(1);
-      // [rows, visible]: the key lies in the query's local window
-      const at::Tensor local = (position - at::arange(visible, index).unsqueeze(0)).lt(window);
-      auto keys = [&](const at::Tensor& m) {  // [Hkv, 1, 1, visible]
-        return m.narrow(1, 0, visible).view({hkv, 1, 1, visible});
+      // [1, rows, visible]: the key lies in the query's local window
+      const at::Tensor local =
+          (position - at::arange(visible, index).unsqueeze(0)).lt(window).unsqueeze(0);
+      auto keys = [&](const at::Tensor& m) {  // [Hkv, 1, visible]
+        return m.narrow(1, 0, visible).unsqueeze(1);
       };
-      const at::Tensor local_only = local.view({1, 1, rows, visible})
-                                        .logical_and(keys(by_class).logical_not());
-      const at::Tensor heavy_only = keys(heavy).logical_and(local.view({1, 1, rows, visible})
-                                                                .logical_not());
-      const at::Tensor parts[4] = {keys(special), keys(punct), local_only, heavy_only};
-      for (int p = 0; p < 4; ++p) {
-        mass.select(1, p).add_(probs.mul(parts[p].to(at::kFloat)).sum({1, 2, 3}));
-      }
+      // Special and punctuation keys are kept whatever the query: one pass over the key sums.
+      const at::Tensor per_key = probs.sum(1);  // [Hkv, visible]
+      mass.select(1, 0).add_(per_key.mul(keys(special).squeeze(1)).sum(1));
+      mass.select(1, 1).add_(per_key.mul(keys(punct).squeeze(1)).sum(1));
+      const at::Tensor local_only = local.logical_and(keys(by_class).logical_not());
+      const at::Tensor heavy_only = keys(heavy).logical_and(local.logical_not());
+      mass.select(1, 2).add_(probs.mul(local_only).sum({1, 2}));
+      mass.select(1, 3).add_(probs.mul(heavy_only).sum({1, 2}));
     }
   }
   return mass.cumsum(1).div_(static_cast<double>(std::max<int64_t>(lq, 1) * group));
@@ -255,8 +258,8 @@ __device__ __forceinline__ float warp_total(float v) {
 
 // The grouped decode split (kv_math.h, plan_decode). grid: (caches, splits), kDecodeThreads
 // threads; dynamic shared memory as plan_decode lays it out. Writes the split's partial max,
-// sum and unnormalised output per query head (the layout decode_merge_kernel reads) and each
-// entry's logit per head into the workspace (decode_scores_kernel reads it).
+// sum and unnormalised output per query head and each entry's logit per head into the
+// workspace (the layouts decode_merge_scores_kernel reads).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_gqa_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ rows,
@@ -455,11 +458,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
-// The splits' merge and the per-entry probabilities in one kernel. grid: (caches, entry blocks of
-// kThreads); dynamic shared memory: 3 floats per query head of the group. Every block merges its
-// cache's splits per head (a few dozen partials), so each entry's probability is the logit
-// normalised by the head's log-sum-exp, summed over the group; blocks with y == 0 also write the
-// cache's outputs and log-sum-exps.
+// The splits' merge and the per-entry probabilities in one kernel. grid: (caches, max(entry
+// blocks, output blocks) of kThreads); dynamic shared memory: 3 floats per query head of the
+// group. Every block merges its cache's splits per head (a few dozen partials), so each entry's
+// probability is the logit normalised by the head's log-sum-exp, summed over the group; block y
+// also writes output elements [y * kThreads, (y + 1) * kThreads) of the cache's G x D outputs
+// (one per thread: the split loop per output is the long pole, so it is spread over blocks).
 template <typename scalar_t>
 __global__ void decode_merge_scores_kernel(const float* __restrict__ part_m,
                                            const float* __restrict__ part_s,
@@ -491,9 +495,10 @@ __global__ void decode_merge_scores_kernel(const float* __restrict__ part_m,
     lse_s[g] = total > 0.f ? m + logf(total) : -INFINITY;
   }
   __syncthreads();
-  if (blockIdx.y == 0) {
-    for (int i = threadIdx.x; i < group * d; i += blockDim.x) {
-      const int g = i / d, dim = i % d;
+  {
+    const int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+    if (i < static_cast<int64_t>(group) * d) {
+      const int g = static_cast<int>(i / d), dim = static_cast<int>(i % d);
       const float* ps = part_s + (c * group + g) * splits;
       const float* pm = part_m + (c * group + g) * splits;
       float acc = 0.f;
@@ -503,7 +508,9 @@ __global__ void decode_merge_scores_kernel(const float* __restrict__ part_m,
       const float total = total_s[g];
       out[(seq * hq + head0 + g) * d + dim] = static_cast<scalar_t>(total > 0.f ? acc / total : 0.f);
     }
-    for (int g = threadIdx.x; g < group; g += blockDim.x) lse[seq * hq + head0 + g] = lse_s[g];
+    if (blockIdx.y == 0) {
+      for (int g = threadIdx.x; g < group; g += blockDim.x) lse[seq * hq + head0 + g] = lse_s[g];
+    }
   }
   const int64_t e = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (e >= width) return;
@@ -576,11 +583,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const int64_t entry_blocks = std::max<int64_t>(1, (width + kThreads - 1) / kThreads);
-    TORCH_CHECK_VALUE(entry_blocks <= 65535, "fastllm.kv_ragged_decode: a page table of ", width,
-                      " entries is too wide for one CUDA launch");
+    const int64_t output_blocks = (group * d + kThreads - 1) / kThreads;
+    TORCH_CHECK_VALUE(entry_blocks <= 65535 && output_blocks <= 65535,
+                      "fastllm.kv_ragged_decode: a page table of ", width, " entries or a group "
+                      "of ", group, " heads x ", d, " dims is too large for one CUDA launch");
+    TORCH_CHECK_VALUE(group <= 4096, "fastllm.kv_ragged_decode: at most 4096 query heads per KV "
+                      "head on CUDA, got ", group);
     decode_merge_scores_kernel<scalar_t>
-        <<<dim3(static_cast<unsigned>(caches), static_cast<unsigned>(entry_blocks)), kThreads,
-           3 * group * sizeof(float), stream>>>(
+        <<<dim3(static_cast<unsigned>(caches),
+                static_cast<unsigned>(std::max(entry_blocks, output_blocks))),
+           kThreads, 3 * group * sizeof(float), stream>>>(
             part_m.data_ptr<float>(), part_s.data_ptr<float>(), part_o.data_ptr<float>(),
             logits.data_ptr<float>(), lens.const_data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
             lse.data_ptr<float>(), scores.data_ptr<float>(), hq, hkv, static_cast<int>(d),

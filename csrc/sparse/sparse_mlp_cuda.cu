@@ -224,7 +224,9 @@ __global__ void down_vec_kernel(const scalar_t* __restrict__ w_down_t,
       hv[r] = r < nb ? h[(b_first + r) * k + j] : 0.f;
       live |= hv[r] != 0.f;
     }
-    if (!live) continue;  // the same for the whole block: the row is never read
+    // The same for the whole block: the row is never read. (So an Inf or NaN in the row of a
+    // neuron whose h is exactly 0 does not reach the output, as it would through 0 * w.)
+    if (!live) continue;
     float w[vec];
     word_floats<scalar_t>(load_word(w_down_t + neuron * d_out + col), w);
 #pragma unroll
