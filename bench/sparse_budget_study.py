@@ -77,7 +77,12 @@ def main():
     ap.add_argument("--sparsities", default="0.3,0.5,0.7")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(pathlib.Path(__file__).with_suffix(".json")))
+    ap.add_argument("--confirm", type=int, default=0,
+                    help="only re-check the two gate+up widths at 50%% on this many held-out "
+                         "tokens (from the same start) and add them to the existing --out JSON")
     args = ap.parse_args()
+    if args.confirm:
+        return confirm(args)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     model, tokenizer, text = load(args.text)
@@ -197,6 +202,32 @@ def main():
     res["seconds"] = time.perf_counter() - t_start
     print(json.dumps(choice, indent=1))
     pathlib.Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+def confirm(args):
+    """Dense, oracle, int8 and int4 gate+up at 50% on a longer held-out text (same start)."""
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    model, tokenizer, text = load(args.text)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    seq = 256
+    held_start = int(ids.numel() * 0.9)
+    held = ids[held_start: held_start + args.confirm // seq * seq].reshape(-1, seq)
+    dense = perplexity(model, held)
+    out = {"heldout_text": f"tokens {held_start}..{held_start + held.numel()}",
+           "dense_ppl": dense, "ppl_ratio@0.5": {}}
+    out["ppl_ratio@0.5"]["oracle"] = ppl_and_density(model, held, 0.5, "oracle")[0] / dense
+    for bits, group in ((8, 64), (4, 32)):
+        preds = sparse.quantize_predictors(model, None, bits=bits, score="gate_up", group=group,
+                                           progress=False)
+        out["ppl_ratio@0.5"][f"int{bits} gate+up (group {group})"] = ppl_and_density(
+            model, held, 0.5, "predictor", preds)[0] / dense
+        print(json.dumps(out), flush=True)
+    out["seconds"] = time.perf_counter() - t_start
+    path = pathlib.Path(args.out)
+    res = json.loads(path.read_text())
+    res[f"confirm_heldout_{held.numel()}"] = out
+    path.write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ active neuron's down weights are one contiguous row. The wrapped module is kept,
 :func:`fastllm.sparse.densify` restores it exactly.
 
 How the active neurons are chosen (``mode``):
-  - ``"predictor"``: a predictor (:class:`FactoredPredictor`, :class:`QuantizedPredictor` or
+  - ``"predictor"``: a predictor (:class:`FactoredPredictor`, :class:`QuantizedPredictor` (int8
+    or int4, gate+up or gate-only scores, optionally from the top input channels only) or
     Deja Vu's :class:`LowRankPredictor`) scores every neuron from the MLP input; the top ``keep`` neurons
     per token (or those with a logit above ``logit_threshold``) are active. With top-k and the
     kernel, the indices go straight to :func:`fastllm.ops.sparse_mlp` (no mask, no host sync).

@@ -11,6 +11,19 @@ the target sparsity from ``calibration_ids`` (CATS style). ``mode="oracle"`` kee
 largest ``|h|`` (quality upper bound). For gated MLPs the default predictor is an int8 copy of
 the gate and up weights (``kind="quantized"``), not a trained low-rank map. See
 :class:`fastllm.nn.SparseMLP` for the per-call options.
+
+Cheaper quantized selections (``quantize_predictors`` / ``train_predictors(kind="quantized")``,
+also through ``sparsify(..., mode="predictor", calibration_ids=..., bits=..., score=...)``):
+``bits=4`` (int4 gate+up, group 32), ``score="gate"`` (CATS-style ``|act(gate)|`` from the
+quantized gate only) and ``input_keep`` (WINA-style: score from each token's top input channels
+by ``|x_i| ||W[:, i]||``). :func:`predictor_bytes_share` gives their bytes. Measured on SmolLM2
+(``bench/sparse_budget_study.py``, held-out text, 50% sparsity, ppl vs dense; bytes = predictor
++ kept rows as a share of the dense fp16 MLP): oracle +4.5%; int8 gate+up +3.4%, 0.85; int4
+gate+up +4.8%, 0.71 with packed int4 (0.875 as stored today); int8 gate +40%; int4 gate +46%;
+int8 gate+up with half the input channels +11%; threshold mode +30%. The int4 and
+``input_keep`` savings need a packed-int4 / column-gather kernel, which is not written: today
+int4 values sit one per int8 byte and the int8 op reads every column, so the default stays int8
+gate+up for every dtype (:func:`default_quantized_selection`).
 """
 
 from __future__ import annotations
@@ -308,7 +321,12 @@ def predictor_bytes_share(d: int, n: int, *, bits: int = 8, score: str = "gate_u
 
 # Per weight dtype: (bits, score) of the default quantized predictor, chosen by
 # bench/sparse_budget_study.py (SmolLM2, held-out text): the selection with the best estimated
-# speed-up (bytes model) at <= +5% perplexity at 50% sparsity.
+# speed-up (bytes model: dense MLP bytes / (predictor bytes + kept rows' bytes)) at <= +5%
+# perplexity at 50% sparsity, with the bytes today's op reads. int8 gate+up (+3.4%, 1.17x fp16,
+# 1.48x fp32) wins for every dtype: int4 gate+up (+4.8%) is stored one value per int8 byte (no
+# packed-int4 kernel), so it reads more (group-32 scales); gate-only scores and the threshold mode
+# miss +5% by far. With a packed-int4 scoring kernel int4 gate+up would win (1.41x fp16, 1.66x
+# fp32 by the bytes model): switch these to (4, "gate_up") then.
 _QUANTIZED_DEFAULTS = {torch.float32: (8, "gate_up"), torch.float16: (8, "gate_up"),
                        torch.bfloat16: (8, "gate_up")}
 
