@@ -2,5 +2,5 @@
 
 from .lora_linear import LoRALinear  # noqa: F401
 from .sparse_mlp import (FactoredPredictor, LowRankPredictor, QuantizedPredictor,  # noqa: F401
-                         SparseMLP)
+                         SparseMLP, quantize_rows)
 from .galore_linear import GaLoreLinear, to_galore_linear  # noqa: F401

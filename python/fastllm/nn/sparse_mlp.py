@@ -7,7 +7,8 @@ active neuron's down weights are one contiguous row. The wrapped module is kept,
 :func:`fastllm.sparse.densify` restores it exactly.
 
 How the active neurons are chosen (``mode``):
-  - ``"predictor"``: a predictor (:class:`FactoredPredictor`, :class:`QuantizedPredictor` or
+  - ``"predictor"``: a predictor (:class:`FactoredPredictor`, :class:`QuantizedPredictor` (int8
+    or int4, gate+up or gate-only scores, optionally from the top input channels only) or
     Deja Vu's :class:`LowRankPredictor`) scores every neuron from the MLP input; the top ``keep`` neurons
     per token (or those with a logit above ``logit_threshold``) are active. With top-k and the
     kernel, the indices go straight to :func:`fastllm.ops.sparse_mlp` (no mask, no host sync).
@@ -46,7 +47,8 @@ from torch import Tensor, nn
 
 from .._ops.sparse import quantize_rows_int8, quantized_neuron_scores, sparse_mlp
 
-__all__ = ["SparseMLP", "LowRankPredictor", "FactoredPredictor", "QuantizedPredictor"]
+__all__ = ["SparseMLP", "LowRankPredictor", "FactoredPredictor", "QuantizedPredictor",
+           "quantize_rows"]
 
 _ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.GELU: "gelu"}
 
@@ -108,28 +110,87 @@ class FactoredPredictor(nn.Module):
         return torch.log(self.magnitude(x) + 1e-12) - self.offset
 
 
-class QuantizedPredictor(nn.Module):
-    """Scores every neuron from an int8 copy of the MLP's own gate and up weights (one fp32 scale
-    per ``group`` input columns): ``|act(g) * u|`` (``|act(u)|`` for a plain MLP) through
-    :func:`fastllm.ops.quantized_neuron_scores`, which differs from the oracle's score only by the
-    rounding of the weights.
+def quantize_rows(w: Tensor, group: int = 64, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Symmetric ``bits``-bit copy (8 or 4) of a ``[n, d]`` weight, one fp32 scale per ``group``
+    input columns: ``(q int8 [n, d], scale fp32 [n, d // group])`` with ``w ~= q * scale``.
 
-    Not trained: it ranks neurons as the dense MLP would, so its top-k recall against the oracle
-    is close to 1, where a low-rank predictor's is limited by its rank. The price is its size:
-    ``1 + 4 / group`` bytes per gate and up weight (a sixth of an fp32 MLP's gate and up bytes, a
-    third of a half-precision one's) and ``2 d n`` multiply-adds (``d n`` without a gate).
+    8 bits is :func:`fastllm._ops.sparse.quantize_rows_int8` (``max|w| / 127``); 4 bits uses the
+    levels ``-7..7`` (``max|w| / 7``) and stores them one per int8 byte, so that
+    :func:`fastllm.ops.quantized_neuron_scores` (an int8 op) scores them unchanged. Packing two
+    per byte is what a 4-bit kernel would read; none is written (see :class:`QuantizedPredictor`).
+    """
+    if bits == 8:
+        return quantize_rows_int8(w, group)
+    if bits != 4:
+        raise ValueError(f"quantize_rows: bits must be 8 or 4, got {bits!r}")
+    if w.dim() != 2:
+        raise ValueError(f"quantize_rows: w must be 2-D, got shape {tuple(w.shape)}")
+    n, d = w.shape
+    if group <= 0 or d % group or group % 16:
+        raise ValueError(f"quantize_rows: group must divide d_in ({d}) and be a positive "
+                         f"multiple of 16, got {group}")
+    grouped = w.detach().float().reshape(n, d // group, group)
+    scale = grouped.abs().amax(dim=-1) / 7.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(grouped / safe[..., None]).clamp_(-7, 7).to(torch.int8)
+    return q.reshape(n, d).contiguous(), scale.contiguous()
+
+
+QUANTIZED_SCORES = ("gate_up", "gate")
+
+
+class QuantizedPredictor(nn.Module):
+    """Scores every neuron from a quantized copy of the MLP's own weights (one fp32 scale per
+    ``group`` input columns) through :func:`fastllm.ops.quantized_neuron_scores`.
+
+    ``score="gate_up"`` (default): ``|act(g) * u|`` from quantized gate and up rows
+    (``|act(u)|`` for a plain MLP); it differs from the oracle's score only by the rounding of
+    the weights, so its top-k recall is close to 1 at 8 bits. ``score="gate"`` (gated MLPs,
+    CATS-style): ``|act(g)|`` from the quantized gate rows only, half the bytes and
+    multiply-adds, blind to ``|up|``. ``bits``: 8 (``max|w|/127``) or 4 (levels -7..7).
+
+    Bytes per token (what a kernel reading packed weights reads): ``bits / 8 + 4 / group`` per
+    quantized weight, i.e. for ``d n`` (gate) or ``2 d n`` (gate+up) weights; see
+    :meth:`weight_bytes` and :func:`fastllm.sparse.predictor_bytes_share`. 4-bit values are stored
+    one per int8 byte, because the existing op reads int8: today's CPU/CUDA op therefore reads
+    4-bit predictors at the 8-bit size; a packed-int4 kernel is not written.
+    ``input_keep`` (WINA/TEAL-style input sparsity of the predictor, 0 < input_keep <= 1): each
+    token's scores use only its ``round(input_keep * d)`` input channels with the largest
+    ``|x_i| * ||W[:, i]||`` (column norms of the dequantized scored rows), the other channels
+    count as 0; a column-gather kernel would then read that share of the predictor's columns.
+    None is written: the op is called on the masked input and reads every column, so this saves
+    bytes only in the bytes model until such a kernel exists.
+    ``impl="op"`` (default) uses the compiled op; ``impl="torch"`` dequantizes in PyTorch
+    (same scores up to fp32 summation order; no compiled extension needed).
     Scales, biases and the offset stay fp32 when the module is cast to another dtype.
     """
 
-    _FP32_BUFFERS = ("up_scale", "gate_scale", "b_up", "b_gate", "offset")
+    _FP32_BUFFERS = ("up_scale", "gate_scale", "b_up", "b_gate", "offset", "col_norm")
 
     def __init__(self, d_model: int, n_neurons: int, group: int = 64, activation: str = "silu",
-                 gated: bool = True, bias: bool = False):
+                 gated: bool = True, bias: bool = False, *, bits: int = 8,
+                 score: str = "gate_up", impl: str = "op", input_keep: float | None = None):
         super().__init__()
         if group <= 0 or d_model % group or group % 16:
             raise ValueError(f"QuantizedPredictor: group must divide d_model ({d_model}) and be a "
                              f"positive multiple of 16, got {group}")
+        if bits not in (8, 4):
+            raise ValueError(f"QuantizedPredictor: bits must be 8 or 4, got {bits!r}")
+        if score not in QUANTIZED_SCORES:
+            raise ValueError(f"QuantizedPredictor: score must be one of {QUANTIZED_SCORES}, "
+                             f"got {score!r}")
+        if impl not in ("op", "torch"):
+            raise ValueError(f"QuantizedPredictor: impl must be 'op' or 'torch', got {impl!r}")
+        if score == "gate" and gated:
+            raise ValueError("QuantizedPredictor: score='gate' keeps the gate rows in q_up (no "
+                             "q_gate); build it with gated=False or through from_weights")
+        if input_keep is not None and not (isinstance(input_keep, (int, float))
+                                           and 0 < input_keep <= 1):
+            raise ValueError(f"QuantizedPredictor: input_keep must be None or in (0, 1], "
+                             f"got {input_keep!r}")
         self.n_neurons, self.activation, self.group = n_neurons, activation, group
+        self.bits, self.score, self.impl = bits, score, impl
+        self.input_keep = None if input_keep is None else float(input_keep)
         groups = d_model // group
         self.register_buffer("q_up", torch.zeros(n_neurons, d_model, dtype=torch.int8))
         self.register_buffer("up_scale", torch.zeros(n_neurons, groups))
@@ -139,35 +200,76 @@ class QuantizedPredictor(nn.Module):
         self.register_buffer("b_up", torch.zeros(n_neurons) if bias else None)
         self.register_buffer("b_gate", torch.zeros(n_neurons) if bias and gated else None)
         self.register_buffer("offset", torch.zeros(()))
+        # Per input column, the norm of the scored (dequantized) weights: WINA's channel weight.
+        self.register_buffer("col_norm", torch.zeros(d_model), persistent=False)
+
+    def _set_col_norm(self) -> None:
+        total = torch.zeros_like(self.col_norm, dtype=torch.float32)
+        for q, scale in ((self.q_up, self.up_scale), (self.q_gate, self.gate_scale)):
+            if q is not None:
+                n, d = q.shape
+                w = q.float().reshape(n, scale.shape[1], d // scale.shape[1]) * scale[..., None]
+                total += w.reshape(n, d).pow(2).sum(0)
+        self.col_norm = total.sqrt()
 
     @classmethod
     def from_weights(cls, w_up: Tensor, w_gate: Tensor | None = None, b_up: Tensor | None = None,
                      b_gate: Tensor | None = None, activation: str = "silu",
-                     group: int = 64) -> "QuantizedPredictor":
+                     group: int = 64, *, bits: int = 8, score: str = "gate_up",
+                     impl: str = "op", input_keep: float | None = None) -> "QuantizedPredictor":
+        if score not in QUANTIZED_SCORES:
+            raise ValueError(f"QuantizedPredictor: score must be one of {QUANTIZED_SCORES}, "
+                             f"got {score!r}")
+        if score == "gate":
+            if w_gate is None:
+                raise ValueError("QuantizedPredictor: score='gate' needs a gated MLP (w_gate); "
+                                 "a plain MLP's score is |act(fc1)|, score='gate_up'")
+            # |act(g)|: the gate rows take the place of the (only) scored projection.
+            w_up, b_up, w_gate, b_gate = w_gate, b_gate, None, None
         with torch.device(w_up.device):  # built in place: no host copy to upload
             pred = cls(w_up.shape[1], w_up.shape[0], group, activation, w_gate is not None,
-                       b_up is not None or b_gate is not None)
+                       b_up is not None or b_gate is not None, bits=bits, score=score,
+                       impl=impl, input_keep=input_keep)
         with torch.no_grad():
-            q, scale = quantize_rows_int8(w_up, group)
+            q, scale = quantize_rows(w_up, group, bits)
             pred.q_up.copy_(q)
             pred.up_scale.copy_(scale)
             if w_gate is not None:
-                q, scale = quantize_rows_int8(w_gate, group)
+                q, scale = quantize_rows(w_gate, group, bits)
                 pred.q_gate.copy_(q)
                 pred.gate_scale.copy_(scale)
             for name, b in (("b_up", b_up), ("b_gate", b_gate)):
                 if b is not None and getattr(pred, name) is not None:
                     getattr(pred, name).copy_(b.detach().float())
+            pred._set_col_norm()
         return pred
 
     @classmethod
-    def from_state(cls, state: dict, activation: str) -> "QuantizedPredictor":
-        """An empty predictor shaped like a saved state dict (for loading)."""
+    def from_state(cls, state: dict, activation: str, *, bits: int = 8,
+                   score: str = "gate_up", input_keep: float | None = None
+                   ) -> "QuantizedPredictor":
+        """A predictor rebuilt from a saved state dict (for loading)."""
         n, d = state["q_up"].shape
         pred = cls(d, n, d // state["up_scale"].shape[1], activation, "q_gate" in state,
-                   "b_up" in state)
+                   "b_up" in state, bits=bits, score=score, input_keep=input_keep)
         pred.load_state_dict(state)
+        with torch.no_grad():
+            pred._set_col_norm()
         return pred
+
+    def weight_bytes(self, packed: bool = True) -> int:
+        """Bytes one call reads for its weights and scales (biases not counted): ``bits / 8`` per
+        weight when ``packed`` (what a kernel reading packed values reads), else 1 (the int8
+        storage the existing op reads)."""
+        per = self.bits / 8 if packed else 1.0
+        if packed and self.input_keep is not None:
+            per *= self.input_keep  # only the kept columns (and, roughly, their scales' share)
+        total = 0.0
+        for q, scale in ((self.q_up, self.up_scale), (self.q_gate, self.gate_scale)):
+            if q is not None:
+                total += q.numel() * per + scale.numel() * 4 * (
+                    self.input_keep if packed and self.input_keep is not None else 1)
+        return int(total)
 
     def _apply(self, fn, recurse=True):
         kept = {k: self._buffers[k] for k in self._FP32_BUFFERS if self._buffers.get(k) is not None}
@@ -176,13 +278,34 @@ class QuantizedPredictor(nn.Module):
             self._buffers[name] = old.to(self._buffers[name].device)
         return self
 
+    def _sparse_input(self, x: Tensor) -> Tensor:
+        d = x.shape[-1]
+        m = max(1, int(round(self.input_keep * d)))
+        if m >= d:
+            return x
+        weight = x.abs().float() * self.col_norm
+        idx = weight.topk(m, dim=-1, sorted=False).indices
+        return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
+
     def magnitude(self, x: Tensor) -> Tensor:
+        if self.input_keep is not None:
+            x = self._sparse_input(x)
+        if self.impl == "torch":
+            from .._reference.sparse import quantized_neuron_scores_reference
+            return quantized_neuron_scores_reference(x, self.q_up, self.up_scale, self.q_gate,
+                                                     self.gate_scale, self.b_up, self.b_gate,
+                                                     self.activation)
         return quantized_neuron_scores(x, self.q_up, self.up_scale, q_gate=self.q_gate,
                                        gate_scale=self.gate_scale, b_up=self.b_up,
                                        b_gate=self.b_gate, activation=self.activation)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.log(self.magnitude(x) + 1e-12) - self.offset
+
+    def extra_repr(self) -> str:
+        return (f"n_neurons={self.n_neurons}, bits={self.bits}, group={self.group}, "
+                f"score={self.score}, activation={self.activation}, impl={self.impl}"
+                + ("" if self.input_keep is None else f", input_keep={self.input_keep:g}"))
 
 
 class SparseMLP(nn.Module):

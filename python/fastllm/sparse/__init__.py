@@ -11,6 +11,19 @@ the target sparsity from ``calibration_ids`` (CATS style). ``mode="oracle"`` kee
 largest ``|h|`` (quality upper bound). For gated MLPs the default predictor is an int8 copy of
 the gate and up weights (``kind="quantized"``), not a trained low-rank map. See
 :class:`fastllm.nn.SparseMLP` for the per-call options.
+
+Cheaper quantized selections (``quantize_predictors`` / ``train_predictors(kind="quantized")``,
+also through ``sparsify(..., mode="predictor", calibration_ids=..., bits=..., score=...)``):
+``bits=4`` (int4 gate+up, group 32), ``score="gate"`` (CATS-style ``|act(gate)|`` from the
+quantized gate only) and ``input_keep`` (WINA-style: score from each token's top input channels
+by ``|x_i| ||W[:, i]||``). :func:`predictor_bytes_share` gives their bytes. Measured on SmolLM2
+(``bench/sparse_budget_study.py``, held-out text, 50% sparsity, ppl vs dense; bytes = predictor
++ kept rows as a share of the dense fp16 MLP): oracle +4.5%; int8 gate+up +3.4%, 0.85; int4
+gate+up +4.8%, 0.71 with packed int4 (0.875 as stored today); int8 gate +40%; int4 gate +46%;
+int8 gate+up with half the input channels +11%; threshold mode +30%. The int4 and
+``input_keep`` savings need a packed-int4 / column-gather kernel, which is not written: today
+int4 values sit one per int8 byte and the int8 op reads every column, so the default stays int8
+gate+up for every dtype (:func:`default_quantized_selection`).
 """
 
 from __future__ import annotations
@@ -31,7 +44,8 @@ from .._ops.sparse import sparse_mlp  # noqa: F401
 __all__ = ["sparsify", "densify", "train_predictors", "Predictors", "find_mlps",
            "calibrate_thresholds", "gate_magnitudes", "thresholds_from_magnitudes",
            "collect_mlp_data", "PredictorMismatchError", "default_rank", "predictor_cost",
-           "fit_factored_predictors", "quantize_predictors", "allocate_sparsity"]
+           "fit_factored_predictors", "quantize_predictors", "allocate_sparsity",
+           "predictor_bytes_share", "default_quantized_selection"]
 
 
 class PredictorMismatchError(ValueError):
@@ -212,6 +226,11 @@ class Predictors:
                 "rank": str(self.rank), "lookahead": str(int(self.lookahead)),
                 "label_share": repr(self.label_share), "stats": json.dumps(self.stats),
                 "kind": self.kind}
+        if self.kind == "quantized":
+            first = self.layers[0]
+            meta["quantized"] = json.dumps({"bits": int(getattr(first, "bits", 8)),
+                                            "score": str(getattr(first, "score", "gate_up")),
+                                            "input_keep": getattr(first, "input_keep", None)})
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -237,7 +256,8 @@ class Predictors:
         states = [{k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"layers.{i}.")}
                   for i in range(current["n_layers"])]
         if kind == "quantized":
-            layers = nn.ModuleList(QuantizedPredictor.from_state(state, activation)
+            quant = json.loads(meta.get("quantized", '{"bits": 8, "score": "gate_up"}'))
+            layers = nn.ModuleList(QuantizedPredictor.from_state(state, activation, **quant)
                                    for state in states)
         else:
             layers = nn.ModuleList(_new_predictor(kind, current["hidden_size"],
@@ -270,6 +290,51 @@ def predictor_cost(kind: str, d: int, n: int, rank: int, gated: bool = True) -> 
     else:
         per_token = rank * (d + 2 * n) if kind == "factored" else rank * (d + n)
     return per_token / ((3 if gated else 2) * d * n)
+
+
+def predictor_bytes_share(d: int, n: int, *, bits: int = 8, score: str = "gate_up",
+                          group: int = 64, weight_bytes: float = 2.0, gated: bool = True,
+                          packed: bool = True, input_keep: float | None = None) -> float:
+    """Bytes a :class:`~fastllm.nn.QuantizedPredictor` reads per call, as a share of the dense
+    MLP's weight bytes (``3dn`` gated, ``2dn`` plain, at ``weight_bytes`` per weight: 2 for
+    fp16/bf16, 4 for fp32). Each quantized weight costs ``bits / 8`` (1 when not ``packed``: the
+    int8 storage today's op reads, also for 4 bits) plus ``4 / group`` for its fp32 scale;
+    ``score="gate_up"`` quantizes ``2dn`` weights (``dn`` for a plain MLP), ``"gate"`` ``dn``.
+
+    ``input_keep`` (packed only) scales it by the share of input columns read.
+
+    SmolLM2 (d 576, n 1536), fp16: int8 gate+up (group 64) 0.354, int4 gate+up (group 32)
+    0.208, int8 gate 0.177, int4 gate 0.104; halve them for fp32. The rows a sparse call then
+    reads add ``1 - sparsity`` (gate, up and down rows of the kept neurons).
+    """
+    if score not in ("gate_up", "gate"):
+        raise ValueError(f"fastllm.sparse.predictor_bytes_share: score must be 'gate_up' or "
+                         f"'gate', got {score!r}")
+    if score == "gate" and not gated:
+        raise ValueError("fastllm.sparse.predictor_bytes_share: score='gate' needs a gated MLP")
+    per_weight = (bits / 8 if packed else 1.0) + 4 / group
+    quantized = (2 if gated and score == "gate_up" else 1) * d * n
+    if packed and input_keep is not None:
+        per_weight *= input_keep
+    return quantized * per_weight / ((3 if gated else 2) * d * n * weight_bytes)
+
+
+# Per weight dtype: (bits, score) of the default quantized predictor, chosen by
+# bench/sparse_budget_study.py (SmolLM2, held-out text): the selection with the best estimated
+# speed-up (bytes model: dense MLP bytes / (predictor bytes + kept rows' bytes)) at <= +5%
+# perplexity at 50% sparsity, with the bytes today's op reads. int8 gate+up (+3.4%, 1.17x fp16,
+# 1.48x fp32) wins for every dtype: int4 gate+up (+4.8%) is stored one value per int8 byte (no
+# packed-int4 kernel), so it reads more (group-32 scales); gate-only scores and the threshold mode
+# miss +5% by far. With a packed-int4 scoring kernel int4 gate+up would win (1.41x fp16, 1.66x
+# fp32 by the bytes model): switch these to (4, "gate_up") then.
+_QUANTIZED_DEFAULTS = {torch.float32: (8, "gate_up"), torch.float16: (8, "gate_up"),
+                       torch.bfloat16: (8, "gate_up")}
+
+
+def default_quantized_selection(dtype: torch.dtype) -> tuple[int, str]:
+    """``(bits, score)`` of the default :class:`~fastllm.nn.QuantizedPredictor` for a model whose
+    weights are ``dtype`` (see :func:`quantize_predictors`); other dtypes get the fp32 choice."""
+    return _QUANTIZED_DEFAULTS.get(dtype, _QUANTIZED_DEFAULTS[torch.float32])
 
 
 def default_rank(kind: str, d: int, n: int, gated: bool = True, max_cost: float = 0.15) -> int:
@@ -306,7 +371,8 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
                      weighting: bool = False, ridge: float = 1e-3, batch_size: int = 8,
                      epochs: int = 20, lr: float = 1e-3, batch_tokens: int = 256,
                      magnitude_weight: float = 0.0, init: str = "random",
-                     group: int | None = None) -> Predictors:
+                     group: int | None = None, bits: int | None = None,
+                     score: str | None = None, input_keep: float | None = None) -> Predictors:
     """Fit one neuron predictor per MLP from the dense model's activations on ``calibration_ids``.
 
     ``kind="auto"`` takes ``"quantized"`` for gated MLPs (``"factored"`` with ``lookahead``, which
@@ -315,9 +381,10 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
     recall 0.995 at 50%), where the factored predictor at its default cost reaches 0.72.
     ``kind="factored"`` (gated MLPs) fits a
     :class:`~fastllm.nn.FactoredPredictor` in closed form, see :func:`fit_factored_predictors`;
-    ``kind="quantized"`` needs no fit: an int8 copy of each MLP's gate and up weights, one scale
-    per ``group`` input columns (:class:`~fastllm.nn.QuantizedPredictor`,
-    :func:`quantize_predictors`); the calibration tokens only set the offsets and the stats.
+    ``kind="quantized"`` needs no fit: a quantized copy of each MLP's gate and up weights (or
+    gate only), one scale per ``group`` input columns (:class:`~fastllm.nn.QuantizedPredictor`,
+    :func:`quantize_predictors`; ``bits`` and ``score`` pick the width and what is scored, by
+    default per weight dtype); the calibration tokens only set the offsets and the stats.
     ``kind="lowrank"`` (the default for ReLU/plain MLPs, Deja Vu's predictor) trains
     ``Linear(d, rank) -> Linear(rank, n)`` logits with weighted BCE (``label_share``,
     ``epochs``, ``lr``, ``batch_tokens``, ``magnitude_weight``, ``init`` apply to it).
@@ -346,7 +413,8 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
             raise ValueError("fastllm.sparse.train_predictors: kind='quantized' scores a layer from "
                              "its own weights and input, so it has no lookahead form; use "
                              "kind='factored' for lookahead")
-        return quantize_predictors(model, calibration_ids, group=group, label_share=label_share,
+        return quantize_predictors(model, calibration_ids, group=group, bits=bits, score=score,
+                                   input_keep=input_keep, label_share=label_share,
                                    eval_sparsity=eval_sparsity, layers=layers, progress=progress,
                                    batch_size=batch_size)
     if rank is None:
@@ -506,13 +574,26 @@ def fit_factored_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: 
 
 @torch.no_grad()
 def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None, *,
-                        group: int | None = None, label_share: float = 0.9,
+                        group: int | None = None, bits: int | None = None,
+                        score: str | None = None, impl: str = "op",
+                        input_keep: float | None = None, label_share: float = 0.9,
                         eval_sparsity: float = 0.5,
                         layers: list[int] | None = None, progress: bool = True,
                         batch_size: int = 8, sample_tokens: int = 2048) -> Predictors:
-    """One :class:`~fastllm.nn.QuantizedPredictor` per MLP: int8 gate and up weights, one fp32 scale
-    per ``group`` input columns (``None``: 64, or 32 or 16 when 64 does not divide ``d``). Nothing
-    is fitted. With ``calibration_ids``, one dense pass keeps up to ``sample_tokens`` MLP inputs
+    """One :class:`~fastllm.nn.QuantizedPredictor` per MLP: quantized gate and up weights (or gate
+    only), one fp32 scale per ``group`` input columns. Nothing is fitted.
+
+    ``bits``: 8 or 4. ``score``: ``"gate_up"`` ranks by ``|act(g) * u|`` (plain MLPs:
+    ``|act(fc1)|``), ``"gate"`` (gated MLPs only, CATS-style) by ``|act(g)|`` from the gate rows
+    alone, half the predictor's bytes. ``bits=None`` / ``score=None`` take the default for the
+    model's weight dtype, :func:`default_quantized_selection` (chosen by
+    ``bench/sparse_budget_study.py``: best bytes-model speed-up at <= +5% held-out perplexity at
+    50% on SmolLM2); plain MLPs always score ``"gate_up"``. ``group=None``: 64 for 8 bits, 32 for
+    4 bits, or the next of 32/16 that divides ``d``. ``impl="torch"`` scores in PyTorch
+    (dequantized) instead of the compiled op. ``input_keep`` (WINA-style, in (0, 1]): each
+    token is scored from its top ``input_keep`` share of input channels by ``|x_i| ||W[:, i]||``
+    (see :class:`~fastllm.nn.QuantizedPredictor`; a bytes saving only with a column-gather
+    kernel, which is not written). Bytes: :func:`predictor_bytes_share`. With ``calibration_ids``, one dense pass keeps up to ``sample_tokens`` MLP inputs
     per layer, which set the offset (``logit > 0`` keeps the
     ``1 - eval_sparsity`` share) and give ``Predictors.stats`` on those tokens (the predictor was
     not trained on them, but the offset was set on them). ``layers`` restricts which MLPs get a
@@ -524,17 +605,40 @@ def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None,
     first = views[0]
     d, n = first.up_w.shape[1], first.n_neurons
     gated, bias = first.kind == "gated", first.up_b is not None
+    default_bits, default_score = default_quantized_selection(first.up_w.dtype)
+    bits = default_bits if bits is None else bits
+    score = (default_score if gated else "gate_up") if score is None else score
+    if bits not in (8, 4) or isinstance(bits, bool):
+        raise ValueError(f"fastllm.sparse.quantize_predictors: bits must be 8 or 4, got {bits!r}")
+    if score not in ("gate_up", "gate"):
+        raise ValueError(f"fastllm.sparse.quantize_predictors: score must be 'gate_up' or 'gate', "
+                         f"got {score!r}")
+    if score == "gate" and not gated:
+        raise ValueError("fastllm.sparse.quantize_predictors: score='gate' needs a gated MLP "
+                         "(gate/up/down); a plain MLP is scored by |act(fc1)| (score='gate_up')")
+    if input_keep is not None and (isinstance(input_keep, bool) or not isinstance(
+            input_keep, (int, float)) or not 0 < input_keep <= 1):
+        raise ValueError(f"fastllm.sparse.quantize_predictors: input_keep must be None or in "
+                         f"(0, 1], got {input_keep!r}")
+    if impl not in ("op", "torch"):
+        raise ValueError(f"fastllm.sparse.quantize_predictors: impl must be 'op' or 'torch', "
+                         f"got {impl!r}")
     if group is None:
-        group = next((g for g in (64, 32, 16) if d % g == 0), None)
+        group = next((g for g in ((64, 32, 16) if bits == 8 else (32, 16)) if d % g == 0), None)
         if group is None:
-            raise ValueError(f"fastllm.sparse: the int8 predictor needs d_model ({d}) to be a "
-                             "multiple of 16; use kind='factored' or kind='lowrank'")
-    predictors = nn.ModuleList(QuantizedPredictor(d, n, group, first.activation, gated, bias)
+            raise ValueError(f"fastllm.sparse: the quantized predictor needs d_model ({d}) to be "
+                             "a multiple of 16; use kind='factored' or kind='lowrank'")
+    with_gate = gated and score == "gate_up"
+    predictors = nn.ModuleList(QuantizedPredictor(d, n, group, first.activation, with_gate, bias,
+                                                  bits=bits, score=score, impl=impl,
+                                                  input_keep=input_keep)
                                for _ in sites)
     for i in _progress(which, "quantizing predictors", len(which), progress):
         v = views[i]
         predictors[i] = QuantizedPredictor.from_weights(v.up_w, v.gate_w, v.up_b, v.gate_b,
-                                                        v.activation, group)
+                                                        v.activation, group, bits=bits,
+                                                        score=score, impl=impl,
+                                                        input_keep=input_keep)
     stats = []
     if calibration_ids is not None:
         samples = {i: [] for i in which}
