@@ -4,7 +4,7 @@ caches in the unified page pool.
 Needs transformers (``pip install 'fastllm[hf]'``): FastGenCache is a transformers Cache.
 
 >>> cache = fastllm.kv.FastGenCache(model, tokenizer)            # doctest: +SKIP
->>> model.generate(ids, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
+>>> model.generate(ids, cache=cache, max_new_tokens=32)  # doctest: +SKIP
 >>> cache.stats()["kept_bytes"] / cache.stats()["full_bytes"]      # doctest: +SKIP
 """
 

@@ -770,7 +770,7 @@ class FastGenCache(Cache):
             with cache.graph_steps(64):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    logits = model(ids, position_ids=positions, past_key_values=cache).logits
+                    logits = model(ids, position_ids=positions, cache=cache).logits
                 for _ in range(64):
                     graph.replay()          # then write the next token into ids, positions += 1
 
