@@ -574,6 +574,10 @@ def test_graph_steps_past_the_reservation_raise_and_touch_no_other_page():
         assert (heads.lengths.numpy() <= heads.npages * cache.page_rows).all()
         assert heads.m_len.tolist() == heads.lengths.tolist()
     assert cache.stats()["kept_bytes"] == cache.pool.used_bytes("kv")
+    # the cache stays consistent (if no longer faithful): later steps run
+    eager_steps(model, cache, torch.cat([mask, torch.ones_like(mask[:, :12])], 1),
+                step_tokens(2, 2))
+    assert cache.stats()["kept_bytes"] == cache.pool.used_bytes("kv")
 
 
 def test_graph_steps_refusals_name_the_problem():

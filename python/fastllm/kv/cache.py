@@ -836,6 +836,9 @@ class FastGenCache(Cache):
         known = min(ran, graph.steps)
         if known:
             self._class_log.store(graph.start, graph.classes[:, :known].cpu().numpy())
+        if ran > known:  # steps past the reservation: their classes were not kept (class 0)
+            self._class_log.store(graph.start + known,
+                                  np.zeros((graph.classes.shape[0], ran - known), np.uint8))
         for layer in self.layers:
             layer.seen = graph.start + ran
             layer.heads.resync(layer.seen)
