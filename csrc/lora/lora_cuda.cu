@@ -25,6 +25,8 @@
 #include <mma.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <type_traits>
 
 #include "common/index_guard.cuh"
@@ -611,10 +613,20 @@ bool use_tensor_cores() {
   if constexpr (std::is_void_v<typename MmaType<scalar_t>::type>) {
     return false;
   } else {
-    if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
-    cudaFuncAttributes attributes{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, shrink_sgmv_mma<scalar_t, int64_t>));
-    return attributes.ptxVersion >= 80;
+    // Known per device after the first call (0 unknown, 1 no, 2 yes): a prefill calls this per
+    // LoRA linear.
+    static std::array<std::atomic<int>, 64> known{};
+    const int device = at::cuda::current_device();
+    const bool cached = device >= 0 && device < static_cast<int>(known.size());
+    if (cached && known[device].load() != 0) return known[device].load() == 2;
+    bool usable = at::cuda::getCurrentDeviceProperties()->major >= 8;
+    if (usable) {
+      cudaFuncAttributes attributes{};
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, shrink_sgmv_mma<scalar_t, int64_t>));
+      usable = attributes.ptxVersion >= 80;
+    }
+    if (cached) known[device].store(usable ? 2 : 1);
+    return usable;
   }
 }
 

@@ -73,16 +73,23 @@ def quantize_rows_int8(w: Tensor, group: int = 64) -> tuple[Tensor, Tensor]:
     ``w ~= q * scale`` group by group (``scale = max|w| / 127`` over the group; an all-zero group
     gets scale 0). ``group`` must divide ``d`` and be a multiple of 16.
     """
+    return quantize_rows_symmetric(w, group, 127, "quantize_rows_int8")
+
+
+def quantize_rows_symmetric(w: Tensor, group: int, levels: int,
+                            name: str) -> tuple[Tensor, Tensor]:
+    """``w ~= q * scale`` with ``q`` int8 in ``[-levels, levels]`` and one fp32 scale per
+    ``group`` input columns (``max|w| / levels``); errors name the caller ``name``."""
     if w.dim() != 2:
-        raise ValueError(f"quantize_rows_int8: w must be 2-D, got shape {tuple(w.shape)}")
+        raise ValueError(f"{name}: w must be 2-D, got shape {tuple(w.shape)}")
     n, d = w.shape
     if group <= 0 or d % group or group % 16:
-        raise ValueError(f"quantize_rows_int8: group must divide d_in ({d}) and be a positive "
+        raise ValueError(f"{name}: group must divide d_in ({d}) and be a positive "
                          f"multiple of 16, got {group}")
     grouped = w.detach().float().reshape(n, d // group, group)
-    scale = grouped.abs().amax(dim=-1) / 127.0
+    scale = grouped.abs().amax(dim=-1) / float(levels)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(grouped / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.round(grouped / safe[..., None]).clamp_(-levels, levels).to(torch.int8)
     return q.reshape(n, d).contiguous(), scale.contiguous()
 
 

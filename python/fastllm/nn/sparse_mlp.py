@@ -45,7 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._ops.sparse import quantize_rows_int8, quantized_neuron_scores, sparse_mlp
+from .._ops.sparse import (
+    quantize_rows_int8,
+    quantize_rows_symmetric,
+    quantized_neuron_scores,
+    sparse_mlp,
+)
 
 __all__ = ["SparseMLP", "LowRankPredictor", "FactoredPredictor", "QuantizedPredictor",
            "quantize_rows"]
@@ -123,17 +128,7 @@ def quantize_rows(w: Tensor, group: int = 64, bits: int = 8) -> tuple[Tensor, Te
         return quantize_rows_int8(w, group)
     if bits != 4:
         raise ValueError(f"quantize_rows: bits must be 8 or 4, got {bits!r}")
-    if w.dim() != 2:
-        raise ValueError(f"quantize_rows: w must be 2-D, got shape {tuple(w.shape)}")
-    n, d = w.shape
-    if group <= 0 or d % group or group % 16:
-        raise ValueError(f"quantize_rows: group must divide d_in ({d}) and be a positive "
-                         f"multiple of 16, got {group}")
-    grouped = w.detach().float().reshape(n, d // group, group)
-    scale = grouped.abs().amax(dim=-1) / 7.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(grouped / safe[..., None]).clamp_(-7, 7).to(torch.int8)
-    return q.reshape(n, d).contiguous(), scale.contiguous()
+    return quantize_rows_symmetric(w, group, 7, "quantize_rows")
 
 
 QUANTIZED_SCORES = ("gate_up", "gate")
