@@ -366,6 +366,9 @@ def ragged_case(batch: int, hkv: int, group: int, d: int, t: int, kept: float, d
     share of each (the newest entry always kept), with the query."""
     generator = torch.Generator(device=device).manual_seed(seed)
     full = torch.randn(batch, hkv, t, 2 * d, device=device, generator=generator).to(dtype)
+    if kept == "mixed":  # FastGen-like: each cache keeps its own share, from 5% to all
+        kept = torch.linspace(0.05, 1.0, batch * hkv, device=device)[
+            torch.randperm(batch * hkv, device=device, generator=generator)].view(batch, hkv, 1)
     keep = torch.rand(batch, hkv, t, device=device, generator=generator) < kept
     keep[..., -1] = True
     lengths = keep.sum(-1).flatten()
@@ -380,18 +383,50 @@ def ragged_case(batch: int, hkv: int, group: int, d: int, t: int, kept: float, d
     return q, full, kv_rows, table, lengths.to(torch.int32), page_rows
 
 
+def flashinfer_decode(q, full, d: int, scale: float, page_size: int = 16):
+    """FlashInfer's paged decode over the full caches [B, Hkv, T, 2D] (its layout needs one
+    length for all KV heads of a sequence, so it cannot hold per-head evicted caches), checked
+    against SDPA once; None when flashinfer is not importable. Never run here: flashinfer is
+    not installed on the machines this was written on, so a failure is reported, not raised."""
+    if importlib.util.find_spec("flashinfer") is None:
+        return None
+    import flashinfer
+    b, hkv, t, _ = full.shape
+    pages = -(-t // page_size)
+    padded = full.new_zeros(b, hkv, pages * page_size, 2 * d)
+    padded[:, :, :t] = full
+    # [B, Hkv, pages, page, 2, D] -> NHD pages [B * pages, 2, page, Hkv, D]
+    kv = padded.view(b, hkv, pages, page_size, 2, d).permute(0, 2, 4, 3, 1, 5).reshape(
+        b * pages, 2, page_size, hkv, d).contiguous()
+    dev = full.device
+    indptr = torch.arange(0, (b + 1) * pages, pages, dtype=torch.int32, device=dev)
+    indices = torch.arange(b * pages, dtype=torch.int32, device=dev)
+    last = torch.full((b,), t - (pages - 1) * page_size, dtype=torch.int32, device=dev)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        torch.empty(128 << 20, dtype=torch.uint8, device=dev), "NHD")
+    wrapper.plan(indptr, indices, last, q.shape[1], hkv, d, page_size, sm_scale=scale,
+                 q_data_type=q.dtype, kv_data_type=full.dtype)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], full[..., :d], full[..., d:], scale=scale, enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(wrapper.run(q, kv).float(), want.float(), rtol=2e-2, atol=2e-2)
+    return lambda: wrapper.run(q, kv)
+
+
 def gpu_decode_grid(device: str, quick: bool, progress: Progress, ceiling: float,
                     cases=None) -> list[Record]:
     """The decode kernel at serving shapes (Llama-8B-like: 8 KV heads, G = 4, D = 128, fp16):
-    ragged caches holding 40% or 100% of T entries against dense SDPA over the full cache (what
-    runs without eviction), GB/s on the bytes the kernel reads against the copy ceiling."""
+    ragged caches holding 40% or 100% of T entries, or a FastGen-like mix of shares per cache,
+    against dense SDPA over the full cache (what runs without eviction), GB/s on the bytes the
+    kernel reads against the copy ceiling. The kernel runs on the work list FastGenCache plans
+    (kv_decode_plan, from the real lengths); on the mixed caches also against even splits sized
+    by the longest cache (what it used before), in the same run."""
     import fastllm._C as C
     records = []
     if cases is None:
         batches, lengths_t = ([1, 32], [1024, 8192]) if quick else ([1, 8, 32, 64],
                                                                      [1024, 8192, 32768])
         cases = [(b, 8, 4, 128, t, kept, torch.float16) for b in batches for t in lengths_t
-                 for kept in (0.4, 1.0)]
+                 for kept in (0.4, 1.0, "mixed")]
     sms = torch.cuda.get_device_properties(device).multi_processor_count \
         if device == "cuda" else 132
     for batch, hkv, group, d, t, kept, dtype in cases:
@@ -399,28 +434,56 @@ def gpu_decode_grid(device: str, quick: bool, progress: Progress, ceiling: float
                                                                  dtype, device)
         splits = C.kv_plan_decode_splits(batch * hkv, int(lens32.max()), sms) \
             if device == "cuda" else 1
+        chunk, work = ops.kv_decode_plan(lens32.cpu(), sms)
+        work = work.to(device)
         keys, values = full[..., :d].contiguous(), full[..., d:].contiguous()
         q4 = q[:, :, None]  # [B, Hq, 1, D]
         scale = d ** -0.5
 
         def ours():
+            ops.kv_ragged_decode(q, kv_rows, table, lens32, page_rows, scale, 1, work)
+
+        def even_splits():
             ops.kv_ragged_decode(q, kv_rows, table, lens32, page_rows, scale, splits)
 
         def sdpa():
             torch.nn.functional.scaled_dot_product_attention(q4, keys, values, scale=scale,
                                                              enable_gqa=True)
 
-        timing = time_interleaved({"ours": ours, "base": sdpa}, device, repeats=5 if quick else 15)
+        runs = {"ours": ours, "base": sdpa}
+        if kept == "mixed":
+            runs["even"] = even_splits
+        if device == "cuda" and kept == 1.0:
+            try:
+                flashinfer = flashinfer_decode(q, full, d, scale, page_rows)
+            except Exception as err:  # noqa: BLE001 - a baseline that fails is reported
+                flashinfer = None
+                progress.note(f"FlashInfer decode failed: {type(err).__name__}: {err}")
+            if flashinfer is not None:
+                runs["flashinfer"] = flashinfer
+        timing = time_interleaved(runs, device, repeats=5 if quick else 15)
         kept_bytes = int(lens32.sum()) * 2 * d * full.element_size()
         gbs = kept_bytes / timing["ours"] / 1e9
-        case = (f"decode B={batch} Hkv={hkv} G={group} D={d} T={t} kept {kept:.0%} "
+        share = "mixed 5-100%" if kept == "mixed" else f"{kept:.0%}"
+        case = (f"decode B={batch} Hkv={hkv} G={group} D={d} T={t} kept {share} "
                 f"{str(dtype).removeprefix('torch.')}")
         records.append(Record(CAPABILITY, case, "kv_ragged_decode", "SDPA (full cache)",
                               timing["ours"] * 1e3, timing["base"] * 1e3,
-                              {"KV bytes read": kept_bytes, "splits": splits, "GB/s": gbs,
-                               "% of copy BW": 100 * gbs / ceiling,
+                              {"KV bytes read": kept_bytes, "work items": int(work.shape[0]),
+                               "chunk": chunk, "GB/s": gbs, "% of copy BW": 100 * gbs / ceiling,
                                "SDPA GB/s": full.numel() * full.element_size()
                                / timing["base"] / 1e9}))
+        if "flashinfer" in timing:
+            records.append(Record(CAPABILITY, case, "kv_ragged_decode",
+                                  "FlashInfer decode (full cache)", timing["ours"] * 1e3,
+                                  timing["flashinfer"] * 1e3,
+                                  {"FlashInfer GB/s": full.numel() * full.element_size()
+                                   / timing["flashinfer"] / 1e9}))
+        if "even" in timing:
+            records.append(Record(CAPABILITY, case, "kv_ragged_decode (work list)",
+                                  f"kv_ragged_decode ({splits} even splits per cache)",
+                                  timing["ours"] * 1e3, timing["even"] * 1e3,
+                                  {"even-split GB/s": kept_bytes / timing["even"] / 1e9}))
         progress.step(f"{case}: {timing['base'] / timing['ours']:.2f}x SDPA, "
                       f"{100 * gbs / ceiling:.0f}% of copy")
     return records
@@ -447,6 +510,43 @@ def profiling_ops(device: str, quick: bool, progress: Progress) -> list[Record]:
             records.append(Record(CAPABILITY, case, name, "chunked torch reference",
                                   timing["ours"] * 1e3, timing["base"] * 1e3, {}))
             progress.step(f"{name} {case}: {timing['base'] / timing['ours']:.2f}x")
+    return records
+
+
+def profiling_vs_sdpa(device: str, quick: bool, progress: Progress,
+                      shapes=None) -> list[Record]:
+    """What FastGen's prefill profiling costs next to the attention it profiles: both profiling
+    ops (``kv_attention_scores`` and ``kv_policy_recovery``, as FastGenCache runs them on a
+    prompt) against one causal SDPA pass over the same q, k, v (the target: at most 2x), at a
+    Llama-8B layer's heads (32 query, 8 KV, D = 128) in fp16."""
+    records = []
+    if shapes is None:
+        shapes = [(32, 8, 128, 2048)] if quick else [(32, 8, 128, 1024), (32, 8, 128, 4096)]
+    for hq, hkv, d, length in shapes:
+        generator = torch.Generator(device=device).manual_seed(0)
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        q = torch.randn(hq, length, d, device=device, generator=generator).to(dtype)
+        k = torch.randn(hkv, length, d, device=device, generator=generator).to(dtype)
+        v = torch.randn(hkv, length, d, device=device, generator=generator).to(dtype)
+        cls = (torch.rand(hkv, length, device=device, generator=generator) < 0.3).to(torch.uint8)
+        window, scale = int(0.3 * length), d ** -0.5
+
+        def profile():
+            ops.kv_attention_scores(q, k, scale, 128)
+            ops.kv_policy_recovery(q, k, cls * 4, window, scale, 128)
+
+        def sdpa():
+            torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None],
+                                                             is_causal=True, scale=scale,
+                                                             enable_gqa=True)
+
+        timing = time_interleaved({"ours": profile, "base": sdpa}, device,
+                                  repeats=3 if quick else 7)
+        case = f"profile L={length} Hq={hq} Hkv={hkv} D={d} {str(dtype).removeprefix('torch.')}"
+        records.append(Record(CAPABILITY, case, "kv_attention_scores + kv_policy_recovery",
+                              "SDPA causal prefill", timing["ours"] * 1e3, timing["base"] * 1e3,
+                              {"profiling / SDPA": timing["ours"] / timing["base"]}))
+        progress.step(f"{case}: profiling {timing['ours'] / timing['base']:.2f}x one SDPA pass")
     return records
 
 
@@ -493,12 +593,15 @@ def run(device: str, quick: bool = False, out_dir=None) -> list[Record]:
     gpu_grid = (8 if quick else 24) if "kernel" in parts and device == "cuda" else 0
     progress = Progress(CAPABILITY, gpu_grid + ((8 if quick else 12) if "kernel" in parts else 0)
                         + (9 if "quality" in parts else 0) + (1 if "decode" in parts else 0)
-                        + ((2 if quick else 4) if "profile" in parts else 0))
+                        + ((2 if quick else 4) if "profile" in parts else 0)
+                        + ((1 if quick else 2) if "profile" in parts and device == "cuda" else 0))
     records = kernel(device, quick, progress) if "kernel" in parts else []
     if "kernel" in parts and device == "cuda":
         records += gpu_decode_grid(device, quick, progress, copy_bandwidth_gbs(device))
     if "profile" in parts:
         records += profiling_ops(device, quick, progress)
+        if device == "cuda":
+            records += profiling_vs_sdpa(device, quick, progress)
     if "decode" in parts:
         records += decode_speed(device, quick, progress)
     if "quality" in parts:

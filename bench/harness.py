@@ -189,6 +189,10 @@ class Progress:
         self.done += 1
         print(f"  [{self.capability} {self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
 
+    def note(self, text: str) -> None:
+        """A line that is not a finished case (a skipped or failed baseline)."""
+        print(f"  [{self.capability}] {text}", file=sys.stderr, flush=True)
+
 
 def save_results(records: list[Record], device: str, out_dir: pathlib.Path = RESULTS_DIR) -> pathlib.Path:
     """Append records, each stamped with machine, torch, commit and date, to results/<machine>.json."""

@@ -88,10 +88,15 @@ def kv_cases(device):
         table, lens = table.to(device, torch.int32), torch.tensor(lengths, dtype=torch.int32,
                                                                   device=device)
         q = torch.randn(2, 8, d, device=device).to(dtype)
-        for splits in (1, 5):
-            out, _, _ = ops.kv_ragged_decode(q, kv_rows, table, lens, page_rows, d ** -0.5, splits)
         want, _, _ = ref.kv_ragged_decode_reference(q, kv_rows, table, lens, page_rows, d ** -0.5)
-        torch.testing.assert_close(out.float(), want.float(), rtol=2e-3, atol=2e-3)
+        # even splits, and work lists: balanced from the real lengths, and planned for shorter
+        # caches (open-ended last items), as a graph-captured step replays it
+        _, balanced = ops.kv_decode_plan(lengths, 132)
+        _, stale = ops.kv_decode_plan([1] * len(lengths), 132)
+        for splits, work in ((1, None), (5, None), (1, balanced.to(device)), (1, stale.to(device))):
+            out, _, _ = ops.kv_ragged_decode(q, kv_rows, table, lens, page_rows, d ** -0.5, splits,
+                                             work)
+            torch.testing.assert_close(out.float(), want.float(), rtol=2e-3, atol=2e-3)
     # Eviction: caches shorter and longer than a warp, one that grows, one without evictable
     # entries, tied scores, step scores narrower than the longest cache.
     caches, cap = 5, 70
@@ -237,6 +242,9 @@ def bad_index_cases(device):
         q, kv_rows, far_table, lengths, 4, 0.25, 2))
     _expect_bad_index(device, "kv_ragged_decode lengths", lambda: ops.kv_ragged_decode(
         q, kv_rows, table, lengths + 100, 4, 0.25, 2))
+    _expect_bad_index(device, "kv_ragged_decode work", lambda: ops.kv_ragged_decode(
+        q, kv_rows, table, lengths, 4, 0.25, 1,
+        torch.tensor([[0, 0], [1, 0], [7, 0], [3, 0]], dtype=torch.int32, device=device)))
     ids = torch.tensor([0, 1, 1], device=device)
     order, tiles = ops.lora_sgmv_plan(ids.cpu(), 2)
     tiles[0, 1] = 50  # past the end of order

@@ -1,7 +1,10 @@
 // The Python module object for fastllm._C. The ops themselves register with the torch dispatcher
 // when this library is loaded (TORCH_LIBRARY static initialisers); Python reaches them through
 // torch.ops.fastllm, so this module only carries facts about the binary.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <vector>
 
 #include "common/index_errors.h"
 #include "kv/kv_math.h"
@@ -36,6 +39,22 @@ PYBIND11_MODULE(_C, m) {
     return pybind11::make_tuple(plan.grouped, plan.tile, plan.key_lanes, plan.shared_bytes);
   });
   m.def("kv_plan_decode_splits", &fastllm::kv::plan_decode_splits);
+  // The decode work list from length bounds (numpy int64 [caches]): (chunk, int32 [items, 2]).
+  m.def("kv_plan_decode_work",
+        [](pybind11::array_t<int64_t, pybind11::array::c_style | pybind11::array::forcecast> bounds,
+           int64_t sms) {
+          if (bounds.ndim() != 1) {
+            throw pybind11::value_error("kv_plan_decode_work: bounds must be 1-D, got " +
+                                        std::to_string(bounds.ndim()) + " dimensions");
+          }
+          std::vector<int32_t> work;
+          const int64_t chunk =
+              fastllm::kv::plan_decode_work(bounds.data(), bounds.shape(0), sms, work);
+          const auto items = static_cast<pybind11::ssize_t>(work.size() / 2);
+          pybind11::array_t<int32_t> rows({items, pybind11::ssize_t{2}});
+          std::copy(work.begin(), work.end(), rows.mutable_data());
+          return pybind11::make_tuple(chunk, rows);
+        });
   m.def("sparse_plan_down", [](int64_t rows, int64_t d_out, int64_t k, bool per_row, int64_t sms,
                                int64_t vec) {
     const auto plan = fastllm::sparse::plan_sparse_down(rows, d_out, k, per_row, sms, vec);

@@ -77,9 +77,11 @@ TORCH_LIBRARY(fastllm, m) {
         "int chunk) -> Tensor");
   // One query per sequence over ragged paged caches: kv_rows [slots, 2D] (key | value),
   // page_table int32 [B*Hkv, pages], lengths int32 [B*Hkv]. Returns out [B, Hq, D], lse float32
-  // [B, Hq] and per-entry group-summed probabilities float32 [B*Hkv, pages*page_rows].
+  // [B, Hq] and per-entry group-summed probabilities float32 [B*Hkv, pages*page_rows]. The work
+  // is num_splits even splits of every cache, or the work list `work` int32 [items, 2] (cache,
+  // first entry) (kv_math.h, plan_decode_work), with num_splits 1.
   m.def("kv_ragged_decode(Tensor q, Tensor kv_rows, Tensor page_table, Tensor lengths, "
-        "int page_rows, float scale, int num_splits) -> (Tensor, Tensor, Tensor)");
+        "int page_rows, float scale, int num_splits, Tensor? work=None) -> (Tensor, Tensor, Tensor)");
   // One decode step's eviction over C ragged caches' bookkeeping, rows [C, capacity]: adds
   // step_scores [C, W] into score, then every cache (grow false) whose evictable entries (flags bit
   // 8 clear, newest - pos >= window) outnumber heavy evicts its lowest-score one, the first on

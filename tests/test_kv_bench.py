@@ -37,9 +37,22 @@ def test_ragged_case_holds_the_kept_entries_of_the_full_cache():
 
 
 def test_gpu_decode_grid_runs_and_records_its_figures():
-    cases = [(1, 2, 4, 16, 64, 0.4, torch.float32), (2, 2, 2, 8, 33, 1.0, torch.float32)]
+    cases = [(1, 2, 4, 16, 64, 0.4, torch.float32), (2, 2, 2, 8, 33, 1.0, torch.float32),
+             (2, 2, 2, 8, 90, "mixed", torch.float32)]
     records = bench_kv.gpu_decode_grid("cpu", True, Progress("kv", len(cases)), 10.0, cases)
-    assert len(records) == 2
-    for record in records:
-        assert record.baseline == "SDPA (full cache)"
+    assert [r.baseline for r in records[:3]] == ["SDPA (full cache)"] * 3
+    assert "even splits" in records[3].baseline and len(records) == 4
+    for record in records[:3]:
         assert record.metrics["GB/s"] > 0 and record.metrics["% of copy BW"] > 0
+        assert record.metrics["work items"] >= 2
+
+
+def test_mixed_caches_keep_different_shares():
+    _, _, _, _, lens, _ = bench_kv.ragged_case(4, 4, 1, 8, 400, "mixed", torch.float32, "cpu")
+    assert int(lens.max()) > 4 * int(lens.min())
+
+
+def test_profiling_vs_sdpa_runs_and_records_its_ratio():
+    records = bench_kv.profiling_vs_sdpa("cpu", True, Progress("kv", 1), [(4, 2, 16, 40)])
+    assert len(records) == 1 and records[0].baseline == "SDPA causal prefill"
+    assert records[0].metrics["profiling / SDPA"] > 0

@@ -22,7 +22,7 @@ import fastllm
 import fastllm.ops as ops
 from fastllm._reference import kv_evict_round_reference, kv_ragged_decode_reference
 from fastllm.kv import FastGenCache
-from fastllm.kv.cache import _HeadCaches
+from fastllm.kv.cache import _decode_work, _HeadCaches
 
 transformers = pytest.importorskip("transformers")
 
@@ -165,6 +165,10 @@ def test_decode_steps_on_fake_cuda_read_no_device_data(policy):
         bound = heads.bound(layer.seen)
         assert (heads.npages * cache.page_rows >= bound).all()
         assert heads.npages.tolist() == [len(p) for p in heads.pages]
+        # The attention ran on a work list planned from the mirror's bounds.
+        work = layer.decode_work
+        assert work is not None and (bound - work.cover).max() <= work.chunk // 2
+        assert isinstance(layer.decode_work.work, FakeTensor)
         if policy == "fastgen":
             # heads keeping punctuation with no window wait for the decode tokens' classes,
             # which never arrive from fake tensors: their mirror stays an upper bound
@@ -202,6 +206,27 @@ def test_fake_decode_would_catch_a_device_read(monkeypatch, read):
 
 
 # ---- (2) the host mirror equals the device lengths -----------------------------------------------
+
+def test_decode_work_is_replanned_only_when_a_cache_outgrows_it():
+    class Layer:
+        decode_work = None
+
+    layer, bounds = Layer(), np.array([100, 1000, 64, 3000], dtype=np.int64)
+    plans = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for step in range(300):  # every cache grows by one entry per step
+            splits, work = _decode_work(layer, bounds + step, torch.device("cuda"))
+            assert splits == 1 and isinstance(work, FakeTensor)
+            if not plans or plans[-1] is not layer.decode_work:
+                plans.append(layer.decode_work)
+            # no cache's last item longer than 1.5 chunks
+            assert (bounds + step - layer.decode_work.cover).max() <= layer.decode_work.chunk // 2
+    # a 64-entry chunk: after a replan, no cache outgrows its items by half a chunk for 32
+    # steps, whatever the number of caches
+    assert plans[-1].chunk == 64 and 300 // 64 <= len(plans) <= 300 // 32 + 1
+    splits, work = _decode_work(layer, bounds, torch.device("cpu"))
+    assert work is None and splits == 3000 // 512  # the CPU kernel keeps even splits
+
 
 def recount_evictable(heads, seen):
     """Evictable entries per cache from the device state (what kv_evict_round counts)."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 import re
 import subprocess
 
+import numpy as np
 import pytest
+import torch
 
 from fastllm import _C
 from test_lora_launch import _cuobjdump, _library, needs_cuda_binary, sass_dump
@@ -53,6 +55,44 @@ def test_batch_1_with_1k_entries_splits_to_64_entries_and_batch_32_fills_two_wav
     # 8 KV heads: 8 caches x 16 splits of 64 entries; 32 x 8 = 256 caches x 5 splits.
     assert _C.kv_plan_decode_splits(8, 1024, SMS) == 16
     assert _C.kv_plan_decode_splits(256, 8192, SMS) == 5
+
+
+def _items_per_cache(work):
+    return np.bincount(work[:, 0].numpy())
+
+
+@pytest.mark.parametrize("bounds", [[1024] * 8, [8192] * 256, [0, 1, 5], [32768],
+                                    [100, 8000, 3000, 64, 65, 12000] * 40])
+def test_work_list_covers_every_cache_in_balanced_chunks(bounds):
+    chunk, work = _C.kv_plan_decode_work(np.array(bounds, dtype=np.int64), SMS)
+    work = torch.from_numpy(work)
+    assert chunk >= 64 and chunk % 64 == 0
+    counts = _items_per_cache(work)
+    assert len(counts) == len(bounds) and (counts >= 1).all()
+    for c, n in enumerate(bounds):
+        firsts = work[work[:, 0] == c, 1]
+        assert firsts.tolist() == [k * chunk for k in range(counts[c])]  # from 0, chunk apart
+        assert counts[c] == max(1, -(-n // chunk))  # the last item reaches the bound
+    # two waves of 4 blocks per SM (plus one item per cache), unless the chunk hit its 64 floor
+    total = sum(bounds)
+    assert chunk == 64 or len(work) >= min(8 * SMS, total // chunk)
+    assert len(work) <= 8 * SMS + len(bounds)
+
+
+def test_ragged_caches_get_items_by_their_own_length():
+    # 32 sequences x 8 KV heads with FastGen-like ragged lengths: a 12k cache gets many items, a
+    # 100-entry one a single item, and no item exceeds the chunk (even splits sized by the
+    # longest cache would give every cache the same count).
+    bounds = np.array([100, 12000, 3000, 800] * 64, dtype=np.int64)
+    chunk, work = _C.kv_plan_decode_work(bounds, SMS)
+    counts = _items_per_cache(torch.from_numpy(work))
+    assert counts[0] == 1 and counts[1] == -(-12000 // chunk) > 8 * counts[0]
+    assert 8 * SMS <= len(work) <= 8 * SMS + len(bounds)
+
+
+def test_batch_1_with_1k_entries_gets_64_entry_items():
+    chunk, work = _C.kv_plan_decode_work(np.full(8, 1024, dtype=np.int64), SMS)
+    assert chunk == 64 and work.shape == (8 * 16, 2)
 
 
 def _resource_usage() -> dict[str, str]:

@@ -180,6 +180,71 @@ def test_ragged_equals_dense_with_evicted_entries_masked(device, dtype):
     torch.testing.assert_close(out, want, rtol=rtol, atol=atol)
 
 
+def _work_list(lengths, chunk, extra_items=0):
+    """Each cache cut into items of ``chunk`` entries (at least one), plus ``extra_items`` empty
+    items past the end of cache 0 (a list planned for longer caches than they are)."""
+    rows = []
+    for c, n in enumerate(lengths):
+        items = max(1, -(-n // chunk)) + (extra_items if c == 0 else 0)
+        rows += [(c, k * chunk) for k in range(items)]
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("case", DECODE_CASES)
+@pytest.mark.parametrize("chunk", [1, 16, 64])
+def test_ragged_decode_with_a_work_list_matches_reference(device, dtype, case, chunk):
+    b, hq, hkv, d, lengths, page_rows = case
+    kv_rows, table, lens, _, _ = make_ragged(b, hkv, d, lengths, page_rows, dtype, device)
+    q = random_tensor(b, hq, d, dtype=dtype, device=device)
+    work = _work_list(lengths, chunk, extra_items=2).to(device)
+    out, lse, scores = ops.kv_ragged_decode(q, kv_rows, table, lens, page_rows, d ** -0.5, 1, work)
+    ref_out, ref_lse, ref_scores = kv_ragged_decode_reference(q, kv_rows, table, lens, page_rows,
+                                                              d ** -0.5)
+    rtol, atol = DECODE_TOL[dtype]
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_a_work_list_planned_for_shorter_caches_still_covers_every_entry(device):
+    # The list of a step serves later steps (and CUDA-graph replays): a cache's last item runs to
+    # its length, however far it grew past the bounds the list was planned from.
+    lengths = [300, 5, 129, 64]
+    kv_rows, table, lens, _, _ = make_ragged(1, 4, 16, lengths, 16, torch.float32, device)
+    q = random_tensor(1, 8, 16, device=device)
+    _, work = ops.kv_decode_plan([10, 1, 1, 1], 132)
+    assert work.shape[0] == 4  # one item per cache, planned for caches of a few entries
+    got = ops.kv_ragged_decode(q, kv_rows, table, lens, 16, 0.25, 1, work.to(device))
+    want = kv_ragged_decode_reference(q, kv_rows, table, lens, 16, 0.25)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_plan_work_lists_are_valid_for_the_op(device):
+    lengths = [1000, 3, 0, 257, 64, 65]
+    kv_rows, table, lens, _, _ = make_ragged(2, 3, 8, lengths, 8, torch.float32, device)
+    q = random_tensor(2, 6, 8, device=device)
+    want = kv_ragged_decode_reference(q, kv_rows, table, lens, 8, 0.3)
+    for sms in (1, 4, 132):
+        chunk, work = ops.kv_decode_plan(lengths, sms)
+        assert work.dtype == torch.int32 and work.shape[1] == 2 and chunk % 64 == 0
+        got = ops.kv_ragged_decode(q, kv_rows, table, lens, 8, 0.3, 1, work.to(device))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_plan_rejections():
+    with pytest.raises(ValueError, match="kv_decode_plan: sms must be a positive int"):
+        ops.kv_decode_plan([3], 0)
+    with pytest.raises(ValueError, match="kv_decode_plan: bounds must be a 1-D sequence"):
+        ops.kv_decode_plan([[3]], 4)
+    with pytest.raises(ValueError, match="kv_decode_plan: bounds must be a 1-D sequence"):
+        ops.kv_decode_plan([1.5], 4)
+    with pytest.raises(ValueError, match=r"kv_decode_plan: bounds must lie in \[0, 2\*\*31\)"):
+        ops.kv_decode_plan([-1, 4], 4)
+
+
 def test_ragged_decode_empty_caches(device):
     kv_rows = random_tensor(8, 8, device=device)
     table = torch.zeros(2, 1, dtype=torch.int32, device=device)
@@ -268,6 +333,8 @@ def test_opcheck(device):
     q = random_tensor(1, 6, 8, device=device)
     torch.library.opcheck(torch.ops.fastllm.kv_ragged_decode.default,
                           (q, kv_rows, table, lens, 4, 0.35, 2))
+    torch.library.opcheck(torch.ops.fastllm.kv_ragged_decode.default,
+                          (q, kv_rows, table, lens, 4, 0.35, 1, _work_list([9, 4], 4).to(device)))
     torch.library.opcheck(torch.ops.fastllm.kv_evict_round.default,
                           tuple(make_bookkeeping(6, 30, 32, device)))
 
@@ -326,6 +393,40 @@ def test_decode_rejections(device):
         call(q, kv_rows, bad, lens, 4, 1.0)
     with pytest.raises(TypeError, match="kv_rows must have the dtype of q"):
         call(q, kv_rows.half(), table, lens, 4, 1.0)
+
+
+def test_decode_work_rejections(device):
+    kv_rows, table, lens, _, _ = make_ragged(1, 2, 8, [9, 4], 4, torch.float32, device)
+    q = random_tensor(1, 6, 8, device=device)
+    good = _work_list([9, 4], 4).to(device)
+    before = [t.clone() for t in (kv_rows, table, lens, good)]
+
+    def call(work, splits=1):
+        return ops.kv_ragged_decode(q, kv_rows, table, lens, 4, 1.0, splits, work)
+
+    with pytest.raises(TypeError, match="work must have dtype"):
+        call(good.long())
+    with pytest.raises(ValueError, match="work must be 2-D"):
+        call(good.flatten())
+    with pytest.raises(ValueError, match=r"work must be \[items, 2\]"):
+        call(torch.zeros(2, 3, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="work must hold at least one item per cache"):
+        call(good[:1])
+    with pytest.raises(ValueError, match="num_splits must be 1 when work is given"):
+        call(good, 2)
+    bad_lists = {
+        "caches must run 0, 1": [(0, 0), (2, 0)],             # cache 1 left out, 2 out of range
+        "caches must run 0, 1,": [(1, 0), (0, 0)],            # out of order
+        "first entries must start at 0": [(0, 4), (1, 0)],    # a cache's first item not at 0
+        "increase within a cache": [(0, 0), (0, 0), (1, 0)],  # repeated first entry
+        "must hold every cache": [(0, 0), (0, 4), (0, 8)],     # cache 1 missing at the end
+    }
+    for message, rows in bad_lists.items():
+        bad = torch.tensor(rows, dtype=torch.int32, device=device)
+        with value_checks(device), pytest.raises(IndexError, match=f"work.*{message}"):
+            call(bad)
+    for t, b in zip((kv_rows, table, lens, good), before):
+        assert torch.equal(t, b)  # nothing written
 
 
 def test_evict_round_rejections_leave_the_bookkeeping_alone(device):

@@ -31,7 +31,8 @@ enum IndexError : uint32_t {
   kSparseActiveIdx = 1u << 8,
   kSparseCounts = 1u << 9,
   kLoraSgmvPlan = 1u << 10,
-  kIndexErrorCount = 11,
+  kKvWork = 1u << 11,
+  kIndexErrorCount = 12,
 };
 
 // Whether index values of `t` are checked on the host: always for CPU tensors, for CUDA tensors

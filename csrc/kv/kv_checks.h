@@ -34,9 +34,47 @@ inline void check_key_class(const char* op, const at::Tensor& k, const at::Tenso
   TORCH_CHECK_VALUE(window >= 0, op, ": window must be >= 0, got ", window);
 }
 
+// A decode work list (kv_math.h, work_item_range): int32 [items, 2] rows (cache, first entry),
+// sorted by cache, every cache present, each cache's first item at entry 0 and its first entries
+// increasing. Values as index values: always for CPU tensors, for CUDA tensors in the debug mode
+// (otherwise the kernels skip an item whose cache is out of range and report a cache with no
+// item, kKvWork).
+inline void check_decode_work(const char* op, const at::Tensor& q, const at::Tensor& work,
+                              int64_t caches, int64_t num_splits) {
+  check_dim(op, "work", work, 2);
+  check_dtype_in(op, "work", work, {at::kInt});
+  check_same_device(op, "q", q, "work", work);
+  TORCH_CHECK_VALUE(work.size(1) == 2, op, ": work must be [items, 2] rows (cache, first entry), "
+                    "got ", work.sizes());
+  TORCH_CHECK_VALUE(work.size(0) >= caches, op, ": work must hold at least one item per cache (",
+                    caches, "), got ", work.size(0), " items");
+  TORCH_CHECK_VALUE(num_splits == 1, op, ": num_splits must be 1 when work is given (the work "
+                    "list replaces it), got ", num_splits);
+  // BEGIN host value checks
+  if (work.numel() == 0 || !host_checks_index_values(work)) return;
+  const at::Tensor rows = work.to(at::kCPU).contiguous();
+  // END host value checks
+  const int32_t* w = rows.const_data_ptr<int32_t>();
+  const int64_t items = rows.size(0);
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t c = w[2 * i], first = w[2 * i + 1];
+    const int64_t prev = i > 0 ? w[2 * (i - 1)] : -1;
+    const bool new_cache = c != prev;
+    TORCH_CHECK_INDEX(c >= 0 && c < caches && (new_cache ? c == prev + 1 : true), op,
+                      ": work's caches must run 0, 1, ..., ", caches - 1, " in order, each at "
+                      "least once; item ", i, " has cache ", c, " after ", prev);
+    TORCH_CHECK_INDEX(new_cache ? first == 0 : first > w[2 * (i - 1) + 1], op,
+                      ": work's first entries must start at 0 and increase within a cache; item ",
+                      i, " (cache ", c, ") starts at ", first);
+  }
+  TORCH_CHECK_INDEX(items == 0 || w[2 * (items - 1)] == caches - 1, op, ": work must hold every "
+                    "cache of 0 ..", caches - 1, "; it ends at cache ", w[2 * (items - 1)]);
+}
+
 inline void check_decode_args(const at::Tensor& q, const at::Tensor& kv_rows,
                               const at::Tensor& page_table, const at::Tensor& lengths,
-                              int64_t page_rows, int64_t num_splits) {
+                              int64_t page_rows, int64_t num_splits,
+                              const std::optional<at::Tensor>& work) {
   constexpr const char* op = "fastllm.kv_ragged_decode";
   check_dim(op, "q", q, 3);
   check_dtype_in(op, "q", q, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
@@ -69,6 +107,7 @@ inline void check_decode_args(const at::Tensor& q, const at::Tensor& kv_rows,
   // them in the device error word (kKvLengths, kKvPageTable).
   check_index_range(op, "lengths", lengths, page_table.size(1) * page_rows + 1);
   check_index_range(op, "page_table", page_table, kv_rows.size(0) / page_rows);
+  if (work.has_value()) check_decode_work(op, q, *work, page_table.size(0), num_splits);
 }
 
 // A negative heavy count would make a cache with no evictable entry "over budget" with no victim

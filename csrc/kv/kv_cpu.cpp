@@ -212,8 +212,8 @@ at::Tensor kv_policy_recovery_cpu(const at::Tensor& q, const at::Tensor& k,
 template <typename scalar_t>
 void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
                             const at::Tensor& page_table, const at::Tensor& lengths,
-                            int64_t page_rows, double scale, int64_t splits, at::Tensor& out,
-                            at::Tensor& lse, at::Tensor& scores) {
+                            int64_t page_rows, double scale, const DecodeWork& work,
+                            at::Tensor& out, at::Tensor& lse, at::Tensor& scores) {
   const int64_t batch = q.size(0), hq = q.size(1), d = q.size(2);
   const int64_t caches = page_table.size(0), hkv = caches / batch, group = hq / hkv;
   const int64_t width = scores.size(1), pages = page_table.size(1);
@@ -221,26 +221,29 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
   const scalar_t* rows = kv_rows.data_ptr<scalar_t>();
   const int32_t* table = page_table.data_ptr<int32_t>();
   const int32_t* len = lengths.data_ptr<int32_t>();
-  // logits[c, g, e]; partial max, sum and weighted values per (c, g, split).
+  const int64_t items = work.items;
+  // logits[c, g, e]; partial max, sum and weighted values per (item, g).
   std::vector<float> logits(caches * group * width);
-  std::vector<float> part_m(caches * group * splits), part_s(caches * group * splits);
-  std::vector<float> part_o(caches * group * splits * d);
-  int64_t longest = 0;
-  for (int64_t c = 0; c < caches; ++c) longest = std::max<int64_t>(longest, len[c]);
-  const int64_t per_task = (longest + splits - 1) / splits * d * 3;
-  // One task per (cache, split) serves the cache's whole query group, so each key and value row
-  // is read once per step, not once per query head of the group (GQA).
-  const int64_t per_group_task = per_task * group;
-  at::parallel_for(0, caches * splits, grain_for(per_group_task), [&](int64_t t0, int64_t t1) {
+  std::vector<float> part_m(items * group), part_s(items * group);
+  std::vector<float> part_o(items * group * d);
+  int64_t entries = 0, longest = 0;
+  for (int64_t c = 0; c < caches; ++c) {
+    entries += len[c];
+    longest = std::max<int64_t>(longest, len[c]);
+  }
+  // One task per item serves the cache's whole query group, so each key and value row is read
+  // once per step, not once per query head of the group (GQA).
+  const int64_t per_task = (entries + items - 1) / std::max<int64_t>(items, 1) * d * 3 * group;
+  at::parallel_for(0, items, grain_for(per_task), [&](int64_t t0, int64_t t1) {
     std::vector<float> qrows(group * d), m(group), sum(group);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = t % splits, c = t / splits, seq = c / hkv;
-      const int64_t first_head = (c % hkv) * group;
+      int64_t c, begin, end;
+      // Every item's cache lies in [0, caches): checked on the host (check_decode_work).
+      work.range(t, [&](int64_t cache) { return int64_t{len[cache]}; }, &c, &begin, &end);
+      const int64_t seq = c / hkv, first_head = (c % hkv) * group;
       for (int64_t i = 0; i < group * d; ++i) {
         qrows[i] = static_cast<float>(q_data[(seq * hq + first_head) * d + i]);
       }
-      int64_t begin, end;
-      split_range(len[c], splits, s, &begin, &end);
       float* lg = logits.data() + c * group * width;  // [group, width]
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       for (int64_t e = begin; e < end; ++e) {
@@ -252,47 +255,49 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
         }
       }
       std::fill(sum.begin(), sum.end(), 0.f);
-      float* o = part_o.data() + (c * group * splits) * d;  // head g's partial at (g*splits+s)*d
-      for (int64_t g = 0; g < group; ++g) {
-        std::fill_n(o + (g * splits + s) * d, d, 0.f);
-      }
+      float* o = part_o.data() + t * group * d;  // head g's partial at o + g * d
+      std::fill_n(o, group * d, 0.f);
       for (int64_t e = begin; e < end; ++e) {
         const scalar_t* value = rows + entry_slot(table + c * pages, e, page_rows) * 2 * d + d;
         for (int64_t g = 0; g < group; ++g) {
           const float p = std::exp(lg[g * width + e] - m[g]);
           sum[g] += p;
-          row_axpy(o + (g * splits + s) * d, p, value, d);
+          row_axpy(o + g * d, p, value, d);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        part_m[(c * group + g) * splits + s] = m[g];
-        part_s[(c * group + g) * splits + s] = sum[g];
+        part_m[t * group + g] = m[g];
+        part_s[t * group + g] = sum[g];
       }
     }
   });
   scalar_t* out_data = out.data_ptr<scalar_t>();
   float* lse_data = lse.data_ptr<float>();
   float* score_data = scores.data_ptr<float>();
-  at::parallel_for(0, caches, grain_for(group * (splits * d + longest)), [&](int64_t c0, int64_t c1) {
+  const int64_t items_per_cache = (items + caches - 1) / std::max<int64_t>(caches, 1);
+  at::parallel_for(0, caches, grain_for(group * (items_per_cache * d + longest)),
+                   [&](int64_t c0, int64_t c1) {
     std::vector<float> acc(d);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t seq = c / hkv;
+      int64_t lo, hi;
+      work.items_of(c, &lo, &hi);
       float* sc = score_data + c * width;
       for (int64_t e = 0; e < width; ++e) sc[e] = 0.f;
       for (int64_t g = 0; g < group; ++g) {
         const int64_t cg = c * group + g, head = (c % hkv) * group + g;
         float m = -std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s < splits; ++s) {
-          if (part_s[cg * splits + s] > 0.f) m = std::max(m, part_m[cg * splits + s]);
+        for (int64_t i = lo; i < hi; ++i) {
+          if (part_s[i * group + g] > 0.f) m = std::max(m, part_m[i * group + g]);
         }
         float total = 0.f;
         for (int64_t i = 0; i < d; ++i) acc[i] = 0.f;
-        for (int64_t s = 0; s < splits; ++s) {
-          const int64_t t = cg * splits + s;
+        for (int64_t i = lo; i < hi; ++i) {
+          const int64_t t = i * group + g;
           if (part_s[t] <= 0.f) continue;
           const float w = std::exp(part_m[t] - m);
           total += w * part_s[t];
-          for (int64_t i = 0; i < d; ++i) acc[i] += w * part_o[t * d + i];
+          for (int64_t j = 0; j < d; ++j) acc[j] += w * part_o[t * d + j];
         }
         scalar_t* o = out_data + (seq * hq + head) * d;
         const float inv = total > 0.f ? 1.f / total : 0.f;
@@ -308,11 +313,16 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cpu(
     const at::Tensor& q, const at::Tensor& kv_rows, const at::Tensor& page_table,
-    const at::Tensor& lengths, int64_t page_rows, double scale, int64_t num_splits) {
-  check_decode_args(q, kv_rows, page_table, lengths, page_rows, num_splits);
+    const at::Tensor& lengths, int64_t page_rows, double scale, int64_t num_splits,
+    const std::optional<at::Tensor>& work) {
+  check_decode_args(q, kv_rows, page_table, lengths, page_rows, num_splits, work);
   at::Tensor qc = q.contiguous();
   at::Tensor table = page_table.contiguous();
   at::Tensor lens = lengths.contiguous();
+  at::Tensor list = work.has_value() ? work->contiguous() : at::Tensor();
+  const int64_t caches = page_table.size(0);
+  const DecodeWork plan{list.defined() ? list.const_data_ptr<int32_t>() : nullptr,
+                        list.defined() ? list.size(0) : caches * num_splits, num_splits, caches};
   at::Tensor out = at::empty_like(qc);
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   at::Tensor scores =
@@ -320,8 +330,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kv_ragged_decode",
                                   [&] {
                                     ragged_decode_cpu_impl<scalar_t>(qc, kv_rows, table, lens,
-                                                                     page_rows, scale, num_splits,
-                                                                     out, lse, scores);
+                                                                     page_rows, scale, plan, out,
+                                                                     lse, scores);
                                   });
   return {out, lse, scores};
 }

@@ -3,15 +3,18 @@
 // Profiling: ATen ops per chunk of query rows (a batched cuBLAS GEMM, a causal softmax, fixed-
 // order reductions; see chunk_probabilities): the attention map is held one chunk at a time and
 // the results repeat bit for bit run to run, as far as cuBLAS does (one stream, or
-// CUBLAS_WORKSPACE_CONFIG set); with TF32 allowed for fp32 matmuls the GEMMs follow it.
+// CUBLAS_WORKSPACE_CONFIG set); fp16 / bf16 prompts run the GEMMs on tensor cores with fp32
+// accumulation, and with TF32 allowed for fp32 matmuls the fp32 GEMMs follow it.
 //
-// Decode: grid (cache, split), one block serving the cache's whole query group
-// (decode_gqa_kernel, planned by kv_math.h's plan_decode): the split's K/V rows are streamed
-// through shared memory once, in tiles double-buffered with cp.async, with an online softmax per
-// head; the logits go to a workspace once. A second kernel merges the splits and turns the
-// logits into per-entry probabilities summed over the group (decode_merge_scores_kernel). Shapes the grouped kernel does
-// not take (fp64, head dims that are not whole 16-byte words, very large groups) use the
-// per-head kernel (grid (cache x group head, split)), which reads each row once per head.
+// Decode: one block per work item (kv_math.h, DecodeWork: a run of one cache's entries, from
+// even splits or a work list planned from the caches' real length bounds, plan_decode_work),
+// serving the cache's whole query group (decode_gqa_kernel, planned by plan_decode): the item's
+// K/V rows are streamed through shared memory once, in tiles double-buffered with cp.async, with
+// an online softmax per head; the logits go to a workspace once. A second kernel merges each
+// cache's items and turns the logits into per-entry probabilities summed over the group
+// (decode_merge_scores_kernel). Shapes the grouped kernel does not take (fp64, head dims that
+// are not whole 16-byte words, very large groups) use the per-head kernel (grid (item, group
+// head)), which reads each row once per head.
 //
 // No host synchronisation: index values are checked on the host only in the debug mode (see
 // common/index_errors.h). The decode kernels treat a cache whose length lies outside
@@ -23,8 +26,10 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <cfloat>
+#include <limits>
 
 #include "common/index_guard.cuh"
 #include "common/vec_words.cuh"
@@ -66,11 +71,24 @@ __device__ float dot_row(const float* q_shared, const scalar_t* key, int d) {
   return acc;
 }
 
+// fp16 / bf16 GEMMs with fp32 outputs (aten::bmm.dtype) exist from torch 2.8; before, the
+// inputs become fp32 first.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+constexpr bool kHalfGemmToFloat = true;
+at::Tensor logits_gemm(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == at::kFloat ? at::bmm(a, b) : at::bmm(a, b, at::kFloat);
+}
+#else
+constexpr bool kHalfGemmToFloat = false;
+at::Tensor logits_gemm(const at::Tensor& a, const at::Tensor& b) { return at::bmm(a, b); }
+#endif
+
 // Profiling, per chunk of `chunk` query rows: one batched GEMM (cuBLAS) of all the query heads of
 // each KV head against the keys the chunk sees, a causal softmax and reductions, in ATen ops on
 // the current stream. No L x L map is held and nothing is added atomically, so the scores and
 // the policies chosen from them are the same run to run (a float-atomic kernel summed them in
-// whatever order its blocks finished). fp32 math, as the CPU kernel.
+// whatever order its blocks finished). fp32 softmax and sums, as the CPU kernel; the GEMMs take
+// fp16 / bf16 inputs as they are, with fp32 accumulation (gemm_heads).
 
 // Probabilities [Hkv, G, rows, visible] of query rows [start, start + rows) (queries qg
 // [Hkv, G, Lq, D], keys kf [Hkv, Lk, D], fp32; the last query sits at key Lk - 1).
@@ -79,7 +97,7 @@ at::Tensor chunk_probabilities(const at::Tensor& qg, const at::Tensor& kf, int64
   const int64_t hkv = qg.size(0), group = qg.size(1), lq = qg.size(2), d = qg.size(3);
   const int64_t offset = kf.size(1) - lq, visible = offset + start + rows;
   const at::Tensor queries = qg.narrow(2, start, rows).reshape({hkv, group * rows, d});
-  at::Tensor logits = at::bmm(queries, kf.narrow(1, 0, visible).transpose(1, 2));
+  at::Tensor logits = logits_gemm(queries, kf.narrow(1, 0, visible).transpose(1, 2));
   logits.mul_(scale);
   logits = logits.view({hkv, group, rows, visible});
   const auto index = qg.options().dtype(at::kLong);
@@ -88,10 +106,14 @@ at::Tensor chunk_probabilities(const at::Tensor& qg, const at::Tensor& kf, int64
   return at::_softmax(logits, -1, false);
 }
 
-std::pair<at::Tensor, at::Tensor> float_heads(const at::Tensor& q, const at::Tensor& k) {
+// Queries grouped by KV head [Hkv, G, Lq, D] and keys, in the GEMM's input dtype: fp16 and bf16
+// stay as they are (tensor-core GEMMs with fp32 accumulation and fp32 logits, the products of the
+// same rounded inputs the CPU kernel multiplies in fp32), fp64 becomes fp32 as on the CPU.
+std::pair<at::Tensor, at::Tensor> gemm_heads(const at::Tensor& q, const at::Tensor& k) {
   const int64_t hq = q.size(0), lq = q.size(1), hkv = k.size(0), d = q.size(2);
-  return {q.to(at::kFloat).contiguous().view({hkv, hq / hkv, lq, d}),
-          k.to(at::kFloat).contiguous()};
+  const bool half = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  const at::ScalarType dtype = half && kHalfGemmToFloat ? q.scalar_type() : at::kFloat;
+  return {q.to(dtype).contiguous().view({hkv, hq / hkv, lq, d}), k.to(dtype).contiguous()};
 }
 
 at::Tensor kv_attention_scores_cuda(const at::Tensor& q, const at::Tensor& k, double scale,
@@ -101,7 +123,7 @@ at::Tensor kv_attention_scores_cuda(const at::Tensor& q, const at::Tensor& k, do
   const int64_t lq = q.size(1), hkv = k.size(0), lk = k.size(1);
   at::Tensor scores = at::zeros({hkv, lk}, q.options().dtype(at::kFloat));
   if (q.size(0) == 0 || lq == 0) return scores;
-  const auto [qg, kf] = float_heads(q, k);
+  const auto [qg, kf] = gemm_heads(q, k);
   for (int64_t start = 0; start < lq; start += chunk) {
     const int64_t rows = std::min(chunk, lq - start), visible = lk - lq + start + rows;
     scores.narrow(1, 0, visible).add_(chunk_probabilities(qg, kf, start, rows, scale).sum({1, 2}));
@@ -120,7 +142,7 @@ at::Tensor kv_policy_recovery_cuda(const at::Tensor& q, const at::Tensor& k,
   const int64_t group = hkv > 0 ? hq / hkv : 1;
   at::Tensor mass = at::zeros({hkv, 4}, q.options().dtype(at::kFloat));
   if (hq > 0 && lq > 0) {
-    const auto [qg, kf] = float_heads(q, k);
+    const auto [qg, kf] = gemm_heads(q, k);
     // Which policy first keeps each key (kv_math.h, first_policy_keeping): special, then
     // punctuation, then the local window (depends on the query), then heavy hitters.
     const at::Tensor cls = key_class.to(at::kInt);
@@ -164,29 +186,50 @@ __device__ int64_t guarded_length(const int32_t* lengths, int64_t c, int64_t wid
   return 0;
 }
 
+// Cache and entries of a decode item on the device: a length outside [0, width] counts as an
+// empty cache (reported once per cache, by its first item, where `report`); false for a listed
+// cache outside [0, caches) (reported): the caller writes an empty partial.
+__device__ bool device_item_range(const DecodeWork& work, int64_t item, const int32_t* lengths,
+                                  int64_t width, bool report, unsigned int* err, int64_t* cache,
+                                  int64_t* begin, int64_t* end) {
+  unsigned int* length_err = report && work.first_of_cache(item) ? err : nullptr;
+  const bool ok = work.range(
+      item, [&](int64_t c) { return guarded_length(lengths, c, width, length_err); }, cache, begin,
+      end);
+  if (!ok && report && threadIdx.x == 0) report_index_error(err, kKvWork);
+  return ok;
+}
+
+// The per-head fallback. grid: (items, group heads), kThreads threads, d floats of dynamic
+// shared memory.
 template <typename scalar_t>
 __global__ void decode_split_kernel(const scalar_t* __restrict__ q,
                                     const scalar_t* __restrict__ rows,
                                     const int32_t* __restrict__ table,
-                                    const int32_t* __restrict__ lengths, float* __restrict__ logits,
-                                    float* __restrict__ part_m, float* __restrict__ part_s,
-                                    float* __restrict__ part_o, int64_t hq, int64_t hkv,
-                                    int64_t pages, int64_t page_rows, int64_t pool_pages,
-                                    int64_t width, int d, int64_t splits, float scale,
+                                    const int32_t* __restrict__ lengths, DecodeWork work,
+                                    float* __restrict__ logits, float* __restrict__ part_m,
+                                    float* __restrict__ part_s, float* __restrict__ part_o,
+                                    int64_t hq, int64_t hkv, int64_t pages, int64_t page_rows,
+                                    int64_t pool_pages, int64_t width, int d, float scale,
                                     unsigned int* err) {
   extern __shared__ float q_shared[];
   const int64_t group = hq / hkv;
-  const int64_t cg = blockIdx.x, s = blockIdx.y;
-  const int64_t c = cg / group, g = cg % group;
+  const int64_t item = blockIdx.x, g = blockIdx.y;
+  const int64_t t = item * group + g;  // the partial's slot
+  int64_t c, begin, end;
+  if (!device_item_range(work, item, lengths, pages * page_rows, g == 0, err, &c, &begin, &end)) {
+    if (threadIdx.x == 0) {
+      part_m[t] = -FLT_MAX;
+      part_s[t] = 0.f;
+    }
+    return;
+  }
+  const int64_t cg = c * group + g;
   const int64_t seq = c / hkv, head = (c % hkv) * group + g;
   for (int i = threadIdx.x; i < d; i += blockDim.x) {
     q_shared[i] = static_cast<float>(q[(seq * hq + head) * d + i]) * scale;
   }
   __syncthreads();
-  int64_t begin, end;
-  // Only split 0 reports a bad length: one report per cache is enough.
-  split_range(guarded_length(lengths, c, pages * page_rows, s == 0 && g == 0 ? err : nullptr),
-              splits, s, &begin, &end);
   const int32_t* page_row = table + c * pages;
   float* lg = logits + cg * width;
   float m = -FLT_MAX, sum = 0.f;
@@ -203,7 +246,6 @@ __global__ void decode_split_kernel(const scalar_t* __restrict__ q,
     m = mm;
   }
   block_softmax_stats(m, sum);  // its barriers also publish lg to the whole block
-  const int64_t t = cg * splits + s;
   for (int i = threadIdx.x; i < d; i += blockDim.x) {
     float acc = 0.f;
     for (int64_t e = begin; e < end; ++e) {
@@ -256,18 +298,18 @@ __device__ __forceinline__ float warp_total(float v) {
   return v;
 }
 
-// The grouped decode split (kv_math.h, plan_decode). grid: (caches, splits), kDecodeThreads
-// threads; dynamic shared memory as plan_decode lays it out. Writes the split's partial max,
-// sum and unnormalised output per query head and each entry's logit per head into the
-// workspace (the layouts decode_merge_scores_kernel reads).
+// The grouped decode of one work item (kv_math.h, plan_decode, DecodeWork). grid: (items),
+// kDecodeThreads threads; dynamic shared memory as plan_decode lays it out. Writes the item's
+// partial max, sum and unnormalised output per query head and each entry's logit per head into
+// the workspace (the layouts decode_merge_scores_kernel reads).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_gqa_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ rows,
                       const int32_t* __restrict__ table, const int32_t* __restrict__ lengths,
-                      float* __restrict__ logits, float* __restrict__ part_m,
+                      DecodeWork work, float* __restrict__ logits, float* __restrict__ part_m,
                       float* __restrict__ part_s, float* __restrict__ part_o, int64_t hq,
                       int64_t hkv, int64_t pages, int64_t page_rows, int64_t pool_pages,
-                      int64_t width, int d, int64_t splits, int tile, int key_lanes, float scale,
+                      int64_t width, int d, int tile, int key_lanes, float scale,
                       unsigned int* err) {
   constexpr int vec = 16 / static_cast<int>(sizeof(scalar_t));
   extern __shared__ uint4 shared_words[];
@@ -281,7 +323,15 @@ __global__ void __launch_bounds__(kDecodeThreads)
   float* l_s = m_s + group;
   float* alpha_s = l_s + group;
 
-  const int64_t c = blockIdx.x, s = blockIdx.y;
+  const int64_t item = blockIdx.x;
+  int64_t c, begin, end;
+  if (!device_item_range(work, item, lengths, pages * page_rows, true, err, &c, &begin, &end)) {
+    for (int g = threadIdx.x; g < group; g += blockDim.x) {  // an empty partial for the merge
+      part_m[item * group + g] = -FLT_MAX;
+      part_s[item * group + g] = 0.f;
+    }
+    return;  // the whole block: no barrier is left waiting
+  }
   const int64_t seq = c / hkv, head0 = (c % hkv) * group;
   // q_s holds head g's element (part * vec + i) at g * D + i * chunks + part: the lanes of one
   // key (consecutive parts) read consecutive banks, and the other keys' lanes the same words.
@@ -294,35 +344,41 @@ __global__ void __launch_bounds__(kDecodeThreads)
     m_s[threadIdx.x] = -FLT_MAX;
     l_s[threadIdx.x] = 0.f;
   }
-  int64_t begin, end;
-  // Only split 0 reports a bad length: one report per cache is enough.
-  split_range(guarded_length(lengths, c, pages * page_rows, s == 0 ? err : nullptr), splits, s,
-              &begin, &end);
   const int32_t* page_row = table + c * pages;
   // Entry indices fit 32 bits (lengths are int32): 32-bit division, no 64-bit division routine.
   const int rows_per_page = static_cast<int>(page_rows);
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  // Staging copies whole rows: a group of lanes_per_row lanes (the largest power of two <= the
+  // row's 16-byte words, at most a warp) per entry, consecutive lanes on consecutive words, so an
+  // entry's page id and slot are computed once per lane, not once per word.
+  int lanes_per_row = 32;
+  while (lanes_per_row > words_per_row) lanes_per_row >>= 1;
+  const int rows_per_warp = 32 / lanes_per_row;
 
   // Copies entries [first, first + n) into buffer `buf`; a row whose page lies outside the pool
   // is zeroed (its logit becomes -inf below, and 0 * zeros keeps P.V finite).
   auto stage_tile = [&](int buf, int64_t first) {
     const int n = static_cast<int>(min(static_cast<int64_t>(tile), end - first));
     scalar_t* dst = stage + buf * tile * row_elems;
-    for (int w = threadIdx.x; w < n * words_per_row; w += blockDim.x) {
-      const int e = w / words_per_row, word = w % words_per_row;
+    for (int e = warp * rows_per_warp + lane / lanes_per_row; e < n; e += warps * rows_per_warp) {
       const int entry = static_cast<int>(first) + e;
       const int64_t page = page_row[entry / rows_per_page];
-      scalar_t* to = dst + e * row_elems + word * vec;
-      if (page_in_range(page, pool_pages)) {
-        const int64_t slot = page * page_rows + entry % rows_per_page;
-        copy16_async(to, rows + slot * row_elems + word * vec);
-      } else {
-        *reinterpret_cast<uint4*>(to) = make_uint4(0u, 0u, 0u, 0u);
+      const bool page_ok = page_in_range(page, pool_pages);
+      const scalar_t* from =
+          rows + (page_ok ? (page * page_rows + entry % rows_per_page) * row_elems : 0);
+      scalar_t* to = dst + e * row_elems;
+      for (int word = lane % lanes_per_row; word < words_per_row; word += lanes_per_row) {
+        if (page_ok) {
+          copy16_async(to + word * vec, from + word * vec);
+        } else {
+          *reinterpret_cast<uint4*>(to + word * vec) = make_uint4(0u, 0u, 0u, 0u);
+        }
       }
     }
     async_commit();
   };
 
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const int keys_per_warp = 32 / key_lanes;
   const int key_of_lane = lane / key_lanes, part = lane % key_lanes;
   const int pairs = group * chunks;
@@ -445,22 +501,22 @@ __global__ void __launch_bounds__(kDecodeThreads)
     const int pair = threadIdx.x + k * kDecodeThreads;
     if (pair < pairs) {
       const int g = pair / chunks, chunk = pair % chunks;
-      float* o = part_o + ((c * group + g) * splits + s) * d + chunk * vec;
+      float* o = part_o + (item * group + g) * d + chunk * vec;
 #pragma unroll
       for (int i = 0; i < vec; ++i) o[i] = acc[k][i];
     }
   }
   __syncthreads();  // m_s / l_s of a split with no tile were set before the loop
   if (threadIdx.x < group) {
-    const int64_t t = (c * group + threadIdx.x) * splits + s;
+    const int64_t t = item * group + threadIdx.x;
     part_m[t] = m_s[threadIdx.x];
     part_s[t] = l_s[threadIdx.x];
   }
 }
 
-// The splits' merge and the per-entry probabilities in one kernel. grid: (caches, max(entry
+// The items' merge and the per-entry probabilities in one kernel. grid: (caches, max(entry
 // blocks, output blocks) of kThreads); dynamic shared memory: 3 floats per query head of the
-// group. Every block merges its cache's splits per head (a few dozen partials), so each entry's
+// group. Every block merges its cache's items per head (a few dozen partials), so each entry's
 // probability is the logit normalised by the head's log-sum-exp, summed over the group; block y
 // also writes output elements [y * kThreads, (y + 1) * kThreads) of the cache's G x D outputs
 // (one per thread: the split loop per output is the long pole, so it is spread over blocks).
@@ -470,25 +526,29 @@ __global__ void decode_merge_scores_kernel(const float* __restrict__ part_m,
                                            const float* __restrict__ part_o,
                                            const float* __restrict__ logits,
                                            const int32_t* __restrict__ lengths,
-                                           scalar_t* __restrict__ out, float* __restrict__ lse,
-                                           float* __restrict__ scores, int64_t hq, int64_t hkv,
-                                           int d, int64_t splits, int64_t width) {
+                                           DecodeWork work, scalar_t* __restrict__ out,
+                                           float* __restrict__ lse, float* __restrict__ scores,
+                                           int64_t hq, int64_t hkv, int d, int64_t width,
+                                           unsigned int* err) {
   extern __shared__ float merged[];
   const int group = static_cast<int>(hq / hkv);
   float* m_s = merged;              // the head's largest partial max
   float* total_s = m_s + group;     // its sum of exp, relative to m_s
   float* lse_s = total_s + group;   // -inf for a head with no usable entry
   const int64_t c = blockIdx.x, seq = c / hkv, head0 = (c % hkv) * group;
+  int64_t lo, hi;
+  work.items_of(c, &lo, &hi);
+  // A cache with no item (a malformed work list) gets zero outputs and no probability.
+  if (lo == hi && blockIdx.y == 0 && threadIdx.x == 0) report_index_error(err, kKvWork);
   for (int g = threadIdx.x; g < group; g += blockDim.x) {
-    const float* pm = part_m + (c * group + g) * splits;
-    const float* ps = part_s + (c * group + g) * splits;
     float m = -FLT_MAX;
-    for (int64_t s = 0; s < splits; ++s) {
-      if (ps[s] > 0.f) m = fmaxf(m, pm[s]);
+    for (int64_t i = lo; i < hi; ++i) {
+      if (part_s[i * group + g] > 0.f) m = fmaxf(m, part_m[i * group + g]);
     }
     float total = 0.f;
-    for (int64_t s = 0; s < splits; ++s) {
-      if (ps[s] > 0.f) total += __expf(pm[s] - m) * ps[s];
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t t = i * group + g;
+      if (part_s[t] > 0.f) total += __expf(part_m[t] - m) * part_s[t];
     }
     m_s[g] = m;
     total_s[g] = total;
@@ -499,11 +559,10 @@ __global__ void decode_merge_scores_kernel(const float* __restrict__ part_m,
     const int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
     if (i < static_cast<int64_t>(group) * d) {
       const int g = static_cast<int>(i / d), dim = static_cast<int>(i % d);
-      const float* ps = part_s + (c * group + g) * splits;
-      const float* pm = part_m + (c * group + g) * splits;
       float acc = 0.f;
-      for (int64_t s = 0; s < splits; ++s) {
-        if (ps[s] > 0.f) acc += __expf(pm[s] - m_s[g]) * part_o[((c * group + g) * splits + s) * d + dim];
+      for (int64_t it = lo; it < hi; ++it) {
+        const int64_t t = it * group + g;
+        if (part_s[t] > 0.f) acc += __expf(part_m[t] - m_s[g]) * part_o[t * d + dim];
       }
       const float total = total_s[g];
       out[(seq * hq + head0 + g) * d + dim] = static_cast<scalar_t>(total > 0.f ? acc / total : 0.f);
@@ -527,10 +586,13 @@ __global__ void decode_merge_scores_kernel(const float* __restrict__ part_m,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
     const at::Tensor& q, const at::Tensor& kv_rows, const at::Tensor& page_table,
-    const at::Tensor& lengths, int64_t page_rows, double scale, int64_t num_splits) {
-  check_decode_args(q, kv_rows, page_table, lengths, page_rows, num_splits);
+    const at::Tensor& lengths, int64_t page_rows, double scale, int64_t num_splits,
+    const std::optional<at::Tensor>& work) {
+  constexpr const char* op = "fastllm.kv_ragged_decode";
+  check_decode_args(q, kv_rows, page_table, lengths, page_rows, num_splits, work);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor qc = q.contiguous(), table = page_table.contiguous(), lens = lengths.contiguous();
+  const at::Tensor list = work.has_value() ? work->contiguous() : at::Tensor();
   const int64_t batch = q.size(0), hq = q.size(1), d = q.size(2);
   const int64_t caches = page_table.size(0), hkv = caches / batch, group = hq / hkv;
   const int64_t pages = page_table.size(1), width = pages * page_rows;
@@ -544,12 +606,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
     scores.zero_();
     return {out, lse, scores};
   }
-  TORCH_CHECK_VALUE(num_splits <= 65535, "fastllm.kv_ragged_decode: num_splits must be at most "
-                    "65535 on CUDA (the grid's y), got ", num_splits);
+  const int64_t items = list.defined() ? list.size(0) : caches * num_splits;
+  TORCH_CHECK_VALUE(items <= std::numeric_limits<int32_t>::max(), op, ": ", items, " work items "
+                    "(caches x num_splits, or work's rows) are too many for one CUDA launch");
+  TORCH_CHECK_VALUE(group <= 4096, op, ": at most 4096 query heads per KV head on CUDA, got ",
+                    group);
+  const int64_t entry_blocks = std::max<int64_t>(1, (width + kThreads - 1) / kThreads);
+  const int64_t output_blocks = (group * d + kThreads - 1) / kThreads;
+  TORCH_CHECK_VALUE(entry_blocks <= 65535 && output_blocks <= 65535, op, ": a page table of ",
+                    width, " entries or a group of ", group, " heads x ", d, " dims is too large "
+                    "for one CUDA launch");
+  const DecodeWork plan_items{list.defined() ? list.const_data_ptr<int32_t>() : nullptr, items,
+                              num_splits, caches};
   at::Tensor logits = at::empty({caches * group, std::max<int64_t>(width, 1)}, f32);
-  at::Tensor part_m = at::empty({caches * group * num_splits}, f32);
-  at::Tensor part_s = at::empty({caches * group * num_splits}, f32);
-  at::Tensor part_o = at::empty({caches * group * num_splits, d}, f32);
+  at::Tensor part_m = at::empty({items * group}, f32);
+  at::Tensor part_s = at::empty({items * group}, f32);
+  at::Tensor part_o = at::empty({items * group, d}, f32);
   auto stream = at::cuda::getCurrentCUDAStream();
   unsigned int* err = device_error_word(q);
   // The logits already carry the scale (folded into q), so the scores kernel needs none.
@@ -559,44 +631,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
     if constexpr (sizeof(scalar_t) <= 4) {
       if (grouped) {
         decode_gqa_kernel<scalar_t>
-            <<<dim3(static_cast<unsigned>(caches), static_cast<unsigned>(num_splits)),
-               kDecodeThreads, plan.shared_bytes, stream>>>(
+            <<<static_cast<unsigned>(items), kDecodeThreads, plan.shared_bytes, stream>>>(
                 qc.const_data_ptr<scalar_t>(), kv_rows.const_data_ptr<scalar_t>(),
-                table.const_data_ptr<int32_t>(), lens.const_data_ptr<int32_t>(),
+                table.const_data_ptr<int32_t>(), lens.const_data_ptr<int32_t>(), plan_items,
                 logits.data_ptr<float>(), part_m.data_ptr<float>(), part_s.data_ptr<float>(),
                 part_o.data_ptr<float>(), hq, hkv, pages, page_rows, kv_rows.size(0) / page_rows,
-                std::max<int64_t>(width, 1), static_cast<int>(d), num_splits,
-                static_cast<int>(plan.tile), static_cast<int>(plan.key_lanes),
-                static_cast<float>(scale), err);
+                std::max<int64_t>(width, 1), static_cast<int>(d), static_cast<int>(plan.tile),
+                static_cast<int>(plan.key_lanes), static_cast<float>(scale), err);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
     if (!grouped) {
-    decode_split_kernel<scalar_t>
-        <<<dim3(static_cast<unsigned>(caches * group), static_cast<unsigned>(num_splits)), kThreads,
-           d * sizeof(float), stream>>>(
-            qc.const_data_ptr<scalar_t>(), kv_rows.const_data_ptr<scalar_t>(),
-            table.const_data_ptr<int32_t>(), lens.const_data_ptr<int32_t>(), logits.data_ptr<float>(),
-            part_m.data_ptr<float>(), part_s.data_ptr<float>(), part_o.data_ptr<float>(), hq, hkv,
-            pages, page_rows, kv_rows.size(0) / page_rows, std::max<int64_t>(width, 1),
-            static_cast<int>(d), num_splits, static_cast<float>(scale), err);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+      decode_split_kernel<scalar_t>
+          <<<dim3(static_cast<unsigned>(items), static_cast<unsigned>(group)), kThreads,
+             d * sizeof(float), stream>>>(
+              qc.const_data_ptr<scalar_t>(), kv_rows.const_data_ptr<scalar_t>(),
+              table.const_data_ptr<int32_t>(), lens.const_data_ptr<int32_t>(), plan_items,
+              logits.data_ptr<float>(), part_m.data_ptr<float>(), part_s.data_ptr<float>(),
+              part_o.data_ptr<float>(), hq, hkv, pages, page_rows, kv_rows.size(0) / page_rows,
+              std::max<int64_t>(width, 1), static_cast<int>(d), static_cast<float>(scale), err);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    const int64_t entry_blocks = std::max<int64_t>(1, (width + kThreads - 1) / kThreads);
-    const int64_t output_blocks = (group * d + kThreads - 1) / kThreads;
-    TORCH_CHECK_VALUE(entry_blocks <= 65535 && output_blocks <= 65535,
-                      "fastllm.kv_ragged_decode: a page table of ", width, " entries or a group "
-                      "of ", group, " heads x ", d, " dims is too large for one CUDA launch");
-    TORCH_CHECK_VALUE(group <= 4096, "fastllm.kv_ragged_decode: at most 4096 query heads per KV "
-                      "head on CUDA, got ", group);
     decode_merge_scores_kernel<scalar_t>
         <<<dim3(static_cast<unsigned>(caches),
                 static_cast<unsigned>(std::max(entry_blocks, output_blocks))),
            kThreads, 3 * group * sizeof(float), stream>>>(
             part_m.data_ptr<float>(), part_s.data_ptr<float>(), part_o.data_ptr<float>(),
-            logits.data_ptr<float>(), lens.const_data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
-            lse.data_ptr<float>(), scores.data_ptr<float>(), hq, hkv, static_cast<int>(d),
-            num_splits, width);
+            logits.data_ptr<float>(), lens.const_data_ptr<int32_t>(), plan_items,
+            out.data_ptr<scalar_t>(), lse.data_ptr<float>(), scores.data_ptr<float>(), hq, hkv,
+            static_cast<int>(d), width, err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse, scores};

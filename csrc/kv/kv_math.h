@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "common/host_device.h"
 
@@ -67,6 +68,89 @@ FASTLLM_HOST_DEVICE void split_range(int64_t len, int64_t splits, int64_t s, int
   *begin = s * per < len ? s * per : len;
   *end = (s + 1) * per < len ? (s + 1) * per : len;
 }
+
+// ---- decode work items -------------------------------------------------------------------------
+//
+// A decode call's work is a list of items, each a run of one cache's entries; every item is one
+// (cache, split) task of a kernel and owns one slot of partial (max, sum, output) per query head,
+// which the merge combines per cache. Two forms:
+// * uniform: `splits` items per cache, item i = cache i / splits dividing the cache's own length
+//   evenly (split_range);
+// * a work list (plan_decode_work): int32 rows (cache, first entry), sorted by cache then first
+//   entry, every cache present with a first item at entry 0. An item runs from its first entry to
+//   the next item's of the same cache, and a cache's last item to the cache's length. So the
+//   length may outgrow the bounds the list was planned from (a list planned once serves later
+//   decode steps and CUDA-graph replays) without losing an entry: only the balance degrades.
+// Both clip every range to the cache's real length, read on the device.
+
+// Cache and entries [begin, end) of item i of a work list of `items` rows, given the length of
+// the item's cache (length_of(cache)); returns false for a cache outside [0, caches).
+template <typename LengthOf>
+FASTLLM_HOST_DEVICE bool work_item_range(const int32_t* work, int64_t items, int64_t i,
+                                         int64_t caches, LengthOf length_of, int64_t* cache,
+                                         int64_t* begin, int64_t* end) {
+  const int64_t c = work[2 * i];
+  if (c < 0 || c >= caches) return false;
+  const int64_t len = length_of(c);
+  const bool last = i + 1 >= items || work[2 * (i + 1)] != c;
+  const int64_t first = work[2 * i + 1];
+  const int64_t stop = last ? len : work[2 * (i + 1) + 1];
+  *cache = c;
+  *begin = first < 0 ? 0 : (first < len ? first : len);
+  *end = stop < *begin ? *begin : (stop < len ? stop : len);
+  return true;
+}
+
+// Items [lo, hi) of cache c in a work list (rows sorted by cache): two binary searches.
+FASTLLM_HOST_DEVICE void work_items_of(const int32_t* work, int64_t items, int64_t c, int64_t* lo,
+                                       int64_t* hi) {
+  int64_t a = 0, b = items;
+  while (a < b) {
+    const int64_t mid = (a + b) / 2;
+    if (work[2 * mid] < c) a = mid + 1; else b = mid;
+  }
+  *lo = a;
+  b = items;
+  while (a < b) {
+    const int64_t mid = (a + b) / 2;
+    if (work[2 * mid] <= c) a = mid + 1; else b = mid;
+  }
+  *hi = a;
+}
+
+// The items of one decode call, in either form, for the CPU and CUDA kernels alike.
+struct DecodeWork {
+  const int32_t* list;  // [items, 2] (cache, first entry), or nullptr for uniform splits
+  int64_t items, splits, caches;
+
+  // Cache and entries [begin, end) of item i; false (nothing to do) for a listed cache outside
+  // [0, caches).
+  template <typename LengthOf>
+  FASTLLM_HOST_DEVICE bool range(int64_t i, LengthOf length_of, int64_t* cache, int64_t* begin,
+                                 int64_t* end) const {
+    if (list == nullptr) {
+      *cache = i / splits;
+      split_range(length_of(*cache), splits, i % splits, begin, end);
+      return true;
+    }
+    return work_item_range(list, items, i, caches, length_of, cache, begin, end);
+  }
+
+  // Whether item i is the first of its cache (the one that reports a bad length).
+  FASTLLM_HOST_DEVICE bool first_of_cache(int64_t i) const {
+    return list == nullptr ? i % splits == 0 : (i == 0 || list[2 * (i - 1)] != list[2 * i]);
+  }
+
+  // Items [lo, hi) of cache c.
+  FASTLLM_HOST_DEVICE void items_of(int64_t c, int64_t* lo, int64_t* hi) const {
+    if (list == nullptr) {
+      *lo = c * splits;
+      *hi = *lo + splits;
+    } else {
+      work_items_of(list, items, c, lo, hi);
+    }
+  }
+};
 
 // ---- decode launch planning (host functions, unit-tested on the CPU) ------------------------------
 //
@@ -133,6 +217,31 @@ inline int64_t plan_decode_splits(int64_t caches, int64_t longest, int64_t sms) 
   if (splits > most) splits = most;
   if (splits > kMaxDecodeSplits) splits = kMaxDecodeSplits;
   return splits < 1 ? 1 : splits;
+}
+
+// The work list of a decode call from upper bounds of the caches' lengths (the host's mirror;
+// kv/cache.py), for a GPU with `sms` SMs, as FlashInfer's plan stage balances ragged requests:
+// the entries of all caches are cut into chunks of one size, chosen so the items fill two waves
+// of kDecodeBlocksPerSm blocks per SM, at least kMinSplitEntries entries (each item costs a merge
+// read) and a multiple of it (whole staged tiles), so a long cache gets many items and a short one
+// one, instead of one split count sized by the longest cache for all. Appends the rows (cache,
+// first entry) to `work` and returns the chunk.
+inline int64_t plan_decode_work(const int64_t* bounds, int64_t caches, int64_t sms,
+                                std::vector<int32_t>& work) {
+  const int64_t blocks = 2 * kDecodeBlocksPerSm * (sms > 0 ? sms : 1);
+  int64_t total = 0;
+  for (int64_t c = 0; c < caches; ++c) total += bounds[c] > 0 ? bounds[c] : 0;
+  int64_t chunk = (total + blocks - 1) / blocks;
+  chunk = (chunk + kMinSplitEntries - 1) / kMinSplitEntries * kMinSplitEntries;
+  if (chunk < kMinSplitEntries) chunk = kMinSplitEntries;
+  for (int64_t c = 0; c < caches; ++c) {
+    const int64_t n = bounds[c] > chunk ? (bounds[c] + chunk - 1) / chunk : 1;
+    for (int64_t k = 0; k < n; ++k) {
+      work.push_back(static_cast<int32_t>(c));
+      work.push_back(static_cast<int32_t>(k * chunk));
+    }
+  }
+  return chunk;
 }
 
 }  // namespace fastllm::kv

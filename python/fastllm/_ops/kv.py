@@ -13,7 +13,8 @@ from torch import Tensor
 
 from ._common import require_kernels_for as _require_kernels_for
 
-__all__ = ["kv_attention_scores", "kv_evict_round", "kv_policy_recovery", "kv_ragged_decode"]
+__all__ = ["kv_attention_scores", "kv_evict_round", "kv_policy_recovery", "kv_ragged_decode",
+           "kv_decode_plan"]
 
 
 def kv_attention_scores(q: Tensor, k: Tensor, scale: float, chunk: int = 128) -> Tensor:
@@ -45,8 +46,8 @@ def kv_policy_recovery(q: Tensor, k: Tensor, key_class: Tensor, window: int, sca
 
 
 def kv_ragged_decode(q: Tensor, kv_rows: Tensor, page_table: Tensor, lengths: Tensor,
-                     page_rows: int, scale: float, num_splits: int = 1
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+                     page_rows: int, scale: float, num_splits: int = 1,
+                     work: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Decode attention of one query per sequence over ragged per-(sequence, KV head) caches.
 
     Args:
@@ -57,7 +58,13 @@ def kv_ragged_decode(q: Tensor, kv_rows: Tensor, page_table: Tensor, lengths: Te
         lengths: int32 ``[B * Hkv]`` entries held by each cache (its own length).
         page_rows: entries per page.
         scale: logit scale.
-        num_splits: splits over each cache's entries, merged by log-sum-exp (long caches).
+        num_splits: even splits of each cache's entries, merged by log-sum-exp (long caches).
+        work: instead of even splits, a work list: int32 ``[items, 2]`` rows ``(cache, first
+            entry)``, sorted by cache, every cache present with a first item at entry 0 and
+            increasing first entries; an item runs to the next item of its cache, a cache's last
+            item to the cache's length (so a list planned from length bounds stays valid as the
+            caches grow). :func:`kv_decode_plan` builds one balanced over the GPU's SMs.
+            ``num_splits`` must then be 1. The result is the same either way, up to rounding.
 
     Returns ``(out [B, Hq, D], lse float32 [B, Hq], scores float32 [B * Hkv, max_pages *
     page_rows])``, where ``scores`` is each entry's probability summed over the query group (the
@@ -72,7 +79,37 @@ def kv_ragged_decode(q: Tensor, kv_rows: Tensor, page_table: Tensor, lengths: Te
     """
     _require_kernels_for(q, "kv_ragged_decode")
     return torch.ops.fastllm.kv_ragged_decode.default(q, kv_rows, page_table, lengths, page_rows,
-                                                      scale, num_splits)
+                                                      scale, num_splits, work)
+
+
+def kv_decode_plan(bounds, sms: int) -> tuple[int, Tensor]:
+    """A balanced :func:`kv_ragged_decode` work list from upper bounds of the caches' lengths.
+
+    Args:
+        bounds: ``[caches]`` integers (a sequence, numpy array or CPU tensor), each at least the
+            cache's length when the list is used (a larger length stays correct, only less
+            balanced).
+        sms: the GPU's streaming multiprocessor count.
+
+    Returns ``(chunk, work)``: every cache cut into items of ``chunk`` entries (its last item
+    open-ended), ``chunk`` chosen so the items fill two waves of decode blocks (kv_math.h,
+    ``plan_decode_work``); ``work`` is an int32 CPU tensor ``[items, 2]``.
+    """
+    import numpy as np
+
+    from .. import _C
+
+    if isinstance(sms, bool) or not isinstance(sms, int) or sms < 1:
+        raise ValueError(f"fastllm.kv_decode_plan: sms must be a positive int, got {sms!r}")
+    values = np.asarray(bounds.cpu() if isinstance(bounds, Tensor) else bounds)
+    if values.ndim != 1 or (values.size and not np.issubdtype(values.dtype, np.integer)):
+        raise ValueError("fastllm.kv_decode_plan: bounds must be a 1-D sequence of integers, "
+                         f"got shape {values.shape} of {values.dtype}")
+    if values.size and (values.min() < 0 or values.max() > np.iinfo(np.int32).max):
+        raise ValueError("fastllm.kv_decode_plan: bounds must lie in [0, 2**31), got values in "
+                         f"[{values.min()}, {values.max()}]")
+    chunk, rows = _C.kv_plan_decode_work(values.astype(np.int64, copy=False), sms)
+    return int(chunk), torch.from_numpy(rows)
 
 
 def kv_evict_round(pos: Tensor, score: Tensor, flags: Tensor, lengths: Tensor,
@@ -122,7 +159,7 @@ def _evict_fake(pos, score, flags, lengths, step_scores, newest, window, heavy, 
 
 
 @torch.library.register_fake("fastllm::kv_ragged_decode")
-def _decode_fake(q, kv_rows, page_table, lengths, page_rows, scale, num_splits):
+def _decode_fake(q, kv_rows, page_table, lengths, page_rows, scale, num_splits, work=None):
     return (q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32),
             q.new_empty((page_table.shape[0], page_table.shape[1] * page_rows),
                         dtype=torch.float32))

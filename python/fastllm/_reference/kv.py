@@ -90,8 +90,11 @@ def _entry_slots(page_table: Tensor, length: int, page_rows: int, cache: int) ->
 
 
 def kv_ragged_decode_reference(q: Tensor, kv_rows: Tensor, page_table: Tensor, lengths: Tensor,
-                               page_rows: int, scale: float):
-    """One query token per sequence over ragged per-(sequence, KV head) paged caches.
+                               page_rows: int, scale: float, num_splits: int = 1,
+                               work: Tensor | None = None):
+    """One query token per sequence over ragged per-(sequence, KV head) paged caches. How the
+    op divides the work (``num_splits``, ``work``) does not change the result, so both are
+    accepted and unused.
 
     Returns ``out`` ``[B, Hq, D]`` (q's dtype), ``lse`` ``[B, Hq]`` float32 (-inf for an empty
     cache) and ``scores`` ``[B * Hkv, max_pages * page_rows]`` float32: per cached entry, the

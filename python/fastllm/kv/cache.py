@@ -527,13 +527,14 @@ class _LayerGraphSteps:
     """One layer's decode-step state inside ``FastGenCache.graph_steps``: what an eager step
     takes from the host, kept where a replayed step can read and advance it."""
 
-    def __init__(self, heads: _HeadCaches, seen: int, splits: int):
+    def __init__(self, heads: _HeadCaches, seen: int, splits: int, work: Tensor | None):
         # The mask column of the next token, advanced by every step (eager or replayed).
         self.seen = torch.full((1,), seen, dtype=torch.int64, device=heads.device)
         # Each cache's room: its pages, reserved on entry for every step allowed.
         self.capacity = heads.capacity()
-        # Fixed at entry from the longest cache the steps can reach, as a replay cannot change it.
-        self.splits = splits
+        # The attention's work, fixed at entry from the lengths the steps can reach, as a replay
+        # cannot change it.
+        self.splits, self.work = splits, work
 
 
 class _GraphSteps:
@@ -554,17 +555,51 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count  # no synchronisation
 
 
-def _decode_splits(caches: int, longest: int, device: torch.device) -> int:
-    """Splits of the ragged decode over each cache, from the longest cache's length bound: on a
-    GPU enough (cache, split) blocks for two waves of its SMs (kv_math.h, plan_decode_splits);
-    on the CPU one per 512 entries, at most 32."""
-    if device.type != "cuda":
-        return max(1, min(32, longest // 512))
+def _device_sms(device: torch.device) -> int:
     if torch.cuda.is_available():
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        sms = _DEFAULT_SMS
-    return _C.kv_plan_decode_splits(caches, longest, sms)
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _DEFAULT_SMS
+
+
+def _cpu_decode_splits(longest: int) -> int:
+    """Even splits of the ragged decode on the CPU: one per 512 entries of the longest cache, at
+    most 32 (the CPU kernel's tasks)."""
+    return max(1, min(32, longest // 512))
+
+
+class _DecodeWork:
+    """A layer's decode work list on its GPU (kv_math.h, plan_decode_work): each cache cut into
+    items of one chunk size, balanced over the SMs by the caches' length bounds, instead of one
+    split count sized by the longest cache. A list stays correct as the caches grow (a cache's
+    last item runs to its length), so a layer keeps its list while no cache has outgrown the
+    entries its items were planned for by more than half a chunk (its last item at most 1.5
+    chunks) and the total has not halved. After a replan every cache is within its items, so the
+    next one is at least ``chunk / 2`` steps away however many caches grow: one small pinned
+    upload per layer every few hundred steps at serving sizes."""
+
+    def __init__(self, bounds: np.ndarray, device: torch.device):
+        with _host_only():  # host work (numpy), real even under the tests' FakeTensorMode
+            chunk, rows = kv_ops.kv_decode_plan(bounds, _device_sms(device))
+            rows = rows.numpy()
+        self.chunk = chunk
+        self.cover = np.maximum(-(-bounds // chunk), 1) * chunk
+        self.total = int(bounds.sum())
+        self.work = _upload(rows, torch.int32, device)
+
+    def serves(self, bounds: np.ndarray) -> bool:
+        return (bounds.shape == self.cover.shape
+                and int((bounds - self.cover).max(initial=0)) <= self.chunk // 2
+                and 2 * int(bounds.sum()) >= self.total)
+
+
+def _decode_work(layer: "FastGenLayer", bounds: np.ndarray, device: torch.device):
+    """(num_splits, work) of the layer's next decode from its caches' length bounds: even splits
+    on the CPU, the layer's (re)planned work list on a GPU."""
+    if device.type != "cuda":
+        return _cpu_decode_splits(int(bounds.max(initial=0))), None
+    if layer.decode_work is None or not layer.decode_work.serves(bounds):
+        layer.decode_work = _DecodeWork(bounds, device)
+    return 1, layer.decode_work.work
 
 
 class FastGenLayer(CacheLayerMixin):
@@ -586,6 +621,8 @@ class FastGenLayer(CacheLayerMixin):
         self.padded = False
         # Inside FastGenCache.graph_steps: this layer's step state on the device.
         self.graph: _LayerGraphSteps | None = None
+        # On a GPU: the decode work list the last steps used (kept while it serves).
+        self.decode_work: _DecodeWork | None = None
 
     @property
     def valid(self) -> Tensor | None:
@@ -631,6 +668,7 @@ class FastGenLayer(CacheLayerMixin):
         self.padded = False
         self.seen = 0
         self.graph = None
+        self.decode_work = None
 
     def reorder_cache(self, beam_idx) -> None:  # handled by FastGenCache
         raise NotImplementedError
@@ -803,8 +841,7 @@ class FastGenCache(Cache):
                 need = heads.bound(layer.seen) + steps
                 heads.reserve(need)
                 layer.graph = _LayerGraphSteps(heads, layer.seen,
-                                               _decode_splits(need.size, int(need.max(initial=0)),
-                                                              heads.device))
+                                               *_decode_work(layer, need, heads.device))
         except PoolExhaustedError as err:
             for layer in self.layers:
                 layer.graph = None
@@ -1106,6 +1143,7 @@ class FastGenCache(Cache):
                 f"{self.pool.free_pages} free after releasing this cache); give FastGenCache a "
                 f"larger max_tokens or pool") from err
         layer.heads = heads
+        layer.decode_work = None
         layer.prompt_valid = valid.clone()
         layer.padded = not bool(valid.all())
         layer.seen = length
@@ -1174,10 +1212,10 @@ class FastGenCache(Cache):
         newest = column - heads.offset
         heads.append_one(torch.cat([k, v], dim=-1).reshape(batch * hkv, -1), cls, newest)
         layer.seen += 1
-        splits = _decode_splits(need.size, int(need.max(initial=0)), k.device)
+        splits, work = _decode_work(layer, need, k.device)
         out, _, scores = kv_ops.kv_ragged_decode(q[:, :, 0].contiguous(), heads.rows_view(),
                                                   heads.table, heads.lengths.to(torch.int32),
-                                                  self.page_rows, scale, splits)
+                                                  self.page_rows, scale, splits, work)
         heads.evict_round(newest, scores, move=evicts is None or bool(evicts.any()))
         heads.release_excess(layer.seen)
         return out[:, None]  # [B, 1, Hq, D]
@@ -1197,7 +1235,7 @@ class FastGenCache(Cache):
         state.seen += 1
         out, _, scores = kv_ops.kv_ragged_decode(q[:, :, 0].contiguous(), heads.rows_view(),
                                                   heads.table, heads.lengths.to(torch.int32),
-                                                  self.page_rows, scale, state.splits)
+                                                  self.page_rows, scale, state.splits, state.work)
         heads.evict_round(newest, scores, move=True)
         return out[:, None]
 
