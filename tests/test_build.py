@@ -75,6 +75,22 @@ def test_python_m_fastllm_prints_diagnostics():
     assert f"built against torch {torch.__version__}" in out
     assert "GPUs visible:" in out
     assert all(name in out for name in ALL_OPS)
+    assert "kernels that will run:" in out and "vector path" in out
+    assert "optional packages: transformers" in out
+
+
+def test_python_m_fastllm_json_and_help():
+    import json
+    out = subprocess.run([sys.executable, "-m", "fastllm", "--json"], capture_output=True,
+                         text=True, check=True, cwd="/").stdout
+    report = json.loads(out)
+    assert report["torch"] == torch.__version__ and report["cuda"] == fastllm.build_info()["cuda"]
+    assert set(ALL_OPS) <= set(report["ops"])
+    assert report["cpu"]["vector_path"] in ("avx512f", "avx2", "default", "unknown")
+    assert set(report["packages"]) >= {"transformers", "peft"}
+    out = subprocess.run([sys.executable, "-m", "fastllm", "--help"], capture_output=True,
+                         text=True, check=True, cwd="/").stdout
+    assert "--json" in out
 
 
 def test_import_against_another_torch_fails_with_rebuild_hint():

@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 import venv
+import zipfile
 
 import pytest
 import torch
@@ -29,6 +30,8 @@ def test_wheel_installs_into_fresh_venv_and_imports(tmp_path):
         check=True, env=env, capture_output=True)
     wheels = list(dist.glob("fastllm-*.whl"))
     assert len(wheels) == 1
+    # PEP 561: type checkers use the package's inline hints only if the marker ships.
+    assert "fastllm/py.typed" in zipfile.ZipFile(wheels[0]).namelist()
 
     fresh = tmp_path / "venv"
     venv.create(fresh, with_pip=False)

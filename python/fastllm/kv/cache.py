@@ -696,8 +696,25 @@ class FastGenCache(Cache):
         observe: FastGen's heavy-hitter ranking and recovery check also weigh the attention of
             the prompt's last ``observe`` queries, which attend the way decode will (0 = the
             paper's whole-prompt attention only); see ``policies.fastgen_profile``.
+        sinks: tokens at the start StreamingLLM always keeps (policy ``"streaming"``).
+        snap_window: last prompt queries whose attention SnapKV's selection uses (policy
+            ``"snapkv"``).
         pool: a :class:`fastllm.memory.PagePool` to draw pages from (shared with other users), or
             None to create one holding ``max_tokens`` full-cache tokens.
+        max_tokens: size of the pool created when ``pool`` is None: room for this many tokens in
+            every (layer, KV head) cache uncompressed; a prompt that does not fit raises.
+        page_rows: entries (one key and its value) per page of that pool; ignored with ``pool``
+            (its page size decides). Smaller pages waste less memory per cache, larger ones
+            need fewer page-table entries.
+        chunk: query rows per pass of the profiling ops; bounds their working memory
+            (``chunk x prompt length`` scores at a time), not their results.
+
+    Example::
+
+        cache = FastGenCache(model, tokenizer)
+        out = model.generate(**batch, cache=cache, max_new_tokens=32)
+        stats = cache.stats()   # kept_bytes, full_bytes, policies[layer][kv head], ...
+        cache.release()
 
     On a GPU, decode steps read nothing back from the device (prefill does: it picks the
     policies). CUDA graphs: capture a decode step inside :meth:`graph_steps`, which keeps the

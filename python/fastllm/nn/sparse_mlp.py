@@ -304,6 +304,41 @@ class QuantizedPredictor(nn.Module):
 
 
 class SparseMLP(nn.Module):
+    """A dense MLP that reads only the weights of the neurons each token needs (Deja Vu).
+
+    Usually installed by :func:`fastllm.sparse.sparsify`; build one directly to wrap a single MLP.
+
+    Args:
+        wrapped: a gated MLP (``gate_proj``/``up_proj``/``down_proj``, Llama family) or a plain one
+            (``fc1``/``fc2``/``activation_fn``, OPT). Its weights are shared, not copied; a
+            transposed copy of the down weights is added (one contiguous row per neuron).
+        mode: ``"predictor"`` (a predictor picks the neurons), ``"threshold"`` (gate computed
+            densely, neurons with ``|act(gate)| > threshold`` kept, CATS), ``"oracle"`` (top-k by
+            the true ``|h|``: a quality bound, no speed-up) or ``"dense"``.
+        keep: neurons kept per token in top-k selection (0 to the MLP's width).
+        threshold: the threshold mode's per-layer threshold.
+        predictor: a ``QuantizedPredictor``, ``FactoredPredictor`` or ``LowRankPredictor``.
+        logit_threshold: keep the neurons whose predictor logit exceeds it instead of the top
+            ``keep`` (``None``: top-k).
+        batch_sets: ``"per_row"`` (a set per token) or ``"union"`` (one set for the call).
+        dense_above: calls with more tokens than this run dense (default 1: prefill dense,
+            single-token decode steps sparse; ``None``: never dense).
+        compute: ``"kernel"`` (``fastllm.ops.sparse_mlp``) or ``"masked"`` (dense math with the
+            same selection; for quality studies).
+        deterministic: on CUDA, sum partials in a fixed order instead of atomically.
+
+    ``last_density`` is the share of neurons the last call used (a float; reading it
+    synchronises on a GPU), ``last_density_tensor`` its device twin.
+
+    Example::
+
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaMLP
+        mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=256))
+        sparse = SparseMLP(mlp, mode="oracle", keep=128)    # half of the 256 neurons
+        y = sparse(torch.randn(1, 1, 64))                   # [batch, seq, hidden]
+    """
+
     def __init__(self, wrapped: nn.Module, *, mode: str = "dense", keep: int | None = None,
                  threshold: float | None = None, predictor: LowRankPredictor | None = None,
                  logit_threshold: float | None = None, batch_sets: str = "per_row",

@@ -463,9 +463,24 @@ class GaLoreAdamW(_GaLoreBase):
             its low-rank gradient.
         accumulation_steps: micro-batches per optimizer step in layer-wise mode.
 
+    Param-group keys. A group with ``rank`` is projected (2-D weights only, ``rank <= min(m,
+    n)``); a group without is plain AdamW. Keys of a projected group and their defaults:
+    ``rank`` (required), ``update_proj_gap=200`` (refresh when ``step % gap == 0``, first at step
+    0), ``scale=0.25`` (the update's factor), ``proj_type="std"`` (``"std"``, ``"reverse_std"``,
+    ``"left"``, ``"right"``, ``"full"``), ``svd="full"`` (or ``"randomized"``, seeded),
+    ``svd_oversample=8``, ``svd_niter=2``, ``reproject_moments=False``,
+    ``proj_dtype="float32"`` (or ``"bfloat16"``), ``check_finite=True``; every group also takes
+    ``lr``, ``betas``, ``eps``, ``weight_decay``.
+
     On CUDA a non-refresh step reads nothing back from the device; a step skipped for a
     non-finite gradient is reported later (:meth:`skipped_steps`, or the next refresh). See the
     module docstring.
+
+    Example::
+
+        groups = galore_param_groups(model, rank=128, update_proj_gap=200, scale=0.25)
+        opt = GaLoreAdamW(groups, lr=1e-3, weight_decay=0.01)
+        # or by hand: [{"params": others}, {"params": weights, "rank": 128, "svd": "randomized"}]
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,

@@ -839,6 +839,25 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
     Calls with more than ``dense_above`` tokens run dense (default 1: only single-token decode
     steps run sparse; ``None``: never). ``thresholds``
     (per layer) skips the threshold calibration.
+
+    Valid values: ``sparsity`` in [0, 1] (the share of neurons skipped per token; 0.5 keeps
+    ``round(0.5 * n)``), a float or a list with one per MLP; ``mode`` in ``"predictor"``,
+    ``"threshold"``, ``"oracle"``, ``"dense"``; ``selection`` ``"topk"`` or ``"logit"``;
+    ``batch_sets`` ``"per_row"`` or ``"union"``; ``dense_above`` an int >= 0 or ``None``;
+    ``compute`` ``"kernel"`` or ``"masked"``. ``calibration_ids`` is a LongTensor ``[batch,
+    seq]`` of token ids (a few thousand tokens of ordinary text); ``train_kwargs`` go to
+    :func:`train_predictors` (e.g. ``kind``, ``rank``, ``progress``).
+
+    Returns ``model``, modified in place (every MLP replaced by a :class:`SparseMLP`; any earlier
+    sparsification is undone first); :func:`densify` restores the dense MLPs. Raises
+    ``ValueError`` for a missing calibration or an unknown mode, :class:`PredictorMismatchError`
+    for predictors made for another model.
+
+    Example::
+
+        sparsify(model, 0.5, calibration_ids=ids)             # int8 predictors, 50% sparse
+        sparsify(model, 0.3, mode="threshold", calibration_ids=ids)
+        densify(model)
     """
     densify(model)
     sites = find_mlps(model)
