@@ -29,8 +29,9 @@ def sparse_mlp_reference(x: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down_
                          activation: str = "silu", deterministic: bool = False) -> Tensor:
     """Gather the active rows, compute in fp32 (float64 stays float64), return x's dtype.
 
-    ``active_idx`` 1-D: one set for every row of ``x``; 2-D ``[rows, k]``: a set per row, of which
-    the first ``counts[r]`` entries count (all ``k`` without counts).
+    ``active_idx`` 1-D: one set for every row of ``x`` (its first ``counts[0]`` entries with
+    ``counts``); 2-D ``[rows, k]``: a set per row, of which the first ``counts[r]`` entries count
+    (all ``k`` without counts).
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     f = lambda t: None if t is None else t.to(compute)  # noqa: E731
@@ -39,8 +40,8 @@ def sparse_mlp_reference(x: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down_
     out = torch.zeros(x.shape[0], w_down_t.shape[1], dtype=compute, device=x.device)
     if b_down is not None:
         out += f(b_down)
-    if idx.dim() == 1:
-        sets = [(slice(None), idx)]
+    if idx.dim() == 1:  # one set for every row, of which the first counts[0] entries count
+        sets = [(slice(None), idx if counts is None else idx[: int(counts.reshape(-1)[0])])]
     else:
         k = idx.shape[1]
         n = counts.long().tolist() if counts is not None else [k] * idx.shape[0]
