@@ -210,3 +210,30 @@ def test_allocate_sparsity_keeps_the_average_and_favours_the_costly_layer():
     assert per_layer[1] < per_layer[0] and all(0 <= s <= 0.9 for s in per_layer)
     relative = sparse.allocate_sparsity(model, None, ids, 0.5)
     assert sum(relative) / 2 == pytest.approx(0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sparsity=1.5), r"sparsity must be a number in \[0, 1\].*1.5"),
+    (dict(sparsity=-0.5), r"sparsity must be a number in \[0, 1\].*-0.5"),
+    (dict(sparsity=[0.5, True]), "sparsity must be a number"),
+    (dict(sparsity="half"), "sparsity must be a number"),
+    (dict(mode="treshold"), "mode must be one of 'predictor', 'threshold', 'oracle', 'dense'"),
+    (dict(selection="top"), "selection must be one of 'topk', 'logit'"),
+    (dict(batch_sets="shared"), "batch_sets must be one of 'per_row', 'union'"),
+    (dict(compute="gpu"), "compute must be one of 'kernel', 'masked'"),
+    (dict(dense_above=-1), "dense_above must be an int >= 0 or None"),
+    (dict(dense_above=2.5), "dense_above must be an int >= 0 or None"),
+])
+def test_sparsify_rejects_bad_arguments_before_touching_the_model(kwargs, message):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mlp_types = [type(layer.mlp) for layer in model.model.layers]
+    with pytest.raises(ValueError, match=message):
+        sparse.sparsify(model, **{"mode": "oracle", **kwargs})
+    assert [type(layer.mlp) for layer in model.model.layers] == mlp_types
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_sparsify_rejects_a_non_module():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        sparse.sparsify("model", 0.5, mode="oracle")

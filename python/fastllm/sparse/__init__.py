@@ -825,6 +825,42 @@ def densify(model: nn.Module) -> list[SparseMLP]:
     return removed
 
 
+SPARSIFY_MODES = ("predictor", "threshold", "oracle", "dense")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"fastllm.sparse.sparsify: {name} must be one of "
+                         f"{', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def _check_sparsify_args(model, sparsity, mode, selection, batch_sets, dense_above, compute,
+                         deterministic) -> None:
+    """Every argument of :func:`sparsify` checked before the model is touched: a sparsity
+    outside [0, 1] would otherwise keep a negative or over-full neuron count, silently clamped
+    into a dense or an empty MLP."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastllm.sparse.sparsify: model must be an nn.Module, got "
+                        f"{type(model).__name__}")
+    values = sparsity if isinstance(sparsity, (list, tuple)) else [sparsity]
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0.0 <= float(value) <= 1.0:
+            raise ValueError("fastllm.sparse.sparsify: sparsity must be a number in [0, 1] (the "
+                             f"share of neurons skipped), or a list of them, got {value!r}")
+    _check_choice("mode", mode, SPARSIFY_MODES)
+    _check_choice("selection", selection, ("topk", "logit"))
+    _check_choice("batch_sets", batch_sets, ("per_row", "union"))
+    _check_choice("compute", compute, ("kernel", "masked"))
+    if dense_above is not None and (isinstance(dense_above, bool)
+                                    or not isinstance(dense_above, int) or dense_above < 0):
+        raise ValueError("fastllm.sparse.sparsify: dense_above must be an int >= 0 or None, got "
+                         f"{dense_above!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"fastllm.sparse.sparsify: deterministic must be a bool, got "
+                        f"{deterministic!r}")
+
+
 def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors=None,
              calibration_ids: Tensor | None = None, *, selection: str = "topk",
              batch_sets: str = "per_row", dense_above: int | None = 1,
@@ -859,6 +895,8 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
         sparsify(model, 0.3, mode="threshold", calibration_ids=ids)
         densify(model)
     """
+    _check_sparsify_args(model, sparsity, mode, selection, batch_sets, dense_above, compute,
+                         deterministic)
     densify(model)
     sites = find_mlps(model)
     targets = _per_layer(sparsity, len(sites), "sparsity")
@@ -883,8 +921,6 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
         else:
             raise ValueError("fastllm.sparse.sparsify: predictor mode needs predictors (or a path "
                              "to saved ones) or calibration_ids to train them")
-    elif mode not in ("oracle", "dense"):
-        raise ValueError(f"fastllm.sparse.sparsify: unknown mode {mode!r}")
     if mode != "threshold":
         thresholds = [None] * len(sites)
     installed = []
