@@ -3,7 +3,10 @@
 // torch.ops.fastllm, so this module only carries facts about the binary.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <limits>
+#include <string>
 #include <vector>
 
 #include "common/index_errors.h"
@@ -39,6 +42,19 @@ PYBIND11_MODULE(_C, m) {
     return pybind11::make_tuple(plan.grouped, plan.tile, plan.key_lanes, plan.shared_bytes);
   });
   m.def("kv_plan_decode_splits", &fastllm::kv::plan_decode_splits);
+  // Which rows of a work list (int32 [items, 2]) pass the per-row check each CUDA block makes.
+  m.def("kv_work_rows_valid",
+        [](pybind11::array_t<int32_t, pybind11::array::c_style | pybind11::array::forcecast> work,
+           int64_t caches) {
+          if (work.ndim() != 2 || work.shape(1) != 2) {
+            throw pybind11::value_error("kv_work_rows_valid: work must be [items, 2]");
+          }
+          std::vector<bool> valid;
+          for (pybind11::ssize_t i = 0; i < work.shape(0); ++i) {
+            valid.push_back(fastllm::kv::work_row_valid(work.data(), work.shape(0), i, caches));
+          }
+          return valid;
+        });
   // The decode work list from length bounds (numpy int64 [caches]): (chunk, int32 [items, 2]).
   m.def("kv_plan_decode_work",
         [](pybind11::array_t<int64_t, pybind11::array::c_style | pybind11::array::forcecast> bounds,
@@ -46,6 +62,14 @@ PYBIND11_MODULE(_C, m) {
           if (bounds.ndim() != 1) {
             throw pybind11::value_error("kv_plan_decode_work: bounds must be 1-D, got " +
                                         std::to_string(bounds.ndim()) + " dimensions");
+          }
+          const int64_t* data = bounds.data();
+          for (pybind11::ssize_t c = 0; c < bounds.shape(0); ++c) {
+            if (data[c] < 0 || data[c] > std::numeric_limits<int32_t>::max()) {
+              throw pybind11::value_error("kv_plan_decode_work: bounds must lie in [0, 2^31), "
+                                          "got " + std::to_string(data[c]) + " for cache " +
+                                          std::to_string(c));
+            }
           }
           std::vector<int32_t> work;
           const int64_t chunk =

@@ -304,6 +304,33 @@ def test_kv_ragged_decode_matches_reference(data, seed, batch, hkv, group, d, pa
     torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-4)
 
 
+@given(caches=st.integers(1, 4), rows=st.lists(st.tuples(st.integers(-1, 4), st.integers(-1, 70)),
+                                               min_size=1, max_size=8), planned=st.booleans())
+def test_cuda_per_row_work_check_agrees_with_the_host_check(caches, rows, planned):
+    # The CUDA kernels check each row of a work list on their own (no host read); a list passes
+    # there exactly when the host check (CPU tensors, debug mode) accepts it.
+    import numpy as np
+
+    from fastllm import _C
+    if planned:  # well-formed lists too, not only random ones
+        bounds = [abs(r[1]) * 3 for r in (rows * caches)[:caches]]
+        work = ops.kv_decode_plan(bounds, rows[0][0] + 2)[1].numpy()
+    else:
+        work = np.array(rows, dtype=np.int32)
+    device_accepts = all(_C.kv_work_rows_valid(work, caches))
+    q, kv_rows = torch.randn(1, caches, 8), torch.randn(16, 16)
+    table, lens = torch.zeros(caches, 2, dtype=torch.int32), torch.zeros(caches, dtype=torch.int32)
+    try:
+        ops.kv_ragged_decode(q, kv_rows, table, lens, 8, 0.3, 1, torch.from_numpy(work))
+        host_accepts = True
+    except IndexError:
+        host_accepts = False
+    except ValueError:  # fewer rows than caches: refused on the shape, before any value
+        assert len(work) < caches
+        return
+    assert device_accepts == host_accepts, (work.tolist(), caches)
+
+
 @given(seed=SEEDS, caches=st.integers(1, 12), cap=st.integers(1, 70), width=st.integers(0, 80),
        ties=st.booleans())
 def test_kv_evict_round_matches_reference_exactly(seed, caches, cap, width, ties):
@@ -431,14 +458,20 @@ def _projectors(gen, m: int, n: int, rank: int, sides: str, dtype):
 
 @given(seed=SEEDS, m=st.integers(1, 40), n=st.integers(1, 40), rank=st.integers(1, 12),
        sides=st.sampled_from(["left", "right", "both"]), dtype=st.sampled_from(FLOATS))
+@example(seed=1838, m=29, n=21, rank=1, sides="both", dtype=torch.float16)  # found by a search
 def test_galore_projections_match_reference(seed, m, n, rank, sides, dtype):
     gen = _generator(seed)
     grad = _randn(gen, m, n, dtype=dtype)
     left, right = _projectors(gen, m, n, rank, sides, dtype)
     low = ops.galore_project(grad, left, right)
-    # projectors are cast to the weight's dtype for the GEMMs, as the op documents
+    # projectors are cast to the weight's dtype for the GEMMs, as the op documents, so with both
+    # sides the intermediate is rounded too: the error is bounded by the GEMMs on magnitudes
     want_low = ref.galore_project_reference(grad, left, right)
-    _close_to_scale(low, want_low, dtype)
+    magnitude = ref.galore_project_reference(grad.abs(), None if left is None else left.abs(),
+                                             None if right is None else right.abs())
+    rtol = TOLERANCES[dtype][0]
+    torch.testing.assert_close(low, want_low, rtol=4 * rtol,
+                               atol=4 * rtol * max(float(magnitude.max()), 1.0))
     param = _randn(gen, m, n, dtype=dtype)
     want = (0.5 * param.float() + 0.25 * ref.galore_project_back_reference(low, left, right))
     ops.galore_project_back_(param, low, left, right, alpha=0.25, beta=0.5)

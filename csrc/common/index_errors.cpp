@@ -31,7 +31,8 @@ constexpr const char* kNames[kIndexErrorCount] = {
     "fastllm.sparse_mlp: counts outside [0, k]",
     "fastllm.lora_shrink/lora_expand: sgmv_order/sgmv_tiles outside the batch or not matching "
     "token_adapter",
-    "fastllm.kv_ragged_decode: work names a cache outside [0, caches) or leaves one out",
+    "fastllm.kv_ragged_decode: work breaks its structure (caches 0, 1, ... in order, each from "
+    "entry 0, first entries increasing)",
 };
 
 std::mutex& words_mutex() {

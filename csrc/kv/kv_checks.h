@@ -36,9 +36,9 @@ inline void check_key_class(const char* op, const at::Tensor& k, const at::Tenso
 
 // A decode work list (kv_math.h, work_item_range): int32 [items, 2] rows (cache, first entry),
 // sorted by cache, every cache present, each cache's first item at entry 0 and its first entries
-// increasing. Values as index values: always for CPU tensors, for CUDA tensors in the debug mode
-// (otherwise the kernels skip an item whose cache is out of range and report a cache with no
-// item, kKvWork).
+// increasing. Values as index values: always for CPU tensors, for CUDA tensors in the debug mode;
+// otherwise each CUDA block checks its own row by the same rules (work_row_valid), skips a bad
+// one and reports it (kKvWork).
 inline void check_decode_work(const char* op, const at::Tensor& q, const at::Tensor& work,
                               int64_t caches, int64_t num_splits) {
   check_dim(op, "work", work, 2);

@@ -187,8 +187,10 @@ __device__ int64_t guarded_length(const int32_t* lengths, int64_t c, int64_t wid
 }
 
 // Cache and entries of a decode item on the device: a length outside [0, width] counts as an
-// empty cache (reported once per cache, by its first item, where `report`); false for a listed
-// cache outside [0, caches) (reported): the caller writes an empty partial.
+// empty cache (reported once per cache, by its first item, where `report`); false for a work-list
+// row that breaks the list's structure (reported, kKvWork): the caller writes an empty partial.
+// Outside the debug mode the host never reads the list, so this per-row check is what stops a
+// malformed list from merging one cache's partials into another or counting entries twice.
 __device__ bool device_item_range(const DecodeWork& work, int64_t item, const int32_t* lengths,
                                   int64_t width, bool report, unsigned int* err, int64_t* cache,
                                   int64_t* begin, int64_t* end) {
@@ -606,9 +608,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
     scores.zero_();
     return {out, lse, scores};
   }
+  constexpr int64_t most_items = std::numeric_limits<int32_t>::max();  // gridDim.x
+  TORCH_CHECK_VALUE(list.defined() || num_splits <= most_items / caches, op, ": ", caches,
+                    " caches x ", num_splits, " splits are too many work items for one CUDA "
+                    "launch");
   const int64_t items = list.defined() ? list.size(0) : caches * num_splits;
-  TORCH_CHECK_VALUE(items <= std::numeric_limits<int32_t>::max(), op, ": ", items, " work items "
-                    "(caches x num_splits, or work's rows) are too many for one CUDA launch");
+  TORCH_CHECK_VALUE(items <= most_items, op, ": ", items, " work items are too many for one "
+                    "CUDA launch");
   TORCH_CHECK_VALUE(group <= 4096, op, ": at most 4096 query heads per KV head on CUDA, got ",
                     group);
   const int64_t entry_blocks = std::max<int64_t>(1, (width + kThreads - 1) / kThreads);

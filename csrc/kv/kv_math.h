@@ -83,14 +83,28 @@ FASTLLM_HOST_DEVICE void split_range(int64_t len, int64_t splits, int64_t s, int
 //   decode steps and CUDA-graph replays) without losing an entry: only the balance degrades.
 // Both clip every range to the cache's real length, read on the device.
 
+// Whether row i keeps the work list's structure, judged against the row before it only (O(1), so
+// every CUDA block checks its own row): caches run 0, 1, ..., caches - 1 in order, each starting
+// at entry 0 with increasing first entries. A list whose rows all pass covers every entry of
+// every cache exactly once.
+FASTLLM_HOST_DEVICE bool work_row_valid(const int32_t* work, int64_t items, int64_t i,
+                                        int64_t caches) {
+  const int64_t c = work[2 * i], first = work[2 * i + 1];
+  const int64_t prev = i > 0 ? work[2 * (i - 1)] : -1;
+  bool ok = c >= 0 && c < caches;
+  ok = ok && (c == prev ? first > work[2 * (i - 1) + 1] : c == prev + 1 && first == 0);
+  return ok && (i + 1 < items || c == caches - 1);
+}
+
 // Cache and entries [begin, end) of item i of a work list of `items` rows, given the length of
-// the item's cache (length_of(cache)); returns false for a cache outside [0, caches).
+// the item's cache (length_of(cache)); returns false (nothing to do) for a row that breaks the
+// list's structure (work_row_valid).
 template <typename LengthOf>
 FASTLLM_HOST_DEVICE bool work_item_range(const int32_t* work, int64_t items, int64_t i,
                                          int64_t caches, LengthOf length_of, int64_t* cache,
                                          int64_t* begin, int64_t* end) {
+  if (!work_row_valid(work, items, i, caches)) return false;
   const int64_t c = work[2 * i];
-  if (c < 0 || c >= caches) return false;
   const int64_t len = length_of(c);
   const bool last = i + 1 >= items || work[2 * (i + 1)] != c;
   const int64_t first = work[2 * i + 1];
@@ -123,8 +137,8 @@ struct DecodeWork {
   const int32_t* list;  // [items, 2] (cache, first entry), or nullptr for uniform splits
   int64_t items, splits, caches;
 
-  // Cache and entries [begin, end) of item i; false (nothing to do) for a listed cache outside
-  // [0, caches).
+  // Cache and entries [begin, end) of item i; false (nothing to do) for a work-list row that
+  // breaks the list's structure.
   template <typename LengthOf>
   FASTLLM_HOST_DEVICE bool range(int64_t i, LengthOf length_of, int64_t* cache, int64_t* begin,
                                  int64_t* end) const {
@@ -223,9 +237,9 @@ inline int64_t plan_decode_splits(int64_t caches, int64_t longest, int64_t sms) 
 // kv/cache.py), for a GPU with `sms` SMs, as FlashInfer's plan stage balances ragged requests:
 // the entries of all caches are cut into chunks of one size, chosen so the items fill two waves
 // of kDecodeBlocksPerSm blocks per SM, at least kMinSplitEntries entries (each item costs a merge
-// read) and a multiple of it (whole staged tiles), so a long cache gets many items and a short one
-// one, instead of one split count sized by the longest cache for all. Appends the rows (cache,
-// first entry) to `work` and returns the chunk.
+// read) and a multiple of it, so a long cache gets many items and a short one one, instead of one
+// split count sized by the longest cache for all. Bounds must lie in [0, 2^31) (int32 lengths).
+// Appends the rows (cache, first entry) to `work` and returns the chunk.
 inline int64_t plan_decode_work(const int64_t* bounds, int64_t caches, int64_t sms,
                                 std::vector<int32_t>& work) {
   const int64_t blocks = 2 * kDecodeBlocksPerSm * (sms > 0 ? sms : 1);

@@ -830,7 +830,7 @@ class FastGenCache(Cache):
                     graph.replay()          # then write the next token into ids, positions += 1
 
         On entry (synchronises): learns the token classes still in flight, reserves every
-        cache's pages for ``steps`` more tokens and fixes the attention's split count. Inside,
+        cache's pages for ``steps`` more tokens and fixes the attention's work list. Inside,
         each decode step (eager or replayed) reads its position from a counter on the device and
         advances it, always moves the rows an eviction displaces, and frees no page; the host
         learns nothing of the steps. So pass the model the positions it cannot derive:
