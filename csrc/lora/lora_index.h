@@ -126,7 +126,7 @@ inline ExpandLaunch plan_expand(int64_t tokens, int64_t slices, int64_t widest_s
 //
 // The tensor-core kernels work on chunks: up to kMaxChunk consecutive tokens of one adapter
 // (the plan's tiles merged, build_chunks), so each adapter tile staged in shared memory serves up
-// to 64 tokens instead of the CPU tiles' 8. A block of kMmaWarps warps serves one chunk with WMMA
+// to 64 tokens instead of a tile's 8. A block of kMmaWarps warps serves one chunk with WMMA
 // m8n32k16 products (fp32 accumulation); the chunk's rows are up to kMmaRowTiles row tiles of 8,
 // and only the tiles that hold tokens are multiplied, so a ragged last chunk costs its own rows.
 //  - shrink, grid (chunks, rank groups x K splits, slices): kMmaRanks adapter rows per block (the
@@ -209,10 +209,11 @@ inline std::vector<int32_t> build_chunks(const int32_t* tiles, int64_t count, in
 }
 
 // Rows per chunk: the largest of 64, 32, 16 whose chunks still give the shrink two waves of
-// blocks once it splits K as far as it may (a hidden size of 4096 or more; kMmaMaxKSplits),
-// so bigger chunks (each adapter row read once per chunk) are not paid for with idle SMs. A
-// model, never timed on a GPU. The expand, with a block per 128 output columns, has more blocks
-// per chunk than that at any hidden size from 2048.
+// blocks once it splits K as far as it may (kMmaMaxKSplits, reached from a hidden size of 4096),
+// so bigger chunks (each adapter row read once per chunk) are not paid for with idle SMs; below
+// that even at 16 rows, 16 (the most blocks). The expand has ceil(width / kMmaColumns) blocks per
+// chunk and slice, as many as the shrink's splits from a width of 2048. One list serves every
+// projection of a batch, so the rule cannot depend on a module's width. A model, never timed.
 inline int64_t plan_sgmv_chunk_rows(const int32_t* tiles, int64_t count, int64_t sms) {
   const int64_t target =
       (2 * std::max<int64_t>(1, sms) + kMmaMaxKSplits - 1) / kMmaMaxKSplits;
@@ -235,6 +236,8 @@ inline int64_t resolve_path(int64_t path, int64_t tokens, int64_t adapters) {
 // bandwidth unused and take about as long as two waves. Cost ~ max(items, 2 * SMs): SGMV only
 // when its tiles cost less than the tokens do. Decode (one token per sequence, a few sequences per
 // adapter) stays on BGMV; a prefill of thousands of tokens goes to SGMV.
+// The tensor-core kernels read the rows once per chunk (fewer items than tiles), so deciding on the
+// tiles leans toward BGMV there.
 inline bool gpu_prefers_sgmv(int64_t tokens, int64_t tiles, int64_t sms) {
   const int64_t floor = 2 * (sms > 0 ? sms : 1);
   auto cost = [floor](int64_t items) { return items > floor ? items : floor; };
