@@ -7,6 +7,9 @@
    counts the adapter rows read plus activations, against the measured copy bandwidth.
    On CUDA each candidate rotates over enough input sets to overflow L2 (harness.Rotating), so
    GB/s is HBM traffic; timing is by CUDA events (harness.time_interleaved).
+1b. Prefill kernels (GPU only) on 4096 -> 4096 at rank 16 and mixed 8-64: SGMV with the plan's
+   chunks of up to 64 tokens against the same tensor-core kernels on the plan's 8-token tiles,
+   BGMV and the PEFT loop, for one long prompt up to many prompts on many adapters.
 2. End to end on SmolLM2-135M (the real model, fp32): time over the base model for a mixed batch
    of 1, 8, 32 and 128 distinct adapters of ranks 8-64 on all seven projections, for a
    32-token prefill and for one decode token, fastllm and PEFT's `adapter_names` in the same run.
@@ -30,6 +33,7 @@ import time
 import torch
 
 import fastllm.ops as ops
+from fastllm._ops.lora import PATH_SGMV, sm_count
 from harness import (Progress, Record, Rotating, copy_bandwidth_gbs,
                      sets_to_defeat_cache, time_interleaved)
 
@@ -220,6 +224,90 @@ def _kernel_candidates(p, tokens, out_f, dtype, device):
 
     return dict(ours_shrink=ours_shrink, peft_shrink=peft_shrink, bmm_shrink=bmm_shrink,
                 ours_expand=ours_expand, peft_expand=peft_expand, bmm_expand=bmm_expand)
+
+
+# ---- 1b. prefill kernels (GPU) -------------------------------------------------------------------
+
+# (tokens, adapters): one long prompt, a few prompts on a few adapters, many on many.
+PREFILL_GRID = [(512, 1), (2048, 4), (4096, 32), (512, 64)]
+
+
+def _prefill_candidates(p, dtype, device):
+    """SGMV on one prefill problem four ways: ours (tensor-core kernels on the plan's chunks of
+    up to 64 tokens), the same kernels on the plan's 8-token tiles (what they consumed before
+    chunks), BGMV (one token per work item), and the PEFT loop (a dense matmul per adapter)."""
+    ids = p["ids"]
+    adapters = p["a_rows"].shape[1]
+    order, tiles = ops.lora_sgmv_plan(ids.cpu(), adapters)
+    chunks = ops.lora_sgmv_chunks(tiles, sms=sm_count(torch.device(device)))
+    calls = {"ours": (PATH_SGMV, order, tiles, chunks), "tiles": (PATH_SGMV, order, tiles),
+             "bgmv": (1,)}
+    calls = {name: (c[0], *(t.to(device) for t in c[1:])) for name, c in calls.items()}
+    h = ops.lora_shrink(p["x"], p["pool"], p["a_rows"], p["ranks"], ids, *calls["ours"])
+    out_f = p["y"].shape[1]
+    fns = {}
+    for name, call in calls.items():
+        fns[f"{name}_shrink"] = lambda call=call: torch.ops.fastllm.lora_shrink.default(
+            p["x"], p["pool"], p["a_rows"], p["ranks"], ids, *call)
+        fns[f"{name}_expand"] = lambda call=call: torch.ops.fastllm.lora_expand.default(
+            p["y"], h, p["pool"], p["b_rows"], p["ranks"], p["scalings"], ids, [out_f], *call)
+    peft = _kernel_candidates(p, ids.numel(), out_f, dtype, device)
+    fns["peft_shrink"], fns["peft_expand"] = peft["peft_shrink"], peft["peft_expand"]
+    return fns, chunks.shape[0]
+
+
+def _prefill_records(device, quick, progress, deadline=None, cases=None):
+    """Prefill SGMV on 4096 -> 4096 at rank 16 and mixed 8-64, fp16 on a GPU: ours against the
+    8-token tiles, BGMV and the PEFT loop, GB/s against the copy ceiling. `cases` (in, out,
+    tokens, adapters, rank name, ranks) replaces the grid (tests use tiny ones, on the CPU,
+    where the chunks are checked and unused)."""
+    deadline = deadline or _Deadline(None)
+    on_gpu = device == "cuda"
+    dtype = torch.float16 if on_gpu else torch.float32
+    ceiling = copy_bandwidth_gbs(device)
+    if cases is None:
+        rank_sets = {"r16": [16], "mixed 8-64": [8, 16, 32, 64]}
+        grid = PREFILL_GRID[:2] if quick else PREFILL_GRID
+        cases = [(4096, 4096, t, n, name, ranks) for t, n in grid
+                 for name, ranks in rank_sets.items()]
+    element = torch.empty((), dtype=dtype).element_size()
+    records = []
+    for in_f, out_f, tokens, adapters, rank_name, ranks in cases:
+        label = f"prefill {in_f}->{out_f} t{tokens} {adapters}ad {rank_name}"
+        if deadline.passed(label):
+            continue
+        mean_rank = sum(ranks[i % len(ranks)] for i in range(adapters)) / adapters
+        used = min(tokens, adapters)
+        estimate = int(used * mean_rank * (in_f + out_f) * element
+                       + tokens * (in_f + 2 * out_f) * element)
+        sets = [_kernel_problem(tokens, adapters, ranks, in_f, out_f, dtype, device)
+                for _ in range(_input_sets(estimate, device))]
+        fns: dict[str, list] = {}
+        chunk_count = 0
+        for p in sets:
+            found, chunk_count = _prefill_candidates(p, dtype, device)
+            for name, fn in found.items():
+                fns.setdefault(name, []).append(fn)
+        rows_read = sum(sum(q["ranks_list"][a] for a, _ in q["groups"]) for q in sets) / len(sets)
+        for op_name, width in [("shrink", in_f), ("expand", out_f)]:
+            kinds = ("ours", "tiles", "bgmv", "peft")
+            t = time_interleaved({k: _rotating(fns[f"{k}_{op_name}"]) for k in kinds}, device,
+                                 repeats=7 if quick else 15, min_seconds_per_sample=1e-3)
+            moved = rows_read * width * element
+            moved += tokens * (in_f if op_name == "shrink" else 2 * out_f) * element
+            gbs = moved / t["ours"] / 1e9
+            for base, base_name in [("tiles", "8-token tiles"), ("bgmv", "bgmv"),
+                                    ("peft", "peft loop")]:
+                records.append(Record(
+                    CAPABILITY, f"{op_name} {label}", f"lora_{op_name} sgmv chunks",
+                    base_name, t["ours"] * 1e3, t[base] * 1e3,
+                    {"GB/s": gbs, "% of copy BW": 100 * gbs / ceiling, "chunks": chunk_count,
+                     "input sets": len(sets)}))
+        del sets, fns
+        if progress is not None:
+            progress.step(f"{label}: shrink {records[-6].speedup:.2f}x tiles, "
+                          f"expand {records[-3].speedup:.2f}x tiles")
+    return records
 
 
 # ---- 2. end to end -------------------------------------------------------------------------------
@@ -625,8 +713,9 @@ GPU_QUICK_SECONDS = 20
 
 
 def run(device: str, quick: bool = False) -> list[Record]:
-    """FASTLLM_LORA_BENCH=kernels[,decode8b][,loading][,e2e] runs only those parts (default: all
-    four), e.g. the full kernel grid without the long end-to-end runs.
+    """FASTLLM_LORA_BENCH=kernels[,decode8b][,prefill][,loading][,e2e] runs only those parts
+    (default: all five; prefill only on a GPU, the CPU having no tensor-core path), e.g. the full
+    kernel grid without the long end-to-end runs.
 
     The quick GPU mode (bench/gpu_check.sh) runs the kernels, the Llama-8B-shaped decode overhead
     and the loading figures under a deadline, and leaves out the SmolLM2 comparison with PEFT:
@@ -634,11 +723,13 @@ def run(device: str, quick: bool = False) -> list[Record]:
     is ~100k kernel launches."""
     import os
     import traceback
-    parts = set(os.environ.get("FASTLLM_LORA_BENCH", "kernels,decode8b,loading,e2e").split(","))
+    parts = set(os.environ.get("FASTLLM_LORA_BENCH",
+                               "kernels,decode8b,prefill,loading,e2e").split(","))
     gpu_quick = quick and device == "cuda"
     deadline = _Deadline(GPU_QUICK_SECONDS if gpu_quick else None)
     FAILURES.clear()
     hint = 4 * ("decode8b" in parts) + ("loading" in parts) + 8 * ("e2e" in parts and not gpu_quick)
+    hint += (4 if quick else 2 * len(PREFILL_GRID)) * ("prefill" in parts and device == "cuda")
     records, progress = [], Progress(CAPABILITY, hint)
 
     def part(name, fn):
@@ -656,6 +747,8 @@ def run(device: str, quick: bool = False) -> list[Record]:
     if "decode8b" in parts and not deadline.passed("llama-8b-shaped decode overhead"):
         records += part("decode8b", lambda: _llama8b_decode_records(device, quick, progress,
                                                                     deadline))
+    if "prefill" in parts and device == "cuda" and not deadline.passed("prefill kernels"):
+        records += part("prefill", lambda: _prefill_records(device, quick, progress, deadline))
     if "loading" in parts and not deadline.passed("registration and first load"):
         records += part("loading", lambda: _loading_records(device, progress))
     if "e2e" in parts and not gpu_quick:

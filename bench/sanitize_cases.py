@@ -53,6 +53,28 @@ def lora_cases(device):
         y = torch.randn(token_adapter.numel(), 336, device=device, dtype=dtype)
         ops.lora_expand(y, h, pool, rows, ranks, torch.ones(2, 3, device=device), token_adapter,
                         [200, 136], 2)
+        # Chunks of 16 to 64 tokens (lora_sgmv_chunks): several row tiles per block, ragged last
+        # chunks (70 = 64 + 6, 17 = 16 + 1), a one-token chunk, K split across blocks with a
+        # tail stage (520 columns), double-buffered; checked against the CPU kernels.
+        ids = torch.tensor([0] * 70 + [1] + [2] * 17 + [-1] * 3)
+        ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(1))]
+        order, tiles = ops.lora_sgmv_plan(ids, 3)
+        x = torch.randn(ids.numel(), 520, dtype=dtype)
+        y = torch.randn(ids.numel(), 336, dtype=dtype)
+        cpu_rows, cpu_ranks, cpu_pool = rows.cpu(), ranks.cpu(), pool.cpu()
+        scalings = torch.rand(2, 3) + 0.5
+        want_h = ops.lora_shrink(x, cpu_pool, cpu_rows, cpu_ranks, ids, 2)
+        want_y = ops.lora_expand(y.clone(), want_h, cpu_pool, cpu_rows, cpu_ranks, scalings, ids,
+                                 [200, 136], 2)
+        for chunk_rows in (16, 64):
+            plan = [t.to(device) for t in (order, tiles, ops.lora_sgmv_chunks(tiles, chunk_rows))]
+            h = ops.lora_shrink(x.to(device), pool, rows, ranks, ids.to(device), 2, *plan)
+            got_y = ops.lora_expand(y.to(device, copy=True), want_h.to(device), pool, rows,
+                                    ranks, scalings.to(device), ids.to(device), [200, 136], 2,
+                                    *plan)
+            scale = float(want_h.abs().max())
+            torch.testing.assert_close(h.cpu(), want_h, rtol=1e-3, atol=1e-3 * scale)
+            torch.testing.assert_close(got_y.cpu().float(), want_y.float(), rtol=2e-2, atol=2e-2)
 
 
 def kv_cases(device):
@@ -250,6 +272,17 @@ def bad_index_cases(device):
     tiles[0, 1] = 50  # past the end of order
     _expect_bad_index(device, "lora_shrink sgmv_tiles", lambda: ops.lora_shrink(
         x, flat, rows, ranks, ids, 2, order.to(device), tiles.to(device)))
+    # The tensor-core kernels' chunks (fp16): one past the end of order, one naming the wrong
+    # adapter.
+    order, tiles = ops.lora_sgmv_plan(ids.cpu(), 2)
+    for bad in ([0, 1, 0, 1, 50, 1], [0, 1, 1, 1, 3, 1]):
+        chunks = torch.tensor(bad, dtype=torch.int32).reshape(2, 3)
+        plan = [t.to(device) for t in (order, tiles, chunks)]
+        _expect_bad_index(device, "lora_shrink sgmv_chunks", lambda: ops.lora_shrink(
+            x.half(), flat.half(), rows, ranks, ids, 2, *plan))
+        _expect_bad_index(device, "lora_expand sgmv_chunks", lambda: ops.lora_expand(
+            x.half(), torch.zeros(1, 3, 4, device=device), flat.half(), rows, ranks,
+            torch.ones(1, 2, device=device), ids, [64], 2, *plan))
 
 
 def main():

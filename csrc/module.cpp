@@ -14,6 +14,18 @@
 #include "lora/lora_index.h"
 #include "sparse/sparse_mlp.h"
 
+namespace {
+
+// A flat tile list must be whole (first, end, adapter) triples.
+void check_flat_tiles(const char* fn, const std::vector<int32_t>& tiles) {
+  if (tiles.size() % 3 != 0) {
+    throw pybind11::value_error(std::string(fn) + ": tiles must be flat (first, end, adapter) "
+                                "triples, got " + std::to_string(tiles.size()) + " values");
+  }
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastllm compiled kernels (ops live in torch.ops.fastllm)";
   m.attr("with_cuda") = pybind11::bool_(FASTLLM_WITH_CUDA);
@@ -89,8 +101,30 @@ PYBIND11_MODULE(_C, m) {
     return pybind11::make_tuple(plan.rank_groups, plan.column_blocks);
   });
   m.def("lora_plan_sgmv_mma_k_splits", &fastllm::lora::plan_sgmv_mma_k_splits);
+  // SGMV chunks for the tensor-core kernels, from a plan's tiles given flat (first, end, adapter,
+  // ...): fastllm.ops.lora_sgmv_chunks checks the tensor and calls these.
+  m.def("lora_plan_sgmv_chunk_rows", [](const std::vector<int32_t>& tiles, int64_t sms) {
+    check_flat_tiles("lora_plan_sgmv_chunk_rows", tiles);
+    if (sms < 1) throw pybind11::value_error("lora_plan_sgmv_chunk_rows: sms must be >= 1");
+    return fastllm::lora::plan_sgmv_chunk_rows(tiles.data(), tiles.size() / 3, sms);
+  });
+  m.def("lora_sgmv_chunks", [](const std::vector<int32_t>& tiles, int64_t rows) {
+    check_flat_tiles("lora_sgmv_chunks", tiles);
+    if (rows < fastllm::lora::kTile || rows > fastllm::lora::kMaxChunk ||
+        rows % fastllm::lora::kTile != 0) {
+      throw pybind11::value_error("lora_sgmv_chunks: rows must be a multiple of " +
+                                  std::to_string(fastllm::lora::kTile) + " in [" +
+                                  std::to_string(fastllm::lora::kTile) + ", " +
+                                  std::to_string(fastllm::lora::kMaxChunk) + "], got " +
+                                  std::to_string(rows));
+    }
+    return fastllm::lora::build_chunks(tiles.data(), tiles.size() / 3, rows);
+  });
+  m.attr("lora_max_chunk") = pybind11::int_(fastllm::lora::kMaxChunk);
+  m.attr("lora_mma_row_tile") = pybind11::int_(fastllm::lora::kMmaRowTile);
   m.attr("lora_mma_ranks") = pybind11::int_(fastllm::lora::kMmaRanks);
-  m.attr("lora_mma_chunk") = pybind11::int_(fastllm::lora::kMmaChunk);
+  m.attr("lora_mma_split_k") = pybind11::int_(fastllm::lora::kMmaSplitK);
+  m.attr("lora_mma_stage_k") = pybind11::int_(fastllm::lora::kMmaStageK);
   m.attr("lora_mma_columns") = pybind11::int_(fastllm::lora::kMmaColumns);
   m.attr("lora_shrink_threads") = pybind11::int_(fastllm::lora::kShrinkWarps * 32);
   m.attr("lora_expand_threads") = pybind11::int_(fastllm::lora::kExpandThreads);

@@ -59,13 +59,16 @@ TORCH_LIBRARY(fastllm, m) {
   // h[s, t, j] = x[t] . A_{s,a,j} for j < ranks[s, a], else 0; h is float32 (float64 for float64).
   // sgmv_order / sgmv_tiles: an SGMV plan (lora/lora_index.h), built once per batch by
   // fastllm.ops.lora_sgmv_plan; CUDA runs SGMV only with one (the CPU builds its own if absent).
+  // sgmv_chunks: the plan's tokens in chunks of up to 64 (fastllm.ops.lora_sgmv_chunks) for the
+  // tensor-core kernels, which take the tiles as chunks without it; the CPU checks and ignores it.
   m.def("lora_shrink(Tensor x, Tensor pool, Tensor a_rows, Tensor ranks, Tensor token_adapter, "
-        "int path=0, Tensor? sgmv_order=None, Tensor? sgmv_tiles=None) -> Tensor");
+        "int path=0, Tensor? sgmv_order=None, Tensor? sgmv_tiles=None, "
+        "Tensor? sgmv_chunks=None) -> Tensor");
   // y[t, slice s] += scalings[s, a] * sum_j h[s, t, j] * B^T_{s,a,j}; slice s is slice_sizes[s]
   // columns wide, slices laid side by side. Tokens with adapter -1 are left untouched.
   m.def("lora_expand(Tensor(a!) y, Tensor h, Tensor pool, Tensor b_rows, Tensor ranks, "
         "Tensor scalings, Tensor token_adapter, int[] slice_sizes, int path=0, "
-        "Tensor? sgmv_order=None, Tensor? sgmv_tiles=None) -> ()");
+        "Tensor? sgmv_order=None, Tensor? sgmv_tiles=None, Tensor? sgmv_chunks=None) -> ()");
 
   // ---- kv: FastGen profiling and ragged per-head decode attention ------------------------------
   // q [Hq, Lq, D] (the last Lq positions), k [Hkv, Lk, D]: per-key attention summed over each KV

@@ -47,6 +47,36 @@ def test_kernel_records_report_ratios_and_bandwidth():
         assert 0 < r.metrics["GB/s"] and r.metrics["% of copy BW"] > 0
 
 
+def test_the_prefill_candidates_agree():
+    # 40 tokens on 2 adapters: chunks of 16 + 4 tokens each (the rule's smallest, for so few
+    # tokens); every candidate computes one h and one update of y.
+    p = bench_lora._kernel_problem(40, 2, [4, 6], 16, 24, torch.float32, "cpu")
+    fns, chunks = bench_lora._prefill_candidates(p, torch.float32, "cpu")
+    assert chunks == 4
+    ours = fns["ours_shrink"]()
+    for kind in ("tiles", "bgmv", "peft"):
+        torch.testing.assert_close(fns[f"{kind}_shrink"](), ours, rtol=1e-5, atol=1e-6)
+    deltas = {}
+    for kind in ("ours", "tiles", "bgmv", "peft"):
+        before = p["y"].clone()
+        fns[f"{kind}_expand"]()
+        deltas[kind] = p["y"] - before
+    assert deltas["ours"].abs().max() > 0
+    for kind in ("tiles", "bgmv", "peft"):
+        torch.testing.assert_close(deltas[kind], deltas["ours"], rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_records_report_ratios_and_bandwidth():
+    cases = [(64, 96, 40, 2, "r4", [4]), (64, 96, 24, 3, "mixed", [2, 8])]
+    records = bench_lora._prefill_records("cpu", True, None, cases=cases)
+    assert [(r.case.split()[0], r.baseline) for r in records] == [
+        (op, base) for _ in cases for op in ("shrink", "expand")
+        for base in ("8-token tiles", "bgmv", "peft loop")]
+    for r in records:
+        assert r.ours_ms > 0 and r.baseline_ms > 0 and r.metrics["chunks"] >= 1
+        assert 0 < r.metrics["GB/s"] and r.metrics["% of copy BW"] > 0
+
+
 def test_rotation_cycles_every_set_and_the_cpu_uses_one():
     calls = []
     fn = bench_lora._rotating([lambda i=i: calls.append(i) for i in range(3)])

@@ -2,7 +2,9 @@
 that change which code runs (ranks 1..256 mixed in a batch, widths 8..8192 including odd multiples
 of 8 and widths that are not whole 16-byte words, so the scalar fallback runs, 1..512 tokens,
 Punica's four adapter popularity patterns, fp16/bf16/fp32, BGMV and SGMV with a plan from
-lora_sgmv_plan, several output slices, rows at unaligned pool offsets, rows without an adapter).
+lora_sgmv_plan, alone or with tensor-core chunks of 16, 32 or 64 tokens from lora_sgmv_chunks
+(ragged last chunks wherever an adapter's tokens are not a whole number of them), several output
+slices, rows at unaligned pool offsets, rows without an adapter).
 
 On a GPU every case of CUDA_CASES runs on CUDA and is compared with the CPU kernel and the
 pure-PyTorch reference. Everywhere, a small subset from the same generator runs the CPU kernel
@@ -44,6 +46,9 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 PATHS = [(PATH_BGMV, False), (PATH_SGMV, True), (PATH_AUTO, True),
          (PATH_AUTO, False)]
 SLICES = [1, 1, 2, 3]
+# Rows per tensor-core chunk with a plan (0: the plan's tiles only, the kernels' 8-token chunks;
+# None: lora_sgmv_chunks' own choice for an H100 / H200).
+CHUNK_ROWS = [0, 16, 32, 64, None]
 ADAPTERS = {"uniform": [2, 8, 32], "zipf": [4, 16, 64], "identical": [1, 4]}
 MAX_DISTINCT = 256
 
@@ -58,6 +63,7 @@ class SweepCase:
     popularity: str
     path: int
     plan: bool
+    chunk_rows: int | None                 # with a plan: see CHUNK_ROWS
     misaligned: bool                       # rows at pool offsets that are not whole words
     empty_every: int                       # every k-th token has no adapter (0: none)
     index_dtype: torch.dtype
@@ -80,12 +86,19 @@ class SweepCase:
         return sum(r * (self.hidden + w) for row, w in zip(self.ranks, self.widths) for r in row)
 
     @property
+    def _chunk_id(self) -> str:
+        if not self.plan or self.chunk_rows == 0:
+            return ""
+        return f"+chunks{self.chunk_rows or 'auto'}"
+
+    @property
     def id(self) -> str:
         flat = [r for row in self.ranks for r in row]
         path = {PATH_AUTO: "auto", PATH_BGMV: "bgmv", PATH_SGMV: "sgmv"}[self.path]
         return (f"{str(self.dtype).replace('torch.', '')}-t{self.tokens}-h{self.hidden}-"
                 f"w{'+'.join(map(str, self.widths))}-a{self.adapters}-r{min(flat)}..{max(flat)}-"
                 f"{self.popularity}-{path}{'+plan' if self.plan else ''}"
+                f"{self._chunk_id}"
                 f"{'-unaligned-rows' if self.misaligned else ''}"
                 f"{f'-empty{self.empty_every}' if self.empty_every else ''}")
 
@@ -112,7 +125,7 @@ def sweep_cases(count: int, seed: int = SEED, max_width: int = 8192, max_tokens:
     widths = [w for w in WIDTHS if w <= max_width]
     hidden_of, tokens_of = walk(widths), walk([t for t in TOKENS if t <= max_tokens])
     dtype_of, popularity_of, path_of = walk(DTYPES), walk(POPULARITY), walk(PATHS)
-    rank_of, slices_of = walk(RANKS), walk(SLICES)
+    rank_of, slices_of, chunk_rows_of = walk(RANKS), walk(SLICES), walk(CHUNK_ROWS)
     misaligned_of, index_of = walk([False, False, False, True]), walk([torch.int64, torch.int32])
     cases = []
     for i in range(count):
@@ -145,7 +158,7 @@ def sweep_cases(count: int, seed: int = SEED, max_width: int = 8192, max_tokens:
         cases.append(SweepCase(
             dtype=dtype_of(i), tokens=tokens, hidden=hidden, widths=tuple(out),
             ranks=tuple(tuple(row) for row in ranks), popularity=popularity, path=path,
-            plan=plan, misaligned=misaligned_of(i),
+            plan=plan, chunk_rows=chunk_rows_of(i) if plan else 0, misaligned=misaligned_of(i),
             empty_every=rng.choice([0, 3, 7]) if tokens >= 8 else 0,
             index_dtype=index_of(i), seed=seed * 1000 + i))
     return cases
@@ -155,9 +168,46 @@ def sweep_cases(count: int, seed: int = SEED, max_width: int = 8192, max_tokens:
 # its host side (building, the CPU kernel, the float64 reference), which dominates, took 16 s
 # for these 36 on the busy 2-core CPU machine, spread over the stage's pytest-xdist workers.
 CUDA_COUNT, CUDA_BUDGET = 36, 8_000_000
-CUDA_CASES = sweep_cases(CUDA_COUNT, budget=CUDA_BUDGET)
+
+
+def chunk_cases(seed: int = SEED + 2) -> list[SweepCase]:
+    """Prefill-shaped SGMV cases for the tensor-core chunks, which the random walk above meets
+    only at small token counts: each chunk size, with adapters holding several chunks and a
+    ragged remainder (129 tokens on one adapter = 2 x 64 + 1; 512 over zipf- or uniformly
+    popular adapters), mixed ranks across the 32-rank groups, aligned, odd and unaligned widths,
+    in fp16 and bf16."""
+    shapes = [  # (rows, dtype, tokens, popularity, ranks per slice, hidden, widths, misaligned)
+        (16, torch.float16, 129, "identical", [[16], [100]], 1032, (1032, 136), False),
+        (32, torch.bfloat16, 512, "zipf", [[16, 64, 8, 128]], 4096, (1024,), False),
+        (64, torch.float16, 129, "identical", [[33]], 4104, (136,), False),
+        (64, torch.bfloat16, 512, "identical", [[64], [8], [8]], 1001, (4096, 512, 512), False),
+        (32, torch.float16, 129, "uniform", [[17, 256]], 64, (100,), True),
+        (16, torch.bfloat16, 512, "uniform", [[32, 1]], 8192, (512,), False),
+        (64, torch.float16, 512, "zipf", [[8, 16, 16, 64]], 4096, (4096,), False),
+    ]
+    cases = []
+    for i, (rows, dtype, tokens, popularity, ranks, hidden, widths, misaligned) in \
+            enumerate(shapes):
+        assert len(widths) == len(ranks)  # one output slice per row of ranks
+        cases.append(SweepCase(
+            dtype=dtype, tokens=tokens, hidden=hidden, widths=widths,
+            ranks=tuple(tuple(row) for row in ranks), popularity=popularity, path=PATH_SGMV,
+            plan=True, chunk_rows=rows, misaligned=misaligned, empty_every=(0, 7)[i % 2],
+            index_dtype=(torch.int64, torch.int32)[i % 2], seed=seed * 1000 + i))
+    return cases
+
+
+CUDA_CASES = sweep_cases(CUDA_COUNT, budget=CUDA_BUDGET) + chunk_cases()
 # Small enough for the CPU reference on two busy cores.
 CPU_CASES = sweep_cases(14, seed=SEED + 1, max_width=1032, max_tokens=129, budget=400_000)
+
+
+def _ragged(case: SweepCase) -> bool:
+    """Whether some adapter has more tokens than one chunk and not a whole number of chunks."""
+    ids = build(case)["ids"].long()
+    rows = case.chunk_rows
+    counts = torch.bincount(ids[ids >= 0], minlength=case.adapters)
+    return bool(((counts > rows) & (counts % rows != 0)).any())
 
 
 # ---- building a case -----------------------------------------------------------------------------
@@ -232,7 +282,11 @@ def run_ops(case: SweepCase, p: dict, device: str, h_in: torch.Tensor | None = N
     ids = move(p["ids"])
     plan = ()
     if case.plan:
-        plan = tuple(move(t) for t in ops.lora_sgmv_plan(p["ids"], case.adapters))
+        order, tiles = ops.lora_sgmv_plan(p["ids"], case.adapters)
+        plan = (order, tiles)
+        if case.chunk_rows != 0:
+            plan += (ops.lora_sgmv_chunks(tiles, case.chunk_rows),)
+        plan = tuple(move(t) for t in plan)
     x, pool = move(p["x"]), move(p["pool"])
     a_rows, b_rows, ranks = move(p["a_rows"]), move(p["b_rows"]), move(p["ranks"])
     h = ops.lora_shrink(x, pool, a_rows, ranks, ids, case.path, *plan)
@@ -265,7 +319,7 @@ def assert_y_close(got, want, case, p):
 
 def test_the_generator_is_deterministic_and_covers_every_dimension():
     # Same seed, same cases: a failure on a GPU can be rerun there, or built here.
-    assert sweep_cases(CUDA_COUNT, budget=CUDA_BUDGET) == CUDA_CASES
+    assert sweep_cases(CUDA_COUNT, budget=CUDA_BUDGET) + chunk_cases() == CUDA_CASES
     assert len({c.id for c in CUDA_CASES}) == len(CUDA_CASES)
     assert len({c.seed for c in CUDA_CASES}) == len(CUDA_CASES)
     seen = lambda f: {f(c) for c in CUDA_CASES}  # noqa: E731
@@ -274,6 +328,12 @@ def test_the_generator_is_deterministic_and_covers_every_dimension():
     assert seen(lambda c: c.tokens) == set(TOKENS)
     assert seen(lambda c: c.popularity) == set(POPULARITY)
     assert seen(lambda c: (c.path, c.plan)) == set(PATHS)
+    assert seen(lambda c: c.chunk_rows) == set(CHUNK_ROWS)
+    assert all(c.chunk_rows == 0 for c in CUDA_CASES if not c.plan)
+    # Every chunk size on the tensor cores (fp16/bf16 with a plan) where some adapter has
+    # several chunks and a ragged last one.
+    assert {c.chunk_rows for c in CUDA_CASES
+            if c.plan and c.chunk_rows and c.dtype != torch.float32 and _ragged(c)} == {16, 32, 64}
     assert seen(lambda c: c.index_dtype) == {torch.int32, torch.int64}
     assert seen(lambda c: c.misaligned) == {False, True}
     assert {len(c.widths) for c in CUDA_CASES} >= {1, 2, 3}
@@ -294,6 +354,14 @@ def test_the_generator_is_deterministic_and_covers_every_dimension():
 
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
 def test_every_cuda_case_builds_with_the_layout_it_names(case):
+    if case.chunk_rows != 0:
+        # The chunks cover the plan's tokens in order, at most chunk_rows of one adapter each.
+        order, tiles = ops.lora_sgmv_plan(build(case)["ids"], case.adapters)
+        chunks = ops.lora_sgmv_chunks(tiles, case.chunk_rows)
+        sizes = chunks[:, 1] - chunks[:, 0]
+        assert chunks[:, 0].tolist() == [0] + chunks[:-1, 1].tolist()
+        assert int(chunks[-1, 1]) == order.numel()
+        assert int(sizes.max()) <= (case.chunk_rows or 64)
     p = build(case)
     pool, starts = p["pool"], p["starts"]
     assert starts.numel() == 2 * sum(r for row in case.ranks for r in row)

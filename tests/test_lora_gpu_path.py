@@ -45,14 +45,18 @@ def test_ops_give_the_same_result_with_a_plan():
     ranks = torch.tensor([[8, 3, 5]], dtype=torch.int32)
     ids = torch.tensor([2, 0, -1, 1, 1, 0, 2, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
     x = random_tensor(ids.numel(), 32)
-    plan = ops.lora_sgmv_plan(ids, 3)
+    order, tiles = ops.lora_sgmv_plan(ids, 3)
     expected = ops.lora_shrink(x, pool, a_rows, ranks, ids, 2)  # the CPU builds its own tiles
-    torch.testing.assert_close(ops.lora_shrink(x, pool, a_rows, ranks, ids, 2, *plan), expected)
     y = random_tensor(ids.numel(), 32)
     scalings = torch.rand(1, 3)
     want = ops.lora_expand(y.clone(), expected, pool, a_rows, ranks, scalings, ids, [32], 2)
-    got = ops.lora_expand(y.clone(), expected, pool, a_rows, ranks, scalings, ids, [32], 2, *plan)
-    torch.testing.assert_close(got, want)
+    # With the chunks too: the CPU checks them and keeps its tiles.
+    for plan in [(order, tiles), (order, tiles, ops.lora_sgmv_chunks(tiles, 16))]:
+        torch.testing.assert_close(ops.lora_shrink(x, pool, a_rows, ranks, ids, 2, *plan),
+                                   expected)
+        got = ops.lora_expand(y.clone(), expected, pool, a_rows, ranks, scalings, ids, [32], 2,
+                              *plan)
+        torch.testing.assert_close(got, want)
 
 
 def _bad_plans(ids):
@@ -61,6 +65,11 @@ def _bad_plans(ids):
     wrong_adapter[0, 2] = (wrong_adapter[0, 2] + 1) % 3
     too_long = tiles.clone()
     too_long[0, 1] = order.numel() + 1
+    chunks = ops.lora_sgmv_chunks(tiles, 16)
+    chunk_of_wrong_adapter = chunks.clone()
+    chunk_of_wrong_adapter[-1, 2] = (chunk_of_wrong_adapter[-1, 2] + 1) % 3
+    chunk_too_long = chunks.clone()
+    chunk_too_long[0, 1] = chunk_too_long[0, 0] + 65
     return [
         ("sgmv_tiles", (order, None), ValueError, r"sgmv_order and sgmv_tiles must be given together"),
         ("sgmv_order", (order.long(), tiles), TypeError, r"sgmv_order must have dtype in \{Int\}"),
@@ -68,11 +77,22 @@ def _bad_plans(ids):
         ("sgmv_tiles", (order, wrong_adapter), IndexError, r"is not a token of that adapter"),
         ("sgmv_tiles", (order, too_long), IndexError, r"sgmv_tiles\[0\].*must cover 1 to 8"),
         ("sgmv_order", (order[:-1].contiguous(), tiles[:-1].contiguous()), ValueError,
-         r"the SGMV plan covers"),
+         r"sgmv_tiles covers"),
+        ("sgmv_chunks", (None, None, chunks), ValueError, r"sgmv_chunks needs the plan"),
+        ("sgmv_chunks", (order, tiles, chunks.long()), TypeError,
+         r"sgmv_chunks must have dtype in \{Int\}"),
+        ("sgmv_chunks", (order, tiles, chunks[:, :2].contiguous()), ValueError,
+         r"sgmv_chunks must be \[chunks, 3\]"),
+        ("sgmv_chunks", (order, tiles, chunk_of_wrong_adapter), IndexError,
+         r"sgmv_chunks\[\d+\] of adapter \d is not a token of that adapter"),
+        ("sgmv_chunks", (order, tiles, chunk_too_long), IndexError,
+         r"sgmv_chunks\[0\].*must cover 1 to 64"),
+        ("sgmv_chunks", (order, tiles, chunks[:-1].contiguous()), ValueError,
+         r"sgmv_chunks covers"),
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(12))
 def test_bad_plans_are_rejected_naming_the_argument(case):
     ids = torch.tensor([2, 0, 2, -1, 1, 2, 0, 0, 1])
     name, plan, error, message = _bad_plans(ids)[case]
@@ -205,6 +225,34 @@ def test_cuda_bad_indices_are_skipped_and_reported():
 
 
 @cuda_only
+def test_cuda_bad_tensor_core_chunks_are_skipped_and_reported():
+    ops.raise_index_errors()
+    x, y, pool, a_rows, b_rows, ranks, scalings, ids = _prefill_problem(
+        64, [64], [8, 8], [20], torch.float16)
+    order, tiles = ops.lora_sgmv_plan(ids, 2)
+    chunks = ops.lora_sgmv_chunks(tiles, 16)  # adapter 0: 16 + 4 tokens, adapter 1: 16 + 4
+    wrong = chunks.clone()
+    wrong[0, 2] = 1 - wrong[0, 2]  # the first chunk names the other adapter
+    g = _cuda(x, pool, a_rows, ranks, ids, order, tiles, wrong)
+    h = ops.lora_shrink(*g[:5], 2, *g[5:])
+    skipped = order[int(chunks[0, 0]):int(chunks[0, 1])].long()
+    assert not h[0, skipped.cuda()].any()  # the bad chunk's tokens were not computed
+    assert h[0].abs().sum(1).gt(0).sum() == ids.numel() - skipped.numel()
+    with pytest.raises(IndexError, match="sgmv_chunks"):
+        ops.raise_index_errors()
+    past = chunks.clone()
+    past[-1, 1] = order.numel() + 3  # past the end of order
+    gy = y.cuda()
+    before = gy.clone()
+    ops.lora_expand(gy, h, g[1], b_rows.cuda(), g[3], scalings.cuda(), g[4], [64], 2, g[5], g[6],
+                    past.cuda())
+    last = order[int(chunks[-1, 0]):].long().cuda()
+    assert torch.equal(gy[last], before[last])  # the bad chunk's rows of y untouched
+    with pytest.raises(IndexError, match="sgmv_chunks"):
+        ops.raise_index_errors()
+
+
+@cuda_only
 def test_cuda_sgmv_without_a_plan_is_refused_by_the_op():
     pool = random_tensor(1 << 10, device="cuda")
     a_rows = torch.zeros(1, 1, 2, dtype=torch.int64, device="cuda")
@@ -322,16 +370,25 @@ def _cuda(*tensors):
     (136, [129], [33, 8]),                  # a second column block of one column
     (1001, [130], [5, 9]),                  # rows not word-aligned: element loads
 ])
-@pytest.mark.parametrize("counts", [[1, 8, 9, 23], [3]])  # partial and full tiles of 8 tokens
+@pytest.mark.parametrize("counts, rows", [
+    ([1, 8, 9, 23], None),     # the tiles as chunks: partial and full tiles of 8 tokens
+    ([3], None),
+    ([3], 64),                 # a chunk of one row tile
+    ([64, 70, 17, 33], 16),    # chunks of 16, 32, 64 with ragged tails (70 = 64 + 6, 17, 33)
+    ([64, 70, 17, 33], 32),
+    ([64, 70, 17, 33], 64),
+    ([129, 1], 64),            # 64 + 64 + 1, next to a one-token adapter
+])
 def test_cuda_tensor_core_sgmv_matches_the_cpu_kernel(dtype, in_features, slice_sizes,
-                                                     ranks_list, counts):
+                                                     ranks_list, counts, rows):
     x, y, pool, a_rows, b_rows, ranks, scalings, ids = _prefill_problem(
         in_features, slice_sizes, ranks_list, counts, dtype)
     adapters = len(ranks_list)
     want_h = ops.lora_shrink(x, pool, a_rows, ranks, ids, 2)
     gx, gy, gpool, ga, gb, granks, gscale, gids = _cuda(x, y, pool, a_rows, b_rows, ranks,
                                                         scalings, ids)
-    plan = ops.lora_sgmv_plan(ids, adapters)
+    order, tiles = ops.lora_sgmv_plan(ids, adapters)
+    plan = [order, tiles] + ([] if rows is None else [ops.lora_sgmv_chunks(tiles, rows)])
     plan = [p.cuda() for p in plan]
     got_h = ops.lora_shrink(gx, gpool, ga, granks, gids, 2, *plan)
     # Same products in fp32, another summation order.
@@ -379,7 +436,8 @@ def test_cuda_deterministic_tensor_core_shrink_is_reproducible_bit_for_bit():
                                                            torch.bfloat16)
     want = ops.lora_shrink(x, pool, a_rows, ranks, ids, 2)
     args = _cuda(x, pool, a_rows, ranks, ids)
-    plan = [p.cuda() for p in ops.lora_sgmv_plan(ids, 1)]
+    order, tiles = ops.lora_sgmv_plan(ids, 1)
+    plan = [p.cuda() for p in (order, tiles, ops.lora_sgmv_chunks(tiles, 64))]
     runs = _deterministic_runs(lambda: ops.lora_shrink(*args, 2, *plan))
     assert all(torch.equal(run, runs[0]) for run in runs[1:])
     scale = float(want.abs().max())

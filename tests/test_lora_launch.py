@@ -1,6 +1,8 @@
-"""The CUDA decode kernels' launch plans (pure host functions, checked here on the CPU) and static
-checks of the compiled LoRA kernels (no GPU needed): no spills or stack, and 16-byte global loads
-in the decode shrink and expand. These guard the design until a GPU can time it."""
+"""The CUDA kernels' launch plans and the tensor-core SGMV chunks (pure host functions, checked here
+on the CPU), and static checks of the compiled LoRA kernels (no GPU needed): no spills or stack,
+16-byte global loads in the decode shrink and expand, tensor-core MMA and 16-byte cp.async
+staging (double-buffered in the shrink) in the prefill kernels. These guard the design until a
+GPU can time it."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 import fastllm
+import fastllm.ops as ops
 from fastllm import _C
 
 SMS = 132  # an H100 / H200
@@ -74,24 +78,129 @@ def test_tensor_core_sgmv_grid_covers_every_rank_row_and_output_column(max_rank,
 
 
 def test_prefill_of_512_tokens_on_one_adapter_fills_the_gpu_on_tensor_cores():
-    # 64 tiles of 8 tokens; q/k/v expand (4096 + 1024 + 1024 columns, widest 4096) at rank 16.
-    tiles = 512 // _C.lora_tile
+    # 64 tiles of 8 tokens, which the chunk rule merges into 32 chunks of 16 (larger chunks would
+    # leave the shrink under two waves); q/k/v expand (4096 + 1024 + 1024 columns, widest 4096)
+    # at rank 16.
+    ids = torch.zeros(512, dtype=torch.int64)
+    _, tiles = ops.lora_sgmv_plan(ids, 1)
+    assert tiles.shape[0] == 512 // _C.lora_tile
+    assert _C.lora_gpu_prefers_sgmv(512, tiles.shape[0], SMS)
+    chunks = ops.lora_sgmv_chunks(tiles, sms=SMS)
+    assert chunks.shape[0] == 32
     rank_groups, column_blocks = _C.lora_plan_sgmv_mma(16, 4096)
-    assert tiles * column_blocks * 3 >= 2 * SMS
-    assert _C.lora_gpu_prefers_sgmv(512, tiles, SMS)
-    # the shrink splits K (hidden 4096 = 16 chunks) to reach 4 blocks per SM: 192 -> 576 blocks
-    k_splits = _C.lora_plan_sgmv_mma_k_splits(tiles, rank_groups, 3, 4096, SMS)
-    assert k_splits == 3 and tiles * rank_groups * k_splits * 3 >= 4 * SMS
+    assert chunks.shape[0] * column_blocks * 3 >= 2 * SMS
+    # the shrink splits K (hidden 4096 = 16 split steps) to reach 4 blocks per SM: 96 -> 576
+    k_splits = _C.lora_plan_sgmv_mma_k_splits(chunks.shape[0], rank_groups, 3, 4096, SMS)
+    assert k_splits == 6 and chunks.shape[0] * rank_groups * k_splits * 3 >= 4 * SMS
 
 
-@pytest.mark.parametrize("tiles", [1, 8, 64, 4096])
+@pytest.mark.parametrize("chunks", [1, 8, 64, 4096])
 @pytest.mark.parametrize("rank_groups", [1, 8, 128])
 @pytest.mark.parametrize("hidden", [8, 256, 257, 4096, 14336])
-def test_shrink_k_splits_never_leave_a_split_without_a_chunk_of_k(tiles, rank_groups, hidden):
-    k_splits = _C.lora_plan_sgmv_mma_k_splits(tiles, rank_groups, 1, hidden, SMS)
-    chunks = -(-hidden // _C.lora_mma_chunk)
-    assert 1 <= k_splits <= min(16, chunks) and rank_groups * k_splits <= 65535
-    assert tiles * rank_groups * k_splits >= 4 * SMS or k_splits == min(16, chunks)
+def test_shrink_k_splits_never_leave_a_split_without_its_columns_of_k(chunks, rank_groups, hidden):
+    k_splits = _C.lora_plan_sgmv_mma_k_splits(chunks, rank_groups, 1, hidden, SMS)
+    steps = -(-hidden // _C.lora_mma_split_k)
+    assert 1 <= k_splits <= min(16, steps) and rank_groups * k_splits <= 65535
+    assert chunks * rank_groups * k_splits >= 4 * SMS or k_splits == min(16, steps)
+    # A split is whole pipeline stages, so a stage never straddles two splits.
+    assert _C.lora_mma_split_k % _C.lora_mma_stage_k == 0
+
+
+# ---- SGMV chunks for the tensor-core kernels (host functions) ------------------------------------
+
+def _tiles(counts):
+    """The plan's tiles for a batch where adapter a has counts[a] tokens (shuffled)."""
+    ids = torch.cat([torch.full((n,), a, dtype=torch.int64) for a, n in enumerate(counts)])
+    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(0))]
+    order, tiles = ops.lora_sgmv_plan(ids, len(counts))
+    return ids, order, tiles
+
+
+def _check_chunks(ids, order, chunks, rows):
+    """Each chunk is 1..rows tokens of one adapter, consecutive in order; together they cover
+    order exactly once, in order."""
+    position = 0
+    for first, end, adapter in chunks.tolist():
+        assert first == position and 0 < end - first <= rows
+        assert all(int(ids[t]) == adapter for t in order[first:end].tolist())
+        position = end
+    assert position == order.numel()
+
+
+@pytest.mark.parametrize("rows", [16, 32, 64])
+def test_64_tokens_on_one_adapter_make_chunks_of_the_chosen_size(rows):
+    ids, order, tiles = _tiles([64])
+    chunks = ops.lora_sgmv_chunks(tiles, rows)
+    assert chunks.dtype == torch.int32 and chunks.shape == (64 // rows, 3)
+    assert (chunks[:, 1] - chunks[:, 0]).tolist() == [rows] * (64 // rows)
+    _check_chunks(ids, order, chunks, rows)
+
+
+@pytest.mark.parametrize("rows", [8, 16, 32, 64])
+def test_many_adapters_get_their_own_chunks_with_a_ragged_last_one(rows):
+    counts = [1, 8, 9, 23, 64, 70, 0, 129, 3]
+    ids, order, tiles = _tiles(counts)
+    chunks = ops.lora_sgmv_chunks(tiles, rows)
+    _check_chunks(ids, order, chunks, rows)
+    for adapter, n in enumerate(counts):
+        sizes = [end - first for first, end, a in chunks.tolist() if a == adapter]
+        # ceil(n / rows) chunks: full ones, then the remainder (never split further).
+        assert sizes == [rows] * (n // rows) + ([n % rows] if n % rows else [])
+
+
+def test_tiles_that_do_not_continue_each_other_are_not_merged():
+    # Hand-built tiles: adapter 0's two tiles are apart in order (adapter 1's between them), and
+    # a tile list may revisit an adapter; only consecutive continuing tiles of one adapter merge.
+    tiles = torch.tensor([[0, 8, 0], [8, 11, 1], [11, 19, 0], [19, 27, 0], [27, 30, 0]],
+                         dtype=torch.int32)
+    chunks = ops.lora_sgmv_chunks(tiles, 16)
+    assert chunks.tolist() == [[0, 8, 0], [8, 11, 1], [11, 27, 0], [27, 30, 0]]
+
+
+@pytest.mark.parametrize("counts, rows", [
+    ([4096], 64),        # a long prefill: 64 chunks of 64 still give two waves once K is split
+    ([2048], 64),        # 32 chunks of 64
+    ([1024], 32),        # 16 chunks of 64 would be under two waves; 32 of 32 are not
+    ([512], 16),         # 32 chunks of 16
+    ([128], 16),         # under two waves at every size: the most blocks
+    ([3] * 64, 64),      # many adapters of a few tokens: one chunk each whatever the size
+    ([40] * 20, 64),     # 20 adapters: 20 chunks of 40 suffice
+])
+def test_chunk_rows_rule(counts, rows):
+    _, _, tiles = _tiles(counts)
+    assert _C.lora_plan_sgmv_chunk_rows(tiles.reshape(-1).tolist(), SMS) == rows
+    assert ops.lora_sgmv_chunks(tiles, sms=SMS).equal(ops.lora_sgmv_chunks(tiles, rows))
+
+
+def test_chunk_rows_follow_the_gpu_size():
+    # 1024 tokens: 16 chunks of 64 are two waves on a 100-SM GPU, not on 132 SMs.
+    _, _, tiles = _tiles([1024])
+    assert ops.lora_sgmv_chunks(tiles, sms=100).shape[0] == 16
+    assert ops.lora_sgmv_chunks(tiles, sms=SMS).shape[0] == 32
+
+
+def test_empty_plan_has_no_chunks():
+    _, tiles = ops.lora_sgmv_plan(torch.tensor([-1, -1]), 2)
+    assert ops.lora_sgmv_chunks(tiles).shape == (0, 3)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda t: ops.lora_sgmv_chunks(t, 12), ValueError,
+     r"rows must be a multiple of 8 in \[8, 64\]"),
+    (lambda t: ops.lora_sgmv_chunks(t, 72), ValueError, r"rows must be a multiple of 8"),
+    (lambda t: ops.lora_sgmv_chunks(t, 0), ValueError, r"rows must be a multiple of 8"),
+    (lambda t: ops.lora_sgmv_chunks(t, 16.0), TypeError, "rows must be an int"),
+    (lambda t: ops.lora_sgmv_chunks(t, sms=0), ValueError, "sms must be an int >= 1"),
+    (lambda t: ops.lora_sgmv_chunks(t.long()), TypeError, "tiles must be an int32 CPU tensor"),
+    (lambda t: ops.lora_sgmv_chunks(t[:, :2]), ValueError, r"tiles must be a \[tiles, 3\]"),
+    (lambda t: ops.lora_sgmv_chunks(t.reshape(-1)), ValueError, r"tiles must be a \[tiles, 3\]"),
+    (lambda t: _C.lora_sgmv_chunks([0, 8], 16), ValueError, "flat .first, end, adapter. triples"),
+    (lambda t: _C.lora_plan_sgmv_chunk_rows([0, 8, 0], 0), ValueError, "sms must be >= 1"),
+])
+def test_chunk_functions_reject_bad_arguments(call, error, message):
+    _, _, tiles = _tiles([20])
+    with pytest.raises(error, match=message):
+        call(tiles)
 
 
 # ---- static checks of the compiled kernels -------------------------------------------------------
@@ -157,9 +266,16 @@ def test_decode_kernels_use_16_byte_global_loads(kernel):
 @needs_cuda_binary
 @pytest.mark.parametrize("kernel", ["shrink_sgmv_mma", "expand_sgmv_mma"])
 @pytest.mark.parametrize("dtype", ["Half", "BFloat16"])
-def test_prefill_kernels_run_on_tensor_cores_with_16_byte_loads(kernel, dtype):
+def test_prefill_kernels_run_on_tensor_cores_and_stage_with_16_byte_async_copies(kernel, dtype):
     functions = _sass(kernel, dtype)
     assert functions, f"no {dtype} {kernel} in the binary"
     for name, sass in functions.items():
         assert re.search(r"HMMA\.\d+\.F32", sass), f"{name} has no tensor-core MMA"
-        assert re.search(r"LDG\.E\.128", sass), f"{name} has no 16-byte global load"
+        # cp.async of 16 bytes (global -> shared, L1 bypassed) for the staged rows.
+        assert re.search(r"LDGSTS\.E\.BYPASS\.128", sass), f"{name} has no 16-byte cp.async"
+        if kernel == "shrink_sgmv_mma":
+            # Double buffering: the K loop waits for all but the newest copy group.
+            assert re.search(r"DEPBAR\.LE SB0, 0x1", sass), f"{name} waits for every copy"
+        else:
+            # y is read and written in 16-byte words.
+            assert re.search(r"LDG\.E\.128", sass) and re.search(r"STG\.E\.128", sass), name

@@ -29,8 +29,8 @@ constexpr const char* kNames[kIndexErrorCount] = {
     "fastllm.kv_evict_round: lengths outside [0, capacity]",
     "fastllm.sparse_mlp: active_idx outside [0, neurons)",
     "fastllm.sparse_mlp: counts outside [0, k]",
-    "fastllm.lora_shrink/lora_expand: sgmv_order/sgmv_tiles outside the batch or not matching "
-    "token_adapter",
+    "fastllm.lora_shrink/lora_expand: sgmv_order/sgmv_tiles/sgmv_chunks outside the batch or "
+    "not matching token_adapter",
     "fastllm.kv_ragged_decode: work breaks its structure (caches 0, 1, ... in order, each from "
     "entry 0, first entries increasing)",
 };

@@ -63,6 +63,55 @@ inline void check_plan(const char* op, const at::Tensor& pool,
                     ": sgmv_tiles must be [tiles, 3] (first, end, adapter), got ", tiles->sizes());
 }
 
+// An optional chunk list (lora_index.h, build_chunks): only with a plan, int32 [chunks, 3], on
+// the pool's device.
+inline void check_chunks(const char* op, const at::Tensor& pool,
+                         const c10::optional<at::Tensor>& order,
+                         const c10::optional<at::Tensor>& chunks) {
+  if (!chunks.has_value()) return;
+  TORCH_CHECK_VALUE(order.has_value(), op, ": sgmv_chunks needs the plan it was built from "
+                    "(sgmv_order and sgmv_tiles)");
+  check_dim(op, "sgmv_chunks", *chunks, 2);
+  check_dtype_in(op, "sgmv_chunks", *chunks, {at::kInt});
+  check_contiguous(op, "sgmv_chunks", *chunks);
+  check_same_device(op, "pool", pool, "sgmv_chunks", *chunks);
+  TORCH_CHECK_VALUE(chunks->size(1) == kTileFields, op,
+                    ": sgmv_chunks must be [chunks, 3] (first, end, adapter), got ",
+                    chunks->sizes());
+}
+
+// A tile or chunk list (host memory) must cover every token with an adapter exactly once, each
+// item 1 to `cap` entries of `order`, all of the item's adapter.
+inline void check_work_list(const char* op, const char* name, const at::Tensor& items, int64_t cap,
+                            const int32_t* listed, int64_t listed_count, const int64_t* ids,
+                            int64_t tokens, int64_t adapters) {
+  const int32_t* item = items.data_ptr<int32_t>();
+  std::vector<int8_t> seen(tokens, 0);
+  int64_t covered = 0;
+  for (int64_t i = 0; i < items.size(0); ++i) {
+    const int64_t first = item[kTileFields * i], end = item[kTileFields * i + 1];
+    const int64_t a = item[kTileFields * i + 2];
+    TORCH_CHECK_INDEX(0 <= first && first < end && end <= listed_count && end - first <= cap,
+                      op, ": ", name, "[", i, "] = (", first, ", ", end, ", ", a,
+                      ") must cover 1 to ", cap, " entries of sgmv_order (", listed_count,
+                      " entries)");
+    TORCH_CHECK_INDEX(0 <= a && a < adapters, op, ": ", name, "[", i, "] names adapter ", a,
+                      ", outside [0, ", adapters, ")");
+    for (int64_t k = first; k < end; ++k) {
+      const int64_t t = listed[k];
+      TORCH_CHECK_INDEX(0 <= t && t < tokens && ids[t] == a && !seen[t], op, ": sgmv_order[", k,
+                        "] = ", t, " in ", name, "[", i, "] of adapter ", a, " is not a token of "
+                        "that adapter listed once (rebuild the plan from token_adapter)");
+      seen[t] = 1;
+      ++covered;
+    }
+  }
+  int64_t with_adapter = 0;
+  for (int64_t t = 0; t < tokens; ++t) with_adapter += ids[t] >= 0;
+  TORCH_CHECK_VALUE(covered == with_adapter, op, ": ", name, " covers ", covered,
+                    " tokens but token_adapter gives ", with_adapter, " tokens an adapter");
+}
+
 // SGMV work list: `order` lists the tokens grouped by adapter (tokens without an adapter left out);
 // tile i covers order[tile[3i] .. tile[3i + 1]) and uses adapter tile[3i + 2] (the layout of an
 // sgmv_tiles tensor). Plain vectors so the CPU path allocates no tensors.
@@ -103,13 +152,15 @@ inline void check_values(const char* op, const char* rows_name, const at::Tensor
                          const at::Tensor& rows_in, const at::Tensor& ranks_in,
                          const at::Tensor& token_adapter_in, const std::vector<int64_t>& widths,
                          const c10::optional<at::Tensor>& order_in,
-                         const c10::optional<at::Tensor>& tiles_in) {
+                         const c10::optional<at::Tensor>& tiles_in,
+                         const c10::optional<at::Tensor>& chunks_in) {
   // BEGIN host value checks
   if (!host_checks_index_values(pool)) return;
   const at::Tensor rows = rows_in.cpu(), ranks = ranks_in.cpu();
   const at::Tensor token_adapter = token_adapter_in.to(at::kCPU, at::kLong);
   const at::Tensor order = order_in.has_value() ? order_in->cpu() : at::Tensor();
   const at::Tensor tiles = tiles_in.has_value() ? tiles_in->cpu() : at::Tensor();
+  const at::Tensor chunks = chunks_in.has_value() ? chunks_in->cpu() : at::Tensor();
   // END host value checks
   const int64_t slices = rows.size(0), adapters = rows.size(1), max_rank = rows.size(2);
   const int64_t pool_size = pool.numel();
@@ -135,34 +186,14 @@ inline void check_values(const char* op, const char* rows_name, const at::Tensor
                       adapters, "), got ", ids[t], " at token ", t);
   }
   if (!order.defined()) return;
-  // The plan must be the one lora_sgmv_plan builds from token_adapter (up to tile order).
+  // The plan must be the one lora_sgmv_plan builds from token_adapter (up to tile order), and the
+  // chunks a regrouping of the same tokens.
   const int32_t* listed = order.data_ptr<int32_t>();
-  const int32_t* tile = tiles.data_ptr<int32_t>();
-  const int64_t listed_count = order.numel();
-  std::vector<int8_t> seen(tokens, 0);
-  int64_t covered = 0;
-  for (int64_t i = 0; i < tiles.size(0); ++i) {
-    const int64_t first = tile[kTileFields * i], end = tile[kTileFields * i + 1];
-    const int64_t a = tile[kTileFields * i + 2];
-    TORCH_CHECK_INDEX(0 <= first && first < end && end <= listed_count && end - first <= kTile,
-                      op, ": sgmv_tiles[", i, "] = (", first, ", ", end, ", ", a,
-                      ") must cover 1 to ", kTile, " entries of sgmv_order (", listed_count,
-                      " entries)");
-    TORCH_CHECK_INDEX(0 <= a && a < adapters, op, ": sgmv_tiles[", i, "] names adapter ", a,
-                      ", outside [0, ", adapters, ")");
-    for (int64_t k = first; k < end; ++k) {
-      const int64_t t = listed[k];
-      TORCH_CHECK_INDEX(0 <= t && t < tokens && ids[t] == a && !seen[t], op, ": sgmv_order[", k,
-                        "] = ", t, " in a tile of adapter ", a, " is not a token of that adapter "
-                        "listed once (rebuild the plan from token_adapter)");
-      seen[t] = 1;
-      ++covered;
-    }
+  check_work_list(op, "sgmv_tiles", tiles, kTile, listed, order.numel(), ids, tokens, adapters);
+  if (chunks.defined()) {
+    check_work_list(op, "sgmv_chunks", chunks, kMaxChunk, listed, order.numel(), ids, tokens,
+                    adapters);
   }
-  int64_t with_adapter = 0;
-  for (int64_t t = 0; t < tokens; ++t) with_adapter += ids[t] >= 0;
-  TORCH_CHECK_VALUE(covered == with_adapter, op, ": the SGMV plan covers ", covered,
-                    " tokens but token_adapter gives ", with_adapter, " tokens an adapter");
 }
 
 // Tiles of a plan tensor (host memory), or built from token_adapter when there is none.
@@ -183,7 +214,8 @@ inline at::ScalarType accumulate_dtype(at::ScalarType dtype) {
 inline void check_shrink(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows,
                          const at::Tensor& ranks, const at::Tensor& token_adapter, int64_t path,
                          const c10::optional<at::Tensor>& order,
-                         const c10::optional<at::Tensor>& tiles) {
+                         const c10::optional<at::Tensor>& tiles,
+                         const c10::optional<at::Tensor>& chunks) {
   constexpr const char* op = "fastllm.lora_shrink";
   check_dim(op, "x", x, 2);
   check_float_dtype(op, "x", x);
@@ -192,8 +224,9 @@ inline void check_shrink(const at::Tensor& x, const at::Tensor& pool, const at::
   check_same_device(op, "x", x, "pool", pool);
   check_tables(op, "a_rows", pool, a_rows, ranks, token_adapter, x.size(0), path);
   check_plan(op, pool, order, tiles, x.size(0));
+  check_chunks(op, pool, order, chunks);
   check_values(op, "a_rows", pool, a_rows, ranks, token_adapter,
-               std::vector<int64_t>(a_rows.size(0), x.size(1)), order, tiles);
+               std::vector<int64_t>(a_rows.size(0), x.size(1)), order, tiles, chunks);
 }
 
 inline std::vector<int64_t> check_expand(const at::Tensor& y, const at::Tensor& h,
@@ -202,7 +235,8 @@ inline std::vector<int64_t> check_expand(const at::Tensor& y, const at::Tensor& 
                                          const at::Tensor& token_adapter,
                                          at::IntArrayRef slice_sizes, int64_t path,
                                          const c10::optional<at::Tensor>& order,
-                                         const c10::optional<at::Tensor>& tiles) {
+                                         const c10::optional<at::Tensor>& tiles,
+                                         const c10::optional<at::Tensor>& chunks) {
   constexpr const char* op = "fastllm.lora_expand";
   check_dim(op, "y", y, 2);
   check_float_dtype(op, "y", y);
@@ -242,8 +276,10 @@ inline std::vector<int64_t> check_expand(const at::Tensor& y, const at::Tensor& 
   TORCH_CHECK_VALUE(scalings.sizes() == ranks.sizes(), op, ": scalings must have the shape of "
                     "ranks ", ranks.sizes(), ", got ", scalings.sizes());
   check_plan(op, pool, order, tiles, y.size(0));
+  check_chunks(op, pool, order, chunks);
   check_values(op, "b_rows", pool, b_rows, ranks, token_adapter,
-               std::vector<int64_t>(slice_sizes.begin(), slice_sizes.end()), order, tiles);
+               std::vector<int64_t>(slice_sizes.begin(), slice_sizes.end()), order, tiles,
+               chunks);
   return offsets;
 }
 

@@ -192,8 +192,11 @@ void shrink_kernel(const at::Tensor& x, const at::Tensor& pool, const at::Tensor
 at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows,
                            const at::Tensor& ranks, const at::Tensor& token_adapter,
                            int64_t path, const c10::optional<at::Tensor>& sgmv_order,
-                           const c10::optional<at::Tensor>& sgmv_tiles) {
-  check_shrink(x, pool, a_rows, ranks, token_adapter, path, sgmv_order, sgmv_tiles);
+                           const c10::optional<at::Tensor>& sgmv_tiles,
+                           const c10::optional<at::Tensor>& sgmv_chunks) {
+  // The chunks serve the GPU's tensor cores; the CPU keeps its 8-token tiles (a tile's
+  // accumulators stay in vector registers), so they are checked and left unused.
+  check_shrink(x, pool, a_rows, ranks, token_adapter, path, sgmv_order, sgmv_tiles, sgmv_chunks);
   const int64_t slices = a_rows.size(0), max_rank = a_rows.size(2), tokens = x.size(0);
   at::Tensor h = at::zeros({slices, tokens, max_rank}, x.options().dtype(
       accumulate_dtype(x.scalar_type())));
@@ -308,10 +311,11 @@ void lora_expand_cpu(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool,
                      const at::Tensor& b_rows, const at::Tensor& ranks, const at::Tensor& scalings,
                      const at::Tensor& token_adapter, at::IntArrayRef slice_sizes, int64_t path,
                      const c10::optional<at::Tensor>& sgmv_order,
-                     const c10::optional<at::Tensor>& sgmv_tiles) {
+                     const c10::optional<at::Tensor>& sgmv_tiles,
+                     const c10::optional<at::Tensor>& sgmv_chunks) {
   const std::vector<int64_t> offsets = check_expand(y, h, pool, b_rows, ranks, scalings,
                                                     token_adapter, slice_sizes, path, sgmv_order,
-                                                    sgmv_tiles);
+                                                    sgmv_tiles, sgmv_chunks);
   if (y.numel() == 0 || b_rows.size(2) == 0 || b_rows.size(0) == 0) return;
   path = resolve_path(path, y.size(0), b_rows.size(1));
   const std::vector<int64_t> adapter_of = token_adapters(token_adapter);

@@ -7,7 +7,8 @@
 //         read once per tile. Rows at or beyond a token's rank are skipped: mixed ranks cost no
 //         padding work.
 // expand: threads stride over output columns; each thread owns its columns of y, so no atomics.
-// SGMV in fp16 / bf16 on sm_80+ runs on tensor cores instead (lora_index.h, plan_sgmv_mma).
+// SGMV in fp16 / bf16 on sm_80+ runs on tensor cores instead, on chunks of up to 64 tokens of
+// one adapter with cp.async double buffering (lora_index.h, plan_sgmv_mma).
 // Accumulation is fp32 (fp64 for fp64 inputs) throughout. The split-K decode shrink adds its
 // partial sums with atomics, unless torch.use_deterministic_algorithms(True) is on: then each
 // split writes its own slice of a workspace, summed in a fixed order.
@@ -15,8 +16,8 @@
 // No host synchronisation: the host checks only metadata; every index value read here (adapter
 // ids, ranks, row offsets, the SGMV plan) is bounds-checked in the kernel, and a bad one skips the
 // work it addresses and sets its bit in the device error word (common/index_errors.h). SGMV needs
-// a plan built by the caller (fastllm.ops.lora_sgmv_plan, once per batch); without one the op
-// runs BGMV. Slice offsets travel by value.
+// a plan built by the caller (fastllm.ops.lora_sgmv_plan and lora_sgmv_chunks, once per batch);
+// without one the op runs BGMV. Slice offsets travel by value.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -387,117 +388,211 @@ struct MmaType<at::BFloat16> {
 // 32-byte aligned while shifting successive rows across banks.
 constexpr int kMmaPad = 8;
 
-// Stages columns [k0, k0 + kCols) of `rows` rows into shared memory (row stride ld), reading row i
-// at base + start[i] (start < 0: a row that must read as zeros) up to column `limit`; zeros past
-// it. Each 16-byte word is one load where the source word is aligned and inside, element loads
-// otherwise. (Offsets from a global base, not pointers kept in shared memory, so that the loads
-// compile to global loads rather than generic ones.)
-template <int kCols, typename scalar_t>
-__device__ __forceinline__ void stage_chunk(scalar_t* dst, int ld,
-                                            const scalar_t* __restrict__ base,
-                                            const int64_t* start, int rows, int64_t k0,
-                                            int64_t limit) {
+// cp.async (sm_80+): a 16-byte copy from global to shared memory that does not pass through
+// registers, so a thread can have a whole stage of copies in flight while the block multiplies
+// the previous one. The .cg form skips L1: a block reads each word once.
+__device__ __forceinline__ void copy_async_16(void* shared, const void* global) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most kPending of this thread's committed copy groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// Stages the 16-byte word of a row that starts at base + start, at column k, into dst: an async
+// copy where the source word is aligned and before `limit`, zeros for a dead row (start < 0) or
+// past the limit, element loads across the limit or from a row that is not word-aligned (plain
+// stores: complete before the barrier that publishes the stage). (An offset from a global base,
+// not a pointer kept in shared memory, so the element loads compile to global loads.)
+template <typename scalar_t>
+__device__ __forceinline__ void stage_word(scalar_t* dst, const scalar_t* __restrict__ base,
+                                           int64_t start, int64_t k, int64_t limit) {
   constexpr int vec = kVec<scalar_t>;
-  constexpr int words = kCols / vec;
-  // The block size is the kernels' fixed kMmaWarps warps: a constant stride gives the compiler
-  // exact trip counts to batch the loads by.
-  for (int e = threadIdx.x; e < rows * words; e += kMmaWarps * 32) {
-    const int row = e / words, word = e % words;
-    const int64_t k = k0 + static_cast<int64_t>(word) * vec;
-    scalar_t* d = dst + row * ld + word * vec;
-    const scalar_t* p = start[row] >= 0 ? base + start[row] : nullptr;
-    if (p == nullptr || k >= limit) {
-      *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);  // a dead row or the K tail
-    } else if (k + vec <= limit && word_aligned(p + k)) {
-      *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(p + k);
-    } else {
+  if (start < 0 || k >= limit) {
+    *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    return;
+  }
+  const scalar_t* p = base + start + k;
+  if (k + vec <= limit && word_aligned(p)) {
+    copy_async_16(dst, p);
+  } else {
 #pragma unroll
-      for (int i = 0; i < vec; ++i) {
-        d[i] = (p != nullptr && k + i < limit) ? p[k + i] : static_cast<scalar_t>(0.0f);
-      }
-    }
+    for (int i = 0; i < vec; ++i) dst[i] = k + i < limit ? p[i] : static_cast<scalar_t>(0.0f);
   }
 }
 
-// The tile's tokens in shared memory, where the block indexes them by thread (a register array
-// indexed at run time would live on the stack). Every thread of the block must call it.
-__device__ __forceinline__ void share_tile_tokens(const Tile& tile, int64_t* shared) {
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int i = 0; i < kTile; ++i) shared[i] = tile.token[i];
+// The work item of a tensor-core block: a chunk of up to kMaxChunk tokens of one adapter (a tile
+// when the call has no chunk list). n = 0: a bad item (reported once), skipped.
+struct Chunk {
+  int n;
+  int64_t adapter;
+};
+
+// Reads item `item` of a chunk (or tile) list and its tokens into chunk_token (shared memory,
+// thread i reads token i). As for load_tile, a token whose token_adapter entry is not the item's
+// adapter means a plan that does not match the batch: reported, the item skipped. Every thread
+// of the block must call it; it ends on a barrier, so chunk_token is then visible to all.
+template <typename index_t>
+__device__ __forceinline__ Chunk load_chunk(const Tables& t, const int32_t* order, int64_t listed,
+                                            const int32_t* items, int64_t item, int64_t tokens,
+                                            const index_t* token_adapter, int64_t* chunk_token) {
+  static_assert(kMaxChunk <= kMmaWarps * 32, "a thread per token of a chunk");
+  const int64_t first = items[kTileFields * item], end = items[kTileFields * item + 1];
+  const int64_t a = items[kTileFields * item + 2];
+  // The same values in every thread: the whole block leaves together.
+  if (first < 0 || end <= first || end > listed || end - first > kMaxChunk || a < 0 ||
+      a >= t.adapters) {
+    if (threadIdx.x == 0) report_index_error(t.error_word, kLoraSgmvPlan);
+    return {0, 0};
   }
-  __syncthreads();
+  const int n = static_cast<int>(end - first);
+  bool bad = false;
+  if (static_cast<int>(threadIdx.x) < n) {
+    const int64_t token = order[first + threadIdx.x];
+    const bool inside = token >= 0 && token < tokens;
+    bad = !inside || static_cast<int64_t>(token_adapter[inside ? token : 0]) != a;
+    chunk_token[threadIdx.x] = token;
+  }
+  if (__syncthreads_or(bad)) {
+    if (threadIdx.x == 0) report_index_error(t.error_word, kLoraSgmvPlan);
+    return {0, 0};
+  }
+  return {n, a};
 }
 
-// grid: (tiles, rank groups x K splits, slices), kMmaWarps warps. h[s, token, j] for the tile's
-// tokens and the group's kMmaRanks rows j over the split's chunks of K (added atomically into the
-// zeroed h when K is split); a row past the rank or a bad row keeps h at 0.
+// grid: (chunks, rank groups x K splits, slices), kMmaWarps warps. h[s, token, j] for the
+// chunk's tokens and the group's kMmaRanks rows j over the split's columns of K (added
+// atomically into the zeroed h when K is split); a row past the rank or a bad row keeps h at 0.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     shrink_sgmv_mma(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pool,
                     Tables tables, const index_t* __restrict__ token_adapter,
                     const int32_t* __restrict__ order, int64_t listed,
-                    const int32_t* __restrict__ tiles, float* __restrict__ h, int64_t tokens,
+                    const int32_t* __restrict__ chunks, float* __restrict__ h, int64_t tokens,
                     int64_t in, int64_t rank_groups, int64_t k_splits) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   using mma_t = typename MmaType<scalar_t>::type;
-  constexpr int ld = kMmaChunk + kMmaPad;
-  __shared__ alignas(32) scalar_t xs[kTile * ld];
-  __shared__ alignas(32) scalar_t ws[kMmaRanks * ld];
-  __shared__ alignas(32) float partial[kMmaWarps][kTile * kMmaRanks];
-  __shared__ int64_t x_row[kTile];
-  __shared__ int64_t w_row[kMmaRanks];
-  __shared__ int64_t tile_token[kTile];
+  constexpr int vec = kVec<scalar_t>;
+  constexpr int ld = kMmaStageK + kMmaPad;
+  // A stage: the chunk's x rows (kMaxChunk), then the group's adapter rows (kMmaRanks).
+  constexpr int stage_rows = kMaxChunk + kMmaRanks;
+  constexpr int stage_elements = stage_rows * ld;
+  constexpr int slots = kMmaRowTiles / kMmaWarps;  // row tiles per warp
+  constexpr int tile_outputs = kMmaRowTile * kMmaRanks;
+  static_assert(kMmaWarps * slots * tile_outputs * sizeof(float) <=
+                    2 * stage_elements * sizeof(scalar_t),
+                "the output tiles reuse the stages' shared memory");
+  __shared__ alignas(128) scalar_t staged[2 * stage_elements];
+  __shared__ int64_t row_start[stage_rows];  // element offsets; -1: a row that reads as zeros
+  __shared__ int64_t chunk_token[kMaxChunk];
   const int64_t s = blockIdx.z;
-  const Tile tile = load_tile(tables, order, listed, tiles, blockIdx.x, tokens, token_adapter);
-  if (tile.n == 0) return;
-  const int r = checked_rank(tables, s, tile.adapter);
+  const Chunk chunk = load_chunk(tables, order, listed, chunks, blockIdx.x, tokens, token_adapter,
+                                 chunk_token);
+  if (chunk.n == 0) return;
+  const int r = checked_rank(tables, s, chunk.adapter);
   const int j0 = static_cast<int>(blockIdx.y % rank_groups) * kMmaRanks;
   if (j0 >= r) return;  // the whole block
-  const int64_t chunks = (in + kMmaChunk - 1) / kMmaChunk;
-  const int64_t per_split = (chunks + k_splits - 1) / k_splits;
-  const int64_t k_begin = static_cast<int64_t>(blockIdx.y / rank_groups) * per_split * kMmaChunk;
+  const int64_t steps = (in + kMmaSplitK - 1) / kMmaSplitK;
+  const int64_t per_split = (steps + k_splits - 1) / k_splits * kMmaSplitK;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y / rank_groups) * per_split;
   if (k_begin >= in) return;  // an empty split (the splits were evened out)
-  const int64_t k_end = k_begin + per_split * kMmaChunk < in ? k_begin + per_split * kMmaChunk : in;
-  share_tile_tokens(tile, tile_token);
-  if (threadIdx.x < kTile) {
-    x_row[threadIdx.x] = threadIdx.x < tile.n ? tile_token[threadIdx.x] * in : -1;
-  }
-  if (threadIdx.x < kMmaRanks) {
-    const int j = j0 + static_cast<int>(threadIdx.x);
-    w_row[threadIdx.x] = j < r ? checked_row(tables, s, tile.adapter, j, in) : -1;
-  }
-  __syncthreads();
-  const int warp = threadIdx.x / 32;
-  wmma::fragment<wmma::accumulator, 8, 32, 16, float> acc;
-  wmma::fill_fragment(acc, 0.0f);
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kMmaChunk) {
-    stage_chunk<kMmaChunk>(xs, ld, x, x_row, kTile, k0, in);
-    stage_chunk<kMmaChunk>(ws, ld, pool, w_row, kMmaRanks, k0, in);
-    __syncthreads();
-    for (int kk = warp * 16; kk < kMmaChunk; kk += kMmaWarps * 16) {
-      wmma::fragment<wmma::matrix_a, 8, 32, 16, mma_t, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 8, 32, 16, mma_t, wmma::col_major> b;
-      wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(xs + kk), ld);
-      wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(ws + kk), ld);
-      wmma::mma_sync(acc, a, b, acc);
-    }
-    __syncthreads();  // the next chunk overwrites the staged rows
-  }
-  wmma::store_matrix_sync(partial[warp], acc, kMmaRanks, wmma::mem_row_major);
-  __syncthreads();
-  for (int e = threadIdx.x; e < kTile * kMmaRanks; e += blockDim.x) {
-    const int i = e / kMmaRanks, jj = e % kMmaRanks;
-    if (i >= tile.n || j0 + jj >= r || w_row[jj] < 0) continue;
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) sum += partial[w][e];
-    float* out = h + h_index(s, tile_token[i], j0 + jj, tokens, tables.max_rank);
-    if (k_splits == 1) {
-      *out = sum;
+  const int64_t k_end = k_begin + per_split < in ? k_begin + per_split : in;
+  // Only the row tiles that hold tokens are staged and multiplied: a ragged chunk costs its rows.
+  const int row_tiles = (chunk.n + kMmaRowTile - 1) / kMmaRowTile;
+  const int x_rows = row_tiles * kMmaRowTile;
+  for (int i = threadIdx.x; i < stage_rows; i += blockDim.x) {
+    int64_t start = -1;
+    if (i < kMaxChunk) {
+      if (i < chunk.n) start = chunk_token[i] * in;
     } else {
-      atomicAdd(out, sum);
+      const int j = j0 + i - kMaxChunk;
+      if (j < r) start = checked_row(tables, s, chunk.adapter, j, in);
+    }
+    row_start[i] = start;
+  }
+  __syncthreads();
+  auto stage = [&](int buffer, int64_t k0) {
+    constexpr int words = kMmaStageK / vec;
+    scalar_t* dst = staged + buffer * stage_elements;
+    // The block size is the kernels' fixed kMmaWarps warps: a constant stride gives the compiler
+    // exact trip counts to batch the copies by.
+    for (int e = threadIdx.x; e < (x_rows + kMmaRanks) * words; e += kMmaWarps * 32) {
+      const int row = e / words, word = e % words;
+      const int i = row < x_rows ? row : row - x_rows + kMaxChunk;
+      stage_word(dst + i * ld + word * vec, i < kMaxChunk ? x : pool, row_start[i],
+                 k0 + word * vec, in);
+    }
+    copy_async_commit();
+  };
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  wmma::fragment<wmma::accumulator, 8, 32, 16, float> acc[slots];
+#pragma unroll
+  for (int slot = 0; slot < slots; ++slot) wmma::fill_fragment(acc[slot], 0.0f);
+  stage(0, k_begin);
+  int buffer = 0;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kMmaStageK, buffer ^= 1) {
+    // Double buffering: the next stage's copies go out before this stage is multiplied.
+    if (k0 + kMmaStageK < k_end) {
+      stage(buffer ^ 1, k0 + kMmaStageK);
+    } else {
+      copy_async_commit();  // an empty group, so that the wait below means "this stage" always
+    }
+    copy_async_wait<1>();
+    __syncthreads();  // every thread's part of this stage has landed
+    const scalar_t* xs = staged + buffer * stage_elements;
+    const scalar_t* ws = xs + kMaxChunk * ld;
+    if (warp < row_tiles) {
+#pragma unroll
+      for (int kk = 0; kk < kMmaStageK; kk += 16) {
+        // One fragment of the adapter rows serves every row tile the warp owns.
+        wmma::fragment<wmma::matrix_b, 8, 32, 16, mma_t, wmma::col_major> b;
+        wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(ws + kk), ld);
+#pragma unroll
+        for (int slot = 0; slot < slots; ++slot) {
+          const int tile = warp + slot * kMmaWarps;
+          if (tile < row_tiles) {
+            wmma::fragment<wmma::matrix_a, 8, 32, 16, mma_t, wmma::row_major> a;
+            wmma::load_matrix_sync(
+                a, reinterpret_cast<const mma_t*>(xs + tile * kMmaRowTile * ld + kk), ld);
+            wmma::mma_sync(acc[slot], a, b, acc[slot]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next iteration stages into this buffer
+  }
+  // The loop ended on a barrier: the stages' memory holds each warp's output tiles now.
+  float* out = reinterpret_cast<float*>(staged) + warp * slots * tile_outputs;
+#pragma unroll
+  for (int slot = 0; slot < slots; ++slot) {
+    const int tile = warp + slot * kMmaWarps;
+    if (tile >= row_tiles) continue;
+    wmma::store_matrix_sync(out + slot * tile_outputs, acc[slot], kMmaRanks, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < tile_outputs; e += 32) {
+      const int i = tile * kMmaRowTile + e / kMmaRanks, jj = e % kMmaRanks;
+      if (i >= chunk.n || j0 + jj >= r || row_start[kMaxChunk + jj] < 0) continue;
+      float* target = h + h_index(s, chunk_token[i], j0 + jj, tokens, tables.max_rank);
+      if (k_splits == 1) {
+        *target = out[slot * tile_outputs + e];
+      } else {
+        atomicAdd(target, out[slot * tile_outputs + e]);
+      }
     }
   }
 #else
@@ -505,41 +600,51 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 #endif
 }
 
-// grid: (tiles, column blocks, slices), kMmaWarps warps. y[token, slice columns of the block] +=
-// scaling * h W^T; a bad row contributes nothing (reported by the first column block).
+// grid: (chunks, column blocks, slices), kMmaWarps warps, warp w owning 32 of the block's
+// columns for every row tile of the chunk. y[token, slice columns of the block] += scaling *
+// h W^T; a bad row contributes nothing (reported by the first column block).
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     expand_sgmv_mma(scalar_t* __restrict__ y, const float* __restrict__ h,
                     const scalar_t* __restrict__ pool, Tables tables,
                     const float* __restrict__ scalings, const index_t* __restrict__ token_adapter,
                     const int32_t* __restrict__ order, int64_t listed,
-                    const int32_t* __restrict__ tiles, SliceOffsets slices, int64_t tokens,
+                    const int32_t* __restrict__ chunks, SliceOffsets slices, int64_t tokens,
                     int64_t width) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   using mma_t = typename MmaType<scalar_t>::type;
+  constexpr int vec = kVec<scalar_t>;
+  static_assert(vec == 8, "a lane's 8 outputs are one 16-byte word of y");
   constexpr int h_ld = kMmaRankChunk + kMmaPad;
   constexpr int w_ld = kMmaColumns + kMmaPad;
   // h in two parts, hi = h rounded to the input type and lo = the rest rounded again: two MMAs
   // carry h to ~2^-22 (fp16) / ~2^-16 (bf16) relative instead of one rounding's 2^-11 / 2^-8.
-  __shared__ alignas(32) scalar_t hs[kTile * h_ld];
-  __shared__ alignas(32) scalar_t hs_lo[kTile * h_ld];
+  // The rank (this product's K) is a single stage for ranks up to kMmaRankChunk, so the stage is
+  // not double-buffered; its copies are in flight while h is converted.
+  __shared__ alignas(32) scalar_t hs[kMaxChunk * h_ld];
+  __shared__ alignas(32) scalar_t hs_lo[kMaxChunk * h_ld];
   __shared__ alignas(32) scalar_t ws[kMmaRankChunk * w_ld];
-  __shared__ alignas(32) float out[kTile * kMmaColumns];
+  __shared__ alignas(32) float out[kMmaWarps][kMmaRowTile * 32];
   __shared__ int64_t w_row[kMmaRankChunk];
-  __shared__ int64_t tile_token[kTile];
+  __shared__ int64_t chunk_token[kMaxChunk];
   const int64_t s = blockIdx.z;
-  const Tile tile = load_tile(tables, order, listed, tiles, blockIdx.x, tokens, token_adapter);
-  if (tile.n == 0) return;
+  const Chunk chunk = load_chunk(tables, order, listed, chunks, blockIdx.x, tokens, token_adapter,
+                                 chunk_token);
+  if (chunk.n == 0) return;
   const int64_t begin = slices.begin[s], size = slices.begin[s + 1] - begin;
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kMmaColumns;
   if (col0 >= size) return;  // the whole block: a narrower slice
-  const int r = checked_rank(tables, s, tile.adapter);
+  const int r = checked_rank(tables, s, chunk.adapter);
   if (r == 0) return;  // y untouched, as on the CPU
-  share_tile_tokens(tile, tile_token);
-  const int warp = threadIdx.x / 32;
-  wmma::fragment<wmma::accumulator, 8, 32, 16, float> acc;
-  wmma::fill_fragment(acc, 0.0f);
+  const int row_tiles = (chunk.n + kMmaRowTile - 1) / kMmaRowTile;
+  const int x_rows = row_tiles * kMmaRowTile;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // A warp whose 32 columns all lie past the slice's end only helps stage.
+  const bool live = col0 + warp * 32 < size;
+  wmma::fragment<wmma::accumulator, 8, 32, 16, float> acc[kMmaRowTiles];
+#pragma unroll
+  for (int tile = 0; tile < kMmaRowTiles; ++tile) wmma::fill_fragment(acc[tile], 0.0f);
   for (int j0 = 0; j0 < r; j0 += kMmaRankChunk) {
     // The chunk's rank rows rounded up to the MMA's K of 16: a rank-16 adapter stages 16 rows.
     const int depth = min(kMmaRankChunk, (r - j0 + 15) / 16 * 16);
@@ -547,7 +652,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       const int j = j0 + static_cast<int>(threadIdx.x);
       int64_t row = -1;
       if (j < r) {
-        const int64_t o = tables.rows[table_index(s, tile.adapter, j, tables.adapters,
+        const int64_t o = tables.rows[table_index(s, chunk.adapter, j, tables.adapters,
                                                   tables.max_rank)];
         const bool inside = o >= 0 && o <= tables.pool_size - size;
         if (!inside && blockIdx.y == 0) report_index_error(tables.error_word, kLoraRows);
@@ -555,38 +660,75 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       }
       w_row[threadIdx.x] = row;
     }
-    for (int e = threadIdx.x; e < kTile * depth; e += blockDim.x) {
+    __syncthreads();
+    constexpr int words = kMmaColumns / vec;
+    for (int e = threadIdx.x; e < depth * words; e += kMmaWarps * 32) {
+      const int row = e / words, word = e % words;
+      stage_word(ws + row * w_ld + word * vec, pool, w_row[row], word * vec, size - col0);
+    }
+    copy_async_commit();
+    for (int e = threadIdx.x; e < x_rows * depth; e += kMmaWarps * 32) {
       const int i = e / depth, jj = e % depth;
-      const float v = i < tile.n && j0 + jj < r
-                          ? h[h_index(s, tile_token[i], j0 + jj, tokens, tables.max_rank)]
+      const float v = i < chunk.n && j0 + jj < r
+                          ? h[h_index(s, chunk_token[i], j0 + jj, tokens, tables.max_rank)]
                           : 0.0f;
       const scalar_t hi = static_cast<scalar_t>(v);
       hs[i * h_ld + jj] = hi;
       hs_lo[i * h_ld + jj] = static_cast<scalar_t>(v - static_cast<float>(hi));
     }
+    copy_async_wait<0>();
     __syncthreads();
-    stage_chunk<kMmaColumns>(ws, w_ld, pool, w_row, depth, 0, size - col0);
-    __syncthreads();
-    for (int kk = 0; kk < depth; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 8, 32, 16, mma_t, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 8, 32, 16, mma_t, wmma::row_major> b;
-      wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(ws + kk * w_ld + warp * 32), w_ld);
-      wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(hs + kk), h_ld);
-      wmma::mma_sync(acc, a, b, acc);
-      wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(hs_lo + kk), h_ld);
-      wmma::mma_sync(acc, a, b, acc);
+    if (live) {
+      for (int kk = 0; kk < depth; kk += 16) {
+        // One fragment of B^T serves every row tile of the chunk.
+        wmma::fragment<wmma::matrix_b, 8, 32, 16, mma_t, wmma::row_major> b;
+        wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(ws + kk * w_ld + warp * 32),
+                               w_ld);
+#pragma unroll
+        for (int tile = 0; tile < kMmaRowTiles; ++tile) {
+          if (tile < row_tiles) {
+            wmma::fragment<wmma::matrix_a, 8, 32, 16, mma_t, wmma::row_major> a;
+            const int at = tile * kMmaRowTile * h_ld + kk;
+            wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(hs + at), h_ld);
+            wmma::mma_sync(acc[tile], a, b, acc[tile]);
+            wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(hs_lo + at), h_ld);
+            wmma::mma_sync(acc[tile], a, b, acc[tile]);
+          }
+        }
+      }
     }
     __syncthreads();  // the next rank chunk overwrites the staged rows
   }
-  wmma::store_matrix_sync(out + warp * 32, acc, kMmaColumns, wmma::mem_row_major);
-  __syncthreads();
-  const float c = scalings[s * tables.adapters + tile.adapter];
-  for (int e = threadIdx.x; e < kTile * kMmaColumns; e += blockDim.x) {
-    const int i = e / kMmaColumns, col = e % kMmaColumns;
-    const int64_t o = col0 + col;
-    if (i >= tile.n || o >= size) continue;
-    scalar_t* yo = y + tile_token[i] * width + begin + o;
-    *yo = static_cast<scalar_t>(static_cast<float>(*yo) + c * out[e]);
+  if (!live) return;
+  const float c = scalings[s * tables.adapters + chunk.adapter];
+  // Lane: row lane / 4 of a row tile, 8 consecutive columns from (lane % 4) * 8, so each lane
+  // reads and writes one 16-byte word of y.
+  const int row_in = lane / 4, col_in = (lane % 4) * 8;
+  const int64_t o = col0 + warp * 32 + col_in;
+#pragma unroll
+  for (int tile = 0; tile < kMmaRowTiles; ++tile) {
+    if (tile >= row_tiles) continue;
+    wmma::store_matrix_sync(out[warp], acc[tile], 32, wmma::mem_row_major);
+    __syncwarp();
+    const int i = tile * kMmaRowTile + row_in;
+    if (i < chunk.n && o < size) {
+      scalar_t* yo = y + chunk_token[i] * width + begin + o;
+      const float* v = out[warp] + row_in * 32 + col_in;
+      if (o + vec <= size && word_aligned(yo)) {
+        uint4 word = *reinterpret_cast<const uint4*>(yo);
+        scalar_t* ys = reinterpret_cast<scalar_t*>(&word);
+#pragma unroll
+        for (int q = 0; q < vec; ++q) {
+          ys[q] = static_cast<scalar_t>(static_cast<float>(ys[q]) + c * v[q]);
+        }
+        *reinterpret_cast<uint4*>(yo) = word;
+      } else {
+        for (int q = 0; q < vec && o + q < size; ++q) {
+          yo[q] = static_cast<scalar_t>(static_cast<float>(yo[q]) + c * v[q]);
+        }
+      }
+    }
+    __syncwarp();  // the next tile overwrites out[warp]
   }
 #else
   __trap();  // built for an arch without these tensor cores: never launched (the host checks)
@@ -635,9 +777,10 @@ bool use_tensor_cores() {
 template <typename scalar_t>
 void launch_shrink_sgmv_mma(const at::Tensor& x, const at::Tensor& pool, const Tables& tables,
                             const at::Tensor& token_adapter, const at::Tensor& order,
-                            const at::Tensor& tiles, at::Tensor& h, int64_t max_rank,
+                            const at::Tensor& chunks, at::Tensor& h, int64_t max_rank,
                             cudaStream_t stream) {
   if constexpr (!std::is_void_v<typename MmaType<scalar_t>::type>) {
+    if (chunks.size(0) == 0) return;  // an empty grid is not a launch
     const int64_t slices = h.size(0), tokens = x.size(0), in = x.size(1);
     TORCH_CHECK_VALUE(slices <= kMaxGridYZ, "fastllm.lora_shrink: at most ", kMaxGridYZ,
                       " slices on CUDA, got ", slices);
@@ -646,14 +789,14 @@ void launch_shrink_sgmv_mma(const at::Tensor& x, const at::Tensor& pool, const T
     const int64_t k_splits =
         at::globalContext().deterministicAlgorithms()
             ? 1
-            : plan_sgmv_mma_k_splits(tiles.size(0), plan.rank_groups, slices, in, sm_count());
+            : plan_sgmv_mma_k_splits(chunks.size(0), plan.rank_groups, slices, in, sm_count());
     AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_shrink_ids", [&] {
       shrink_sgmv_mma<scalar_t, index_t>
-          <<<dim3(tiles.size(0), plan.rank_groups * k_splits, slices), kMmaWarps * 32, 0,
+          <<<dim3(chunks.size(0), plan.rank_groups * k_splits, slices), kMmaWarps * 32, 0,
              stream>>>(
               x.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), tables,
               token_adapter.data_ptr<index_t>(), order.data_ptr<int32_t>(), order.numel(),
-              tiles.data_ptr<int32_t>(), h.data_ptr<float>(), tokens, in, plan.rank_groups,
+              chunks.data_ptr<int32_t>(), h.data_ptr<float>(), tokens, in, plan.rank_groups,
               k_splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -664,19 +807,20 @@ template <typename scalar_t>
 void launch_expand_sgmv_mma(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool,
                             const Tables& tables, const at::Tensor& scalings,
                             const at::Tensor& token_adapter, const at::Tensor& order,
-                            const at::Tensor& tiles, const SliceOffsets& slice_offsets,
+                            const at::Tensor& chunks, const SliceOffsets& slice_offsets,
                             int64_t max_rank, int64_t widest, cudaStream_t stream) {
   if constexpr (!std::is_void_v<typename MmaType<scalar_t>::type>) {
+    if (chunks.size(0) == 0) return;
     const int64_t slices = h.size(0), tokens = y.size(0), width = y.size(1);
     const SgmvMmaLaunch plan = plan_sgmv_mma(max_rank, widest);
     TORCH_CHECK_VALUE(plan.column_blocks <= kMaxGridYZ, "fastllm.lora_expand: a slice of ",
                       widest, " columns is too wide for the CUDA prefill kernel");
     AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_expand_ids", [&] {
       expand_sgmv_mma<scalar_t, index_t>
-          <<<dim3(tiles.size(0), plan.column_blocks, slices), kMmaWarps * 32, 0, stream>>>(
+          <<<dim3(chunks.size(0), plan.column_blocks, slices), kMmaWarps * 32, 0, stream>>>(
               y.data_ptr<scalar_t>(), h.data_ptr<float>(), pool.data_ptr<scalar_t>(), tables,
               scalings.data_ptr<float>(), token_adapter.data_ptr<index_t>(),
-              order.data_ptr<int32_t>(), order.numel(), tiles.data_ptr<int32_t>(), slice_offsets,
+              order.data_ptr<int32_t>(), order.numel(), chunks.data_ptr<int32_t>(), slice_offsets,
               tokens, width);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -686,9 +830,10 @@ void launch_expand_sgmv_mma(at::Tensor& y, const at::Tensor& h, const at::Tensor
 at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows,
                             const at::Tensor& ranks, const at::Tensor& token_adapter, int64_t path,
                             const c10::optional<at::Tensor>& sgmv_order,
-                            const c10::optional<at::Tensor>& sgmv_tiles) {
+                            const c10::optional<at::Tensor>& sgmv_tiles,
+                            const c10::optional<at::Tensor>& sgmv_chunks) {
   const c10::cuda::CUDAGuard guard(x.device());
-  check_shrink(x, pool, a_rows, ranks, token_adapter, path, sgmv_order, sgmv_tiles);
+  check_shrink(x, pool, a_rows, ranks, token_adapter, path, sgmv_order, sgmv_tiles, sgmv_chunks);
   const int64_t slices = a_rows.size(0), max_rank = a_rows.size(2);
   const int64_t tokens = x.size(0), in = x.size(1);
   const int64_t plan_tiles = sgmv_tiles.has_value() ? sgmv_tiles->size(0) : -1;
@@ -730,8 +875,10 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& pool, const a
       if (ordered) at::sum_out(h, out, {0});
     } else if (use_tensor_cores<scalar_t>()) {
       if (plan_tiles == 0) return;
-      launch_shrink_sgmv_mma<scalar_t>(x, pool, tables, token_adapter, *sgmv_order, *sgmv_tiles,
-                                       h, max_rank, stream);
+      // The tiles are chunks of up to kTile tokens when the call has no chunk list.
+      launch_shrink_sgmv_mma<scalar_t>(x, pool, tables, token_adapter, *sgmv_order,
+                                       sgmv_chunks.has_value() ? *sgmv_chunks : *sgmv_tiles, h,
+                                       max_rank, stream);
     } else {
       if (plan_tiles == 0) return;
       AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_shrink_ids", [&] {
@@ -752,11 +899,12 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool
                       const at::Tensor& scalings, const at::Tensor& token_adapter,
                       at::IntArrayRef slice_sizes, int64_t path,
                       const c10::optional<at::Tensor>& sgmv_order,
-                      const c10::optional<at::Tensor>& sgmv_tiles) {
+                      const c10::optional<at::Tensor>& sgmv_tiles,
+                      const c10::optional<at::Tensor>& sgmv_chunks) {
   const c10::cuda::CUDAGuard guard(y.device());
   const std::vector<int64_t> offsets = check_expand(y, h, pool, b_rows, ranks, scalings,
                                                     token_adapter, slice_sizes, path, sgmv_order,
-                                                    sgmv_tiles);
+                                                    sgmv_tiles, sgmv_chunks);
   const int64_t slices = b_rows.size(0), max_rank = b_rows.size(2);
   const int64_t tokens = y.size(0), width = y.size(1);
   TORCH_CHECK_VALUE(slices <= kMaxSlices, "fastllm.lora_expand: at most ", kMaxSlices,
@@ -804,7 +952,8 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool
       int64_t widest = 0;
       for (int64_t s = 0; s < slices; ++s) widest = std::max(widest, slice_sizes[s]);
       launch_expand_sgmv_mma<scalar_t>(y, h, pool, tables, scalings, token_adapter, *sgmv_order,
-                                       *sgmv_tiles, slice_offsets, max_rank, widest, stream);
+                                       sgmv_chunks.has_value() ? *sgmv_chunks : *sgmv_tiles,
+                                       slice_offsets, max_rank, widest, stream);
     } else {
       if (plan_tiles == 0) return;
       AT_DISPATCH_INDEX_TYPES(token_adapter.scalar_type(), "lora_expand_ids", [&] {

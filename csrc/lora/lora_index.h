@@ -12,11 +12,13 @@
 //  - BGMV (decode): one work item per (token, slice); each token reads its adapter's rows itself.
 //  - SGMV (prefill): tokens grouped by adapter into tiles of up to kTile tokens; a tile reads each
 //    adapter row once and applies it to all of its tokens, so a row is fetched once per tile
-//    instead of once per token.
+//    instead of once per token. The tensor-core kernels take chunks of up to kMaxChunk tokens
+//    instead (tiles merged; below).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "common/host_device.h"
 
@@ -40,7 +42,8 @@ struct SliceOffsets {
 
 // An SGMV plan is two int32 tensors: `order`, the tokens grouped by adapter (tokens without one
 // left out), and `tiles` [T, 3], each row (first, end, adapter): tile i covers
-// order[first, end), at most kTile tokens, all of adapter `adapter`.
+// order[first, end), at most kTile tokens, all of adapter `adapter`; optionally a third,
+// `chunks` [C, 3], the same tokens in rows of up to kMaxChunk (build_chunks).
 constexpr int kTileFields = 3;
 
 FASTLLM_HOST_DEVICE int64_t table_index(int64_t slice, int64_t adapter, int64_t row,
@@ -121,23 +124,36 @@ inline ExpandLaunch plan_expand(int64_t tokens, int64_t slices, int64_t widest_s
 
 // ---- prefill (SGMV) on tensor cores: fp16 / bf16 on sm_80 and later -------------------------------
 //
-// A block serves one plan tile (<= kTile tokens of one adapter) with kMmaWarps warps and WMMA
-// m8n32k16 products (fp32 accumulation): the tile's kTile tokens are the M of the product, so a
-// tile fills it with no padding when full.
-//  - shrink, grid (tiles, rank groups, slices): kMmaRanks adapter rows per block (the N); x's tile
-//    and the rows are staged kMmaChunk columns of K at a time (16-byte loads), each warp multiplies
-//    its share of the chunk's K steps, and the warps' partial products are summed at the end.
-//  - expand, grid (tiles, column blocks, slices): kMmaColumns output columns per block, 32 per
-//    warp (the N); the rank is the K, staged kMmaRankChunk rows at a time. The tensor cores take
-//    h in the input type, so h is rounded to fp16 / bf16 there (the CPU keeps it in fp32): the
-//    same rounding y gets when it is stored.
-// fp32 and fp64 (and GPUs before sm_80) keep the CUDA-core SGMV kernels.
+// The tensor-core kernels work on chunks: up to kMaxChunk consecutive tokens of one adapter
+// (the plan's tiles merged, build_chunks), so each adapter tile staged in shared memory serves up
+// to 64 tokens instead of a tile's 8. A block of kMmaWarps warps serves one chunk with WMMA
+// m8n32k16 products (fp32 accumulation); the chunk's rows are up to kMmaRowTiles row tiles of 8,
+// and only the tiles that hold tokens are multiplied, so a ragged last chunk costs its own rows.
+//  - shrink, grid (chunks, rank groups x K splits, slices): kMmaRanks adapter rows per block (the
+//    N); warp w owns row tiles w and w + kMmaWarps of the chunk; x's rows and the adapter rows are
+//    staged kMmaStageK columns of K at a time, double-buffered with cp.async, and every warp
+//    multiplies its row tiles by the whole staged A tile.
+//  - expand, grid (chunks, column blocks, slices): kMmaColumns output columns per block, 32 per
+//    warp (the N), every row tile of the chunk per warp; the rank is the K, staged kMmaRankChunk
+//    rows at a time. The tensor cores take h in the input type, so h is split in two parts there
+//    (hi + lo, each rounded to fp16 / bf16) to keep about fp32's accuracy.
+// fp32 and fp64 (and GPUs before sm_80) keep the CUDA-core SGMV kernels on the plan's tiles.
 constexpr int kMmaWarps = 4;
 constexpr int kMmaRanks = 32;
-constexpr int kMmaChunk = 256;
+constexpr int kMmaRowTile = 8;  // the M of m8n32k16
+constexpr int kMaxChunk = 64;
+constexpr int kMmaRowTiles = kMaxChunk / kMmaRowTile;
+// Columns of K per pipeline stage: 64 x rows and 32 adapter rows of 128 bytes (fp16), two stages
+// in 27 KB of shared memory, under the 48 KB a block gets without opting in.
+constexpr int kMmaStageK = 64;
+// K splits start on multiples of this many columns (several stages, so a split amortises its
+// atomic adds and its setup).
+constexpr int kMmaSplitK = 256;
 constexpr int kMmaRankChunk = 64;
 constexpr int kMmaColumns = kMmaWarps * 32;
-static_assert(kTile == 8, "the tensor-core SGMV kernels use the tile as the M of m8n32k16");
+static_assert(kMaxChunk % kTile == 0, "a chunk is whole tiles");
+static_assert(kMmaRowTiles % kMmaWarps == 0, "every warp owns the same number of row tiles");
+static_assert(kMmaSplitK % kMmaStageK == 0, "a K split is whole stages");
 
 struct SgmvMmaLaunch {
   int64_t rank_groups;    // shrink grid.y: ceil(max_rank / kMmaRanks)
@@ -149,23 +165,64 @@ inline SgmvMmaLaunch plan_sgmv_mma(int64_t max_rank, int64_t widest_slice) {
           std::max<int64_t>(1, (widest_slice + kMmaColumns - 1) / kMmaColumns)};
 }
 
-// Shrink K splits: a prefill of few tiles at a small rank leaves most SMs idle (512 tokens at rank
-// 16 on q/k/v: 64 tiles x 1 rank group x 3 slices = 192 blocks of 4 warps), so K is split across
-// blocks, their partial sums added atomically into the zeroed h, until there are about
-// kMmaBlocksPerSm blocks per SM; never below one staged chunk of K per split, at most
-// kMmaMaxKSplits. grid.y = rank groups x K splits.
+// Shrink K splits: a prefill of few chunks at a small rank leaves most SMs idle (512 tokens at
+// rank 16 on q/k/v in 16-token chunks: 32 chunks x 1 rank group x 3 slices = 96 blocks of 4
+// warps), so K is split across blocks, their partial sums added atomically into the zeroed h,
+// until there are about kMmaBlocksPerSm blocks per SM; never below kMmaSplitK columns of K per
+// split, at most kMmaMaxKSplits. grid.y = rank groups x K splits.
 constexpr int64_t kMmaBlocksPerSm = 4;
 constexpr int64_t kMmaMaxKSplits = 16;
 
-inline int64_t plan_sgmv_mma_k_splits(int64_t tiles, int64_t rank_groups, int64_t slices,
+inline int64_t plan_sgmv_mma_k_splits(int64_t chunks, int64_t rank_groups, int64_t slices,
                                       int64_t in, int64_t sms) {
   const int64_t groups = std::max<int64_t>(1, rank_groups);
-  const int64_t blocks = std::max<int64_t>(1, tiles * groups * slices);
+  const int64_t blocks = std::max<int64_t>(1, chunks * groups * slices);
   const int64_t target = kMmaBlocksPerSm * std::max<int64_t>(1, sms);
-  const int64_t chunks = std::max<int64_t>(1, (in + kMmaChunk - 1) / kMmaChunk);
+  const int64_t steps = std::max<int64_t>(1, (in + kMmaSplitK - 1) / kMmaSplitK);
   int64_t splits = (target + blocks - 1) / blocks;
-  splits = std::min({splits, chunks, kMmaMaxKSplits, kMaxGridYZ / groups});
+  splits = std::min({splits, steps, kMmaMaxKSplits, kMaxGridYZ / groups});
   return std::max<int64_t>(1, splits);
+}
+
+// ---- SGMV chunks: host-only, unit-tested on the CPU ---------------------------------------------
+//
+// A chunk list has the layout of a tile list, (first, end, adapter) per chunk over the plan's
+// `order`, with up to kMaxChunk tokens per chunk. Chunks of `rows` tokens from a plan's tiles:
+// consecutive tiles of one adapter that continue each other in `order` are merged while the
+// chunk stays within `rows` tokens. On lora_sgmv_plan's tiles (each adapter's tiles back to back,
+// all full but the last) that gives every adapter ceil(tokens / rows) chunks, the last ragged.
+inline std::vector<int32_t> build_chunks(const int32_t* tiles, int64_t count, int64_t rows) {
+  std::vector<int32_t> chunks;
+  for (int64_t i = 0; i < count; ++i) {
+    const int32_t first = tiles[kTileFields * i], end = tiles[kTileFields * i + 1];
+    const int32_t adapter = tiles[kTileFields * i + 2];
+    if (!chunks.empty()) {
+      int32_t* last = chunks.data() + chunks.size() - kTileFields;
+      if (last[2] == adapter && last[1] == first && end - last[0] <= rows) {
+        last[1] = end;
+        continue;
+      }
+    }
+    chunks.insert(chunks.end(), {first, end, adapter});
+  }
+  return chunks;
+}
+
+// Rows per chunk: the largest of 64, 32, 16 whose chunks still give the shrink two waves of
+// blocks once it splits K as far as it may (kMmaMaxKSplits, reached from a hidden size of 4096),
+// so bigger chunks (each adapter row read once per chunk) are not paid for with idle SMs; below
+// that even at 16 rows, 16 (the most blocks). The expand has ceil(width / kMmaColumns) blocks per
+// chunk and slice, as many as the shrink's splits from a width of 2048. One list serves every
+// projection of a batch, so the rule cannot depend on a module's width. A model, never timed.
+inline int64_t plan_sgmv_chunk_rows(const int32_t* tiles, int64_t count, int64_t sms) {
+  const int64_t target =
+      (2 * std::max<int64_t>(1, sms) + kMmaMaxKSplits - 1) / kMmaMaxKSplits;
+  for (int64_t rows : {int64_t{kMaxChunk}, int64_t{kMaxChunk / 2}}) {
+    const int64_t chunks = static_cast<int64_t>(build_chunks(tiles, count, rows).size()) /
+                           kTileFields;
+    if (chunks >= target) return rows;
+  }
+  return kMaxChunk / 4;
 }
 
 inline int64_t resolve_path(int64_t path, int64_t tokens, int64_t adapters) {
@@ -179,6 +236,8 @@ inline int64_t resolve_path(int64_t path, int64_t tokens, int64_t adapters) {
 // bandwidth unused and take about as long as two waves. Cost ~ max(items, 2 * SMs): SGMV only
 // when its tiles cost less than the tokens do. Decode (one token per sequence, a few sequences per
 // adapter) stays on BGMV; a prefill of thousands of tokens goes to SGMV.
+// The tensor-core kernels read the rows once per chunk (fewer items than tiles), so deciding on the
+// tiles leans toward BGMV there.
 inline bool gpu_prefers_sgmv(int64_t tokens, int64_t tiles, int64_t sms) {
   const int64_t floor = 2 * (sms > 0 ? sms : 1);
   auto cost = [floor](int64_t items) { return items > floor ? items : floor; };

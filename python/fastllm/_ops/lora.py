@@ -9,7 +9,10 @@ are real; ``token_adapter[t]`` is the batch adapter of token ``t`` (``-1``: base
 SGMV (tokens grouped by adapter) needs a plan, ``(sgmv_order, sgmv_tiles)`` from
 :func:`lora_sgmv_plan`: build it once per batch on the host, where the adapters of the batch are
 known, and copy it to the device with the batch. The CUDA kernels never read ``token_adapter``
-on the host, so without a plan they run BGMV (the CPU kernels build a plan themselves).
+on the host, so without a plan they run BGMV (the CPU kernels build a plan themselves). The
+GPU's tensor-core kernels take the plan's tokens in chunks of up to ``SGMV_MAX_CHUNK`` of one
+adapter, ``sgmv_chunks`` from :func:`lora_sgmv_chunks` (built with the plan); without one they
+work on the 8-token tiles.
 """
 
 from __future__ import annotations
@@ -23,11 +26,15 @@ from .. import _C
 from .._host import to_device
 from ._common import require_kernels_for as _require_kernels_for
 
-__all__ = ["lora_shrink", "lora_expand", "lora_sgmv_plan", "PATH_AUTO", "PATH_BGMV", "PATH_SGMV"]
+__all__ = ["lora_shrink", "lora_expand", "lora_sgmv_plan", "lora_sgmv_chunks", "PATH_AUTO",
+           "PATH_BGMV", "PATH_SGMV"]
 
 PATH_AUTO, PATH_BGMV, PATH_SGMV = 0, 1, 2
-# Tokens per SGMV tile (csrc/lora/lora_index.h).
+# Tokens per SGMV tile, and the most per tensor-core chunk (csrc/lora/lora_index.h).
 SGMV_TILE = int(_C.lora_tile)
+SGMV_MAX_CHUNK = int(_C.lora_max_chunk)
+# An H100's / H200's SM count: the chunk rule's default, and what fake CUDA tensors get.
+DEFAULT_SMS = 132
 
 
 def lora_sgmv_plan(token_adapter: Tensor, adapters: int) -> tuple[Tensor, Tensor]:
@@ -65,14 +72,59 @@ def lora_sgmv_plan(token_adapter: Tensor, adapters: int) -> tuple[Tensor, Tensor
     return order.to(torch.int32), tiles.contiguous()
 
 
-def _plan_for(token_adapter: Tensor, adapters: int, path: int, order, tiles):
+def lora_sgmv_chunks(tiles: Tensor, rows: int | None = None, sms: int | None = None) -> Tensor:
+    """The tokens of an SGMV plan in chunks for the GPU's tensor-core kernels: an int32 CPU
+    tensor ``[chunks, 3]`` of ``(first, end, adapter)`` over the plan's ``order``, like ``tiles``
+    but up to ``rows`` tokens each (consecutive tiles of one adapter merged; each adapter's last
+    chunk ragged). Each adapter row the kernels stage then serves up to ``rows`` tokens.
+
+    Args:
+        tiles: the plan's tiles from :func:`lora_sgmv_plan` (a CPU tensor).
+        rows: 8 to ``SGMV_MAX_CHUNK`` (64), a multiple of 8; default: the largest of 64, 32, 16
+            that still gives a GPU of ``sms`` SMs two waves of blocks (csrc/lora/lora_index.h,
+            plan_sgmv_chunk_rows; a model, never timed).
+        sms: the GPU's SM count for the default ``rows`` (default 132, an H100 / H200).
+
+    Pass the result as ``sgmv_chunks`` to :func:`lora_shrink` / :func:`lora_expand` with the plan
+    (on the op's device). Pure host work: nothing here reads device memory.
+    """
+    if not isinstance(tiles, Tensor) or tiles.dim() != 2 or tiles.shape[1] != 3:
+        raise ValueError(f"lora_sgmv_chunks: tiles must be a [tiles, 3] tensor from "
+                         f"lora_sgmv_plan, got "
+                         f"{getattr(tiles, 'shape', type(tiles).__name__)}")
+    if tiles.dtype != torch.int32 or tiles.device.type != "cpu":
+        raise TypeError(f"lora_sgmv_chunks: tiles must be an int32 CPU tensor (the plan before it "
+                        f"is copied to the device), got {tiles.dtype} on {tiles.device}")
+    if sms is not None and (not isinstance(sms, int) or sms < 1):
+        raise ValueError(f"lora_sgmv_chunks: sms must be an int >= 1, got {sms!r}")
+    flat = tiles.reshape(-1).tolist()
+    if rows is None:
+        rows = _C.lora_plan_sgmv_chunk_rows(flat, DEFAULT_SMS if sms is None else sms)
+    elif not isinstance(rows, int) or isinstance(rows, bool):
+        raise TypeError(f"lora_sgmv_chunks: rows must be an int, got {type(rows).__name__}")
+    chunks = _C.lora_sgmv_chunks(flat, rows)  # checks rows
+    return torch.tensor(chunks, dtype=torch.int32).reshape(-1, 3)
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (a property read, no synchronisation), ``DEFAULT_SMS`` without a GPU
+    (fake CUDA tensors in tests)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return DEFAULT_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _plan_for(token_adapter: Tensor, adapters: int, path: int, order, tiles, chunks):
     # The wrappers' convenience for direct callers: a CUDA SGMV call without a plan gets one built
     # here (reading token_adapter: one synchronisation). Batched code passes its own plan.
     if order is not None or tiles is not None or path != PATH_SGMV \
             or token_adapter.device.type != "cuda":
-        return order, tiles
+        return order, tiles, chunks
     order, tiles = lora_sgmv_plan(token_adapter, adapters)
-    return to_device(order, token_adapter.device), to_device(tiles, token_adapter.device)
+    chunks = lora_sgmv_chunks(tiles, sms=sm_count(token_adapter.device))
+    device = token_adapter.device
+    return to_device(order, device), to_device(tiles, device), to_device(chunks, device)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,7 +133,7 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def lora_shrink(x: Tensor, pool: Tensor, a_rows: Tensor, ranks: Tensor, token_adapter: Tensor,
                 path: int = PATH_AUTO, sgmv_order: Tensor | None = None,
-                sgmv_tiles: Tensor | None = None) -> Tensor:
+                sgmv_tiles: Tensor | None = None, sgmv_chunks: Tensor | None = None) -> Tensor:
     """``h[s, t, j] = x[t] . A[s, a_t, j]`` for ``j < ranks[s, a_t]``, else 0.
 
     Args:
@@ -96,6 +148,9 @@ def lora_shrink(x: Tensor, pool: Tensor, a_rows: Tensor, ranks: Tensor, token_ad
         sgmv_order, sgmv_tiles: the plan from :func:`lora_sgmv_plan` on ``x``'s device, or None.
             A CUDA ``PATH_SGMV`` call without one builds it here, reading ``token_adapter``
             (one synchronisation).
+        sgmv_chunks: the plan's chunks from :func:`lora_sgmv_chunks` on ``x``'s device, or None
+            (the tensor-core kernels then take the tiles as chunks). Only with a plan; the CPU
+            checks it and keeps its tiles.
 
     Index values are checked on the host for CPU tensors; on CUDA the kernels guard them and
     report through :func:`fastllm.ops.raise_index_errors` (see :mod:`fastllm._ops.index_checks`).
@@ -104,23 +159,23 @@ def lora_shrink(x: Tensor, pool: Tensor, a_rows: Tensor, ranks: Tensor, token_ad
     the intermediate stays fp32 whatever the input dtype. Differentiable in ``x`` and ``pool``.
     """
     _require_kernels_for(x, "lora_shrink")
-    sgmv_order, sgmv_tiles = _plan_for(token_adapter, a_rows.shape[1], path, sgmv_order,
-                                       sgmv_tiles)
+    sgmv_order, sgmv_tiles, sgmv_chunks = _plan_for(token_adapter, a_rows.shape[1], path,
+                                                    sgmv_order, sgmv_tiles, sgmv_chunks)
     return torch.ops.fastllm.lora_shrink.default(x, pool, a_rows, ranks, token_adapter, path,
-                                                 sgmv_order, sgmv_tiles)
+                                                 sgmv_order, sgmv_tiles, sgmv_chunks)
 
 
 def lora_expand(y: Tensor, h: Tensor, pool: Tensor, b_rows: Tensor, ranks: Tensor,
                 scalings: Tensor, token_adapter: Tensor, slice_sizes: Sequence[int],
                 path: int = PATH_AUTO, sgmv_order: Tensor | None = None,
-                sgmv_tiles: Tensor | None = None) -> Tensor:
+                sgmv_tiles: Tensor | None = None, sgmv_chunks: Tensor | None = None) -> Tensor:
     """Add ``scalings[s, a_t] * h[s, t, :r] @ B^T[s, a_t, :r]`` into slice ``s`` of ``y[t]``, in place.
 
     Args:
         y: ``[tokens, sum(slice_sizes)]`` contiguous base-layer output; slices side by side (for a
             fused qkv or gate/up projection). Rows of tokens without an adapter are not touched.
         h: ``[slices, tokens, max_rank]`` from :func:`lora_shrink` (float32; float64 for float64).
-        pool, b_rows, ranks, token_adapter, path, sgmv_order, sgmv_tiles: as for
+        pool, b_rows, ranks, token_adapter, path, sgmv_order, sgmv_tiles, sgmv_chunks: as for
             :func:`lora_shrink`; ``b_rows`` holds offsets of B^T's rows (``slice_sizes[s]``
             elements each). At most 16 slices.
         scalings: ``[slices, adapters]`` float32, the adapter's ``alpha / r`` (or rsLoRA's).
@@ -130,13 +185,13 @@ def lora_expand(y: Tensor, h: Tensor, pool: Tensor, b_rows: Tensor, ranks: Tenso
     """
     _require_kernels_for(y, "lora_expand")
     sizes = [int(size) for size in slice_sizes]
-    sgmv_order, sgmv_tiles = _plan_for(token_adapter, b_rows.shape[1], path, sgmv_order,
-                                       sgmv_tiles)
+    sgmv_order, sgmv_tiles, sgmv_chunks = _plan_for(token_adapter, b_rows.shape[1], path,
+                                                    sgmv_order, sgmv_tiles, sgmv_chunks)
     if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or pool.requires_grad):
         return _ExpandInPlace.apply(y, h, pool, b_rows, ranks, scalings, token_adapter, sizes, path,
-                                    sgmv_order, sgmv_tiles)
+                                    sgmv_order, sgmv_tiles, sgmv_chunks)
     torch.ops.fastllm.lora_expand.default(y, h, pool, b_rows, ranks, scalings, token_adapter, sizes,
-                                          path, sgmv_order, sgmv_tiles)
+                                          path, sgmv_order, sgmv_tiles, sgmv_chunks)
     return y
 
 
@@ -144,14 +199,14 @@ def lora_expand(y: Tensor, h: Tensor, pool: Tensor, b_rows: Tensor, ranks: Tenso
 
 @torch.library.register_fake("fastllm::lora_shrink")
 def _lora_shrink_fake(x, pool, a_rows, ranks, token_adapter, path=0, sgmv_order=None,
-                      sgmv_tiles=None):
+                      sgmv_tiles=None, sgmv_chunks=None):
     return x.new_empty((a_rows.shape[0], x.shape[0], a_rows.shape[2]),
                        dtype=_accumulate_dtype(x.dtype))
 
 
 @torch.library.register_fake("fastllm::lora_expand")
 def _lora_expand_fake(y, h, pool, b_rows, ranks, scalings, token_adapter, slice_sizes, path=0,
-                      sgmv_order=None, sgmv_tiles=None):
+                      sgmv_order=None, sgmv_tiles=None, sgmv_chunks=None):
     return None
 
 
@@ -181,9 +236,9 @@ def _add_row_grads(grad_pool: Tensor, rows: Tensor, ranks: Tensor, token_adapter
 
 
 def _shrink_setup_context(ctx, inputs, output) -> None:
-    x, pool, a_rows, ranks, token_adapter, path, sgmv_order, sgmv_tiles = inputs
+    x, pool, a_rows, ranks, token_adapter, path, sgmv_order, sgmv_tiles, sgmv_chunks = inputs
     ctx.save_for_backward(x, pool, a_rows, ranks, token_adapter)
-    ctx.path, ctx.plan = path, (sgmv_order, sgmv_tiles)
+    ctx.path, ctx.plan = path, (sgmv_order, sgmv_tiles, sgmv_chunks)
 
 
 def _shrink_backward(ctx, grad_h: Tensor):
@@ -203,7 +258,7 @@ def _shrink_backward(ctx, grad_h: Tensor):
         grad_pool = torch.zeros_like(pool)
         for s in range(slices):
             _add_row_grads(grad_pool, a_rows[s], ranks[s], token_adapter, grad_h[s], x)
-    return grad_x, grad_pool, None, None, None, None, None, None
+    return grad_x, grad_pool, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastllm::lora_shrink", _shrink_backward,
@@ -216,12 +271,14 @@ class _ExpandInPlace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, h, pool, b_rows, ranks, scalings, token_adapter, slice_sizes, path,
-                sgmv_order, sgmv_tiles):
+                sgmv_order, sgmv_tiles, sgmv_chunks):
         torch.ops.fastllm.lora_expand.default(y, h, pool, b_rows, ranks, scalings, token_adapter,
-                                              slice_sizes, path, sgmv_order, sgmv_tiles)
+                                              slice_sizes, path, sgmv_order, sgmv_tiles,
+                                              sgmv_chunks)
         ctx.mark_dirty(y)
         ctx.save_for_backward(h, pool, b_rows, ranks, scalings, token_adapter)
-        ctx.slice_sizes, ctx.path, ctx.plan = slice_sizes, path, (sgmv_order, sgmv_tiles)
+        ctx.slice_sizes, ctx.path = slice_sizes, path
+        ctx.plan = (sgmv_order, sgmv_tiles, sgmv_chunks)
         return y
 
     @staticmethod
@@ -255,4 +312,4 @@ class _ExpandInPlace(torch.autograd.Function):
             if grad_pool is not None:
                 _add_row_grads(grad_pool, b_rows[s], ranks[s], token_adapter, h[s] * scale, g)
             begin += size
-        return grad_y, grad_h, grad_pool, None, None, None, None, None, None, None, None
+        return grad_y, grad_h, grad_pool, None, None, None, None, None, None, None, None, None

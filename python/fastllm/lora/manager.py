@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from .._host import to_device
 from .._optional import require
-from .._ops.lora import PATH_AUTO, lora_expand, lora_sgmv_plan, lora_shrink
+from .._ops.lora import PATH_AUTO, lora_expand, lora_sgmv_chunks, lora_sgmv_plan, lora_shrink, \
+    sm_count
 from ..memory import PagePool
 from ..nn.lora_linear import LoRALinear
 from .store import AdapterStore, ModuleSpec, ModuleWeights
@@ -39,9 +40,10 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])
 
 class _BatchState:
     """Everything the LoRA kernels need for one batch, built once per :meth:`AdapterManager.batch`
-    (row tables, ranks, scalings) and once per input shape (token -> adapter map and SGMV plan),
-    on the host and copied to the device without blocking. A forward call only launches kernels:
-    nothing here reads device memory, so a decode step can be captured in a CUDA graph."""
+    (row tables, ranks, scalings) and once per input shape (token -> adapter map, SGMV plan and
+    its tensor-core chunks), on the host and copied to the device without blocking. A forward
+    call only launches kernels: nothing here reads device memory, so a decode step can be
+    captured in a CUDA graph."""
 
     def __init__(self, manager: "AdapterManager", seq_adapter: Tensor, adapters: int, rows: Tensor,
                  ranks: Tensor, scalings: Tensor, module_rank: list[int]) -> None:
@@ -75,10 +77,11 @@ class _BatchState:
         # (group, input, its version, h, members still to read h): one slot, since a group's
         # projections run back to back; cleared once all have read it, so no input outlives it.
         self._shared_h: tuple | None = None
-        self._tokens: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self._tokens: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
-    def tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(token_adapter, sgmv_order, sgmv_tiles) on the device for an input shaped like x."""
+    def tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(token_adapter, sgmv_order, sgmv_tiles, sgmv_chunks) on the device for an input shaped
+        like x."""
         if x.shape[0] != self.batch_size:
             raise RuntimeError(f"AdapterManager.batch was given {self.batch_size} adapter names but "
                                f"the model got a batch of {x.shape[0]} sequences")
@@ -95,7 +98,9 @@ class _BatchState:
                     "before capturing")
             ids = self.seq_adapter.repeat_interleave(per_sequence)
             order, tiles = lora_sgmv_plan(ids, self.adapters)
-            entry = tuple(to_device(t, self.device) for t in (ids, order, tiles))
+            # Built on every device (a few host microseconds) so the CPU ops check them too.
+            chunks = lora_sgmv_chunks(tiles, sms=sm_count(self.device))
+            entry = tuple(to_device(t, self.device) for t in (ids, order, tiles, chunks))
             self._tokens[per_sequence] = entry
         return entry
 
@@ -107,7 +112,7 @@ class _BatchState:
         if x.dtype != self.pool.dtype:
             raise TypeError(f"LoRALinear: input dtype {x.dtype} differs from the adapter pool's "
                             f"{self.pool.dtype}; create the AdapterManager after casting the model")
-        ids, order, tiles = self.tokens(x)
+        ids, order, tiles, chunks = self.tokens(x)
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
@@ -117,24 +122,25 @@ class _BatchState:
         autograd = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
         shrink = lora_shrink if autograd else torch.ops.fastllm.lora_shrink.default
         group = self.group_of[index]
+        plan = (order, tiles, chunks)
         if group is None:
-            h = shrink(x2, self.pool, a_rows, ranks, ids, path, order, tiles)
+            h = shrink(x2, self.pool, a_rows, ranks, ids, path, *plan)
         else:
-            h = self._group_h(group, index, x, x2, shrink, ids, path, order, tiles)
+            h = self._group_h(group, index, x, x2, shrink, ids, path, plan)
         if autograd:
             return lora_expand(y2, h, self.pool, b_rows, ranks, scalings, ids, [y2.shape[1]], path,
-                               order, tiles).view_as(y)
+                               *plan).view_as(y)
         torch.ops.fastllm.lora_expand.default(y2, h, self.pool, b_rows, ranks, scalings, ids,
-                                              [y2.shape[1]], path, order, tiles)
+                                              [y2.shape[1]], path, *plan)
         return y
 
-    def _group_h(self, group, index, x, x2, shrink, ids, path, order, tiles) -> Tensor:
+    def _group_h(self, group, index, x, x2, shrink, ids, path, plan) -> Tensor:
         gid, position = group
         slot = self._shared_h
         if slot is None or slot[0] != gid or slot[1] is not x or slot[2] != x._version \
                 or index not in slot[4]:
             a_rows, ranks, members = self.group_tables[gid]
-            h = shrink(x2, self.pool, a_rows, ranks, ids, path, order, tiles)
+            h = shrink(x2, self.pool, a_rows, ranks, ids, path, *plan)
             slot = (gid, x, x._version, h, set(members))
         slot[4].discard(index)
         self._shared_h = slot if slot[4] else None
