@@ -156,6 +156,25 @@ def sparse_cases(device):
                                                      gate_scale, b_up, None,
                                                      "silu" if gated else "relu")
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    # Packed int4 scores (uint8, two codes per byte): 32 columns per 16-byte word; rows of 3 words
+    # (lanes past the row idle) and of 66 (two steps of two words per lane and a tail), groups of
+    # 16 (two scales in a word) and 32, 5 rows (a pass of 4 staged rows and one of 1), no gate.
+    from fastllm._ops.sparse import pack_int4_rows
+    from fastllm.nn import quantize_rows
+    for d, group, gated in ((96, 16, True), (2112, 32, True), (96, 32, False)):
+        x = torch.randn(5, d, device=device)
+        q_up, up_scale = quantize_rows(torch.randn(n, d, device=device), group, bits=4)
+        q_gate, gate_scale = quantize_rows(torch.randn(n, d, device=device), group, bits=4) \
+            if gated else (None, None)
+        q_up = pack_int4_rows(q_up)
+        q_gate = pack_int4_rows(q_gate) if gated else None
+        b_up = torch.randn(n, device=device)
+        activation = "silu" if gated else "relu"
+        out = ops.quantized_neuron_scores(x.bfloat16(), q_up, up_scale, q_gate=q_gate,
+                                          gate_scale=gate_scale, b_up=b_up, activation=activation)
+        want = ref.quantized_neuron_scores_reference(x.bfloat16(), q_up, up_scale, q_gate,
+                                                     gate_scale, b_up, None, activation)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-3)
 
 
 def galore_cases(device):

@@ -1,6 +1,9 @@
 """The sparse MLP's CUDA launch plan (a pure host function, checked here on the CPU) and static
-checks of the compiled gather kernels (no GPU needed): 16-byte global loads in the up/gate and
-down kernels, no stack or spills. These guard the design until a GPU can time it."""
+checks of the compiled gather and predictor-scoring kernels (no GPU needed): 16-byte global loads
+in the up/gate, down and scoring kernels, x read from shared memory in 16-byte words by the
+scoring kernel, codes decoded without int-to-float conversions, no stack or spills. These guard
+the design until a GPU can time it. (The scoring kernel's plan and staging layout are checked in
+test_sparse_packed_int4.py.)"""
 
 from __future__ import annotations
 
@@ -55,11 +58,27 @@ def test_gather_kernels_use_16_byte_global_loads(kernel):
 
 
 @needs_cuda_binary
+def test_scoring_kernel_reads_codes_and_staged_x_in_16_byte_words():
+    # neuron_scores_kernel<scalar_t, packed, gated>: the int8 and packed-int4 forms, with and
+    # without a gate, for fp16 and bf16 x.
+    found = list(_sass_blocks("neuron_scores_kernel"))
+    assert len(found) == 8, [name for name, _ in found]
+    for name, sass in found:
+        assert re.search(r"LDG\.E\.128", sass), f"{name} has no 16-byte global load"
+        assert re.search(r"STS\.128", sass), f"{name} does not stage x in 16-byte words"
+        assert re.search(r"LDS\.128", sass), f"{name} does not read staged x in 16-byte words"
+        # The only int-to-float conversions left are the division routines' reciprocals
+        # (I2F.U32.RP / .U64.RP): codes become floats by int8_code / int4_code's bit trick.
+        conversions = set(re.findall(r"\bI2F[A-Z0-9_.]*", sass))
+        assert conversions <= {"I2F.U32.RP", "I2F.U64.RP"}, f"{name}: {conversions}"
+
+
+@needs_cuda_binary
 def test_sparse_kernels_have_no_spills_or_stack():
     out = subprocess.run([_cuobjdump(), "--dump-resource-usage", _library()], capture_output=True,
                          text=True, check=True).stdout
-    kernels = re.findall(r"Function (\S*(?:hidden_kernel|down_vec_kernel|down_kernel)\S*):\s*\n"
-                         r"\s*(REG:.*)", out)
-    assert len(kernels) >= 12
+    kernels = re.findall(r"Function (\S*(?:hidden_kernel|down_vec_kernel|down_kernel|"
+                         r"neuron_scores_kernel)\S*):\s*\n\s*(REG:.*)", out)
+    assert len(kernels) >= 24
     for name, usage in kernels:
         assert "STACK:0 " in usage and "LOCAL:0" in usage, f"{name}: {usage}"
