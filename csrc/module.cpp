@@ -42,14 +42,19 @@ PYBIND11_MODULE(_C, m) {
     const auto plan = fastllm::sparse::plan_sparse_down(rows, d_out, k, per_row, sms, vec);
     return pybind11::make_tuple(plan.col_tiles, plan.slices, plan.row_groups);
   });
-  // The quantized predictor's CUDA launch plan, x staging layout and code decoding
-  // (sparse/neuron_scores.h), for the CPU tests.
+  // The quantized predictor's and the up/gate kernel's CUDA launch plans, the x staging layout and
+  // the code decoding (sparse/neuron_scores.h, sparse/sparse_mlp.h), for the CPU tests.
   m.def("sparse_plan_neuron_scores", [](int64_t rows, int64_t d, int64_t neurons, int64_t sms) {
     const auto plan = fastllm::sparse::plan_neuron_scores(rows, d, neurons, sms);
     return pybind11::make_tuple(plan.rows_per_pass, plan.blocks, plan.row_floats,
                                 plan.shared_bytes);
   });
   m.def("sparse_staged_x_slot", &fastllm::sparse::staged_x_slot);
+  m.def("sparse_plan_hidden", [](int64_t rows, int64_t d, int64_t k, bool per_row, int64_t sms) {
+    const auto plan = fastllm::sparse::plan_sparse_hidden(rows, d, k, per_row, sms);
+    return pybind11::make_tuple(plan.rows_per_pass, plan.blocks, plan.row_floats,
+                                plan.shared_bytes);
+  });
   m.def("sparse_int8_codes", [](uint32_t word) {
     pybind11::list out;
     for (int k = 0; k < 4; ++k) out.append(fastllm::sparse::int8_code(word, k));

@@ -73,44 +73,27 @@ FASTLLM_HOST_DEVICE float int4_code(uint32_t word, int k) {
   return float_from_bits(((word >> (4 * k)) & 0xFu) ^ 0x4B000008u) - 8388616.f;  // 2^23 + 8
 }
 
-// ---- the CUDA kernel's layout and launch plan ------------------------------------------------------
+// ---- the CUDA kernel's launch plan ----------------------------------------------------------------
 //
-// The block stages rows_per_pass rows of x in shared memory as fp32, each row padded to a multiple
-// of 32 floats (whole groups of 8 float4 slots). A lane reads the float4s of x under its weight
-// word: 4 consecutive ones (int8, 16 columns) or 8 (packed int4, 32 columns), so a quarter warp's
-// 128-bit reads would hit the same banks 4 or 8 times over. Float4 f of a row is therefore kept
-// at slot f ^ ((f >> 3) & 7): a permutation inside each group of 8 slots that gives the 8 lanes of
-// a quarter warp 8 different slots (bank quads) in both layouts, and keeps the staging writes of 8
-// consecutive threads inside one 128-byte line.
-FASTLLM_HOST_DEVICE int staged_x_slot(int f) { return f ^ ((f >> 3) & 7); }
-
+// The block stages rows_per_pass rows of x in shared memory as fp32 (sparse_mlp.h:
+// staged_x_slot); a lane reads the 4 (int8, 16 columns) or 8 (packed int4, 32 columns) float4s
+// under its weight word.
 constexpr int kScoreThreads = 256;
 constexpr int kScoreWarps = kScoreThreads / 32;
 constexpr int kScoreMaxRowsPerPass = 4;  // rows of x dotted per read of the weights
 constexpr int kScoreBlocksPerSm = 4;
-// Staged x stays under the default 48 KB per block (no opt-in; four blocks fit an SM); only a row
-// wider than that (d_in > 12288) asks for more, one row per pass.
-constexpr int64_t kScoreSharedBudget = 48 * 1024;
+constexpr int64_t kScoreSharedBudget = kStagedXBudget;
 
 struct NeuronScoresLaunch {
   int64_t rows_per_pass, blocks, row_floats, shared_bytes;
 };
 
-// Neurons are spread evenly: each warp serves ceil(n / (kScoreBlocksPerSm * sms * kScoreWarps))
-// neurons (grid-stride) and the grid is just large enough for that, so no warp idles for a tail
-// while the block's staged x is reused by every neuron it serves.
+// Neurons spread evenly over the warps (sparse_mlp.h: spread_blocks).
 inline NeuronScoresLaunch plan_neuron_scores(int64_t rows, int64_t d, int64_t neurons,
                                              int64_t sms) {
-  const int64_t row_floats = (d + 31) / 32 * 32;
-  const int64_t row_bytes = row_floats * 4 > 0 ? row_floats * 4 : 4;
-  int64_t per_pass = kScoreSharedBudget / row_bytes;
-  const int64_t most = rows < kScoreMaxRowsPerPass ? (rows > 0 ? rows : 1) : kScoreMaxRowsPerPass;
-  per_pass = per_pass < 1 ? 1 : (per_pass > most ? most : per_pass);
-  const int64_t warps = kScoreBlocksPerSm * (sms > 0 ? sms : 1) * kScoreWarps;
-  const int64_t per_warp = neurons > warps ? (neurons + warps - 1) / warps : 1;
-  const int64_t per_block = per_warp * kScoreWarps;
-  const int64_t blocks = neurons > 0 ? (neurons + per_block - 1) / per_block : 1;
-  return {per_pass, blocks, row_floats, per_pass * row_bytes};
+  const StagedRows staging = plan_staged_rows(rows, d, kScoreMaxRowsPerPass);
+  return {staging.rows_per_pass, spread_blocks(neurons, sms, kScoreBlocksPerSm, kScoreWarps),
+          staging.row_floats, staging.shared_bytes};
 }
 
 // ---- argument checks -------------------------------------------------------------------------------
