@@ -7,6 +7,10 @@ and the top-k; "sparse+int8 pred" the quantized predictor (int8 gate and up, gro
 top-k; "sparse" is the kernel alone; all timed in the same interleave. The ideal speedup is
 1 / (1 - sparsity) (the weight bytes read); GB/s counts the weight bytes the kernel reads.
 
+Predictor scoring: the packed-int4 path of quantized_neuron_scores (gate+up, group 32, two codes
+per byte) against the int8 path (group 64) on the same x, interleaved, at the same MLP shapes,
+batch 1 and 4: the ratio is what halving the codes' bytes buys.
+
 Decode: tokens/s of SmolLM2 greedy decoding with every MLP sparse at 50% (factored predictors,
 and int8 predictors) against the dense model, same run.
 
@@ -109,6 +113,32 @@ def _speed(device: str, quick: bool, progress: Progress) -> list[Record]:
     return records
 
 
+def scoring(device: str, quick: bool, progress: Progress, shapes=SHAPES,
+            batches=(1, 4)) -> list[Record]:
+    """Packed-int4 scores against int8 scores (the op alone), interleaved in one run."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    records = []
+    for label, d, n in shapes:
+        torch.manual_seed(0)
+        w_up = torch.randn(n, d, device=device) / d ** 0.5
+        w_gate = torch.randn(n, d, device=device) / d ** 0.5
+        preds = {bits: QuantizedPredictor.from_weights(w_up, w_gate, group=64 if bits == 8 else 32,
+                                                       bits=bits) for bits in (8, 4)}
+        for rows in batches:
+            x = torch.randn(rows, d, device=device, dtype=dtype)
+            t = time_interleaved({bits: (lambda p=p: p.magnitude(x)) for bits, p in preds.items()},
+                                 device, repeats=5 if quick else 15)
+            nbytes = {bits: p.weight_bytes(as_stored=True) for bits, p in preds.items()}
+            records.append(Record(CAPABILITY, f"scores {label} B={rows}", "int4 packed scores",
+                                  "int8 scores", t[4] * 1e3, t[8] * 1e3, {
+                                      "bytes int4 / int8": nbytes[4] / nbytes[8],
+                                      "GB/s int4": nbytes[4] / t[4] / 1e9,
+                                      "GB/s int8": nbytes[8] / t[8] / 1e9}))
+            progress.step(f"scores {label} B={rows}: int4 {t[8] / t[4]:.2f}x int8 "
+                          f"(bytes {nbytes[4] / nbytes[8]:.2f})")
+    return records
+
+
 def _load_smollm2():
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tests"))
     from conftest import DATA_DIR, SMOLLM2_GGUF, smollm2_dir
@@ -150,8 +180,8 @@ def _quality_and_decode(device: str, quick: bool, progress: Progress, out_dir) -
                                     progress=True)
     train_s = time.perf_counter() - t0
     # The int8 predictors: no fit, the calibration tokens only set the logit offsets.
-    int8_preds = sparse.train_predictors(model, calib_ids[:4], kind="quantized", group=64,
-                                         eval_sparsity=0.5, progress=False)
+    int8_preds = sparse.train_predictors(model, calib_ids[:4], kind="quantized", bits=8,
+                                         group=64, eval_sparsity=0.5, progress=False)
     predictor_sets = {"predictor": preds, "predictor int8": int8_preds}
     # Recall of each predictor's top-k against the oracle top-k on held-out text, per sparsity.
     recall = {name: {} for name in predictor_sets}
@@ -265,7 +295,7 @@ def _save_quality(results: dict, device: str, out_dir: pathlib.Path) -> None:
 
 
 def run(device: str, quick: bool = False, out_dir=RESULTS_DIR) -> list[Record]:
-    progress = Progress(CAPABILITY, 2 * (4 if device == "cuda" else 3) * 3 + 16 + 2)
+    progress = Progress(CAPABILITY, 2 * (4 if device == "cuda" else 3) * 3 + 2 * 2 + 16 + 2)
     threads = torch.get_num_threads()
     if device == "cpu":
         # The project's CPU machines are small and shared: one thread for both sides gives
@@ -273,6 +303,7 @@ def run(device: str, quick: bool = False, out_dir=RESULTS_DIR) -> list[Record]:
         torch.set_num_threads(1)
     try:
         records = _speed(device, quick, progress)
+        records += scoring(device, quick, progress)
     finally:
         torch.set_num_threads(threads)
     records += _quality_and_decode(device, quick, progress, out_dir)

@@ -4,8 +4,9 @@
 Drop-ins, each on a small random-weight Llama (transformers.LlamaForCausalLM):
   lora     a mixed batch of 8 sequences (3 adapters of ranks 4, 8, 16 and the base model) through
            AdapterManager.batch, with a transformers StaticCache
-  sparse   SparseMLP in predictor mode (int8 predictors from fastllm.sparse.quantize_predictors,
-           top-k path) at batch 1, with a StaticCache
+  sparse   SparseMLP in predictor mode (the default quantized predictors of
+           fastllm.sparse.quantize_predictors: packed int4 gate+up, or int8 where d_model is not a
+           multiple of 32; top-k path) at batch 1, with a StaticCache
   fastgen  FastGenCache (policy "fastgen") at batch 2, G's steps inside cache.graph_steps
 Each also has a baseline: the same architecture without the drop-in, on a StaticCache, captured
 and timed the same way, so a capture failure caused by transformers is told apart from ours.

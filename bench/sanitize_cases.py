@@ -167,6 +167,20 @@ def sparse_cases(device):
     want = ref.sparse_mlp_reference(x, w_up, None, w_down_t, None, None, None, shared, None,
                                     "relu")
     torch.testing.assert_close(out.float(), want.float(), rtol=1e-2, atol=1e-2)
+    # The up/gate kernel's staged x: a row of 257 fp16 words (two steps of 4 words per lane and
+    # a tail) in two passes (4 + 1 rows), and a row of 37 columns (scalar loads; staging pads the
+    # last float4 of each row) with per-row sets.
+    for d_in, dtype, per_row_sets in ((2056, torch.float16, False), (37, torch.float32, True)):
+        x = torch.randn(5, d_in, device=device).to(dtype)
+        w_up = (torch.randn(n, d_in, device=device) / d_in ** 0.5).to(dtype)
+        w_gate = (torch.randn(n, d_in, device=device) / d_in ** 0.5).to(dtype)
+        w_down_t = (torch.randn(n, 24, device=device) / 16).to(dtype)
+        sets = torch.stack([torch.randperm(n)[:40] for _ in range(5)]).to(device) \
+            if per_row_sets else torch.randperm(n)[:300].to(device)
+        out = ops.sparse_mlp(x, w_up, w_down_t, sets, w_gate=w_gate)
+        want = ref.sparse_mlp_reference(x, w_up, w_gate, w_down_t, None, None, None, sets, None,
+                                        "silu")
+        torch.testing.assert_close(out.float(), want.float(), rtol=1e-2, atol=1e-2)
     # The int8 predictor's scores: 5 rows (a full and a partial pass of rows), a row length that
     # ends mid-warp-step (80 = 5 lanes of 16), groups of 16 and the whole row, biases, no gate.
     from fastllm._ops.sparse import quantize_rows_int8
@@ -182,6 +196,26 @@ def sparse_cases(device):
         want = ref.quantized_neuron_scores_reference(x5.half(), q_up, up_scale, q_gate,
                                                      gate_scale, b_up, None,
                                                      "silu" if gated else "relu")
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    # Packed int4 scores (uint8, two codes per byte): 32 columns per 16-byte word; rows of 3 words
+    # (lanes past the row idle) and of 66 (two steps of two words per lane and a tail), groups of
+    # 16 (two scales in a word) and 32, 5 rows (a pass of 4 staged rows and one of 1), no gate.
+    from fastllm._ops.sparse import pack_int4_rows
+    from fastllm.nn import quantize_rows
+    for d, group, gated in ((96, 16, True), (2112, 32, True), (96, 32, False)):
+        x = torch.randn(5, d, device=device)
+        # weights of unit-variance pre-activations: fp32 summation order stays far below atol
+        q_up, up_scale = quantize_rows(torch.randn(n, d, device=device) / d ** 0.5, group, bits=4)
+        q_gate, gate_scale = quantize_rows(torch.randn(n, d, device=device) / d ** 0.5, group,
+                                           bits=4) if gated else (None, None)
+        q_up = pack_int4_rows(q_up)
+        q_gate = pack_int4_rows(q_gate) if gated else None
+        b_up = torch.randn(n, device=device)
+        activation = "silu" if gated else "relu"
+        out = ops.quantized_neuron_scores(x.bfloat16(), q_up, up_scale, q_gate=q_gate,
+                                          gate_scale=gate_scale, b_up=b_up, activation=activation)
+        want = ref.quantized_neuron_scores_reference(x.bfloat16(), q_up, up_scale, q_gate,
+                                                     gate_scale, b_up, None, activation)
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
 
 

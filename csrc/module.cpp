@@ -12,6 +12,7 @@
 #include "common/index_errors.h"
 #include "kv/kv_math.h"
 #include "lora/lora_index.h"
+#include "sparse/neuron_scores.h"
 #include "sparse/sparse_mlp.h"
 
 namespace {
@@ -96,6 +97,31 @@ PYBIND11_MODULE(_C, m) {
     const auto plan = fastllm::sparse::plan_sparse_down(rows, d_out, k, per_row, sms, vec);
     return pybind11::make_tuple(plan.col_tiles, plan.slices, plan.row_groups);
   });
+  // The quantized predictor's and the up/gate kernel's CUDA launch plans, the x staging layout and
+  // the code decoding (sparse/neuron_scores.h, sparse/sparse_mlp.h), for the CPU tests.
+  m.def("sparse_plan_neuron_scores", [](int64_t rows, int64_t d, int64_t neurons, int64_t sms) {
+    const auto plan = fastllm::sparse::plan_neuron_scores(rows, d, neurons, sms);
+    return pybind11::make_tuple(plan.rows_per_pass, plan.blocks, plan.row_floats,
+                                plan.shared_bytes);
+  });
+  m.def("sparse_staged_x_slot", &fastllm::sparse::staged_x_slot);
+  m.def("sparse_plan_hidden", [](int64_t rows, int64_t d, int64_t k, bool per_row, int64_t sms) {
+    const auto plan = fastllm::sparse::plan_sparse_hidden(rows, d, k, per_row, sms);
+    return pybind11::make_tuple(plan.rows_per_pass, plan.blocks, plan.row_floats,
+                                plan.shared_bytes);
+  });
+  m.def("sparse_int8_codes", [](uint32_t word) {
+    pybind11::list out;
+    for (int k = 0; k < 4; ++k) out.append(fastllm::sparse::int8_code(word, k));
+    return out;
+  });
+  m.def("sparse_int4_codes", [](uint32_t word) {
+    pybind11::list out;
+    for (int k = 0; k < 8; ++k) out.append(fastllm::sparse::int4_code(word, k));
+    return out;
+  });
+  m.attr("sparse_score_threads") = pybind11::int_(fastllm::sparse::kScoreThreads);
+  m.attr("sparse_score_shared_budget") = pybind11::int_(fastllm::sparse::kScoreSharedBudget);
   m.def("lora_plan_sgmv_mma", [](int64_t max_rank, int64_t widest) {
     const auto plan = fastllm::lora::plan_sgmv_mma(max_rank, widest);
     return pybind11::make_tuple(plan.rank_groups, plan.column_blocks);

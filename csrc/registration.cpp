@@ -23,8 +23,10 @@ TORCH_LIBRARY(fastllm, m) {
   m.def("sparse_mlp(Tensor x, Tensor w_up, Tensor? w_gate, Tensor w_down_t, Tensor? b_up, "
         "Tensor? b_gate, Tensor? b_down, Tensor active_idx, Tensor? counts, str activation, "
         "bool deterministic=False) -> Tensor");
-  // fp32 [rows, n] neuron scores |act(g) * u| (|act(u)| without a gate) from int8 weights with one
-  // fp32 scale per group of input columns: u = sum over groups of up_scale * (q_up . x) + b_up.
+  // fp32 [rows, n] neuron scores |act(g) * u| (|act(u)| without a gate) from quantized weights with
+  // one fp32 scale per group of input columns: u = sum over groups of up_scale * (q_up . x) + b_up.
+  // q_up / q_gate: int8 [n, d_in] (one weight per byte) or uint8 [n, d_in / 2] (packed int4: column
+  // 2i in the low nibble of byte i, 2i + 1 in the high one; sparse/neuron_scores.h).
   m.def("quantized_neuron_scores(Tensor x, Tensor q_up, Tensor up_scale, Tensor? q_gate, "
         "Tensor? gate_scale, Tensor? b_up, Tensor? b_gate, str activation) -> Tensor");
 

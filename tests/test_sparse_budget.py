@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastllm.sparse as sparse
+from fastllm._ops.sparse import unpack_int4_rows
 from fastllm.nn import QuantizedPredictor, SparseMLP, quantize_rows
 from helpers import random_tensor
 
@@ -29,6 +30,8 @@ def tiny_opt():
 
 
 def dequant(q, scale):
+    if q.dtype == torch.uint8:  # 4 bits are stored packed two per byte
+        q = unpack_int4_rows(q)
     n, d = q.shape
     return (q.float().reshape(n, scale.shape[1], -1) * scale[..., None]).reshape(n, d)
 
@@ -112,7 +115,7 @@ def test_input_keep_scores_the_top_channels_only():
     idx = (x.abs() * col).topk(16, -1).indices
     xm = torch.zeros_like(x).scatter_(1, idx, x.gather(1, idx))
     torch.testing.assert_close(half.magnitude(x), full.magnitude(xm), rtol=1e-5, atol=1e-6)
-    assert half.weight_bytes() < full.weight_bytes() == half.weight_bytes(packed=False)
+    assert half.weight_bytes() < full.weight_bytes() == half.weight_bytes(as_stored=True)
 
 
 def test_bytes_model_for_the_smollm2_shape():
@@ -122,11 +125,14 @@ def test_bytes_model_for_the_smollm2_shape():
     assert share(bits=4, group=32) == pytest.approx(2 / 3 * (0.5 + 4 / 32) / 2)  # 0.208
     assert share(bits=8, score="gate", group=64) == pytest.approx(0.177083333)
     assert share(bits=4, score="gate", group=32, weight_bytes=4) == pytest.approx(0.0520833)
-    assert share(bits=4, group=32, packed=False) == share(bits=8, group=32)
+    # as stored: int4 packed two per byte; only the column gather (input_keep) is not read so
+    assert share(bits=4, group=32, as_stored=True) == share(bits=4, group=32)
+    assert share(bits=8, group=64, input_keep=0.5, as_stored=True) == share(bits=8, group=64)
     assert share(bits=8, group=64, input_keep=0.5) == pytest.approx(share(bits=8, group=64) / 2)
     pred = QuantizedPredictor.from_weights(random_tensor(n, d), random_tensor(n, d), group=32,
                                            bits=4)
-    assert pred.weight_bytes() / (3 * d * n * 2) == pytest.approx(share(bits=4, group=32))
+    assert pred.weight_bytes(as_stored=True) / (3 * d * n * 2) == pytest.approx(
+        share(bits=4, group=32))
     with pytest.raises(ValueError, match="score must be"):
         share(score="up")
     with pytest.raises(ValueError, match="needs a gated MLP"):
@@ -225,3 +231,23 @@ def test_gate_only_needs_a_gate():
 def test_module_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantizedPredictor(32, 8, 16, **kwargs)
+
+
+def test_defaults_are_the_studys_choice_with_the_bytes_the_op_reads():
+    # bench/sparse_budget_study.json holds the measured figures; its choice (recomputed here from
+    # them, with the storage's bytes) must be what default_quantized_selection returns.
+    import json
+    import pathlib
+    import sys
+    bench = pathlib.Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    import sparse_budget_study
+    res = json.loads((bench / "sparse_budget_study.json").read_text())
+    choice = sparse_budget_study.choose(res)
+    assert json.loads(json.dumps(choice)) == res["best_at_50pct_heldout_le_1.05"]
+    names = {(4, "gate_up"): "int4 gate+up (group 32)", (8, "gate_up"): "int8 gate+up (group 64)"}
+    for label, dtypes in (("fp16", (torch.float16, torch.bfloat16)), ("fp32", (torch.float32,))):
+        selection, speedup, ppl = choice[f"{label}, as_stored"]
+        assert ppl <= 1.05
+        for dtype in dtypes:
+            assert names[sparse.default_quantized_selection(dtype)] == selection

@@ -1,6 +1,9 @@
 """The sparse MLP's CUDA launch plan (a pure host function, checked here on the CPU) and static
-checks of the compiled gather kernels (no GPU needed): 16-byte global loads in the up/gate and
-down kernels, no stack or spills. These guard the design until a GPU can time it."""
+checks of the compiled gather and predictor-scoring kernels (no GPU needed): 16-byte global loads
+in the up/gate, down and scoring kernels, x read from shared memory in 16-byte words by the
+scoring kernel, codes decoded without int-to-float conversions, no stack or spills. These guard
+the design until a GPU can time it. (The scoring kernel's plan and staging layout are checked in
+test_sparse_packed_int4.py.)"""
 
 from __future__ import annotations
 
@@ -37,6 +40,32 @@ def test_llama_7b_decode_at_50_percent_fills_the_gpu():
     assert col_tiles == 2 and slices == 172
 
 
+@pytest.mark.parametrize("rows, per_row", [(1, False), (4, False), (5, False), (3, True)])
+@pytest.mark.parametrize("d", [40, 576, 4096, 8192, 16384])
+@pytest.mark.parametrize("k", [1, 33, 768, 5504, 11008])
+def test_hidden_plan_stages_the_rows_it_serves_and_spreads_the_set(rows, per_row, d, k):
+    per_pass, blocks, row_floats, shared = _C.sparse_plan_hidden(rows, d, k, per_row, SMS)
+    assert row_floats % 32 == 0 and row_floats >= d > row_floats - 32
+    assert shared == per_pass * row_floats * 4
+    if per_row:
+        assert per_pass == 1  # a per-row set belongs to one row
+    else:
+        assert 1 <= per_pass <= min(4, rows)
+        if min(4, rows) * row_floats * 4 <= 48 * 1024:
+            assert per_pass == min(4, rows)
+    assert shared <= 48 * 1024 or per_pass == 1
+    warps = 8 * blocks
+    per_warp = -(-k // warps)
+    assert warps * per_warp >= k > (blocks - 1) * 8 * per_warp  # every block has a neuron
+    assert blocks <= max(4 * SMS, -(-k // 8))
+
+
+def test_llama_7b_hidden_decode_plan():
+    # 5504 of 11008 neurons at batch 1: 2 neurons per warp over 344 blocks (2.6 per SM), x (fp32,
+    # 16 KB) staged once per block.
+    assert _C.sparse_plan_hidden(1, 4096, 5504, False, SMS) == (1, 344, 4096, 16384)
+
+
 def _sass_blocks(kernel: str):
     out = sass_dump()
     for block in out.split("Function : ")[1:]:
@@ -55,11 +84,37 @@ def test_gather_kernels_use_16_byte_global_loads(kernel):
 
 
 @needs_cuda_binary
+def test_hidden_kernel_reads_staged_x_and_keeps_several_words_in_flight():
+    for name, sass in _sass_blocks("hidden_kernel"):
+        assert re.search(r"STS\.128", sass), f"{name} does not stage x in 16-byte words"
+        assert re.search(r"LDS\.128", sass), f"{name} does not read staged x in 16-byte words"
+        # kHiddenWordsPerStep (4) words of the up and of the gate row per step
+        loads = len(re.findall(r"LDG\.E\.128", sass))
+        assert loads >= 8, f"{name}: {loads} 16-byte global loads"
+
+
+@needs_cuda_binary
+def test_scoring_kernel_reads_codes_and_staged_x_in_16_byte_words():
+    # neuron_scores_kernel<scalar_t, packed, gated>: the int8 and packed-int4 forms, with and
+    # without a gate, for fp16 and bf16 x.
+    found = list(_sass_blocks("neuron_scores_kernel"))
+    assert len(found) == 8, [name for name, _ in found]
+    for name, sass in found:
+        assert re.search(r"LDG\.E\.128", sass), f"{name} has no 16-byte global load"
+        assert re.search(r"STS\.128", sass), f"{name} does not stage x in 16-byte words"
+        assert re.search(r"LDS\.128", sass), f"{name} does not read staged x in 16-byte words"
+        # The only int-to-float conversions left are the division routines' reciprocals
+        # (I2F.U32.RP / .U64.RP): codes become floats by int8_code / int4_code's bit trick.
+        conversions = set(re.findall(r"\bI2F[A-Z0-9_.]*", sass))
+        assert conversions <= {"I2F.U32.RP", "I2F.U64.RP"}, f"{name}: {conversions}"
+
+
+@needs_cuda_binary
 def test_sparse_kernels_have_no_spills_or_stack():
     out = subprocess.run([_cuobjdump(), "--dump-resource-usage", _library()], capture_output=True,
                          text=True, check=True).stdout
-    kernels = re.findall(r"Function (\S*(?:hidden_kernel|down_vec_kernel|down_kernel)\S*):\s*\n"
-                         r"\s*(REG:.*)", out)
-    assert len(kernels) >= 12
+    kernels = re.findall(r"Function (\S*(?:hidden_kernel|down_vec_kernel|down_kernel|"
+                         r"neuron_scores_kernel)\S*):\s*\n\s*(REG:.*)", out)
+    assert len(kernels) >= 24
     for name, usage in kernels:
         assert "STACK:0 " in usage and "LOCAL:0" in usage, f"{name}: {usage}"

@@ -166,7 +166,7 @@ def test_quantized_predictors_refuse_lookahead():
 def _bad_cases(device):
     w = quantized_mlp(32, 12, 16, device)
     x = random_tensor(2, 32, device=device)
-    yield dict(q_up=w["q_up"].float()), TypeError, "q_up must have dtype"
+    yield dict(q_up=w["q_up"].float()), TypeError, r"q_up must be int8 \(one weight per byte\)"
     yield dict(q_up=w["q_up"][:, :16].contiguous()), ValueError, "q_up must have shape"
     yield dict(up_scale=w["up_scale"].half()), TypeError, "up_scale must have dtype"
     yield dict(up_scale=torch.ones(12, 3, device=device)), ValueError, "groups dividing d_in"

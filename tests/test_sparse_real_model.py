@@ -75,12 +75,13 @@ def test_factored_predictor_beats_deja_vu_lowrank_on_real_layers(smollm2, text_i
         assert f["precision"] > f["label_density"] + 0.05, f
 
 
-def test_default_int8_predictor_meets_the_recall_and_perplexity_targets(smollm2, text_ids):
+def test_int8_predictor_meets_the_recall_and_perplexity_targets(smollm2, text_ids):
     # Issue 5's targets at 50% sparsity: top-k recall >= 0.95 against the oracle and perplexity
-    # within 5% of dense. The default predictor for a gated MLP is the int8 copy of gate and up.
+    # within 5% of dense, by the int8 copy of gate and up (bits=8; the default is int4 since the
+    # packed-int4 op, see the test below).
     model, _ = smollm2
     eval_ids, calib_ids = text_ids
-    preds = sparse.train_predictors(model, calib_ids[:1], progress=False)
+    preds = sparse.train_predictors(model, calib_ids[:1], bits=8, progress=False)
     assert preds.kind == "quantized" and preds.layers[0].group == 64
     assert min(s["topk_recall_vs_oracle@0.5"] for s in preds.stats) > 0.95
     dense = perplexity(model, eval_ids)
@@ -91,3 +92,39 @@ def test_default_int8_predictor_meets_the_recall_and_perplexity_targets(smollm2,
     finally:
         sparse.densify(model)
     assert ratio < 1.05, ratio
+
+
+def test_default_packed_int4_predictor_scores_as_the_study_measured(smollm2, text_ids):
+    # The default predictor is int4 gate+up (group 32), packed two per byte. The budget study
+    # (bench/sparse_budget_study.py: +4.8% held-out perplexity at 50%, recall 0.92) scored the
+    # same codes stored one per int8 byte; on the CPU the packed op gives those scores bit for
+    # bit on the real layers, so its figures hold for the packed storage.
+    from fastllm._ops.sparse import unpack_int4_rows
+    import fastllm.ops as ops
+    model, _ = smollm2
+    eval_ids, calib_ids = text_ids
+    preds = sparse.train_predictors(model, calib_ids[:1], progress=False)
+    first = preds.layers[0]
+    assert (first.bits, first.group, first.q_up.dtype) == (4, 32, torch.uint8)
+    inputs = []
+    views = [sparse._make_view(s) for s in sparse.find_mlps(model)]
+    sparse.collect_mlp_data(model, calib_ids[:1, :32],
+                            lambda i, view, x: inputs.append((i, x.detach())))
+    for i, x in inputs[::7]:
+        p = preds.layers[i]
+        one_per_byte = ops.quantized_neuron_scores(
+            x, unpack_int4_rows(p.q_up), p.up_scale, q_gate=unpack_int4_rows(p.q_gate),
+            gate_scale=p.gate_scale, activation=p.activation)
+        assert torch.equal(p.magnitude(x), one_per_byte)
+        n, d = views[i].up_w.shape
+        assert p.weight_bytes() == 2 * n * d * (0.5 + 4 / 32)  # codes at half a byte, scales
+    assert min(s["topk_recall_vs_oracle@0.5"] for s in preds.stats) > 0.85
+    dense = perplexity(model, eval_ids)
+    try:
+        sparse.sparsify(model, 0.5, mode="predictor", predictors=preds, dense_above=None,
+                        compute="masked")
+        ratio = perplexity(model, eval_ids) / dense
+    finally:
+        sparse.densify(model)
+    # 128 tokens: looser than the study's 768 / 2048 held-out tokens, far below a bad ranking's
+    assert ratio < 1.08, ratio

@@ -104,6 +104,60 @@ inline SparseDownLaunch plan_sparse_down(int64_t rows, int64_t d_out, int64_t k,
   return {col_tiles, want < most ? (want > 0 ? want : 1) : most, row_groups};
 }
 
+// ---- x staged in shared memory (the CUDA up/gate and predictor-scoring kernels) ------------------
+//
+// A block stages rows_per_pass rows of x in shared memory as fp32, each row padded to a multiple
+// of 32 floats (whole groups of 8 float4 slots). A lane reads the float4s of x under its 16-byte
+// weight word: 1 (fp32 weights), 2 (fp16 / bf16), 4 (int8 codes) or 8 (packed int4) consecutive
+// ones, so a quarter warp's 128-bit reads would hit the same banks up to 8 times over. Float4 f of
+// a row is therefore kept at slot f ^ ((f >> 3) & 7): a permutation inside each group of 8 slots
+// that gives the 8 lanes of a quarter warp 8 different slots (bank quads) in every one of these
+// layouts, and keeps the staging writes of 8 consecutive threads inside one 128-byte line.
+FASTLLM_HOST_DEVICE int staged_x_slot(int f) { return f ^ ((f >> 3) & 7); }
+
+// Staged x stays under the default 48 KB per block (no opt-in; four blocks fit an SM); only a row
+// wider than that (d_in > 12288) asks for more, one row per pass.
+constexpr int64_t kStagedXBudget = 48 * 1024;
+
+struct StagedRows {
+  int64_t rows_per_pass, row_floats, shared_bytes;
+};
+
+// As many of `rows` as fit the budget, at most `most`, at least one.
+inline StagedRows plan_staged_rows(int64_t rows, int64_t d, int64_t most) {
+  const int64_t row_floats = (d + 31) / 32 * 32;
+  const int64_t row_bytes = row_floats * 4 > 0 ? row_floats * 4 : 4;
+  const int64_t cap = rows < most ? (rows > 0 ? rows : 1) : most;
+  int64_t per_pass = kStagedXBudget / row_bytes;
+  per_pass = per_pass < 1 ? 1 : (per_pass > cap ? cap : per_pass);
+  return {per_pass, row_floats, per_pass * row_bytes};
+}
+
+// Blocks of `warps_per_block` warps for `items` (neurons) spread evenly: each warp serves
+// ceil(items / (blocks_per_sm * sms * warps_per_block)) of them (grid-stride) and the grid is just
+// large enough for that, so no warp idles for a tail while its block's staged x serves them all.
+inline int64_t spread_blocks(int64_t items, int64_t sms, int64_t blocks_per_sm,
+                             int64_t warps_per_block) {
+  const int64_t warps = blocks_per_sm * (sms > 0 ? sms : 1) * warps_per_block;
+  const int64_t per_warp = items > warps ? (items + warps - 1) / warps : 1;
+  const int64_t per_block = per_warp * warps_per_block;
+  return items > 0 ? (items + per_block - 1) / per_block : 1;
+}
+
+// The up/gate kernel's grid: passes over the batch rows (kSparseRowsPerPass rows of a shared set
+// per pass, within the staging budget; one row per pass for per-row sets, whose set is that
+// row's), each pass spreading the k positions of its set over every warp of the grid.
+struct SparseHiddenLaunch {
+  int64_t rows_per_pass, blocks, row_floats, shared_bytes;
+};
+
+inline SparseHiddenLaunch plan_sparse_hidden(int64_t rows, int64_t d, int64_t k, bool per_row,
+                                             int64_t sms) {
+  const StagedRows staging = plan_staged_rows(rows, d, per_row ? 1 : kSparseRowsPerPass);
+  return {staging.rows_per_pass, spread_blocks(k, sms, 4, kSparseThreads / 32),
+          staging.row_floats, staging.shared_bytes};
+}
+
 struct SparseMlpShape {
   int64_t rows;      // B
   int64_t d_in;

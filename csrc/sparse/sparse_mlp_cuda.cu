@@ -1,8 +1,11 @@
 // CUDA sparse MLP, three kernels:
-//   hidden_kernel: one warp per active neuron (shared set) or per (row, position) (per-row sets);
-//     lanes stride the neuron's contiguous up/gate row in 16-byte words (8 fp16 / bf16, 4 fp32;
-//     unrolled so that several are in flight per lane), so each weight row is one coalesced read,
-//     reused for up to kRowsPerPass batch rows held in registers; fp32 h[b, j] goes to scratch.
+//   hidden_kernel: passes over the batch (up to kRowsPerPass rows of a shared set, or one row of
+//     per-row sets, plan_sparse_hidden); each pass stages its rows of x in shared memory as fp32
+//     (sparse_mlp.h: staged_x_slot) and spreads its set's positions over every warp of the grid,
+//     one warp per active neuron; lanes stride the neuron's contiguous up/gate row in 16-byte
+//     words (8 fp16 / bf16, 4 fp32), kHiddenWordsPerStep words of each row loaded before any is
+//     used, so each weight row is one coalesced read, reused for the pass's rows; fp32 h[b, j]
+//     goes to scratch.
 //   down_vec_kernel: a block owns 256 x vec output columns x one slice of the active neurons
 //     (sparse_mlp.h, plan_sparse_down); each thread walks its slice and reads one 16-byte word of
 //     w_down_t[idx_j] per neuron, skipping neurons whose h is 0 in every row it serves (ReLU).
@@ -49,62 +52,102 @@ __device__ __forceinline__ int64_t set_count(const index_t* counts, int64_t set,
   return counts == nullptr ? k : guarded_count(static_cast<int64_t>(counts[set]), k, bad);
 }
 
-template <typename scalar_t, typename index_t>
-__global__ void hidden_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_up,
-                              const scalar_t* __restrict__ w_gate,
-                              const scalar_t* __restrict__ b_up,
-                              const scalar_t* __restrict__ b_gate,
-                              const index_t* __restrict__ idx, const index_t* __restrict__ counts,
-                              float* __restrict__ h, int64_t rows, int64_t d, int64_t k,
-                              int64_t neurons, bool per_row, Activation act, bool vector,
-                              unsigned int* __restrict__ error_word) {
-  const int lane = threadIdx.x & 31;
-  const int64_t tasks = per_row ? rows * k : k;
-  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-       t < tasks; t += warp_stride) {
-    const int64_t b_first = per_row ? t / k : 0;
-    const int64_t j = per_row ? t % k : t;
-    const int64_t b_last = per_row ? b_first + 1 : rows;
-    bool bad_count;
-    const int64_t count = set_count(counts, per_row ? b_first : 0, k, &bad_count);
-    if (bad_count && j == 0 && lane == 0) report_index_error(error_word, kSparseCounts);
-    if (j >= count) continue;  // padding: the down kernel never reads h past the count
-    const int64_t neuron = static_cast<int64_t>(idx[t]);
-    if (!neuron_in_range(neuron, neurons)) {
-      // Never dereferenced: h is 0 for every row of the set, so the neuron contributes nothing.
-      if (lane == 0) report_index_error(error_word, kSparseActiveIdx);
-      for (int64_t b = b_first + lane; b < b_last; b += 32) h[b * k + j] = 0.f;
-      continue;
+// Words of each weight row a lane loads before using any (with a gate, twice as many loads are in
+// flight: 8 per lane).
+constexpr int kHiddenWordsPerStep = 4;
+
+// Stages rows [b0, b0 + nb) of x as fp32 into the block's shared memory (sparse_mlp.h:
+// staged_x_slot). Scalar loads: x is read once per block and pass, the weights once per neuron.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_rows(float4* staged, const scalar_t* __restrict__ x,
+                                           int64_t b0, int nb, int64_t d, int slots) {
+  for (int s = threadIdx.x; s < nb * slots; s += blockDim.x) {
+    const int r = s / slots, f = s - r * slots;
+    const int64_t c = 4 * static_cast<int64_t>(f);
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (c + 3 < d) {
+      const scalar_t* p = x + (b0 + r) * d + c;
+      v = make_float4(to_f(p[0]), to_f(p[1]), to_f(p[2]), to_f(p[3]));
+    } else if (c < d) {  // the last columns of a row whose length is not a multiple of 4
+      float e[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int i = 0; c + i < d; ++i) e[i] = to_f(x[(b0 + r) * d + c + i]);
+      v = make_float4(e[0], e[1], e[2], e[3]);
     }
-    const scalar_t* up_row = w_up + neuron * d;
-    const scalar_t* gate_row = w_gate != nullptr ? w_gate + neuron * d : nullptr;
-    for (int64_t b0 = b_first; b0 < b_last; b0 += kRowsPerPass) {
-      const int nb = static_cast<int>(min64(kRowsPerPass, b_last - b0));
+    staged[r * slots + staged_x_slot(f)] = v;
+  }
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    hidden_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_up,
+                  const scalar_t* __restrict__ w_gate, const scalar_t* __restrict__ b_up,
+                  const scalar_t* __restrict__ b_gate, const index_t* __restrict__ idx,
+                  const index_t* __restrict__ counts, float* __restrict__ h, int64_t rows,
+                  int64_t d, int64_t k, int64_t neurons, bool per_row, Activation act,
+                  bool vector, int rows_per_pass, int64_t row_floats,
+                  unsigned int* __restrict__ error_word) {
+  extern __shared__ float4 staged[];  // rows_per_pass rows of row_floats / 4 slots
+  const float* staged_f = reinterpret_cast<const float*>(staged);
+  const int lane = threadIdx.x & 31;
+  const int slots = static_cast<int>(row_floats / 4);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  // A pass: rows_per_pass rows of a shared set, or one row (and its own set) of per-row sets.
+  for (int64_t b0 = 0; b0 < rows; b0 += rows_per_pass) {
+    const int nb = static_cast<int>(min64(rows_per_pass, rows - b0));
+    __syncthreads();  // every warp is done with the previous pass's rows
+    stage_rows(staged, x, b0, nb, d, slots);
+    __syncthreads();
+    const int64_t set = per_row ? b0 : 0;
+    bool bad_count;
+    const int64_t count = set_count(counts, set, k, &bad_count);
+    if (bad_count && first == 0 && lane == 0) report_index_error(error_word, kSparseCounts);
+    for (int64_t j = first; j < count; j += warp_stride) {  // padding past the count: never read
+      const int64_t neuron = static_cast<int64_t>(idx[set * k + j]);
+      if (!neuron_in_range(neuron, neurons)) {
+        // Never dereferenced: h is 0 for the pass's rows, so the neuron contributes nothing.
+        if (lane == 0) report_index_error(error_word, kSparseActiveIdx);
+        for (int r = lane; r < nb; r += 32) h[(b0 + r) * k + j] = 0.f;
+        continue;
+      }
+      const scalar_t* up_row = w_up + neuron * d;
+      const scalar_t* gate_row = w_gate != nullptr ? w_gate + neuron * d : nullptr;
       float up[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
       float gate[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
       if constexpr (sizeof(scalar_t) <= 4) {
-        if (vector) {  // x and the rows are whole 16-byte words (host check)
+        if (vector) {  // the rows are whole aligned 16-byte words (host check)
           constexpr int vec = kWordElems<scalar_t>;
-#pragma unroll 4
-          for (int64_t i = lane * vec; i < d; i += 32 * vec) {
-            float wu[vec], wg[vec];
-            word_floats<scalar_t>(load_word(up_row + i), wu);
-            if (gate_row != nullptr) {
-              word_floats<scalar_t>(load_word(gate_row + i), wg);
-            } else {
+          constexpr int quads = vec / 4;  // float4s of staged x per word
+          const int words = static_cast<int>(d / vec);
+          for (int w0 = lane; w0 < words; w0 += 32 * kHiddenWordsPerStep) {
+            uint4 wu[kHiddenWordsPerStep], wg[kHiddenWordsPerStep];
+            // Every load of the step before any use: up to 8 16-byte loads in flight per lane.
 #pragma unroll
-              for (int e = 0; e < vec; ++e) wg[e] = 0.f;
+            for (int u = 0; u < kHiddenWordsPerStep; ++u) {
+              const int w = w0 + 32 * u;
+              wu[u] = w < words ? load_word(up_row + static_cast<int64_t>(w) * vec)
+                                : make_uint4(0, 0, 0, 0);
+              wg[u] = w < words && gate_row != nullptr
+                          ? load_word(gate_row + static_cast<int64_t>(w) * vec)
+                          : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
-            for (int r = 0; r < kRowsPerPass; ++r) {
-              if (r < nb) {
-                float xv[vec];
-                word_floats<scalar_t>(load_word(x + (b0 + r) * d + i), xv);
+            for (int u = 0; u < kHiddenWordsPerStep; ++u) {
+              const int w = w0 + 32 * u;
+              if (w >= words) break;
+              float fu[vec], fg[vec];
+              word_floats<scalar_t>(wu[u], fu);
+              word_floats<scalar_t>(wg[u], fg);
 #pragma unroll
-                for (int e = 0; e < vec; ++e) {
-                  up[r] += wu[e] * xv[e];
-                  gate[r] += wg[e] * xv[e];
+              for (int r = 0; r < kRowsPerPass; ++r) {
+                if (r >= nb) break;
+#pragma unroll
+                for (int q = 0; q < quads; ++q) {
+                  const float4 xv = staged[r * slots + staged_x_slot(w * quads + q)];
+                  up[r] += fu[4 * q] * xv.x + fu[4 * q + 1] * xv.y + fu[4 * q + 2] * xv.z +
+                           fu[4 * q + 3] * xv.w;
+                  gate[r] += fg[4 * q] * xv.x + fg[4 * q + 1] * xv.y + fg[4 * q + 2] * xv.z +
+                             fg[4 * q + 3] * xv.w;
                 }
               }
             }
@@ -114,10 +157,11 @@ __global__ void hidden_kernel(const scalar_t* __restrict__ x, const scalar_t* __
       for (int64_t i = lane; i < d && !(vector && sizeof(scalar_t) <= 4); i += 32) {
         const float wu = to_f(up_row[i]);
         const float wg = gate_row != nullptr ? to_f(gate_row[i]) : 0.f;
+        const int at = 4 * staged_x_slot(static_cast<int>(i >> 2)) + static_cast<int>(i & 3);
 #pragma unroll
         for (int r = 0; r < kRowsPerPass; ++r) {
           if (r < nb) {
-            const float xv = to_f(x[(b0 + r) * d + i]);
+            const float xv = staged_f[r * static_cast<int>(row_floats) + at];
             up[r] += wu * xv;
             gate[r] += wg * xv;
           }
@@ -125,9 +169,10 @@ __global__ void hidden_kernel(const scalar_t* __restrict__ x, const scalar_t* __
       }
 #pragma unroll
       for (int r = 0; r < kRowsPerPass; ++r) {
+        if (r >= nb) break;
         const float u = warp_sum(up[r]);
         const float g = warp_sum(gate[r]);
-        if (lane == 0 && r < nb) {
+        if (lane == 0) {
           const float ub = b_up != nullptr ? to_f(b_up[neuron]) : 0.f;
           const float gb = b_gate != nullptr ? to_f(b_gate[neuron]) : 0.f;
           h[(b0 + r) * k + j] = hidden_value(act, gate_row != nullptr, u + ub, g + gb);
@@ -315,15 +360,21 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
   at::Tensor out = at::empty({s.rows, s.d_out}, x.options());
   if (out.numel() == 0) return out;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int64_t sms = props->multiProcessorCount;
 
-  // 16-byte words where every row (and x) is whole aligned words; scalar loads otherwise.
+  // 16-byte words where every weight row is whole aligned words; scalar loads otherwise (x is
+  // staged in shared memory by scalar loads either way).
   const int64_t vec = x.element_size() <= 4 ? 16 / x.element_size() : 1;
   auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
-  const bool vector_in = vec > 1 && s.d_in % vec == 0 && aligned(x.data_ptr()) &&
-                         aligned(w_up.data_ptr()) &&
+  const bool vector_in = vec > 1 && s.d_in % vec == 0 && aligned(w_up.data_ptr()) &&
                          (!w_gate.has_value() || aligned(w_gate->data_ptr()));
   const bool vector_down = vec > 1 && s.d_out % vec == 0 && aligned(w_down_t.data_ptr());
+  const SparseHiddenLaunch hidden = plan_sparse_hidden(s.rows, s.d_in, s.k, s.per_row, sms);
+  TORCH_CHECK_VALUE(hidden.shared_bytes <= static_cast<int64_t>(props->sharedMemPerBlockOptin),
+                    kOp, ": d_in (", s.d_in, ") is too wide for one row of x in shared memory (",
+                    hidden.shared_bytes, " bytes; this GPU allows ",
+                    props->sharedMemPerBlockOptin, " per block)");
   const SparseDownLaunch plan =
       plan_sparse_down(s.rows, s.d_out, s.k, s.per_row, sms, vector_down ? vec : 1);
   const int64_t col_tiles = plan.col_tiles, slices = plan.slices, row_groups = plan.row_groups;
@@ -342,15 +393,18 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
     AT_DISPATCH_INDEX_TYPES(active_idx.scalar_type(), "sparse_mlp_cuda_index", [&] {
       const index_t* cp = counts.has_value() ? counts->const_data_ptr<index_t>() : nullptr;
       if (s.k > 0) {
-        const int64_t tasks = s.per_row ? s.rows * s.k : s.k;
-        const int64_t blocks =
-            std::min<int64_t>((tasks + kWarpsPerBlock - 1) / kWarpsPerBlock, sms * 32);
-        hidden_kernel<scalar_t, index_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        auto kernel = hidden_kernel<scalar_t, index_t>;
+        if (hidden.shared_bytes > 48 * 1024) {
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(hidden.shared_bytes)));
+        }
+        kernel<<<static_cast<unsigned>(hidden.blocks), kThreads,
+                 static_cast<size_t>(hidden.shared_bytes), stream>>>(
             x.const_data_ptr<scalar_t>(), w_up.const_data_ptr<scalar_t>(),
             ptr_or_null<scalar_t>(w_gate), ptr_or_null<scalar_t>(b_up),
             ptr_or_null<scalar_t>(b_gate), active_idx.const_data_ptr<index_t>(), cp,
             h.data_ptr<float>(), s.rows, s.d_in, s.k, s.neurons, s.per_row, act, vector_in,
-            error_word);
+            static_cast<int>(hidden.rows_per_pass), hidden.row_floats, error_word);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (s.k > 0 || deterministic) {

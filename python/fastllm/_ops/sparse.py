@@ -12,7 +12,8 @@ from torch import Tensor
 
 from ._common import require_kernels_for as _require_kernels_for
 
-__all__ = ["sparse_mlp", "quantized_neuron_scores", "quantize_rows_int8"]
+__all__ = ["sparse_mlp", "quantized_neuron_scores", "quantize_rows_int8", "pack_int4_rows",
+           "unpack_int4_rows"]
 
 
 def sparse_mlp(x: Tensor, w_up: Tensor, w_down_t: Tensor, active_idx: Tensor, *,
@@ -93,11 +94,45 @@ def quantize_rows_symmetric(w: Tensor, group: int, levels: int,
     return q.reshape(n, d).contiguous(), scale.contiguous()
 
 
+def pack_int4_rows(q: Tensor) -> Tensor:
+    """Two int4 codes per byte: int8 ``[n, d]`` with values in ``[-8, 7]`` -> uint8 ``[n, d / 2]``.
+
+    Byte ``i`` of a row holds column ``2i`` in its low nibble and column ``2i + 1`` in its high
+    nibble, each as a two's-complement 4-bit value (the storage
+    :func:`quantized_neuron_scores` reads when given uint8 weights). Lossless for codes in
+    ``[-8, 7]``; :func:`unpack_int4_rows` inverts it.
+    """
+    if q.dim() != 2 or q.dtype != torch.int8:
+        raise ValueError(f"pack_int4_rows: q must be a 2-D int8 tensor, got {q.dtype} of shape "
+                         f"{tuple(q.shape)}")
+    if q.shape[1] % 2:
+        raise ValueError(f"pack_int4_rows: q must have an even number of columns, got "
+                         f"{q.shape[1]}")
+    if q.numel() and (q.min().item() < -8 or q.max().item() > 7):
+        raise ValueError("pack_int4_rows: codes must lie in [-8, 7] (4 bits), got values in "
+                         f"[{q.min().item()}, {q.max().item()}]")
+    nibbles = q.to(torch.uint8) & 0x0F  # two's complement: the low 4 bits of the int8 value
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4_rows(packed: Tensor) -> Tensor:
+    """The int8 ``[n, 2 * m]`` codes of a uint8 ``[n, m]`` packed-int4 tensor
+    (see :func:`pack_int4_rows`)."""
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_int4_rows: packed must be a 2-D uint8 tensor, got "
+                         f"{packed.dtype} of shape {tuple(packed.shape)}")
+    # (u ^ 8) - 8 sign-extends a 4-bit code u.
+    low = ((packed & 0x0F) ^ 8).to(torch.int8) - 8
+    high = ((packed >> 4) ^ 8).to(torch.int8) - 8
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)
+
+
 def quantized_neuron_scores(x: Tensor, q_up: Tensor, up_scale: Tensor, *,
                             q_gate: Tensor | None = None, gate_scale: Tensor | None = None,
                             b_up: Tensor | None = None, b_gate: Tensor | None = None,
                             activation: str = "silu") -> Tensor:
-    """Per-neuron scores ``|act(g) * u|`` (``|act(u)|`` without a gate) from int8 weights.
+    """Per-neuron scores ``|act(g) * u|`` (``|act(u)|`` without a gate) from int8 or packed int4
+    weights.
 
     ``u = sum over column groups of up_scale[:, g] * (q_up[:, group g] . x[group g]) + b_up``,
     likewise ``g``; see :func:`quantize_rows_int8` for the layout. The scores rank neurons as
@@ -105,7 +140,9 @@ def quantized_neuron_scores(x: Tensor, q_up: Tensor, up_scale: Tensor, *,
 
     Args:
         x: ``[..., d_in]`` float32, float16 or bfloat16.
-        q_up, q_gate: int8 ``[n, d_in]``; up_scale, gate_scale: fp32 ``[n, d_in // group]`` with
+        q_up, q_gate: int8 ``[n, d_in]`` (one code per byte) or uint8 ``[n, d_in / 2]`` (packed
+            int4, two codes per byte, :func:`pack_int4_rows`; then ``d_in`` must be a multiple of
+            32), both of one storage; up_scale, gate_scale: fp32 ``[n, d_in // group]`` with
             ``group`` a multiple of 16 (``q_gate`` and ``gate_scale`` together or not at all).
         b_up, b_gate: optional fp32 ``[n]``.
         activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.

@@ -64,13 +64,23 @@ def dense_mlp_reference(x: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: 
     return F.linear(h, w_down, b_down)
 
 
+def _unpack_int4(packed: Tensor) -> Tensor:
+    """Codes of packed int4 rows: byte i holds column 2i (low nibble) and 2i + 1 (high nibble),
+    each a two's-complement 4-bit value."""
+    nibbles = torch.stack((packed.long() % 16, packed.long() // 16), dim=-1)
+    return torch.where(nibbles >= 8, nibbles - 16, nibbles).reshape(packed.shape[0], -1)
+
+
 def quantized_neuron_scores_reference(x: Tensor, q_up: Tensor, up_scale: Tensor,
                                       q_gate: Tensor | None = None,
                                       gate_scale: Tensor | None = None, b_up: Tensor | None = None,
                                       b_gate: Tensor | None = None,
                                       activation: str = "silu") -> Tensor:
-    """Dequantize (``q * scale`` per column group) and score ``|act(g) * u|`` in fp32."""
+    """Dequantize (``q * scale`` per column group) and score ``|act(g) * u|`` in fp32. uint8
+    weights are packed int4 (two codes per byte, ``fastllm._ops.sparse.pack_int4_rows``)."""
     def dequant(q, scale):
+        if q.dtype == torch.uint8:
+            q = _unpack_int4(q)
         n, d = q.shape
         groups = scale.shape[1]
         return (q.float().reshape(n, groups, d // groups) * scale[..., None].float()).reshape(n, d)

@@ -46,10 +46,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._ops.sparse import (
+    pack_int4_rows,
     quantize_rows_int8,
     quantize_rows_symmetric,
     quantized_neuron_scores,
     sparse_mlp,
+    unpack_int4_rows,
 )
 
 __all__ = ["SparseMLP", "LowRankPredictor", "FactoredPredictor", "QuantizedPredictor",
@@ -120,9 +122,9 @@ def quantize_rows(w: Tensor, group: int = 64, bits: int = 8) -> tuple[Tensor, Te
     input columns: ``(q int8 [n, d], scale fp32 [n, d // group])`` with ``w ~= q * scale``.
 
     8 bits is :func:`fastllm._ops.sparse.quantize_rows_int8` (``max|w| / 127``); 4 bits uses the
-    levels ``-7..7`` (``max|w| / 7``) and stores them one per int8 byte, so that
-    :func:`fastllm.ops.quantized_neuron_scores` (an int8 op) scores them unchanged. Packing two
-    per byte is what a 4-bit kernel would read; none is written (see :class:`QuantizedPredictor`).
+    levels ``-7..7`` (``max|w| / 7``), returned one code per int8 byte;
+    :class:`QuantizedPredictor` packs them two per byte
+    (:func:`fastllm._ops.sparse.pack_int4_rows`), the storage the op's packed-int4 path reads.
     """
     if bits == 8:
         return quantize_rows_int8(w, group)
@@ -144,11 +146,13 @@ class QuantizedPredictor(nn.Module):
     CATS-style): ``|act(g)|`` from the quantized gate rows only, half the bytes and
     multiply-adds, blind to ``|up|``. ``bits``: 8 (``max|w|/127``) or 4 (levels -7..7).
 
-    Bytes per token (what a kernel reading packed weights reads): ``bits / 8 + 4 / group`` per
+    Storage: 8 bits as int8 ``[n, d]`` codes; 4 bits packed two per byte, uint8 ``[n, d / 2]``
+    (column ``2i`` in the low nibble of byte ``i``, ``2i + 1`` in the high one, two's complement;
+    :func:`fastllm._ops.sparse.pack_int4_rows`), which the op reads as such, so 4 bits needs
+    ``d_model`` to be a multiple of 32. The packed scores equal those of the same codes stored
+    one per int8 byte (only the storage differs). Bytes per token: ``bits / 8 + 4 / group`` per
     quantized weight, i.e. for ``d n`` (gate) or ``2 d n`` (gate+up) weights; see
-    :meth:`weight_bytes` and :func:`fastllm.sparse.predictor_bytes_share`. 4-bit values are stored
-    one per int8 byte, because the existing op reads int8: today's CPU/CUDA op therefore reads
-    4-bit predictors at the 8-bit size; a packed-int4 kernel is not written.
+    :meth:`weight_bytes` and :func:`fastllm.sparse.predictor_bytes_share`.
     ``input_keep`` (WINA/TEAL-style input sparsity of the predictor, 0 < input_keep <= 1): each
     token's scores use only its ``round(input_keep * d)`` input channels with the largest
     ``|x_i| * ||W[:, i]||`` (column norms of the dequantized scored rows), the other channels
@@ -171,6 +175,10 @@ class QuantizedPredictor(nn.Module):
                              f"positive multiple of 16, got {group}")
         if bits not in (8, 4):
             raise ValueError(f"QuantizedPredictor: bits must be 8 or 4, got {bits!r}")
+        if bits == 4 and d_model % 32:
+            raise ValueError(f"QuantizedPredictor: 4 bits are stored packed in 16-byte words of 32 "
+                             f"columns, so d_model must be a multiple of 32, got {d_model}; "
+                             "use bits=8")
         if score not in QUANTIZED_SCORES:
             raise ValueError(f"QuantizedPredictor: score must be one of {QUANTIZED_SCORES}, "
                              f"got {score!r}")
@@ -187,10 +195,11 @@ class QuantizedPredictor(nn.Module):
         self.bits, self.score, self.impl = bits, score, impl
         self.input_keep = None if input_keep is None else float(input_keep)
         groups = d_model // group
-        self.register_buffer("q_up", torch.zeros(n_neurons, d_model, dtype=torch.int8))
+        codes = ((n_neurons, d_model), torch.int8) if bits == 8 else \
+            ((n_neurons, d_model // 2), torch.uint8)  # packed int4
+        self.register_buffer("q_up", torch.zeros(codes[0], dtype=codes[1]))
         self.register_buffer("up_scale", torch.zeros(n_neurons, groups))
-        self.register_buffer("q_gate", torch.zeros(n_neurons, d_model, dtype=torch.int8)
-                             if gated else None)
+        self.register_buffer("q_gate", torch.zeros(codes[0], dtype=codes[1]) if gated else None)
         self.register_buffer("gate_scale", torch.zeros(n_neurons, groups) if gated else None)
         self.register_buffer("b_up", torch.zeros(n_neurons) if bias else None)
         self.register_buffer("b_gate", torch.zeros(n_neurons) if bias and gated else None)
@@ -202,6 +211,8 @@ class QuantizedPredictor(nn.Module):
         total = torch.zeros_like(self.col_norm, dtype=torch.float32)
         for q, scale in ((self.q_up, self.up_scale), (self.q_gate, self.gate_scale)):
             if q is not None:
+                if q.dtype == torch.uint8:
+                    q = unpack_int4_rows(q)
                 n, d = q.shape
                 w = q.float().reshape(n, scale.shape[1], d // scale.shape[1]) * scale[..., None]
                 total += w.reshape(n, d).pow(2).sum(0)
@@ -225,13 +236,14 @@ class QuantizedPredictor(nn.Module):
             pred = cls(w_up.shape[1], w_up.shape[0], group, activation, w_gate is not None,
                        b_up is not None or b_gate is not None, bits=bits, score=score,
                        impl=impl, input_keep=input_keep)
+        store = (lambda q: q) if bits == 8 else pack_int4_rows
         with torch.no_grad():
             q, scale = quantize_rows(w_up, group, bits)
-            pred.q_up.copy_(q)
+            pred.q_up.copy_(store(q))
             pred.up_scale.copy_(scale)
             if w_gate is not None:
                 q, scale = quantize_rows(w_gate, group, bits)
-                pred.q_gate.copy_(q)
+                pred.q_gate.copy_(store(q))
                 pred.gate_scale.copy_(scale)
             for name, b in (("b_up", b_up), ("b_gate", b_gate)):
                 if b is not None and getattr(pred, name) is not None:
@@ -243,8 +255,24 @@ class QuantizedPredictor(nn.Module):
     def from_state(cls, state: dict, activation: str, *, bits: int = 8,
                    score: str = "gate_up", input_keep: float | None = None
                    ) -> "QuantizedPredictor":
-        """A predictor rebuilt from a saved state dict (for loading)."""
+        """A predictor rebuilt from a saved state dict (for loading).
+
+        4-bit codes saved one per int8 byte (files written before the packed storage) are packed
+        here; they were quantized the same way, so the scores are unchanged."""
+        state = dict(state)
+        for name in ("q_up", "q_gate"):
+            q = state.get(name)
+            if q is None:
+                continue
+            if q.dtype not in ((torch.int8,) if bits == 8 else (torch.uint8, torch.int8)):
+                raise ValueError(f"QuantizedPredictor: saved {name} has dtype {q.dtype}, which is "
+                                 f"no {bits}-bit storage (8 bits: int8 codes; 4 bits: uint8 "
+                                 "packed or int8 one per byte)")
+            if bits == 4 and q.dtype == torch.int8:
+                state[name] = pack_int4_rows(q)  # raises if a code is outside 4 bits
         n, d = state["q_up"].shape
+        if state["q_up"].dtype == torch.uint8:
+            d *= 2
         pred = cls(d, n, d // state["up_scale"].shape[1], activation, "q_gate" in state,
                    "b_up" in state, bits=bits, score=score, input_keep=input_keep)
         pred.load_state_dict(state)
@@ -252,18 +280,16 @@ class QuantizedPredictor(nn.Module):
             pred._set_col_norm()
         return pred
 
-    def weight_bytes(self, packed: bool = True) -> int:
-        """Bytes one call reads for its weights and scales (biases not counted): ``bits / 8`` per
-        weight when ``packed`` (what a kernel reading packed values reads), else 1 (the int8
-        storage the existing op reads)."""
-        per = self.bits / 8 if packed else 1.0
-        if packed and self.input_keep is not None:
-            per *= self.input_keep  # only the kept columns (and, roughly, their scales' share)
+    def weight_bytes(self, as_stored: bool = False) -> int:
+        """Bytes one call reads for its codes and scales (biases not counted): ``bits / 8`` per
+        weight (the storage: int8, or packed int4) plus the fp32 scales. With ``input_keep`` the
+        default counts only the kept share of the columns (what a column-gather kernel, not
+        written, would read); ``as_stored=True`` counts what today's op reads: every column."""
+        keep = 1.0 if as_stored or self.input_keep is None else self.input_keep
         total = 0.0
         for q, scale in ((self.q_up, self.up_scale), (self.q_gate, self.gate_scale)):
             if q is not None:
-                total += q.numel() * per + scale.numel() * 4 * (
-                    self.input_keep if packed and self.input_keep is not None else 1)
+                total += (q.numel() * q.element_size() + scale.numel() * 4) * keep
         return int(total)
 
     def _apply(self, fn, recurse=True):

@@ -14,16 +14,16 @@ the gate and up weights (``kind="quantized"``), not a trained low-rank map. See
 
 Cheaper quantized selections (``quantize_predictors`` / ``train_predictors(kind="quantized")``,
 also through ``sparsify(..., mode="predictor", calibration_ids=..., bits=..., score=...)``):
-``bits=4`` (int4 gate+up, group 32), ``score="gate"`` (CATS-style ``|act(gate)|`` from the
-quantized gate only) and ``input_keep`` (WINA-style: score from each token's top input channels
-by ``|x_i| ||W[:, i]||``). :func:`predictor_bytes_share` gives their bytes. Measured on SmolLM2
-(``bench/sparse_budget_study.py``, held-out text, 50% sparsity, ppl vs dense; bytes = predictor
-+ kept rows as a share of the dense fp16 MLP): oracle +4.5%; int8 gate+up +3.4%, 0.85; int4
-gate+up +4.8%, 0.71 with packed int4 (0.875 as stored today); int8 gate +40%; int4 gate +46%;
-int8 gate+up with half the input channels +11%; threshold mode +30%. The int4 and
-``input_keep`` savings need a packed-int4 / column-gather kernel, which is not written: today
-int4 values sit one per int8 byte and the int8 op reads every column, so the default stays int8
-gate+up for every dtype (:func:`default_quantized_selection`).
+``bits=4`` (int4 gate+up, group 32, stored packed two per byte), ``bits=8``, ``score="gate"``
+(CATS-style ``|act(gate)|`` from the quantized gate only) and ``input_keep`` (WINA-style: score
+from each token's top input channels by ``|x_i| ||W[:, i]||``). :func:`predictor_bytes_share`
+gives their bytes. Measured on SmolLM2 (``bench/sparse_budget_study.py``, held-out text, 50%
+sparsity, ppl vs dense; bytes = predictor + kept rows as a share of the dense fp16 MLP): oracle
++4.5%; int8 gate+up +3.4%, 0.85; int4 gate+up +4.8%, 0.71; int8 gate +40%; int4 gate +46%;
+int8 gate+up with half the input channels +11%; threshold mode +30%. The op reads int4 packed,
+so int4 gate+up is the default for every dtype (:func:`default_quantized_selection`); the
+``input_keep`` saving needs a column-gather kernel, which is not written (the op reads every
+column).
 """
 
 from __future__ import annotations
@@ -294,14 +294,15 @@ def predictor_cost(kind: str, d: int, n: int, rank: int, gated: bool = True) -> 
 
 def predictor_bytes_share(d: int, n: int, *, bits: int = 8, score: str = "gate_up",
                           group: int = 64, weight_bytes: float = 2.0, gated: bool = True,
-                          packed: bool = True, input_keep: float | None = None) -> float:
+                          as_stored: bool = False, input_keep: float | None = None) -> float:
     """Bytes a :class:`~fastllm.nn.QuantizedPredictor` reads per call, as a share of the dense
     MLP's weight bytes (``3dn`` gated, ``2dn`` plain, at ``weight_bytes`` per weight: 2 for
-    fp16/bf16, 4 for fp32). Each quantized weight costs ``bits / 8`` (1 when not ``packed``: the
-    int8 storage today's op reads, also for 4 bits) plus ``4 / group`` for its fp32 scale;
+    fp16/bf16, 4 for fp32). Each quantized weight costs ``bits / 8`` (int8, or int4 packed two
+    per byte, as stored and read by the op) plus ``4 / group`` for its fp32 scale;
     ``score="gate_up"`` quantizes ``2dn`` weights (``dn`` for a plain MLP), ``"gate"`` ``dn``.
 
-    ``input_keep`` (packed only) scales it by the share of input columns read.
+    ``input_keep`` scales it by the share of input columns read, what a column-gather kernel
+    (not written) would read; ``as_stored=True`` ignores it: today's op reads every column.
 
     SmolLM2 (d 576, n 1536), fp16: int8 gate+up (group 64) 0.354, int4 gate+up (group 32)
     0.208, int8 gate 0.177, int4 gate 0.104; halve them for fp32. The rows a sparse call then
@@ -312,9 +313,9 @@ def predictor_bytes_share(d: int, n: int, *, bits: int = 8, score: str = "gate_u
                          f"'gate', got {score!r}")
     if score == "gate" and not gated:
         raise ValueError("fastllm.sparse.predictor_bytes_share: score='gate' needs a gated MLP")
-    per_weight = (bits / 8 if packed else 1.0) + 4 / group
+    per_weight = bits / 8 + 4 / group
     quantized = (2 if gated and score == "gate_up" else 1) * d * n
-    if packed and input_keep is not None:
+    if not as_stored and input_keep is not None:
         per_weight *= input_keep
     return quantized * per_weight / ((3 if gated else 2) * d * n * weight_bytes)
 
@@ -322,18 +323,20 @@ def predictor_bytes_share(d: int, n: int, *, bits: int = 8, score: str = "gate_u
 # Per weight dtype: (bits, score) of the default quantized predictor, chosen by
 # bench/sparse_budget_study.py (SmolLM2, held-out text): the selection with the best estimated
 # speed-up (bytes model: dense MLP bytes / (predictor bytes + kept rows' bytes)) at <= +5%
-# perplexity at 50% sparsity, with the bytes today's op reads. int8 gate+up (+3.4%, 1.17x fp16,
-# 1.48x fp32) wins for every dtype: int4 gate+up (+4.8%) is stored one value per int8 byte (no
-# packed-int4 kernel), so it reads more (group-32 scales); gate-only scores and the threshold mode
-# miss +5% by far. With a packed-int4 scoring kernel int4 gate+up would win (1.41x fp16, 1.66x
-# fp32 by the bytes model): switch these to (4, "gate_up") then.
-_QUANTIZED_DEFAULTS = {torch.float32: (8, "gate_up"), torch.float16: (8, "gate_up"),
-                       torch.bfloat16: (8, "gate_up")}
+# perplexity at 50% sparsity, with the bytes the op reads from the storage. int4 gate+up (group
+# 32, packed two per byte; +4.8% on 768 and on 2048 held-out tokens) wins for every dtype: 1.41x
+# fp16 and 1.66x fp32 against int8 gate+up's 1.17x / 1.48x (+3.4%); gate-only scores, input
+# channel sparsity (no column-gather kernel: no bytes saved as stored) and the threshold mode miss
+# +5% by far. The margin is thin (the oracle itself costs +4.5%), and int4's top-k recall (0.92)
+# is below int8's (0.995): bits=8 stays the choice where quality matters more than bytes.
+_QUANTIZED_DEFAULTS = {torch.float32: (4, "gate_up"), torch.float16: (4, "gate_up"),
+                       torch.bfloat16: (4, "gate_up")}
 
 
 def default_quantized_selection(dtype: torch.dtype) -> tuple[int, str]:
     """``(bits, score)`` of the default :class:`~fastllm.nn.QuantizedPredictor` for a model whose
-    weights are ``dtype`` (see :func:`quantize_predictors`); other dtypes get the fp32 choice."""
+    weights are ``dtype`` (see :func:`quantize_predictors`); other dtypes get the fp32 choice.
+    A model whose ``d_model`` is not a multiple of 32 (no whole packed-int4 words) gets 8 bits."""
     return _QUANTIZED_DEFAULTS.get(dtype, _QUANTIZED_DEFAULTS[torch.float32])
 
 
@@ -376,9 +379,10 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
     """Fit one neuron predictor per MLP from the dense model's activations on ``calibration_ids``.
 
     ``kind="auto"`` takes ``"quantized"`` for gated MLPs (``"factored"`` with ``lookahead``, which
-    the int8 form has not, or when ``d`` is not a multiple of 16) and ``"lowrank"`` for ReLU/plain
-    MLPs. Why the int8 one for gated MLPs: on SmolLM2 it ranks neurons like the oracle (top-k
-    recall 0.995 at 50%), where the factored predictor at its default cost reaches 0.72.
+    the quantized form has not, or when ``d`` is not a multiple of 16) and ``"lowrank"`` for
+    ReLU/plain MLPs. Why a quantized copy for gated MLPs: on SmolLM2 int8 ranks neurons like the
+    oracle (top-k recall 0.995 at 50%) and the default int4 (fewer bytes) reaches 0.92, where the
+    factored predictor at its default cost reaches 0.72.
     ``kind="factored"`` (gated MLPs) fits a
     :class:`~fastllm.nn.FactoredPredictor` in closed form, see :func:`fit_factored_predictors`;
     ``kind="quantized"`` needs no fit: a quantized copy of each MLP's gate and up weights (or
@@ -588,8 +592,10 @@ def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None,
     alone, half the predictor's bytes. ``bits=None`` / ``score=None`` take the default for the
     model's weight dtype, :func:`default_quantized_selection` (chosen by
     ``bench/sparse_budget_study.py``: best bytes-model speed-up at <= +5% held-out perplexity at
-    50% on SmolLM2); plain MLPs always score ``"gate_up"``. ``group=None``: 64 for 8 bits, 32 for
-    4 bits, or the next of 32/16 that divides ``d``. ``impl="torch"`` scores in PyTorch
+    50% on SmolLM2; 8 bits where ``d`` is not a multiple of 32); plain MLPs always score
+    ``"gate_up"``. 4 bits are stored packed two per byte, so ``bits=4`` needs ``d`` to be a
+    multiple of 32. ``group=None``: 64 for 8 bits, 32 for 4 bits, or the next of 32/16 that
+    divides ``d``. ``impl="torch"`` scores in PyTorch
     (dequantized) instead of the compiled op. ``input_keep`` (WINA-style, in (0, 1]): each
     token is scored from its top ``input_keep`` share of input channels by ``|x_i| ||W[:, i]||``
     (see :class:`~fastllm.nn.QuantizedPredictor`; a bytes saving only with a column-gather
@@ -606,6 +612,8 @@ def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None,
     d, n = first.up_w.shape[1], first.n_neurons
     gated, bias = first.kind == "gated", first.up_b is not None
     default_bits, default_score = default_quantized_selection(first.up_w.dtype)
+    if default_bits == 4 and d % 32:
+        default_bits = 8  # packed int4 needs whole 16-byte words (32 columns) per row
     bits = default_bits if bits is None else bits
     score = (default_score if gated else "gate_up") if score is None else score
     if bits not in (8, 4) or isinstance(bits, bool):
