@@ -138,10 +138,18 @@ DECODE_CASES = [  # (B, Hq, Hkv, D, lengths, page_rows)
 @pytest.mark.parametrize("case", DECODE_CASES)
 @pytest.mark.parametrize("splits", [1, 3, 64])
 def test_ragged_decode_matches_reference(device, dtype, case, splits):
+    check_decode_against_reference(device, dtype, case, splits, None)
+
+
+def check_decode_against_reference(device, dtype, case, splits, work_of_lengths):
+    """One ragged decode (even splits, or the work list ``work_of_lengths(lengths)``) against
+    the reference; returns the op's outputs."""
     b, hq, hkv, d, lengths, page_rows = case
     kv_rows, table, lens, _, _ = make_ragged(b, hkv, d, lengths, page_rows, dtype, device)
     q = random_tensor(b, hq, d, dtype=dtype, device=device)
-    out, lse, scores = ops.kv_ragged_decode(q, kv_rows, table, lens, page_rows, d ** -0.5, splits)
+    work = None if work_of_lengths is None else work_of_lengths(lengths).to(device)
+    out, lse, scores = ops.kv_ragged_decode(q, kv_rows, table, lens, page_rows, d ** -0.5, splits,
+                                            work)
     ref_out, ref_lse, ref_scores = kv_ragged_decode_reference(q, kv_rows, table, lens, page_rows,
                                                               d ** -0.5)
     rtol, atol = DECODE_TOL[dtype]
@@ -194,17 +202,8 @@ def _work_list(lengths, chunk, extra_items=0):
 @pytest.mark.parametrize("case", DECODE_CASES)
 @pytest.mark.parametrize("chunk", [1, 16, 64])
 def test_ragged_decode_with_a_work_list_matches_reference(device, dtype, case, chunk):
-    b, hq, hkv, d, lengths, page_rows = case
-    kv_rows, table, lens, _, _ = make_ragged(b, hkv, d, lengths, page_rows, dtype, device)
-    q = random_tensor(b, hq, d, dtype=dtype, device=device)
-    work = _work_list(lengths, chunk, extra_items=2).to(device)
-    out, lse, scores = ops.kv_ragged_decode(q, kv_rows, table, lens, page_rows, d ** -0.5, 1, work)
-    ref_out, ref_lse, ref_scores = kv_ragged_decode_reference(q, kv_rows, table, lens, page_rows,
-                                                              d ** -0.5)
-    rtol, atol = DECODE_TOL[dtype]
-    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
-    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-4)
+    check_decode_against_reference(device, dtype, case, 1,
+                                   lambda lengths: _work_list(lengths, chunk, extra_items=2))
 
 
 def test_a_work_list_planned_for_shorter_caches_still_covers_every_entry(device):

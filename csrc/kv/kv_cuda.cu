@@ -31,6 +31,7 @@
 #include <cfloat>
 #include <limits>
 
+#include "common/async_copy.cuh"
 #include "common/index_guard.cuh"
 #include "common/vec_words.cuh"
 #include "kv/kv_checks.h"
@@ -263,32 +264,6 @@ __global__ void decode_split_kernel(const scalar_t* __restrict__ q,
   }
 }
 
-
-// 16-byte global -> shared copy; asynchronous (cp.async, cached in L2 only: rows are read once)
-// on sm_80 and later, a plain load and store before.
-__device__ __forceinline__ void copy16_async(void* shared_dst, const void* global_src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src)
-               : "memory");
-#else
-  *reinterpret_cast<uint4*>(shared_dst) = *reinterpret_cast<const uint4*>(global_src);
-#endif
-}
-
-__device__ __forceinline__ void async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-// Waits until at most `pending` committed groups of this thread's copies are in flight.
-template <int pending>
-__device__ __forceinline__ void async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
-#endif
-}
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));

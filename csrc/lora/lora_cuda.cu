@@ -30,6 +30,7 @@
 #include <atomic>
 #include <type_traits>
 
+#include "common/async_copy.cuh"
 #include "common/index_guard.cuh"
 #include "lora/lora_checks.h"
 #include "lora/lora_index.h"
@@ -388,30 +389,6 @@ struct MmaType<at::BFloat16> {
 // 32-byte aligned while shifting successive rows across banks.
 constexpr int kMmaPad = 8;
 
-// cp.async (sm_80+): a 16-byte copy from global to shared memory that does not pass through
-// registers, so a thread can have a whole stage of copies in flight while the block multiplies
-// the previous one. The .cg form skips L1: a block reads each word once.
-__device__ __forceinline__ void copy_async_16(void* shared, const void* global) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global)
-               : "memory");
-#endif
-}
-
-__device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-// Waits until at most kPending of this thread's committed copy groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
 
 // Stages the 16-byte word of a row that starts at base + start, at column k, into dst: an async
 // copy where the source word is aligned and before `limit`, zeros for a dead row (start < 0) or
@@ -428,7 +405,7 @@ __device__ __forceinline__ void stage_word(scalar_t* dst, const scalar_t* __rest
   }
   const scalar_t* p = base + start + k;
   if (k + vec <= limit && word_aligned(p)) {
-    copy_async_16(dst, p);
+    copy16_async(dst, p);
   } else {
 #pragma unroll
     for (int i = 0; i < vec; ++i) dst[i] = k + i < limit ? p[i] : static_cast<scalar_t>(0.0f);
@@ -537,7 +514,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       stage_word(dst + i * ld + word * vec, i < kMaxChunk ? x : pool, row_start[i],
                  k0 + word * vec, in);
     }
-    copy_async_commit();
+    async_commit();
   };
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   wmma::fragment<wmma::accumulator, 8, 32, 16, float> acc[slots];
@@ -550,9 +527,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     if (k0 + kMmaStageK < k_end) {
       stage(buffer ^ 1, k0 + kMmaStageK);
     } else {
-      copy_async_commit();  // an empty group, so that the wait below means "this stage" always
+      async_commit();  // an empty group, so that the wait below means "this stage" always
     }
-    copy_async_wait<1>();
+    async_wait<1>();
     __syncthreads();  // every thread's part of this stage has landed
     const scalar_t* xs = staged + buffer * stage_elements;
     const scalar_t* ws = xs + kMaxChunk * ld;
@@ -666,7 +643,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       const int row = e / words, word = e % words;
       stage_word(ws + row * w_ld + word * vec, pool, w_row[row], word * vec, size - col0);
     }
-    copy_async_commit();
+    async_commit();
     for (int e = threadIdx.x; e < x_rows * depth; e += kMmaWarps * 32) {
       const int i = e / depth, jj = e % depth;
       const float v = i < chunk.n && j0 + jj < r
@@ -676,7 +653,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       hs[i * h_ld + jj] = hi;
       hs_lo[i * h_ld + jj] = static_cast<scalar_t>(v - static_cast<float>(hi));
     }
-    copy_async_wait<0>();
+    async_wait<0>();
     __syncthreads();
     if (live) {
       for (int kk = 0; kk < depth; kk += 16) {
