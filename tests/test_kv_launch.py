@@ -5,14 +5,13 @@ These guard the design until a GPU can time it."""
 from __future__ import annotations
 
 import re
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 from fastllm import _C
-from test_lora_launch import _cuobjdump, _library, needs_cuda_binary, sass_dump
+from test_lora_launch import needs_cuda_binary, resource_usage, sass_dump
 
 SMS = 132  # an H100 / H200
 
@@ -96,8 +95,7 @@ def test_batch_1_with_1k_entries_gets_64_entry_items():
 
 
 def _resource_usage() -> dict[str, str]:
-    out = subprocess.run([_cuobjdump(), "--dump-resource-usage", _library()], capture_output=True,
-                         text=True, check=True).stdout
+    out = resource_usage()
     return dict(re.findall(r"Function (\S*decode_gqa_kernel\S*):\s*\n\s*(REG:.*)", out))
 
 

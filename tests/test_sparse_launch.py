@@ -8,12 +8,11 @@ test_sparse_packed_int4.py.)"""
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 
 from fastllm import _C
-from test_lora_launch import _cuobjdump, _library, needs_cuda_binary, sass_dump
+from test_lora_launch import needs_cuda_binary, resource_usage, sass_dump
 
 SMS = 132  # an H100 / H200
 
@@ -111,8 +110,7 @@ def test_scoring_kernel_reads_codes_and_staged_x_in_16_byte_words():
 
 @needs_cuda_binary
 def test_sparse_kernels_have_no_spills_or_stack():
-    out = subprocess.run([_cuobjdump(), "--dump-resource-usage", _library()], capture_output=True,
-                         text=True, check=True).stdout
+    out = resource_usage()
     kernels = re.findall(r"Function (\S*(?:hidden_kernel|down_vec_kernel|down_kernel|"
                          r"neuron_scores_kernel)\S*):\s*\n\s*(REG:.*)", out)
     assert len(kernels) >= 24
