@@ -124,6 +124,22 @@ def test_sgmv_plan_rejects_bad_input(make, error, message):
 # ---- the GPU rule --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tokens, adapters, sgmv", [
+    # fp16/bf16 on sm_80+: both paths fill the GPU (split K), so the rule counts adapter-row reads
+    (1, 1, False),        # one decode token
+    (2, 2, False),        # two tokens on two adapters: both read each row once
+    (64, 64, False),      # 64 decode sequences on 64 adapters: every row read once either way
+    (64, 16, True),       # 64 sequences on 16 adapters: 16 tiles read each row 4x less often
+    (64, 1, True),        # 64 sequences sharing one adapter: 8 tiles, chunked on tensor cores
+    (64, 48, False),      # 48 tiles for 64 tokens: fewer reads, but not half as many
+    (4096, 4, True),      # a prefill
+])
+def test_gpu_path_rule_on_tensor_cores(tokens, adapters, sgmv):
+    tiles = _tiles(tokens, adapters)
+    assert _C.lora_gpu_prefers_sgmv(tokens, tiles, 132, True) is sgmv
+
+
+@pytest.mark.parametrize("tokens, adapters, sgmv", [
+    # fp32/fp64 or pre-sm_80: the CUDA-core SGMV runs one block per tile and does not split K
     (1, 1, False),        # one decode token
     (64, 16, False),      # a decode batch of 64 sequences on 16 adapters: 64 blocks either way
     (64, 1, False),       # 64 sequences sharing one adapter: 8 tiles leave the GPU idle
@@ -132,9 +148,21 @@ def test_sgmv_plan_rejects_bad_input(make, error, message):
     (4096, 4, True),      # a prefill: 512 tiles read each row 8x less often
     (2048, 64, True),
 ])
-def test_gpu_path_rule(tokens, adapters, sgmv):
-    tiles = sum(-(-(tokens // adapters) // SGMV_TILE) for _ in range(adapters))
-    assert _C.lora_gpu_prefers_sgmv(tokens, tiles, 132) is sgmv
+def test_gpu_path_rule_on_cuda_cores(tokens, adapters, sgmv):
+    tiles = _tiles(tokens, adapters)
+    assert _C.lora_gpu_prefers_sgmv(tokens, tiles, 132, False) is sgmv
+
+
+def _tiles(tokens, adapters):
+    """The plan's tile count for `tokens` spread evenly over `adapters` (each adapter's tokens in
+    tiles of SGMV_TILE, the last ragged)."""
+    share, extra = divmod(tokens, adapters)
+    return sum(-(-(share + (a < extra)) // SGMV_TILE) for a in range(adapters))
+
+
+def test_gpu_path_rule_without_tiles_is_bgmv():
+    assert _C.lora_gpu_prefers_sgmv(0, 0, 132, True) is False
+    assert _C.lora_gpu_prefers_sgmv(64, 0, 132, True) is False
 
 
 # ---- a decode step on fake CUDA tensors ----------------------------------------------------------

@@ -84,7 +84,7 @@ def test_prefill_of_512_tokens_on_one_adapter_fills_the_gpu_on_tensor_cores():
     ids = torch.zeros(512, dtype=torch.int64)
     _, tiles = ops.lora_sgmv_plan(ids, 1)
     assert tiles.shape[0] == 512 // _C.lora_tile
-    assert _C.lora_gpu_prefers_sgmv(512, tiles.shape[0], SMS)
+    assert _C.lora_gpu_prefers_sgmv(512, tiles.shape[0], SMS, True)
     chunks = ops.lora_sgmv_chunks(tiles, sms=SMS)
     assert chunks.shape[0] == 32
     rank_groups, column_blocks = _C.lora_plan_sgmv_mma(16, 4096)
@@ -92,6 +92,22 @@ def test_prefill_of_512_tokens_on_one_adapter_fills_the_gpu_on_tensor_cores():
     # the shrink splits K (hidden 4096 = 16 split steps) to reach 4 blocks per SM: 96 -> 576
     k_splits = _C.lora_plan_sgmv_mma_k_splits(chunks.shape[0], rank_groups, 3, 4096, SMS)
     assert k_splits == 6 and chunks.shape[0] * rank_groups * k_splits * 3 >= 4 * SMS
+
+
+def test_decode_of_64_tokens_on_one_adapter_takes_the_chunked_tensor_core_path():
+    # 64 sequences sharing one rank-16 adapter (hidden 4096, q/k/v): BGMV would read the adapter
+    # 64 times; the chunked SGMV reads it once per chunk of 16 (4 times) and still spreads the
+    # shrink over more than a wave of SMs by splitting K, the expand over two.
+    ids = torch.zeros(64, dtype=torch.int64)
+    _, tiles = ops.lora_sgmv_plan(ids, 1)
+    assert _C.lora_gpu_prefers_sgmv(64, tiles.shape[0], SMS, True)
+    assert not _C.lora_gpu_prefers_sgmv(64, tiles.shape[0], SMS, False)  # fp32: CUDA cores
+    chunks = ops.lora_sgmv_chunks(tiles, sms=SMS)
+    assert chunks[:, 1].sub(chunks[:, 0]).tolist() == [16, 16, 16, 16]
+    rank_groups, column_blocks = _C.lora_plan_sgmv_mma(16, 4096)
+    k_splits = _C.lora_plan_sgmv_mma_k_splits(chunks.shape[0], rank_groups, 3, 4096, SMS)
+    assert chunks.shape[0] * rank_groups * k_splits * 3 > SMS
+    assert chunks.shape[0] * column_blocks * 3 >= 2 * SMS
 
 
 @pytest.mark.parametrize("chunks", [1, 8, 64, 4096])

@@ -749,6 +749,15 @@ bool use_tensor_cores() {
   }
 }
 
+// Whether the SGMV path of this dtype runs on tensor cores (the path rule depends on it).
+bool tensor_cores_for(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return use_tensor_cores<at::Half>();
+    case at::kBFloat16: return use_tensor_cores<at::BFloat16>();
+    default: return false;
+  }
+}
+
 // Tensor-core SGMV launches; no-ops for the types the tensor cores do not take (never chosen:
 // use_tensor_cores is false for them), so that only fp16 / bf16 instantiate the kernels.
 template <typename scalar_t>
@@ -814,7 +823,8 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& pool, const a
   const int64_t slices = a_rows.size(0), max_rank = a_rows.size(2);
   const int64_t tokens = x.size(0), in = x.size(1);
   const int64_t plan_tiles = sgmv_tiles.has_value() ? sgmv_tiles->size(0) : -1;
-  path = resolve_path_cuda(path, tokens, plan_tiles, sm_count());
+  path = resolve_path_cuda(path, tokens, plan_tiles, sm_count(),
+                           tensor_cores_for(x.scalar_type()));
   TORCH_CHECK_VALUE(path != kSgmv || sgmv_order.has_value(), "fastllm.lora_shrink: path=2 (SGMV) "
                     "on CUDA needs sgmv_order and sgmv_tiles (fastllm.ops.lora_sgmv_plan): the op "
                     "cannot read token_adapter without synchronising");
@@ -887,7 +897,8 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& h, const at::Tensor& pool
   TORCH_CHECK_VALUE(slices <= kMaxSlices, "fastllm.lora_expand: at most ", kMaxSlices,
                     " output slices on CUDA, got ", slices);
   const int64_t plan_tiles = sgmv_tiles.has_value() ? sgmv_tiles->size(0) : -1;
-  path = resolve_path_cuda(path, tokens, plan_tiles, sm_count());
+  path = resolve_path_cuda(path, tokens, plan_tiles, sm_count(),
+                           tensor_cores_for(y.scalar_type()));
   TORCH_CHECK_VALUE(path != kSgmv || sgmv_order.has_value(), "fastllm.lora_expand: path=2 (SGMV) "
                     "on CUDA needs sgmv_order and sgmv_tiles (fastllm.ops.lora_sgmv_plan): the op "
                     "cannot read token_adapter without synchronising");

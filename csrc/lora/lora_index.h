@@ -230,15 +230,22 @@ inline int64_t resolve_path(int64_t path, int64_t tokens, int64_t adapters) {
   return tokens >= kSgmvMinTokensPerAdapter * (adapters > 0 ? adapters : 1) ? kSgmv : kBgmv;
 }
 
-// GPU rule, a model (never timed on a GPU): both kernels run one block per work item (a token for
-// BGMV, a tile of up to kTile tokens for SGMV) and read the adapter rows once per item, so the
-// bytes read scale with the item count, while fewer than about two waves of blocks leave HBM
-// bandwidth unused and take about as long as two waves. Cost ~ max(items, 2 * SMs): SGMV only
-// when its tiles cost less than the tokens do. Decode (one token per sequence, a few sequences per
-// adapter) stays on BGMV; a prefill of thousands of tokens goes to SGMV.
-// The tensor-core kernels read the rows once per chunk (fewer items than tiles), so deciding on the
-// tiles leans toward BGMV there.
-inline bool gpu_prefers_sgmv(int64_t tokens, int64_t tiles, int64_t sms) {
+// GPU rule, a model (never timed on a GPU).
+// - Tensor-core SGMV (fp16/bf16 on sm_80+): it splits K over its chunks, so like the BGMV decode
+//   kernels (split-K shrink, column-tiled expand) it fills the GPU at any batch, and what differs
+//   is the bytes: BGMV reads a token's adapter rows once per token, the tensor-core SGMV once per
+//   chunk of up to 64 tokens (at most once per 8-token tile). SGMV when it reads each adapter's
+//   rows at most half as often: 64 decode tokens sharing one adapter (8 tiles) or spread over 16
+//   adapters (16 tiles) take SGMV; 64 tokens on 64 distinct adapters, where both read every row
+//   once, and a single token stay on BGMV, whose decode kernels carry no per-chunk bookkeeping.
+//   The factor of two leaves BGMV the near-ties the model cannot call.
+// - CUDA-core SGMV (fp32/fp64, GPUs before sm_80): one block per tile and no K split, so fewer
+//   than about two waves of blocks leave HBM bandwidth unused and take about as long as two
+//   waves. Cost ~ max(items, 2 * SMs): SGMV only when its tiles cost less than the tokens do;
+//   decode stays on BGMV, a prefill of thousands of tokens goes to SGMV.
+inline bool gpu_prefers_sgmv(int64_t tokens, int64_t tiles, int64_t sms, bool tensor_cores) {
+  if (tiles <= 0) return false;
+  if (tensor_cores) return 2 * tiles <= tokens;
   const int64_t floor = 2 * (sms > 0 ? sms : 1);
   auto cost = [floor](int64_t items) { return items > floor ? items : floor; };
   return cost(tiles) < cost(tokens);
@@ -246,9 +253,10 @@ inline bool gpu_prefers_sgmv(int64_t tokens, int64_t tiles, int64_t sms) {
 
 // CUDA: SGMV needs a plan (the op cannot read token_adapter without a synchronisation), so auto
 // means BGMV without one. tiles < 0: no plan.
-inline int64_t resolve_path_cuda(int64_t path, int64_t tokens, int64_t tiles, int64_t sms) {
+inline int64_t resolve_path_cuda(int64_t path, int64_t tokens, int64_t tiles, int64_t sms,
+                                 bool tensor_cores) {
   if (path != kAuto) return path;
-  return tiles >= 0 && gpu_prefers_sgmv(tokens, tiles, sms) ? kSgmv : kBgmv;
+  return tiles >= 0 && gpu_prefers_sgmv(tokens, tiles, sms, tensor_cores) ? kSgmv : kBgmv;
 }
 
 }  // namespace fastllm::lora
