@@ -367,6 +367,8 @@ def _end_to_end_records(device, quick, progress, counts=(1, 8, 32, 128)):
     from fastllm.lora import AdapterManager
     from transformers import DynamicCache
 
+    from fastllm.kv import cache_keyword
+
     model = _smollm2()
     if model is None:
         print("  (SmolLM2 not installed: skipping end-to-end cases)")
@@ -406,11 +408,12 @@ def _end_to_end_records(device, quick, progress, counts=(1, 8, 32, 128)):
         next_ids = torch.randint(100, 10000, (batch, 1), device=device)
         with torch.no_grad():
             cache = DynamicCache()
-            model(input_ids, past_key_values=cache, use_cache=True)
+            key = cache_keyword(model)
+            model(input_ids, **{key: cache}, use_cache=True)
 
             def decode(fn):
                 def run():
-                    fn(next_ids, past_key_values=cache, use_cache=True)
+                    fn(next_ids, **{key: cache}, use_cache=True)
                     cache.crop(-1)  # drop the token just appended
                 return run
 

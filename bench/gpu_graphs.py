@@ -106,19 +106,16 @@ def _accepts(fn, name: str) -> bool:
         return False
 
 
-def cache_kwarg(model) -> str:
-    """transformers 5.2x renamed `past_key_values` to `cache` (the old name still works, with a
-    deprecation warning per call)."""
-    return "cache" if _accepts(model.forward, "cache") else "past_key_values"
-
-
 class StaticDecode:
     """Greedy decode on a transformers StaticCache. The step advances its own position tensor,
     so a captured step replays correctly step after step."""
 
     def __init__(self, model, batch: int, opts: Options):
         from transformers import StaticCache
+
+        from fastllm.kv import cache_keyword
         self.model = model
+        self.cache_keyword = cache_keyword(model)
         self.cache = StaticCache(config=model.config, max_cache_len=opts.prompt_len + opts.max_new)
         # transformers < 5.2x wants cache_position (else it derives it from the cache, a sync);
         # later versions take positions from position_ids and the cache's own device counter.
@@ -131,7 +128,7 @@ class StaticDecode:
         self.pos = torch.full((1,), opts.prompt_len, dtype=torch.long, device=opts.device)
 
     def _kwargs(self, positions):
-        kw = {cache_kwarg(self.model): self.cache, "use_cache": True,
+        kw = {self.cache_keyword: self.cache, "use_cache": True,
               "position_ids": positions.view(1, -1)}
         if self.with_cache_position:
             kw["cache_position"] = positions
@@ -153,12 +150,12 @@ class FastGenDecode:
     advances, as a captured step must."""
 
     def __init__(self, model, tokenizer, batch: int, opts: Options):
-        from fastllm.kv import FastGenCache
+        from fastllm.kv import FastGenCache, cache_keyword
         self.model = model
         self.max_new = opts.max_new
         self.cache = FastGenCache(model, tokenizer, policy="fastgen", recovery=0.9, page_rows=16,
                                   max_tokens=batch * (opts.prompt_len + opts.max_new) + 64)
-        self.kw = {cache_kwarg(model): self.cache, "use_cache": True}
+        self.kw = {cache_keyword(model): self.cache, "use_cache": True}
         self.positions = None  # eager: transformers derives them from the cache
         self.graph_steps = contextlib.ExitStack()
         with torch.no_grad():

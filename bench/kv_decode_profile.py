@@ -20,13 +20,16 @@ import torch
 
 from bench_kv import TEXT, load_model, make_cache, ppl_passages
 
+from fastllm.kv import cache_keyword
+
 STEPS, REPEATS = 32, 6
 
 
 def decode_steps(model, cont) -> None:
     """The only caller of the timed steps: ``report`` keeps the samples below this frame."""
+    key = cache_keyword(model)
     for i in range(STEPS):
-        model(cont[:, i:i + 1], past_key_values=CACHE[0], use_cache=True)
+        model(cont[:, i:i + 1], **{key: CACHE[0]}, use_cache=True)
 
 
 CACHE = [None]
@@ -39,7 +42,7 @@ def run() -> None:
     (prompt, cont), = ppl_passages(tokenizer, TEXT.read_text(), 1, "cpu")
     for _ in range(REPEATS):
         CACHE[0] = make_cache(model, tokenizer, ("fastgen", 0.95))
-        model(prompt, past_key_values=CACHE[0], use_cache=True)
+        model(prompt, **{cache_keyword(model): CACHE[0]}, use_cache=True)
         start = time.perf_counter()
         decode_steps(model, cont)
         print(f"{(time.perf_counter() - start) / STEPS * 1e3:.1f} ms per step", flush=True)

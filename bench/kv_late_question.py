@@ -16,6 +16,7 @@ import pathlib
 import torch
 
 import bench_kv as B
+from fastllm.kv import cache_keyword
 
 
 def late_cases(tokenizer, text: str, heldout: bool):
@@ -38,15 +39,15 @@ def retrieval(model, tokenizer, cases, config) -> dict:
     hits, mems = [], []
     for context, ask, answer in cases:
         cache = B.make_cache(model, tokenizer, config)
-        model(context, past_key_values=cache, use_cache=True)
+        model(context, **{cache_keyword(model): cache}, use_cache=True)
         mems.append(B.memory_ratio(cache))
-        logits = model(ask, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(ask, **{cache_keyword(model): cache}, use_cache=True).logits[:, -1]
         retrieved = True
         for i in range(answer.shape[1]):
             if int(logits.argmax(-1)) != int(answer[0, i]):
                 retrieved = False
                 break
-            logits = model(answer[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(answer[:, i:i + 1], **{cache_keyword(model): cache}, use_cache=True).logits[:, -1]
         hits.append(int(retrieved))
         if hasattr(cache, "release"):
             cache.release()

@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--recovery", type=float, default=0.95)
     parser.add_argument("--full", action="store_true", help="6 facts x 4 depths, 320-token filler")
     args = parser.parse_args()
-    from fastllm.kv import FastGenCache
+    from fastllm.kv import FastGenCache, cache_keyword
 
     model, tokenizer = load_model("cpu")
     cases = needle_cases(tokenizer, TEXT.read_text(), quick=not args.full, spans=True)
@@ -38,7 +38,7 @@ def main() -> None:
         cache = FastGenCache(model, tokenizer, recovery=args.recovery, heavy_pool=args.heavy_pool,
                              observe=args.observe)
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **{cache_keyword(model): cache}, use_cache=True)
         print(f"case {index}: {ids.shape[1]} tokens, fact at {start}..{stop}")
         for li, layer in enumerate(cache.layers):
             heads = layer.heads

@@ -20,7 +20,7 @@ from bench_kv import TEXT, load_model, ppl_passages
 
 def main() -> None:
     settings = json.loads(sys.argv[1]) if len(sys.argv) > 1 else [{}, {"observe": 0}]
-    from fastllm.kv import FastGenCache
+    from fastllm.kv import FastGenCache, cache_keyword
 
     model, tokenizer = load_model("cpu")
     passages = ppl_passages(tokenizer, TEXT.read_text(), 4, "cpu")
@@ -29,7 +29,7 @@ def main() -> None:
         for prompt, _ in passages:
             cache = FastGenCache(model, tokenizer, **kwargs)
             with torch.no_grad():
-                model(prompt, past_key_values=cache, use_cache=True)
+                model(prompt, **{cache_keyword(model): cache}, use_cache=True)
             for layer in cache.stats()["policies"]:
                 for head in layer:
                     heads[head["policy"]] += 1

@@ -11,7 +11,9 @@ Needs transformers (``pip install 'fastllm[hf]'``): FastGenCache is a transforme
 from .._optional import needs
 
 with needs("transformers", "fastllm.kv"):
-    from .cache import SUPPORTED_MODEL_TYPES, FastGenCache, profile
+    from .cache import SUPPORTED_MODEL_TYPES, FastGenCache, cache_keyword, profile
 from .policies import FASTGEN_POLICIES, POLICIES
 
-__all__ = ["FASTGEN_POLICIES", "POLICIES", "SUPPORTED_MODEL_TYPES", "FastGenCache", "profile"]
+__all__ = [
+    "FASTGEN_POLICIES", "POLICIES", "SUPPORTED_MODEL_TYPES", "FastGenCache", "cache_keyword", "profile",
+]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import inspect
 import sys
 import time
 import weakref
@@ -1408,6 +1409,20 @@ def _always_built_sdpa_mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
+def cache_keyword(model) -> str:
+    """The keyword by which ``model`` (and its ``generate``) takes a cache: ``"cache"`` on the
+    transformers releases that renamed ``past_key_values`` (5.2x, where the old name still works
+    but warns on every call), ``"past_key_values"`` before them.
+
+    >>> model(ids, **{fastllm.kv.cache_keyword(model): cache}, use_cache=True)  # doctest: +SKIP
+    """
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def profile(model, tokenizer, text: str, **kwargs) -> list[list[dict]]:
     """FastGen's per-head policy table for ``text``: ``[layer][kv head] -> {policy, kept}``.
 
@@ -1418,7 +1433,7 @@ def profile(model, tokenizer, text: str, **kwargs) -> list[list[dict]]:
     cache = FastGenCache(model, tokenizer, **kwargs)
     try:
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **{cache_keyword(model): cache}, use_cache=True)
         return cache.stats()["policies"]
     finally:
         cache.release()
