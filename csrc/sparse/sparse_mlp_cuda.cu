@@ -1,26 +1,31 @@
-// CUDA sparse MLP, three kernels:
+// CUDA sparse MLP, two kernels:
 //   hidden_kernel: passes over the batch (up to kRowsPerPass rows of a shared set, or one row of
 //     per-row sets, plan_sparse_hidden); each pass stages its rows of x in shared memory as fp32
 //     (sparse_mlp.h: staged_x_slot) and spreads its set's positions over every warp of the grid,
 //     one warp per active neuron; lanes stride the neuron's contiguous up/gate row in 16-byte
 //     words (8 fp16 / bf16, 4 fp32), kHiddenWordsPerStep words of each row loaded before any is
 //     used, so each weight row is one coalesced read, reused for the pass's rows; fp32 h[b, j]
-//     goes to scratch.
+//     goes to scratch. It also zeroes the down kernel's accumulator and tile counters, which
+//     saves the memset launch a decode step would otherwise pay.
 //   down_vec_kernel: a block owns 256 x vec output columns x one slice of the active neurons
 //     (sparse_mlp.h, plan_sparse_down); each thread walks its slice and reads one 16-byte word of
 //     w_down_t[idx_j] per neuron, skipping neurons whose h is 0 in every row it serves (ReLU).
-//     down_kernel is the scalar form, for rows that are not whole aligned words. Default:
-//     atomicAdd into an fp32 accumulator. Deterministic: each slice writes its own partial row and
-//     finish_kernel sums the slices in slice order.
-//   finish_kernel: adds the bias and casts to the output dtype.
+//     down_kernel is the scalar form, for rows that are not whole aligned words. Default: the
+//     slices atomicAdd into an fp32 accumulator. Deterministic: each slice writes its own partial
+//     row. Either way the last block of a column tile to finish (a counter per tile, split-K
+//     style) adds the bias, sums the partial rows in slice order where there are several, and
+//     writes the output in its dtype: no separate finishing kernel.
 // No host synchronisation: index values are not read on the host (outside the debug mode); both
 // kernels guard them (sparse_mlp.h: guarded_count, neuron_in_range) and the hidden kernel reports
 // bad ones to the device error word (kSparseCounts, kSparseActiveIdx). A neuron index out of range
-// contributes nothing. With k == 0 no kernel reads counts, so nothing can be reported for them.
+// contributes nothing. With k == 0 no kernel runs (the output is the bias), so nothing can be
+// reported for counts.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "common/index_guard.cuh"
 #include "common/vec_words.cuh"
@@ -85,8 +90,17 @@ __global__ void __launch_bounds__(kThreads)
                   const index_t* __restrict__ counts, float* __restrict__ h, int64_t rows,
                   int64_t d, int64_t k, int64_t neurons, bool per_row, Activation act,
                   bool vector, int rows_per_pass, int64_t row_floats,
-                  unsigned int* __restrict__ error_word) {
+                  unsigned int* __restrict__ error_word, float* __restrict__ zero_acc,
+                  int64_t zero_acc_count, unsigned int* __restrict__ zero_arrivals,
+                  int64_t zero_arrivals_count) {
   extern __shared__ float4 staged[];  // rows_per_pass rows of row_floats / 4 slots
+  {
+    // The down kernel's workspace; it runs after this kernel in stream order.
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    for (int64_t e = t; e < zero_acc_count; e += stride) zero_acc[e] = 0.f;
+    for (int64_t e = t; e < zero_arrivals_count; e += stride) zero_arrivals[e] = 0u;
+  }
   const float* staged_f = reinterpret_cast<const float*>(staged);
   const int lane = threadIdx.x & 31;
   const int slots = static_cast<int>(row_floats / 4);
@@ -202,56 +216,112 @@ struct DownBlock {
   }
 };
 
+// Split-K finish of a (column tile, row group): each block counts itself in once its sums are
+// visible device-wide; true in the last of the tile's gridDim.y blocks to arrive, which then sees
+// every block's sums. (The threadFenceReduction pattern; the reads go through L2, __ldcg.)
+__device__ __forceinline__ bool last_to_arrive(unsigned int* __restrict__ arrivals) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned int tile = blockIdx.z * gridDim.x + blockIdx.x;
+    last = atomicAdd(arrivals + tile, 1u) == gridDim.y - 1;
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+// out[b, col + e] for e < kCols, the last block's rows: the bias plus the accumulator (one slice)
+// or the partial rows of every slice, summed in slice order. kCols = 4 * n reads float4s: the
+// vector kernel's columns are whole 16-byte words of acc (d_out and col are multiples of vec).
+template <int kCols, typename scalar_t>
+__device__ __forceinline__ void finish_columns(const float* __restrict__ acc, int64_t acc_slices,
+                                               const scalar_t* __restrict__ b_down,
+                                               scalar_t* __restrict__ out, int64_t rows,
+                                               int64_t d_out, int64_t b_first, int nb,
+                                               int64_t col) {
+  constexpr int quads = kCols % 4 == 0 ? kCols / 4 : 0;
+  const int64_t slice_stride = rows * d_out;
+  for (int r = 0; r < nb; ++r) {
+    const int64_t b = b_first + r;
+    float v[kCols];
+#pragma unroll
+    for (int e = 0; e < kCols; ++e) v[e] = b_down != nullptr ? to_f(b_down[col + e]) : 0.f;
+    const float* from = acc + b * d_out + col;
+#pragma unroll 4
+    for (int64_t slice = 0; slice < acc_slices; ++slice) {
+      if constexpr (quads > 0) {
+#pragma unroll
+        for (int q = 0; q < quads; ++q) {
+          const float4 p = __ldcg(reinterpret_cast<const float4*>(from + slice * slice_stride) + q);
+          v[4 * q] += p.x;
+          v[4 * q + 1] += p.y;
+          v[4 * q + 2] += p.z;
+          v[4 * q + 3] += p.w;
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < kCols; ++e) v[e] += __ldcg(from + slice * slice_stride + e);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < kCols; ++e) out[b * d_out + col + e] = static_cast<scalar_t>(v[e]);
+  }
+}
+
 // grid: x = column tiles, y = neuron slices, z = row groups (kRowsPerPass rows for a shared set,
 // one row for per-row sets).
 template <typename scalar_t, typename index_t>
 __global__ void down_kernel(const scalar_t* __restrict__ w_down_t, const index_t* __restrict__ idx,
                             const index_t* __restrict__ counts, const float* __restrict__ h,
-                            float* __restrict__ acc, int64_t rows, int64_t d_out, int64_t k,
-                            int64_t neurons, bool per_row, bool partials) {
+                            float* __restrict__ acc, unsigned int* __restrict__ arrivals,
+                            const scalar_t* __restrict__ b_down, scalar_t* __restrict__ out,
+                            int64_t rows, int64_t d_out, int64_t k, int64_t neurons, bool per_row,
+                            bool partials) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (col >= d_out) return;
+  const bool owns_column = col < d_out;  // every thread reaches the finish's barriers
   const DownBlock<index_t> block(idx, counts, rows, k, per_row);
   const int64_t b_first = block.b_first, j_begin = block.j_begin, j_end = block.j_end;
   const int nb = block.nb;
   const index_t* set = block.set;
-  float sum[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t j = j_begin; j < j_end; ++j) {
-    const int64_t neuron = static_cast<int64_t>(set[j]);
-    if (!neuron_in_range(neuron, neurons)) continue;  // reported by hidden_kernel
-    const float w = to_f(w_down_t[neuron * d_out + col]);
+  if (owns_column) {
+    float sum[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t j = j_begin; j < j_end; ++j) {
+      const int64_t neuron = static_cast<int64_t>(set[j]);
+      if (!neuron_in_range(neuron, neurons)) continue;  // reported by hidden_kernel
+      const float w = to_f(w_down_t[neuron * d_out + col]);
+#pragma unroll
+      for (int r = 0; r < kRowsPerPass; ++r) {
+        if (r < nb) sum[r] += h[(b_first + r) * k + j] * w;
+      }
+    }
 #pragma unroll
     for (int r = 0; r < kRowsPerPass; ++r) {
-      if (r < nb) sum[r] += h[(b_first + r) * k + j] * w;
+      if (r >= nb) continue;
+      const int64_t b = b_first + r;
+      if (partials) {
+        acc[(static_cast<int64_t>(blockIdx.y) * rows + b) * d_out + col] = sum[r];
+      } else if (j_begin < j_end) {
+        atomicAdd(acc + b * d_out + col, sum[r]);
+      }
     }
   }
-#pragma unroll
-  for (int r = 0; r < kRowsPerPass; ++r) {
-    if (r >= nb) continue;
-    const int64_t b = b_first + r;
-    if (partials) {
-      acc[(static_cast<int64_t>(blockIdx.y) * rows + b) * d_out + col] = sum[r];
-    } else if (j_begin < j_end) {
-      atomicAdd(acc + b * d_out + col, sum[r]);
-    }
+  if (last_to_arrive(arrivals) && owns_column) {
+    finish_columns<1>(acc, partials ? gridDim.y : 1, b_down, out, rows, d_out, b_first, nb, col);
   }
 }
 
-// The 16-byte form of down_kernel (same grid, columns in words of vec): the host takes it when
-// w_down_t's rows are whole aligned words.
+// One thread's share of a down-projection block in 16-byte words: vec columns from `col`, the
+// block's rows, neurons [j_begin, j_end) of its set; into the accumulator (atomics) or its slice's
+// partial row.
 template <typename scalar_t, typename index_t>
-__global__ void down_vec_kernel(const scalar_t* __restrict__ w_down_t,
-                                const index_t* __restrict__ idx,
-                                const index_t* __restrict__ counts, const float* __restrict__ h,
-                                float* __restrict__ acc, int64_t rows, int64_t d_out, int64_t k,
-                                int64_t neurons, bool per_row, bool partials) {
+__device__ __forceinline__ void accumulate_down_words(
+    const scalar_t* __restrict__ w_down_t, const index_t* __restrict__ set,
+    const float* __restrict__ h, float* __restrict__ acc, int64_t rows, int64_t d_out, int64_t k,
+    int64_t neurons, int64_t b_first, int nb, int64_t j_begin, int64_t j_end, int64_t col,
+    bool partials) {
   constexpr int vec = kWordElems<scalar_t>;
-  const int64_t col = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * vec;
-  if (col >= d_out) return;  // d_out is a whole number of words
-  const DownBlock<index_t> block(idx, counts, rows, k, per_row);
-  const int64_t b_first = block.b_first, j_begin = block.j_begin, j_end = block.j_end;
-  const int nb = block.nb;
-  const index_t* set = block.set;
   float sum[kRowsPerPass][vec];
 #pragma unroll
   for (int r = 0; r < kRowsPerPass; ++r) {
@@ -295,16 +365,31 @@ __global__ void down_vec_kernel(const scalar_t* __restrict__ w_down_t,
   }
 }
 
-template <typename scalar_t>
-__global__ void finish_kernel(const float* __restrict__ acc, const scalar_t* __restrict__ b_down,
-                              scalar_t* __restrict__ out, int64_t rows, int64_t d_out,
-                              int64_t slices) {
-  const int64_t total = rows * d_out;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float v = b_down != nullptr ? to_f(b_down[e % d_out]) : 0.f;
-    for (int64_t s = 0; s < slices; ++s) v += acc[s * total + e];
-    out[e] = static_cast<scalar_t>(v);
+// The 16-byte form of down_kernel (same grid, columns in words of vec): the host takes it when
+// w_down_t's rows are whole aligned words.
+template <typename scalar_t, typename index_t>
+__global__ void down_vec_kernel(const scalar_t* __restrict__ w_down_t,
+                                const index_t* __restrict__ idx,
+                                const index_t* __restrict__ counts, const float* __restrict__ h,
+                                float* __restrict__ acc, unsigned int* __restrict__ arrivals,
+                                const scalar_t* __restrict__ b_down, scalar_t* __restrict__ out,
+                                int64_t rows, int64_t d_out, int64_t k, int64_t neurons,
+                                bool per_row, bool partials) {
+  constexpr int vec = kWordElems<scalar_t>;
+  const int64_t col = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * vec;
+  // d_out is a whole number of words; every thread reaches the finish's barriers.
+  const bool owns_column = col < d_out;
+  const DownBlock<index_t> block(idx, counts, rows, k, per_row);
+  const int64_t b_first = block.b_first, j_begin = block.j_begin, j_end = block.j_end;
+  const int nb = block.nb;
+  const index_t* set = block.set;
+  if (owns_column) {
+    accumulate_down_words<scalar_t, index_t>(w_down_t, set, h, acc, rows, d_out, k, neurons,
+                                             b_first, nb, j_begin, j_end, col, partials);
+  }
+  if (last_to_arrive(arrivals) && owns_column) {
+    finish_columns<vec>(acc, partials ? gridDim.y : 1, b_down, out, rows, d_out, b_first, nb,
+                        col);
   }
 }
 
@@ -336,12 +421,14 @@ void check_index_values_cuda(const at::Tensor& idx, const c10::optional<at::Tens
 template <typename scalar_t, typename index_t>
 void launch_down_vec(dim3 grid, cudaStream_t stream, const at::Tensor& w_down_t,
                      const at::Tensor& active_idx, const index_t* counts, const at::Tensor& h,
-                     at::Tensor& acc, const SparseMlpShape& s, bool deterministic) {
+                     at::Tensor& acc, at::Tensor& arrivals, const scalar_t* b_down,
+                     at::Tensor& out, const SparseMlpShape& s, bool deterministic) {
   if constexpr (sizeof(scalar_t) <= 4) {
     down_vec_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
         w_down_t.const_data_ptr<scalar_t>(), active_idx.const_data_ptr<index_t>(), counts,
-        h.const_data_ptr<float>(), acc.data_ptr<float>(), s.rows, s.d_out, s.k, s.neurons,
-        s.per_row, deterministic);
+        h.const_data_ptr<float>(), acc.data_ptr<float>(),
+        reinterpret_cast<unsigned int*>(arrivals.data_ptr<int32_t>()), b_down,
+        out.data_ptr<scalar_t>(), s.rows, s.d_out, s.k, s.neurons, s.per_row, deterministic);
   }
 }
 
@@ -381,51 +468,62 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
   TORCH_CHECK_VALUE(row_groups <= 65535, kOp, ": too many per-row sets for one launch (",
                     s.rows, ")");
 
-  at::Tensor h = at::empty({s.rows, std::max<int64_t>(s.k, 1)}, x.options().dtype(at::kFloat));
+  if (s.k == 0) {  // no active neuron: the output is the bias; no kernel of ours runs
+    if (b_down.has_value()) {
+      out.copy_(b_down->unsqueeze(0).expand_as(out));
+    } else {
+      out.zero_();
+    }
+    return out;
+  }
+  at::Tensor h = at::empty({s.rows, s.k}, x.options().dtype(at::kFloat));
+  // Deterministic: a partial row per neuron slice, summed in slice order by each tile's last
+  // block. Otherwise one accumulator the slices add into atomically. Both zeroed, with the tile
+  // counters, by hidden_kernel.
+  TORCH_CHECK_VALUE(col_tiles * row_groups <= std::numeric_limits<unsigned int>::max(), kOp,
+                    ": too many output tiles (", col_tiles * row_groups, ")");
   const int64_t acc_slices = deterministic ? slices : 1;
-  at::Tensor acc = deterministic
-                       ? at::empty({acc_slices, s.rows, s.d_out}, x.options().dtype(at::kFloat))
-                       : at::zeros({1, s.rows, s.d_out}, x.options().dtype(at::kFloat));
+  at::Tensor acc = at::empty({acc_slices, s.rows, s.d_out}, x.options().dtype(at::kFloat));
+  at::Tensor arrivals = at::empty({col_tiles * row_groups}, x.options().dtype(at::kInt));
+  // The hidden kernel's grid is sized by k, not by the output: it zeroes an accumulator of up
+  // to 16 floats per thread (a decode step's), and a larger one (a prefill's) is a memset.
+  const bool zero_in_hidden =
+      !deterministic && acc.numel() <= hidden.blocks * static_cast<int64_t>(kThreads) * 16;
+  if (!deterministic && !zero_in_hidden) acc.zero_();
 
   unsigned int* error_word = device_error_word(x);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_mlp_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(active_idx.scalar_type(), "sparse_mlp_cuda_index", [&] {
       const index_t* cp = counts.has_value() ? counts->const_data_ptr<index_t>() : nullptr;
-      if (s.k > 0) {
-        auto kernel = hidden_kernel<scalar_t, index_t>;
-        if (hidden.shared_bytes > 48 * 1024) {
-          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(hidden.shared_bytes)));
-        }
-        kernel<<<static_cast<unsigned>(hidden.blocks), kThreads,
-                 static_cast<size_t>(hidden.shared_bytes), stream>>>(
-            x.const_data_ptr<scalar_t>(), w_up.const_data_ptr<scalar_t>(),
-            ptr_or_null<scalar_t>(w_gate), ptr_or_null<scalar_t>(b_up),
-            ptr_or_null<scalar_t>(b_gate), active_idx.const_data_ptr<index_t>(), cp,
-            h.data_ptr<float>(), s.rows, s.d_in, s.k, s.neurons, s.per_row, act, vector_in,
-            static_cast<int>(hidden.rows_per_pass), hidden.row_floats, error_word);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const scalar_t* bias = ptr_or_null<scalar_t>(b_down);
+      auto kernel = hidden_kernel<scalar_t, index_t>;
+      if (hidden.shared_bytes > 48 * 1024) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(hidden.shared_bytes)));
       }
-      if (s.k > 0 || deterministic) {
-        const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(slices),
-                        static_cast<unsigned>(row_groups));
-        if (vector_down) {
-          launch_down_vec<scalar_t, index_t>(grid, stream, w_down_t, active_idx, cp, h, acc, s,
-                                             deterministic);
-        } else {
-          down_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
-              w_down_t.const_data_ptr<scalar_t>(), active_idx.const_data_ptr<index_t>(), cp,
-              h.const_data_ptr<float>(), acc.data_ptr<float>(), s.rows, s.d_out, s.k, s.neurons,
-              s.per_row, deterministic);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      kernel<<<static_cast<unsigned>(hidden.blocks), kThreads,
+               static_cast<size_t>(hidden.shared_bytes), stream>>>(
+          x.const_data_ptr<scalar_t>(), w_up.const_data_ptr<scalar_t>(),
+          ptr_or_null<scalar_t>(w_gate), ptr_or_null<scalar_t>(b_up),
+          ptr_or_null<scalar_t>(b_gate), active_idx.const_data_ptr<index_t>(), cp,
+          h.data_ptr<float>(), s.rows, s.d_in, s.k, s.neurons, s.per_row, act, vector_in,
+          static_cast<int>(hidden.rows_per_pass), hidden.row_floats, error_word,
+          zero_in_hidden ? acc.data_ptr<float>() : nullptr, zero_in_hidden ? acc.numel() : 0,
+          reinterpret_cast<unsigned int*>(arrivals.data_ptr<int32_t>()), arrivals.numel());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(slices),
+                      static_cast<unsigned>(row_groups));
+      if (vector_down) {
+        launch_down_vec<scalar_t, index_t>(grid, stream, w_down_t, active_idx, cp, h, acc,
+                                           arrivals, bias, out, s, deterministic);
+      } else {
+        down_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
+            w_down_t.const_data_ptr<scalar_t>(), active_idx.const_data_ptr<index_t>(), cp,
+            h.const_data_ptr<float>(), acc.data_ptr<float>(),
+            reinterpret_cast<unsigned int*>(arrivals.data_ptr<int32_t>()), bias,
+            out.data_ptr<scalar_t>(), s.rows, s.d_out, s.k, s.neurons, s.per_row, deterministic);
       }
-      const int64_t total = s.rows * s.d_out;
-      const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, sms * 8);
-      finish_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          acc.const_data_ptr<float>(), ptr_or_null<scalar_t>(b_down), out.data_ptr<scalar_t>(),
-          s.rows, s.d_out, acc_slices);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
