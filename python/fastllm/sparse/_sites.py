@@ -1,0 +1,168 @@
+"""Where a model's MLPs are (Llama-family ``mlp`` modules, OPT's fc1/fc2 on the layer), the
+sparse views installed over them, and the activations collected from them for calibration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.sparse_mlp import SparseMLP
+
+
+
+# ---- finding MLPs --------------------------------------------------------------------------------
+
+
+@dataclass
+
+class _Site:
+    """Where one MLP lives: Llama family `layer.mlp`, or OPT's fc1/activation_fn/fc2 on the layer."""
+    layer: nn.Module
+    kind: str  # "llama" or "opt"
+
+    @property
+    def mlp_like(self) -> nn.Module:
+        return self.layer.mlp if self.kind == "llama" else self.layer
+
+    @property
+    def input_module(self) -> nn.Module:
+        # The module whose first positional input is the MLP input.
+        if self.kind == "llama":
+            return self.layer.mlp
+        fc1 = self.layer.fc1
+        return fc1 if not isinstance(fc1, SparseMLP) else fc1
+
+
+def find_mlps(model: nn.Module) -> list[_Site]:
+    """The model's MLPs in layer order (dense or already sparsified)."""
+    sites = []
+    for module in model.modules():
+        mlp = getattr(module, "mlp", None)
+        if isinstance(mlp, nn.Module) and (isinstance(mlp, SparseMLP) or all(
+                hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))):
+            sites.append(_Site(module, "llama"))
+        elif all(hasattr(module, n) for n in ("fc1", "fc2", "activation_fn")):
+            sites.append(_Site(module, "opt"))
+    if not sites:
+        raise TypeError(f"fastllm.sparse: found no Llama-style (gate/up/down) or OPT-style "
+                        f"(fc1/fc2) MLP in {type(model).__name__}")
+    return sites
+
+
+def _dense_mlp(site: _Site) -> nn.Module:
+    """The dense module a SparseMLP wraps (or the dense MLP itself)."""
+    if site.kind == "llama":
+        return site.layer.mlp.wrapped if isinstance(site.layer.mlp, SparseMLP) else site.layer.mlp
+    return site.layer.fc1.wrapped if isinstance(site.layer.fc1, SparseMLP) else site.layer
+
+
+def _make_view(site: _Site) -> SparseMLP:
+    """A SparseMLP over the site's dense weights (not installed), for computing hidden values."""
+    if site.kind == "llama":
+        return SparseMLP(_dense_mlp(site))
+    fc1, fc2, act = _opt_parts(site)
+    holder = nn.Module()
+    holder.fc1, holder.fc2, holder.activation_fn = fc1, fc2, act
+    return SparseMLP(holder)
+
+
+def _opt_parts(site: _Site):
+    if isinstance(site.layer.fc1, SparseMLP):
+        return site.layer.fc1._opt_restore
+    return site.layer.fc1, site.layer.fc2, site.layer.activation_fn
+
+
+# ---- dense activations ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+
+def collect_mlp_data(model: nn.Module, ids: Tensor, fn, batch_size: int = 4) -> list:
+    """Run the dense model on ``ids`` and call ``fn(layer_index, view, x)`` on each MLP input.
+
+    ``view`` is a :class:`SparseMLP` over that layer's dense weights (``view.dense_hidden(x)``
+    gives the hidden values). Returns a per-layer list of lists of ``fn``'s results.
+    """
+    was_sparse = any(isinstance(m, SparseMLP) for m in model.modules())
+    saved = densify(model) if was_sparse else None
+    sites = find_mlps(model)
+    views = [_make_view(s) for s in sites]
+    results: list[list] = [[] for _ in sites]
+    handles = []
+    for i, site in enumerate(sites):
+        module = site.layer.mlp if site.kind == "llama" else site.layer.fc1
+
+        def hook(_m, args, i=i):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            results[i].append(fn(i, views[i], x))
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        if saved is not None:
+            _reinstall(model, saved)
+    return results
+
+
+# ---- threshold mode ------------------------------------------------------------------------------
+
+
+def _per_layer(value, n_layers: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n_layers:
+            raise ValueError(f"fastllm.sparse: {name} has {len(value)} entries for {n_layers} layers")
+        return list(value)
+    return [value] * n_layers
+
+
+# ---- predictors ----------------------------------------------------------------------------------
+
+
+def _model_identity(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
+    sites = find_mlps(model)
+    first = _make_view(sites[0])
+    return {
+        "model_name": str(name),
+        "model_type": str(getattr(config, "model_type", type(model).__name__)),
+        "hidden_size": int(first.up_w.shape[1]),
+        "n_neurons": int(first.n_neurons),
+        "n_layers": len(sites),
+    }
+
+
+# ---- swapping modules ----------------------------------------------------------------------------
+
+
+def _install(site: _Site, sparse: SparseMLP) -> None:
+    if site.kind == "llama":
+        site.layer.mlp = sparse
+    else:
+        sparse._opt_restore = (site.layer.fc1, site.layer.fc2, site.layer.activation_fn)
+        site.layer.fc1, site.layer.fc2, site.layer.activation_fn = sparse, nn.Identity(), nn.Identity()
+
+
+def _reinstall(model: nn.Module, saved: list) -> None:
+    for site, sparse in zip(find_mlps(model), saved):
+        _install(site, sparse)
+
+
+def densify(model: nn.Module) -> list[SparseMLP]:
+    """Put every original dense MLP back (the same module objects); returns the removed ones."""
+    removed = []
+    for site in find_mlps(model):
+        if site.kind == "llama" and isinstance(site.layer.mlp, SparseMLP):
+            removed.append(site.layer.mlp)
+            site.layer.mlp = site.layer.mlp.wrapped
+        elif site.kind == "opt" and isinstance(site.layer.fc1, SparseMLP):
+            sparse = site.layer.fc1
+            removed.append(sparse)
+            site.layer.fc1, site.layer.fc2, site.layer.activation_fn = sparse._opt_restore
+    return removed

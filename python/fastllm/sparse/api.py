@@ -1,0 +1,178 @@
+"""The user-facing switch: ``sparsify`` a model (per-layer sparsity, predictors, selection,
+batch handling), ``densify`` it back, and ``allocate_sparsity`` across layers."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.sparse_mlp import SparseMLP
+from ._sites import (_dense_mlp, _install, _model_identity, _per_layer, collect_mlp_data, densify,
+                     find_mlps)
+from .calibrate import calibrate_thresholds
+from .predictors import PredictorMismatchError, Predictors, train_predictors
+
+
+@torch.no_grad()
+
+def allocate_sparsity(model: nn.Module, predictors: "Predictors | None", calibration_ids: Tensor,
+                      sparsity: float, *, step: float = 0.05, max_sparsity: float = 0.9,
+                      error: str = "relative") -> list[float]:
+    """Per-layer sparsities averaging ``sparsity`` that minimise the summed MLP output error.
+
+    On ``calibration_ids`` each layer's MLP output error ``||W_down (h * (1 - mask))||^2`` of the
+    predictor's top-k selection (the oracle's with ``predictors=None``) is measured on a grid of
+    keep fractions (``step`` apart); ``error="relative"`` divides it by ``||W_down h||^2``, and
+    ``"absolute"`` does not (layers with large MLP outputs then stay denser). Starting from every
+    layer at ``max_sparsity``, density is added ``step`` at a time where it removes the most
+    error, until the average density is ``1 - sparsity``.
+    """
+    grid = [round(k * step, 6) for k in range(1, int(round(1 / step)) + 1)]  # keep fractions
+    grid = [g for g in grid if g >= 1 - max_sparsity - 1e-9]
+
+    def errors(i, view, x):
+        h = view.dense_hidden(x).float()
+        scores = h.abs() if predictors is None else predictors.layers[i](x).float()
+        order = scores.argsort(dim=-1, descending=True)
+        down = view.down_w.float()
+        full = F.linear(h, down)
+        base = full.pow(2).sum().item() if error == "relative" else 1.0
+        out = []
+        for keep in grid:
+            k = int(round(keep * view.n_neurons))
+            dropped = torch.ones_like(h).scatter_(1, order[:, :k], 0.0)
+            out.append(F.linear(h * dropped, down).pow(2).sum().item() / max(base, 1e-30))
+        return out
+
+    per_layer = collect_mlp_data(model, calibration_ids, errors)
+    err = [[sum(c[j] for c in chunks) for j in range(len(grid))] for chunks in per_layer]
+    level = [0] * len(err)  # index into grid
+    budget = int(round((1 - sparsity - grid[0]) / step * len(err)))
+    for _ in range(max(0, budget)):
+        gains = [(e[l] - e[l + 1]) if l + 1 < len(grid) else -math.inf
+                 for e, l in zip(err, level)]
+        best = max(range(len(err)), key=gains.__getitem__)
+        if gains[best] == -math.inf:
+            break
+        level[best] += 1
+    return [round(1 - grid[l], 6) for l in level]
+
+
+SPARSIFY_MODES = ("predictor", "threshold", "oracle", "dense")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"fastllm.sparse.sparsify: {name} must be one of "
+                         f"{', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def _check_sparsify_args(model, sparsity, mode, selection, batch_sets, dense_above, compute,
+                         deterministic) -> None:
+    """Every argument of :func:`sparsify` checked before the model is touched: a sparsity
+    outside [0, 1] would otherwise keep a negative or over-full neuron count, silently clamped
+    into a dense or an empty MLP."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastllm.sparse.sparsify: model must be an nn.Module, got "
+                        f"{type(model).__name__}")
+    values = sparsity if isinstance(sparsity, (list, tuple)) else [sparsity]
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0.0 <= float(value) <= 1.0:
+            raise ValueError("fastllm.sparse.sparsify: sparsity must be a number in [0, 1] (the "
+                             f"share of neurons skipped), or a list of them, got {value!r}")
+    _check_choice("mode", mode, SPARSIFY_MODES)
+    _check_choice("selection", selection, ("topk", "logit"))
+    _check_choice("batch_sets", batch_sets, ("per_row", "union"))
+    _check_choice("compute", compute, ("kernel", "masked"))
+    if dense_above is not None and (isinstance(dense_above, bool)
+                                    or not isinstance(dense_above, int) or dense_above < 0):
+        raise ValueError("fastllm.sparse.sparsify: dense_above must be an int >= 0 or None, got "
+                         f"{dense_above!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"fastllm.sparse.sparsify: deterministic must be a bool, got "
+                        f"{deterministic!r}")
+
+
+def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors=None,
+             calibration_ids: Tensor | None = None, *, selection: str = "topk",
+             batch_sets: str = "per_row", dense_above: int | None = 1,
+             compute: str = "kernel", deterministic: bool = False,
+             thresholds: list[float] | None = None, **train_kwargs) -> nn.Module:
+    """Swap every MLP for a :class:`SparseMLP` at ``sparsity`` (a float or one per layer).
+
+    ``mode="threshold"`` calibrates per-layer thresholds from ``calibration_ids``;
+    ``mode="predictor"`` uses ``predictors`` (a :class:`Predictors` or a path to saved ones) or
+    trains them from ``calibration_ids``; ``mode="oracle"`` needs neither. ``selection="topk"``
+    keeps ``(1 - sparsity) * n`` neurons per token; ``"logit"`` keeps those with logit > 0.
+    Calls with more than ``dense_above`` tokens run dense (default 1: only single-token decode
+    steps run sparse; ``None``: never). ``thresholds``
+    (per layer) skips the threshold calibration.
+
+    Valid values: ``sparsity`` in [0, 1] (the share of neurons skipped per token; 0.5 keeps
+    ``round(0.5 * n)``), a float or a list with one per MLP; ``mode`` in ``"predictor"``,
+    ``"threshold"``, ``"oracle"``, ``"dense"``; ``selection`` ``"topk"`` or ``"logit"``;
+    ``batch_sets`` ``"per_row"`` or ``"union"``; ``dense_above`` an int >= 0 or ``None``;
+    ``compute`` ``"kernel"`` or ``"masked"``. ``calibration_ids`` is a LongTensor ``[batch,
+    seq]`` of token ids (a few thousand tokens of ordinary text); ``train_kwargs`` go to
+    :func:`train_predictors` (e.g. ``kind``, ``rank``, ``progress``).
+
+    Returns ``model``, modified in place (every MLP replaced by a :class:`SparseMLP`; any earlier
+    sparsification is undone first); :func:`densify` restores the dense MLPs. Raises
+    ``ValueError`` for a missing calibration or an unknown mode, :class:`PredictorMismatchError`
+    for predictors made for another model.
+
+    Example::
+
+        sparsify(model, 0.5, calibration_ids=ids)             # int8 predictors, 50% sparse
+        sparsify(model, 0.3, mode="threshold", calibration_ids=ids)
+        densify(model)
+    """
+    _check_sparsify_args(model, sparsity, mode, selection, batch_sets, dense_above, compute,
+                         deterministic)
+    densify(model)
+    sites = find_mlps(model)
+    targets = _per_layer(sparsity, len(sites), "sparsity")
+    preds = None
+    if mode == "threshold" and thresholds is not None:
+        thresholds = _per_layer(thresholds, len(sites), "thresholds")
+    elif mode == "threshold":
+        if calibration_ids is None:
+            raise ValueError("fastllm.sparse.sparsify: threshold mode needs calibration_ids")
+        thresholds = calibrate_thresholds(model, calibration_ids, targets)
+    elif mode == "predictor":
+        if isinstance(predictors, (str, pathlib.Path)):
+            preds = Predictors.load(predictors, model)
+        elif isinstance(predictors, Predictors):
+            current = _model_identity(model)
+            if predictors.identity != current:
+                raise PredictorMismatchError(
+                    f"predictors were trained for {predictors.identity}, model is {current}")
+            preds = predictors
+        elif calibration_ids is not None:
+            preds = train_predictors(model, calibration_ids, **train_kwargs)
+        else:
+            raise ValueError("fastllm.sparse.sparsify: predictor mode needs predictors (or a path "
+                             "to saved ones) or calibration_ids to train them")
+    if mode != "threshold":
+        thresholds = [None] * len(sites)
+    installed = []
+    for i, site in enumerate(sites):
+        target = _dense_mlp(site)
+        n = (target.up_proj.weight if site.kind == "llama" else target.fc1.weight).shape[0]
+        keep = max(0, min(n, int(round((1 - targets[i]) * n))))
+        sparse = SparseMLP(target, mode=mode, keep=keep, threshold=thresholds[i],
+                           predictor=None if preds is None else preds.layers[i],
+                           logit_threshold=0.0 if selection == "logit" else None,
+                           batch_sets=batch_sets, dense_above=dense_above, compute=compute,
+                           deterministic=deterministic)
+        _install(site, sparse)
+        installed.append(sparse)
+    if preds is not None and preds.lookahead:
+        for a, b in zip(installed, installed[1:]):
+            a.next_layer = b
+    return model

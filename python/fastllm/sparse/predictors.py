@@ -1,0 +1,578 @@
+"""Deja Vu predictors: trained low-rank, closed-form factored and quantized (int8 / packed int4
+gate+up) neuron scorers, their byte costs, and their safetensors files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.sparse_mlp import FactoredPredictor, LowRankPredictor, QuantizedPredictor
+from .._optional import require
+from ._sites import _make_view, _model_identity, collect_mlp_data, find_mlps
+
+
+
+class PredictorMismatchError(ValueError):
+    """Saved predictors were trained for another model or configuration."""
+
+
+@dataclass
+
+class Predictors:
+    """Per-layer low-rank predictors plus what they were trained for."""
+    layers: nn.ModuleList
+    identity: dict
+    rank: int
+    lookahead: bool = False
+    label_share: float = 0.9
+    stats: list = field(default_factory=list)  # per layer: recall/precision on held-out tokens
+    # "lowrank" (Deja Vu, BCE-trained), "factored" (closed form) or "quantized" (int8 weights;
+    # rank is 0, the group size is in the tensors' shapes)
+    kind: str = "lowrank"
+
+    def save(self, path) -> None:
+        save_file = require("safetensors.torch", "Predictors.save").save_file
+        tensors = {f"layers.{i}.{k}": v.detach().contiguous().cpu()
+                   for i, layer in enumerate(self.layers) for k, v in layer.state_dict().items()}
+        meta = {"fastllm_sparse_predictors": "1", "identity": json.dumps(self.identity),
+                "rank": str(self.rank), "lookahead": str(int(self.lookahead)),
+                "label_share": repr(self.label_share), "stats": json.dumps(self.stats),
+                "kind": self.kind}
+        if self.kind == "quantized":
+            first = self.layers[0]
+            meta["quantized"] = json.dumps({"bits": int(getattr(first, "bits", 8)),
+                                            "score": str(getattr(first, "score", "gate_up")),
+                                            "input_keep": getattr(first, "input_keep", None)})
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path, model: nn.Module) -> "Predictors":
+        """Load predictors saved by :meth:`save`; refuse if they were trained for another model."""
+        safe_open = require("safetensors", "Predictors.load").safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("fastllm_sparse_predictors") != "1":
+                raise PredictorMismatchError(f"{path} holds no fastllm sparse predictors")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        saved = json.loads(meta["identity"])
+        current = _model_identity(model)
+        diffs = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        if diffs:
+            detail = ", ".join(f"{k}: saved {a!r}, model {b!r}" for k, (a, b) in diffs.items())
+            raise PredictorMismatchError(
+                f"predictors in {path} were trained for another model ({detail}); "
+                "train new ones with fastllm.sparse.train_predictors(model, calibration_ids)")
+        rank = int(meta["rank"])
+        kind = meta.get("kind", "lowrank")
+        activation = _make_view(find_mlps(model)[0]).activation
+        states = [{k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"layers.{i}.")}
+                  for i in range(current["n_layers"])]
+        if kind == "quantized":
+            quant = json.loads(meta.get("quantized", '{"bits": 8, "score": "gate_up"}'))
+            layers = nn.ModuleList(QuantizedPredictor.from_state(state, activation, **quant)
+                                   for state in states)
+        else:
+            layers = nn.ModuleList(_new_predictor(kind, current["hidden_size"],
+                                                  current["n_neurons"], rank, activation)
+                                   for _ in states)
+            for layer, state in zip(layers, states):
+                layer.load_state_dict(state)
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        layers.to(device=device, dtype=dtype)
+        return cls(layers, saved, rank, bool(int(meta["lookahead"])), float(meta["label_share"]),
+                   json.loads(meta.get("stats", "[]")), kind)
+
+
+def _new_predictor(kind: str, d: int, n: int, rank: int, activation: str) -> nn.Module:
+    if kind == "factored":
+        return FactoredPredictor(d, n, rank, activation)
+    if kind == "lowrank":
+        return LowRankPredictor(d, n, rank)
+    raise ValueError(f"fastllm.sparse: unknown predictor kind {kind!r} (expected 'factored', "
+                     "'quantized' or 'lowrank')")
+
+
+def predictor_cost(kind: str, d: int, n: int, rank: int, gated: bool = True) -> float:
+    """Multiply-adds of one predictor call as a share of the dense MLP's (``3dn`` gated, ``2dn``
+    plain). For ``"quantized"`` (``rank`` unused) they are the gate and up projections' own;
+    what it saves is bytes (int8), see :class:`~fastllm.nn.QuantizedPredictor`."""
+    if kind == "quantized":
+        per_token = (2 if gated else 1) * d * n
+    else:
+        per_token = rank * (d + 2 * n) if kind == "factored" else rank * (d + n)
+    return per_token / ((3 if gated else 2) * d * n)
+
+
+def predictor_bytes_share(d: int, n: int, *, bits: int = 8, score: str = "gate_up",
+                          group: int = 64, weight_bytes: float = 2.0, gated: bool = True,
+                          as_stored: bool = False, input_keep: float | None = None) -> float:
+    """Bytes a :class:`~fastllm.nn.QuantizedPredictor` reads per call, as a share of the dense
+    MLP's weight bytes (``3dn`` gated, ``2dn`` plain, at ``weight_bytes`` per weight: 2 for
+    fp16/bf16, 4 for fp32). Each quantized weight costs ``bits / 8`` (int8, or int4 packed two
+    per byte, as stored and read by the op) plus ``4 / group`` for its fp32 scale;
+    ``score="gate_up"`` quantizes ``2dn`` weights (``dn`` for a plain MLP), ``"gate"`` ``dn``.
+
+    ``input_keep`` scales it by the share of input columns read, what a column-gather kernel
+    (not written) would read; ``as_stored=True`` ignores it: today's op reads every column.
+
+    SmolLM2 (d 576, n 1536), fp16: int8 gate+up (group 64) 0.354, int4 gate+up (group 32)
+    0.208, int8 gate 0.177, int4 gate 0.104; halve them for fp32. The rows a sparse call then
+    reads add ``1 - sparsity`` (gate, up and down rows of the kept neurons).
+    """
+    if score not in ("gate_up", "gate"):
+        raise ValueError(f"fastllm.sparse.predictor_bytes_share: score must be 'gate_up' or "
+                         f"'gate', got {score!r}")
+    if score == "gate" and not gated:
+        raise ValueError("fastllm.sparse.predictor_bytes_share: score='gate' needs a gated MLP")
+    per_weight = bits / 8 + 4 / group
+    quantized = (2 if gated and score == "gate_up" else 1) * d * n
+    if not as_stored and input_keep is not None:
+        per_weight *= input_keep
+    return quantized * per_weight / ((3 if gated else 2) * d * n * weight_bytes)
+
+# Per weight dtype: (bits, score) of the default quantized predictor, chosen by
+# bench/sparse_budget_study.py (SmolLM2, held-out text): the selection with the best estimated
+# speed-up (bytes model: dense MLP bytes / (predictor bytes + kept rows' bytes)) at <= +5%
+# perplexity at 50% sparsity, with the bytes the op reads from the storage. int4 gate+up (group
+# 32, packed two per byte; +4.8% on 768 and on 2048 held-out tokens) wins for every dtype: 1.41x
+# fp16 and 1.66x fp32 against int8 gate+up's 1.17x / 1.48x (+3.4%); gate-only scores, input
+# channel sparsity (no column-gather kernel: no bytes saved as stored) and the threshold mode miss
+# +5% by far. The margin is thin (the oracle itself costs +4.5%), and int4's top-k recall (0.92)
+# is below int8's (0.995): bits=8 stays the choice where quality matters more than bytes.
+
+_QUANTIZED_DEFAULTS = {torch.float32: (4, "gate_up"), torch.float16: (4, "gate_up"),
+                       torch.bfloat16: (4, "gate_up")}
+
+
+def default_quantized_selection(dtype: torch.dtype) -> tuple[int, str]:
+    """``(bits, score)`` of the default :class:`~fastllm.nn.QuantizedPredictor` for a model whose
+    weights are ``dtype`` (see :func:`quantize_predictors`); other dtypes get the fp32 choice.
+    A model whose ``d_model`` is not a multiple of 32 (no whole packed-int4 words) gets 8 bits."""
+    return _QUANTIZED_DEFAULTS.get(dtype, _QUANTIZED_DEFAULTS[torch.float32])
+
+
+def default_rank(kind: str, d: int, n: int, gated: bool = True, max_cost: float = 0.15) -> int:
+    """The largest rank (a multiple of 8, at least 8) whose predictor costs at most ``max_cost``
+    of the MLP."""
+    per_rank = predictor_cost(kind, d, n, 1, gated)
+    return max(8, int(max_cost / per_rank) // 8 * 8)
+
+
+def share_labels(h_abs: Tensor, share: float) -> Tensor:
+    """Per row, the smallest set of neurons whose |h| sums to at least ``share`` of the row's."""
+    values, order = h_abs.sort(dim=-1, descending=True)
+    csum = values.cumsum(-1)
+    total = csum[..., -1:].clamp_min(1e-30)
+    # Keep a neuron if the mass before it is still short of the share.
+    keep_sorted = (csum - values) < share * total
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def _progress(iterable, desc: str, total: int, show: bool):
+    if not show:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(iterable, desc=desc, total=total)
+    except ImportError:
+        return iterable
+
+
+def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "auto",
+                     rank: int | None = None, max_cost: float = 0.15, label_share: float = 0.9,
+                     heldout: float = 0.1, lookahead: bool = False, eval_sparsity: float = 0.5,
+                     layers: list[int] | None = None, progress: bool = True, seed: int = 0,
+                     weighting: bool = False, ridge: float = 1e-3, batch_size: int = 8,
+                     epochs: int = 20, lr: float = 1e-3, batch_tokens: int = 256,
+                     magnitude_weight: float = 0.0, init: str = "random",
+                     group: int | None = None, bits: int | None = None,
+                     score: str | None = None, input_keep: float | None = None) -> Predictors:
+    """Fit one neuron predictor per MLP from the dense model's activations on ``calibration_ids``.
+
+    ``kind="auto"`` takes ``"quantized"`` for gated MLPs (``"factored"`` with ``lookahead``, which
+    the quantized form has not, or when ``d`` is not a multiple of 16) and ``"lowrank"`` for
+    ReLU/plain MLPs. Why a quantized copy for gated MLPs: on SmolLM2 int8 ranks neurons like the
+    oracle (top-k recall 0.995 at 50%) and the default int4 (fewer bytes) reaches 0.92, where the
+    factored predictor at its default cost reaches 0.72.
+    ``kind="factored"`` (gated MLPs) fits a
+    :class:`~fastllm.nn.FactoredPredictor` in closed form, see :func:`fit_factored_predictors`;
+    ``kind="quantized"`` needs no fit: a quantized copy of each MLP's gate and up weights (or
+    gate only), one scale per ``group`` input columns (:class:`~fastllm.nn.QuantizedPredictor`,
+    :func:`quantize_predictors`; ``bits`` and ``score`` pick the width and what is scored, by
+    default per weight dtype); the calibration tokens only set the offsets and the stats.
+    ``kind="lowrank"`` (the default for ReLU/plain MLPs, Deja Vu's predictor) trains
+    ``Linear(d, rank) -> Linear(rank, n)`` logits with weighted BCE (``label_share``,
+    ``epochs``, ``lr``, ``batch_tokens``, ``magnitude_weight``, ``init`` apply to it).
+    ``rank=None`` takes the largest rank whose predictor costs at most ``max_cost`` of the MLP's
+    multiply-adds (:func:`default_rank`). ``heldout`` of the tokens are kept out of the fit and
+    give, per layer, ``Predictors.stats``: recall/precision of ``logit > 0`` against the labels
+    (the neurons carrying ``label_share`` of ``|h|``; ``h > 0`` for ReLU) and
+    ``topk_recall_vs_oracle@<eval_sparsity>``, the share of the oracle's top-k by ``|h|`` that the
+    predictor's top-k finds. With ``lookahead`` the predictor of layer l (l >= 1) reads layer
+    l-1's MLP input. ``layers`` restricts the fit to some layers (others stay untrained).
+    """
+    sites = find_mlps(model)
+    first = _make_view(sites[0])
+    if kind == "auto":
+        if first.kind != "gated":
+            kind = "lowrank"
+        elif lookahead or first.up_w.shape[1] % 16:
+            kind = "factored"
+        else:
+            kind = "quantized"
+    if kind == "factored" and first.kind != "gated":
+        raise ValueError("fastllm.sparse.train_predictors: kind='factored' needs a gated MLP "
+                         "(gate/up/down); use kind='lowrank' for ReLU/plain MLPs")
+    if kind == "quantized":
+        if lookahead:
+            raise ValueError("fastllm.sparse.train_predictors: kind='quantized' scores a layer from "
+                             "its own weights and input, so it has no lookahead form; use "
+                             "kind='factored' for lookahead")
+        return quantize_predictors(model, calibration_ids, group=group, bits=bits, score=score,
+                                   input_keep=input_keep, label_share=label_share,
+                                   eval_sparsity=eval_sparsity, layers=layers, progress=progress,
+                                   batch_size=batch_size)
+    if rank is None:
+        rank = default_rank(kind, first.up_w.shape[1], first.n_neurons,
+                            first.kind == "gated", max_cost)
+    if kind == "factored":
+        return fit_factored_predictors(model, calibration_ids, rank=rank,
+                                       label_share=label_share, heldout=heldout,
+                                       lookahead=lookahead, eval_sparsity=eval_sparsity,
+                                       layers=layers, progress=progress, seed=seed,
+                                       weighting=weighting, ridge=ridge, batch_size=batch_size)
+    if kind != "lowrank":
+        _new_predictor(kind, 1, 1, 1, "silu")  # raises the unknown-kind error
+    return _train_lowrank(model, calibration_ids, rank=rank, label_share=label_share,
+                          epochs=epochs, lr=lr, batch_tokens=batch_tokens, heldout=heldout,
+                          lookahead=lookahead, eval_sparsity=eval_sparsity, layers=layers,
+                          magnitude_weight=magnitude_weight, init=init, progress=progress,
+                          seed=seed)
+
+
+def _held_stats(logits: Tensor, h_abs: Tensor, labels: Tensor, eval_sparsity: float) -> dict:
+    n = h_abs.shape[1]
+    keep = max(1, int(round((1 - eval_sparsity) * n)))
+    chosen, truth = logits > 0, labels.bool()
+    tp = (chosen & truth).sum().item()
+    top_pred = logits.topk(keep, dim=-1).indices
+    top_oracle = h_abs.topk(keep, dim=-1).indices
+    hit = torch.zeros_like(truth).scatter_(1, top_oracle, True).gather(1, top_pred)
+    return {"recall": tp / max(1, truth.sum().item()),
+            "precision": tp / max(1, chosen.sum().item()),
+            "label_density": truth.float().mean().item(),
+            f"topk_recall_vs_oracle@{eval_sparsity:g}": hit.float().mean().item()}
+
+
+@torch.no_grad()
+
+def fit_factored_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: int,
+                            label_share: float = 0.9, heldout: float = 0.1,
+                            lookahead: bool = False, eval_sparsity: float = 0.5,
+                            layers: list[int] | None = None, progress: bool = True,
+                            seed: int = 0, weighting: bool = False, ridge: float = 1e-3,
+                            batch_size: int = 8, offset_tokens: int = 4096) -> Predictors:
+    """Closed-form :class:`~fastllm.nn.FactoredPredictor` per gated MLP (reduced-rank regression).
+
+    The predictor estimates the stacked pre-activations ``y = [gate; up] = W x`` (``W`` is
+    ``2n x d``) through a rank-``rank`` map. One pass over the calibration tokens accumulates,
+    per layer, the input second moment ``C = E[x x^T]`` (and ``E[x_{l-1} x_l^T]`` for
+    lookahead), so any number of tokens costs ``O(d^2)`` memory per layer, no stored activations.
+    The rank-r map minimising ``E||D (y - y_hat)||^2`` is ``B D V_r V_r^T D^-1``, with ``B`` the
+    least-squares map (``W^T``, or ``C^-1 E[x_{l-1} x_l^T] W^T`` for lookahead) and ``V_r`` the
+    top right singular vectors of ``chol(C)^T B D``. ``D`` (``weighting=True``) weights each
+    output by how much its error moves ``h = act(gate) * up`` to first order: the gate row by
+    ``rms(act'(gate) * up)``, the up row by ``rms(act(gate))`` (on SmolLM2 this changed top-k
+    recall by < 0.002, so it is off by default). ``ridge`` adds
+    ``ridge * mean(diag C)`` to ``C``. The per-layer offset makes ``logit > 0`` keep the
+    ``1 - eval_sparsity`` share of neurons on (up to ``offset_tokens``) training tokens.
+    """
+    sites = find_mlps(model)
+    views = [_make_view(s) for s in sites]
+    n_layers = len(sites)
+    which = list(range(n_layers)) if layers is None else list(layers)
+    src_of = {i: (i - 1 if lookahead and i > 0 else i) for i in which}
+    sources = set(src_of.values())
+    d, n = views[0].up_w.shape[1], views[0].n_neurons
+    gen = torch.Generator().manual_seed(seed)
+    n_tokens = calibration_ids.numel()
+    is_held = torch.zeros(n_tokens, dtype=torch.bool)
+    is_held[torch.randperm(n_tokens, generator=gen)[:max(1, int(round(heldout * n_tokens)))]] = True
+    if heldout <= 0:
+        is_held.zero_()
+
+    acc = torch.float64
+    second = {i: torch.zeros(d, d, dtype=acc) for i in sources}
+    cross = {i: torch.zeros(d, d, dtype=acc) for i in which if src_of[i] != i}
+    w_sums = {i: torch.zeros(2 * n, dtype=acc) for i in which}
+    counts = dict.fromkeys(range(n_layers), 0)
+    position = dict.fromkeys(range(n_layers), 0)
+    last_x: dict = {}
+    held_x = {i: [] for i in range(n_layers)}
+    train_x = {i: [] for i in range(n_layers)}
+    kept_train = dict.fromkeys(range(n_layers), 0)
+
+    def accumulate(i, view, x):
+        rows = x.shape[0]
+        mask = is_held[position[i]:position[i] + rows].to(x.device)
+        position[i] += rows
+        needed = i in sources or i in which
+        if not needed:
+            return None
+        xf = x.float()
+        xt = xf[~mask]
+        if i in sources:
+            second[i] += (xt.t() @ xt).to(acc).cpu()
+            counts[i] += xt.shape[0]
+        if i in which:
+            if i in cross:
+                prev = last_x[i - 1][~mask]
+                cross[i] += (prev.t() @ xt).to(acc).cpu()
+        if i in which and weighting:
+            pre_g = F.linear(xt, view.gate_w.float(),
+                             None if view.gate_b is None else view.gate_b.float())
+            up = F.linear(xt, view.up_w.float(), None if view.up_b is None else view.up_b.float())
+            eps = 1e-3
+            slope = (view._act(pre_g + eps) - view._act(pre_g - eps)) / (2 * eps)
+            w_sums[i] += torch.cat([(slope * up).pow(2).sum(0),
+                                    view._act(pre_g).pow(2).sum(0)]).to(acc).cpu()
+        held_x[i].append(xf[mask].to(torch.bfloat16).cpu())
+        if kept_train[i] < offset_tokens:
+            take = xt[:offset_tokens - kept_train[i]]
+            train_x[i].append(take.to(torch.bfloat16).cpu())
+            kept_train[i] += take.shape[0]
+        last_x[i] = xf
+        return None
+
+    collect_mlp_data(model, calibration_ids, accumulate, batch_size=batch_size)
+    device = next(model.parameters()).device
+    model_dtype = next(model.parameters()).dtype
+    predictors = nn.ModuleList(FactoredPredictor(d, n, rank, views[0].activation)
+                               for _ in range(n_layers))
+    stats = []
+    for i in _progress(which, "fitting predictors", len(which), progress):
+        view, src = views[i], src_of[i]
+        w = torch.cat([view.gate_w, view.up_w]).detach().to(acc).cpu()       # [2n, d]
+        c_ss = second[src] / max(1, counts[src])
+        c_ss += ridge * c_ss.diagonal().mean() * torch.eye(d, dtype=acc)
+        if src == i:
+            least_squares = w.t()                                             # [d, 2n]
+        else:
+            least_squares = torch.linalg.solve(c_ss, cross[i] / max(1, counts[src])) @ w.t()
+        weight = (w_sums[i] / max(1, counts[i])).sqrt().clamp_min(1e-6) if weighting \
+            else torch.ones(2 * n, dtype=acc)
+        chol = torch.linalg.cholesky(c_ss)
+        _, _, vh = torch.linalg.svd(chol.t() @ least_squares * weight, full_matrices=False)
+        v = vh[:rank].t()                                                     # [2n, r]
+        pred = predictors[i]
+        pred.down.weight.copy_((least_squares @ (weight[:, None] * v)).t())
+        pred.up.weight.copy_(v / weight[:, None])
+        biases = [torch.zeros(n) if b is None else b.detach().float().cpu()
+                  for b in (view.gate_b, view.up_b)]
+        pred.up.bias.copy_(torch.cat(biases))
+        # Offset: logit > 0 keeps about `keep` neurons per token on training tokens.
+        sample = torch.cat(train_x[src]).float() if train_x[src] else torch.zeros(0, d)
+        if sample.shape[0]:
+            scores = pred(sample)
+            pred.offset.fill_(scores.flatten().kthvalue(
+                max(1, int(round(eval_sparsity * scores.numel())))).values.item())
+        if held_x[i] and sum(t.shape[0] for t in held_x[i]):
+            xs = torch.cat(held_x[src]).float()
+            h = view.dense_hidden(torch.cat(held_x[i]).to(device=device, dtype=model_dtype))
+            h_abs = h.float().abs().cpu()
+            stats.append({"layer": i, **_held_stats(pred(xs), h_abs,
+                                                     share_labels(h_abs, label_share),
+                                                     eval_sparsity)})
+    predictors.to(device=device, dtype=model_dtype)
+    return Predictors(predictors, _model_identity(model), rank, lookahead, label_share, stats,
+                      "factored")
+
+
+@torch.no_grad()
+
+def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None, *,
+                        group: int | None = None, bits: int | None = None,
+                        score: str | None = None, impl: str = "op",
+                        input_keep: float | None = None, label_share: float = 0.9,
+                        eval_sparsity: float = 0.5,
+                        layers: list[int] | None = None, progress: bool = True,
+                        batch_size: int = 8, sample_tokens: int = 2048) -> Predictors:
+    """One :class:`~fastllm.nn.QuantizedPredictor` per MLP: quantized gate and up weights (or gate
+    only), one fp32 scale per ``group`` input columns. Nothing is fitted.
+
+    ``bits``: 8 or 4. ``score``: ``"gate_up"`` ranks by ``|act(g) * u|`` (plain MLPs:
+    ``|act(fc1)|``), ``"gate"`` (gated MLPs only, CATS-style) by ``|act(g)|`` from the gate rows
+    alone, half the predictor's bytes. ``bits=None`` / ``score=None`` take the default for the
+    model's weight dtype, :func:`default_quantized_selection` (chosen by
+    ``bench/sparse_budget_study.py``: best bytes-model speed-up at <= +5% held-out perplexity at
+    50% on SmolLM2; 8 bits where ``d`` is not a multiple of 32); plain MLPs always score
+    ``"gate_up"``. 4 bits are stored packed two per byte, so ``bits=4`` needs ``d`` to be a
+    multiple of 32. ``group=None``: 64 for 8 bits, 32 for 4 bits, or the next of 32/16 that
+    divides ``d``. ``impl="torch"`` scores in PyTorch
+    (dequantized) instead of the compiled op. ``input_keep`` (WINA-style, in (0, 1]): each
+    token is scored from its top ``input_keep`` share of input channels by ``|x_i| ||W[:, i]||``
+    (see :class:`~fastllm.nn.QuantizedPredictor`; a bytes saving only with a column-gather
+    kernel, which is not written). Bytes: :func:`predictor_bytes_share`. With ``calibration_ids``, one dense pass keeps up to ``sample_tokens`` MLP inputs
+    per layer, which set the offset (``logit > 0`` keeps the
+    ``1 - eval_sparsity`` share) and give ``Predictors.stats`` on those tokens (the predictor was
+    not trained on them, but the offset was set on them). ``layers`` restricts which MLPs get a
+    predictor (the others keep an all-zero one, which scores every neuron 0).
+    """
+    sites = find_mlps(model)
+    views = [_make_view(s) for s in sites]
+    which = list(range(len(sites))) if layers is None else list(layers)
+    first = views[0]
+    d, n = first.up_w.shape[1], first.n_neurons
+    gated, bias = first.kind == "gated", first.up_b is not None
+    default_bits, default_score = default_quantized_selection(first.up_w.dtype)
+    if default_bits == 4 and d % 32:
+        default_bits = 8  # packed int4 needs whole 16-byte words (32 columns) per row
+    bits = default_bits if bits is None else bits
+    score = (default_score if gated else "gate_up") if score is None else score
+    if bits not in (8, 4) or isinstance(bits, bool):
+        raise ValueError(f"fastllm.sparse.quantize_predictors: bits must be 8 or 4, got {bits!r}")
+    if score not in ("gate_up", "gate"):
+        raise ValueError(f"fastllm.sparse.quantize_predictors: score must be 'gate_up' or 'gate', "
+                         f"got {score!r}")
+    if score == "gate" and not gated:
+        raise ValueError("fastllm.sparse.quantize_predictors: score='gate' needs a gated MLP "
+                         "(gate/up/down); a plain MLP is scored by |act(fc1)| (score='gate_up')")
+    if input_keep is not None and (isinstance(input_keep, bool) or not isinstance(
+            input_keep, (int, float)) or not 0 < input_keep <= 1):
+        raise ValueError(f"fastllm.sparse.quantize_predictors: input_keep must be None or in "
+                         f"(0, 1], got {input_keep!r}")
+    if impl not in ("op", "torch"):
+        raise ValueError(f"fastllm.sparse.quantize_predictors: impl must be 'op' or 'torch', "
+                         f"got {impl!r}")
+    if group is None:
+        group = next((g for g in ((64, 32, 16) if bits == 8 else (32, 16)) if d % g == 0), None)
+        if group is None:
+            raise ValueError(f"fastllm.sparse: the quantized predictor needs d_model ({d}) to be "
+                             "a multiple of 16; use kind='factored' or kind='lowrank'")
+    with_gate = gated and score == "gate_up"
+    predictors = nn.ModuleList(QuantizedPredictor(d, n, group, first.activation, with_gate, bias,
+                                                  bits=bits, score=score, impl=impl,
+                                                  input_keep=input_keep)
+                               for _ in sites)
+    for i in _progress(which, "quantizing predictors", len(which), progress):
+        v = views[i]
+        predictors[i] = QuantizedPredictor.from_weights(v.up_w, v.gate_w, v.up_b, v.gate_b,
+                                                        v.activation, group, bits=bits,
+                                                        score=score, impl=impl,
+                                                        input_keep=input_keep)
+    stats = []
+    if calibration_ids is not None:
+        samples = {i: [] for i in which}
+        kept = dict.fromkeys(which, 0)
+
+        def keep_inputs(i, view, x):
+            if i in samples and kept[i] < sample_tokens:
+                take = x[:sample_tokens - kept[i]].detach()
+                samples[i].append(take)
+                kept[i] += take.shape[0]
+        collect_mlp_data(model, calibration_ids, keep_inputs, batch_size=batch_size)
+        for i in which:
+            x = torch.cat(samples[i])
+            pred = predictors[i]
+            scores = pred(x).float()
+            pred.offset.fill_(scores.flatten().kthvalue(
+                max(1, int(round(eval_sparsity * scores.numel())))).values.item())
+            h_abs = views[i].dense_hidden(x).float().abs().cpu()
+            stats.append({"layer": i, **_held_stats((scores - pred.offset).cpu(), h_abs,
+                                                     share_labels(h_abs, label_share),
+                                                     eval_sparsity)})
+    return Predictors(predictors, _model_identity(model), 0, False, label_share, stats,
+                      "quantized")
+
+
+def _train_lowrank(model: nn.Module, calibration_ids: Tensor, *, rank: int,
+                   label_share: float = 0.9, epochs: int = 20, lr: float = 1e-3,
+                   batch_tokens: int = 256, heldout: float = 0.1, lookahead: bool = False,
+                   eval_sparsity: float = 0.5, layers: list[int] | None = None,
+                   magnitude_weight: float = 0.0, init: str = "random", progress: bool = True,
+                   seed: int = 0) -> Predictors:
+    """Train one ``Linear(d, rank) -> Linear(rank, n)`` predictor per MLP from dense activations.
+
+    Labels: ``act > 0`` for ReLU models; for SiLU-gated models the neurons carrying
+    ``label_share`` of the row's ``|silu(gate) * up|`` mass. Loss: BCE with positives weighted by
+    the negative/positive ratio (Deja Vu). ``heldout`` of the tokens are kept out of training and
+    give, per layer, recall/precision against the labels (logit > 0) and the recall of top-k
+    selection against the oracle top-k by ``|h|`` at ``eval_sparsity``, in ``Predictors.stats``.
+    With ``lookahead`` the predictor of layer l (l >= 1) learns from layer l-1's MLP input.
+    ``layers`` restricts training to some layers (others get untrained predictors; for tests).
+    ``init="svd"`` starts each predictor from the rank-``rank`` SVD of the gate (fc1 for ReLU
+    models) weight, so its logits begin as an approximation of the gate's pre-activation, which
+    orders neurons much as ``|act(gate)|`` does; ``"random"`` (default) starts from nn.Linear's
+    init. On SmolLM2 (4 layers, 1024 tokens, 5 epochs) SVD init did not raise top-k recall.
+    ``magnitude_weight`` > 0 also weights each (token, neuron) term by
+    ``1 + magnitude_weight * |h| / mean(|h|)`` of its row, so that missing a neuron with a large
+    activation costs more than missing a small one.
+    """
+    model_dtype = next(model.parameters()).dtype
+
+    n_layers = len(find_mlps(model))
+    which = list(range(n_layers)) if layers is None else list(layers)
+    needed = set(which) | ({i - 1 for i in which if i > 0} if lookahead else set())
+
+    def capture(i, view, x):
+        if i not in needed:
+            return None
+        h = view.dense_hidden(x).float()
+        labels = h > 0 if view.activation == "relu" else share_labels(h.abs(), label_share)
+        return x.float().cpu(), labels.cpu(), h.abs().to(torch.bfloat16).cpu()
+
+    data = collect_mlp_data(model, calibration_ids, capture)
+    identity = _model_identity(model)
+    d, n = identity["hidden_size"], identity["n_neurons"]
+    gen = torch.Generator().manual_seed(seed)
+    n_tokens = sum(x.shape[0] for x, _, _ in data[which[0]])
+    perm = torch.randperm(n_tokens, generator=gen)
+    n_held = max(1, int(round(heldout * n_tokens)))
+    held, train = perm[:n_held], perm[n_held:]
+    torch.manual_seed(seed)
+    predictors = nn.ModuleList(LowRankPredictor(d, n, rank) for _ in data)
+    if init == "svd":
+        with torch.no_grad():
+            for pred, site in zip(predictors, find_mlps(model)):
+                view = _make_view(site)
+                w = (view.gate_w if view.kind == "gated" else view.up_w).detach().float().cpu()
+                u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+                r = min(rank, sv.numel())
+                pred.down.weight.zero_()[:r] = vh[:r]
+                pred.up.weight.zero_()[:, :r] = u[:, :r] * sv[:r]
+    elif init != "random":
+        raise ValueError(f"fastllm.sparse.train_predictors: init must be 'svd' or 'random', got {init!r}")
+    stats = []
+    for i in _progress(which, "training predictors", len(which), progress):
+        src = i - 1 if lookahead and i > 0 else i
+        x = torch.cat([t[0] for t in data[src]])
+        y = torch.cat([t[1] for t in data[i]]).float()
+        h_abs = torch.cat([t[2] for t in data[i]]).float()
+        pred = predictors[i]
+        pos = y[train].mean().clamp(1e-4, 1 - 1e-4)
+        pos_weight = ((1 - pos) / pos).expand(n)
+        opt = torch.optim.AdamW(pred.parameters(), lr=lr)
+        for _ in range(epochs):
+            order = train[torch.randperm(train.numel(), generator=gen)]
+            for start in range(0, order.numel(), batch_tokens):
+                b = order[start:start + batch_tokens]
+                weight = None
+                if magnitude_weight > 0:
+                    hb = h_abs[b]
+                    weight = 1 + magnitude_weight * hb / hb.mean(dim=1, keepdim=True).clamp_min(1e-12)
+                loss = F.binary_cross_entropy_with_logits(pred(x[b]), y[b], weight=weight,
+                                                          pos_weight=pos_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            stats.append({"layer": i, **_held_stats(pred(x[held]), h_abs[held], y[held],
+                                                    eval_sparsity)})
+    device = next(model.parameters()).device
+    predictors.to(device=device, dtype=model_dtype)
+    return Predictors(predictors, identity, rank, lookahead, label_share, stats, "lowrank")
