@@ -318,14 +318,15 @@ class _GaLoreBase(torch.optim.Optimizer):
         if refresh and p in self._skipped:
             self._report_skipped(p, label, stacklevel=5)  # a refresh synchronises anyway
         grad, grad_is_projected = self._gather_gradient(p, group, state, step, label)
+        if grad is not None and "rank" in group and not grad_is_projected:
+            # Projected first (the step's op would do this same GEMM, bit for bit), so the
+            # finiteness check reads the small low-rank gradient instead of a pass over the
+            # m x n one: a NaN or inf anywhere in the full gradient makes its row (column) of
+            # the projection NaN or inf (IEEE: inf * 0 is NaN, inf - inf is NaN).
+            grad = _ops.galore_project(grad, *self._projectors(state))
+            grad_is_projected = True
         if grad is not None and on_device:
             # No host sync: the flag goes to the step's kernels, which skip a non-finite step.
-            if "rank" in group and not grad_is_projected:
-                # Projected first (the op would do this same GEMM), so the finiteness check reads
-                # the small low-rank gradient: a NaN or inf anywhere in the full gradient makes
-                # its columns (rows) of the projection NaN or inf (IEEE: inf * 0 is NaN).
-                grad = _ops.galore_project(grad, *self._projectors(state))
-                grad_is_projected = True
             self._update(p, grad, grad_is_projected, group, state, self._found_inf(p, grad))
             state["step"] = step + 1
         elif grad is not None and self._finite_or_warn(grad, group, step, label):
