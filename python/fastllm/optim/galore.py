@@ -51,6 +51,23 @@ _GALORE_DEFAULTS = dict(update_proj_gap=200, scale=0.25, proj_type="std", svd="f
 # may project with (None when the next step refreshes and needs the full gradient).
 LOWRANK_GRAD = "_galore_lowrank_grad"
 NEXT_PROJECTOR = "_galore_projector"
+# Set by fastllm.optim.galore_ddp on the parameters whose gradients the optimizer all-reduces
+# itself (DDP is told to ignore them): the process group to average over.
+REDUCE_GROUP = "_galore_reduce_group"
+
+
+def _average(t: Tensor, process_group) -> Tensor:
+    """All-reduce ``t`` in place to the mean over ``process_group``."""
+    import torch.distributed as dist
+    dist.all_reduce(t, group=process_group)
+    return t.div_(dist.get_world_size(process_group))
+
+
+def data_parallel_unhandled() -> bool:
+    """Whether this process is one of several in torch.distributed (where a gradient that DDP
+    does not all-reduce would silently differ between ranks)."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class GaLoreNumericalWarning(RuntimeWarning):
@@ -243,10 +260,11 @@ class _GaLoreBase(torch.optim.Optimizer):
         """The gradient to use: ``(grad, grad_is_projected)`` or ``(None, _)`` to skip ``p``."""
         full = p.grad
         low = getattr(p, LOWRANK_GRAD, None)
+        process_group = getattr(p, REDUCE_GROUP, None)
         if full is None and low is None:
             return None, False
         if "rank" not in group:
-            return full, False
+            return (full if process_group is None else _average(full, process_group)), False
         left, right = self._projectors(state)
         if self._needs_refresh(group, state, step):
             if full is None:
@@ -259,9 +277,18 @@ class _GaLoreBase(torch.optim.Optimizer):
                 _ops.galore_project_back_(back, low, left, right, alpha=1.0)
                 full = full + back.to(full.dtype)
                 low = None
+            if process_group is not None:
+                full = _average(full, process_group)
             if not self._refresh_projector(p, full, group, state, step, label):
                 return None, False
             return full, False
+        if process_group is not None:
+            # Data parallel without DDP's reduction: all-reduce the low-rank gradient, r/m of the
+            # full one's bytes (the gradient is linear, so projecting then averaging is the same).
+            projected = _ops.galore_project(full, left, right) if full is not None else None
+            if low is not None:
+                projected = low if projected is None else projected + low
+            return _average(projected, process_group), True
         if full is not None and low is not None:
             return _ops.galore_project(full, left, right) + low, True
         if low is not None:
@@ -427,6 +454,13 @@ class _GaLoreBase(torch.optim.Optimizer):
 
     def _make_layerwise_hook(self, group: dict, gi: int, index: int):
         def hook(p: Tensor) -> None:
+            if getattr(p, REDUCE_GROUP, None) is None and data_parallel_unhandled():
+                raise RuntimeError(
+                    "GaLore layer-wise mode under torch.distributed: each weight steps from its "
+                    "gradient hook, before DistributedDataParallel's all-reduce, so the ranks "
+                    "would diverge. Wrap the model with fastllm.optim.galore_ddp(model, "
+                    "optimizer) instead of DistributedDataParallel (the optimizer then averages "
+                    "each gradient in its hook), or use layerwise=False")
             count = self._micro_batches.get(p, 0) + 1
             if count < self.accumulation_steps:
                 self._micro_batches[p] = count
