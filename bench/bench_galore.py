@@ -210,9 +210,13 @@ def load_galore_torch_adamw():
         return importlib.import_module("galore_torch.adamw").AdamW
 
 
-def galore_torch_comparison(device, repeats: int, rank: int = 256, weight_decay: float = 0.01):
+def galore_torch_comparison(device, repeats: int, rank: int = 256, weight_decay: float = 0.01,
+                            with_components: bool = False):
     """Median seconds of one non-refresh step over the seven Llama-block matrices, fastllm's
-    GaLoreAdamW and galore-torch's, interleaved; None without galore-torch."""
+    GaLoreAdamW and galore-torch's, interleaved; None without galore-torch. With
+    ``with_components``, also (interleaved with them) the pass fastllm's step made before it
+    checked the projected gradient instead: ``isfinite(G).all()`` over the seven full
+    gradients."""
     import warnings
     GaloreTorchAdamW = load_galore_torch_adamw()
     if GaloreTorchAdamW is None:
@@ -235,9 +239,14 @@ def galore_torch_comparison(device, repeats: int, rank: int = 256, weight_decay:
         warnings.simplefilter("ignore", FutureWarning)  # its deprecation notice
         theirs = prepared(lambda g: GaloreTorchAdamW(g, lr=1e-3, weight_decay=weight_decay,
                                                      no_deprecation_warning=True))
-    t = time_interleaved({"ours": ours.step, "base": theirs.step}, device, repeats=repeats,
-                         warmup=2, min_seconds_per_sample=0)
-    return t
+    candidates = {"ours": ours.step, "base": theirs.step}
+    if with_components:
+        def full_finite_check():
+            for g in grads:
+                bool(torch.isfinite(g).all())
+        candidates["full_finite_check"] = full_finite_check
+    return time_interleaved(candidates, device, repeats=repeats, warmup=2,
+                            min_seconds_per_sample=0)
 
 
 def _galore_torch_records(device, quick) -> list[Record]:
@@ -258,11 +267,13 @@ def _vs_galore_torch_main(repeats: int) -> None:
     load_before = os.getloadavg()
     rounds = []
     for _ in range(3):  # three rounds of interleaved repeats; the result is their median
-        t = galore_torch_comparison(device, repeats=repeats)
+        t = galore_torch_comparison(device, repeats=repeats, with_components=True)
         if t is None:
             raise SystemExit("galore-torch is not installed (pip install galore-torch --no-deps)")
         rounds.append({"ours_ms": t["ours"] * 1e3, "galore_torch_ms": t["base"] * 1e3,
-                       "speedup": t["base"] / t["ours"]})
+                       "speedup": t["base"] / t["ours"],
+                       "full_finite_check_ms": t["full_finite_check"] * 1e3,
+                       "loadavg_1m": os.getloadavg()[0]})
     load_after = os.getloadavg()
     import statistics
     speedups = sorted(r["speedup"] for r in rounds)
@@ -278,6 +289,11 @@ def _vs_galore_torch_main(repeats: int) -> None:
         "median_ours_ms": statistics.median(r["ours_ms"] for r in rounds),
         "median_galore_torch_ms": statistics.median(r["galore_torch_ms"] for r in rounds),
         "median_speedup": statistics.median(speedups),
+        "median_full_finite_check_ms": statistics.median(r["full_finite_check_ms"]
+                                                         for r in rounds),
+        "note": "full_finite_check_ms: the isfinite(G).all() pass over the seven m x n "
+                "gradients that the step made before this commit (it now checks the projected "
+                "gradient); timed interleaved with the two steps",
     }
     path = RESULTS_DIR / f"{machine_name(device)}-galore-vs-galore-torch.json"
     path.write_text(json.dumps(out, indent=1) + "\n")

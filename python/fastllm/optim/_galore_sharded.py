@@ -234,9 +234,11 @@ def _all_finite(t: Tensor, info: ShardInfo, check: bool) -> bool:
     if not check:
         return True
     bad = torch.isfinite(t).all().logical_not().to(torch.int32).reshape(1)
-    if info.low_sharded:  # a replicated low-rank gradient was all-reduced: NaN reached every rank
+    # A replicated low-rank gradient is already the all-reduced sum, so a NaN or inf on any rank
+    # reached every rank; a row-sharded one was checked on this rank's rows only.
+    if info.low_sharded:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=info.group)
-    return not bool(bad)
+    return not bool(bad)  # a host read: under FSDP2 every step synchronises here, CUDA included
 
 
 @torch.no_grad()
