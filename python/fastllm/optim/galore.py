@@ -296,8 +296,13 @@ class _GaLoreBase(torch.optim.Optimizer):
         return full, False
 
     def _finite_or_warn(self, grad: Tensor, group: dict, step: int, label: str) -> bool:
-        # Host check (synchronises on CUDA): CPU tensors, and refresh steps.
-        if not group.get("check_finite", True) or bool(torch.isfinite(grad).all()):
+        # Host check (synchronises on CUDA): CPU tensors, and refresh steps. The sum is one
+        # vectorised pass with nothing allocated, where isfinite(grad).all() writes a bool per
+        # element and reads it back (on CPU that cost more than the Adam update): a NaN or inf
+        # anywhere makes the sum NaN or inf. A finite gradient whose sum overflows (elements
+        # near 3e38 / numel, far past where its square overflows Adam's second moment) is
+        # skipped too.
+        if not group.get("check_finite", True) or bool(torch.isfinite(grad.sum())):
             return True
         warnings.warn(f"GaLore: non-finite gradient for {label} at step {step}: step skipped, "
                       "weights and moments unchanged", GaLoreNumericalWarning, stacklevel=4)
