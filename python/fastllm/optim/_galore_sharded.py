@@ -233,7 +233,7 @@ def _broadcast_projector(opt, new, owner: int, info: ShardInfo, group: dict, dev
 def _all_finite(t: Tensor, info: ShardInfo, check: bool) -> bool:
     if not check:
         return True
-    bad = torch.isfinite(t).all().logical_not().to(torch.int32).reshape(1)
+    bad = torch.isfinite(t.sum()).logical_not().to(torch.int32).reshape(1)  # as _finite_or_warn
     # A replicated low-rank gradient is already the all-reduced sum, so a NaN or inf on any rank
     # reached every rank; a row-sharded one was checked on this rank's rows only.
     if info.low_sharded:
