@@ -36,7 +36,8 @@ def make_optimizer(kind, model):
 
 def batch(step, rank=None):
     g = torch.Generator().manual_seed(1000 + step)
-    x, y = torch.randn(GLOBAL_BATCH, D_IN, generator=g), torch.randn(GLOBAL_BATCH, D_IN, generator=g)
+    x = torch.randn(GLOBAL_BATCH, D_IN, generator=g)
+    y = torch.randn(GLOBAL_BATCH, D_IN, generator=g)
     if rank is None:
         return x, y
     return x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]

@@ -28,6 +28,8 @@ together (an all-reduce of the flag), so the ranks never diverge.
 from __future__ import annotations
 
 import math
+import warnings
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -37,7 +39,7 @@ from .._reference.galore import projection_sides
 from .._ops import galore as _ops
 
 try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # torch without distributed
     DTensor = None
 
@@ -209,7 +211,7 @@ def _full_gradient_on(owner: int, grad_local: Tensor, info: ShardInfo) -> Tensor
     return None
 
 
-def _broadcast_projector(opt, new, owner: int, info: ShardInfo, group: dict, device):
+def _broadcast_projector(new, owner: int, info: ShardInfo, group: dict, device):
     """The owner's ``(left, right)`` (or ``None`` for a failed refresh) on every rank."""
     src = dist.get_global_rank(info.group, owner)
     ok = torch.tensor([0 if new is None else 1], dtype=torch.int32, device=device)
@@ -245,8 +247,6 @@ def _all_finite(t: Tensor, info: ShardInfo, check: bool) -> bool:
 def step_param(opt, p, group: dict, gi: int, index: int, label: str) -> None:
     """One optimizer step of the sharded parameter ``p`` (every rank calls it, in the same
     order: it runs collectives)."""
-    import warnings
-
     from .galore import GaLoreNumericalWarning
 
     info = _info(opt, p, group, label)
@@ -254,7 +254,6 @@ def step_param(opt, p, group: dict, gi: int, index: int, label: str) -> None:
         return
     state = opt.state[p]
     if "step" not in state:
-        import zlib
         state["step"] = 0
         state["svd_seed"] = zlib.crc32(f"{gi}/{index}".encode())
     step = state["step"]
@@ -271,7 +270,7 @@ def step_param(opt, p, group: dict, gi: int, index: int, label: str) -> None:
                 new = opt._compute_projector(info.shape, full, group, state, step, label,
                                              stacklevel=6)
             del full
-            new = _broadcast_projector(opt, new, owner, info, group, w_local.device)
+            new = _broadcast_projector(new, owner, info, group, w_local.device)
             if new is not None:
                 opt._install_projector(local, group, *new)
             elif "proj_left" not in local and "proj_right" not in local:
