@@ -10,6 +10,12 @@ optimizer-state bytes against AdamW, and peak memory of a SmolLM2 fine-tuning st
   captured gradient norm that the randomized projector captures.
 * state: optimizer-state bytes counted exactly (every tensor in ``optimizer.state``) on the seven
   matrices of a Llama block at rank d/4, timed as whole optimizer steps against torch's AdamW.
+* galore-torch: the same seven Llama-block matrices, whole non-refresh optimizer steps of
+  fastllm's GaLoreAdamW against galore-torch 1.0's GaLoreAdamW (an optional dependency: the
+  record is left out when ``galore_torch`` is not importable), same gradients, same hyper-
+  parameters; ``python bench/bench_galore.py --vs-galore-torch`` runs only this comparison, many
+  interleaved repeats, and writes ``results/<machine>-galore-vs-galore-torch.json`` with the
+  load average before and after.
 * smollm2: the real SmolLM2-135M-Instruct, one full fine-tuning step (batch 1 x 256 tokens of
   Shakespeare), each configuration in a fresh process; peak = the kernel's resident-set high-water
   mark (VmHWM, reset after the first step, so it covers steady-state steps 1-2), in MB, of the
@@ -176,6 +182,124 @@ def _state_records(device, quick) -> list[Record]:
     return records
 
 
+# ---- whole optimizer step against galore-torch ---------------------------------------------------
+
+def load_galore_torch_adamw():
+    """galore-torch's GaLoreAdamW class, or None when galore-torch is not installed.
+
+    galore-torch's package ``__init__`` also imports its 8-bit optimizer, which needs
+    bitsandbytes; when that import fails, only its ``adamw`` module (and the projector it
+    imports) is loaded, under a package object that skips the ``__init__``."""
+    import importlib
+    import importlib.util
+    import types
+    try:
+        package = importlib.import_module("galore_torch")
+        if hasattr(package, "GaLoreAdamW"):
+            return package.GaLoreAdamW
+        return importlib.import_module("galore_torch.adamw").AdamW  # loaded below before
+    except ModuleNotFoundError as error:
+        if error.name == "galore_torch":
+            return None
+        spec = importlib.util.find_spec("galore_torch")
+        if spec is None or spec.submodule_search_locations is None:
+            return None
+        package = types.ModuleType("galore_torch")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["galore_torch"] = package
+        return importlib.import_module("galore_torch.adamw").AdamW
+
+
+def galore_torch_comparison(device, repeats: int, rank: int = 256, weight_decay: float = 0.01,
+                            with_components: bool = False):
+    """Median seconds of one non-refresh step over the seven Llama-block matrices, fastllm's
+    GaLoreAdamW and galore-torch's, interleaved; None without galore-torch. With
+    ``with_components``, also (interleaved with them) the pass fastllm's step made before it
+    checked the projected gradient instead: ``isfinite(G).all()`` over the seven full
+    gradients."""
+    import warnings
+    GaloreTorchAdamW = load_galore_torch_adamw()
+    if GaloreTorchAdamW is None:
+        return None
+    torch.manual_seed(0)
+    grads = [torch.randn_like(p) for p in _llama_block(device)]
+    group = dict(rank=rank, update_proj_gap=10**6, scale=0.25, proj_type="std")
+
+    def prepared(make):
+        torch.manual_seed(1)
+        params = _llama_block(device)
+        opt = make([{"params": params, **group}])
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()  # step 0 refreshes the projectors; timing covers the steps in between
+        return opt
+
+    ours = prepared(lambda g: GaLoreAdamW(g, lr=1e-3, weight_decay=weight_decay))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # its deprecation notice
+        theirs = prepared(lambda g: GaloreTorchAdamW(g, lr=1e-3, weight_decay=weight_decay,
+                                                     no_deprecation_warning=True))
+    candidates = {"ours": ours.step, "base": theirs.step}
+    if with_components:
+        def full_finite_check():
+            for g in grads:
+                bool(torch.isfinite(g).all())
+        candidates["full_finite_check"] = full_finite_check
+    return time_interleaved(candidates, device, repeats=repeats, warmup=2,
+                            min_seconds_per_sample=0)
+
+
+def _galore_torch_records(device, quick) -> list[Record]:
+    t = galore_torch_comparison(device, repeats=5 if quick else 15)
+    if t is None:
+        return []
+    return [Record(CAPABILITY, "llama block r256 non-refresh step", "GaLoreAdamW",
+                   "galore-torch GaLoreAdamW", t["ours"] * 1e3, t["base"] * 1e3,
+                   {"loadavg_1m": os.getloadavg()[0]})]
+
+
+def _vs_galore_torch_main(repeats: int) -> None:
+    """Runs the galore-torch comparison alone and writes its JSON (with the load average)."""
+    import datetime
+    from harness import RESULTS_DIR, git_commit, machine_name
+    device = "cpu"
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    load_before = os.getloadavg()
+    rounds = []
+    for _ in range(3):  # three rounds of interleaved repeats; the result is their median
+        t = galore_torch_comparison(device, repeats=repeats, with_components=True)
+        if t is None:
+            raise SystemExit("galore-torch is not installed (pip install galore-torch --no-deps)")
+        rounds.append({"ours_ms": t["ours"] * 1e3, "galore_torch_ms": t["base"] * 1e3,
+                       "speedup": t["base"] / t["ours"],
+                       "full_finite_check_ms": t["full_finite_check"] * 1e3,
+                       "loadavg_1m": os.getloadavg()[0]})
+    load_after = os.getloadavg()
+    import statistics
+    speedups = sorted(r["speedup"] for r in rounds)
+    out = {
+        "case": "seven Llama-block matrices (4x 1024x1024, 2x 2816x1024, 1024x2816), rank 256, "
+                "proj_type std, non-refresh GaLoreAdamW step, fp32, weight_decay 0.01",
+        "ours": "fastllm.optim.GaLoreAdamW", "baseline": "galore_torch GaLoreAdamW 1.0",
+        "machine": machine_name(device), "torch": torch.__version__, "commit": git_commit(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_before": load_before, "loadavg_after": load_after,
+        "repeats_per_round": repeats, "rounds": rounds,
+        "median_ours_ms": statistics.median(r["ours_ms"] for r in rounds),
+        "median_galore_torch_ms": statistics.median(r["galore_torch_ms"] for r in rounds),
+        "median_speedup": statistics.median(speedups),
+        "median_full_finite_check_ms": statistics.median(r["full_finite_check_ms"]
+                                                         for r in rounds),
+        "note": "full_finite_check_ms: the isfinite(G).all() pass over the seven m x n "
+                "gradients that the step made before this commit (it now checks the projected "
+                "gradient); timed interleaved with the two steps",
+    }
+    path = RESULTS_DIR / f"{machine_name(device)}-galore-vs-galore-torch.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1))
+
+
 # ---- SmolLM2 fine-tuning step: peak memory -------------------------------------------------------
 
 SMOLLM2_MODES = ["adamw", "galore", "galore-layerwise", "galore-linear"]
@@ -281,6 +405,10 @@ def run(device: str, quick: bool = False) -> list[Record]:
         progress.step(f"{record.case}: {record.speedup:.2f}x")
     records.extend(_state_records(device, quick))
     progress.step("optimizer state")
+    galore_torch = _galore_torch_records(device, quick)
+    if not galore_torch:
+        progress.note("galore-torch not installed: its baseline is left out")
+    records.extend(galore_torch)
     records.extend(_smollm2_records(device))
     progress.step("smollm2 peak memory")
     return records
@@ -289,3 +417,5 @@ def run(device: str, quick: bool = False) -> list[Record]:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--smollm2-child":
         print(json.dumps(_smollm2_child(sys.argv[2])))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "--vs-galore-torch":
+        _vs_galore_torch_main(int(sys.argv[2]) if len(sys.argv) > 2 else 15)

@@ -44,9 +44,8 @@ def _worker(rank, init_file, out_dir):
         opt.zero_grad()
     torch.save([p.detach().clone() for p in model.parameters()],
                 os.path.join(out_dir, f"rank{rank}.pt"))
-    # Tear down in order: a rank that destroys its gloo group while the other is still in a
-    # collective, or a DDP reducer that outlives its group, aborts the process at exit (CI saw
-    # "terminate called without an active exception", SIGABRT).
+    # Every collective finished on every rank, DDP's reducer gone, then the group: a process
+    # group torn down under a live reducer aborted at exit (SIGABRT) in CI.
     dist.barrier()
     del ddp, opt
     dist.destroy_process_group()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..optim.galore import LOWRANK_GRAD, NEXT_PROJECTOR
+from ..optim.galore import LOWRANK_GRAD, NEXT_PROJECTOR, REDUCE_GROUP, data_parallel_unhandled
 
 __all__ = ["GaLoreLinear", "to_galore_linear"]
 
@@ -45,6 +45,13 @@ class _GaLoreLinearFunction(torch.autograd.Function):
             if projector is None:
                 grad_weight = dy.t() @ x2
             else:
+                if getattr(weight, REDUCE_GROUP, None) is None and data_parallel_unhandled():
+                    raise RuntimeError(
+                        "GaLoreLinear under torch.distributed: its weight gradient is produced "
+                        "low-rank, which DistributedDataParallel does not all-reduce, so the "
+                        "ranks would diverge. Wrap the model with fastllm.optim.galore_ddp(model, "
+                        "optimizer) instead of DistributedDataParallel (the optimizer then "
+                        "all-reduces the low-rank gradient), or use nn.Linear")
                 left, right = projector
                 a = dy @ left.to(dy.dtype) if left is not None else dy
                 b = x2 @ right.to(x2.dtype).t() if right is not None else x2
@@ -60,7 +67,9 @@ class GaLoreLinear(nn.Linear):
     """Drop-in for ``nn.Linear`` (same parameters, same forward). Its weight gradient is produced
     already projected when a GaLore optimizer (``fastllm.optim.GaLoreAdamW`` and friends, normal or
     layer-wise mode) has published a projector for the next step; otherwise it is the usual
-    ``weight.grad``. Not for DistributedDataParallel: DDP only all-reduces ``.grad``."""
+    ``weight.grad``. Under data parallelism wrap the model with ``fastllm.optim.galore_ddp``
+    (plain DistributedDataParallel only all-reduces ``.grad``, and this layer refuses to run
+    under it); under FSDP2 it produces the ordinary gradient."""
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and self.weight.requires_grad:

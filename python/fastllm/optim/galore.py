@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from .._reference.galore import (PROJ_TYPES, dequantize_blockwise_reference,
                                  projection_sides, quantize_blockwise_reference)
 from .._ops import galore as _ops
+from . import _galore_sharded as _sharded
 
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "galore_param_groups"]
 
@@ -50,6 +51,23 @@ _GALORE_DEFAULTS = dict(update_proj_gap=200, scale=0.25, proj_type="std", svd="f
 # may project with (None when the next step refreshes and needs the full gradient).
 LOWRANK_GRAD = "_galore_lowrank_grad"
 NEXT_PROJECTOR = "_galore_projector"
+# Set by fastllm.optim.galore_ddp on the parameters whose gradients the optimizer all-reduces
+# itself (DDP is told to ignore them): the process group to average over.
+REDUCE_GROUP = "_galore_reduce_group"
+
+
+def _average(t: Tensor, process_group) -> Tensor:
+    """All-reduce ``t`` in place to the mean over ``process_group``."""
+    import torch.distributed as dist
+    dist.all_reduce(t, group=process_group)
+    return t.div_(dist.get_world_size(process_group))
+
+
+def data_parallel_unhandled() -> bool:
+    """Whether this process is one of several in torch.distributed (where a gradient that DDP
+    does not all-reduce would silently differ between ranks)."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class GaLoreNumericalWarning(RuntimeWarning):
@@ -92,6 +110,9 @@ class _GaLoreBase(torch.optim.Optimizer):
         # parameter: an int32 device counter (reading it synchronises, so it waits).
         self._skipped: dict[Tensor, Tensor] = {}
         self._hooks = []
+        # FSDP2 (DTensor) parameters: their shard layout, and the rank that runs each SVD.
+        self._shard_info: dict = {}
+        self._owners: dict = {}
         for gi, group in enumerate(self.param_groups):
             if "rank" in group:
                 self._validate_galore_group(group, gi)
@@ -153,32 +174,46 @@ class _GaLoreBase(torch.optim.Optimizer):
                            label: str) -> bool:
         """Recompute the projector from ``grad``; on failure keep the old one. Returns whether a
         projector is available."""
-        has_old = "proj_left" in state or "proj_right" in state
+        new = self._compute_projector(tuple(p.shape), grad, group, state, step, label)
+        if new is None:
+            return "proj_left" in state or "proj_right" in state
+        self._install_projector(state, group, *new)
+        return True
+
+    def _compute_projector(self, shape: tuple[int, int], grad: Tensor, group: dict, state: dict,
+                           step: int, label: str, stacklevel: int = 5):
+        """``(left, right)`` from the SVD of the full gradient ``grad`` (``None`` for an unused
+        side), or ``None`` (with a warning) when the gradient or the SVD is not finite."""
         if group["check_finite"] and not bool(torch.isfinite(grad).all()):
             warnings.warn(f"GaLore: non-finite gradient for {label} at step {step}: "
-                          "keeping the previous projector", GaLoreNumericalWarning, stacklevel=4)
-            return has_old
+                          "keeping the previous projector", GaLoreNumericalWarning,
+                          stacklevel=stacklevel)
+            return None
         try:
             u, vh = self._svd(grad, group, state, step)
         except (torch.linalg.LinAlgError, RuntimeError) as error:
             warnings.warn(f"GaLore: SVD failed for {label} at step {step} ({error}): keeping the "
-                          "previous projector", GaLoreNumericalWarning, stacklevel=4)
-            return has_old
+                          "previous projector", GaLoreNumericalWarning, stacklevel=stacklevel)
+            return None
         if not (bool(torch.isfinite(u).all()) and bool(torch.isfinite(vh).all())):
             warnings.warn(f"GaLore: SVD returned non-finite vectors for {label} at step {step}: "
-                          "keeping the previous projector", GaLoreNumericalWarning, stacklevel=4)
-            return has_old
-        use_left, use_right = projection_sides(tuple(p.shape), group["proj_type"])
+                          "keeping the previous projector", GaLoreNumericalWarning,
+                          stacklevel=stacklevel)
+            return None
+        use_left, use_right = projection_sides(shape, group["proj_type"])
         dtype = _PROJ_DTYPES[group["proj_dtype"]]
         new_left = u.to(dtype).contiguous() if use_left else None
         new_right = vh.to(dtype).contiguous() if use_right else None
+        return new_left, new_right
+
+    def _install_projector(self, state: dict, group: dict, new_left, new_right) -> None:
+        has_old = "proj_left" in state or "proj_right" in state
         if group["reproject_moments"] and has_old and self._has_moments(state):
             self._reproject_moments(state, new_left, new_right)
         if new_left is not None:
             state["proj_left"] = new_left
         if new_right is not None:
             state["proj_right"] = new_right
-        return True
 
     @staticmethod
     def _transition(state: dict, new_left, new_right) -> tuple[Tensor | None, Tensor | None]:
@@ -225,10 +260,11 @@ class _GaLoreBase(torch.optim.Optimizer):
         """The gradient to use: ``(grad, grad_is_projected)`` or ``(None, _)`` to skip ``p``."""
         full = p.grad
         low = getattr(p, LOWRANK_GRAD, None)
+        process_group = getattr(p, REDUCE_GROUP, None)
         if full is None and low is None:
             return None, False
         if "rank" not in group:
-            return full, False
+            return (full if process_group is None else _average(full, process_group)), False
         left, right = self._projectors(state)
         if self._needs_refresh(group, state, step):
             if full is None:
@@ -241,9 +277,18 @@ class _GaLoreBase(torch.optim.Optimizer):
                 _ops.galore_project_back_(back, low, left, right, alpha=1.0)
                 full = full + back.to(full.dtype)
                 low = None
+            if process_group is not None:
+                full = _average(full, process_group)
             if not self._refresh_projector(p, full, group, state, step, label):
                 return None, False
             return full, False
+        if process_group is not None:
+            # Data parallel without DDP's reduction: all-reduce the low-rank gradient, r/m of the
+            # full one's bytes (the gradient is linear, so projecting then averaging is the same).
+            projected = _ops.galore_project(full, left, right) if full is not None else None
+            if low is not None:
+                projected = low if projected is None else projected + low
+            return _average(projected, process_group), True
         if full is not None and low is not None:
             return _ops.galore_project(full, left, right) + low, True
         if low is not None:
@@ -251,8 +296,13 @@ class _GaLoreBase(torch.optim.Optimizer):
         return full, False
 
     def _finite_or_warn(self, grad: Tensor, group: dict, step: int, label: str) -> bool:
-        # Host check (synchronises on CUDA): CPU tensors, and refresh steps.
-        if not group.get("check_finite", True) or bool(torch.isfinite(grad).all()):
+        # Host check (synchronises on CUDA): CPU tensors, and refresh steps. The sum is one
+        # vectorised pass with nothing allocated, where isfinite(grad).all() writes a bool per
+        # element and reads it back (on CPU that cost more than the Adam update): a NaN or inf
+        # anywhere makes the sum NaN or inf. A finite gradient whose sum overflows (elements
+        # near 3e38 / numel, far past where its square overflows Adam's second moment) is
+        # skipped too.
+        if not group.get("check_finite", True) or bool(torch.isfinite(grad.sum())):
             return True
         warnings.warn(f"GaLore: non-finite gradient for {label} at step {step}: step skipped, "
                       "weights and moments unchanged", GaLoreNumericalWarning, stacklevel=4)
@@ -296,7 +346,9 @@ class _GaLoreBase(torch.optim.Optimizer):
     def _publish_projector(self, p: Tensor, group: dict, state: dict) -> None:
         # Tell a GaLoreLinear (or the layer-wise hook) whether the next backward may produce the
         # low-rank gradient directly: only when the next step will not refresh the projector.
-        if "rank" not in group:
+        if "rank" not in group or _sharded.is_sharded(p):
+            # A sharded weight's GaLoreLinear sees the all-gathered weight, not this DTensor:
+            # under FSDP2 it produces the ordinary gradient, which FSDP2 reduce-scatters.
             return
         left, right = self._projectors(state)
         next_step = state.get("step", 0)
@@ -307,6 +359,9 @@ class _GaLoreBase(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _step_param(self, p: Tensor, group: dict, gi: int, index: int) -> None:
+        if _sharded.is_sharded(p):
+            _sharded.step_param(self, p, group, gi, index, _param_label(group, index, gi))
+            return
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
@@ -318,14 +373,15 @@ class _GaLoreBase(torch.optim.Optimizer):
         if refresh and p in self._skipped:
             self._report_skipped(p, label, stacklevel=5)  # a refresh synchronises anyway
         grad, grad_is_projected = self._gather_gradient(p, group, state, step, label)
+        if grad is not None and "rank" in group and not grad_is_projected:
+            # Projected first (the step's op would do this same GEMM, bit for bit), so the
+            # finiteness check reads the small low-rank gradient instead of a pass over the
+            # m x n one: a NaN or inf anywhere in the full gradient makes its row (column) of
+            # the projection NaN or inf (IEEE: inf * 0 is NaN, inf - inf is NaN).
+            grad = _ops.galore_project(grad, *self._projectors(state))
+            grad_is_projected = True
         if grad is not None and on_device:
             # No host sync: the flag goes to the step's kernels, which skip a non-finite step.
-            if "rank" in group and not grad_is_projected:
-                # Projected first (the op would do this same GEMM), so the finiteness check reads
-                # the small low-rank gradient: a NaN or inf anywhere in the full gradient makes
-                # its columns (rows) of the projection NaN or inf (IEEE: inf * 0 is NaN).
-                grad = _ops.galore_project(grad, *self._projectors(state))
-                grad_is_projected = True
             self._update(p, grad, grad_is_projected, group, state, self._found_inf(p, grad))
             state["step"] = step + 1
         elif grad is not None and self._finite_or_warn(grad, group, step, label):
@@ -336,9 +392,11 @@ class _GaLoreBase(torch.optim.Optimizer):
         self._publish_projector(p, group, state)
 
     def _update(self, p: Tensor, grad: Tensor, grad_is_projected: bool, group: dict,
-                state: dict, found_inf: Tensor | None = None) -> None:
+                state: dict, found_inf: Tensor | None = None, *, proj=None, red=None) -> None:
         """One update of ``p``; with ``found_inf`` (a device flag) it must leave ``p`` and the
-        state tensors unchanged when the flag is set, without reading it on the host."""
+        state tensors unchanged when the flag is set, without reading it on the host.
+        ``proj`` overrides the state's ``(left, right)`` and ``red`` supplies global reductions
+        (both for an FSDP2 shard, see ``_galore_sharded``)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -387,6 +445,13 @@ class _GaLoreBase(torch.optim.Optimizer):
     def _install_layerwise_hooks(self) -> None:
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
+                if _sharded.is_sharded(p):
+                    raise ValueError(
+                        f"GaLore: layerwise=True with the FSDP2 (DTensor) "
+                        f"{_param_label(group, i, gi)}: FSDP2 sets sharded gradients after its "
+                        "reduce-scatter, not through the hooks the layer-wise mode steps from; "
+                        "use layerwise=False (FSDP2 already frees each unsharded gradient after "
+                        "its reduce-scatter)")
                 if not p.requires_grad:
                     continue
                 hook = self._make_layerwise_hook(group, gi, i)
@@ -394,6 +459,13 @@ class _GaLoreBase(torch.optim.Optimizer):
 
     def _make_layerwise_hook(self, group: dict, gi: int, index: int):
         def hook(p: Tensor) -> None:
+            if getattr(p, REDUCE_GROUP, None) is None and data_parallel_unhandled():
+                raise RuntimeError(
+                    "GaLore layer-wise mode under torch.distributed: each weight steps from its "
+                    "gradient hook, before DistributedDataParallel's all-reduce, so the ranks "
+                    "would diverge. Wrap the model with fastllm.optim.galore_ddp(model, "
+                    "optimizer) instead of DistributedDataParallel (the optimizer then averages "
+                    "each gradient in its hook), or use layerwise=False")
             count = self._micro_batches.get(p, 0) + 1
             if count < self.accumulation_steps:
                 self._micro_batches[p] = count
@@ -427,8 +499,14 @@ class _GaLoreBase(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Exact bytes of every tensor in the optimizer state (moments, projectors, 8-bit codes
         and scales)."""
-        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values()
-                   if isinstance(v, Tensor))
+        return sum(_local_bytes(v) for s in self.state.values() for v in s.values())
+
+
+def _local_bytes(v) -> int:
+    """Bytes this process holds for a state value (a DTensor's local shard only)."""
+    if _sharded.is_sharded(v):
+        v = v.to_local()
+    return v.numel() * v.element_size() if isinstance(v, Tensor) else 0
 
 
 def _check_common(lr: float, betas, eps: float, weight_decay: float) -> None:
@@ -498,8 +576,10 @@ class GaLoreAdamW(_GaLoreBase):
         state["exp_avg"] = self._apply_transition(state["exp_avg"], c_left, c_right, False)
         state["exp_avg_sq"] = self._apply_transition(state["exp_avg_sq"], c_left, c_right, True)
 
-    def _update(self, p, grad, grad_is_projected, group, state, found_inf=None) -> None:
-        left, right = self._projectors(state) if "rank" in group else (None, None)
+    def _update(self, p, grad, grad_is_projected, group, state, found_inf=None, *, proj=None,
+                red=None) -> None:
+        left, right = proj if proj is not None else (
+            self._projectors(state) if "rank" in group else (None, None))
         if "exp_avg" not in state:
             shape = grad.shape if (grad_is_projected or "rank" not in group) else \
                 _low_shape(p.shape, left, right)
@@ -553,8 +633,10 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             codes, absmax = quantize_blockwise_reference(values, signed)
             state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
 
-    def _update(self, p, grad, grad_is_projected, group, state, found_inf=None) -> None:
-        left, right = self._projectors(state) if "rank" in group else (None, None)
+    def _update(self, p, grad, grad_is_projected, group, state, found_inf=None, *, proj=None,
+                red=None) -> None:
+        left, right = proj if proj is not None else (
+            self._projectors(state) if "rank" in group else (None, None))
         if "exp_avg_codes" not in state:
             shape = tuple(grad.shape) if (grad_is_projected or "rank" not in group) else \
                 _low_shape(p.shape, left, right)
@@ -579,8 +661,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     def state_bytes(self) -> int:
         # low_shape is bookkeeping (two int64), not optimizer memory that scales with the model.
-        return sum(v.numel() * v.element_size() for s in self.state.values()
-                   for k, v in s.items() if isinstance(v, Tensor) and k != "low_shape")
+        return sum(_local_bytes(v) for s in self.state.values() for k, v in s.items()
+                   if k != "low_shape")
 
 
 class GaLoreAdafactor(_GaLoreBase):
@@ -620,11 +702,13 @@ class GaLoreAdafactor(_GaLoreBase):
     def _rms(t: Tensor) -> Tensor:
         return t.norm(2) / (t.numel() ** 0.5)
 
-    def _update(self, p, grad, grad_is_projected, group, state, found_inf=None) -> None:
+    def _update(self, p, grad, grad_is_projected, group, state, found_inf=None, *, proj=None,
+                red=None) -> None:
         # No host sync: the parameter scale (hence lr) stays a device tensor, and with found_inf
         # every state update is selected on the device (torch.where) instead of skipped on the
         # host.
-        left, right = self._projectors(state) if "rank" in group else (None, None)
+        left, right = proj if proj is not None else (
+            self._projectors(state) if "rank" in group else (None, None))
         if "rank" in group and not grad_is_projected:
             grad = _ops.galore_project(grad, left, right)
         grad = grad.float()
@@ -648,20 +732,24 @@ class GaLoreAdafactor(_GaLoreBase):
         lr = rel_step
         if group["scale_parameter"]:
             # max(eps, rms(p)) * rel_step in float64, as with a Python float, but on the device.
-            lr = self._rms(p32).double().clamp(min=group["eps"][1]) * rel_step
+            rms_p = self._rms(p32) if red is None else red.rms_param(p32)
+            lr = rms_p.double().clamp(min=group["eps"][1]) * rel_step
         beta2t = 1.0 - math.pow(t, group["decay_rate"])
         update = grad.square() + group["eps"][0]
         if factored:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             _ema_(row, beta2t, update.mean(dim=-1), 1.0 - beta2t, ok)
-            _ema_(col, beta2t, update.mean(dim=-2), 1.0 - beta2t, ok)
-            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            col_mean = update.mean(dim=-2) if red is None else red.mean_rows(update)
+            _ema_(col, beta2t, col_mean, 1.0 - beta2t, ok)
+            row_mean = row.mean(dim=-1, keepdim=True) if red is None else red.mean_vector(row)
+            r_factor = (row / row_mean).rsqrt_().unsqueeze(-1)
             c_factor = col.unsqueeze(-2).rsqrt()
             update = (r_factor * c_factor).mul_(grad)
         else:
             _ema_(state["exp_avg_sq"], beta2t, update, 1.0 - beta2t, ok)
             update = state["exp_avg_sq"].rsqrt().mul_(grad)
-        update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        rms_update = self._rms(update) if red is None else red.rms_low(update)
+        update.div_((rms_update / group["clip_threshold"]).clamp_(min=1.0))
         update.mul_(lr)
         if group["beta1"] is not None:
             _ema_(state["exp_avg"], group["beta1"], update, 1.0 - group["beta1"], ok)
