@@ -262,6 +262,14 @@ FASTGEN_CONFIGS = {
     "fastgen-paper": {"heavy_pool": 1, "observe": 0},
 }
 BUDGET_POLICIES = ("snapkv", "adakv", "streaming", "h2o")
+# The options issue 17 added to FastGen, each alone on top of the defaults (--variants): not
+# tuned, one run each; the defaults stay unless dev and held-out both favour a change.
+VARIANT_CONFIGS = {
+    "fastgen": {},
+    "fastgen-adaptive": {"adaptive": True},
+    "fastgen-heavy-observed": {"heavy_from": "observed"},
+    "fastgen-recovery-observed": {"recovery_on": "observed"},
+}
 
 
 def make_cache(model, tokenizer, name: str, kwargs: dict):
@@ -379,7 +387,7 @@ def run_split(model, tokenizer, split: str, cases: list[dict], configs: dict,
                              "case": i, "expected": case["answers"], **r})
                 line.append(f"{label}:{r['retrieved']}")
             prefill.release()
-        log(f"  {split} {i + 1}/{len(cases)} {case['task']} L={case['length']} "
+        log(f"  {split} {case['task']} L={case['length']} "
             f"({time.perf_counter() - t0:.0f} s) " + " ".join(line))
     return rows
 
@@ -423,7 +431,7 @@ def perplexity(model, tokenizer, split: str, configs: dict, prompt_len: int = 10
         mem = sum(mems[label]) / len(mems[label])
         results.append({"policy": label, "ppl": ppl, "mem": mem, "prompts": len(fillers),
                         "prompt_len": prompt_len, "cont_len": cont_len})
-        log(f"  {split} perplexity {label:28s} mem {mem:.3f} ppl {ppl:.3f}")
+        log(f"  {split} perplexity {label:28s} mem {mem:.3f} ppl {ppl:.3f}", flush=True)
     full = results[0]["ppl"]
     for r in results:
         r["ppl_rel"] = r["ppl"] / full
@@ -504,9 +512,15 @@ def git_commit() -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", choices=("dev", "heldout", "both"), default="both")
-    parser.add_argument("--quick", action="store_true", help="one case per task, 500 and 1000")
+    parser.add_argument("--quick", action="store_true",
+                        help="one case per task at 500 and 1000 tokens (no 2000)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--no-ppl", action="store_true")
+    parser.add_argument("--variants", action="store_true",
+                        help="FastGen's new options against its defaults, SnapKV and AdaKV "
+                             "(writes kv_retrieval_<split>_variants.json)")
+    parser.add_argument("--ppl-prompt", type=int, default=1000)
+    parser.add_argument("--ppl-cont", type=int, default=128)
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     model, tokenizer = load_model()
@@ -517,29 +531,42 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         load_before = os.getloadavg()
         cases = build_split(tokenizer, split, QUICK_CASES if args.quick else CASES)
-        print(f"{split}: {len(cases)} cases")
-        rows = run_split(model, tokenizer, split, cases, FASTGEN_CONFIGS)
-        ppl = [] if args.no_ppl else perplexity(model, tokenizer, split, FASTGEN_CONFIGS)
-        summary = summarise(rows)
-        memory = memory_by_length(rows)
-        record = {
-            "split": split, "seed": SPLITS[split]["seed"], "fillers": SPLITS[split]["fillers"],
-            "model": "SmolLM2-135M-Instruct fp32, CPU", "commit": git_commit(),
-            "quick": args.quick, "configs": {"full": {}, **FASTGEN_CONFIGS,
-                                             **{p: "budget = fastgen's mean memory"
-                                                for p in BUDGET_POLICIES}},
-            "cases": [{k: c[k] for k in ("task", "length", "filler", "depth", "answers")}
-                      | {"prompt_tokens": len(c["context"]) + len(c["question"]),
-                         "context_tokens": len(c["context"])} for c in cases],
-            "summary": summary, "memory": memory, "perplexity": ppl,
-            "targets": check_targets(summary, memory, ppl) if ppl and not args.quick else None,
-            "rows": rows, "seconds": time.perf_counter() - start,
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "threads": torch.get_num_threads(),
-        }
-        name = f"kv_retrieval_{split}{'_quick' if args.quick else ''}.json"
-        (out / name).write_text(json.dumps(record, indent=1))
-        print(f"{split}: {record['seconds']:.0f} s -> {out / name}")
+        print(f"{split}: {len(cases)} cases", flush=True)
+        configs = VARIANT_CONFIGS if args.variants else FASTGEN_CONFIGS
+        baselines = ("snapkv", "adakv") if args.variants else BUDGET_POLICIES
+        ppl = [] if args.no_ppl else perplexity(model, tokenizer, split, configs,
+                                                args.ppl_prompt, args.ppl_cont)
+        rows = []
+        name = f"kv_retrieval_{split}{'_variants' if args.variants else ''}.json"
+        for i, case in enumerate(cases):
+            # one case at a time, the record rewritten after each: a run cut short still
+            # leaves every finished case on disk (marked incomplete)
+            part = run_split(model, tokenizer, split, [case], configs, baselines)
+            for r in part:
+                r["case"] = i
+            rows += part
+            summary = summarise(rows)
+            memory = memory_by_length(rows)
+            done = i + 1 == len(cases)
+            record = {
+                "split": split, "seed": SPLITS[split]["seed"],
+                "fillers": SPLITS[split]["fillers"],
+                "model": "SmolLM2-135M-Instruct fp32, CPU", "commit": git_commit(),
+                "quick": args.quick, "complete": done, "cases_done": i + 1,
+                "configs": {"full": {}, **configs,
+                            **{p: "budget = fastgen's memory on the same case"
+                               for p in baselines}},
+                "cases": [{k: c[k] for k in ("task", "length", "filler", "depth", "answers")}
+                          | {"prompt_tokens": len(c["context"]) + len(c["question"]),
+                             "context_tokens": len(c["context"])} for c in cases],
+                "summary": summary, "memory": memory, "perplexity": ppl,
+                "targets": check_targets(summary, memory, ppl) if ppl else None,
+                "rows": rows, "seconds": time.perf_counter() - start,
+                "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                "threads": torch.get_num_threads(),
+            }
+            (out / name).write_text(json.dumps(record, indent=1))
+            print(f"  {split} {i + 1}/{len(cases)}: {record['seconds']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
