@@ -50,11 +50,14 @@ from .._reference.kv import KEEP
 from .policies import (
     POLICIES,
     HeadPolicy,
+    _check_source,
     _class_table,
+    adakv_policies,
     budget_tokens,
     check_ratio,
     fastgen_profile,
     kept_at_prefill,
+    snapkv_scores,
     token_classes,
 )
 
@@ -687,7 +690,8 @@ class FastGenCache(Cache):
         frequency: r_f in [0, 1], heavy hitters as a share of the prompt.
         policy: "fastgen", or a fixed policy for every head: "full", "streaming" (sinks + recent
             window), "h2o" (heavy hitters + recent), "snapkv" (prompt selection by pooled scores of
-            the last queries, then grows).
+            the last queries, then grows), "adakv" (SnapKV's scores, the layer's budget allotted
+            across its KV heads by their score mass, AdaKV).
         budget: the fixed policies' kept tokens per head: a ratio of the prompt (float) or a count
             (int).
         heavy_pool: FastGen's frequency policy ranks keys by the accumulated attention of this
@@ -697,6 +701,13 @@ class FastGenCache(Cache):
         observe: FastGen's heavy-hitter ranking and recovery check also weigh the attention of
             the prompt's last ``observe`` queries, which attend the way decode will (0 = the
             paper's whole-prompt attention only); see ``policies.fastgen_profile``.
+        heavy_from, recovery_on: which prompt queries FastGen's heavy-hitter ranking and its
+            recovery check read: ``"prompt"`` (all, the paper), ``"observed"`` (the last
+            ``observe``) or ``"both"``; see ``policies.fastgen_profile``.
+        adaptive: FastGen's frequency heads of a layer share their heavy-hitter slots, allotted
+            by attention mass (AdaKV-style; False = the paper's equal count per head).
+        adaptive_floor: share of an equal split each head is guaranteed under ``adaptive`` and
+            under policy ``"adakv"`` (AdaKV's safeguard; 1 = equal counts).
         sinks: tokens at the start StreamingLLM always keeps (policy ``"streaming"``).
         snap_window: last prompt queries whose attention SnapKV's selection uses (policy
             ``"snapkv"``).
@@ -728,7 +739,9 @@ class FastGenCache(Cache):
                  frequency: float = 0.3, policy: str = "fastgen", budget: float | int = 0.5,
                  sinks: int = 4, snap_window: int = 32, pool: PagePool | None = None,
                  max_tokens: int = 4096, page_rows: int = 16, chunk: int = 128,
-                 heavy_pool: int = 11, observe: int = 64):
+                 heavy_pool: int = 11, observe: int = 64, heavy_from: str = "both",
+                 recovery_on: str = "both", adaptive: bool = False,
+                 adaptive_floor: float = 0.2):
         _check_supported(model)
         if isinstance(heavy_pool, bool) or not isinstance(heavy_pool, int) or heavy_pool < 1 \
                 or heavy_pool % 2 == 0:
@@ -736,6 +749,12 @@ class FastGenCache(Cache):
         if isinstance(observe, bool) or not isinstance(observe, int) or observe < 0:
             raise ValueError(f"fastllm.kv: observe must be an int >= 0, got {observe!r}")
         self.heavy_pool, self.observe = heavy_pool, observe
+        self.heavy_from = _check_source("heavy_from", heavy_from)
+        self.recovery_on = _check_source("recovery_on", recovery_on)
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"fastllm.kv: adaptive must be a bool, got {adaptive!r}")
+        self.adaptive = adaptive
+        self.adaptive_floor = check_ratio("adaptive_floor", adaptive_floor)
         self.recovery = check_ratio("recovery", recovery, low_open=True)
         self.locality = check_ratio("locality", locality)
         self.frequency = check_ratio("frequency", frequency)
@@ -1087,7 +1106,9 @@ class FastGenCache(Cache):
         if self.policy == "fastgen":
             policies, kept, scores, _ = fastgen_profile(q, k, classes, scale, self.recovery,
                                                         self.locality, self.frequency, self.chunk,
-                                                        self.heavy_pool, self.observe)
+                                                        self.heavy_pool, self.observe,
+                                                        self.heavy_from, self.recovery_on,
+                                                        self.adaptive, self.adaptive_floor)
             return policies, kept, scores
         budget = min(budget_tokens(self.budget, length), length)
         if self.policy == "full":
@@ -1098,13 +1119,13 @@ class FastGenCache(Cache):
         elif self.policy == "h2o":
             scores = kv_ops.kv_attention_scores(q, k, scale, self.chunk).cpu()
             p = HeadPolicy("h2o", heavy=budget // 2, window=budget - budget // 2)
-        else:  # snapkv
+        else:  # snapkv, adakv
             obs = min(self.snap_window, budget, length)
-            window_scores = kv_ops.kv_attention_scores(q[:, -obs:], k, scale, self.chunk).cpu()
-            scores = torch.nn.functional.avg_pool1d(window_scores[:, None], 7, 1, 3,
-                                                    count_include_pad=False)[:, 0]
+            scores = snapkv_scores(q, k, scale, obs, self.chunk)
             p = HeadPolicy("snapkv", window=obs, heavy=budget - obs, grow=True)
-        for h in range(hkv):
+        per_head = (adakv_policies(scores, length, budget, obs, self.adaptive_floor)
+                    if self.policy == "adakv" else [p] * hkv)
+        for h, p in enumerate(per_head):
             policies.append(p)
             kept.append(kept_at_prefill(p, classes.cpu(), None,
                                         scores[h] if scores is not None else None))

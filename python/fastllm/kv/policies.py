@@ -26,7 +26,10 @@ from .._reference.kv import HEAVY, PUNCT, SPECIAL
 
 FASTGEN_POLICIES = ("special", "special+punct", "special+punct+local",
                     "special+punct+local+frequency", "full")
-POLICIES = ("fastgen", "full", "streaming", "h2o", "snapkv")
+POLICIES = ("fastgen", "full", "streaming", "h2o", "snapkv", "adakv")
+# Which prompt queries FastGen's heavy-hitter ranking and recovery check read: all of them (the
+# paper), the last ``observe`` (the observation window, SnapKV's), or both.
+QUERY_SOURCES = ("prompt", "observed", "both")
 
 
 @dataclass(frozen=True)
@@ -176,38 +179,120 @@ def heavy_scores(scores: Tensor, pool: int) -> Tensor:
     return strongest + scores
 
 
+def adaptive_budgets(scores: Tensor, eligible: Tensor, total: int, floor: float = 0.2) -> Tensor:
+    """Per-head counts ``[Hkv]`` (int64) of one layer's ``total`` selected keys, allotted by
+    score mass as in AdaKV (Feng et al., 2024): each head first gets its top ``floor`` share of a
+    uniform split (``floor * total / Hkv`` keys, AdaKV's safeguard), then the rest go to the
+    keys with the largest scores over all heads together, so a head whose attention concentrates
+    on few keys gives slots to one that spreads it. ``scores`` ``[Hkv, L]`` must be comparable
+    across heads (summed softmax probabilities of the same queries are: every head's rows sum to
+    the same mass); ``eligible`` ``[Hkv, L]`` bool marks the keys that may be selected.
+    ``floor`` 1 gives every head the same count (a uniform budget, SnapKV's)."""
+    if scores.dim() != 2 or eligible.shape != scores.shape:
+        raise ValueError(f"fastllm.kv: adaptive_budgets: scores {tuple(scores.shape)} and "
+                         f"eligible {tuple(eligible.shape)} must both be [Hkv, L]")
+    if eligible.dtype != torch.bool:
+        raise TypeError(f"fastllm.kv: adaptive_budgets: eligible must be bool, got {eligible.dtype}")
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        raise ValueError(f"fastllm.kv: adaptive_budgets: total must be an int >= 0, got {total!r}")
+    floor = check_ratio("floor", floor)
+    hkv, length = scores.shape
+    avail = eligible.sum(1).to(torch.int64)
+    total = min(total, int(avail.sum()))
+    guaranteed = torch.minimum(torch.full_like(avail, int(floor * total / max(hkv, 1))), avail)
+    masked = scores.float().masked_fill(~eligible, float("-inf"))
+    order = masked.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(length, device=scores.device).expand(hkv, length))
+    taken = (rank < guaranteed[:, None]) & eligible
+    rest = total - int(guaranteed.sum())
+    counts = guaranteed.clone()
+    if rest > 0:
+        free = masked.masked_fill(taken, float("-inf")).flatten()
+        picks = free.topk(rest).indices // length
+        counts += torch.bincount(picks, minlength=hkv).to(counts.device)
+    return counts
+
+
+def snapkv_scores(q: Tensor, k: Tensor, scale: float, window: int, chunk: int = 128) -> Tensor:
+    """SnapKV's ranking ``[Hkv, L]``: the attention of the last ``window`` queries, averaged over
+    7 neighbouring keys (so a selected key brings its neighbours)."""
+    from .._ops import kv as kv_ops
+
+    window_scores = kv_ops.kv_attention_scores(q[:, -window:], k, scale, chunk).cpu()
+    return torch.nn.functional.avg_pool1d(window_scores[:, None], 7, 1, 3,
+                                          count_include_pad=False)[:, 0]
+
+
+def adakv_policies(scores: Tensor, length: int, budget: int, window: int,
+                   floor: float = 0.2) -> list[HeadPolicy]:
+    """AdaKV on SnapKV's scores: every head keeps the last ``window`` prompt tokens, and the
+    layer's ``Hkv * (budget - window)`` other slots are allotted across its heads by
+    :func:`adaptive_budgets` (each head then keeps its top-scored keys). The same memory as
+    SnapKV at ``budget``, up to page rounding; ``floor`` 1 is SnapKV."""
+    hkv = scores.shape[0]
+    eligible = torch.zeros(hkv, length, dtype=torch.bool)
+    eligible[:, :length - window] = True
+    counts = adaptive_budgets(scores, eligible, hkv * max(budget - window, 0), floor)
+    return [HeadPolicy("adakv", window=window, heavy=int(c), grow=True) for c in counts.tolist()]
+
+
+def _check_source(name: str, value: str) -> str:
+    if value not in QUERY_SOURCES:
+        raise ValueError(f"fastllm.kv: {name} must be one of {QUERY_SOURCES}, got {value!r}")
+    return value
+
+
 def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recovery: float,
                     locality: float, frequency: float, chunk: int = 128, heavy_pool: int = 11,
-                    observe: int = 64):
+                    observe: int = 64, heavy_from: str = "both", recovery_on: str = "both",
+                    adaptive: bool = False, adaptive_floor: float = 0.2):
     """Profile one sequence's KV heads and give each FastGen's cheapest sufficient policy.
 
     ``q`` ``[Hq, L, D]``, ``k`` ``[Hkv, L, D]`` (after RoPE), ``classes`` ``[L]`` uint8,
     ``heavy_pool`` odd: see :func:`heavy_scores`. ``observe``: the last prompt queries that stand
-    for the decode queries to come (0: none, as in the FastGen paper). Their attention counts as
-    much as all the prompt's in the heavy-hitter ranking, and a policy must recover ``recovery`` of
-    their attention as well as of the whole prompt's.
+    for the decode queries to come (0: none, as in the FastGen paper). ``heavy_from`` (which
+    queries' attention ranks the heavy hitters) and ``recovery_on`` (whose attention a policy
+    must recover ``recovery`` of) each take ``"prompt"`` (all the prompt's queries, the paper),
+    ``"observed"`` (the last ``observe`` only) or ``"both"`` (the default: in the ranking the
+    observed queries count as much as the whole prompt; a policy must recover ``recovery`` of
+    both). With ``observe`` 0 both fall back to ``"prompt"``.
 
     Deviation from the paper, and why: FastGen ranks and checks by the whole prompt's attention,
     most of which comes from queries reading nearby text. A fact that only the closing question
     asks for gets almost none of it, so heads keep fragments of the fact and lose it. The last
-    queries attend the way decode will (SnapKV's observation). Measured against the paper's
-    settings (heavy_pool=1, observe=0) in bench/bench_kv.py and, on held-out needles too, in
-    bench/kv_settings_study.py.
+    queries attend the way decode will (SnapKV's observation). ``"observed"`` goes further: a
+    ranking or check that no longer depends on where the rest of the prompt's attention happened
+    to go. Measured against the paper's settings (heavy_pool=1, observe=0) in bench/bench_kv.py
+    and bench/kv_retrieval.py.
+
+    ``adaptive``: the heads that take the frequency policy pool their heavy-hitter slots (each
+    ``ceil(frequency * L)``) and :func:`adaptive_budgets` allots the pool across them by the
+    mass of the (unpooled) heavy-hitter scores, AdaKV-style, with ``adaptive_floor`` of a
+    uniform share guaranteed per head (the paper: off, every frequency head gets the same
+    count). The policies are chosen with the uniform count first.
 
     Returns ``(policies, kept positions per head, heavy-hitter scores [Hkv, L], recovery
     [Hkv, 4])``.
     """
     from .._ops import kv as kv_ops
 
+    heavy_from = _check_source("heavy_from", heavy_from)
+    recovery_on = _check_source("recovery_on", recovery_on)
+    adaptive_floor = check_ratio("adaptive_floor", adaptive_floor)
     length = k.shape[1]
     window = math.ceil(locality * length)
     heavy = math.ceil(frequency * length)
     classes = classes.cpu()
-    raw = kv_ops.kv_attention_scores(q, k, scale, chunk).cpu()
     observe = min(observe, length)
-    if observe:
+    if not observe:
+        heavy_from = recovery_on = "prompt"
+    raw = None
+    if heavy_from != "observed":
+        raw = kv_ops.kv_attention_scores(q, k, scale, chunk).cpu()
+    if heavy_from != "prompt":
         last = kv_ops.kv_attention_scores(q[:, -observe:], k, scale, chunk).cpu()
-        raw = raw + last * (length / observe)
+        raw = last * (length / observe) if raw is None else raw + last * (length / observe)
     scores = heavy_scores(raw, heavy_pool)
     hmask = heavy_mask(scores, classes[None], heavy, length - window)
     key_class = (classes[None] | (hmask.to(torch.uint8) * HEAVY)).to(torch.uint8)
@@ -216,11 +301,23 @@ def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recover
     # decode queries (which the policy will serve) all lie past the window.
     first = min(window, length - 1)
     key_class = key_class.to(q.device)
-    rec = kv_ops.kv_policy_recovery(q[:, first:], k, key_class, window, scale, chunk).cpu()
-    if observe:
-        last_rec = kv_ops.kv_policy_recovery(q[:, -observe:], k, key_class, window, scale, chunk)
-        rec = torch.minimum(rec, last_rec.cpu())
+    rec = None
+    if recovery_on != "observed":
+        rec = kv_ops.kv_policy_recovery(q[:, first:], k, key_class, window, scale, chunk).cpu()
+    if recovery_on != "prompt":
+        last_rec = kv_ops.kv_policy_recovery(q[:, -observe:], k, key_class, window, scale,
+                                             chunk).cpu()
+        rec = last_rec if rec is None else torch.minimum(rec, last_rec)
     picks = select_fastgen(rec, recovery)
+    frequent = [h for h, pick in enumerate(picks) if pick == 3]
+    if adaptive and len(frequent) > 1:
+        rows = torch.tensor(frequent)
+        eligible = hmask.new_zeros(len(frequent), length)
+        eligible[:, :length - window] = classes[None, :length - window] == 0
+        counts = adaptive_budgets(raw[rows], eligible,
+                                  int(hmask[rows].sum()), adaptive_floor)
+        for h, count in zip(frequent, counts.tolist()):
+            hmask[h] = heavy_mask(scores[h:h + 1], classes[None], count, length - window)[0]
     policies, kept = [], []
     for h, pick in enumerate(picks):
         p = fastgen_head_policy(pick, window, int(hmask[h].sum()))
@@ -229,6 +326,7 @@ def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recover
     return policies, kept, scores, rec
 
 
-__all__ = ["fastgen_profile", "heavy_scores", "FASTGEN_POLICIES", "POLICIES", "HeadPolicy", "HEAVY", "budget_tokens", "check_ratio",
-           "heavy_mask", "select_fastgen", "token_classes", "fastgen_head_policy",
-           "kept_at_prefill"]
+__all__ = ["QUERY_SOURCES", "FASTGEN_POLICIES", "POLICIES", "HeadPolicy", "HEAVY",
+           "adakv_policies", "adaptive_budgets", "budget_tokens", "check_ratio", "fastgen_profile",
+           "fastgen_head_policy", "heavy_mask", "heavy_scores", "kept_at_prefill", "select_fastgen",
+           "snapkv_scores", "token_classes"]
