@@ -38,3 +38,15 @@ def value_checks(device):
 
     import fastllm.ops as ops
     return ops.checked_indices() if torch.device(device).type == "cuda" else contextlib.nullcontext()
+
+
+def cache_arg(cache) -> dict:
+    """``{keyword: cache}`` for a transformers Llama call: ``cache=`` on the transformers releases
+    that renamed ``past_key_values`` (which still works there but warns on every call)."""
+    import types
+
+    from transformers import LlamaForCausalLM
+
+    from fastllm.kv import cache_keyword
+
+    return {cache_keyword(types.SimpleNamespace(forward=LlamaForCausalLM.forward)): cache}

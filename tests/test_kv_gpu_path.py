@@ -23,6 +23,7 @@ import fastllm.ops as ops
 from fastllm._reference import kv_evict_round_reference, kv_ragged_decode_reference
 from fastllm.kv import FastGenCache
 from fastllm.kv.cache import _decode_work, _HeadCaches
+from helpers import cache_arg
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,7 +86,7 @@ def prefilled(policy, lengths=(40, 31), page_rows=4, device="cpu"):
                          **POLICIES[policy])
     ids, mask = prompt_batch(lengths)
     with torch.no_grad():
-        model(ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+        model(ids.to(device), attention_mask=mask.to(device), **cache_arg(cache),
               use_cache=True)
     return model, cache, mask
 
@@ -143,7 +144,7 @@ def fake_decode(policy, steps=10):
             mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
             ids, step_mask = tokens[t].to("cuda"), mask.to("cuda")
             with NoDeviceToHost():
-                logits = model(ids, attention_mask=step_mask, past_key_values=cache,
+                logits = model(ids, attention_mask=step_mask, **cache_arg(cache),
                                use_cache=True).logits
     return cache, logits
 
@@ -245,7 +246,7 @@ def run_steps(policy, steps, delay=0, check=None):
     with torch.no_grad():
         for t in range(steps):
             mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
-            out.append(model(tokens[t], attention_mask=mask, past_key_values=cache,
+            out.append(model(tokens[t], attention_mask=mask, **cache_arg(cache),
                              use_cache=True).logits)
             if check is not None:
                 check(cache)
@@ -307,7 +308,7 @@ def test_reordered_batch_keeps_the_mirror_exact():
                 mask = mask[[2, 0]]
             mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
             model(torch.randint(2, VOCAB, (mask.shape[0], 1)), attention_mask=mask,
-                  past_key_values=cache, use_cache=True)
+                  **cache_arg(cache), use_cache=True)
             for layer in cache.layers:
                 np.testing.assert_array_equal(layer.heads.m_len, layer.heads.lengths.numpy())
     assert len(cache.layers[0].heads.pages) == 2 * cache.num_kv_heads
@@ -319,7 +320,7 @@ def test_multi_token_step_resyncs_the_mirror():
     with torch.no_grad():
         for n in (3, 1, 2, 1):
             mask = torch.cat([mask, torch.ones(mask.shape[0], n, dtype=mask.dtype)], dim=1)
-            model(torch.randint(2, VOCAB, (2, n)), attention_mask=mask, past_key_values=cache,
+            model(torch.randint(2, VOCAB, (2, n)), attention_mask=mask, **cache_arg(cache),
                   use_cache=True)
             for layer in cache.layers:
                 np.testing.assert_array_equal(layer.heads.m_len, layer.heads.lengths.numpy())
@@ -425,7 +426,7 @@ def twin_caches(policy, device, page_rows=4, max_tokens=256):
         cache = FastGenCache(model, StubTokenizer(), page_rows=page_rows, max_tokens=max_tokens,
                              **POLICIES[policy])
         with torch.no_grad():
-            model(ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+            model(ids.to(device), attention_mask=mask.to(device), **cache_arg(cache),
                   use_cache=True)
         caches.append(cache)
     return model, caches, mask.to(device)
@@ -437,7 +438,7 @@ def eager_steps(model, cache, mask, tokens):
     with torch.no_grad():
         for t in range(tokens.shape[0]):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            out.append(model(tokens[t], attention_mask=mask, past_key_values=cache,
+            out.append(model(tokens[t], attention_mask=mask, **cache_arg(cache),
                              use_cache=True).logits)
     return out, mask
 
@@ -463,7 +464,7 @@ class GraphStep:
     def _step(self):
         with torch.no_grad():
             logits = self.model(self.ids, attention_mask=self.mask, position_ids=self.positions,
-                                past_key_values=self.cache, use_cache=True).logits
+                                **cache_arg(self.cache), use_cache=True).logits
         self.positions.add_(1)
         return logits
 
@@ -627,7 +628,7 @@ def test_graph_steps_refusals_name_the_problem():
             cache.batch_select_indices([1, 0])
         with pytest.raises(RuntimeError, match="one-token decode steps"), torch.no_grad():
             model(torch.randint(2, VOCAB, (2, 3)), position_ids=torch.arange(3)[None] + 40,
-                  past_key_values=cache, use_cache=True)
+                  **cache_arg(cache), use_cache=True)
     assert host_mirror(cache) == state  # nothing ran
     # a reservation the pool cannot hold is refused and leaves the cache as it was
     used = cache.pool.used_pages
@@ -695,12 +696,12 @@ def test_cuda_decode_steps_do_not_synchronise(policy):
     masks = [torch.cat([mask, torch.ones(2, t + 1, dtype=mask.dtype)], 1).cuda()
              for t in range(steps)]
     with torch.no_grad():
-        model(tokens[0], attention_mask=masks[0], past_key_values=cache, use_cache=True)
+        model(tokens[0], attention_mask=masks[0], **cache_arg(cache), use_cache=True)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             for t in range(1, steps):
-                model(tokens[t], attention_mask=masks[t], past_key_values=cache, use_cache=True)
+                model(tokens[t], attention_mask=masks[t], **cache_arg(cache), use_cache=True)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     stats = cache.stats()  # synchronises: the mirror agrees with the device (checked inside)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastllm.kv import FastGenCache
+from helpers import cache_arg
 
 pytestmark = pytest.mark.real_model
 
@@ -43,10 +44,10 @@ def test_left_padded_generate_full_matches_each_prompt_alone(smollm2, shakespear
     ids, mask = pad(seqs, pad_id(tokenizer))
     cache = FastGenCache(model, tokenizer, policy="full")
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6,
+        out = model.generate(ids, attention_mask=mask, **cache_arg(cache), max_new_tokens=6,
                              do_sample=False, pad_token_id=pad_id(tokenizer))
         for i, s in enumerate(seqs):
-            alone = model.generate(s[None], past_key_values=DynamicCache(config=model.config),
+            alone = model.generate(s[None], **cache_arg(DynamicCache(config=model.config)),
                                    max_new_tokens=6, do_sample=False,
                                    pad_token_id=pad_id(tokenizer))
             assert out[i, ids.shape[1]:].tolist() == alone[0, s.shape[0]:].tolist(), i
@@ -80,10 +81,10 @@ def test_padded_forward_logits_equal_dynamic_cache(smollm2, shakespeare):
         outs = []
         m = mask
         with torch.no_grad():
-            outs.append(model(ids, attention_mask=m, past_key_values=cache, use_cache=True).logits)
+            outs.append(model(ids, attention_mask=m, **cache_arg(cache), use_cache=True).logits)
             for step in steps:
                 m = torch.cat([m, torch.ones(3, step.shape[1], dtype=m.dtype)], dim=1)
-                outs.append(model(step, attention_mask=m, past_key_values=cache,
+                outs.append(model(step, attention_mask=m, **cache_arg(cache),
                                   use_cache=True).logits)
         return outs
 
@@ -101,7 +102,7 @@ def test_fastgen_padded_batch_is_batch_invariant(smollm2, shakespeare):
     ids, mask = pad(seqs, pad_id(tokenizer))
     batch = FastGenCache(model, tokenizer, recovery=0.9, page_rows=8)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=batch, max_new_tokens=3,
+        out = model.generate(ids, attention_mask=mask, **cache_arg(batch), max_new_tokens=3,
                              do_sample=False, pad_token_id=pad_id(tokenizer))
     stats = batch.stats()
     assert stats["kept_bytes"] == batch.pool.used_bytes("kv") == stats["pages"] * batch.pool.page_bytes
@@ -110,7 +111,7 @@ def test_fastgen_padded_batch_is_batch_invariant(smollm2, shakespeare):
     for i, s in enumerate(seqs):
         alone = FastGenCache(model, tokenizer, recovery=0.9, page_rows=8)
         with torch.no_grad():
-            single = model.generate(s[None], past_key_values=alone, max_new_tokens=3,
+            single = model.generate(s[None], **cache_arg(alone), max_new_tokens=3,
                                     do_sample=False, pad_token_id=pad_id(tokenizer))
         assert out[i, ids.shape[1]:].tolist() == single[0, s.shape[0]:].tolist()
         want = alone.stats()["policies"]
@@ -136,7 +137,7 @@ def test_masks_it_cannot_honour_are_clear_errors(smollm2, shakespeare):
     def prefilled():
         cache = FastGenCache(model, tokenizer, policy="full")
         with torch.no_grad():
-            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(ids, attention_mask=mask, **cache_arg(cache), use_cache=True)
         return cache
 
     moved = mask.clone()
@@ -153,13 +154,13 @@ def test_masks_it_cannot_honour_are_clear_errors(smollm2, shakespeare):
     for step_mask, match in cases:
         cache = prefilled()
         with pytest.raises(ValueError, match=match), torch.no_grad():
-            model(token, attention_mask=step_mask, past_key_values=cache, use_cache=True)
+            model(token, attention_mask=step_mask, **cache_arg(cache), use_cache=True)
         cache.release()
     cache = FastGenCache(model, tokenizer, policy="full")
     empty = mask.clone()
     empty[1] = 0
     with pytest.raises(ValueError, match="sequence 1 of the batch is all padding"), torch.no_grad():
-        model(ids, attention_mask=empty, past_key_values=cache, use_cache=True)
+        model(ids, attention_mask=empty, **cache_arg(cache), use_cache=True)
     cache.release()
     # a non-causal pattern (here: a real query seeing a future key) is refused, not approximated
     vis = torch.ones(1, 4, 4, dtype=torch.bool).tril()

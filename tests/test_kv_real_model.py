@@ -8,6 +8,7 @@ import torch
 
 from fastllm.kv import FASTGEN_POLICIES, FastGenCache, profile
 from fastllm.memory import PagePool, PoolExhaustedError
+from helpers import cache_arg
 
 pytestmark = pytest.mark.real_model
 
@@ -20,11 +21,11 @@ def step_logits(model, ids, cache, steps):
     """Prefill then `steps` greedy single-token forwards; the logits of every call."""
     out = []
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(ids, **cache_arg(cache), use_cache=True).logits[:, -1]
         out.append(logits)
         for _ in range(steps):
             token = logits.argmax(-1, keepdim=True)
-            logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(token, **cache_arg(cache), use_cache=True).logits[:, -1]
             out.append(logits)
     return torch.stack(out)
 
@@ -42,11 +43,11 @@ def test_full_policy_matches_dynamic_cache(smollm2, shakespeare):
     more = prompt_ids(tokenizer, shakespeare[500:], 4)
     with torch.no_grad():
         dyn = DynamicCache(config=model.config)
-        model(ids, past_key_values=dyn, use_cache=True)
-        want_chunk = model(more, past_key_values=dyn, use_cache=True).logits
+        model(ids, **cache_arg(dyn), use_cache=True)
+        want_chunk = model(more, **cache_arg(dyn), use_cache=True).logits
         fg = FastGenCache(model, tokenizer, policy="full")
-        model(ids, past_key_values=fg, use_cache=True)
-        got_chunk = model(more, past_key_values=fg, use_cache=True).logits
+        model(ids, **cache_arg(fg), use_cache=True)
+        got_chunk = model(more, **cache_arg(fg), use_cache=True).logits
     torch.testing.assert_close(got_chunk, want_chunk, rtol=1e-4, atol=1e-4)
     stats = cache.stats()
     assert stats["kept_bytes"] == stats["full_bytes"]
@@ -60,7 +61,7 @@ def test_fastgen_generate_saves_memory_and_returns_pages(smollm2, shakespeare):
     cache = FastGenCache(model, tokenizer, recovery=0.9)
     pool = cache.pool
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+        out = model.generate(ids, **cache_arg(cache), max_new_tokens=8, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 8
     stats = cache.stats()
     assert stats["tokens"] == ids.shape[1] + 7  # the last generated token is never fed back
@@ -85,7 +86,7 @@ def test_decode_follows_each_heads_policy(smollm2, shakespeare):
     with torch.no_grad():
         token = torch.tensor([[tokenizer.eos_token_id or 0]])
         for _ in range(step_logits_more):
-            model(token, past_key_values=cache, use_cache=True)
+            model(token, **cache_arg(cache), use_cache=True)
     assert cache.stats()["pages"] == pages
     seen = cache.stats()["tokens"]
     for layer in cache.layers:
@@ -149,12 +150,12 @@ def test_user_errors(smollm2, shakespeare):
     ids = prompt_ids(tokenizer, shakespeare, 100)
     with pytest.raises(PoolExhaustedError, match="prompt of 100 tokens .* does not fit"):
         with torch.no_grad():
-            model(ids, past_key_values=small, use_cache=True)
+            model(ids, **cache_arg(small), use_cache=True)
     assert pool.used_pages == 0
     # a reorder that repeats a sequence cannot be honoured
     cache = FastGenCache(model, tokenizer, policy="full")
     with torch.no_grad():
-        model(torch.cat([ids[:, :20], ids[:, 20:40]]), past_key_values=cache, use_cache=True)
+        model(torch.cat([ids[:, :20], ids[:, 20:40]]), **cache_arg(cache), use_cache=True)
     cache.reorder_cache(torch.tensor([1, 0]))  # a permutation is fine
     with pytest.raises(ValueError, match="cannot honour the batch reorder"):
         cache.reorder_cache(torch.tensor([0, 0]))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastllm.memory import PagePool
+from helpers import cache_arg
 
 pytestmark = pytest.mark.real_model
 
@@ -24,7 +25,7 @@ def test_kv_cache_round_trips_through_pool_pages(smollm2, shakespeare):
         prefill = model(prompt, use_cache=True)
         cache = prefill.past_key_values
         # Stepping appends to the cache, so step a copy and keep the prefill cache to store.
-        expected = model(next_token, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+        expected = model(next_token, **cache_arg(copy.deepcopy(cache)), use_cache=True).logits
 
     tokens = prompt.shape[1]
     rows_per_page = 16
@@ -53,5 +54,5 @@ def test_kv_cache_round_trips_through_pool_pages(smollm2, shakespeare):
         rebuilt.update(per_kind[0], per_kind[1], layer)
 
     with torch.no_grad():
-        logits = model(next_token, past_key_values=rebuilt, use_cache=True).logits
+        logits = model(next_token, **cache_arg(rebuilt), use_cache=True).logits
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
