@@ -406,7 +406,7 @@ class AdapterManager:
 
 def _check_shared_page_size(pool: PagePool, specs: Sequence[ModuleSpec], max_rank: int) -> None:
     """Refuse a pool whose pages cannot hold the widest row; warn when packing an adapter into its
-    pages would leave most of them empty (a page just under twice a row width)."""
+    pages would leave more than a third of them empty (a page just under twice a wide row)."""
     widest = max(max(s.in_features, s.out_features) for s in specs)
     if widest > pool.page_size:
         raise ValueError(f"AdapterManager: the pool's pages of {pool.page_size} elements cannot "
@@ -415,7 +415,7 @@ def _check_shared_page_size(pool: PagePool, specs: Sequence[ModuleSpec], max_ran
     word = max(1, 16 // pool.storage.element_size())
     widths = [(s.in_features, s.out_features) for s in specs]
     waste = max(lora_page_waste(widths, rank, pool.page_size, word) for rank in (1, max_rank))
-    if waste > 0.5:
+    if waste > 1 / 3:
         warnings.warn(f"AdapterManager: with pages of {pool.page_size} elements an adapter leaves "
                       f"{waste:.0%} of its pages empty (rows of "
                       f"{sorted({w for pair in widths for w in pair})} elements never straddle a "
