@@ -1409,7 +1409,7 @@ class FastGenCache(Cache):
         if pages and entries < 0.5 * pages * self.page_rows:
             self._warned_pages = True
             warnings.warn(
-                f"fastllm.kv: the prompt's {entries} kept entries per layer fill "
+                f"fastllm.kv: the {entries} entries one layer kept of the prompt fill "
                 f"{entries / (pages * self.page_rows):.0%} of the {pages} pages they took: a page "
                 f"holds {self.page_rows} entries ({self.pool.page_bytes // 1024} KB) and every "
                 "(layer, sequence, KV head) cache takes at least one; use a pool with smaller "

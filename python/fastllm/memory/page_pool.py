@@ -23,6 +23,7 @@ from .._ops import memory as ops
 
 _POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NO_OWNER = -1
+MIN_KV_ROWS = 8
 
 
 class PoolExhaustedError(RuntimeError):
@@ -80,7 +81,7 @@ def unified_page_size(model, *, target_modules=None, rank: int = 16, kv_entries:
     loses the unfilled part of its last page, so large pages waste most of a short cache.
 
     Candidates are the multiples of ``2 * head_dim`` (and of 16 bytes) from the widest adapter row
-    up to ``max_page``; the one whose worse waste of the two is smallest wins (the smaller page
+    (and at least ``MIN_KV_ROWS`` KV entries) up to ``max_page``; the one whose worse waste of the two is smallest wins (the smaller page
     on a tie): the LoRA waste of an adapter of rank ``rank`` on every target module, and the KV
     waste averaged over caches of 1 .. ``2 * kv_entries`` entries (``kv_entries``: a typical
     cache's kept entries, after FastGen's compression).
@@ -120,7 +121,9 @@ def unified_page_size(model, *, target_modules=None, rank: int = 16, kv_entries:
     kv_width = 2 * head_dim
     unit = kv_width * word // math.gcd(kv_width, word)
     widest = max((max(w) for w in widths), default=unit)
-    first = -(-widest // unit)
+    # At least MIN_KV_ROWS entries per page: without adapters the KV waste alone would pick one
+    # entry per page, and page tables that long cost more than the memory they save.
+    first = -(-max(widest, MIN_KV_ROWS * kv_width) // unit)
     last = max(first, max_page // unit)
     best = None
     for k in range(first, last + 1):
@@ -165,12 +168,17 @@ def lora_page_waste(widths: list[tuple[int, int]], rank: int, page: int, word: i
         for width in (in_f, out_f):
             if width > page:
                 return 1.0
-            for _ in range(rank):
+            payload += rank * width
+            left = rank
+            while left:
                 pos += -pos % word
                 if pos % page + width > page:
                     pos = (pos // page + 1) * page
-                pos += width
-                payload += width
+                # Rows of a width of whole words stay aligned: place all that fit in this page.
+                fit = (page - pos % page) // width if width % word == 0 else 1
+                placed = min(left, fit)
+                pos += placed * width
+                left -= placed
     pages = max(1, -(-pos // page))
     return 1 - payload / (pages * page)
 
