@@ -376,6 +376,8 @@ def main(argv=None):
     parser.add_argument("--splits", type=int, nargs="+", default=[25, 50, 75])
     parser.add_argument("--systems", nargs="+",
                         default=["unified", "split", "full-kv", "peft", "base"])
+    parser.add_argument("--peft-adapters", type=int, nargs="*", default=None,
+                        help="numbers of adapters to run PEFT at (default: all; it is the slowest)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path,
@@ -410,6 +412,9 @@ def main(argv=None):
                 systems += [f"split-{f}" for f in args.splits]
             elif s == "base":
                 if n == args.adapters[0]:
+                    systems.append(s)
+            elif s == "peft":
+                if args.peft_adapters is None or n in args.peft_adapters:
                     systems.append(s)
             else:
                 systems.append(s)
