@@ -465,16 +465,16 @@ def main(argv=None):
 
 
 def targets(results, adapters, splits):
+    """The issue's target ratios, as measured (no pass/fail: on a shared 2-core machine the load
+    moves between runs, see loadavg_before/after)."""
     out = {}
     uni = results.get("unified", {})
     lo, hi = str(min(adapters)), str(max(adapters))
     if lo in uni and hi in uni and lo != hi:
         out["unified_req_s_ratio_max_to_min_adapters"] = uni[hi]["req_per_s"] / uni[lo]["req_per_s"]
-        out["target_within_20pct"] = out["unified_req_s_ratio_max_to_min_adapters"] >= 0.8
     mid = "100" if "100" in uni else None
     if mid and mid in results.get("peft", {}):
         out["unified_over_peft_req_s_at_100"] = uni[mid]["req_per_s"] / results["peft"][mid]["req_per_s"]
-        out["target_3x_peft"] = out["unified_over_peft_req_s_at_100"] >= 3
     for n in uni:
         split = [results[f"split-{f}"][n] for f in splits if n in results.get(f"split-{f}", {})]
         if split:
