@@ -45,8 +45,11 @@ def test_exhaustion_raises_and_changes_nothing():
     pool = make_pool(num_pages=4)
     held = pool.alloc(3, owner="kv")
     before = pool.stats()
-    with pytest.raises(PoolExhaustedError, match=r"asked for 2 pages but only 1 of 4 are free.*kv=3"):
+    with pytest.raises(PoolExhaustedError,
+                       match=r"asked for 2 pages but only 1 of 4 are free.*'kv' holds 3") as err:
         pool.alloc(2, owner="lora")
+    assert (err.value.owner, err.value.requested, err.value.free_pages) == ("lora", 2, 1)
+    assert err.value.held == {"kv": 3} and err.value.needed == {"kv": 3, "lora": 2}
     assert pool.stats() == before
     assert pool.alloc(1, owner="lora").item() not in held.tolist()
 

@@ -33,6 +33,7 @@ import functools
 import inspect
 import sys
 import time
+import warnings
 import weakref
 
 import numpy as np
@@ -193,6 +194,26 @@ class _ClassLog:
         self.by_pos = self.by_pos[order]
         self.offset = self.offset[order]
 
+    def shift(self, columns: int) -> None:
+        """``columns`` more pad columns before every sequence (settled logs only)."""
+        self.settle()
+        self.offset = self.offset + columns
+        self.known += columns
+
+    def concat(self, other: "_ClassLog") -> None:
+        """Append another (settled) log's sequences, numbered by the same mask columns."""
+        self.settle()
+        other.settle()
+        if other.known != self.known:
+            raise RuntimeError(f"fastllm.kv: internal error: joining a class log of {other.known} "
+                               f"columns to one of {self.known}")
+        width = max(self.by_pos.shape[1], other.by_pos.shape[1])
+        grown = np.zeros((self.by_pos.shape[0] + other.by_pos.shape[0], width), np.uint8)
+        grown[:self.by_pos.shape[0], :self.by_pos.shape[1]] = self.by_pos
+        grown[self.by_pos.shape[0]:, :other.by_pos.shape[1]] = other.by_pos
+        self.by_pos = grown
+        self.offset = np.concatenate([self.offset, other.offset])
+
 
 class _HeadCaches:
     """One layer's ``C = B * Hkv`` ragged caches.
@@ -307,19 +328,30 @@ class _HeadCaches:
 
     # ---- storage ---------------------------------------------------------------------------------
 
-    def reserve(self, entries: np.ndarray) -> None:
-        """Pages and bookkeeping columns for ``entries [C]`` entries per cache (host decision;
-        the device table is updated without blocking)."""
+    def shortfall(self, entries: np.ndarray) -> int:
+        """Pages ``reserve(entries)`` would have to take from the pool."""
         if int(entries.max(initial=0)) >= 2**31:
             # the decode kernels take int32 lengths
             raise PoolExhaustedError(f"fastllm.kv: a cache of {int(entries.max())} entries is "
                                      "past the kernels' int32 lengths")
+        return int(np.maximum(-(-entries // self.page_rows) - self.npages, 0).sum())
+
+    def reserve(self, entries: np.ndarray, ids: list[int] | None = None) -> None:
+        """Pages and bookkeeping columns for ``entries [C]`` entries per cache (host decision;
+        the device table is updated without blocking). ``ids``: the ``shortfall(entries)`` pages
+        to use, already taken from the pool (a step reserving every layer in one allocation)."""
+        taken = self.shortfall(entries)
         need = -(-entries // self.page_rows)
         short = np.nonzero(need > self.npages)[0]
+        if ids is not None and len(ids) != taken:
+            raise RuntimeError(f"fastllm.kv: internal error: {len(ids)} pages given for a "
+                               f"shortfall of {taken}")
         if short.size:
             counts = need[short] - self.npages[short]
-            with _host_only():
-                ids = self.pool.alloc(int(counts.sum()), OWNER).tolist()
+            if ids is None:
+                with _host_only():
+                    ids = self.pool.alloc(int(counts.sum()), OWNER).tolist()
+            ids = list(ids)
             rows, cols = [], []
             for cache, n in zip(short.tolist(), counts.tolist()):
                 have = len(self.pages[cache])
@@ -525,6 +557,43 @@ class _HeadCaches:
         self.m_len[:] = 0
         self.m_evictable[:] = 0
         self.lengths.zero_()
+
+    def shift(self, columns: int) -> None:
+        """Renumber the mask columns: ``columns`` more (or, negative, fewer) pad columns before
+        every sequence. Positions (what the policies count) do not change."""
+        # New arrays, not in place: on the CPU the device copy may share the host array's memory.
+        self.h_offset = self.h_offset + columns
+        self.m_seen = self.m_seen + columns
+        self.offset = self.offset + columns
+
+    def concat(self, other: "_HeadCaches") -> None:
+        """Append another layer state's caches (a sequence joining the batch; same pool, same
+        mask-column numbering) after these, taking over its pages."""
+        if other.pool is not self.pool or other.hkv != self.hkv or other.width != self.width:
+            raise RuntimeError("fastllm.kv: internal error: joining caches of another pool")
+        self.pages = self.pages + other.pages
+        self.policies = self.policies + other.policies
+        for name in ("h_keep", "h_sinks", "h_window", "h_heavy", "h_grow", "h_offset", "h_dep",
+                     "npages", "m_len", "m_evictable", "m_seen"):
+            setattr(self, name, np.concatenate([getattr(self, name), getattr(other, name)]))
+        self.h_seq = np.arange(len(self.pages), dtype=np.int64) // self.hkv
+        self.any_dep = bool(self.h_dep.any())
+        for name in ("keep_classes", "sinks", "window", "heavy", "grow", "offset", "lengths"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        for name in ("table", "pos", "score", "flags"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            width = max(mine.shape[1], theirs.shape[1])
+            setattr(self, name, torch.cat([_pad_columns(mine, width), _pad_columns(theirs, width)]))
+        other.pages = [[] for _ in other.pages]  # now ours: the other must not free them
+        other.npages = np.zeros_like(other.npages)
+
+
+def _pad_columns(t: Tensor, width: int) -> Tensor:
+    if t.shape[1] == width:
+        return t
+    out = torch.zeros(t.shape[0], width, dtype=t.dtype, device=t.device)
+    out[:, :t.shape[1]] = t
+    return out
 
 
 class _LayerGraphSteps:
@@ -763,6 +832,13 @@ class FastGenCache(Cache):
         budget_tokens(budget, 1)  # validates
         self.policy, self.budget, self.sinks, self.snap_window = policy, budget, sinks, snap_window
         self.chunk = chunk
+        # What a sibling cache needs to profile a joining sequence's prompt exactly as this one
+        # would (join()).
+        self._settings = dict(recovery=recovery, locality=locality, frequency=frequency,
+                              policy=policy, budget=budget, sinks=sinks, snap_window=snap_window,
+                              chunk=chunk, heavy_pool=heavy_pool, observe=observe)
+        self._model_ref = weakref.ref(model)
+        self._warned_pages = False
         cfg = model.config
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = cfg.num_key_value_heads
@@ -923,6 +999,162 @@ class FastGenCache(Cache):
                 f"fastllm.kv: graph_steps({graph.steps}): {ran} decode steps ran; the outputs of "
                 f"the {ran - graph.steps} steps past the reserved ones are invalid")
 
+    # ---- a running batch: sequences join and leave ----------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences in the cache (0 before the prompt and after the last one left)."""
+        return self._batch()
+
+    def join(self, input_ids: Tensor, attention_mask: Tensor | None = None, **model_kwargs):
+        """Add a sequence to the running batch: run its prompt through the model alone (with a
+        sibling cache on the same pool and settings, so it is profiled exactly as it would be on
+        its own) and append its caches as the last sequence of this batch. The others keep their
+        caches; the batch's pad columns are renumbered so that every sequence ends at the same
+        mask column (positions, which the policies count, do not change).
+
+        Args:
+            input_ids: ``[1, L]`` token ids of the prompt (``L >= 1``), on the model's device.
+            attention_mask: optional ``[1, L]`` 0/1 padding of the prompt.
+            **model_kwargs: passed to the model call (an AdapterManager batch applies the
+                sequence's adapter if the call runs inside ``manager.batch([name], ...)``).
+
+        Returns the model's output for the prompt (``.logits [1, L, vocab]``).
+
+        All or nothing: if the pool cannot hold the prompt's kept entries, the sibling's pages
+        go back, :class:`~fastllm.memory.PoolExhaustedError` is raised and this cache is
+        unchanged. Not a decode step (it synchronises). The next steps must pass
+        ``attention_mask=cache.attention_mask(1)`` and ``position_ids=cache.position_ids(1)``.
+        """
+        self._refuse_inside_graph_steps("join")
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1 \
+                or input_ids.shape[1] < 1 or input_ids.is_floating_point():
+            raise ValueError(f"fastllm.kv: join: input_ids must be an integer tensor [1, L] with "
+                             f"L >= 1, got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if attention_mask is not None and (not isinstance(attention_mask, Tensor)
+                                           or tuple(attention_mask.shape) != tuple(input_ids.shape)):
+            raise ValueError(f"fastllm.kv: join: attention_mask must have the shape of input_ids "
+                             f"{tuple(input_ids.shape)}, got "
+                             f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+        for key in ("past_key_values", "cache", "use_cache", "input_ids", "attention_mask"):
+            if key in model_kwargs:
+                raise ValueError(f"fastllm.kv: join: {key} is set by join itself")
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("fastllm.kv: join: the model this cache was made for is gone")
+        single = FastGenCache(model, self.tokenizer, pool=self.pool, **self._settings)
+        single._warned_pages = self._warned_pages
+        try:
+            with torch.no_grad():
+                out = model(input_ids=input_ids, attention_mask=attention_mask, cache=single,
+                            use_cache=True, **model_kwargs)
+            if any(layer.heads is None for layer in single.layers):
+                raise RuntimeError("fastllm.kv: join: the model call did not run the prompt "
+                                   "through every layer's attention")
+            self._adopt(single)
+        finally:
+            single.release()  # the pages of a failed join; nothing once adopted
+            single._hook.remove()
+        self._warned_pages = self._warned_pages or single._warned_pages
+        return out
+
+    def _adopt(self, single: "FastGenCache") -> None:
+        """Append the one sequence of ``single`` (prefilled, same pool) to this batch."""
+        single._settle()
+        if self._batch() == 0:
+            self.release()
+            for mine, theirs in zip(self.layers, single.layers):
+                mine.heads, mine.prompt_valid = theirs.heads, theirs.prompt_valid
+                mine.padded, mine.seen = theirs.padded, theirs.seen
+                mine.decode_work = None
+                theirs.heads = None
+            self._class_log = single._class_log
+        else:
+            self._settle()
+            ours, theirs_seen = self.layers[0].seen, single.layers[0].seen
+            target = max(ours, theirs_seen)
+            self._shift(target - ours)
+            single._shift(target - theirs_seen)
+            for mine, theirs in zip(self.layers, single.layers):
+                mine.heads.concat(theirs.heads)
+                mine.prompt_valid = torch.cat([mine.valid, theirs.valid])
+                mine.padded = not bool(mine.prompt_valid.all())
+                mine.decode_work = None
+            self._class_log.concat(single._class_log)
+        self.last_profile_seconds += single.last_profile_seconds
+        self._forget_step_memos()
+
+    def leave(self, index: int) -> None:
+        """Remove sequence ``index`` from the running batch and give its pages back to the pool;
+        the others keep decoding (their indices above ``index`` move down by one). Pad columns
+        that no remaining sequence needs are dropped. Not a decode step (it synchronises)."""
+        self._refuse_inside_graph_steps("leave")
+        batch = self._batch()
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < batch:
+            raise ValueError(f"fastllm.kv: leave: index must be an int in [0, {batch}), got "
+                             f"{index!r}")
+        if batch == 1:
+            self.release()
+            return
+        self._select([i for i in range(batch) if i != index])
+        valid = self.layers[0].valid
+        real = valid.any(0).nonzero()
+        leading = int(real[0]) if real.numel() else 0
+        if leading:
+            self._shift(-leading)
+        self._forget_step_memos()
+
+    def attention_mask(self, new_tokens: int = 1) -> Tensor:
+        """The ``[B, seen + new_tokens]`` 0/1 attention mask the next step must pass (the
+        batch's pad columns, then ones), on the pool's device."""
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
+            raise ValueError(f"fastllm.kv: attention_mask: new_tokens must be an int >= 0, got "
+                             f"{new_tokens!r}")
+        valid = self.layers[0].valid
+        if valid is None:
+            raise RuntimeError("fastllm.kv: attention_mask: the cache holds no sequence")
+        mask = torch.cat([valid, torch.ones(valid.shape[0], new_tokens, dtype=torch.bool)], 1)
+        return mask.to(device=self.pool.device, dtype=torch.int64)
+
+    def position_ids(self, new_tokens: int = 1) -> Tensor:
+        """``[B, new_tokens]`` positions of each sequence's next tokens (its real tokens so far,
+        then on), on the pool's device: the next step's ``position_ids``."""
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+            raise ValueError(f"fastllm.kv: position_ids: new_tokens must be an int >= 1, got "
+                             f"{new_tokens!r}")
+        valid = self.layers[0].valid
+        if valid is None:
+            raise RuntimeError("fastllm.kv: position_ids: the cache holds no sequence")
+        start = valid.sum(1, keepdim=True).to(torch.int64)
+        return (start + torch.arange(new_tokens)).to(self.pool.device)
+
+    def _shift(self, columns: int) -> None:
+        """``columns`` more (negative: fewer) pad columns before every sequence, in every layer
+        and the class log; the caller settled the cache."""
+        if not columns:
+            return
+        for layer in self.layers:
+            valid = layer.valid
+            if columns > 0:
+                layer.prompt_valid = torch.cat(
+                    [torch.zeros(valid.shape[0], columns, dtype=torch.bool), valid], 1)
+            else:
+                if bool(valid[:, :-columns].any()):
+                    raise RuntimeError("fastllm.kv: internal error: dropping columns that hold "
+                                       "tokens")
+                layer.prompt_valid = valid[:, -columns:].clone()
+            layer.padded = not bool(layer.prompt_valid.all())
+            layer.heads.shift(columns)
+            layer.seen += columns
+            layer.decode_work = None
+        self._class_log.shift(columns)
+
+    def _forget_step_memos(self) -> None:
+        self._mask_memo = None
+        self._mask_checked = None
+        self._step_device_classes = None
+        self._step_classes = None
+
     def _refuse_inside_graph_steps(self, what: str) -> None:
         if self._graph is not None:
             raise RuntimeError(f"fastllm.kv: {what} is not possible inside graph_steps (the "
@@ -990,7 +1222,6 @@ class FastGenCache(Cache):
         self._refuse_inside_graph_steps("stats()")
         self._settle()
         pages = 0
-        full_pages = 0
         kept_entries = 0
         full_entries = 0
         policies = []
@@ -1001,7 +1232,6 @@ class FastGenCache(Cache):
                 continue
             pages += sum(len(p) for p in heads.pages)
             real = layer.seen - heads.h_offset
-            full_pages += int((-(-real // self.page_rows)).sum())
             full_entries += int(real.sum())
             lengths = heads.lengths.cpu().numpy()
             if not np.array_equal(lengths, heads.m_len):
@@ -1016,8 +1246,10 @@ class FastGenCache(Cache):
         seen = first.seen
         entry_bytes = self.width * self.pool.storage.element_size()
         return {
+            # What this cache holds (whole pages) against what a dense cache of the same tokens
+            # would (no pages: no rounding), so the ratio counts the page waste too.
             "kept_bytes": pages * self.pool.page_bytes,
-            "full_bytes": full_pages * self.pool.page_bytes,
+            "full_bytes": full_entries * entry_bytes,
             "pages": pages,
             "kept_entries": kept_entries,
             "full_entries": full_entries,
@@ -1176,16 +1408,35 @@ class FastGenCache(Cache):
             heads.fill(entries, length)
         except PoolExhaustedError as err:
             self.release()
-            raise PoolExhaustedError(
+            raise err.with_context(
                 f"fastllm.kv: a prompt of {length} tokens (batch {batch}) does not fit the page "
                 f"pool ({self.pool.num_pages} pages of {self.page_rows} entries, "
                 f"{self.pool.free_pages} free after releasing this cache); give FastGenCache a "
                 f"larger max_tokens or pool") from err
+        self._check_page_fill(heads)
         layer.heads = heads
         layer.decode_work = None
         layer.prompt_valid = valid.clone()
         layer.padded = not bool(valid.all())
         layer.seen = length
+
+    def _check_page_fill(self, heads: _HeadCaches) -> None:
+        """Warn (once per cache) when the prompt's kept entries leave most of their pages empty
+        because the pool's pages are large: a pool sized for adapters (65536-element pages) gives
+        every (layer, sequence, KV head) cache a whole page."""
+        if self._warned_pages or self.page_rows <= 16:
+            return
+        pages = int(heads.npages.sum())
+        entries = int(heads.m_len.sum())
+        if pages and entries < 0.5 * pages * self.page_rows:
+            self._warned_pages = True
+            warnings.warn(
+                f"fastllm.kv: the {entries} entries one layer kept of the prompt fill "
+                f"{entries / (pages * self.page_rows):.0%} of the {pages} pages they took: a page "
+                f"holds {self.page_rows} entries ({self.pool.page_bytes // 1024} KB) and every "
+                "(layer, sequence, KV head) cache takes at least one; use a pool with smaller "
+                "pages (PagePool.for_model(model, ...) suits adapters and KV caches both)",
+                stacklevel=2)
 
     def _class_table_on(self, device: torch.device) -> Tensor:
         """The vocabulary's class bits on ``device``, with a trailing 0 for ids past it."""
@@ -1242,12 +1493,12 @@ class FastGenCache(Cache):
         try:
             need = heads.bound(column) + 1  # the append, before this step's eviction
             # Pages first: if the pool is full the mirror must not have moved ahead of the device.
+            # (Normally a no-op: _reserve_step took every layer's pages before the first layer.)
             heads.reserve(need)
             evicts = heads.advance(column + 1, self._class_log)
         except PoolExhaustedError as err:
-            raise PoolExhaustedError(
-                f"fastllm.kv: no free page to append token {layer.seen} "
-                f"(pool of {self.pool.num_pages} pages is full)") from err
+            raise err.with_context(f"fastllm.kv: no free page to append token {layer.seen} "
+                                   f"(pool of {self.pool.num_pages} pages)") from err
         newest = column - heads.offset
         heads.append_one(torch.cat([k, v], dim=-1).reshape(batch * hkv, -1), cls, newest)
         layer.seen += 1
@@ -1289,7 +1540,7 @@ class FastGenCache(Cache):
         classes, _ = self._device_classes(layer, k.device, batch, n)
         self._class_log.settle()
         heads.advance(layer.seen, self._class_log)
-        heads.release_excess(layer.seen)
+        # No release_excess here: the pages _reserve_step took for these tokens are in use below.
         out = torch.empty(batch, n, hq, d, dtype=q.dtype, device=q.device)
         new_scores = torch.zeros(batch * hkv, n, device=q.device)
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
@@ -1317,9 +1568,8 @@ class FastGenCache(Cache):
                     heads.write(c, torch.cat([k[b, h], v[b, h]], dim=-1),
                                 columns - int(heads.h_offset[c]), classes[b], new_scores[c])
         except PoolExhaustedError as err:
-            raise PoolExhaustedError(
-                f"fastllm.kv: no free page to append token {layer.seen} "
-                f"(pool of {self.pool.num_pages} pages is full)") from err
+            raise err.with_context(f"fastllm.kv: no free page to append token {layer.seen} "
+                                   f"(pool of {self.pool.num_pages} pages)") from err
         layer.seen += n
         newest = layer.seen - 1 - heads.offset
         for _ in range(n):
@@ -1392,9 +1642,35 @@ class FastGenCache(Cache):
                     "prompt did (or is missing); the padding of past tokens cannot change: pass "
                     "the whole sequence's attention mask, pads included, at every step")
             self._check_once(attention_mask, vis, valid, past)
+        if layer.layer_idx == 0:
+            self._reserve_step(n)
         if n == 1:
             return self._decode(layer, query, key, value, scale)
         return self._extend(layer, query, key, value, scale)
+
+    def _reserve_step(self, n: int) -> None:
+        """Before the first layer of a step with ``n`` new tokens per sequence: every layer's
+        pages for them, in one allocation. A pool that cannot give them all (after the other
+        owners, e.g. adapters outside the running batch, gave back what they could) raises here,
+        before any layer has appended anything: the cache is as it was, and the step can run
+        again once pages are free (a sequence left)."""
+        needs = [(layer.heads, layer.heads.bound(layer.seen) + n) for layer in self.layers
+                 if layer.heads is not None]
+        counts = [heads.shortfall(need) for heads, need in needs]
+        total = sum(counts)
+        if not total:
+            return
+        try:
+            with _host_only():
+                ids = self.pool.alloc(total, OWNER).tolist()
+        except PoolExhaustedError as err:
+            raise err.with_context(
+                f"fastllm.kv: no room for the next {n} token(s) of {self._batch()} sequences "
+                f"({total} pages over {len(needs)} layers); nothing was appended: free pages "
+                "(a sequence leaves) and run the step again") from err
+        for (heads, need), count in zip(needs, counts):
+            heads.reserve(need, ids[:count])
+            del ids[:count]
 
 
 def _fastllm_kv_attention(module, query, key, value, attention_mask, dropout: float = 0.0,

@@ -25,6 +25,7 @@ from .._optional import require
 from .._ops.lora import PATH_AUTO, lora_expand, lora_sgmv_chunks, lora_sgmv_plan, lora_shrink, \
     sm_count
 from ..memory import PagePool
+from ..memory.page_pool import lora_page_waste
 from ..nn.lora_linear import LoRALinear
 from .store import AdapterStore, ModuleSpec, ModuleWeights
 
@@ -189,6 +190,8 @@ class AdapterManager:
         elif pool.dtype != self.dtype:
             raise TypeError(f"AdapterManager: pool dtype {pool.dtype} differs from the model's "
                             f"{self.dtype}")
+        else:
+            _check_shared_page_size(pool, specs, max_rank)
         self.pool = pool
         self.store = AdapterStore(pool, specs, max_rank)
         self.max_rank = max_rank
@@ -304,10 +307,17 @@ class AdapterManager:
     # ---- batches ---------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def batch(self, adapter_names: Sequence[str | None]):
+    def batch(self, adapter_names: Sequence[str | None], keep: Iterable[str | None] = ()):
         """Apply ``adapter_names[i]`` to sequence ``i`` of every forward inside the block
         (``None``: base model), as PEFT's ``adapter_names`` argument does. Loads missing adapters
         into the pool, evicting least-recently-used ones that this batch does not use.
+
+        ``keep``: adapters not to evict while the block runs although this call does not apply
+        them (a serving loop running a new request's prompt alone keeps the adapters of the
+        sequences decoding beside it; ``None`` entries are ignored). A KV cache sharing the pool
+        that runs short of pages takes those of the other adapters, least recently used first.
+        Building a batch costs a few host microseconds per adapter: a serving loop calls it for
+        every step, as sequences join and leave.
 
         CUDA graphs: capture inside the block, after one eager call of the captured shape (it
         builds that shape's token map and SGMV plan). A graph reads this batch's tables, which are
@@ -317,14 +327,28 @@ class AdapterManager:
         if self._merged is not None:
             raise RuntimeError(f"AdapterManager.batch: adapter {self._merged!r} is merged into the "
                                "base weights; unmerge() first")
+        if isinstance(adapter_names, str):
+            raise TypeError("AdapterManager.batch: adapter_names must be a sequence of names (one "
+                            "per sequence), not a str")
+        if isinstance(keep, str):
+            raise TypeError("AdapterManager.batch: keep must be an iterable of names, not a str")
         names = list(adapter_names)
+        kept = [n for n in dict.fromkeys(keep) if n is not None]
+        bad = [n for n in names + kept if n is not None and not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"AdapterManager.batch: adapter names must be str or None, got "
+                            f"{bad[:4]}")
         distinct = [n for n in dict.fromkeys(names) if n is not None]
         unknown = [n for n in distinct if n not in self.store.host]
         if unknown:
             raise KeyError(f"unknown adapter(s) {unknown}; loaded adapters: {self.store.names()}")
+        unknown = [n for n in kept if n not in self.store.host]
+        if unknown:
+            raise KeyError(f"AdapterManager.batch: keep names unknown adapter(s) {unknown}; "
+                           f"loaded adapters: {self.store.names()}")
         if not names:
             raise ValueError("AdapterManager.batch: adapter_names is empty")
-        residents = self.store.acquire(distinct)
+        residents = self.store.acquire(distinct, keep=kept)
         try:
             position = {n: i for i, n in enumerate(distinct)}
             seq_adapter = torch.tensor([-1 if n is None else position[n] for n in names],
@@ -378,6 +402,25 @@ class AdapterManager:
         for parent, child, base in self._originals:
             setattr(parent, child, base)
         self._originals = []
+
+
+def _check_shared_page_size(pool: PagePool, specs: Sequence[ModuleSpec], max_rank: int) -> None:
+    """Refuse a pool whose pages cannot hold the widest row; warn when packing an adapter into its
+    pages would leave more than a third of them empty (a page just under twice a wide row)."""
+    widest = max(max(s.in_features, s.out_features) for s in specs)
+    if widest > pool.page_size:
+        raise ValueError(f"AdapterManager: the pool's pages of {pool.page_size} elements cannot "
+                         f"hold an adapter row of {widest} elements; create the pool with "
+                         "PagePool.for_model(model, ...)")
+    word = max(1, 16 // pool.storage.element_size())
+    widths = [(s.in_features, s.out_features) for s in specs]
+    waste = max(lora_page_waste(widths, rank, pool.page_size, word) for rank in (1, max_rank))
+    if waste > 1 / 3:
+        warnings.warn(f"AdapterManager: with pages of {pool.page_size} elements an adapter leaves "
+                      f"{waste:.0%} of its pages empty (rows of "
+                      f"{sorted({w for pair in widths for w in pair})} elements never straddle a "
+                      "page); PagePool.for_model(model, ...) picks a page size that suits adapters "
+                      "and KV caches", stacklevel=3)
 
 
 # Projections a Llama-family block applies to one input, one after another.

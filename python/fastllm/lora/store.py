@@ -104,6 +104,9 @@ class AdapterStore:
         self._side_stream = None
         self.hits = self.misses = self.evictions = self.bytes_moved = 0
         self._gap = torch.zeros(pool.page_size, dtype=pool.dtype)
+        # Another owner of the pool (a KV cache) short of pages takes those of the adapters
+        # outside the running batch, least recently used first.
+        pool.add_reclaimer(OWNER, self)
 
     # ---- registration (host memory) --------------------------------------------------------------
 
@@ -219,15 +222,17 @@ class AdapterStore:
 
     # ---- residency -------------------------------------------------------------------------------
 
-    def acquire(self, names: Iterable[str]) -> list[ResidentAdapter]:
+    def acquire(self, names: Iterable[str], keep: Iterable[str] = ()) -> list[ResidentAdapter]:
         """Make every named adapter resident and mark them in use (not evictable) until
-        :meth:`release`. Raises :class:`PoolExhaustedError` if the pool cannot hold them all; the
+        :meth:`release`. ``keep``: more adapters not to evict meanwhile (those resident stay;
+        none is loaded). Raises :class:`PoolExhaustedError` if the pool cannot hold them all; the
         adapters already resident stay valid and nothing is half-loaded."""
         names = list(dict.fromkeys(names))
-        missing = [n for n in names if n not in self.host]
+        keep = set(keep)
+        missing = [n for n in names + sorted(keep) if n not in self.host]
         if missing:
             raise KeyError(f"unknown adapters {missing}; loaded adapters: {self.names()}")
-        self._in_use = set(names)
+        self._in_use = set(names) | keep
         residents = []
         try:
             for name in names:
@@ -305,17 +310,21 @@ class AdapterStore:
         if need > self.pool.free_pages:
             evictable = [n for n in self.resident if n not in keep]
             freeable = sum(self.resident[n].page_ids.numel() for n in evictable)
-            if need > self.pool.free_pages + freeable:
-                raise PoolExhaustedError(
-                    f"AdapterStore: adapter {name!r} needs {need} pages; {self.pool.free_pages} "
-                    f"are free and evicting every adapter outside the running batch would free "
-                    f"{freeable} more (pool of {self.pool.num_pages} pages; in use: "
-                    f"{sorted(self._in_use)}). Use a smaller batch of adapters or a larger pool.")
+            others = sum(self.pool.reclaimable_pages(exclude=OWNER).values())
+            if need > self.pool.free_pages + freeable + others:
+                # Checked before evicting anything: a load that fails evicts nothing.
+                raise self.pool.exhausted(
+                    OWNER, need,
+                    f"AdapterStore: adapter {name!r} needs {need} pages and does not fit "
+                    f"beside the adapters in use "
+                    f"{sorted(self._in_use)} and the pool's other owners (evicting every other "
+                    f"adapter would free {freeable} pages); use fewer adapters or sequences per "
+                    f"batch, or a larger pool")
             for victim in evictable:  # least recently used first
                 if need <= self.pool.free_pages:
                     break
                 self._evict(victim, compute)
-        page_ids = self.pool.alloc(need, OWNER)
+        page_ids = self.pool.alloc(need, OWNER)  # other owners' reclaimers cover the rest
         device = self.pool.device
         slots = to_device(page_ids, device)
         # The buffer is pinned on CUDA (register), so this copy does not block the host.
@@ -330,6 +339,23 @@ class AdapterStore:
         resident = ResidentAdapter(name, page_ids, to_device(physical, device))
         self.resident[name] = resident
         return resident
+
+    # ---- the pool's reclaimer ---------------------------------------------------------------------
+
+    def reclaimable_pages(self) -> int:
+        """Pages of the resident adapters outside the running batch (and its ``keep``)."""
+        return sum(r.page_ids.numel() for n, r in self.resident.items() if n not in self._in_use)
+
+    def reclaim(self, pages: int) -> int:
+        """Evict adapters outside the running batch, least recently used first, until ``pages``
+        pages are freed or none is left to evict. Returns the pages freed."""
+        freed = 0
+        for victim in [n for n in self.resident if n not in self._in_use]:
+            if freed >= pages:
+                break
+            freed += self.resident[victim].page_ids.numel()
+            self._evict(victim)
+        return freed
 
     def _evict(self, name: str, compute=None) -> None:
         resident = self.resident.pop(name)

@@ -1,6 +1,6 @@
 """The unified page pool: one preallocated block of device memory shared by LoRA adapter weights
 and per-head KV cache entries (S-LoRA's Unified Paging)."""
 
-from .page_pool import PagePool, PoolExhaustedError
+from .page_pool import PagePool, PoolExhaustedError, Reclaimer, unified_page_size
 
-__all__ = ["PagePool", "PoolExhaustedError"]
+__all__ = ["PagePool", "PoolExhaustedError", "Reclaimer", "unified_page_size"]

@@ -12,7 +12,9 @@ device. Allocation and release are O(pages requested). The pool is not thread-sa
 
 from __future__ import annotations
 
-from typing import Iterable
+import math
+import weakref
+from typing import Iterable, Protocol
 
 import torch
 from torch import Tensor
@@ -21,10 +23,164 @@ from .._ops import memory as ops
 
 _POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NO_OWNER = -1
+MIN_KV_ROWS = 8
 
 
 class PoolExhaustedError(RuntimeError):
-    """Raised when an allocation asks for more pages than are free. Nothing is allocated."""
+    """Raised when an allocation asks for more pages than the pool can give. Nothing is allocated.
+
+    Attributes (None when raised without them):
+        owner: the owner tag that asked.
+        requested: pages it asked for.
+        free_pages: pages free when it gave up (after the other owners gave back what they could).
+        num_pages: the pool's size in pages.
+        held: ``{owner: pages}`` every owner holds.
+        needed: ``{owner: pages}`` every owner cannot do without: the asker's holdings plus its
+            request; for an owner with a reclaimer, what it holds minus what it could give back
+            (adapters of the running batch); for any other owner, all it holds.
+    """
+
+    def __init__(self, message: str, *, owner: str | None = None, requested: int | None = None,
+                 free_pages: int | None = None, num_pages: int | None = None,
+                 held: dict | None = None, needed: dict | None = None) -> None:
+        super().__init__(message)
+        self.owner, self.requested = owner, requested
+        self.free_pages, self.num_pages = free_pages, num_pages
+        self.held = dict(held) if held is not None else None
+        self.needed = dict(needed) if needed is not None else None
+
+    def with_context(self, context: str) -> "PoolExhaustedError":
+        """The same error (same attributes) with ``context`` before its message."""
+        return PoolExhaustedError(f"{context}: {self.args[0]}", owner=self.owner,
+                                  requested=self.requested, free_pages=self.free_pages,
+                                  num_pages=self.num_pages, held=self.held, needed=self.needed)
+
+
+class Reclaimer(Protocol):
+    """What a pool owner registers with :meth:`PagePool.add_reclaimer` so that another owner's
+    allocation can take pages it does not need right now (the adapter store: adapters outside the
+    running batch)."""
+
+    def reclaimable_pages(self) -> int:
+        """Pages it could give back now."""
+
+    def reclaim(self, pages: int) -> int:
+        """Give back at least ``pages`` pages if it can (freeing them with ``pool.free``); returns
+        how many it freed."""
+
+
+def unified_page_size(model, *, target_modules=None, rank: int = 16, kv_entries: int = 64,
+                      dtype: torch.dtype | None = None, max_page: int = 1 << 16) -> int:
+    """A page size (elements) for one pool shared by a model's LoRA adapters and its per-head KV
+    caches, such that neither owner wastes much of its pages.
+
+    The two owners waste memory differently. An adapter packs rows of its modules' widths into a
+    run of pages and never lets a row straddle a page boundary (the kernels address a row by one
+    offset), so a page a little smaller than a multiple of the widths loses the tail of every
+    page. A KV cache (one per layer, sequence and KV head) holds rows of ``2 * head_dim`` and
+    loses the unfilled part of its last page, so large pages waste most of a short cache.
+
+    Candidates are the multiples of ``2 * head_dim`` (and of 16 bytes) from the widest adapter row
+    (and at least ``MIN_KV_ROWS`` KV entries) up to ``max_page``; the one whose worse waste of the two is smallest wins (the smaller page
+    on a tie): the LoRA waste of an adapter of rank ``rank`` on every target module, and the KV
+    waste averaged over caches of 1 .. ``2 * kv_entries`` entries (``kv_entries``: a typical
+    cache's kept entries, after FastGen's compression).
+
+    Args:
+        model: a transformers model (its config gives ``head_dim``; its linears named by
+            ``target_modules`` give the adapter rows; an AdapterManager's wrapped modules count).
+        target_modules: last components of the adapted modules' names (default: the Llama
+            projections, ``fastllm.lora.LLAMA_TARGETS``); empty for a pool without adapters.
+        rank: the adapter rank to size for (1..256).
+        kv_entries: typical entries per KV cache (> 0).
+        dtype: the pool's dtype (default: the model's); sets the 16-byte row alignment.
+        max_page: the largest page size considered.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 256:
+        raise ValueError(f"unified_page_size: rank must be an int in [1, 256], got {rank!r}")
+    if isinstance(kv_entries, bool) or not isinstance(kv_entries, int) or kv_entries <= 0:
+        raise ValueError(f"unified_page_size: kv_entries must be a positive int, got "
+                         f"{kv_entries!r}")
+    if isinstance(max_page, bool) or not isinstance(max_page, int) or max_page <= 0:
+        raise ValueError(f"unified_page_size: max_page must be a positive int, got {max_page!r}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "num_attention_heads"):
+        raise ValueError("unified_page_size: model must be a transformers model with a config "
+                         "(num_attention_heads, hidden_size)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if target_modules is None:
+        from ..lora.manager import LLAMA_TARGETS
+        target_modules = LLAMA_TARGETS
+    if isinstance(target_modules, str):
+        raise TypeError("unified_page_size: target_modules must be a sequence of names, not a str")
+    widths = lora_row_widths(model, target_modules)
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    element = torch.empty((), dtype=dtype).element_size()
+    word = max(1, 16 // element)
+    kv_width = 2 * head_dim
+    unit = kv_width * word // math.gcd(kv_width, word)
+    widest = max((max(w) for w in widths), default=unit)
+    # At least MIN_KV_ROWS entries per page: without adapters the KV waste alone would pick one
+    # entry per page, and page tables that long cost more than the memory they save.
+    first = -(-max(widest, MIN_KV_ROWS * kv_width) // unit)
+    last = max(first, max_page // unit)
+    best = None
+    for k in range(first, last + 1):
+        page = k * unit
+        waste = max(kv_page_waste(page // kv_width, kv_entries),
+                    lora_page_waste(widths, rank, page, word))
+        if best is None or waste < best[0] - 1e-12:
+            best = (waste, page)
+    return best[1]
+
+
+def lora_row_widths(model, target_modules) -> list[tuple[int, int]]:
+    """``(in_features, out_features)`` of every module named by ``target_modules`` (last name
+    component), in the model's order: nn.Linear, or the LoRALinear wrapping one."""
+    targets = set(target_modules)
+    out = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if isinstance(in_f, int) and isinstance(out_f, int):
+            out.append((in_f, out_f))
+    return out
+
+
+def kv_page_waste(page_rows: int, kv_entries: int) -> float:
+    """Share of a KV cache's page memory left empty, averaged over caches of 1 .. 2*kv_entries
+    entries, with ``page_rows`` entries per page."""
+    n = torch.arange(1, 2 * kv_entries + 1, dtype=torch.float64)
+    held = torch.ceil(n / page_rows) * page_rows
+    return float(1 - n.sum() / held.sum())
+
+
+def lora_page_waste(widths: list[tuple[int, int]], rank: int, page: int, word: int) -> float:
+    """Share of an adapter's pages (rank ``rank`` on every module of ``widths``) left empty by the
+    adapter store's packing: rows start on ``word``-element boundaries and never straddle a page
+    (``fastllm.lora.store.AdapterStore``; its tests check that both agree)."""
+    if not widths:
+        return 0.0
+    pos = payload = 0
+    for in_f, out_f in widths:
+        for width in (in_f, out_f):
+            if width > page:
+                return 1.0
+            payload += rank * width
+            left = rank
+            while left:
+                pos += -pos % word
+                if pos % page + width > page:
+                    pos = (pos // page + 1) * page
+                # Rows of a width of whole words stay aligned: place all that fit in this page.
+                fit = (page - pos % page) // width if width % word == 0 else 1
+                placed = min(left, fit)
+                pos += placed * width
+                left -= placed
+    pages = max(1, -(-pos // page))
+    return 1 - payload / (pages * page)
 
 
 class PagePool:
@@ -61,6 +217,47 @@ class PagePool:
         self._owner_tags: list[str] = []
         self._owner_codes: dict[str, int] = {}
         self._pages_by_code: list[int] = []
+        # (owner, weak reference to a Reclaimer): asked for pages when an allocation of another
+        # owner finds too few free. Weak, so that a pool outliving its adapter store does not keep
+        # the store (and its host copies of every adapter) alive.
+        self._reclaimers: dict[int, tuple[str, weakref.ref]] = {}
+        self._next_reclaimer = 0
+
+    @classmethod
+    def for_model(cls, model, *, nbytes: int | None = None, num_pages: int | None = None,
+                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                  page_size: int | None = None, **sizing) -> "PagePool":
+        """A pool to share between a model's LoRA adapters and its KV caches, with a page size
+        that suits both (:func:`unified_page_size`; keyword arguments ``target_modules``,
+        ``rank`` and ``kv_entries`` go to it).
+
+        Args:
+            model: the transformers model (before or after an AdapterManager wrapped it).
+            nbytes: the pool's size in bytes (rounded down to whole pages), or
+            num_pages: its size in pages; exactly one of the two.
+            dtype, device: default to the model's.
+            page_size: elements per page, overriding the computed size.
+        """
+        if (nbytes is None) == (num_pages is None):
+            raise ValueError("PagePool.for_model: give exactly one of nbytes and num_pages")
+        parameter = next(model.parameters())
+        dtype = dtype if dtype is not None else parameter.dtype
+        device = device if device is not None else parameter.device
+        if page_size is None:
+            page_size = unified_page_size(model, dtype=dtype, **sizing)
+        elif sizing:
+            raise ValueError(f"PagePool.for_model: {sorted(sizing)} only apply when page_size is "
+                             "computed (page_size=None)")
+        if nbytes is not None:
+            if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+                raise ValueError(f"PagePool.for_model: nbytes must be a positive int, got "
+                                 f"{nbytes!r}")
+            page_bytes = page_size * torch.empty((), dtype=dtype).element_size()
+            num_pages = nbytes // page_bytes
+            if num_pages == 0:
+                raise ValueError(f"PagePool.for_model: nbytes={nbytes} is less than one page "
+                                 f"({page_bytes} bytes)")
+        return cls(num_pages, page_size, dtype, device)
 
     # ---- allocation ------------------------------------------------------------------------------
 
@@ -83,10 +280,7 @@ class PagePool:
         if not isinstance(owner, str) or not owner:
             raise ValueError(f"PagePool.alloc: owner must be a non-empty str, got {owner!r}")
         if n > self._num_free:
-            raise PoolExhaustedError(
-                f"PagePool.alloc: {owner!r} asked for {n} pages but only {self._num_free} of "
-                f"{self.num_pages} are free (in use by owner: {self._usage_summary()})"
-            )
+            self._reclaim_for(owner, n)
         code = self._code_for(owner)
         page_ids = self._free_stack[self._num_free - n:self._num_free].flip(0).clone()
         self._num_free -= n
@@ -128,6 +322,85 @@ class PagePool:
         self._owner_code[ids] = _NO_OWNER
         self._free_stack[self._num_free:self._num_free + ids.numel()] = ids.flip(0)
         self._num_free += ids.numel()
+
+    # ---- cooperation between owners --------------------------------------------------------------
+
+    def add_reclaimer(self, owner: str, reclaimer: Reclaimer) -> int:
+        """Let allocations of other owners take pages ``reclaimer`` can give back (it is asked
+        only when too few pages are free, and only if what all reclaimers could give back makes
+        the allocation fit: nothing is evicted for an allocation that fails anyway). Held by a
+        weak reference. Returns a handle for :meth:`remove_reclaimer`."""
+        if not isinstance(owner, str) or not owner:
+            raise ValueError(f"PagePool.add_reclaimer: owner must be a non-empty str, got "
+                             f"{owner!r}")
+        for method in ("reclaimable_pages", "reclaim"):
+            if not callable(getattr(reclaimer, method, None)):
+                raise TypeError(f"PagePool.add_reclaimer: reclaimer must have a {method}() method, "
+                                f"got {type(reclaimer).__name__}")
+        handle = self._next_reclaimer
+        self._next_reclaimer += 1
+        self._reclaimers[handle] = (owner, weakref.ref(reclaimer))
+        return handle
+
+    def remove_reclaimer(self, handle: int) -> None:
+        if handle not in self._reclaimers:
+            raise ValueError(f"PagePool.remove_reclaimer: no reclaimer with handle {handle!r}")
+        del self._reclaimers[handle]
+
+    def reclaimable_pages(self, exclude: str | None = None) -> dict[str, int]:
+        """``{owner: pages}`` the reclaimers of owners other than ``exclude`` could give back."""
+        out: dict[str, int] = {}
+        for owner, ref in list(self._reclaimers.values()):
+            reclaimer = ref()
+            if reclaimer is None:
+                self._prune_reclaimers()
+            elif owner != exclude:
+                out[owner] = out.get(owner, 0) + int(reclaimer.reclaimable_pages())
+        return out
+
+    def exhausted(self, owner: str, n: int, context: str | None = None) -> PoolExhaustedError:
+        """The error for ``owner`` asking for ``n`` pages that the pool cannot give: which owner
+        holds how many pages and how many it needs (cannot give back)."""
+        held = {tag: pages for tag, pages in zip(self._owner_tags, self._pages_by_code) if pages}
+        reclaimable = self.reclaimable_pages()
+        needed = {tag: pages - min(pages, reclaimable.get(tag, 0)) for tag, pages in held.items()}
+        needed[owner] = needed.get(owner, 0) + n
+        reclaimable.pop(owner, None)
+        parts = []
+        for tag in sorted(set(held) | {owner}):
+            h, nd = held.get(tag, 0), needed[tag]
+            if tag == owner:
+                parts.append(f"{tag!r} holds {h} and needs {nd} (with these {n})")
+            else:
+                parts.append(f"{tag!r} holds {h} and needs {nd}")
+        message = (f"{owner!r} asked for {n} pages but only {self._num_free} of {self.num_pages} "
+                   f"are free and the other owners can give back "
+                   f"{sum(reclaimable.values())} more; pages by owner: {', '.join(parts)}")
+        if context:
+            message = f"{context}: {message}"
+        return PoolExhaustedError(message, owner=owner, requested=n, free_pages=self._num_free,
+                                  num_pages=self.num_pages, held=held, needed=needed)
+
+    def _prune_reclaimers(self) -> None:
+        self._reclaimers = {h: entry for h, entry in self._reclaimers.items()
+                            if entry[1]() is not None}
+
+    def _reclaim_for(self, owner: str, n: int) -> None:
+        """Ask the other owners' reclaimers for ``n - free`` pages, or raise (evicting nothing)
+        if they cannot give that many between them."""
+        short = n - self._num_free
+        if short > sum(self.reclaimable_pages(exclude=owner).values()):
+            raise self.exhausted(owner, n, "PagePool.alloc")
+        for tag, ref in list(self._reclaimers.values()):
+            reclaimer = ref()
+            if reclaimer is None or tag == owner:
+                continue
+            short = n - self._num_free
+            if short <= 0:
+                break
+            reclaimer.reclaim(short)
+        if n > self._num_free:  # a reclaimer gave back less than it said it could
+            raise self.exhausted(owner, n, "PagePool.alloc")
 
     def owner_of(self, page_id: int) -> str | None:
         """The owner tag of an allocated page, or None if it is free."""
