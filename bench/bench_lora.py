@@ -480,10 +480,12 @@ class _FixedDecodeStep:
     replayed any number of times."""
 
     def __init__(self, model, cache, ids, positions):
-        from gpu_graphs import _accepts, cache_kwarg
+        from gpu_graphs import _accepts
+
+        from fastllm.kv import cache_keyword
         self.model, self.ids, self.cache = model, ids, cache
         self.start = int(positions[0])  # read once, here, not in the timed step
-        self.kw = {cache_kwarg(model): cache, "use_cache": True,
+        self.kw = {cache_keyword(model): cache, "use_cache": True,
                    "position_ids": positions.view(1, -1)}
         # transformers < 5.2x wants cache_position (else it derives it from the cache: a sync)
         if _accepts(model.model.forward, "cache_position"):
