@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import zlib
 
 import torch
 import torch.distributed as dist
@@ -252,10 +251,7 @@ def step_param(opt, p, group: dict, gi: int, index: int, label: str) -> None:
     info = _info(opt, p, group, label)
     if p.grad is None:
         return
-    state = opt.state[p]
-    if "step" not in state:
-        state["step"] = 0
-        state["svd_seed"] = zlib.crc32(f"{gi}/{index}".encode())
+    state = opt._param_state(p, gi, index)
     step = state["step"]
     w_local = p.to_local()
     g_local = p.grad.to_local() if is_sharded(p.grad) else p.grad

@@ -357,15 +357,21 @@ class _GaLoreBase(torch.optim.Optimizer):
         else:
             setattr(p, NEXT_PROJECTOR, (left, right))
 
+    def _param_state(self, p: Tensor, gi: int, index: int) -> dict:
+        """``p``'s state, created on its first step: the step count and the seed of its
+        randomized SVDs (from its place in the param groups, so every rank draws the same)."""
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+            state["svd_seed"] = zlib.crc32(f"{gi}/{index}".encode())
+        return state
+
     @torch.no_grad()
     def _step_param(self, p: Tensor, group: dict, gi: int, index: int) -> None:
         if _sharded.is_sharded(p):
             _sharded.step_param(self, p, group, gi, index, _param_label(group, index, gi))
             return
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = 0
-            state["svd_seed"] = zlib.crc32(f"{gi}/{index}".encode())
+        state = self._param_state(p, gi, index)
         step = state["step"]
         label = _param_label(group, index, gi)
         refresh = self._needs_refresh(group, state, step)
