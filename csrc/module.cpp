@@ -92,21 +92,27 @@ PYBIND11_MODULE(_C, m) {
           std::copy(work.begin(), work.end(), rows.mutable_data());
           return pybind11::make_tuple(chunk, rows);
         });
+  // blocks_per_sm: the kernel's occupancy, which the CUDA code asks the runtime for.
   m.def("sparse_plan_down", [](int64_t rows, int64_t d_out, int64_t k, bool per_row, int64_t sms,
-                               int64_t vec) {
-    const auto plan = fastllm::sparse::plan_sparse_down(rows, d_out, k, per_row, sms, vec);
+                               int64_t vec, int64_t blocks_per_sm, int64_t rows_per_pass) {
+    const auto plan = fastllm::sparse::plan_sparse_down(rows, d_out, k, per_row, sms, vec,
+                                                        blocks_per_sm, rows_per_pass);
     return pybind11::make_tuple(plan.col_tiles, plan.slices, plan.row_groups);
   });
   // The quantized predictor's and the up/gate kernel's CUDA launch plans, the x staging layout and
   // the code decoding (sparse/neuron_scores.h, sparse/sparse_mlp.h), for the CPU tests.
-  m.def("sparse_plan_neuron_scores", [](int64_t rows, int64_t d, int64_t neurons, int64_t sms) {
-    const auto plan = fastllm::sparse::plan_neuron_scores(rows, d, neurons, sms);
+  m.def("sparse_plan_neuron_scores", [](int64_t rows, int64_t d, int64_t neurons, int64_t sms,
+                                        int64_t blocks_per_sm) {
+    const auto plan = fastllm::sparse::plan_neuron_scores(rows, d, neurons, sms, blocks_per_sm);
     return pybind11::make_tuple(plan.rows_per_pass, plan.blocks, plan.row_floats,
                                 plan.shared_bytes);
   });
   m.def("sparse_staged_x_slot", &fastllm::sparse::staged_x_slot);
-  m.def("sparse_plan_hidden", [](int64_t rows, int64_t d, int64_t k, bool per_row, int64_t sms) {
-    const auto plan = fastllm::sparse::plan_sparse_hidden(rows, d, k, per_row, sms);
+  m.def("sparse_rows_per_pass", &fastllm::sparse::sparse_rows_per_pass);
+  m.def("sparse_plan_hidden", [](int64_t rows, int64_t d, int64_t k, bool per_row, int64_t sms,
+                                 int64_t blocks_per_sm, int64_t rows_per_pass) {
+    const auto plan = fastllm::sparse::plan_sparse_hidden(rows, d, k, per_row, sms, blocks_per_sm,
+                                                          rows_per_pass);
     return pybind11::make_tuple(plan.rows_per_pass, plan.blocks, plan.row_floats,
                                 plan.shared_bytes);
   });

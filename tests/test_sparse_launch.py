@@ -17,52 +17,96 @@ from test_lora_launch import needs_cuda_binary, resource_usage, sass_dump
 SMS = 132  # an H100 / H200
 
 
-@pytest.mark.parametrize("rows, per_row", [(1, False), (4, False), (5, False), (8, True)])
+@pytest.mark.parametrize("rows, per_row, element_size, expected",
+                         [(1, False, 2, 4), (4, False, 2, 4), (5, False, 2, 8), (8, False, 4, 8),
+                          (64, False, 2, 8), (8, True, 2, 4), (8, False, 8, 4)])
+def test_shared_sets_of_up_to_8_rows_read_each_weight_once(rows, per_row, element_size, expected):
+    # Decode steps and per-row sets take the 4-row kernels (fewer registers); fp64 has only those.
+    assert _C.sparse_rows_per_pass(rows, per_row, element_size) == expected
+
+
+@pytest.mark.parametrize("rows, per_row", [(1, False), (4, False), (5, False), (8, False),
+                                           (9, False), (8, True)])
 @pytest.mark.parametrize("d_out", [8, 600, 4096, 11008])
 @pytest.mark.parametrize("k", [0, 1, 31, 33, 5504, 11008])
 @pytest.mark.parametrize("vec", [1, 4, 8])
+@pytest.mark.parametrize("blocks_per_sm", [1, 2, 4])
 def test_down_grid_covers_every_column_and_row_with_slices_of_32_neurons(rows, per_row, d_out, k,
-                                                                         vec):
-    col_tiles, slices, row_groups = _C.sparse_plan_down(rows, d_out, k, per_row, SMS, vec)
+                                                                         vec, blocks_per_sm):
+    per_pass = _C.sparse_rows_per_pass(rows, per_row, 2)
+    col_tiles, slices, row_groups = _C.sparse_plan_down(rows, d_out, k, per_row, SMS, vec,
+                                                        blocks_per_sm, per_pass)
     columns = 256 * vec
     assert col_tiles * columns >= d_out > (col_tiles - 1) * columns
-    assert row_groups == (rows if per_row else -(-rows // 4))
+    assert row_groups == (rows if per_row else -(-rows // per_pass))
     assert 1 <= slices <= max(1, -(-k // 32))  # no slice of a full set under 32 neurons
     blocks = col_tiles * slices * row_groups
-    assert blocks >= 4 * SMS or slices == max(1, -(-k // 32))
+    # One wave at the kernel's occupancy (no second, mostly idle wave), unless 32-neuron slices
+    # or the output tiles alone need more.
+    resident = blocks_per_sm * SMS
+    assert blocks >= resident or slices == max(1, -(-k // 32))
+    assert slices == 1 or col_tiles * (slices - 1) * row_groups < resident
 
 
 def test_llama_7b_decode_at_50_percent_fills_the_gpu():
-    # 5504 of 11008 neurons, d_out 4096 in fp16: 2 column tiles of 2048 columns, 172 slices of
-    # 32 neurons: ~2.6 blocks per SM, each reading 32 rows of one 16-byte word per thread.
-    col_tiles, slices, _ = _C.sparse_plan_down(1, 4096, 5504, False, SMS, 8)
+    # 5504 of 11008 neurons, d_out 4096 in fp16: 2 column tiles of 2048 columns. At 4 resident
+    # blocks per SM (the fp16 4-row down kernel's 56 registers), 264 slices would fill the wave,
+    # but a slice keeps at least 32 neurons: 172 slices, 1.3 blocks per SM, each reading 32 rows of
+    # one 16-byte word per thread.
+    col_tiles, slices, _ = _C.sparse_plan_down(1, 4096, 5504, False, SMS, 8, 4, 4)
     assert col_tiles == 2 and slices == 172
+    # At 2 resident blocks (the 8-row kernel, 119 registers) the wave is 264 blocks: 132 slices.
+    assert _C.sparse_plan_down(8, 4096, 5504, False, SMS, 8, 2, 8) == (2, 132, 1)
 
 
-@pytest.mark.parametrize("rows, per_row", [(1, False), (4, False), (5, False), (3, True)])
+@pytest.mark.parametrize("rows, per_row", [(1, False), (4, False), (5, False), (8, False),
+                                           (3, True)])
 @pytest.mark.parametrize("d", [40, 576, 4096, 8192, 16384])
 @pytest.mark.parametrize("k", [1, 33, 768, 5504, 11008])
-def test_hidden_plan_stages_the_rows_it_serves_and_spreads_the_set(rows, per_row, d, k):
-    per_pass, blocks, row_floats, shared = _C.sparse_plan_hidden(rows, d, k, per_row, SMS)
+@pytest.mark.parametrize("blocks_per_sm", [1, 2, 4])
+def test_hidden_plan_stages_the_rows_it_serves_and_spreads_the_set(rows, per_row, d, k,
+                                                                   blocks_per_sm):
+    most = _C.sparse_rows_per_pass(rows, per_row, 2)
+    per_pass, blocks, row_floats, shared = _C.sparse_plan_hidden(rows, d, k, per_row, SMS,
+                                                                 blocks_per_sm, most)
     assert row_floats % 32 == 0 and row_floats >= d > row_floats - 32
     assert shared == per_pass * row_floats * 4
     if per_row:
         assert per_pass == 1  # a per-row set belongs to one row
     else:
-        assert 1 <= per_pass <= min(4, rows)
-        if min(4, rows) * row_floats * 4 <= 48 * 1024:
-            assert per_pass == min(4, rows)
+        assert 1 <= per_pass <= min(most, rows)
+        if min(most, rows) * row_floats * 4 <= 48 * 1024:
+            assert per_pass == min(most, rows)
     assert shared <= 48 * 1024 or per_pass == 1
     warps = 8 * blocks
     per_warp = -(-k // warps)
     assert warps * per_warp >= k > (blocks - 1) * 8 * per_warp  # every block has a neuron
-    assert blocks <= max(4 * SMS, -(-k // 8))
+    # Never more blocks than one wave holds at the kernel's occupancy, unless a warp per neuron
+    # needs fewer.
+    assert blocks <= max(blocks_per_sm * SMS, 1) or per_warp == 1
+    assert blocks <= max(blocks_per_sm * SMS, -(-k // 8))
 
 
 def test_llama_7b_hidden_decode_plan():
-    # 5504 of 11008 neurons at batch 1: 2 neurons per warp over 344 blocks (2.6 per SM), x (fp32,
-    # 16 KB) staged once per block.
-    assert _C.sparse_plan_hidden(1, 4096, 5504, False, SMS) == (1, 344, 4096, 16384)
+    # 5504 of 11008 neurons at batch 1, 2 resident blocks per SM (the fp16 kernel's ~113
+    # registers): 3 neurons per warp over 230 blocks (one wave of 264 slots, none idle for a tail),
+    # x (fp32, 16 KB) staged once per block. Planned for 4 per SM, as before the occupancy query,
+    # the 344 blocks of 2 neurons per warp would have run as 1.3 waves.
+    assert _C.sparse_plan_hidden(1, 4096, 5504, False, SMS, 2, 4) == (1, 230, 4096, 16384)
+    assert _C.sparse_plan_hidden(1, 4096, 5504, False, SMS, 4, 4) == (1, 344, 4096, 16384)
+
+
+def resident_blocks(registers: int, threads: int = 256) -> int:
+    """Blocks per SM that a kernel's registers allow on sm_90 (65,536 registers per SM, allocated
+    per warp in units of 256, at most 64 warps): the runtime's occupancy rule, registers only."""
+    per_warp = -(-registers * 32 // 256) * 256
+    warps = threads // 32
+    return min(65536 // (per_warp * warps), 64 // warps)
+
+
+def test_register_occupancy_rule():
+    assert resident_blocks(56) == 4 and resident_blocks(113) == 2 and resident_blocks(119) == 2
+    assert resident_blocks(32) == 8 and resident_blocks(128) == 2 and resident_blocks(129) == 1
 
 
 def _sass_blocks(kernel: str):
@@ -98,6 +142,23 @@ def test_down_kernels_finish_their_tiles_themselves():
 
 
 @needs_cuda_binary
+def test_down_kernels_are_programmatic_dependents_of_the_hidden_kernel():
+    # sm_90 SASS of griddepcontrol: PREEXIT (launch_dependents) in hidden_kernel, ACQBULK (wait)
+    # in both down kernels, and the vector one's L2 prefetches (CCTL.E.PF2) of its first rows.
+    for name, sass in _sass_blocks("hidden_kernel"):
+        assert "PREEXIT" in sass, f"{name} does not let the down kernel launch early"
+    for kernel in ("down_kernel", "down_vec_kernel"):
+        found = list(_sass_blocks(kernel))
+        assert found, f"no fp16 / bf16 {kernel} in the binary"
+        for name, sass in found:
+            assert "ACQBULK" in sass, f"{name} does not wait for hidden_kernel"
+            if kernel == "down_vec_kernel":
+                assert "CCTL.E.PF2" in sass, f"{name} prefetches nothing into L2"
+                # the prefetches come before the wait, the reads of h after it
+                assert sass.index("CCTL.E.PF2") < sass.index("ACQBULK")
+
+
+@needs_cuda_binary
 def test_hidden_kernel_reads_staged_x_and_keeps_several_words_in_flight():
     for name, sass in _sass_blocks("hidden_kernel"):
         assert re.search(r"STS\.128", sass), f"{name} does not stage x in 16-byte words"
@@ -121,6 +182,18 @@ def test_scoring_kernel_reads_codes_and_staged_x_in_16_byte_words():
         # (I2F.U32.RP / .U64.RP): codes become floats by int8_code / int4_code's bit trick.
         conversions = set(re.findall(r"\bI2F[A-Z0-9_.]*", sass))
         assert conversions <= {"I2F.U32.RP", "I2F.U64.RP"}, f"{name}: {conversions}"
+
+
+@needs_cuda_binary
+@pytest.mark.parametrize("kernel", ["hidden_kernel", "down_vec_kernel", "neuron_scores_kernel"])
+def test_fp16_gather_kernels_keep_two_blocks_per_sm(kernel):
+    # The grids are sized from the occupancy the runtime reports; this guards the registers that
+    # decide it: at one 256-thread block per SM, 8 warps would be left to hide HBM latency.
+    out = resource_usage()
+    found = re.findall(r"Function (\S*" + kernel + r"\S*(?:Half|BFloat16)\S*):\s*\n\s*REG:(\d+)", out)
+    assert found, f"no fp16 / bf16 {kernel} in the binary"
+    for name, registers in found:
+        assert resident_blocks(int(registers)) >= 2, f"{name}: {registers} registers"
 
 
 @needs_cuda_binary

@@ -180,7 +180,7 @@ def test_cuda_rejects_a_misaligned_packed_weight():
 
 @pytest.mark.parametrize("d", [16, 48, 576, 4096])
 def test_staged_x_slots_are_a_permutation_of_each_padded_row(d):
-    row_floats = _C.sparse_plan_neuron_scores(1, d, 100, 132)[2]
+    row_floats = _C.sparse_plan_neuron_scores(1, d, 100, 132, 4)[2]
     assert row_floats % 32 == 0 and row_floats >= d > row_floats - 32
     slots = [_C.sparse_staged_x_slot(f) for f in range(row_floats // 4)]
     assert sorted(slots) == list(range(row_floats // 4))
@@ -203,9 +203,12 @@ def test_a_quarter_warp_reads_staged_x_without_bank_conflicts(columns_per_word):
 @pytest.mark.parametrize("rows", [0, 1, 3, 4, 9, 512])
 @pytest.mark.parametrize("d", [64, 576, 4096, 8192, 16384])
 @pytest.mark.parametrize("neurons", [1, 8, 1536, 11008, 100000])
-def test_score_plan_covers_every_neuron_evenly_within_the_shared_budget(rows, d, neurons):
+@pytest.mark.parametrize("occupancy", [2, 4])
+def test_score_plan_covers_every_neuron_evenly_within_the_shared_budget(rows, d, neurons,
+                                                                        occupancy):
     sms = 132
-    per_pass, blocks, row_floats, shared = _C.sparse_plan_neuron_scores(rows, d, neurons, sms)
+    per_pass, blocks, row_floats, shared = _C.sparse_plan_neuron_scores(rows, d, neurons, sms,
+                                                                        occupancy)
     assert 1 <= per_pass <= min(4, max(rows, 1))
     assert shared == per_pass * row_floats * 4
     budget = _C.sparse_score_shared_budget
@@ -215,17 +218,18 @@ def test_score_plan_covers_every_neuron_evenly_within_the_shared_budget(rows, d,
     warps = blocks * _C.sparse_score_threads // 32
     per_warp = -(-neurons // warps)
     assert warps * per_warp >= neurons > (blocks - 1) * 8 * per_warp  # no block without a neuron
-    assert blocks <= max(4 * sms, -(-neurons // 8))
-    if neurons >= 4 * sms * 8:
+    assert blocks <= max(occupancy * sms, -(-neurons // 8))
+    if neurons >= occupancy * sms * 8:
         assert blocks * 8 * per_warp - neurons < 8 * per_warp  # the grid is no larger than needed
 
 
 def test_llama_7b_decode_plan():
-    # 11008 neurons on 132 SMs: 3 neurons per warp, 459 blocks (3.5 per SM), x (16 KB fp32) staged
-    # once per block and read by its 24 neurons.
-    assert _C.sparse_plan_neuron_scores(1, 4096, 11008, 132) == (1, 459, 4096, 16384)
+    # 11008 neurons on 132 SMs at 3 resident blocks (the kernel's registers and 16 KB of staged x):
+    # 4 neurons per warp, 344 blocks (2.6 per SM, one wave), x (16 KB fp32) staged once per block
+    # and read by its 32 neurons.
+    assert _C.sparse_plan_neuron_scores(1, 4096, 11008, 132, 3) == (1, 344, 4096, 16384)
     # Four rows of 4096 floats are 64 KB: three per pass stay under 48 KB.
-    assert _C.sparse_plan_neuron_scores(4, 4096, 11008, 132)[0] == 3
+    assert _C.sparse_plan_neuron_scores(4, 4096, 11008, 132, 3)[0] == 3
 
 
 # ---- the module, its storage and its files -------------------------------------------------------

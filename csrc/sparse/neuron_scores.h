@@ -81,18 +81,23 @@ FASTLLM_HOST_DEVICE float int4_code(uint32_t word, int k) {
 constexpr int kScoreThreads = 256;
 constexpr int kScoreWarps = kScoreThreads / 32;
 constexpr int kScoreMaxRowsPerPass = 4;  // rows of x dotted per read of the weights
-constexpr int kScoreBlocksPerSm = 4;
 constexpr int64_t kScoreSharedBudget = kStagedXBudget;
 
 struct NeuronScoresLaunch {
   int64_t rows_per_pass, blocks, row_floats, shared_bytes;
 };
 
-// Neurons spread evenly over the warps (sparse_mlp.h: spread_blocks).
+// The staged rows alone: they fix the dynamic shared memory the occupancy query needs.
+inline StagedRows neuron_scores_staging(int64_t rows, int64_t d) {
+  return plan_staged_rows(rows, d, kScoreMaxRowsPerPass);
+}
+
+// Neurons spread evenly over the warps of one wave of blocks_per_sm blocks per SM (the kernel's
+// occupancy as the runtime reports it; sparse_mlp.h: spread_blocks).
 inline NeuronScoresLaunch plan_neuron_scores(int64_t rows, int64_t d, int64_t neurons,
-                                             int64_t sms) {
-  const StagedRows staging = plan_staged_rows(rows, d, kScoreMaxRowsPerPass);
-  return {staging.rows_per_pass, spread_blocks(neurons, sms, kScoreBlocksPerSm, kScoreWarps),
+                                             int64_t sms, int64_t blocks_per_sm) {
+  const StagedRows staging = neuron_scores_staging(rows, d);
+  return {staging.rows_per_pass, spread_blocks(neurons, sms, blocks_per_sm, kScoreWarps),
           staging.row_floats, staging.shared_bytes};
 }
 

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "common/occupancy.cuh"
 #include "sparse/neuron_scores.h"
 
 namespace fastllm::sparse {
@@ -190,13 +191,17 @@ template <typename scalar_t, bool kPacked, bool kGated>
 void launch(const at::Tensor& x, const at::Tensor& q_up, const at::Tensor& up_scale,
             const c10::optional<at::Tensor>& q_gate, const c10::optional<at::Tensor>& gate_scale,
             const c10::optional<at::Tensor>& b_up, const c10::optional<at::Tensor>& b_gate,
-            at::Tensor& out, const NeuronScoreShape& s, const NeuronScoresLaunch& plan,
+            at::Tensor& out, const NeuronScoreShape& s, const StagedRows& staging, int64_t sms,
             Activation act, cudaStream_t stream) {
   auto kernel = neuron_scores_kernel<scalar_t, kPacked, kGated>;
-  if (plan.shared_bytes > 48 * 1024) {
+  if (staging.shared_bytes > 48 * 1024) {  // before the occupancy query, which depends on it
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(plan.shared_bytes)));
+                                        static_cast<int>(staging.shared_bytes)));
   }
+  const NeuronScoresLaunch plan = plan_neuron_scores(
+      s.rows, s.d_in, s.neurons, sms,
+      resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), kScoreThreads,
+                             static_cast<size_t>(staging.shared_bytes)));
   kernel<<<static_cast<unsigned>(plan.blocks), kScoreThreads,
            static_cast<size_t>(plan.shared_bytes), stream>>>(
       x.const_data_ptr<scalar_t>(), static_cast<const uint8_t*>(q_up.const_data_ptr()),
@@ -224,12 +229,12 @@ at::Tensor quantized_neuron_scores_cuda(const at::Tensor& x, const at::Tensor& q
   check_aligned("q_up", q_up);
   if (s.gated) check_aligned("q_gate", *q_gate);
   const auto* props = at::cuda::getCurrentDeviceProperties();
-  const NeuronScoresLaunch plan =
-      plan_neuron_scores(s.rows, s.d_in, s.neurons, props->multiProcessorCount);
-  TORCH_CHECK_VALUE(plan.shared_bytes <= static_cast<int64_t>(props->sharedMemPerBlockOptin), kOp,
-                    ": d_in (", s.d_in, ") is too wide for one row of x in shared memory (",
-                    plan.shared_bytes, " bytes; this GPU allows ", props->sharedMemPerBlockOptin,
-                    " per block)");
+  const StagedRows staging = neuron_scores_staging(s.rows, s.d_in);
+  const int64_t sms = props->multiProcessorCount;
+  TORCH_CHECK_VALUE(staging.shared_bytes <= static_cast<int64_t>(props->sharedMemPerBlockOptin),
+                    kOp, ": d_in (", s.d_in, ") is too wide for one row of x in shared memory (",
+                    staging.shared_bytes, " bytes; this GPU allows ",
+                    props->sharedMemPerBlockOptin, " per block)");
   const auto stream = at::cuda::getCurrentCUDAStream();
   // x is fp32, fp16 or bf16 (check_neuron_scores): no double instantiation.
   const auto run = [&](auto tag) {
@@ -237,17 +242,17 @@ at::Tensor quantized_neuron_scores_cuda(const at::Tensor& x, const at::Tensor& q
     if (s.packed) {
       if (s.gated) {
         launch<scalar_t, true, true>(x, q_up, up_scale, q_gate, gate_scale, b_up, b_gate, out, s,
-                                     plan, act, stream);
+                                     staging, sms, act, stream);
       } else {
         launch<scalar_t, true, false>(x, q_up, up_scale, q_gate, gate_scale, b_up, b_gate, out,
-                                      s, plan, act, stream);
+                                      s, staging, sms, act, stream);
       }
     } else if (s.gated) {
       launch<scalar_t, false, true>(x, q_up, up_scale, q_gate, gate_scale, b_up, b_gate, out, s,
-                                    plan, act, stream);
+                                    staging, sms, act, stream);
     } else {
       launch<scalar_t, false, false>(x, q_up, up_scale, q_gate, gate_scale, b_up, b_gate, out, s,
-                                     plan, act, stream);
+                                     staging, sms, act, stream);
     }
   };
   switch (x.scalar_type()) {

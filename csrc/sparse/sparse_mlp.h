@@ -82,24 +82,41 @@ FASTLLM_HOST_DEVICE void slice_range(int64_t count, int64_t slices, int64_t slic
 // The down projection's grid: x = column tiles (kSparseThreads threads, each owning `vec`
 // contiguous output columns, one 16-byte word of w_down_t's row: vec = 8 for fp16 / bf16, 4 for
 // fp32, 1 where rows are not whole aligned words), y = slices of the active set, z = row groups
-// (kSparseRowsPerPass rows of a shared set read each weight once; per-row sets one row each).
+// (the rows of a shared set that read each weight once; per-row sets one row each).
 constexpr int kSparseThreads = 256;
-constexpr int kSparseRowsPerPass = 4;
+
+// Rows of a shared set served by one read of each weight: a shared set of up to 8 rows reads its
+// weights once (the kernels keep 8 rows of sums in registers); a wider one re-reads them per 8
+// rows, but its union set is then nearly dense (docs/sparse.md, batch study) and the runtime
+// runs the dense MLP well before (dense_above). The kernels are built for 4 and 8 rows, so a
+// decode step (1 row) or per-row sets (one row per pass) do not pay for 8 rows of registers;
+// fp64 (a correctness path) has the 4-row form only.
+constexpr int kSparseRowsNarrow = 4;
+constexpr int kSparseRowsWide = 8;
+
+inline int sparse_rows_per_pass(int64_t rows, bool per_row, int64_t element_size) {
+  return per_row || rows <= kSparseRowsNarrow || element_size > 4 ? kSparseRowsNarrow
+                                                                   : kSparseRowsWide;
+}
 
 struct SparseDownLaunch {
   int64_t col_tiles, slices, row_groups;
 };
 
-// Slices: enough for ~4 blocks per SM, but at least 32 neurons per slice of a full set (each
-// block splits its set's actual count, read on the device, over the slices).
+// Slices: one full wave (blocks_per_sm, the down kernel's occupancy as the runtime reports it,
+// times the SMs), but at least 32 neurons per slice of a full set (each block splits its set's
+// actual count, read on the device, over the slices evenly, so a single even wave has no tail).
+// rows_per_pass: the kernel form's rows (sparse_rows_per_pass).
 inline SparseDownLaunch plan_sparse_down(int64_t rows, int64_t d_out, int64_t k, bool per_row,
-                                         int64_t sms, int64_t vec) {
+                                         int64_t sms, int64_t vec, int64_t blocks_per_sm,
+                                         int64_t rows_per_pass) {
   const int64_t columns = kSparseThreads * (vec > 0 ? vec : 1);
   const int64_t col_tiles = (d_out + columns - 1) / columns;
-  const int64_t row_groups =
-      per_row ? rows : (rows + kSparseRowsPerPass - 1) / kSparseRowsPerPass;
+  rows_per_pass = rows_per_pass > 0 ? rows_per_pass : 1;
+  const int64_t row_groups = per_row ? rows : (rows + rows_per_pass - 1) / rows_per_pass;
   const int64_t base = col_tiles * row_groups > 0 ? col_tiles * row_groups : 1;
-  const int64_t want = (4 * (sms > 0 ? sms : 1) + base - 1) / base;
+  const int64_t resident = (blocks_per_sm > 0 ? blocks_per_sm : 1) * (sms > 0 ? sms : 1);
+  const int64_t want = (resident + base - 1) / base;
   const int64_t most = (k + 31) / 32 > 0 ? (k + 31) / 32 : 1;
   return {col_tiles, want < most ? (want > 0 ? want : 1) : most, row_groups};
 }
@@ -136,25 +153,36 @@ inline StagedRows plan_staged_rows(int64_t rows, int64_t d, int64_t most) {
 // Blocks of `warps_per_block` warps for `items` (neurons) spread evenly: each warp serves
 // ceil(items / (blocks_per_sm * sms * warps_per_block)) of them (grid-stride) and the grid is just
 // large enough for that, so no warp idles for a tail while its block's staged x serves them all.
+// blocks_per_sm is the kernel's occupancy as the runtime reports it for its registers and shared
+// memory (common/occupancy.cuh): a grid planned for more blocks than fit leaves a tail wave.
 inline int64_t spread_blocks(int64_t items, int64_t sms, int64_t blocks_per_sm,
                              int64_t warps_per_block) {
-  const int64_t warps = blocks_per_sm * (sms > 0 ? sms : 1) * warps_per_block;
+  const int64_t warps =
+      (blocks_per_sm > 0 ? blocks_per_sm : 1) * (sms > 0 ? sms : 1) * warps_per_block;
   const int64_t per_warp = items > warps ? (items + warps - 1) / warps : 1;
   const int64_t per_block = per_warp * warps_per_block;
   return items > 0 ? (items + per_block - 1) / per_block : 1;
 }
 
-// The up/gate kernel's grid: passes over the batch rows (kSparseRowsPerPass rows of a shared set
-// per pass, within the staging budget; one row per pass for per-row sets, whose set is that
+// The up/gate kernel's grid: passes over the batch rows (sparse_rows_per_pass rows of a shared
+// set per pass, within the staging budget; one row per pass for per-row sets, whose set is that
 // row's), each pass spreading the k positions of its set over every warp of the grid.
 struct SparseHiddenLaunch {
   int64_t rows_per_pass, blocks, row_floats, shared_bytes;
 };
 
+// The staging part of the plan: it fixes the dynamic shared memory, which the occupancy query
+// needs before the grid can be sized.
+inline StagedRows plan_sparse_hidden_staging(int64_t rows, int64_t d, bool per_row,
+                                             int64_t rows_per_pass) {
+  return plan_staged_rows(rows, d, per_row ? 1 : rows_per_pass);
+}
+
 inline SparseHiddenLaunch plan_sparse_hidden(int64_t rows, int64_t d, int64_t k, bool per_row,
-                                             int64_t sms) {
-  const StagedRows staging = plan_staged_rows(rows, d, per_row ? 1 : kSparseRowsPerPass);
-  return {staging.rows_per_pass, spread_blocks(k, sms, 4, kSparseThreads / 32),
+                                             int64_t sms, int64_t blocks_per_sm,
+                                             int64_t rows_per_pass) {
+  const StagedRows staging = plan_sparse_hidden_staging(rows, d, per_row, rows_per_pass);
+  return {staging.rows_per_pass, spread_blocks(k, sms, blocks_per_sm, kSparseThreads / 32),
           staging.row_floats, staging.shared_bytes};
 }
 

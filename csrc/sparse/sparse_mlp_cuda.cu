@@ -1,5 +1,5 @@
 // CUDA sparse MLP, two kernels:
-//   hidden_kernel: passes over the batch (up to kRowsPerPass rows of a shared set, or one row of
+//   hidden_kernel: passes over the batch (up to kRows rows of a shared set, or one row of
 //     per-row sets, plan_sparse_hidden); each pass stages its rows of x in shared memory as fp32
 //     (sparse_mlp.h: staged_x_slot) and spreads its set's positions over every warp of the grid,
 //     one warp per active neuron; lanes stride the neuron's contiguous up/gate row in 16-byte
@@ -27,7 +27,9 @@
 
 #include <limits>
 
+#include "common/dependent_launch.cuh"
 #include "common/index_guard.cuh"
+#include "common/occupancy.cuh"
 #include "common/vec_words.cuh"
 #include "sparse/sparse_mlp.h"
 
@@ -37,7 +39,6 @@ namespace {
 constexpr const char* kOp = "fastllm.sparse_mlp";
 constexpr int kThreads = kSparseThreads;
 constexpr int kWarpsPerBlock = kThreads / 32;
-constexpr int kRowsPerPass = kSparseRowsPerPass;  // batch rows per read of a weight row
 
 template <typename T>
 __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
@@ -82,7 +83,8 @@ __device__ __forceinline__ void stage_rows(float4* staged, const scalar_t* __res
   }
 }
 
-template <typename scalar_t, typename index_t>
+// kRows: the most batch rows one read of a weight row serves (sparse_rows_per_pass).
+template <typename scalar_t, typename index_t, int kRows>
 __global__ void __launch_bounds__(kThreads)
     hidden_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_up,
                   const scalar_t* __restrict__ w_gate, const scalar_t* __restrict__ b_up,
@@ -94,6 +96,9 @@ __global__ void __launch_bounds__(kThreads)
                   int64_t zero_acc_count, unsigned int* __restrict__ zero_arrivals,
                   int64_t zero_arrivals_count) {
   extern __shared__ float4 staged[];  // rows_per_pass rows of row_floats / 4 slots
+  // The down kernel may be scheduled now: it waits for this grid before reading h or the
+  // workspace zeroed below (common/dependent_launch.cuh).
+  allow_dependent_launch();
   {
     // The down kernel's workspace; it runs after this kernel in stream order.
     const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -126,8 +131,9 @@ __global__ void __launch_bounds__(kThreads)
       }
       const scalar_t* up_row = w_up + neuron * d;
       const scalar_t* gate_row = w_gate != nullptr ? w_gate + neuron * d : nullptr;
-      float up[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
-      float gate[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
+      float up[kRows], gate[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) up[r] = gate[r] = 0.f;
       if constexpr (sizeof(scalar_t) <= 4) {
         if (vector) {  // the rows are whole aligned 16-byte words (host check)
           constexpr int vec = kWordElems<scalar_t>;
@@ -153,7 +159,7 @@ __global__ void __launch_bounds__(kThreads)
               word_floats<scalar_t>(wu[u], fu);
               word_floats<scalar_t>(wg[u], fg);
 #pragma unroll
-              for (int r = 0; r < kRowsPerPass; ++r) {
+              for (int r = 0; r < kRows; ++r) {
                 if (r >= nb) break;
 #pragma unroll
                 for (int q = 0; q < quads; ++q) {
@@ -173,7 +179,7 @@ __global__ void __launch_bounds__(kThreads)
         const float wg = gate_row != nullptr ? to_f(gate_row[i]) : 0.f;
         const int at = 4 * staged_x_slot(static_cast<int>(i >> 2)) + static_cast<int>(i & 3);
 #pragma unroll
-        for (int r = 0; r < kRowsPerPass; ++r) {
+        for (int r = 0; r < kRows; ++r) {
           if (r < nb) {
             const float xv = staged_f[r * static_cast<int>(row_floats) + at];
             up[r] += wu * xv;
@@ -182,7 +188,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
 #pragma unroll
-      for (int r = 0; r < kRowsPerPass; ++r) {
+      for (int r = 0; r < kRows; ++r) {
         if (r >= nb) break;
         const float u = warp_sum(up[r]);
         const float g = warp_sum(gate[r]);
@@ -197,9 +203,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // What a down-projection block serves (grid y = neuron slices, z = row groups): its batch rows
-// (kRowsPerPass for a shared set, one for per-row sets), their set, and its slice of the set's
-// actual count (read on the device; a bad count is reported by hidden_kernel).
-template <typename index_t>
+// (kRows for a shared set, one for per-row sets), their set, and its slice of the set's actual
+// count (read on the device; a bad count is reported by hidden_kernel).
+template <typename index_t, int kRows>
 struct DownBlock {
   int64_t b_first, j_begin, j_end;
   int nb;
@@ -207,8 +213,8 @@ struct DownBlock {
 
   __device__ DownBlock(const index_t* idx, const index_t* counts, int64_t rows, int64_t k,
                        bool per_row) {
-    b_first = per_row ? blockIdx.z : static_cast<int64_t>(blockIdx.z) * kRowsPerPass;
-    nb = per_row ? 1 : static_cast<int>(min64(kRowsPerPass, rows - b_first));
+    b_first = per_row ? blockIdx.z : static_cast<int64_t>(blockIdx.z) * kRows;
+    nb = per_row ? 1 : static_cast<int>(min64(kRows, rows - b_first));
     bool bad_count;
     const int64_t count = set_count(counts, per_row ? b_first : 0, k, &bad_count);
     slice_range(count, gridDim.y, blockIdx.y, &j_begin, &j_end);
@@ -270,9 +276,9 @@ __device__ __forceinline__ void finish_columns(const float* __restrict__ acc, in
   }
 }
 
-// grid: x = column tiles, y = neuron slices, z = row groups (kRowsPerPass rows for a shared set,
-// one row for per-row sets).
-template <typename scalar_t, typename index_t>
+// grid: x = column tiles, y = neuron slices, z = row groups (kRows rows for a shared set, one row
+// for per-row sets).
+template <typename scalar_t, typename index_t, int kRows>
 __global__ void down_kernel(const scalar_t* __restrict__ w_down_t, const index_t* __restrict__ idx,
                             const index_t* __restrict__ counts, const float* __restrict__ h,
                             float* __restrict__ acc, unsigned int* __restrict__ arrivals,
@@ -281,23 +287,26 @@ __global__ void down_kernel(const scalar_t* __restrict__ w_down_t, const index_t
                             bool partials) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const bool owns_column = col < d_out;  // every thread reaches the finish's barriers
-  const DownBlock<index_t> block(idx, counts, rows, k, per_row);
+  const DownBlock<index_t, kRows> block(idx, counts, rows, k, per_row);
   const int64_t b_first = block.b_first, j_begin = block.j_begin, j_end = block.j_end;
   const int nb = block.nb;
   const index_t* set = block.set;
+  wait_for_producer();  // h, the accumulator and the counters come from hidden_kernel
   if (owns_column) {
-    float sum[kRowsPerPass] = {0.f, 0.f, 0.f, 0.f};
+    float sum[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) sum[r] = 0.f;
     for (int64_t j = j_begin; j < j_end; ++j) {
       const int64_t neuron = static_cast<int64_t>(set[j]);
       if (!neuron_in_range(neuron, neurons)) continue;  // reported by hidden_kernel
       const float w = to_f(w_down_t[neuron * d_out + col]);
 #pragma unroll
-      for (int r = 0; r < kRowsPerPass; ++r) {
+      for (int r = 0; r < kRows; ++r) {
         if (r < nb) sum[r] += h[(b_first + r) * k + j] * w;
       }
     }
 #pragma unroll
-    for (int r = 0; r < kRowsPerPass; ++r) {
+    for (int r = 0; r < kRows; ++r) {
       if (r >= nb) continue;
       const int64_t b = b_first + r;
       if (partials) {
@@ -312,19 +321,28 @@ __global__ void down_kernel(const scalar_t* __restrict__ w_down_t, const index_t
   }
 }
 
+// Rows of its slice whose words a down_vec_kernel thread prefetches into L2 before waiting for
+// hidden_kernel: enough to cover the block's ramp-up (4 x 16 B per thread, 16 KB per block, a
+// few MB per call), few enough that the up/gate rows streaming through L2 do not evict them.
+constexpr int kDownPrefetchRows = 4;
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // One thread's share of a down-projection block in 16-byte words: vec columns from `col`, the
 // block's rows, neurons [j_begin, j_end) of its set; into the accumulator (atomics) or its slice's
 // partial row.
-template <typename scalar_t, typename index_t>
+template <typename scalar_t, typename index_t, int kRows>
 __device__ __forceinline__ void accumulate_down_words(
     const scalar_t* __restrict__ w_down_t, const index_t* __restrict__ set,
     const float* __restrict__ h, float* __restrict__ acc, int64_t rows, int64_t d_out, int64_t k,
     int64_t neurons, int64_t b_first, int nb, int64_t j_begin, int64_t j_end, int64_t col,
     bool partials) {
   constexpr int vec = kWordElems<scalar_t>;
-  float sum[kRowsPerPass][vec];
+  float sum[kRows][vec];
 #pragma unroll
-  for (int r = 0; r < kRowsPerPass; ++r) {
+  for (int r = 0; r < kRows; ++r) {
 #pragma unroll
     for (int e = 0; e < vec; ++e) sum[r][e] = 0.f;
   }
@@ -332,10 +350,10 @@ __device__ __forceinline__ void accumulate_down_words(
   for (int64_t j = j_begin; j < j_end; ++j) {
     const int64_t neuron = static_cast<int64_t>(set[j]);
     if (!neuron_in_range(neuron, neurons)) continue;  // reported by hidden_kernel
-    float hv[kRowsPerPass];
+    float hv[kRows];
     bool live = false;
 #pragma unroll
-    for (int r = 0; r < kRowsPerPass; ++r) {
+    for (int r = 0; r < kRows; ++r) {
       hv[r] = r < nb ? h[(b_first + r) * k + j] : 0.f;
       live |= hv[r] != 0.f;
     }
@@ -345,13 +363,13 @@ __device__ __forceinline__ void accumulate_down_words(
     float w[vec];
     word_floats<scalar_t>(load_word(w_down_t + neuron * d_out + col), w);
 #pragma unroll
-    for (int r = 0; r < kRowsPerPass; ++r) {
+    for (int r = 0; r < kRows; ++r) {
 #pragma unroll
       for (int e = 0; e < vec; ++e) sum[r][e] += hv[r] * w[e];
     }
   }
 #pragma unroll
-  for (int r = 0; r < kRowsPerPass; ++r) {
+  for (int r = 0; r < kRows; ++r) {
     if (r >= nb) continue;
     const int64_t b = b_first + r;
     if (partials) {
@@ -367,24 +385,34 @@ __device__ __forceinline__ void accumulate_down_words(
 
 // The 16-byte form of down_kernel (same grid, columns in words of vec): the host takes it when
 // w_down_t's rows are whole aligned words.
-template <typename scalar_t, typename index_t>
+template <typename scalar_t, typename index_t, int kRows>
 __global__ void down_vec_kernel(const scalar_t* __restrict__ w_down_t,
                                 const index_t* __restrict__ idx,
                                 const index_t* __restrict__ counts, const float* __restrict__ h,
                                 float* __restrict__ acc, unsigned int* __restrict__ arrivals,
                                 const scalar_t* __restrict__ b_down, scalar_t* __restrict__ out,
                                 int64_t rows, int64_t d_out, int64_t k, int64_t neurons,
-                                bool per_row, bool partials) {
+                                bool per_row, bool partials, bool prefetch_rows) {
   constexpr int vec = kWordElems<scalar_t>;
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * vec;
   // d_out is a whole number of words; every thread reaches the finish's barriers.
   const bool owns_column = col < d_out;
-  const DownBlock<index_t> block(idx, counts, rows, k, per_row);
+  const DownBlock<index_t, kRows> block(idx, counts, rows, k, per_row);
   const int64_t b_first = block.b_first, j_begin = block.j_begin, j_end = block.j_end;
   const int nb = block.nb;
   const index_t* set = block.set;
+  if (prefetch_rows && owns_column) {
+    // While hidden_kernel finishes: its first rows' words into L2 (the weights and the set do
+    // not depend on h). Not for ReLU, whose rows with h == 0 are never read.
+    const int64_t last = min64(j_end, j_begin + kDownPrefetchRows);
+    for (int64_t j = j_begin; j < last; ++j) {
+      const int64_t neuron = static_cast<int64_t>(set[j]);
+      if (neuron_in_range(neuron, neurons)) prefetch_l2(w_down_t + neuron * d_out + col);
+    }
+  }
+  wait_for_producer();  // h, the accumulator and the counters come from hidden_kernel
   if (owns_column) {
-    accumulate_down_words<scalar_t, index_t>(w_down_t, set, h, acc, rows, d_out, k, neurons,
+    accumulate_down_words<scalar_t, index_t, kRows>(w_down_t, set, h, acc, rows, d_out, k, neurons,
                                              b_first, nb, j_begin, j_end, col, partials);
   }
   if (last_to_arrive(arrivals) && owns_column) {
@@ -417,19 +445,109 @@ void check_index_values_cuda(const at::Tensor& idx, const c10::optional<at::Tens
   // END host value checks
 }
 
-// down_vec_kernel exists for 16- and 32-bit types (vector_down is false for fp64).
-template <typename scalar_t, typename index_t>
-void launch_down_vec(dim3 grid, cudaStream_t stream, const at::Tensor& w_down_t,
-                     const at::Tensor& active_idx, const index_t* counts, const at::Tensor& h,
-                     at::Tensor& acc, at::Tensor& arrivals, const scalar_t* b_down,
-                     at::Tensor& out, const SparseMlpShape& s, bool deterministic) {
-  if constexpr (sizeof(scalar_t) <= 4) {
-    down_vec_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
-        w_down_t.const_data_ptr<scalar_t>(), active_idx.const_data_ptr<index_t>(), counts,
-        h.const_data_ptr<float>(), acc.data_ptr<float>(),
-        reinterpret_cast<unsigned int*>(arrivals.data_ptr<int32_t>()), b_down,
-        out.data_ptr<scalar_t>(), s.rows, s.d_out, s.k, s.neurons, s.per_row, deterministic);
+// The tensors and plans of one call, for the kernels' launch (sparse_mlp_cuda).
+struct SparseMlpCall {
+  const at::Tensor &x, &w_up, &w_down_t, &active_idx;
+  const c10::optional<at::Tensor>&w_gate, &b_up, &b_gate, &b_down, &counts;
+  SparseMlpShape shape;
+  Activation act;
+  bool deterministic, vector_in, vector_down;
+  int64_t vec, sms;
+};
+
+// Both kernels for row passes of up to kRows rows: each grid is sized from its kernel's
+// occupancy (common/occupancy.cuh), so the one even wave the plans aim for is one wave.
+template <typename scalar_t, typename index_t, int kRows>
+at::Tensor launch_sparse_mlp(const SparseMlpCall& c, at::Tensor out) {
+  const SparseMlpShape& s = c.shape;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+
+  auto hidden = hidden_kernel<scalar_t, index_t, kRows>;
+  const StagedRows staging = plan_sparse_hidden_staging(s.rows, s.d_in, s.per_row, kRows);
+  TORCH_CHECK_VALUE(staging.shared_bytes <= static_cast<int64_t>(props->sharedMemPerBlockOptin),
+                    kOp, ": d_in (", s.d_in, ") is too wide for one row of x in shared memory (",
+                    staging.shared_bytes, " bytes; this GPU allows ",
+                    props->sharedMemPerBlockOptin, " per block)");
+  if (staging.shared_bytes > 48 * 1024) {  // before the occupancy query, which depends on it
+    C10_CUDA_CHECK(cudaFuncSetAttribute(hidden, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(staging.shared_bytes)));
   }
+  const SparseHiddenLaunch hidden_plan = plan_sparse_hidden(
+      s.rows, s.d_in, s.k, s.per_row, c.sms,
+      resident_blocks_per_sm(reinterpret_cast<const void*>(hidden), kThreads,
+                             static_cast<size_t>(staging.shared_bytes)),
+      kRows);
+
+  const void* down = nullptr;
+  if constexpr (sizeof(scalar_t) <= 4) {
+    down = c.vector_down ? reinterpret_cast<const void*>(down_vec_kernel<scalar_t, index_t, kRows>)
+                         : reinterpret_cast<const void*>(down_kernel<scalar_t, index_t, kRows>);
+  } else {
+    down = reinterpret_cast<const void*>(down_kernel<scalar_t, index_t, kRows>);
+  }
+  const SparseDownLaunch plan =
+      plan_sparse_down(s.rows, s.d_out, s.k, s.per_row, c.sms, c.vector_down ? c.vec : 1,
+                       resident_blocks_per_sm(down, kThreads, 0), kRows);
+  TORCH_CHECK_VALUE(plan.row_groups <= 65535, kOp, ": too many per-row sets for one launch (",
+                    s.rows, ")");
+  TORCH_CHECK_VALUE(plan.col_tiles * plan.row_groups <= std::numeric_limits<unsigned int>::max(),
+                    kOp, ": too many output tiles (", plan.col_tiles * plan.row_groups, ")");
+
+  const at::TensorOptions f32 = c.x.options().dtype(at::kFloat);
+  at::Tensor h = at::empty({s.rows, s.k}, f32);
+  // Deterministic: a partial row per neuron slice, summed in slice order by each tile's last
+  // block. Otherwise one accumulator the slices add into atomically. Both zeroed, with the tile
+  // counters, by hidden_kernel.
+  const int64_t acc_slices = c.deterministic ? plan.slices : 1;
+  at::Tensor acc = at::empty({acc_slices, s.rows, s.d_out}, f32);
+  at::Tensor arrivals = at::empty({plan.col_tiles * plan.row_groups}, c.x.options().dtype(at::kInt));
+  // The hidden kernel's grid is sized by k, not by the output: it zeroes an accumulator of up
+  // to 16 floats per thread (a decode step's), and a larger one (a prefill's) is a memset.
+  const bool zero_in_hidden = !c.deterministic &&
+                              acc.numel() <= hidden_plan.blocks * static_cast<int64_t>(kThreads) * 16;
+  if (!c.deterministic && !zero_in_hidden) acc.zero_();
+  auto* counters = reinterpret_cast<unsigned int*>(arrivals.data_ptr<int32_t>());
+
+  const index_t* cp = c.counts.has_value() ? c.counts->const_data_ptr<index_t>() : nullptr;
+  const index_t* idx = c.active_idx.const_data_ptr<index_t>();
+  hidden<<<static_cast<unsigned>(hidden_plan.blocks), kThreads,
+           static_cast<size_t>(hidden_plan.shared_bytes), stream>>>(
+      c.x.const_data_ptr<scalar_t>(), c.w_up.const_data_ptr<scalar_t>(),
+      ptr_or_null<scalar_t>(c.w_gate), ptr_or_null<scalar_t>(c.b_up),
+      ptr_or_null<scalar_t>(c.b_gate), idx, cp, h.data_ptr<float>(), s.rows, s.d_in, s.k,
+      s.neurons, s.per_row, c.act, c.vector_in, static_cast<int>(hidden_plan.rows_per_pass),
+      hidden_plan.row_floats, device_error_word(c.x),
+      zero_in_hidden ? acc.data_ptr<float>() : nullptr, zero_in_hidden ? acc.numel() : 0,
+      counters, arrivals.numel());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const dim3 grid(static_cast<unsigned>(plan.col_tiles), static_cast<unsigned>(plan.slices),
+                  static_cast<unsigned>(plan.row_groups));
+  const scalar_t* bias = ptr_or_null<scalar_t>(c.b_down);
+  const scalar_t* w_down = c.w_down_t.const_data_ptr<scalar_t>();
+  const float* hidden_values = h.const_data_ptr<float>();
+  float* sums = acc.data_ptr<float>();
+  scalar_t* result = out.data_ptr<scalar_t>();
+  // A programmatic dependent of hidden_kernel where the GPU supports it (sm_90+).
+  const bool dependent = dependent_launch_supported(props->major);
+  bool launched = false;
+  if constexpr (sizeof(scalar_t) <= 4) {  // down_vec_kernel exists for 16- and 32-bit types
+    if (c.vector_down) {
+      launch_maybe_dependent(down_vec_kernel<scalar_t, index_t, kRows>, grid, dim3(kThreads), 0,
+                             stream, dependent, w_down, idx, cp, hidden_values, sums, counters,
+                             bias, result, s.rows, s.d_out, s.k, s.neurons, s.per_row,
+                             c.deterministic, c.act != Activation::kRelu);
+      launched = true;
+    }
+  }
+  if (!launched) {
+    launch_maybe_dependent(down_kernel<scalar_t, index_t, kRows>, grid, dim3(kThreads), 0, stream,
+                           dependent, w_down, idx, cp, hidden_values, sums, counters, bias, result,
+                           s.rows, s.d_out, s.k, s.neurons, s.per_row, c.deterministic);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
@@ -446,28 +564,6 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
   check_index_values_cuda(active_idx, counts, s);
   at::Tensor out = at::empty({s.rows, s.d_out}, x.options());
   if (out.numel() == 0) return out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  const int64_t sms = props->multiProcessorCount;
-
-  // 16-byte words where every weight row is whole aligned words; scalar loads otherwise (x is
-  // staged in shared memory by scalar loads either way).
-  const int64_t vec = x.element_size() <= 4 ? 16 / x.element_size() : 1;
-  auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
-  const bool vector_in = vec > 1 && s.d_in % vec == 0 && aligned(w_up.data_ptr()) &&
-                         (!w_gate.has_value() || aligned(w_gate->data_ptr()));
-  const bool vector_down = vec > 1 && s.d_out % vec == 0 && aligned(w_down_t.data_ptr());
-  const SparseHiddenLaunch hidden = plan_sparse_hidden(s.rows, s.d_in, s.k, s.per_row, sms);
-  TORCH_CHECK_VALUE(hidden.shared_bytes <= static_cast<int64_t>(props->sharedMemPerBlockOptin),
-                    kOp, ": d_in (", s.d_in, ") is too wide for one row of x in shared memory (",
-                    hidden.shared_bytes, " bytes; this GPU allows ",
-                    props->sharedMemPerBlockOptin, " per block)");
-  const SparseDownLaunch plan =
-      plan_sparse_down(s.rows, s.d_out, s.k, s.per_row, sms, vector_down ? vec : 1);
-  const int64_t col_tiles = plan.col_tiles, slices = plan.slices, row_groups = plan.row_groups;
-  TORCH_CHECK_VALUE(row_groups <= 65535, kOp, ": too many per-row sets for one launch (",
-                    s.rows, ")");
-
   if (s.k == 0) {  // no active neuron: the output is the bias; no kernel of ours runs
     if (b_down.has_value()) {
       out.copy_(b_down->unsqueeze(0).expand_as(out));
@@ -476,55 +572,27 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
     }
     return out;
   }
-  at::Tensor h = at::empty({s.rows, s.k}, x.options().dtype(at::kFloat));
-  // Deterministic: a partial row per neuron slice, summed in slice order by each tile's last
-  // block. Otherwise one accumulator the slices add into atomically. Both zeroed, with the tile
-  // counters, by hidden_kernel.
-  TORCH_CHECK_VALUE(col_tiles * row_groups <= std::numeric_limits<unsigned int>::max(), kOp,
-                    ": too many output tiles (", col_tiles * row_groups, ")");
-  const int64_t acc_slices = deterministic ? slices : 1;
-  at::Tensor acc = at::empty({acc_slices, s.rows, s.d_out}, x.options().dtype(at::kFloat));
-  at::Tensor arrivals = at::empty({col_tiles * row_groups}, x.options().dtype(at::kInt));
-  // The hidden kernel's grid is sized by k, not by the output: it zeroes an accumulator of up
-  // to 16 floats per thread (a decode step's), and a larger one (a prefill's) is a memset.
-  const bool zero_in_hidden =
-      !deterministic && acc.numel() <= hidden.blocks * static_cast<int64_t>(kThreads) * 16;
-  if (!deterministic && !zero_in_hidden) acc.zero_();
-
-  unsigned int* error_word = device_error_word(x);
-
+  // 16-byte words where every weight row is whole aligned words; scalar loads otherwise (x is
+  // staged in shared memory by scalar loads either way).
+  const int64_t vec = x.element_size() <= 4 ? 16 / x.element_size() : 1;
+  auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
+  const SparseMlpCall call{
+      x, w_up, w_down_t, active_idx, w_gate, b_up, b_gate, b_down, counts, s, act, deterministic,
+      vec > 1 && s.d_in % vec == 0 && aligned(w_up.data_ptr()) &&
+          (!w_gate.has_value() || aligned(w_gate->data_ptr())),
+      vec > 1 && s.d_out % vec == 0 && aligned(w_down_t.data_ptr()), vec,
+      at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
+  const bool wide =
+      sparse_rows_per_pass(s.rows, s.per_row, x.element_size()) == kSparseRowsWide;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_mlp_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(active_idx.scalar_type(), "sparse_mlp_cuda_index", [&] {
-      const index_t* cp = counts.has_value() ? counts->const_data_ptr<index_t>() : nullptr;
-      const scalar_t* bias = ptr_or_null<scalar_t>(b_down);
-      auto kernel = hidden_kernel<scalar_t, index_t>;
-      if (hidden.shared_bytes > 48 * 1024) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(hidden.shared_bytes)));
+      if constexpr (sizeof(scalar_t) <= 4) {  // fp64 has the 4-row form only
+        if (wide) {
+          launch_sparse_mlp<scalar_t, index_t, kSparseRowsWide>(call, out);
+          return;
+        }
       }
-      kernel<<<static_cast<unsigned>(hidden.blocks), kThreads,
-               static_cast<size_t>(hidden.shared_bytes), stream>>>(
-          x.const_data_ptr<scalar_t>(), w_up.const_data_ptr<scalar_t>(),
-          ptr_or_null<scalar_t>(w_gate), ptr_or_null<scalar_t>(b_up),
-          ptr_or_null<scalar_t>(b_gate), active_idx.const_data_ptr<index_t>(), cp,
-          h.data_ptr<float>(), s.rows, s.d_in, s.k, s.neurons, s.per_row, act, vector_in,
-          static_cast<int>(hidden.rows_per_pass), hidden.row_floats, error_word,
-          zero_in_hidden ? acc.data_ptr<float>() : nullptr, zero_in_hidden ? acc.numel() : 0,
-          reinterpret_cast<unsigned int*>(arrivals.data_ptr<int32_t>()), arrivals.numel());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(slices),
-                      static_cast<unsigned>(row_groups));
-      if (vector_down) {
-        launch_down_vec<scalar_t, index_t>(grid, stream, w_down_t, active_idx, cp, h, acc,
-                                           arrivals, bias, out, s, deterministic);
-      } else {
-        down_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
-            w_down_t.const_data_ptr<scalar_t>(), active_idx.const_data_ptr<index_t>(), cp,
-            h.const_data_ptr<float>(), acc.data_ptr<float>(),
-            reinterpret_cast<unsigned int*>(arrivals.data_ptr<int32_t>()), bias,
-            out.data_ptr<scalar_t>(), s.rows, s.d_out, s.k, s.neurons, s.per_row, deterministic);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_sparse_mlp<scalar_t, index_t, kSparseRowsNarrow>(call, out);
     });
   });
   return out;
