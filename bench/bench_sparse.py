@@ -4,7 +4,8 @@ Speed: one MLP of SmolLM2-135M (576 -> 1536, SiLU-gated) and of Llama-7B (4096 -
 sparsity 50/80/90%, batch 1 and 4 (one shared set, and per-row sets), timed interleaved against
 the dense MLP (three F.linear calls, torch's BLAS). "sparse+pred" includes the factored predictor
 and the top-k; "sparse+int8 pred" the quantized predictor (int8 gate and up, group 64) and the
-top-k; "sparse" is the kernel alone; all timed in the same interleave. The ideal speedup is
+top-k; "sparse+int4 pred (default)" the default quantized predictor (packed int4 gate and up,
+group 32) and the top-k; "sparse" is the kernel alone; all timed in the same interleave. The ideal speedup is
 1 / (1 - sparsity) (the weight bytes read); GB/s counts the weight bytes the kernel reads.
 
 Predictor scoring: the packed-int4 path of quantized_neuron_scores (gate+up, group 32, two codes
@@ -43,11 +44,11 @@ CAPABILITY = "sparse"
 SHAPES = [("smollm2 576x1536", 576, 1536), ("llama7b 4096x11008", 4096, 11008)]
 
 
-def _speed(device: str, quick: bool, progress: Progress) -> list[Record]:
+def _speed(device: str, quick: bool, progress: Progress, shapes=SHAPES) -> list[Record]:
     dtype = torch.float16 if device == "cuda" else torch.float32
     records = []
     ceiling = copy_bandwidth_gbs(device)
-    for label, d, n in SHAPES:
+    for label, d, n in shapes:
         rank = sparse.default_rank("factored", d, n)  # the library default: <= 15% of the MLP
         torch.manual_seed(0)
         w_gate = torch.randn(n, d, device=device, dtype=dtype) / d ** 0.5
@@ -56,6 +57,8 @@ def _speed(device: str, quick: bool, progress: Progress) -> list[Record]:
         w_down_t = w_down.t().contiguous()
         pred = FactoredPredictor(d, n, rank).to(device=device, dtype=dtype)
         int8_pred = QuantizedPredictor.from_weights(w_up, w_gate, group=64)
+        # The default predictor (default_quantized_selection): int4 gate+up, group 32, packed.
+        int4_pred = QuantizedPredictor.from_weights(w_up, w_gate, group=32, bits=4)
         # Batch 8 on the GPU (where the union of active neurons starts to cost); the CPU keeps
         # its earlier cases so its records stay comparable.
         batches = [(1, False), (4, False), (4, True)] + ([(8, False)] if device == "cuda" else [])
@@ -81,13 +84,16 @@ def _speed(device: str, quick: bool, progress: Progress) -> list[Record]:
                     sel = top if per_row else top[0]
                     return ops.sparse_mlp(x, w_up, w_down_t, sel, w_gate=w_gate)
 
-                def with_int8_predictor():
-                    top = int8_pred.magnitude(x).topk(keep, dim=-1, sorted=False).indices
-                    sel = top if per_row else top[0]
-                    return ops.sparse_mlp(x, w_up, w_down_t, sel, w_gate=w_gate)
+                def quantized_predictor(p):
+                    def run_it():
+                        top = p.magnitude(x).topk(keep, dim=-1, sorted=False).indices
+                        sel = top if per_row else top[0]
+                        return ops.sparse_mlp(x, w_up, w_down_t, sel, w_gate=w_gate)
+                    return run_it
 
                 t = time_interleaved({"dense": dense, "kernel": kernel, "pred": with_predictor,
-                                      "int8": with_int8_predictor},
+                                      "int8": quantized_predictor(int8_pred),
+                                      "int4": quantized_predictor(int4_pred)},
                                      device, repeats=5 if quick else 15)
                 weight_bytes = 3 * keep * d * w_up.element_size() * (rows if per_row else 1)
                 gbs = weight_bytes / t["kernel"] / 1e9
@@ -107,8 +113,16 @@ def _speed(device: str, quick: bool, progress: Progress) -> list[Record]:
                                           "of ideal": t["dense"] / t["int8"] / ideal,
                                           "bytes read / dense": (int8_bytes + weight_bytes) /
                                           (3 * n * d * w_up.element_size())}))
+                int4_bytes = int4_pred.weight_bytes(as_stored=True)
+                records.append(Record(CAPABILITY, case, "sparse+int4 pred (default)", "dense MLP",
+                                      t["int4"] * 1e3, t["dense"] * 1e3, {
+                                          "ideal x": ideal,
+                                          "of ideal": t["dense"] / t["int4"] / ideal,
+                                          "bytes read / dense": (int4_bytes + weight_bytes) /
+                                          (3 * n * d * w_up.element_size())}))
                 progress.step(f"{case}: {t['dense'] / t['pred']:.2f}x with predictor, "
                               f"{t['dense'] / t['int8']:.2f}x with int8 predictor, "
+                              f"{t['dense'] / t['int4']:.2f}x with int4 predictor, "
                               f"{t['dense'] / t['kernel']:.2f}x kernel only (ideal {ideal:.1f}x)")
     return records
 
@@ -182,7 +196,11 @@ def _quality_and_decode(device: str, quick: bool, progress: Progress, out_dir) -
     # The int8 predictors: no fit, the calibration tokens only set the logit offsets.
     int8_preds = sparse.train_predictors(model, calib_ids[:4], kind="quantized", bits=8,
                                          group=64, eval_sparsity=0.5, progress=False)
-    predictor_sets = {"predictor": preds, "predictor int8": int8_preds}
+    # The default quantized predictors (default_quantized_selection: int4 gate+up, group 32).
+    int4_preds = sparse.train_predictors(model, calib_ids[:4], kind="quantized",
+                                         eval_sparsity=0.5, progress=False)
+    predictor_sets = {"predictor": preds, "predictor int8": int8_preds,
+                      "predictor int4": int4_preds}
     # Recall of each predictor's top-k against the oracle top-k on held-out text, per sparsity.
     recall = {name: {} for name in predictor_sets}
     for name, p in predictor_sets.items():
@@ -209,9 +227,10 @@ def _quality_and_decode(device: str, quick: bool, progress: Progress, out_dir) -
                "calibration_tokens": calib_ids.numel(), "predictor_rank": preds.rank,
                "predictor_train_s": train_s, "predictor_stats": preds.stats,
                "recall_vs_oracle": recall["predictor"],
-               "recall_vs_oracle_int8": recall["predictor int8"], "modes": {}}
+               "recall_vs_oracle_int8": recall["predictor int8"],
+               "recall_vs_oracle_int4": recall["predictor int4"], "modes": {}}
     magnitudes = sparse.gate_magnitudes(model, calib_ids)
-    for name in ("oracle", "threshold", "predictor", "predictor int8"):
+    for name in ("oracle", "threshold", "predictor", "predictor int8", "predictor int4"):
         mode = name.split()[0]
         results["modes"][name] = {}
         for s in (0.3, 0.5, 0.7, 0.9):
@@ -295,7 +314,7 @@ def _save_quality(results: dict, device: str, out_dir: pathlib.Path) -> None:
 
 
 def run(device: str, quick: bool = False, out_dir=RESULTS_DIR) -> list[Record]:
-    progress = Progress(CAPABILITY, 2 * (4 if device == "cuda" else 3) * 3 + 2 * 2 + 16 + 2)
+    progress = Progress(CAPABILITY, 2 * (4 if device == "cuda" else 3) * 3 + 2 * 2 + 20 + 3)
     threads = torch.get_num_threads()
     if device == "cpu":
         # The project's CPU machines are small and shared: one thread for both sides gives

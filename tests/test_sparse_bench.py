@@ -24,3 +24,16 @@ def test_scoring_rows_compare_packed_int4_with_int8_in_one_run():
         # codes 1/2 + scales 4/32 per weight against 1 + 4/64
         assert r.metrics["bytes int4 / int8"] == pytest.approx((0.5 + 4 / 32) / (1 + 4 / 64))
         assert r.metrics["GB/s int4"] > 0 and r.metrics["GB/s int8"] > 0
+
+
+def test_speed_rows_time_every_predictor_against_dense_in_one_run():
+    records = bench_sparse._speed("cpu", True, Progress("sparse", 9), shapes=[("tiny", 64, 64)])
+    kinds = {r.ours for r in records}
+    assert kinds == {"sparse+pred", "sparse+int8 pred", "sparse+int4 pred (default)"}
+    default = [r for r in records if r.ours == "sparse+int4 pred (default)"]
+    assert len(default) == 9  # batch 1, 4 shared, 4 per-row x 50 / 80 / 90%
+    int8 = {r.case: r for r in records if r.ours == "sparse+int8 pred"}
+    for r in default:
+        assert r.ours_ms > 0 and r.baseline_ms > 0 and r.baseline == "dense MLP"
+        # the same kept rows, with half the predictor's code bytes
+        assert 0 < r.metrics["bytes read / dense"] < int8[r.case].metrics["bytes read / dense"]
