@@ -56,7 +56,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from harness import RESULTS_DIR, git_commit, machine_name  # noqa: E402
+from harness import RESULTS_DIR, Record, git_commit, machine_name  # noqa: E402
+
+CAPABILITY = "unified"
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANK_CYCLE = (8, 16, 32, 64)
@@ -462,6 +464,45 @@ def main(argv=None):
     plot(results, args.out.with_suffix(".png"))
     print(json.dumps(summary, indent=1))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return record
+
+
+def run(device: str, quick: bool = False, out_dir=RESULTS_DIR) -> list[Record]:
+    """bench/run.py's entry. CPU only: the real model it serves is not on the GPU machines.
+    --quick cuts the trace to 24 requests at 5 and 100 adapters (PEFT at 5 only). Records: per
+    number of adapters, the unified pool against the best fixed split and against PEFT, as
+    milliseconds per served request over the makespan (1000 / requests per second)."""
+    from conftest import smollm2_dir
+    if device != "cpu" or smollm2_dir() is None:
+        print("   unified serving: CPU with SmolLM2 installed only; skipped", flush=True)
+        return []
+    out = pathlib.Path(out_dir) / f"{machine_name('cpu')}-unified{'-quick' if quick else ''}.json"
+    argv = ["--out", str(out)]
+    if quick:
+        argv += ["--requests", "24", "--adapters", "5", "100", "--peft-adapters", "5"]
+    record = main(argv)
+    return serving_records(record["results"])
+
+
+def serving_records(results: dict) -> list[Record]:
+    records = []
+    for n, unified in results.get("unified", {}).items():
+        ours_ms = 1e3 / unified["req_per_s"]
+        splits = {name: by_n[n] for name, by_n in results.items()
+                  if name.startswith("split-") and n in by_n}
+        if splits:
+            name, best = max(splits.items(), key=lambda item: item[1]["req_per_s"])
+            records.append(Record(CAPABILITY, f"{n} adapters", "unified pool",
+                                  f"best fixed split ({name})", ours_ms, 1e3 / best["req_per_s"],
+                                  {"peak concurrency": unified["peak_concurrency"],
+                                   "peak concurrency, split": best["peak_concurrency"],
+                                   "loadavg before": unified.get("loadavg_before", [None])[0]}))
+        if n in results.get("peft", {}):
+            peft_run = results["peft"][n]
+            records.append(Record(CAPABILITY, f"{n} adapters", "unified pool", "PEFT",
+                                  ours_ms, 1e3 / peft_run["req_per_s"],
+                                  {"loadavg before": unified.get("loadavg_before", [None])[0]}))
+    return records
 
 
 def targets(results, adapters, splits):
