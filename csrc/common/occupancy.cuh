@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 namespace fastllm {
 
@@ -35,6 +36,24 @@ inline int resident_blocks_per_sm(const void* kernel, int threads, size_t dynami
   const std::lock_guard<std::mutex> lock(mutex);
   known.emplace(key, blocks);
   return blocks;
+}
+
+// Raises `kernel`'s dynamic shared memory limit to at least `bytes` (needed above 48 KB), never
+// lowering it: two threads launching different widths would otherwise undo each other's setting
+// between one's set and its launch (and its occupancy query). Call before the occupancy query.
+inline void allow_dynamic_shared(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  using Key = std::pair<int, const void*>;
+  static std::mutex mutex;
+  static std::map<Key, size_t> highest;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& limit = highest[Key{device, kernel}];
+  if (bytes <= limit) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  limit = bytes;
 }
 
 }  // namespace fastllm

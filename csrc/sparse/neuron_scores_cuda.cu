@@ -194,10 +194,9 @@ void launch(const at::Tensor& x, const at::Tensor& q_up, const at::Tensor& up_sc
             at::Tensor& out, const NeuronScoreShape& s, const StagedRows& staging, int64_t sms,
             Activation act, cudaStream_t stream) {
   auto kernel = neuron_scores_kernel<scalar_t, kPacked, kGated>;
-  if (staging.shared_bytes > 48 * 1024) {  // before the occupancy query, which depends on it
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(staging.shared_bytes)));
-  }
+  // before the occupancy query, which depends on it
+  allow_dynamic_shared(reinterpret_cast<const void*>(kernel),
+                       static_cast<size_t>(staging.shared_bytes));
   const NeuronScoresLaunch plan = plan_neuron_scores(
       s.rows, s.d_in, s.neurons, sms,
       resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), kScoreThreads,

@@ -225,7 +225,7 @@ struct DownBlock {
 // Split-K finish of a (column tile, row group): each block counts itself in once its sums are
 // visible device-wide; true in the last of the tile's gridDim.y blocks to arrive, which then sees
 // every block's sums. (The threadFenceReduction pattern; the reads go through L2, __ldcg.)
-__device__ __forceinline__ bool last_to_arrive(unsigned int* __restrict__ arrivals) {
+__device__ __forceinline__ bool last_to_arrive(unsigned int* arrivals) {
   __shared__ bool last;
   __threadfence();
   __syncthreads();
@@ -242,7 +242,7 @@ __device__ __forceinline__ bool last_to_arrive(unsigned int* __restrict__ arriva
 // or the partial rows of every slice, summed in slice order. kCols = 4 * n reads float4s: the
 // vector kernel's columns are whole 16-byte words of acc (d_out and col are multiples of vec).
 template <int kCols, typename scalar_t>
-__device__ __forceinline__ void finish_columns(const float* __restrict__ acc, int64_t acc_slices,
+__device__ __forceinline__ void finish_columns(const float* acc, int64_t acc_slices,
                                                const scalar_t* __restrict__ b_down,
                                                scalar_t* __restrict__ out, int64_t rows,
                                                int64_t d_out, int64_t b_first, int nb,
@@ -280,8 +280,8 @@ __device__ __forceinline__ void finish_columns(const float* __restrict__ acc, in
 // for per-row sets).
 template <typename scalar_t, typename index_t, int kRows>
 __global__ void down_kernel(const scalar_t* __restrict__ w_down_t, const index_t* __restrict__ idx,
-                            const index_t* __restrict__ counts, const float* __restrict__ h,
-                            float* __restrict__ acc, unsigned int* __restrict__ arrivals,
+                            const index_t* __restrict__ counts, const float* h, float* acc,
+                            unsigned int* arrivals,
                             const scalar_t* __restrict__ b_down, scalar_t* __restrict__ out,
                             int64_t rows, int64_t d_out, int64_t k, int64_t neurons, bool per_row,
                             bool partials) {
@@ -291,7 +291,9 @@ __global__ void down_kernel(const scalar_t* __restrict__ w_down_t, const index_t
   const int64_t b_first = block.b_first, j_begin = block.j_begin, j_end = block.j_end;
   const int nb = block.nb;
   const index_t* set = block.set;
-  wait_for_producer();  // h, the accumulator and the counters come from hidden_kernel
+  // h, the accumulator and the counters come from hidden_kernel. Every thread waits, with no
+  // return before it: the next kernel in the stream relies on this one finishing after it.
+  wait_for_producer();
   if (owns_column) {
     float sum[kRows];
 #pragma unroll
@@ -302,7 +304,7 @@ __global__ void down_kernel(const scalar_t* __restrict__ w_down_t, const index_t
       const float w = to_f(w_down_t[neuron * d_out + col]);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        if (r < nb) sum[r] += h[(b_first + r) * k + j] * w;
+        if (r < nb) sum[r] += __ldcg(h + (b_first + r) * k + j) * w;
       }
     }
 #pragma unroll
@@ -335,8 +337,8 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 // partial row.
 template <typename scalar_t, typename index_t, int kRows>
 __device__ __forceinline__ void accumulate_down_words(
-    const scalar_t* __restrict__ w_down_t, const index_t* __restrict__ set,
-    const float* __restrict__ h, float* __restrict__ acc, int64_t rows, int64_t d_out, int64_t k,
+    const scalar_t* __restrict__ w_down_t, const index_t* __restrict__ set, const float* h,
+    float* acc, int64_t rows, int64_t d_out, int64_t k,
     int64_t neurons, int64_t b_first, int nb, int64_t j_begin, int64_t j_end, int64_t col,
     bool partials) {
   constexpr int vec = kWordElems<scalar_t>;
@@ -354,7 +356,7 @@ __device__ __forceinline__ void accumulate_down_words(
     bool live = false;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      hv[r] = r < nb ? h[(b_first + r) * k + j] : 0.f;
+      hv[r] = r < nb ? __ldcg(h + (b_first + r) * k + j) : 0.f;
       live |= hv[r] != 0.f;
     }
     // The same for the whole block: the row is never read. (So an Inf or NaN in the row of a
@@ -388,8 +390,8 @@ __device__ __forceinline__ void accumulate_down_words(
 template <typename scalar_t, typename index_t, int kRows>
 __global__ void down_vec_kernel(const scalar_t* __restrict__ w_down_t,
                                 const index_t* __restrict__ idx,
-                                const index_t* __restrict__ counts, const float* __restrict__ h,
-                                float* __restrict__ acc, unsigned int* __restrict__ arrivals,
+                                const index_t* __restrict__ counts, const float* h, float* acc,
+                                unsigned int* arrivals,
                                 const scalar_t* __restrict__ b_down, scalar_t* __restrict__ out,
                                 int64_t rows, int64_t d_out, int64_t k, int64_t neurons,
                                 bool per_row, bool partials, bool prefetch_rows) {
@@ -410,7 +412,9 @@ __global__ void down_vec_kernel(const scalar_t* __restrict__ w_down_t,
       if (neuron_in_range(neuron, neurons)) prefetch_l2(w_down_t + neuron * d_out + col);
     }
   }
-  wait_for_producer();  // h, the accumulator and the counters come from hidden_kernel
+  // h, the accumulator and the counters come from hidden_kernel. Every thread waits, with no
+  // return before it: the next kernel in the stream relies on this one finishing after it.
+  wait_for_producer();
   if (owns_column) {
     accumulate_down_words<scalar_t, index_t, kRows>(w_down_t, set, h, acc, rows, d_out, k, neurons,
                                              b_first, nb, j_begin, j_end, col, partials);
@@ -469,10 +473,9 @@ at::Tensor launch_sparse_mlp(const SparseMlpCall& c, at::Tensor out) {
                     kOp, ": d_in (", s.d_in, ") is too wide for one row of x in shared memory (",
                     staging.shared_bytes, " bytes; this GPU allows ",
                     props->sharedMemPerBlockOptin, " per block)");
-  if (staging.shared_bytes > 48 * 1024) {  // before the occupancy query, which depends on it
-    C10_CUDA_CHECK(cudaFuncSetAttribute(hidden, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(staging.shared_bytes)));
-  }
+  // before the occupancy query, which depends on it
+  allow_dynamic_shared(reinterpret_cast<const void*>(hidden),
+                       static_cast<size_t>(staging.shared_bytes));
   const SparseHiddenLaunch hidden_plan = plan_sparse_hidden(
       s.rows, s.d_in, s.k, s.per_row, c.sms,
       resident_blocks_per_sm(reinterpret_cast<const void*>(hidden), kThreads,
@@ -529,8 +532,8 @@ at::Tensor launch_sparse_mlp(const SparseMlpCall& c, at::Tensor out) {
   const float* hidden_values = h.const_data_ptr<float>();
   float* sums = acc.data_ptr<float>();
   scalar_t* result = out.data_ptr<scalar_t>();
-  // A programmatic dependent of hidden_kernel where the GPU supports it (sm_90+).
-  const bool dependent = dependent_launch_supported(props->major);
+  // A programmatic dependent of hidden_kernel where the GPU and the code that runs support it.
+  const bool dependent = dependent_launch_supported(down);
   bool launched = false;
   if constexpr (sizeof(scalar_t) <= 4) {  // down_vec_kernel exists for 16- and 32-bit types
     if (c.vector_down) {
