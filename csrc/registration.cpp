@@ -27,8 +27,10 @@ TORCH_LIBRARY(fastllm, m) {
   // one fp32 scale per group of input columns: u = sum over groups of up_scale * (q_up . x) + b_up.
   // q_up / q_gate: int8 [n, d_in] (one weight per byte) or uint8 [n, d_in / 2] (packed int4: column
   // 2i in the low nibble of byte i, 2i + 1 in the high one; sparse/neuron_scores.h).
+  // quantize_x: x rounded to int8 per scale group first (sparse/neuron_scores.h), integer dots.
   m.def("quantized_neuron_scores(Tensor x, Tensor q_up, Tensor up_scale, Tensor? q_gate, "
-        "Tensor? gate_scale, Tensor? b_up, Tensor? b_gate, str activation) -> Tensor");
+        "Tensor? gate_scale, Tensor? b_up, Tensor? b_gate, str activation, "
+        "bool quantize_x=False) -> Tensor");
 
   // ---- galore: gradient low-rank projection (GaLore) ---------------------------------------------
   // A projected weight W (m x n) has projectors left (m x r) and/or right (r x n); its low-rank

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -24,6 +25,13 @@
 #endif
 
 namespace fastllm::cpu {
+
+// FASTLLM_CPU_SCALAR=1 makes the kernels with a hand-written AVX2 path take their scalar
+// fallback instead (read at each call: the tests compare both paths in one process).
+inline bool scalar_forced() {
+  const char* env = std::getenv("FASTLLM_CPU_SCALAR");
+  return env != nullptr && env[0] == '1';
+}
 
 #ifdef FASTLLM_HAVE_AVX2_PATHS
 inline bool cpu_has_avx2_fma() {

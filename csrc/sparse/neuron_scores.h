@@ -21,6 +21,7 @@
 // and the CUDA launch plan (host functions, unit-tested on the CPU through fastllm._C).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -71,6 +72,24 @@ FASTLLM_HOST_DEVICE float int8_code(uint32_t word, int k) {
 // Nibble k (0..7) of a little-endian word of packed int4 codes: column 8w + k of word w.
 FASTLLM_HOST_DEVICE float int4_code(uint32_t word, int k) {
   return float_from_bits(((word >> (4 * k)) & 0xFu) ^ 0x4B000008u) - 8388616.f;  // 2^23 + 8
+}
+
+// ---- x rounded to int8 (quantize_x) --------------------------------------------------------------
+//
+// With quantize_x each row of x is rounded per group of the weights' scale groups: symmetric,
+// scale = max |x| / 127 over the group, code = round-half-even(x / scale) in [-127, 127], a group
+// of zeros a scale of 0 and codes 0. The dots are then integer dots of codes (exact in int32)
+// times both scales. The same expressions in fp32 as the reference's torch ops, so the codes are
+// the same on every device.
+FASTLLM_HOST_DEVICE float x_group_scale(float max_abs) { return max_abs / 127.f; }
+
+FASTLLM_HOST_DEVICE int x_code(float v, float scale) {
+  if (!(scale > 0.f)) return 0;
+#if defined(__CUDA_ARCH__)
+  return static_cast<int>(rintf(v / scale));
+#else
+  return static_cast<int>(std::nearbyint(v / scale));  // the default mode rounds half to even
+#endif
 }
 
 // ---- the CUDA kernel's launch plan ----------------------------------------------------------------

@@ -1,10 +1,16 @@
 // CPU quantized neuron scores: parallel over neurons; each neuron's up (and gate) row is read once
 // and dotted with every row of x (x, widened to fp32 once, stays in L1). With AVX2 the int8 lanes
 // (or packed int4 nibbles, unpacked to int8 lanes in registers) are widened to fp32 and summed per
-// scale group with independent accumulators; otherwise a scalar loop.
+// scale group with independent accumulators; otherwise a scalar loop. With quantize_x, x is
+// rounded to int8 codes per group once per call and the dots are integer (maddubs: 32 products
+// per instruction pair instead of widening every code to fp32), which is what makes a predictor
+// cheaper than the rows it saves on a CPU.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "common/cpu_vec.h"
 #include "sparse/neuron_scores.h"
@@ -125,10 +131,281 @@ __attribute__((target("avx2,fma"))) void quantized_dots_avx2(
 }
 #endif
 
+// ---- quantize_x: integer dots of weight codes with x rounded to int8 codes -------------------------
+//
+// Per scale group g: d_g = sum of code * x_code (exact in int32), and a dot is
+// sum_g (w_scale[g] * x_scale[g]) * float(d_g), accumulated in group order by explicit fused
+// multiply-adds (the compiler would contract them in the AVX2 target only). The per-group AVX2
+// path (groups that are not whole 32-column blocks) sums its int32 lanes per group before the
+// same float arithmetic, so it equals the scalar path bit for bit; the block path below trades
+// that for fewer instructions.
+
+// The rounded rows of x: codes [rows, d], scales and code sums [rows, groups]. For packed int4
+// weights the codes of each 32-column block are also kept in nibble order (the block's 16 even
+// columns, then its 16 odd ones), so that the low and high nibbles of 16 weight bytes meet their
+// x codes without being interleaved back into column order.
+struct RoundedX {
+  std::vector<int8_t> codes;
+  std::vector<float> scale;
+  std::vector<int32_t> sum;
+  std::vector<int8_t> nibble_order;
+  // 8 * the sum of the 4 nibble-order codes under each int32 lane of a block's dot (8 per block):
+  // what reading the nibbles as code + 8 adds, subtracted in integers (no fp32 cancellation).
+  std::vector<int32_t> lane_offset;
+};
+
+RoundedX round_x(const float* x, int64_t rows, int64_t d, int64_t group, bool nibble_order) {
+  const int64_t groups = d / group;
+  RoundedX r{std::vector<int8_t>(rows * d), std::vector<float>(rows * groups),
+             std::vector<int32_t>(rows * groups), {}, {}};
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* v = x + b * d + g * group;
+      float max_abs = 0.f;
+      for (int64_t i = 0; i < group; ++i) max_abs = std::max(max_abs, std::fabs(v[i]));
+      const float scale = x_group_scale(max_abs);
+      int32_t sum = 0;
+      for (int64_t i = 0; i < group; ++i) {
+        const int code = x_code(v[i], scale);
+        r.codes[b * d + g * group + i] = static_cast<int8_t>(code);
+        sum += code;
+      }
+      r.scale[b * groups + g] = scale;
+      r.sum[b * groups + g] = sum;
+    }
+  }
+  if (nibble_order) {  // d is a multiple of 32 for packed weights (check_neuron_scores)
+    r.nibble_order.resize(rows * d);
+    r.lane_offset.resize(rows * d / 4);
+    for (int64_t e = 0; e < rows * d; e += 32) {
+      for (int64_t j = 0; j < 16; ++j) {
+        r.nibble_order[e + j] = r.codes[e + 2 * j];
+        r.nibble_order[e + 16 + j] = r.codes[e + 2 * j + 1];
+      }
+      for (int64_t lane = 0; lane < 8; ++lane) {
+        int32_t sum = 0;
+        for (int64_t t = 0; t < 4; ++t) sum += r.nibble_order[e + 4 * lane + t];
+        r.lane_offset[e / 4 + lane] = 8 * sum;
+      }
+    }
+  }
+  return r;
+}
+
+// Both integer dots of one neuron with one rounded row; the arguments as QuantizedDots', with x
+// as codes, their group scales and code sums.
+using IntegerDots = void (*)(const int8_t* x, const float* x_scale, const int32_t* x_sum,
+                             const void* q_up, const float* up_scale, const void* q_gate,
+                             const float* gate_scale, int64_t d, int64_t group, float* up,
+                             float* gate);
+
+template <bool kPacked>
+inline int weight_code(const void* row, int64_t i) {
+  if constexpr (kPacked) {
+    const uint8_t byte = static_cast<const uint8_t*>(row)[i >> 1];
+    const int nibble = (i & 1) ? byte >> 4 : byte & 0x0F;
+    return (nibble ^ 8) - 8;
+  } else {
+    return static_cast<const int8_t*>(row)[i];
+  }
+}
+
+template <bool kPacked>
+void integer_dots_scalar(const int8_t* x, const float* x_scale, const int32_t* x_sum,
+                         const void* q_up, const float* up_scale, const void* q_gate,
+                         const float* gate_scale, int64_t d, int64_t group, float* up,
+                         float* gate) {
+  (void)x_sum;
+  float su = 0.f, sg = 0.f;
+  for (int64_t g0 = 0, g = 0; g0 < d; g0 += group, ++g) {
+    int32_t du = 0, dg = 0;
+    for (int64_t i = g0; i < g0 + group; ++i) {
+      du += weight_code<kPacked>(q_up, i) * x[i];
+      if (q_gate != nullptr) dg += weight_code<kPacked>(q_gate, i) * x[i];
+    }
+    su = std::fma(up_scale[g] * x_scale[g], static_cast<float>(du), su);
+    if (q_gate != nullptr) sg = std::fma(gate_scale[g] * x_scale[g], static_cast<float>(dg), sg);
+  }
+  *up = su;
+  if (q_gate != nullptr) *gate = sg;
+}
+
+#ifdef FASTLLM_HAVE_AVX2_PATHS
+__attribute__((target("avx2,fma"))) inline int32_t int_lane_sum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Columns i .. i + 31 of a weight row as 32 unsigned bytes u with code = u - kOffset: int8 codes
+// are made unsigned by moving their sign onto x (u = |code|, x' = sign(code) * x, kOffset 0:
+// the x to use is returned in *x_signed); packed nibbles become u = nibble ^ 8 = code + 8 (x
+// unchanged, the caller subtracts 8 * sum(x codes) per group). u * x' pairs then fit maddubs'
+// int16 sums (2 * 128 * 127 and 2 * 15 * 127 < 32767).
+template <bool kPacked>
+__attribute__((target("avx2,fma"))) inline __m256i unsigned_codes_32(const void* row, int64_t i,
+                                                                      __m256i x,
+                                                                      __m256i* x_signed) {
+  if constexpr (kPacked) {
+    const __m128i bytes = _mm_xor_si128(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(row) + i / 2)),
+        _mm_set1_epi8(static_cast<char>(0x88)));
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    const __m128i low = _mm_and_si128(bytes, nibble);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+    *x_signed = x;
+    // byte j: column 2j low, 2j + 1 high
+    return _mm256_set_m128i(_mm_unpackhi_epi8(low, high), _mm_unpacklo_epi8(low, high));
+  } else {
+    const __m256i w =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(row) + i));
+    *x_signed = _mm256_sign_epi8(x, w);
+    return _mm256_sign_epi8(w, w);
+  }
+}
+
+// The int32 dot of 32 columns (u and x' from unsigned_codes_32) as 8 lanes.
+__attribute__((target("avx2,fma"))) inline __m256i dot_32(__m256i u, __m256i x_signed) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x_signed), _mm256_set1_epi16(1));
+}
+
+// The group's integer dot of columns [g0, g0 + group) (group a multiple of 16): 32 columns per
+// step, a 16-column tail in the low half of a vector.
+template <bool kPacked, bool kGated>
+__attribute__((target("avx2,fma"))) inline void group_dots(const int8_t* x, const void* q_up,
+                                                           const void* q_gate, int64_t g0,
+                                                           int64_t group, int32_t* du,
+                                                           int32_t* dg) {
+  __m256i au = _mm256_setzero_si256(), ag = _mm256_setzero_si256();
+  int64_t i = g0;
+  for (; i + 32 <= g0 + group; i += 32) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    __m256i xs;
+    const __m256i u = unsigned_codes_32<kPacked>(q_up, i, xv, &xs);
+    au = _mm256_add_epi32(au, dot_32(u, xs));
+    if constexpr (kGated) {
+      const __m256i v = unsigned_codes_32<kPacked>(q_gate, i, xv, &xs);
+      ag = _mm256_add_epi32(ag, dot_32(v, xs));
+    }
+  }
+  int32_t tail_u = 0, tail_g = 0;
+  for (; i < g0 + group; ++i) {  // 16 columns at most (group is a multiple of 16)
+    const int xi = x[i];
+    tail_u += (weight_code<kPacked>(q_up, i) + (kPacked ? 8 : 0)) * xi;
+    if constexpr (kGated) tail_g += (weight_code<kPacked>(q_gate, i) + (kPacked ? 8 : 0)) * xi;
+  }
+  *du = int_lane_sum(au) + tail_u;
+  if constexpr (kGated) *dg = int_lane_sum(ag) + tail_g;
+}
+
+template <bool kGated, bool kPacked>
+__attribute__((target("avx2,fma"))) void integer_dots_avx2(
+    const int8_t* __restrict__ x, const float* __restrict__ x_scale,
+    const int32_t* __restrict__ x_sum, const void* __restrict__ q_up,
+    const float* __restrict__ up_scale, const void* __restrict__ q_gate,
+    const float* __restrict__ gate_scale, int64_t d, int64_t group, float* up, float* gate) {
+  float su = 0.f, sg = 0.f;
+  for (int64_t g0 = 0, g = 0; g0 < d; g0 += group, ++g) {
+    int32_t du = 0, dg = 0;
+    group_dots<kPacked, kGated>(x, q_up, q_gate, g0, group, &du, &dg);
+    if constexpr (kPacked) {  // u = code + 8
+      du -= 8 * x_sum[g];
+      dg -= 8 * x_sum[g];
+    }
+    su = std::fma(up_scale[g] * x_scale[g], static_cast<float>(du), su);
+    if constexpr (kGated) sg = std::fma(gate_scale[g] * x_scale[g], static_cast<float>(dg), sg);
+  }
+  *up = su;
+  if constexpr (kGated) *gate = sg;
+}
+
+// Groups of whole 32-column blocks (the defaults: int4 group 32, int8 group 64): each block's
+// 8 int32 lane sums become floats scaled by its group's w_scale * x_scale in a vector
+// accumulator, with no horizontal sum per group. Packed rows take x in nibble order (RoundedX),
+// so a block costs one 16-byte load, two masks and one 128-bit insert per weight row; the
+// nibbles are read as u = code + 8 and the lanes' 8 * sum(x codes) subtracted as integers. Summed
+// in another order than the scalar path: equal to it up to fp32 rounding.
+template <bool kPacked>
+__attribute__((target("avx2,fma"))) inline __m256 block_dot(const void* row, int64_t i,
+                                                            __m256i x, __m256i offset,
+                                                            float scale, __m256 acc) {
+  __m256i u, x_signed;
+  if constexpr (kPacked) {
+    const __m128i bytes = _mm_xor_si128(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(row) + i / 2)),
+        _mm_set1_epi8(static_cast<char>(0x88)));
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble),
+                         _mm_and_si128(bytes, nibble));
+    x_signed = x;
+  } else {
+    u = unsigned_codes_32<false>(row, i, x, &x_signed);
+  }
+  __m256i dot = dot_32(u, x_signed);
+  if constexpr (kPacked) dot = _mm256_sub_epi32(dot, offset);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc);
+}
+
+template <bool kGated, bool kPacked>
+__attribute__((target("avx2,fma"))) void integer_dots_avx2_blocks(
+    const int8_t* __restrict__ x, const float* __restrict__ x_scale,
+    const int32_t* __restrict__ lane_offset, const void* __restrict__ q_up,
+    const float* __restrict__ up_scale, const void* __restrict__ q_gate,
+    const float* __restrict__ gate_scale, int64_t d, int64_t group, float* up, float* gate) {
+  __m256 au = _mm256_setzero_ps(), ag = _mm256_setzero_ps();
+  for (int64_t g0 = 0, g = 0; g0 < d; g0 += group, ++g) {
+    const float su = up_scale[g] * x_scale[g];
+    const float sg = kGated ? gate_scale[g] * x_scale[g] : 0.f;
+    for (int64_t i = g0; i < g0 + group; i += 32) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+      const __m256i offset =
+          kPacked ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane_offset + i / 4))
+                  : _mm256_setzero_si256();
+      au = block_dot<kPacked>(q_up, i, xv, offset, su, au);
+      if constexpr (kGated) ag = block_dot<kPacked>(q_gate, i, xv, offset, sg, ag);
+    }
+  }
+  *up = cpu::lane_sum(au);
+  if constexpr (kGated) *gate = cpu::lane_sum(ag);
+}
+#endif
+
+// The block path's signature differs (x in nibble order for packed weights, lane offsets): see
+// quantized_neuron_scores_cpu.
+using IntegerBlockDots = void (*)(const int8_t* x, const float* x_scale, const int32_t* lane_offset,
+                                  const void* q_up, const float* up_scale, const void* q_gate,
+                                  const float* gate_scale, int64_t d, int64_t group, float* up,
+                                  float* gate);
+
+IntegerBlockDots pick_integer_block_dots(bool gated, bool packed, int64_t group) {
+#ifdef FASTLLM_HAVE_AVX2_PATHS
+  if (group % 32 == 0 && cpu::cpu_has_avx2_fma() && !cpu::scalar_forced()) {
+    if (packed) {
+      return gated ? integer_dots_avx2_blocks<true, true> : integer_dots_avx2_blocks<false, true>;
+    }
+    return gated ? integer_dots_avx2_blocks<true, false> : integer_dots_avx2_blocks<false, false>;
+  }
+#endif
+  (void)gated, (void)packed, (void)group;
+  return nullptr;
+}
+
+IntegerDots pick_integer_dots(bool gated, bool packed) {
+#ifdef FASTLLM_HAVE_AVX2_PATHS
+  if (cpu::cpu_has_avx2_fma() && !cpu::scalar_forced()) {
+    if (packed) return gated ? integer_dots_avx2<true, true> : integer_dots_avx2<false, true>;
+    return gated ? integer_dots_avx2<true, false> : integer_dots_avx2<false, false>;
+  }
+#endif
+  (void)gated;
+  return packed ? integer_dots_scalar<true> : integer_dots_scalar<false>;
+}
+
 // Chosen once per call (the build targets plain x86-64, so AVX2 is a run-time decision).
 QuantizedDots pick_quantized_dots(bool gated, bool packed) {
 #ifdef FASTLLM_HAVE_AVX2_PATHS
-  if (cpu::cpu_has_avx2_fma()) {
+  if (cpu::cpu_has_avx2_fma() && !cpu::scalar_forced()) {
     if (packed) return gated ? quantized_dots_avx2<true, true> : quantized_dots_avx2<false, true>;
     return gated ? quantized_dots_avx2<true, false> : quantized_dots_avx2<false, false>;
   }
@@ -143,7 +420,7 @@ at::Tensor quantized_neuron_scores_cpu(const at::Tensor& x, const at::Tensor& q_
                                        const c10::optional<at::Tensor>& gate_scale,
                                        const c10::optional<at::Tensor>& b_up,
                                        const c10::optional<at::Tensor>& b_gate,
-                                       c10::string_view activation) {
+                                       c10::string_view activation, bool quantize_x) {
   const NeuronScoreShape s =
       check_neuron_scores(kOp, x, q_up, up_scale, q_gate, gate_scale, b_up, b_gate);
   const Activation act = parse_activation(kOp, std::string(activation));
@@ -161,6 +438,45 @@ at::Tensor quantized_neuron_scores_cpu(const at::Tensor& x, const at::Tensor& q_
   const float* bg = b_gate.has_value() ? b_gate->const_data_ptr<float>() : nullptr;
   const int64_t d = s.d_in, groups = d / s.group;
   float* op = out.data_ptr<float>();
+  if (quantize_x) {
+    const IntegerBlockDots block_dots = pick_integer_block_dots(s.gated, s.packed, s.group);
+    const RoundedX rx = round_x(xf, s.rows, d, s.group, block_dots != nullptr && s.packed);
+    if (block_dots != nullptr) {
+      const int8_t* x_codes = s.packed ? rx.nibble_order.data() : rx.codes.data();
+      const int32_t* lane_offset = s.packed ? rx.lane_offset.data() : nullptr;
+      at::parallel_for(0, s.neurons, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          for (int64_t b = 0; b < s.rows; ++b) {
+            float up = 0.f, gate = 0.f;
+            block_dots(x_codes + b * d, rx.scale.data() + b * groups,
+                       lane_offset ? lane_offset + b * d / 4 : nullptr,
+                       qu + j * row_bytes, su + j * groups, qg ? qg + j * row_bytes : nullptr,
+                       sg ? sg + j * groups : nullptr, d, s.group, &up, &gate);
+            up += bu ? bu[j] : 0.f;
+            gate += bg ? bg[j] : 0.f;
+            op[b * s.neurons + j] = std::fabs(hidden_value(act, s.gated, up, gate));
+          }
+        }
+      });
+      return out;
+    }
+    const IntegerDots integer_dots = pick_integer_dots(s.gated, s.packed);
+    at::parallel_for(0, s.neurons, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        for (int64_t b = 0; b < s.rows; ++b) {
+          float up = 0.f, gate = 0.f;
+          integer_dots(rx.codes.data() + b * d, rx.scale.data() + b * groups,
+                       rx.sum.data() + b * groups, qu + j * row_bytes, su + j * groups,
+                       qg ? qg + j * row_bytes : nullptr, sg ? sg + j * groups : nullptr, d,
+                       s.group, &up, &gate);
+          up += bu ? bu[j] : 0.f;
+          gate += bg ? bg[j] : 0.f;
+          op[b * s.neurons + j] = std::fabs(hidden_value(act, s.gated, up, gate));
+        }
+      }
+    });
+    return out;
+  }
   const QuantizedDots quantized_dots = pick_quantized_dots(s.gated, s.packed);
   at::parallel_for(0, s.neurons, 64, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {

@@ -218,11 +218,23 @@ at::Tensor quantized_neuron_scores_cuda(const at::Tensor& x, const at::Tensor& q
                                         const c10::optional<at::Tensor>& gate_scale,
                                         const c10::optional<at::Tensor>& b_up,
                                         const c10::optional<at::Tensor>& b_gate,
-                                        c10::string_view activation) {
+                                        c10::string_view activation, bool quantize_x) {
   const NeuronScoreShape s =
       check_neuron_scores(kOp, x, q_up, up_scale, q_gate, gate_scale, b_up, b_gate);
   const Activation act = parse_activation(kOp, std::string(activation));
   const c10::cuda::CUDAGuard guard(x.device());
+  if (quantize_x) {
+    // x rounded as on the CPU (neuron_scores.h: x_group_scale, x_code), here by ATen ops on the
+    // device (no synchronisation), then scored as fp32: the same codes and scores as the CPU's
+    // integer dots up to fp32 summation order. (Integer dp4a dots would save the kernel's fp32
+    // FMAs; not built.)
+    const at::Tensor grouped = x.to(at::kFloat).view({s.rows, s.d_in / s.group, s.group});
+    const at::Tensor scale = grouped.abs().amax(-1, /*keepdim=*/true) / 127.f;
+    const at::Tensor rounded =
+        at::where(scale > 0, (grouped / scale).round() * scale, at::zeros_like(grouped));
+    return quantized_neuron_scores_cuda(rounded.view({s.rows, s.d_in}), q_up, up_scale, q_gate,
+                                        gate_scale, b_up, b_gate, activation, false);
+  }
   at::Tensor out = at::empty({s.rows, s.neurons}, x.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   check_aligned("q_up", q_up);

@@ -75,9 +75,21 @@ def quantized_neuron_scores_reference(x: Tensor, q_up: Tensor, up_scale: Tensor,
                                       q_gate: Tensor | None = None,
                                       gate_scale: Tensor | None = None, b_up: Tensor | None = None,
                                       b_gate: Tensor | None = None,
-                                      activation: str = "silu") -> Tensor:
+                                      activation: str = "silu",
+                                      quantize_x: bool = False) -> Tensor:
     """Dequantize (``q * scale`` per column group) and score ``|act(g) * u|`` in fp32. uint8
-    weights are packed int4 (two codes per byte, ``fastllm._ops.sparse.pack_int4_rows``)."""
+    weights are packed int4 (two codes per byte, ``fastllm._ops.sparse.pack_int4_rows``). With
+    ``quantize_x`` each row of x is first rounded per scale group: scale ``max|x| / 127``, codes
+    ``round(x / scale)`` (half to even), x replaced by ``codes * scale`` (0 where the scale is 0)."""
+    x = x.float()
+    if quantize_x:
+        d = x.shape[-1]
+        grouped = x.reshape(-1, up_scale.shape[1], d // up_scale.shape[1])
+        scale = grouped.abs().amax(-1, keepdim=True) / 127
+        rounded = torch.where(scale > 0, (grouped / scale).round() * scale,
+                              torch.zeros_like(grouped))
+        x = rounded.reshape(x.shape)
+
     def dequant(q, scale):
         if q.dtype == torch.uint8:
             q = _unpack_int4(q)
@@ -85,6 +97,6 @@ def quantized_neuron_scores_reference(x: Tensor, q_up: Tensor, up_scale: Tensor,
         groups = scale.shape[1]
         return (q.float().reshape(n, groups, d // groups) * scale[..., None].float()).reshape(n, d)
     w_gate = None if q_gate is None else dequant(q_gate, gate_scale)
-    return _hidden(x.float(), dequant(q_up, up_scale), w_gate,
+    return _hidden(x, dequant(q_up, up_scale), w_gate,
                    None if b_up is None else b_up.float(),
                    None if b_gate is None else b_gate.float(), activation).abs()
