@@ -33,11 +33,28 @@ inline bool scalar_forced() {
   return env != nullptr && env[0] == '1';
 }
 
+// FASTLLM_CPU_NO_AVX512=1 keeps the kernels with an AVX-512 path on their AVX2 one (tests; and
+// machines whose AVX-512 clocks down).
+inline bool avx512_refused() {
+  const char* env = std::getenv("FASTLLM_CPU_NO_AVX512");
+  return env != nullptr && env[0] == '1';
+}
+
 #ifdef FASTLLM_HAVE_AVX2_PATHS
 inline bool cpu_has_avx2_fma() {
   static const bool has = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+}
+
+// AVX-512 with byte ops and VNNI (vpdpbusd: 64 unsigned-by-signed byte products per instruction).
+inline bool cpu_has_avx512_vnni() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
   }();
   return has;
 }

@@ -140,24 +140,39 @@ __attribute__((target("avx2,fma"))) void quantized_dots_avx2(
 // same float arithmetic, so it equals the scalar path bit for bit; the block path below trades
 // that for fewer instructions.
 
-// The rounded rows of x: codes [rows, d], scales and code sums [rows, groups]. For packed int4
-// weights the codes of each 32-column block are also kept in nibble order (the block's 16 even
-// columns, then its 16 odd ones), so that the low and high nibbles of 16 weight bytes meet their
-// x codes without being interleaved back into column order.
+// The rounded rows of x: codes [rows, d], scales and code sums [rows, groups], and what the block
+// paths read instead of the codes (XLayout):
+//   kNibbleBlocks (AVX2, packed int4): each 32-column block's 16 even columns, then its 16 odd
+//     ones, so the low and high nibbles of its 16 weight bytes meet their x codes without being
+//     interleaved back into column order;
+//   kNibblePairs (AVX-512, packed int4): per 64 columns, the evens of both blocks then the odds
+//     of both (a trailing single block as in kNibbleBlocks), matching the nibbles of 32 weight
+//     bytes split into two 256-bit halves;
+//   kColumnPairs (AVX-512, int8): column order.
+// With packed weights, lane_offset holds 8 * the sum of the 4 ordered codes under each int32
+// lane of a dot (reading the nibbles as code + 8 adds it; subtracted in integers, so no fp32
+// cancellation). With pairs, pair_scale holds each 64-column step's x scales laid out like its
+// dot's 16 lanes.
+enum class XLayout { kColumns, kNibbleBlocks, kNibblePairs, kColumnPairs };
+
 struct RoundedX {
   std::vector<int8_t> codes;
   std::vector<float> scale;
   std::vector<int32_t> sum;
-  std::vector<int8_t> nibble_order;
-  // 8 * the sum of the 4 nibble-order codes under each int32 lane of a block's dot (8 per block):
-  // what reading the nibbles as code + 8 adds, subtracted in integers (no fp32 cancellation).
+  std::vector<int8_t> ordered;
   std::vector<int32_t> lane_offset;
+  std::vector<float> pair_scale;
 };
 
-RoundedX round_x(const float* x, int64_t rows, int64_t d, int64_t group, bool nibble_order) {
+// The group of each 16-lane dot lane of a 64-column step: block 0 or 1 of the pair.
+inline int pair_lane_block(XLayout layout, int lane) {
+  return layout == XLayout::kNibblePairs ? (lane >> 2) & 1 : lane >> 3;
+}
+
+RoundedX round_x(const float* x, int64_t rows, int64_t d, int64_t group, XLayout layout) {
   const int64_t groups = d / group;
   RoundedX r{std::vector<int8_t>(rows * d), std::vector<float>(rows * groups),
-             std::vector<int32_t>(rows * groups), {}, {}};
+             std::vector<int32_t>(rows * groups), {}, {}, {}};
   for (int64_t b = 0; b < rows; ++b) {
     for (int64_t g = 0; g < groups; ++g) {
       const float* v = x + b * d + g * group;
@@ -174,18 +189,40 @@ RoundedX round_x(const float* x, int64_t rows, int64_t d, int64_t group, bool ni
       r.sum[b * groups + g] = sum;
     }
   }
-  if (nibble_order) {  // d is a multiple of 32 for packed weights (check_neuron_scores)
-    r.nibble_order.resize(rows * d);
-    r.lane_offset.resize(rows * d / 4);
-    for (int64_t e = 0; e < rows * d; e += 32) {
+  if (layout == XLayout::kColumns) return r;
+  const bool packed = layout == XLayout::kNibbleBlocks || layout == XLayout::kNibblePairs;
+  const bool pairs = layout == XLayout::kNibblePairs || layout == XLayout::kColumnPairs;
+  r.ordered = r.codes;
+  for (int64_t b = 0; b < rows && packed; ++b) {  // d is a multiple of 32 for packed weights
+    for (int64_t c = 0; c < d; c += 32) {
+      const bool in_pair = pairs && c / 64 * 64 + 64 <= d;
+      const int8_t* from = r.codes.data() + b * d + c;
+      // kNibblePairs: block k of a pair puts its evens at 16k and its odds at 32 + 16k
+      int8_t* to = r.ordered.data() + b * d + (in_pair ? c / 64 * 64 : c);
+      const int64_t evens = in_pair ? 16 * ((c / 32) & 1) : 0, odds = in_pair ? 32 + evens : 16;
       for (int64_t j = 0; j < 16; ++j) {
-        r.nibble_order[e + j] = r.codes[e + 2 * j];
-        r.nibble_order[e + 16 + j] = r.codes[e + 2 * j + 1];
+        to[evens + j] = from[2 * j];
+        to[odds + j] = from[2 * j + 1];
       }
-      for (int64_t lane = 0; lane < 8; ++lane) {
-        int32_t sum = 0;
-        for (int64_t t = 0; t < 4; ++t) sum += r.nibble_order[e + 4 * lane + t];
-        r.lane_offset[e / 4 + lane] = 8 * sum;
+    }
+  }
+  if (packed) {
+    r.lane_offset.resize(rows * d / 4);
+    for (int64_t e = 0; e < rows * d / 4; ++e) {
+      int32_t sum = 0;
+      for (int64_t t = 0; t < 4; ++t) sum += r.ordered[4 * e + t];
+      r.lane_offset[e] = 8 * sum;
+    }
+  }
+  if (pairs) {
+    const int64_t steps = d / 64;
+    r.pair_scale.resize(rows * steps * 16);
+    for (int64_t b = 0; b < rows; ++b) {
+      for (int64_t k = 0; k < steps; ++k) {
+        for (int lane = 0; lane < 16; ++lane) {
+          const int64_t block = 2 * k + pair_lane_block(layout, lane);
+          r.pair_scale[(b * steps + k) * 16 + lane] = r.scale[b * groups + block * 32 / group];
+        }
       }
     }
   }
@@ -350,9 +387,11 @@ __attribute__((target("avx2,fma"))) inline __m256 block_dot(const void* row, int
 template <bool kGated, bool kPacked>
 __attribute__((target("avx2,fma"))) void integer_dots_avx2_blocks(
     const int8_t* __restrict__ x, const float* __restrict__ x_scale,
-    const int32_t* __restrict__ lane_offset, const void* __restrict__ q_up,
+    const float* __restrict__ pair_scale, const int32_t* __restrict__ lane_offset,
+    const void* __restrict__ q_up,
     const float* __restrict__ up_scale, const void* __restrict__ q_gate,
     const float* __restrict__ gate_scale, int64_t d, int64_t group, float* up, float* gate) {
+  (void)pair_scale;
   __m256 au = _mm256_setzero_ps(), ag = _mm256_setzero_ps();
   for (int64_t g0 = 0, g = 0; g0 < d; g0 += group, ++g) {
     const float su = up_scale[g] * x_scale[g];
@@ -369,26 +408,137 @@ __attribute__((target("avx2,fma"))) void integer_dots_avx2_blocks(
   *up = cpu::lane_sum(au);
   if constexpr (kGated) *gate = cpu::lane_sum(ag);
 }
+
+// The block path on AVX-512 VNNI: two 32-column blocks per step, one vpdpbusd per weight row.
+// Packed bytes of two blocks are split into nibbles, low half then high half, which meets x in
+// kNibblePairs order; int8 codes move their sign onto x by a masked negation (AVX-512 has no sign
+// instruction). A lane's scale is w_scale * x_scale of its block's group: x's come laid out per
+// step (RoundedX::pair_scale), w's are broadcast from memory when both blocks share a group, or
+// two consecutive ones spread over the lanes by one permute.
+template <bool kPacked>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) inline __m512i block_pair_dot(
+    const void* row, int64_t i, __m512i x, __m512i offset) {
+  __m512i u, x_signed;
+  if constexpr (kPacked) {
+    const __m256i bytes = _mm256_xor_si256(
+        _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(static_cast<const uint8_t*>(row) + i / 2)),
+        _mm256_set1_epi8(static_cast<char>(0x88)));
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, nibble)),
+                           _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble), 1);
+    x_signed = x;
+  } else {
+    const __m512i w =
+        _mm512_loadu_si512(reinterpret_cast<const void*>(static_cast<const int8_t*>(row) + i));
+    u = _mm512_abs_epi8(w);
+    x_signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+  }
+  const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x_signed);
+  return kPacked ? _mm512_sub_epi32(dot, offset) : dot;
+}
+
+// w_scale of each lane's group (g0 for block 0's lanes, g1 for block 1's), per pair_lane_block.
+template <bool kPacked>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) inline __m512 lane_w_scale(
+    const float* w_scale, int64_t g0, int64_t g1) {
+  if (g0 == g1) return _mm512_set1_ps(w_scale[g0]);
+  const __m512i spread = kPacked ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+                                 : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  if (g1 == g0 + 1) {
+    const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(w_scale + g0)));
+    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(two));
+  }
+  return _mm512_permutexvar_ps(
+      spread, _mm512_castps128_ps512(_mm_set_ps(0.f, 0.f, w_scale[g1], w_scale[g0])));
+}
+
+template <bool kGated, bool kPacked>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void integer_dots_vnni_blocks(
+    const int8_t* __restrict__ x, const float* __restrict__ x_scale,
+    const float* __restrict__ pair_scale, const int32_t* __restrict__ lane_offset,
+    const void* __restrict__ q_up, const float* __restrict__ up_scale,
+    const void* __restrict__ q_gate, const float* __restrict__ gate_scale, int64_t d,
+    int64_t group, float* up, float* gate) {
+  __m512 au = _mm512_setzero_ps(), ag = _mm512_setzero_ps();
+  // The groups of the step's two blocks, counted without a division per step.
+  int64_t i = 0, g = 0, left = group;
+  const auto next_block_group = [&]() {
+    const int64_t current = g;
+    left -= 32;
+    if (left == 0) {
+      ++g;
+      left = group;
+    }
+    return current;
+  };
+  for (; i + 64 <= d; i += 64) {
+    const int64_t g0 = next_block_group(), g1 = next_block_group();
+    const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x + i));
+    const __m512i offset = kPacked ? _mm512_loadu_si512(reinterpret_cast<const void*>(
+                                         lane_offset + i / 4))
+                                   : _mm512_setzero_si512();
+    const __m512 xs = _mm512_loadu_ps(pair_scale + i / 4);  // 16 per 64 columns
+    au = _mm512_fmadd_ps(
+        _mm512_mul_ps(_mm512_cvtepi32_ps(block_pair_dot<kPacked>(q_up, i, xv, offset)),
+                      lane_w_scale<kPacked>(up_scale, g0, g1)), xs, au);
+    if constexpr (kGated) {
+      ag = _mm512_fmadd_ps(
+          _mm512_mul_ps(_mm512_cvtepi32_ps(block_pair_dot<kPacked>(q_gate, i, xv, offset)),
+                        lane_w_scale<kPacked>(gate_scale, g0, g1)), xs, ag);
+    }
+  }
+  __m256 tail_u = _mm256_setzero_ps(), tail_g = _mm256_setzero_ps();
+  if (i < d) {  // one 32-column block left, of group g (in kNibbleBlocks order when packed)
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    const __m256i offset =
+        kPacked ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane_offset + i / 4))
+                : _mm256_setzero_si256();
+    tail_u = block_dot<kPacked>(q_up, i, xv, offset, up_scale[g] * x_scale[g], tail_u);
+    if constexpr (kGated) {
+      tail_g = block_dot<kPacked>(q_gate, i, xv, offset, gate_scale[g] * x_scale[g], tail_g);
+    }
+  }
+  *up = _mm512_reduce_add_ps(au) + cpu::lane_sum(tail_u);
+  if constexpr (kGated) *gate = _mm512_reduce_add_ps(ag) + cpu::lane_sum(tail_g);
+}
 #endif
 
-// The block path's signature differs (x in nibble order for packed weights, lane offsets): see
+// The block paths' signature (x in its XLayout, the pairs' lane scales, lane offsets): see
 // quantized_neuron_scores_cpu.
-using IntegerBlockDots = void (*)(const int8_t* x, const float* x_scale, const int32_t* lane_offset,
-                                  const void* q_up, const float* up_scale, const void* q_gate,
+using IntegerBlockDots = void (*)(const int8_t* x, const float* x_scale, const float* pair_scale,
+                                  const int32_t* lane_offset, const void* q_up,
+                                  const float* up_scale, const void* q_gate,
                                   const float* gate_scale, int64_t d, int64_t group, float* up,
                                   float* gate);
 
-IntegerBlockDots pick_integer_block_dots(bool gated, bool packed, int64_t group) {
+struct BlockPath {
+  IntegerBlockDots dots;  // null: no block path (groups not whole 32-column blocks, or no AVX2)
+  XLayout layout;
+};
+
+BlockPath pick_integer_block_dots(bool gated, bool packed, int64_t group) {
 #ifdef FASTLLM_HAVE_AVX2_PATHS
+  if (group % 32 == 0 && cpu::cpu_has_avx512_vnni() && cpu::cpu_has_avx2_fma() &&
+      !cpu::scalar_forced() && !cpu::avx512_refused()) {
+    if (packed) {
+      return {gated ? integer_dots_vnni_blocks<true, true> : integer_dots_vnni_blocks<false, true>,
+              XLayout::kNibblePairs};
+    }
+    return {gated ? integer_dots_vnni_blocks<true, false> : integer_dots_vnni_blocks<false, false>,
+            XLayout::kColumnPairs};
+  }
   if (group % 32 == 0 && cpu::cpu_has_avx2_fma() && !cpu::scalar_forced()) {
     if (packed) {
-      return gated ? integer_dots_avx2_blocks<true, true> : integer_dots_avx2_blocks<false, true>;
+      return {gated ? integer_dots_avx2_blocks<true, true> : integer_dots_avx2_blocks<false, true>,
+              XLayout::kNibbleBlocks};
     }
-    return gated ? integer_dots_avx2_blocks<true, false> : integer_dots_avx2_blocks<false, false>;
+    return {gated ? integer_dots_avx2_blocks<true, false> : integer_dots_avx2_blocks<false, false>,
+            XLayout::kColumns};
   }
 #endif
   (void)gated, (void)packed, (void)group;
-  return nullptr;
+  return {nullptr, XLayout::kColumns};
 }
 
 IntegerDots pick_integer_dots(bool gated, bool packed) {
@@ -439,17 +589,18 @@ at::Tensor quantized_neuron_scores_cpu(const at::Tensor& x, const at::Tensor& q_
   const int64_t d = s.d_in, groups = d / s.group;
   float* op = out.data_ptr<float>();
   if (quantize_x) {
-    const IntegerBlockDots block_dots = pick_integer_block_dots(s.gated, s.packed, s.group);
-    const RoundedX rx = round_x(xf, s.rows, d, s.group, block_dots != nullptr && s.packed);
-    if (block_dots != nullptr) {
-      const int8_t* x_codes = s.packed ? rx.nibble_order.data() : rx.codes.data();
-      const int32_t* lane_offset = s.packed ? rx.lane_offset.data() : nullptr;
+    const BlockPath block = pick_integer_block_dots(s.gated, s.packed, s.group);
+    const RoundedX rx = round_x(xf, s.rows, d, s.group, block.layout);
+    if (block.dots != nullptr) {
+      const int8_t* x_codes = rx.ordered.empty() ? rx.codes.data() : rx.ordered.data();
+      const int64_t steps = d / 64;
       at::parallel_for(0, s.neurons, 64, [&](int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j) {
           for (int64_t b = 0; b < s.rows; ++b) {
             float up = 0.f, gate = 0.f;
-            block_dots(x_codes + b * d, rx.scale.data() + b * groups,
-                       lane_offset ? lane_offset + b * d / 4 : nullptr,
+            block.dots(x_codes + b * d, rx.scale.data() + b * groups,
+                       rx.pair_scale.empty() ? nullptr : rx.pair_scale.data() + b * steps * 16,
+                       rx.lane_offset.empty() ? nullptr : rx.lane_offset.data() + b * d / 4,
                        qu + j * row_bytes, su + j * groups, qg ? qg + j * row_bytes : nullptr,
                        sg ? sg + j * groups : nullptr, d, s.group, &up, &gate);
             up += bu ? bu[j] : 0.f;
