@@ -168,11 +168,15 @@ def serve(model, tokenizer, trace, kv_pool, manager=None, policy="fastgen", max_
             if not running and not waiting:
                 time.sleep(max(0.0, pending[0].arrival - now))
                 continue
-            # admit: each prompt alone, in arrival order, while it fits
+            # admit: each prompt alone, in arrival order, while it fits. The pages its KV needs
+            # may come from adapters outside the batch, but not from those of the running
+            # sequences or of the requests queued right behind it (up to the free batch
+            # slots): evicting those only to reload them a step later was the churn.
             while waiting and len(running) < max_batch:
                 req = waiting[0]
+                queued = [r.adapter for r in list(waiting)[1:max_batch - len(running)]]
                 try:
-                    with batch([req.adapter], keep=names(running)):
+                    with batch([req.adapter], keep=names(running) + queued):
                         logits = cache.join(req.prompt).logits[0, -1]
                 except PoolExhaustedError:
                     if not running:  # can never fit this pool
