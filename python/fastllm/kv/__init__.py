@@ -11,7 +11,8 @@ Needs transformers (``pip install 'fastllm[hf]'``): FastGenCache is a transforme
 from .._optional import needs
 
 with needs("transformers", "fastllm.kv"):
-    from .cache import SUPPORTED_MODEL_TYPES, FastGenCache, cache_keyword, profile
+    from .cache import SUPPORTED_MODEL_TYPES, FastGenCache, cache_keyword
+    from .profiling import profile
 from .policies import FASTGEN_POLICIES, POLICIES
 
 __all__ = [
