@@ -75,7 +75,7 @@ class Progress:
         if tenth == self._shown_tenth and not final:
             return
         self._shown_tenth = tenth
-        text = (f"{self.desc}: {self.done}/{self.total} {self.unit}s "
+        text = (f"{self.desc}: {self.done}/{self.total} {_plural(self.unit)} "
                 f"({time.perf_counter() - self._start:.1f} s)")
         if _stderr_is_terminal():
             sys.stderr.write("\r" + text + ("\n" if final else ""))
@@ -98,6 +98,10 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _plural(unit: str) -> str:
+    return unit + ("es" if unit.endswith(("ch", "sh", "s", "x")) else "s")
 
 
 def track(iterable, total: int, desc: str, enabled: bool, unit: str = "step"):

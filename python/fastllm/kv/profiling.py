@@ -4,7 +4,7 @@
 
 ``profile`` returns a :class:`Profile`: one frozen :class:`HeadChoice` per (layer, KV head),
 with ``by_layer``, ``counts()``, ``summary()`` (a table, also what ``print`` shows) and
-``to_dicts()``. In fastllm 0.1.0 the result was the nested list ``[layer][kv head] ->
+``to_dicts()``. Earlier versions returned the nested list ``[layer][kv head] ->
 {"policy", "kept"}``; ``to_dicts()`` returns exactly that, and indexing a result the old way
 (``result[layer][head]["policy"]``) still works with a ``DeprecationWarning``.
 """

@@ -7,13 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._sites import _per_layer, collect_mlp_data
+from .._progress import Progress, check_progress
+from ._sites import _batch_count, _collect, _per_layer
 
 
 
-def gate_magnitudes(model: nn.Module, calibration_ids: Tensor,
-                    max_values: int = 1 << 22) -> list[Tensor]:
-    """Per layer, a sample of ``|act(gate)|`` (``|act(fc1)|`` for ReLU models) on the tokens."""
+def gate_magnitudes(model: nn.Module, calibration_ids: Tensor, max_values: int = 1 << 22, *,
+                    progress: bool | None = None, batch_size: int = 4) -> list[Tensor]:
+    """Per layer, a sample of ``|act(gate)|`` (``|act(fc1)|`` for ReLU models) on the tokens.
+
+    ``progress`` reports the dense passes (``batch_size`` sequences each) on stderr: True,
+    False, or None (the default) for only when stderr is a terminal."""
+    show = check_progress(progress, "fastllm.sparse.gate_magnitudes")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"fastllm.sparse.gate_magnitudes: batch_size must be a positive int, "
+                         f"got {batch_size!r}")
     def magnitudes(i, view, x):
         pre = F.linear(x, view.gate_w if view.kind == "gated" else view.up_w,
                        view.gate_b if view.kind == "gated" else view.up_b)
@@ -22,7 +30,10 @@ def gate_magnitudes(model: nn.Module, calibration_ids: Tensor,
             values = values[torch.randint(values.numel(), (max_values,), device=values.device)]
         return values.cpu()
 
-    return [torch.cat(v) for v in collect_mlp_data(model, calibration_ids, magnitudes)]
+    with Progress(_batch_count(calibration_ids, batch_size), "calibrating thresholds", show,
+                  unit="batch") as bar:
+        data = _collect(model, calibration_ids, magnitudes, batch_size, bar)
+    return [torch.cat(v) for v in data]
 
 
 def thresholds_from_magnitudes(magnitudes: list[Tensor], sparsity) -> list[float]:
@@ -37,8 +48,11 @@ def thresholds_from_magnitudes(magnitudes: list[Tensor], sparsity) -> list[float
     return out
 
 
-def calibrate_thresholds(model: nn.Module, calibration_ids: Tensor, sparsity) -> list[float]:
+def calibrate_thresholds(model: nn.Module, calibration_ids: Tensor, sparsity, *,
+                         progress: bool | None = None) -> list[float]:
     """Per-layer thresholds on ``|act(gate)|`` (``|act(fc1)|`` for ReLU models) such that the
     given share of neurons (a float, or one per layer) falls below them on the calibration
-    tokens."""
-    return thresholds_from_magnitudes(gate_magnitudes(model, calibration_ids), sparsity)
+    tokens. ``progress``: as in :func:`gate_magnitudes`."""
+    check_progress(progress, "fastllm.sparse.calibrate_thresholds")
+    return thresholds_from_magnitudes(gate_magnitudes(model, calibration_ids, progress=progress),
+                                      sparsity)
