@@ -17,6 +17,6 @@ with needs("transformers", "fastllm.kv"):
 from .policies import FASTGEN_POLICIES, POLICIES
 
 __all__ = [
-    "FASTGEN_POLICIES", "POLICIES", "SUPPORTED_MODEL_TYPES", "FastGenCache", "HeadChoice", "Profile",
-    "cache_keyword", "profile",
+    "FASTGEN_POLICIES", "POLICIES", "SUPPORTED_MODEL_TYPES", "FastGenCache", "HeadChoice",
+    "Profile", "cache_keyword", "profile",
 ]
