@@ -35,6 +35,11 @@ class HeadChoice:
         sinks, window, heavy: the policy's first tokens always kept, its recent window and its
             heavy-hitter slots (0 where the policy has none).
         grows: whether the head keeps every generated token (policy ``"full"``, SnapKV).
+
+    Example::
+
+        choice = fastllm.kv.profile(model, tokenizer, text)[3][0]    # layer 3, KV head 0
+        choice.policy, choice.kept, f"{choice.kept_share:.0%}"
     """
 
     layer: int
@@ -76,6 +81,13 @@ class Profile:
         heads: every :class:`HeadChoice`, layer by layer, KV head by KV head.
         tokens: the prompt's tokens.
         profile_seconds: the host time the profiling took (``FastGenCache.stats()``'s).
+
+    Example::
+
+        result = fastllm.kv.profile(model, tokenizer, text)
+        print(result)                                 # the summary() table
+        cheap = [c for c in result.heads if c.policy != "full"]
+        result.to_dicts()                             # [[{"policy": ..., "kept": ...}, ...], ...]
     """
 
     def __init__(self, heads, tokens: int, profile_seconds: float = 0.0):

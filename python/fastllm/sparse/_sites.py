@@ -37,7 +37,12 @@ class _Site:
 
 
 def find_mlps(model: nn.Module) -> list[_Site]:
-    """The model's MLPs in layer order (dense or already sparsified)."""
+    """The model's MLPs in layer order (dense or already sparsified).
+
+    Example::
+
+        len(fastllm.sparse.find_mlps(model)) == model.config.num_hidden_layers
+    """
     sites = []
     for module in model.modules():
         mlp = getattr(module, "mlp", None)
@@ -85,6 +90,13 @@ def collect_mlp_data(model: nn.Module, ids: Tensor, fn, batch_size: int = 4, *,
     ``view`` is a :class:`SparseMLP` over that layer's dense weights (``view.dense_hidden(x)``
     gives the hidden values). Returns a per-layer list of lists of ``fn``'s results.
     ``progress`` reports the batches run (True, False, or None: only when stderr is a terminal).
+
+    Example::
+
+        # the mean |h| of every MLP's hidden neurons over the calibration tokens
+        per_layer = fastllm.sparse.collect_mlp_data(
+            model, ids, lambda i, view, x: view.dense_hidden(x).abs().mean(0))
+        means = [torch.stack(chunks).mean(0) for chunks in per_layer]
     """
     show = check_progress(progress, "fastllm.sparse.collect_mlp_data")
     with Progress(_batch_count(ids, batch_size), "collecting MLP inputs", show,
@@ -173,7 +185,13 @@ def _reinstall(model: nn.Module, saved: list) -> None:
 
 
 def densify(model: nn.Module) -> list[SparseMLP]:
-    """Put every original dense MLP back (the same module objects); returns the removed ones."""
+    """Put every original dense MLP back (the same module objects); returns the removed ones.
+
+    Example::
+
+        fastllm.sparse.sparsify(model, 0.5, calibration_ids=ids)
+        removed = fastllm.sparse.densify(model)     # the SparseMLPs; the model is dense again
+    """
     removed = []
     for site in find_mlps(model):
         if site.kind == "llama" and isinstance(site.layer.mlp, SparseMLP):

@@ -32,6 +32,11 @@ def allocate_sparsity(model: nn.Module, predictors: "Predictors | None", calibra
     layer at ``max_sparsity``, density is added ``step`` at a time where it removes the most
     error, until the average density is ``1 - sparsity``. ``progress`` reports the dense
     passes on stderr: True, False, or None (the default) for only when stderr is a terminal.
+
+    Example::
+
+        per_layer = fastllm.sparse.allocate_sparsity(model, preds, ids, 0.5)   # mean 0.5
+        fastllm.sparse.sparsify(model, per_layer, predictors=preds)
     """
     check_progress(progress, "fastllm.sparse.allocate_sparsity")
     grid = [round(k * step, 6) for k in range(1, int(round(1 / step)) + 1)]  # keep fractions

@@ -52,7 +52,13 @@ def calibrate_thresholds(model: nn.Module, calibration_ids: Tensor, sparsity, *,
                          progress: bool | None = None) -> list[float]:
     """Per-layer thresholds on ``|act(gate)|`` (``|act(fc1)|`` for ReLU models) such that the
     given share of neurons (a float, or one per layer) falls below them on the calibration
-    tokens. ``progress``: as in :func:`gate_magnitudes`."""
+    tokens. ``progress``: as in :func:`gate_magnitudes`.
+
+    Example::
+
+        thresholds = fastllm.sparse.calibrate_thresholds(model, ids, 0.5)
+        fastllm.sparse.sparsify(model, 0.5, mode="threshold", thresholds=thresholds)
+    """
     check_progress(progress, "fastllm.sparse.calibrate_thresholds")
     return thresholds_from_magnitudes(gate_magnitudes(model, calibration_ids, progress=progress),
                                       sparsity)

@@ -24,7 +24,18 @@ class PredictorMismatchError(ValueError):
 @dataclass
 
 class Predictors:
-    """Per-layer low-rank predictors plus what they were trained for."""
+    """One neuron predictor per MLP (low-rank, factored or quantized: ``kind``) plus what they
+    were made for (``identity``: the model's name, type and shapes) and, per layer, ``stats``
+    (recall and precision on held-out tokens). Made by :func:`train_predictors` and its kinds;
+    :meth:`save` / :meth:`load` keep them in a safetensors file (needs ``safetensors``).
+
+    Example::
+
+        preds = fastllm.sparse.train_predictors(model, calibration_ids)
+        preds.save("preds.safetensors")
+        preds = fastllm.sparse.Predictors.load("preds.safetensors", model)   # checks the model
+        fastllm.sparse.sparsify(model, 0.5, predictors=preds)
+    """
     layers: nn.ModuleList
     identity: dict
     rank: int
@@ -213,6 +224,15 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
     ``topk_recall_vs_oracle@<eval_sparsity>``, the share of the oracle's top-k by ``|h|`` that the
     predictor's top-k finds. With ``lookahead`` the predictor of layer l (l >= 1) reads layer
     l-1's MLP input. ``layers`` restricts the fit to some layers (others stay untrained).
+    ``progress``: report the dense passes and the layers on stderr (True, False, or None: only
+    when stderr is a terminal).
+
+    Example::
+
+        ids = tokenizer(texts, return_tensors="pt", padding=True).input_ids   # ~ 4k tokens
+        preds = fastllm.sparse.train_predictors(model, ids)                  # quantized (gated)
+        preds.stats[0]["topk_recall_vs_oracle@0.5"]
+        fastllm.sparse.sparsify(model, 0.5, predictors=preds)
     """
     check_progress(progress, "fastllm.sparse.train_predictors")  # before any work
     sites = find_mlps(model)
@@ -290,6 +310,11 @@ def fit_factored_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: 
     recall by < 0.002, so it is off by default). ``ridge`` adds
     ``ridge * mean(diag C)`` to ``C``. The per-layer offset makes ``logit > 0`` keep the
     ``1 - eval_sparsity`` share of neurons on (up to ``offset_tokens``) training tokens.
+
+    Example::
+
+        preds = fastllm.sparse.fit_factored_predictors(model, ids, rank=128)
+        # the same as train_predictors(model, ids, kind="factored", rank=128)
     """
     show = check_progress(progress, "fastllm.sparse.fit_factored_predictors")
     sites = find_mlps(model)
@@ -424,6 +449,12 @@ def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None,
     ``1 - eval_sparsity`` share) and give ``Predictors.stats`` on those tokens (the predictor was
     not trained on them, but the offset was set on them). ``layers`` restricts which MLPs get a
     predictor (the others keep an all-zero one, which scores every neuron 0).
+
+    Example::
+
+        preds = fastllm.sparse.quantize_predictors(model, ids, bits=8)   # int8 gate + up
+        fastllm.sparse.predictor_bytes_share(d, n, bits=8)               # its bytes per call
+        fastllm.sparse.sparsify(model, 0.5, predictors=preds)
     """
     show = check_progress(progress, "fastllm.sparse.quantize_predictors")
     sites = find_mlps(model)
