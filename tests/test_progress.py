@@ -114,12 +114,14 @@ def test_progress_total_is_checked():
     (lambda m, ids: sparse.train_predictors(m, ids, kind="factored", rank=4, progress=True),
      "fitting predictors: 3/3 steps"),            # 1 batch + 2 layers
     (lambda m, ids: sparse.calibrate_thresholds(m, ids, 0.5, progress=True),
-     "calibrating thresholds: 1/1 batches"),
+     "calibrating thresholds: 3/3 steps"),        # 1 batch + 2 layers' quantiles
+    (lambda m, ids: sparse.calibrate_thresholds(m, ids, 0.5, progress=True, batch_size=1),
+     "calibrating thresholds: 6/6 steps"),
     (lambda m, ids: sparse.gate_magnitudes(m, ids, progress=True, batch_size=1),
      "calibrating thresholds: 4/4 batches"),
     (lambda m, ids: sparse.sparsify(m, 0.5, mode="threshold", calibration_ids=ids,
                                     progress=True),
-     "calibrating thresholds: 1/1 batches"),
+     "calibrating thresholds: 3/3 steps"),
     (lambda m, ids: sparse.collect_mlp_data(m, ids, lambda i, v, x: None, batch_size=2,
                                             progress=True),
      "collecting MLP inputs: 2/2 batches"),
@@ -175,6 +177,10 @@ def test_progress_argument_is_checked_before_any_work(call, where, monkeypatch):
     assert not any(type(m).__name__ == "SparseMLP" for m in model.modules())
 
 
-def test_gate_magnitudes_batch_size_is_checked():
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
-        sparse.gate_magnitudes(tiny_llama(), torch.zeros(1, 4, dtype=torch.long), batch_size=0)
+@pytest.mark.parametrize("where", ["gate_magnitudes", "calibrate_thresholds"])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_calibration_batch_size_is_checked(where, bad):
+    call = getattr(sparse, where)
+    args = (0.5,) if where == "calibrate_thresholds" else ()
+    with pytest.raises(ValueError, match=rf"{where}: batch_size must be a positive int"):
+        call(tiny_llama(), torch.zeros(1, 4, dtype=torch.long), *args, batch_size=bad)
