@@ -176,7 +176,7 @@ def profile(model, tokenizer, text: str, *, progress: bool | None = None, **kwar
 
         result = fastllm.kv.profile(model, tokenizer, "The quick brown fox ...")
         print(result)                      # a table: each layer's heads, policy and kept share
-        result.counts()                    # {"special+punct+local": 41, "full": 19, ...}
+        result.counts()                    # heads per policy, most common first
         result[0][1].policy, result[0][1].kept
     """
     show = check_progress(progress, "fastllm.kv.profile")
