@@ -113,8 +113,10 @@ def teacher_forced(model, cache, prompt, target, after_prefill=None):
     """Prefill `prompt`, then feed `target` one token at a time. Returns (log-probs of every target
     token, argmax predictions, prefill seconds, decode seconds); calls `after_prefill(cache)`
     between the two, untimed."""
+    from fastllm.kv import cache_keyword
+    cache_kw = {cache_keyword(model): cache}  # outside the timing
     start = time.perf_counter()
-    logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = model(prompt, **cache_kw, use_cache=True).logits[:, -1]
     prefill = time.perf_counter() - start
     if after_prefill is not None:
         after_prefill(cache)
@@ -125,7 +127,7 @@ def teacher_forced(model, cache, prompt, target, after_prefill=None):
         logps.append(logp[0, target[0, i]].item())
         preds.append(int(logp.argmax(-1)))
         if i + 1 < target.shape[1]:
-            logits = model(target[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(target[:, i:i + 1], **cache_kw, use_cache=True).logits[:, -1]
     return logps, preds, prefill, time.perf_counter() - start
 
 
@@ -564,15 +566,17 @@ def decode_speed(device: str, quick: bool, progress: Progress) -> list[Record]:
     configs = {"fastgen": ("fastgen", 0.95), "dynamic": ("dynamic", None)}
     samples = {name: [] for name in configs}
     memory = {}
+    from fastllm.kv import cache_keyword
+    keyword = cache_keyword(model)
     for _ in range(4 if quick else 8):
         for name, config in configs.items():
             cache = make_cache(model, tokenizer, config)
-            model(prompt, past_key_values=cache, use_cache=True)
+            model(prompt, **{keyword: cache}, use_cache=True)
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             for i in range(steps):
-                model(cont[:, i:i + 1], past_key_values=cache, use_cache=True)
+                model(cont[:, i:i + 1], **{keyword: cache}, use_cache=True)
             if device == "cuda":
                 torch.cuda.synchronize()
             samples[name].append((time.perf_counter() - start) / steps)

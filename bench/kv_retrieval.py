@@ -272,6 +272,13 @@ VARIANT_CONFIGS = {
 }
 
 
+def cache_arg(model, cache) -> dict:
+    """``{keyword: cache}`` for a call of ``model``: ``cache=`` where transformers renamed
+    ``past_key_values`` (which still works there but warns on every call)."""
+    from fastllm.kv import cache_keyword
+    return {cache_keyword(model): cache}
+
+
 def make_cache(model, tokenizer, name: str, kwargs: dict):
     from fastllm.kv import FastGenCache
     if name == "full":
@@ -307,7 +314,7 @@ class SharedPrefill:
 
         cache._prefill = record
         with torch.no_grad():
-            self.logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            self.logits = model(ids, **cache_arg(model, cache), use_cache=True).logits[:, -1]
         del cache._prefill
         self.full_cache = cache
 
@@ -342,7 +349,7 @@ def run_case(model, tokenizer, prefill: SharedPrefill, name: str, kwargs: dict, 
     if mode == "aware":
         logits = prefill.logits
     else:
-        logits = model(torch.tensor([case["question"]]), past_key_values=cache,
+        logits = model(torch.tensor([case["question"]]), **cache_arg(model, cache),
                        use_cache=True).logits[:, -1]
     out = []
     for _ in range(case["max_new"]):
@@ -353,7 +360,7 @@ def run_case(model, tokenizer, prefill: SharedPrefill, name: str, kwargs: dict, 
         text = tokenizer.decode(out)
         if all(a in text for a in case["answers"]) or ("\n" in text and text.strip()):
             break
-        logits = model(torch.tensor([[token]]), past_key_values=cache,
+        logits = model(torch.tensor([[token]]), **cache_arg(model, cache),
                        use_cache=True).logits[:, -1]
     text = tokenizer.decode(out)
     found = sum(a in text for a in case["answers"])
@@ -421,7 +428,7 @@ def perplexity(model, tokenizer, split: str, configs: dict, prompt_len: int = 10
             for i in range(prompt_len, ids.shape[1]):
                 logps[label].append(float(logits[0].float().log_softmax(-1)[ids[0, i]]))
                 if i + 1 < ids.shape[1]:
-                    logits = model(ids[:, i:i + 1], past_key_values=cache,
+                    logits = model(ids[:, i:i + 1], **cache_arg(model, cache),
                                    use_cache=True).logits[:, -1]
             cache.release()
         prefill.release()

@@ -22,7 +22,8 @@ import fastllm
 import fastllm.ops as ops
 from fastllm._reference import kv_evict_round_reference, kv_ragged_decode_reference
 from fastllm.kv import FastGenCache
-from fastllm.kv.cache import _decode_work, _HeadCaches
+from fastllm.kv.decode import _decode_work
+from fastllm.kv.storage import _HeadCaches
 from helpers import cache_arg
 
 transformers = pytest.importorskip("transformers")

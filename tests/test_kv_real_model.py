@@ -126,10 +126,11 @@ def test_fastgen_special_and_punct_heads_keep_them(smollm2, shakespeare):
                 assert int(((cls & 1) == 0).sum()) <= 1
             if policy.name == "special+punct":
                 assert int(((cls & 3) == 0).sum()) <= 1
-    table = profile(model, tokenizer, shakespeare[:300], recovery=0.5)
+    table = profile(model, tokenizer, shakespeare[:300], recovery=0.5, progress=False)
     assert len(table) == model.config.num_hidden_layers and len(table[0]) == 3
-    assert {p["policy"] for layer in table for p in layer} <= set(FASTGEN_POLICIES)
-    assert seen_any or any(p["policy"] != "full" for layer in table for p in layer)
+    assert {c.policy for c in table.heads} <= set(FASTGEN_POLICIES)
+    assert seen_any or any(c.policy != "full" for c in table.heads)
+    assert len(table.summary().splitlines()) == 2 + model.config.num_hidden_layers + 1
     cache.release()
 
 

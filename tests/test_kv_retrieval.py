@@ -14,6 +14,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 
 pytest.importorskip("transformers")
 import kv_retrieval as suite  # noqa: E402
+from helpers import cache_arg  # noqa: E402
 
 pytestmark = pytest.mark.real_model
 
@@ -46,12 +47,12 @@ def test_replayed_prefill_equals_a_forward(smollm2):
     for name, kwargs in (("fastgen", {}), ("adakv", {"budget": 0.6})):
         replayed = prefill.cache(model, tokenizer, name, kwargs)
         direct = suite.make_cache(model, tokenizer, name, kwargs)
-        logits = model(ids, past_key_values=direct, use_cache=True).logits[:, -1]
+        logits = model(ids, **cache_arg(direct), use_cache=True).logits[:, -1]
         torch.testing.assert_close(logits, prefill.logits)
         a, b = replayed.stats(), direct.stats()
         assert a["policies"] == b["policies"] and a["kept_bytes"] == b["kept_bytes"]
-        out_a = model(step, past_key_values=replayed, use_cache=True).logits
-        out_b = model(step, past_key_values=direct, use_cache=True).logits
+        out_a = model(step, **cache_arg(replayed), use_cache=True).logits
+        out_b = model(step, **cache_arg(direct), use_cache=True).logits
         torch.testing.assert_close(out_a, out_b)
         replayed.release()
         direct.release()

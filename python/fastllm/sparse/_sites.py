@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .._progress import Progress, check_progress
 from ..nn.sparse_mlp import SparseMLP
 
 
@@ -36,7 +37,12 @@ class _Site:
 
 
 def find_mlps(model: nn.Module) -> list[_Site]:
-    """The model's MLPs in layer order (dense or already sparsified)."""
+    """The model's MLPs in layer order (dense or already sparsified).
+
+    Example::
+
+        len(fastllm.sparse.find_mlps(model)) == model.config.num_hidden_layers
+    """
     sites = []
     for module in model.modules():
         mlp = getattr(module, "mlp", None)
@@ -77,14 +83,37 @@ def _opt_parts(site: _Site):
 # ---- dense activations ---------------------------------------------------------------------------
 
 
-@torch.no_grad()
-
-def collect_mlp_data(model: nn.Module, ids: Tensor, fn, batch_size: int = 4) -> list:
+def collect_mlp_data(model: nn.Module, ids: Tensor, fn, batch_size: int = 4, *,
+                     progress: bool | None = None) -> list:
     """Run the dense model on ``ids`` and call ``fn(layer_index, view, x)`` on each MLP input.
 
     ``view`` is a :class:`SparseMLP` over that layer's dense weights (``view.dense_hidden(x)``
     gives the hidden values). Returns a per-layer list of lists of ``fn``'s results.
+    ``progress`` reports the batches run (True, False, or None: only when stderr is a terminal).
+
+    Example::
+
+        # the mean |h| of every MLP's hidden neurons over the calibration tokens
+        per_layer = fastllm.sparse.collect_mlp_data(
+            model, ids, lambda i, view, x: view.dense_hidden(x).abs().mean(0))
+        means = [torch.stack(chunks).mean(0) for chunks in per_layer]
     """
+    show = check_progress(progress, "fastllm.sparse.collect_mlp_data")
+    with Progress(_batch_count(ids, batch_size), "collecting MLP inputs", show,
+                  unit="batch") as bar:
+        return _collect(model, ids, fn, batch_size, bar)
+
+
+def _batch_count(ids: Tensor, batch_size: int) -> int:
+    """Forward passes ``_collect`` makes over ``ids`` (0 without ids)."""
+    if ids is None:
+        return 0
+    return -(-int(ids.shape[0]) // batch_size)
+
+
+@torch.no_grad()
+def _collect(model: nn.Module, ids: Tensor, fn, batch_size: int, bar: Progress) -> list:
+    """``collect_mlp_data``, one step of ``bar`` per batch."""
     was_sparse = any(isinstance(m, SparseMLP) for m in model.modules())
     saved = densify(model) if was_sparse else None
     sites = find_mlps(model)
@@ -102,6 +131,7 @@ def collect_mlp_data(model: nn.Module, ids: Tensor, fn, batch_size: int = 4) -> 
         device = next(model.parameters()).device
         for start in range(0, ids.shape[0], batch_size):
             model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+            bar.update()
     finally:
         for h in handles:
             h.remove()
@@ -155,7 +185,13 @@ def _reinstall(model: nn.Module, saved: list) -> None:
 
 
 def densify(model: nn.Module) -> list[SparseMLP]:
-    """Put every original dense MLP back (the same module objects); returns the removed ones."""
+    """Put every original dense MLP back (the same module objects); returns the removed ones.
+
+    Example::
+
+        fastllm.sparse.sparsify(model, 0.5, calibration_ids=ids)
+        removed = fastllm.sparse.densify(model)     # the SparseMLPs; the model is dense again
+    """
     removed = []
     for site in find_mlps(model):
         if site.kind == "llama" and isinstance(site.layer.mlp, SparseMLP):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._progress import check_progress
 from ..nn.sparse_mlp import SparseMLP
 from ._sites import (_dense_mlp, _install, _model_identity, _per_layer, collect_mlp_data, densify,
                      find_mlps)
@@ -21,7 +22,7 @@ from .predictors import PredictorMismatchError, Predictors, train_predictors
 
 def allocate_sparsity(model: nn.Module, predictors: "Predictors | None", calibration_ids: Tensor,
                       sparsity: float, *, step: float = 0.05, max_sparsity: float = 0.9,
-                      error: str = "relative") -> list[float]:
+                      error: str = "relative", progress: bool | None = None) -> list[float]:
     """Per-layer sparsities averaging ``sparsity`` that minimise the summed MLP output error.
 
     On ``calibration_ids`` each layer's MLP output error ``||W_down (h * (1 - mask))||^2`` of the
@@ -29,8 +30,15 @@ def allocate_sparsity(model: nn.Module, predictors: "Predictors | None", calibra
     keep fractions (``step`` apart); ``error="relative"`` divides it by ``||W_down h||^2``, and
     ``"absolute"`` does not (layers with large MLP outputs then stay denser). Starting from every
     layer at ``max_sparsity``, density is added ``step`` at a time where it removes the most
-    error, until the average density is ``1 - sparsity``.
+    error, until the average density is ``1 - sparsity``. ``progress`` reports the dense
+    passes on stderr: True, False, or None (the default) for only when stderr is a terminal.
+
+    Example::
+
+        per_layer = fastllm.sparse.allocate_sparsity(model, preds, ids, 0.5)   # mean 0.5
+        fastllm.sparse.sparsify(model, per_layer, predictors=preds)
     """
+    check_progress(progress, "fastllm.sparse.allocate_sparsity")
     grid = [round(k * step, 6) for k in range(1, int(round(1 / step)) + 1)]  # keep fractions
     grid = [g for g in grid if g >= 1 - max_sparsity - 1e-9]
 
@@ -48,7 +56,7 @@ def allocate_sparsity(model: nn.Module, predictors: "Predictors | None", calibra
             out.append(F.linear(h * dropped, down).pow(2).sum().item() / max(base, 1e-30))
         return out
 
-    per_layer = collect_mlp_data(model, calibration_ids, errors)
+    per_layer = collect_mlp_data(model, calibration_ids, errors, progress=progress)
     err = [[sum(c[j] for c in chunks) for j in range(len(grid))] for chunks in per_layer]
     level = [0] * len(err)  # index into grid
     budget = int(round((1 - sparsity - grid[0]) / step * len(err)))
@@ -102,7 +110,8 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
              calibration_ids: Tensor | None = None, *, selection: str = "topk",
              batch_sets: str = "per_row", dense_above: int | None = 1,
              compute: str = "kernel", deterministic: bool = False,
-             thresholds: list[float] | None = None, **train_kwargs) -> nn.Module:
+             thresholds: list[float] | None = None, progress: bool | None = None,
+             **train_kwargs) -> nn.Module:
     """Swap every MLP for a :class:`SparseMLP` at ``sparsity`` (a float or one per layer).
 
     ``mode="threshold"`` calibrates per-layer thresholds from ``calibration_ids``;
@@ -119,7 +128,9 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
     ``batch_sets`` ``"per_row"`` or ``"union"``; ``dense_above`` an int >= 0 or ``None``;
     ``compute`` ``"kernel"`` or ``"masked"``. ``calibration_ids`` is a LongTensor ``[batch,
     seq]`` of token ids (a few thousand tokens of ordinary text); ``train_kwargs`` go to
-    :func:`train_predictors` (e.g. ``kind``, ``rank``, ``progress``).
+    :func:`train_predictors` (e.g. ``kind``, ``rank``). ``progress`` reports the threshold
+    calibration or the predictors' training on stderr: True, False, or None (the default) for
+    only when stderr is a terminal.
 
     Returns ``model``, modified in place (every MLP replaced by a :class:`SparseMLP`; any earlier
     sparsification is undone first); :func:`densify` restores the dense MLPs. Raises
@@ -134,6 +145,7 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
     """
     _check_sparsify_args(model, sparsity, mode, selection, batch_sets, dense_above, compute,
                          deterministic)
+    check_progress(progress, "fastllm.sparse.sparsify")
     densify(model)
     sites = find_mlps(model)
     targets = _per_layer(sparsity, len(sites), "sparsity")
@@ -143,7 +155,7 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
     elif mode == "threshold":
         if calibration_ids is None:
             raise ValueError("fastllm.sparse.sparsify: threshold mode needs calibration_ids")
-        thresholds = calibrate_thresholds(model, calibration_ids, targets)
+        thresholds = calibrate_thresholds(model, calibration_ids, targets, progress=progress)
     elif mode == "predictor":
         if isinstance(predictors, (str, pathlib.Path)):
             preds = Predictors.load(predictors, model)
@@ -154,7 +166,7 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
                     f"predictors were trained for {predictors.identity}, model is {current}")
             preds = predictors
         elif calibration_ids is not None:
-            preds = train_predictors(model, calibration_ids, **train_kwargs)
+            preds = train_predictors(model, calibration_ids, progress=progress, **train_kwargs)
         else:
             raise ValueError("fastllm.sparse.sparsify: predictor mode needs predictors (or a path "
                              "to saved ones) or calibration_ids to train them")

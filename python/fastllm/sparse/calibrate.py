@@ -7,13 +7,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._sites import _per_layer, collect_mlp_data
+from .._progress import Progress, check_progress
+from ._sites import _batch_count, _collect, _per_layer, find_mlps
 
 
 
-def gate_magnitudes(model: nn.Module, calibration_ids: Tensor,
-                    max_values: int = 1 << 22) -> list[Tensor]:
-    """Per layer, a sample of ``|act(gate)|`` (``|act(fc1)|`` for ReLU models) on the tokens."""
+def gate_magnitudes(model: nn.Module, calibration_ids: Tensor, max_values: int = 1 << 22, *,
+                    progress: bool | None = None, batch_size: int = 4) -> list[Tensor]:
+    """Per layer, a sample of ``|act(gate)|`` (``|act(fc1)|`` for ReLU models) on the tokens.
+
+    ``progress`` reports the dense passes (``batch_size`` sequences each) on stderr: True,
+    False, or None (the default) for only when stderr is a terminal."""
+    show = check_progress(progress, "fastllm.sparse.gate_magnitudes")
+    _check_batch_size(batch_size, "gate_magnitudes")
+    with Progress(_batch_count(calibration_ids, batch_size), "calibrating thresholds", show,
+                  unit="batch") as bar:
+        return _gate_magnitudes(model, calibration_ids, max_values, batch_size, bar)
+
+
+def _check_batch_size(batch_size, where: str) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"fastllm.sparse.{where}: batch_size must be a positive int, "
+                         f"got {batch_size!r}")
+
+
+def _gate_magnitudes(model: nn.Module, calibration_ids: Tensor, max_values: int,
+                     batch_size: int, bar: Progress) -> list[Tensor]:
     def magnitudes(i, view, x):
         pre = F.linear(x, view.gate_w if view.kind == "gated" else view.up_w,
                        view.gate_b if view.kind == "gated" else view.up_b)
@@ -22,23 +41,42 @@ def gate_magnitudes(model: nn.Module, calibration_ids: Tensor,
             values = values[torch.randint(values.numel(), (max_values,), device=values.device)]
         return values.cpu()
 
-    return [torch.cat(v) for v in collect_mlp_data(model, calibration_ids, magnitudes)]
+    return [torch.cat(v) for v in _collect(model, calibration_ids, magnitudes, batch_size, bar)]
 
 
 def thresholds_from_magnitudes(magnitudes: list[Tensor], sparsity) -> list[float]:
     """Per layer, the value below which the given share of the sampled magnitudes lies."""
+    return _thresholds(magnitudes, sparsity, Progress(0, "", False))
+
+
+def _thresholds(magnitudes: list[Tensor], sparsity, bar: Progress) -> list[float]:
     out = []
     for values, s in zip(magnitudes, _per_layer(sparsity, len(magnitudes), "sparsity")):
         if s <= 0:
             out.append(-1.0)
-            continue
-        kth = max(1, min(values.numel(), int(round(s * values.numel()))))
-        out.append(values.kthvalue(kth).values.item())
+        else:
+            kth = max(1, min(values.numel(), int(round(s * values.numel()))))
+            out.append(values.kthvalue(kth).values.item())
+        bar.update()
     return out
 
 
-def calibrate_thresholds(model: nn.Module, calibration_ids: Tensor, sparsity) -> list[float]:
+def calibrate_thresholds(model: nn.Module, calibration_ids: Tensor, sparsity, *,
+                         progress: bool | None = None, batch_size: int = 4) -> list[float]:
     """Per-layer thresholds on ``|act(gate)|`` (``|act(fc1)|`` for ReLU models) such that the
     given share of neurons (a float, or one per layer) falls below them on the calibration
-    tokens."""
-    return thresholds_from_magnitudes(gate_magnitudes(model, calibration_ids), sparsity)
+    tokens. ``progress`` reports the dense passes (``batch_size`` sequences each) and each
+    layer's quantile on stderr: True, False, or None (the default) for only when stderr is a
+    terminal.
+
+    Example::
+
+        thresholds = fastllm.sparse.calibrate_thresholds(model, ids, 0.5)
+        fastllm.sparse.sparsify(model, 0.5, mode="threshold", thresholds=thresholds)
+    """
+    show = check_progress(progress, "fastllm.sparse.calibrate_thresholds")
+    _check_batch_size(batch_size, "calibrate_thresholds")
+    steps = _batch_count(calibration_ids, batch_size) + len(find_mlps(model))
+    with Progress(steps, "calibrating thresholds", show) as bar:
+        magnitudes = _gate_magnitudes(model, calibration_ids, 1 << 22, batch_size, bar)
+        return _thresholds(magnitudes, sparsity, bar)

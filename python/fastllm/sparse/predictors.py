@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from ..nn.sparse_mlp import FactoredPredictor, LowRankPredictor, QuantizedPredictor
 from .._optional import require
-from ._sites import _make_view, _model_identity, collect_mlp_data, find_mlps
+from .._progress import Progress, check_progress
+from ._sites import _batch_count, _collect, _make_view, _model_identity, find_mlps
 
 
 
@@ -23,7 +24,18 @@ class PredictorMismatchError(ValueError):
 @dataclass
 
 class Predictors:
-    """Per-layer low-rank predictors plus what they were trained for."""
+    """One neuron predictor per MLP (low-rank, factored or quantized: ``kind``) plus what they
+    were made for (``identity``: the model's name, type and shapes) and, per layer, ``stats``
+    (recall and precision on held-out tokens). Made by :func:`train_predictors` and its kinds;
+    :meth:`save` / :meth:`load` keep them in a safetensors file (needs ``safetensors``).
+
+    Example::
+
+        preds = fastllm.sparse.train_predictors(model, calibration_ids)
+        preds.save("preds.safetensors")
+        preds = fastllm.sparse.Predictors.load("preds.safetensors", model)   # checks the model
+        fastllm.sparse.sparsify(model, 0.5, predictors=preds)
+    """
     layers: nn.ModuleList
     identity: dict
     rank: int
@@ -173,20 +185,17 @@ def share_labels(h_abs: Tensor, share: float) -> Tensor:
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
-def _progress(iterable, desc: str, total: int, show: bool):
-    if not show:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-        return tqdm(iterable, desc=desc, total=total)
-    except ImportError:
-        return iterable
+def _steps(items, bar: Progress):
+    """``items``, one progress step each."""
+    for item in items:
+        yield item
+        bar.update()
 
 
 def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "auto",
                      rank: int | None = None, max_cost: float = 0.15, label_share: float = 0.9,
                      heldout: float = 0.1, lookahead: bool = False, eval_sparsity: float = 0.5,
-                     layers: list[int] | None = None, progress: bool = True, seed: int = 0,
+                     layers: list[int] | None = None, progress: bool | None = None, seed: int = 0,
                      weighting: bool = False, ridge: float = 1e-3, batch_size: int = 8,
                      epochs: int = 20, lr: float = 1e-3, batch_tokens: int = 256,
                      magnitude_weight: float = 0.0, init: str = "random",
@@ -215,7 +224,17 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
     ``topk_recall_vs_oracle@<eval_sparsity>``, the share of the oracle's top-k by ``|h|`` that the
     predictor's top-k finds. With ``lookahead`` the predictor of layer l (l >= 1) reads layer
     l-1's MLP input. ``layers`` restricts the fit to some layers (others stay untrained).
+    ``progress``: report the dense passes and the layers on stderr (True, False, or None: only
+    when stderr is a terminal).
+
+    Example::
+
+        ids = tokenizer(texts, return_tensors="pt", padding=True).input_ids   # ~ 4k tokens
+        preds = fastllm.sparse.train_predictors(model, ids)                  # quantized (gated)
+        preds.stats[0]["topk_recall_vs_oracle@0.5"]
+        fastllm.sparse.sparsify(model, 0.5, predictors=preds)
     """
+    check_progress(progress, "fastllm.sparse.train_predictors")  # before any work
     sites = find_mlps(model)
     first = _make_view(sites[0])
     if kind == "auto":
@@ -274,7 +293,7 @@ def _held_stats(logits: Tensor, h_abs: Tensor, labels: Tensor, eval_sparsity: fl
 def fit_factored_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: int,
                             label_share: float = 0.9, heldout: float = 0.1,
                             lookahead: bool = False, eval_sparsity: float = 0.5,
-                            layers: list[int] | None = None, progress: bool = True,
+                            layers: list[int] | None = None, progress: bool | None = None,
                             seed: int = 0, weighting: bool = False, ridge: float = 1e-3,
                             batch_size: int = 8, offset_tokens: int = 4096) -> Predictors:
     """Closed-form :class:`~fastllm.nn.FactoredPredictor` per gated MLP (reduced-rank regression).
@@ -291,7 +310,13 @@ def fit_factored_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: 
     recall by < 0.002, so it is off by default). ``ridge`` adds
     ``ridge * mean(diag C)`` to ``C``. The per-layer offset makes ``logit > 0`` keep the
     ``1 - eval_sparsity`` share of neurons on (up to ``offset_tokens``) training tokens.
+
+    Example::
+
+        preds = fastllm.sparse.fit_factored_predictors(model, ids, rank=128)
+        # the same as train_predictors(model, ids, kind="factored", rank=128)
     """
+    show = check_progress(progress, "fastllm.sparse.fit_factored_predictors")
     sites = find_mlps(model)
     views = [_make_view(s) for s in sites]
     n_layers = len(sites)
@@ -349,48 +374,50 @@ def fit_factored_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: 
         last_x[i] = xf
         return None
 
-    collect_mlp_data(model, calibration_ids, accumulate, batch_size=batch_size)
-    device = next(model.parameters()).device
-    model_dtype = next(model.parameters()).dtype
-    predictors = nn.ModuleList(FactoredPredictor(d, n, rank, views[0].activation)
-                               for _ in range(n_layers))
-    stats = []
-    for i in _progress(which, "fitting predictors", len(which), progress):
-        view, src = views[i], src_of[i]
-        w = torch.cat([view.gate_w, view.up_w]).detach().to(acc).cpu()       # [2n, d]
-        c_ss = second[src] / max(1, counts[src])
-        c_ss += ridge * c_ss.diagonal().mean() * torch.eye(d, dtype=acc)
-        if src == i:
-            least_squares = w.t()                                             # [d, 2n]
-        else:
-            least_squares = torch.linalg.solve(c_ss, cross[i] / max(1, counts[src])) @ w.t()
-        weight = (w_sums[i] / max(1, counts[i])).sqrt().clamp_min(1e-6) if weighting \
-            else torch.ones(2 * n, dtype=acc)
-        chol = torch.linalg.cholesky(c_ss)
-        _, _, vh = torch.linalg.svd(chol.t() @ least_squares * weight, full_matrices=False)
-        v = vh[:rank].t()                                                     # [2n, r]
-        pred = predictors[i]
-        pred.down.weight.copy_((least_squares @ (weight[:, None] * v)).t())
-        pred.up.weight.copy_(v / weight[:, None])
-        biases = [torch.zeros(n) if b is None else b.detach().float().cpu()
-                  for b in (view.gate_b, view.up_b)]
-        pred.up.bias.copy_(torch.cat(biases))
-        # Offset: logit > 0 keeps about `keep` neurons per token on training tokens.
-        sample = torch.cat(train_x[src]).float() if train_x[src] else torch.zeros(0, d)
-        if sample.shape[0]:
-            scores = pred(sample)
-            pred.offset.fill_(scores.flatten().kthvalue(
-                max(1, int(round(eval_sparsity * scores.numel())))).values.item())
-        if held_x[i] and sum(t.shape[0] for t in held_x[i]):
-            xs = torch.cat(held_x[src]).float()
-            h = view.dense_hidden(torch.cat(held_x[i]).to(device=device, dtype=model_dtype))
-            h_abs = h.float().abs().cpu()
-            stats.append({"layer": i, **_held_stats(pred(xs), h_abs,
-                                                     share_labels(h_abs, label_share),
-                                                     eval_sparsity)})
-    predictors.to(device=device, dtype=model_dtype)
-    return Predictors(predictors, _model_identity(model), rank, lookahead, label_share, stats,
-                      "factored")
+    steps = _batch_count(calibration_ids, batch_size) + len(which)
+    with Progress(steps, "fitting predictors", show) as bar:
+        _collect(model, calibration_ids, accumulate, batch_size, bar)
+        device = next(model.parameters()).device
+        model_dtype = next(model.parameters()).dtype
+        predictors = nn.ModuleList(FactoredPredictor(d, n, rank, views[0].activation)
+                                   for _ in range(n_layers))
+        stats = []
+        for i in _steps(which, bar):
+            view, src = views[i], src_of[i]
+            w = torch.cat([view.gate_w, view.up_w]).detach().to(acc).cpu()       # [2n, d]
+            c_ss = second[src] / max(1, counts[src])
+            c_ss += ridge * c_ss.diagonal().mean() * torch.eye(d, dtype=acc)
+            if src == i:
+                least_squares = w.t()                                             # [d, 2n]
+            else:
+                least_squares = torch.linalg.solve(c_ss, cross[i] / max(1, counts[src])) @ w.t()
+            weight = (w_sums[i] / max(1, counts[i])).sqrt().clamp_min(1e-6) if weighting \
+                else torch.ones(2 * n, dtype=acc)
+            chol = torch.linalg.cholesky(c_ss)
+            _, _, vh = torch.linalg.svd(chol.t() @ least_squares * weight, full_matrices=False)
+            v = vh[:rank].t()                                                     # [2n, r]
+            pred = predictors[i]
+            pred.down.weight.copy_((least_squares @ (weight[:, None] * v)).t())
+            pred.up.weight.copy_(v / weight[:, None])
+            biases = [torch.zeros(n) if b is None else b.detach().float().cpu()
+                      for b in (view.gate_b, view.up_b)]
+            pred.up.bias.copy_(torch.cat(biases))
+            # Offset: logit > 0 keeps about `keep` neurons per token on training tokens.
+            sample = torch.cat(train_x[src]).float() if train_x[src] else torch.zeros(0, d)
+            if sample.shape[0]:
+                scores = pred(sample)
+                pred.offset.fill_(scores.flatten().kthvalue(
+                    max(1, int(round(eval_sparsity * scores.numel())))).values.item())
+            if held_x[i] and sum(t.shape[0] for t in held_x[i]):
+                xs = torch.cat(held_x[src]).float()
+                h = view.dense_hidden(torch.cat(held_x[i]).to(device=device, dtype=model_dtype))
+                h_abs = h.float().abs().cpu()
+                stats.append({"layer": i, **_held_stats(pred(xs), h_abs,
+                                                         share_labels(h_abs, label_share),
+                                                         eval_sparsity)})
+        predictors.to(device=device, dtype=model_dtype)
+        return Predictors(predictors, _model_identity(model), rank, lookahead, label_share, stats,
+                          "factored")
 
 
 @torch.no_grad()
@@ -400,7 +427,7 @@ def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None,
                         score: str | None = None, impl: str = "op",
                         input_keep: float | None = None, label_share: float = 0.9,
                         eval_sparsity: float = 0.5,
-                        layers: list[int] | None = None, progress: bool = True,
+                        layers: list[int] | None = None, progress: bool | None = None,
                         batch_size: int = 8, sample_tokens: int = 2048) -> Predictors:
     """One :class:`~fastllm.nn.QuantizedPredictor` per MLP: quantized gate and up weights (or gate
     only), one fp32 scale per ``group`` input columns. Nothing is fitted.
@@ -422,7 +449,14 @@ def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None,
     ``1 - eval_sparsity`` share) and give ``Predictors.stats`` on those tokens (the predictor was
     not trained on them, but the offset was set on them). ``layers`` restricts which MLPs get a
     predictor (the others keep an all-zero one, which scores every neuron 0).
+
+    Example::
+
+        preds = fastllm.sparse.quantize_predictors(model, ids, bits=8)   # int8 gate + up
+        fastllm.sparse.predictor_bytes_share(d, n, bits=8)               # its bytes per call
+        fastllm.sparse.sparsify(model, 0.5, predictors=preds)
     """
+    show = check_progress(progress, "fastllm.sparse.quantize_predictors")
     sites = find_mlps(model)
     views = [_make_view(s) for s in sites]
     which = list(range(len(sites))) if layers is None else list(layers)
@@ -459,42 +493,46 @@ def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None,
                                                   bits=bits, score=score, impl=impl,
                                                   input_keep=input_keep)
                                for _ in sites)
-    for i in _progress(which, "quantizing predictors", len(which), progress):
-        v = views[i]
-        predictors[i] = QuantizedPredictor.from_weights(v.up_w, v.gate_w, v.up_b, v.gate_b,
-                                                        v.activation, group, bits=bits,
-                                                        score=score, impl=impl,
-                                                        input_keep=input_keep)
-    stats = []
-    if calibration_ids is not None:
-        samples = {i: [] for i in which}
-        kept = dict.fromkeys(which, 0)
+    # Quantizing is quick; with calibration_ids the dense pass and each layer's stats dominate.
+    steps = len(which) + (_batch_count(calibration_ids, batch_size) + len(which)
+                          if calibration_ids is not None else 0)
+    with Progress(steps, "quantizing predictors", show) as bar:
+        for i in _steps(which, bar):
+            v = views[i]
+            predictors[i] = QuantizedPredictor.from_weights(v.up_w, v.gate_w, v.up_b, v.gate_b,
+                                                            v.activation, group, bits=bits,
+                                                            score=score, impl=impl,
+                                                            input_keep=input_keep)
+        stats = []
+        if calibration_ids is not None:
+            samples = {i: [] for i in which}
+            kept = dict.fromkeys(which, 0)
 
-        def keep_inputs(i, view, x):
-            if i in samples and kept[i] < sample_tokens:
-                take = x[:sample_tokens - kept[i]].detach()
-                samples[i].append(take)
-                kept[i] += take.shape[0]
-        collect_mlp_data(model, calibration_ids, keep_inputs, batch_size=batch_size)
-        for i in which:
-            x = torch.cat(samples[i])
-            pred = predictors[i]
-            scores = pred(x).float()
-            pred.offset.fill_(scores.flatten().kthvalue(
-                max(1, int(round(eval_sparsity * scores.numel())))).values.item())
-            h_abs = views[i].dense_hidden(x).float().abs().cpu()
-            stats.append({"layer": i, **_held_stats((scores - pred.offset).cpu(), h_abs,
-                                                     share_labels(h_abs, label_share),
-                                                     eval_sparsity)})
-    return Predictors(predictors, _model_identity(model), 0, False, label_share, stats,
-                      "quantized")
+            def keep_inputs(i, view, x):
+                if i in samples and kept[i] < sample_tokens:
+                    take = x[:sample_tokens - kept[i]].detach()
+                    samples[i].append(take)
+                    kept[i] += take.shape[0]
+            _collect(model, calibration_ids, keep_inputs, batch_size, bar)
+            for i in _steps(which, bar):
+                x = torch.cat(samples[i])
+                pred = predictors[i]
+                scores = pred(x).float()
+                pred.offset.fill_(scores.flatten().kthvalue(
+                    max(1, int(round(eval_sparsity * scores.numel())))).values.item())
+                h_abs = views[i].dense_hidden(x).float().abs().cpu()
+                stats.append({"layer": i, **_held_stats((scores - pred.offset).cpu(), h_abs,
+                                                         share_labels(h_abs, label_share),
+                                                         eval_sparsity)})
+        return Predictors(predictors, _model_identity(model), 0, False, label_share, stats,
+                          "quantized")
 
 
 def _train_lowrank(model: nn.Module, calibration_ids: Tensor, *, rank: int,
                    label_share: float = 0.9, epochs: int = 20, lr: float = 1e-3,
                    batch_tokens: int = 256, heldout: float = 0.1, lookahead: bool = False,
                    eval_sparsity: float = 0.5, layers: list[int] | None = None,
-                   magnitude_weight: float = 0.0, init: str = "random", progress: bool = True,
+                   magnitude_weight: float = 0.0, init: str = "random", progress: bool | None = None,
                    seed: int = 0) -> Predictors:
     """Train one ``Linear(d, rank) -> Linear(rank, n)`` predictor per MLP from dense activations.
 
@@ -513,6 +551,7 @@ def _train_lowrank(model: nn.Module, calibration_ids: Tensor, *, rank: int,
     ``1 + magnitude_weight * |h| / mean(|h|)`` of its row, so that missing a neuron with a large
     activation costs more than missing a small one.
     """
+    show = check_progress(progress, "fastllm.sparse.train_predictors")
     model_dtype = next(model.parameters()).dtype
 
     n_layers = len(find_mlps(model))
@@ -526,53 +565,55 @@ def _train_lowrank(model: nn.Module, calibration_ids: Tensor, *, rank: int,
         labels = h > 0 if view.activation == "relu" else share_labels(h.abs(), label_share)
         return x.float().cpu(), labels.cpu(), h.abs().to(torch.bfloat16).cpu()
 
-    data = collect_mlp_data(model, calibration_ids, capture)
-    identity = _model_identity(model)
-    d, n = identity["hidden_size"], identity["n_neurons"]
-    gen = torch.Generator().manual_seed(seed)
-    n_tokens = sum(x.shape[0] for x, _, _ in data[which[0]])
-    perm = torch.randperm(n_tokens, generator=gen)
-    n_held = max(1, int(round(heldout * n_tokens)))
-    held, train = perm[:n_held], perm[n_held:]
-    torch.manual_seed(seed)
-    predictors = nn.ModuleList(LowRankPredictor(d, n, rank) for _ in data)
-    if init == "svd":
-        with torch.no_grad():
-            for pred, site in zip(predictors, find_mlps(model)):
-                view = _make_view(site)
-                w = (view.gate_w if view.kind == "gated" else view.up_w).detach().float().cpu()
-                u, sv, vh = torch.linalg.svd(w, full_matrices=False)
-                r = min(rank, sv.numel())
-                pred.down.weight.zero_()[:r] = vh[:r]
-                pred.up.weight.zero_()[:, :r] = u[:, :r] * sv[:r]
-    elif init != "random":
-        raise ValueError(f"fastllm.sparse.train_predictors: init must be 'svd' or 'random', got {init!r}")
-    stats = []
-    for i in _progress(which, "training predictors", len(which), progress):
-        src = i - 1 if lookahead and i > 0 else i
-        x = torch.cat([t[0] for t in data[src]])
-        y = torch.cat([t[1] for t in data[i]]).float()
-        h_abs = torch.cat([t[2] for t in data[i]]).float()
-        pred = predictors[i]
-        pos = y[train].mean().clamp(1e-4, 1 - 1e-4)
-        pos_weight = ((1 - pos) / pos).expand(n)
-        opt = torch.optim.AdamW(pred.parameters(), lr=lr)
-        for _ in range(epochs):
-            order = train[torch.randperm(train.numel(), generator=gen)]
-            for start in range(0, order.numel(), batch_tokens):
-                b = order[start:start + batch_tokens]
-                weight = None
-                if magnitude_weight > 0:
-                    hb = h_abs[b]
-                    weight = 1 + magnitude_weight * hb / hb.mean(dim=1, keepdim=True).clamp_min(1e-12)
-                loss = F.binary_cross_entropy_with_logits(pred(x[b]), y[b], weight=weight,
-                                                          pos_weight=pos_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            stats.append({"layer": i, **_held_stats(pred(x[held]), h_abs[held], y[held],
-                                                    eval_sparsity)})
-    device = next(model.parameters()).device
-    predictors.to(device=device, dtype=model_dtype)
-    return Predictors(predictors, identity, rank, lookahead, label_share, stats, "lowrank")
+    steps = _batch_count(calibration_ids, 4) + len(which)
+    with Progress(steps, "training predictors", show) as bar:
+        data = _collect(model, calibration_ids, capture, 4, bar)
+        identity = _model_identity(model)
+        d, n = identity["hidden_size"], identity["n_neurons"]
+        gen = torch.Generator().manual_seed(seed)
+        n_tokens = sum(x.shape[0] for x, _, _ in data[which[0]])
+        perm = torch.randperm(n_tokens, generator=gen)
+        n_held = max(1, int(round(heldout * n_tokens)))
+        held, train = perm[:n_held], perm[n_held:]
+        torch.manual_seed(seed)
+        predictors = nn.ModuleList(LowRankPredictor(d, n, rank) for _ in data)
+        if init == "svd":
+            with torch.no_grad():
+                for pred, site in zip(predictors, find_mlps(model)):
+                    view = _make_view(site)
+                    w = (view.gate_w if view.kind == "gated" else view.up_w).detach().float().cpu()
+                    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+                    r = min(rank, sv.numel())
+                    pred.down.weight.zero_()[:r] = vh[:r]
+                    pred.up.weight.zero_()[:, :r] = u[:, :r] * sv[:r]
+        elif init != "random":
+            raise ValueError(f"fastllm.sparse.train_predictors: init must be 'svd' or 'random', got {init!r}")
+        stats = []
+        for i in _steps(which, bar):
+            src = i - 1 if lookahead and i > 0 else i
+            x = torch.cat([t[0] for t in data[src]])
+            y = torch.cat([t[1] for t in data[i]]).float()
+            h_abs = torch.cat([t[2] for t in data[i]]).float()
+            pred = predictors[i]
+            pos = y[train].mean().clamp(1e-4, 1 - 1e-4)
+            pos_weight = ((1 - pos) / pos).expand(n)
+            opt = torch.optim.AdamW(pred.parameters(), lr=lr)
+            for _ in range(epochs):
+                order = train[torch.randperm(train.numel(), generator=gen)]
+                for start in range(0, order.numel(), batch_tokens):
+                    b = order[start:start + batch_tokens]
+                    weight = None
+                    if magnitude_weight > 0:
+                        hb = h_abs[b]
+                        weight = 1 + magnitude_weight * hb / hb.mean(dim=1, keepdim=True).clamp_min(1e-12)
+                    loss = F.binary_cross_entropy_with_logits(pred(x[b]), y[b], weight=weight,
+                                                              pos_weight=pos_weight)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            with torch.no_grad():
+                stats.append({"layer": i, **_held_stats(pred(x[held]), h_abs[held], y[held],
+                                                        eval_sparsity)})
+        device = next(model.parameters()).device
+        predictors.to(device=device, dtype=model_dtype)
+        return Predictors(predictors, identity, rank, lookahead, label_share, stats, "lowrank")
