@@ -61,8 +61,8 @@ class PoolExhaustedError(RuntimeError):
         self.needed = dict(needed) if needed is not None else None
 
     def with_context(self, context: str) -> "PoolExhaustedError":
-        """The same error (same attributes) with ``context`` before its message."""
-        return PoolExhaustedError(f"{context}: {self.args[0]}", owner=self.owner,
+        """The same error (same class and attributes) with ``context`` before its message."""
+        return type(self)(f"{context}: {self.args[0]}", owner=self.owner,
                                   requested=self.requested, free_pages=self.free_pages,
                                   num_pages=self.num_pages, held=self.held, needed=self.needed)
 
@@ -85,12 +85,14 @@ class AllocationFault:
             failed one included); with ``n`` larger than any run, the number of allocation
             points that run has.
         fired: whether the fault was raised.
+        log: ``(owner, pages)`` of each of those allocations, in order.
     """
 
     def __init__(self, pool: "PagePool", n: int, error: BaseException | None) -> None:
         self.pool, self.n, self.error = pool, n, error
         self.allocations = 0
         self.fired = False
+        self.log: list[tuple[str, int]] = []
 
     def __enter__(self) -> "AllocationFault":
         with self.pool.lock:
@@ -107,6 +109,7 @@ class AllocationFault:
         if n == 0:
             return
         self.allocations += 1
+        self.log.append((owner, n))
         if self.fired or self.allocations <= self.n:
             return
         self.fired = True
