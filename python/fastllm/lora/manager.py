@@ -321,6 +321,17 @@ class AdapterManager:
                 raise ValueError(f"AdapterManager.load({name!r}): tensor {key!r} has no matching "
                                  f"lora_{'B' if 'A' in pair else 'A'} weight")
             (a_key, a), (b_key, b) = pair["A"], pair["B"]
+            for key, tensor in ((a_key, a), (b_key, b)):
+                if not isinstance(tensor, Tensor) or tensor.dim() != 2:
+                    raise ValueError(f"AdapterManager.load({name!r}): tensor {key!r} must be a 2-D "
+                                     f"tensor, got "
+                                     f"{getattr(tensor, 'shape', type(tensor).__name__)}")
+                if not tensor.is_floating_point():
+                    raise ValueError(f"AdapterManager.load({name!r}): tensor {key!r} has dtype "
+                                     f"{tensor.dtype}; LoRA weights must be floating point")
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"AdapterManager.load({name!r}): tensor {key!r} holds "
+                                     "non-finite values (inf or nan)")
             spec = self.store.modules[self.store.module_index[module]]
             rank = _pattern_value(module, config.get("rank_pattern"), config.get("r", a.shape[0]))
             alpha = _pattern_value(module, config.get("alpha_pattern"), config.get("lora_alpha"))
@@ -534,13 +545,23 @@ def _read_peft_dir(path: pathlib.Path):
     if not config_path.exists():
         raise FileNotFoundError(f"AdapterManager.load: {config_path} not found (not a PEFT adapter "
                                 "directory)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"AdapterManager.load: {config_path} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"AdapterManager.load: {config_path} must hold a JSON object, got "
+                         f"{type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"AdapterManager.load: {path} is a {config['peft_type']} adapter, not LoRA")
     weights = path / "adapter_model.safetensors"
     if weights.exists():
         load_file = require("safetensors.torch", "AdapterManager.load").load_file
-        state = load_file(str(weights))
+        try:
+            state = load_file(str(weights))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"AdapterManager.load: cannot read {weights} (truncated or not a "
+                             f"safetensors file?): {err}") from err
     elif (path / "adapter_model.bin").exists():
         state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
     else:
