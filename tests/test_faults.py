@@ -73,7 +73,7 @@ def forward(model, cache, tokens):
         return model(tokens, **kwargs).logits[:, -1]
 
 
-# ---- what "consistent" means -----------------------------------------------------------------------
+# ---- what "consistent" means ---------------------------------------------------------------------
 
 def kv_pages(cache) -> list[int]:
     return [page for layer in cache.layers if layer.heads is not None
@@ -127,7 +127,7 @@ def assert_cache_coherent(cache):
         assert (-(-lengths // heads.page_rows) <= heads.npages).all()
 
 
-# ---- the resilient runner ---------------------------------------------------------------------------
+# ---- the resilient runner ------------------------------------------------------------------------
 
 def run_resilient(steps, check, fault=None):
     """Run ``steps`` (callables, each all-or-nothing by contract) in order; when one raises,
@@ -181,7 +181,7 @@ def check_error(err, error):
         assert err is error or err.__cause__ is error or error in (err.args or ()), repr(err)
 
 
-# ---- FastGenCache -----------------------------------------------------------------------------------
+# ---- FastGenCache --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("error", [None, OTHER_ERROR], ids=["injected", "other"])
 def test_fastgen_steps_survive_a_fault_at_every_allocation(error):
@@ -258,7 +258,7 @@ def test_fastgen_generate_fails_clearly_and_the_next_generate_works():
     assert probe.allocations > model.config.num_hidden_layers + 1
 
 
-# ---- AdapterManager ----------------------------------------------------------------------------------
+# ---- AdapterManager ------------------------------------------------------------------------------
 
 RANKS = {"a": 2, "b": 8, "c": 4, "d": 8, "e": 1}
 
@@ -370,7 +370,7 @@ def test_close_gives_the_adapters_pages_back_to_a_shared_pool():
     manager.close()
 
 
-# ---- both on one pool -------------------------------------------------------------------------------
+# ---- both on one pool ----------------------------------------------------------------------------
 
 def shared_scenario(model, manager, cache, ids, names, steps):
     state = {}
