@@ -181,6 +181,34 @@ def check_error(err, error):
         assert err is error or err.__cause__ is error or error in (err.args or ()), repr(err)
 
 
+def test_the_hook_fails_once_counts_only_real_allocations_and_checks_its_arguments():
+    pool = PagePool(8, 4, torch.float32)
+    with pool.fail_after(1) as fault:
+        first = pool.alloc(2, "x")
+        pool.alloc(0, "x")  # zero pages: no pool can fail it, not counted
+        with pytest.raises(InjectedFault, match=r"fail_after\(1\)\) at allocation 2: 'y' asked "
+                                                r"for 3 pages \(6 of 8 free\)") as caught:
+            pool.alloc(3, "y")
+        assert caught.value.requested == 3 and caught.value.held == {"x": 2}
+        assert pool.used_pages == 2  # the failed allocation took nothing
+        second = pool.alloc(3, "y")  # one fault per block
+        with pytest.raises(RuntimeError, match="already armed"):
+            pool.fail_after(0).__enter__()
+    assert fault.fired and fault.allocations == 3 and fault.log == [("x", 2), ("y", 3), ("y", 3)]
+    assert pool._fault is None
+    boom = OSError("device lost")
+    with pool.fail_after(0, boom), pytest.raises(OSError, match="device lost"):
+        pool.alloc(1, "x")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"n must be a non-negative int, got {bad!r}"):
+            pool.fail_after(bad)
+    with pytest.raises(TypeError, match="error must be an exception instance or None, got type"):
+        pool.fail_after(0, OSError)
+    pool.free(first)
+    pool.free(second)
+    assert pool.used_pages == 0
+
+
 # ---- FastGenCache --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("error", [None, OTHER_ERROR], ids=["injected", "other"])
