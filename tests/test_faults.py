@@ -146,31 +146,33 @@ def run_resilient(steps, check, fault=None):
     return results, failures
 
 
-def sweep(pool, make, error=None):
-    """Probe the scenario ``make()`` -> (steps, check, reference) for its allocation points, then
-    fail at each in turn. Returns (points, log of the probe's allocations)."""
+def sweep(pool, make, error=None, after_reclaim=False):
+    """Probe the scenario ``make()`` -> (steps, check, finish) for its allocation points, then
+    fail at each in turn. Returns (points, log of the probe's allocations, how many of them
+    asked the reclaimers)."""
     steps, _, _ = make()
     with pool.fail_after(10 ** 9) as probe:
         reference, _ = run_resilient(steps, None)
     assert not probe.fired and probe.allocations > 0
     for n in range(probe.allocations):
         steps, check, finish = make()
-        with pool.fail_after(n, error) as fault:
+        with pool.fail_after(n, error, after_reclaim=after_reclaim) as fault:
             results, failures = run_resilient(steps, check, fault)
         assert fault.fired, f"allocation {n + 1} of {probe.allocations} was never reached"
         assert len(failures) <= 1
         for got, want in zip(results, reference):
             assert torch.equal(got, want), f"fault at allocation {n + 1}: results differ"
         finish()
-    return probe.allocations, probe.log
+    return probe.allocations, probe.log, probe.short
 
 
-def report(what, points, log):
+def report(what, points, log, short=None):
     # The README's reliability figures are these lines (pytest -s tests/test_faults.py).
     owners = {}
     for owner, _ in log:
         owners[owner] = owners.get(owner, 0) + 1
-    print(f"\nfault points, {what}: {points} ({owners})")
+    asked = "" if short is None else f", {short} asked the reclaimers"
+    print(f"\nfault points, {what}: {points} ({owners}{asked})")
 
 
 def check_error(err, error):
@@ -204,6 +206,8 @@ def test_the_hook_fails_once_counts_only_real_allocations_and_checks_its_argumen
             pool.fail_after(bad)
     with pytest.raises(TypeError, match="error must be an exception instance or None, got type"):
         pool.fail_after(0, OSError)
+    with pytest.raises(TypeError, match="after_reclaim must be a bool, got 1"):
+        pool.fail_after(0, after_reclaim=1)
     pool.free(first)
     pool.free(second)
     assert pool.used_pages == 0
@@ -243,7 +247,7 @@ def test_fastgen_steps_survive_a_fault_at_every_allocation(error):
 
         return [prefill] + [decode] * 9, check, finish
 
-    points, log = sweep(pool, make, error)
+    points, log, _ = sweep(pool, make, error)
     report("FastGenCache steps", points, log)
     # prompt compaction takes one allocation per layer; the decode appends need at least one
     assert points > model.config.num_hidden_layers
@@ -345,7 +349,7 @@ def test_adapter_batches_survive_a_fault_at_every_allocation(error):
 
         return adapter_scenario(model, manager, ids), check, finish
 
-    points, log = sweep(pool, make, error)
+    points, log, _ = sweep(pool, make, error)
     report("AdapterManager batches", points, log)
     manager = managers.pop()
     # the scenario did load, evict and prefetch (so those allocation points were among the ones
@@ -401,6 +405,9 @@ def test_close_gives_the_adapters_pages_back_to_a_shared_pool():
 # ---- both on one pool ----------------------------------------------------------------------------
 
 def shared_scenario(model, manager, cache, ids, names, steps):
+    """Prompt and decode steps under ``names``, with another batch's loads (evicting) between
+    two steps, then a prefetch that fills the pool with adapters outside the batch: the next
+    KV appends must take their pages (the reclaimer)."""
     state = {}
 
     def prefill():
@@ -418,15 +425,21 @@ def shared_scenario(model, manager, cache, ids, names, steps):
         with manager.batch(["d", "e"]):
             return forward(model, None, ids[:, :3])
 
-    return [prefill, decode, switch] + [decode] * steps
+    def fill():
+        manager.prefetch(["b", "c", "d"])
+        return torch.zeros(())
+
+    return [prefill, decode, switch, decode, fill] + [decode] * steps
 
 
-def test_shared_pool_survives_a_fault_at_every_allocation():
+@pytest.mark.parametrize("after_reclaim", [False, True], ids=["at-start", "after-reclaim"])
+def test_shared_pool_survives_a_fault_at_every_allocation(after_reclaim):
     model = tiny_llama()
     ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
-    # 64 elements: 4 KV entries or one adapter row; the adapters of a batch (66 pages) and the
-    # KV caches (about 24) fill it, so the other batch's loads evict and KV appends reclaim
-    pool = PagePool(100, 64, torch.float32)
+    # 64 elements: 4 KV entries or one adapter row; the batch's adapters (66 pages) and the KV
+    # caches (about 24) nearly fill it, so the other batch's loads evict, and after the filling
+    # prefetch a KV append takes an unused adapter's pages
+    pool = PagePool(110, 64, torch.float32)
     managers = []
 
     def make():
@@ -449,9 +462,12 @@ def test_shared_pool_survives_a_fault_at_every_allocation():
 
         return shared_scenario(model, manager, cache, ids, ["a", "b"], 8), check, finish
 
-    points, log = sweep(pool, make)
-    report("shared pool", points, log)
+    points, log, short = sweep(pool, make, after_reclaim=after_reclaim)
+    report(f"shared pool{', after reclaiming' if after_reclaim else ''}", points, log, short)
     assert {owner for owner, _ in log} == {"kv", "lora"} and points >= 8
+    # some allocations found the pool full and took adapter pages (KV appends) or evicted
+    # (adapter loads): with after_reclaim those are failed after the eviction
+    assert short > 0
     manager, cache = managers.pop()
     cache.release()
     manager.close()
@@ -506,7 +522,7 @@ def test_shared_pool_on_smollm2_survives_a_fault_at_every_allocation(smollm2, sh
 
         return [prefill, decode, other, decode], check, finish
 
-    points, log = sweep(pool, make)
+    points, log, _ = sweep(pool, make)
     report("shared pool, SmolLM2", points, log)
     assert points >= model.config.num_hidden_layers + 2
     caches.pop().release()

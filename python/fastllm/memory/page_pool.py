@@ -76,23 +76,29 @@ class AllocationFault:
     """Test hook returned by :meth:`PagePool.fail_after`; a context manager.
 
     Inside the ``with`` block the first ``n`` allocations of one page or more succeed and the
-    next one raises ``error`` (default: an :class:`InjectedFault`) before taking any page; later
+    next one raises ``error`` (default: an :class:`InjectedFault`) taking no page; later
     allocations succeed again (one fault per block). Allocations of zero pages, which no pool
-    can fail, are not counted.
+    can fail, are not counted. The fault fires when the allocation starts, or, with
+    ``after_reclaim=True``, once the other owners' reclaimers have given back the pages it was
+    short of (an owner's pages evicted for an allocation that then fails); if that allocation
+    fails for real first, the fault moves on to the next one.
 
     Attributes:
         allocations: allocations of one page or more attempted inside the block so far (the
             failed one included); with ``n`` larger than any run, the number of allocation
             points that run has.
+        short: how many of them found too few free pages and asked the reclaimers.
         fired: whether the fault was raised.
         log: ``(owner, pages)`` of each of those allocations, in order.
     """
 
-    def __init__(self, pool: "PagePool", n: int, error: BaseException | None) -> None:
-        self.pool, self.n, self.error = pool, n, error
-        self.allocations = 0
+    def __init__(self, pool: "PagePool", n: int, error: BaseException | None,
+                 after_reclaim: bool = False) -> None:
+        self.pool, self.n, self.error, self.after_reclaim = pool, n, error, after_reclaim
+        self.allocations = self.short = 0
         self.fired = False
         self.log: list[tuple[str, int]] = []
+        self._due = False
 
     def __enter__(self) -> "AllocationFault":
         with self.pool.lock:
@@ -105,20 +111,33 @@ class AllocationFault:
         with self.pool.lock:
             self.pool._fault = None
 
-    def _check(self, n: int, owner: str) -> None:
+    def _arrive(self, n: int, owner: str) -> None:
+        """An allocation starts (before reclaiming)."""
         if n == 0:
             return
         self.allocations += 1
+        self.short += n > self.pool.free_pages
         self.log.append((owner, n))
         if self.fired or self.allocations <= self.n:
             return
-        self.fired = True
+        self._due = True
+        if not self.after_reclaim:
+            self._raise(n, owner)
+
+    def _reclaimed(self, n: int, owner: str) -> None:
+        """The allocation has the pages it asked for (after reclaiming)."""
+        if self._due:
+            self._raise(n, owner)
+
+    def _raise(self, n: int, owner: str) -> None:
+        self._due, self.fired = False, True
         if self.error is not None:
             raise self.error
         pool = self.pool
+        when = " after reclaiming" if self.after_reclaim else ""
         raise InjectedFault(
             f"PagePool.alloc: injected fault (PagePool.fail_after({self.n})) at allocation "
-            f"{self.allocations}: {owner!r} asked for {n} pages ({pool.free_pages} of "
+            f"{self.allocations}{when}: {owner!r} asked for {n} pages ({pool.free_pages} of "
             f"{pool.num_pages} free)", owner=owner, requested=n, free_pages=pool.free_pages,
             num_pages=pool.num_pages,
             held={t: p for t, p in zip(pool._owner_tags, pool._pages_by_code) if p})
@@ -351,10 +370,13 @@ class PagePool:
         if not isinstance(owner, str) or not owner:
             raise ValueError(f"PagePool.alloc: owner must be a non-empty str, got {owner!r}")
         with self.lock:
-            if self._fault is not None:
-                self._fault._check(n, owner)
+            fault = self._fault
+            if fault is not None:
+                fault._arrive(n, owner)
             if n > self._num_free:
                 self._reclaim_for(owner, n)
+            if fault is not None:
+                fault._reclaimed(n, owner)
             code = self._code_for(owner)
             page_ids = self._free_stack[self._num_free - n:self._num_free].flip(0).clone()
             self._num_free -= n
@@ -362,10 +384,12 @@ class PagePool:
             self._pages_by_code[code] += n
             return page_ids
 
-    def fail_after(self, n: int, error: BaseException | None = None) -> AllocationFault:
+    def fail_after(self, n: int, error: BaseException | None = None, *,
+                   after_reclaim: bool = False) -> AllocationFault:
         """Test hook: a context manager inside which the first ``n`` allocations succeed and the
         next one raises (``error``, default an :class:`InjectedFault`, a
-        :class:`PoolExhaustedError`), taking no page. See :class:`AllocationFault`.
+        :class:`PoolExhaustedError`), taking no page; with ``after_reclaim=True`` it raises
+        after the reclaimers gave back what it was short of. See :class:`AllocationFault`.
 
             with pool.fail_after(10**9) as probe:   # count the allocation points of a run
                 run()
@@ -378,7 +402,10 @@ class PagePool:
         if error is not None and not isinstance(error, BaseException):
             raise TypeError(f"PagePool.fail_after: error must be an exception instance or None, "
                             f"got {type(error).__name__}")
-        return AllocationFault(self, n, error)
+        if not isinstance(after_reclaim, bool):
+            raise TypeError(f"PagePool.fail_after: after_reclaim must be a bool, got "
+                            f"{after_reclaim!r}")
+        return AllocationFault(self, n, error, after_reclaim)
 
     def free(self, page_ids: Tensor | Iterable[int]) -> None:
         """Return pages to the pool.
