@@ -195,8 +195,12 @@ class _AttentionPath:
                 entries.append((positions, classes[b, cols[positions]], score, rows))
         try:
             heads.fill(entries, length)
-        except PoolExhaustedError as err:
+        except BaseException as err:
+            # Whatever failed (a full pool, an allocator or device error), the layers before this
+            # one hold the prompt already: give everything back, so the cache is as it was.
             self.release()
+            if not isinstance(err, PoolExhaustedError):
+                raise
             raise err.with_context(
                 f"fastllm.kv: a prompt of {length} tokens (batch {batch}) does not fit the page "
                 f"pool ({self.pool.num_pages} pages of {self.page_rows} entries, "

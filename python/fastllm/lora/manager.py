@@ -13,7 +13,9 @@ import json
 import math
 import os
 import pathlib
+import numbers
 import re
+import threading
 import warnings
 from typing import Iterable, Mapping, Sequence
 
@@ -30,6 +32,9 @@ from ..nn.lora_linear import LoRALinear
 from .store import AdapterStore, ModuleSpec, ModuleWeights
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# The largest max_rank an AdapterManager accepts: the largest rank the kernels are tested at.
+MAX_RANK = 256
 
 # Share of free memory (device memory on CUDA, available RAM on CPU) a pool takes by default.
 DEFAULT_POOL_SHARE = 0.10
@@ -155,7 +160,9 @@ class AdapterManager:
         model: a Hugging Face transformers model (Llama family: the default targets are
             q/k/v/o/gate/up/down projections). Modified in place; :meth:`close` restores it.
         target_modules: last components of the module names to wrap (``nn.Linear`` only).
-        max_rank: the largest adapter rank accepted (up to 256 is exercised by the tests).
+        max_rank: the largest adapter rank accepted, 1..256 (``MAX_RANK``, the largest rank the
+            kernels are tested at); loading an adapter of a higher rank raises ``ValueError``
+            ("... has rank 300, above max_rank=64").
         num_pages: pool size in pages. Default: ``DEFAULT_POOL_SHARE`` (10%) of the free memory of
             ``device`` (device memory on CUDA, available RAM on CPU), and at least enough for one
             adapter of ``max_rank`` on every target.
@@ -163,14 +170,22 @@ class AdapterManager:
         page_size: elements per page (default 65536, or the widest row if larger).
         pool: use an existing :class:`~fastllm.memory.PagePool` (e.g. one shared with a KV cache)
             instead of creating one; its dtype must be the model's.
+
+    Threads: one thread runs the model (``batch`` and the forwards inside it); other threads may
+    ``load``, ``unload`` (adapters outside the running batch), ``prefetch`` and read ``stats``
+    meanwhile (the store's bookkeeping runs under the pool's lock; the running batch's adapters
+    are never evicted or replaced). A second thread opening a batch, or calling the model while
+    another thread's batch is open, is refused with a ``RuntimeError``.
     """
 
     def __init__(self, model: nn.Module, target_modules: Sequence[str] = LLAMA_TARGETS,
                  max_rank: int = 64, num_pages: int | None = None,
                  device: torch.device | str | None = None, page_size: int | None = None,
                  pool: PagePool | None = None) -> None:
-        if not 1 <= max_rank <= 256:
-            raise ValueError(f"AdapterManager: max_rank must be in [1, 256], got {max_rank}")
+        if isinstance(max_rank, bool) or not isinstance(max_rank, int) \
+                or not 1 <= max_rank <= MAX_RANK:
+            raise ValueError(f"AdapterManager: max_rank must be an int in [1, {MAX_RANK}], got "
+                             f"{max_rank!r}")
         targets = set(target_modules)
         found = [(name, module) for name, module in model.named_modules()
                  if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
@@ -197,9 +212,13 @@ class AdapterManager:
         self.max_rank = max_rank
         self.target_modules = tuple(target_modules)
         self._active: _BatchState | None = None
+        # The thread that opened the running batch (set before its adapters load).
+        self._opening: int | None = None
         self._merged: str | None = None
         self.fused_groups = _fused_groups(specs)
         self._originals = []
+        # Checks each model call against the open batch before any layer runs.
+        self._call_hook = model.register_forward_pre_hook(self._check_call, with_kwargs=True)
         for index, (name, module) in enumerate(found):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -218,16 +237,31 @@ class AdapterManager:
 
     # ---- adapters --------------------------------------------------------------------------------
 
-    def load(self, name: str, source, config: Mapping | None = None) -> None:
+    def load(self, name: str, source, config: Mapping | None = None, replace: bool = False) -> None:
         """Register adapter ``name`` from a PEFT directory (``adapter_config.json`` +
-        ``adapter_model.safetensors``) or a PEFT-style state dict (``config``: its LoRA config as a
-        dict; without one, the rank comes from the tensors and ``lora_alpha`` = rank, scaling 1).
+        ``adapter_model.safetensors``) or a PEFT-style state dict with its LoRA config as a dict
+        (``config``; for a directory, entries that override the file's).
+
+        The config must give ``lora_alpha`` (a state dict does not record the scaling, and a
+        guess would silently change the adapter's effect); the rank comes from the tensors when
+        it has no ``r``. A name already loaded is refused unless ``replace=True`` (the old adapter
+        must not be in the running batch). Ranks above ``max_rank`` are refused.
 
         Honours ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
         ``target_modules`` and ``fan_in_fan_out`` (which PEFT itself ignores for ``nn.Linear``
         layers; so do we, with the same warning). Raises ``ValueError`` naming the tensor when one
-        has the wrong shape or targets a module this manager does not wrap.
+        has the wrong shape or targets a module this manager does not wrap; nothing is registered
+        then.
         """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"AdapterManager.load: name must be a non-empty str, got {name!r}")
+        if not isinstance(replace, bool):
+            raise TypeError(f"AdapterManager.load: replace must be a bool, got {replace!r}")
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"AdapterManager.load({name!r}): config must be a dict (the LoRA "
+                            f"config) or None, got {type(config).__name__}")
+        # Before reading any file: a clash is refused cheaply (and again at registration).
+        self.store._check_new_name(name, replace)
         if isinstance(source, (str, os.PathLike)):
             state, file_config = _read_peft_dir(pathlib.Path(source))
             config = {**file_config, **(config or {})}
@@ -237,7 +271,7 @@ class AdapterManager:
         else:
             raise TypeError(f"AdapterManager.load: source must be a PEFT directory or a state "
                             f"dict, got {type(source).__name__}")
-        self.store.register(name, self._module_weights(name, state, config))
+        self.store.register(name, self._module_weights(name, state, config), replace=replace)
 
     def unload(self, name: str) -> None:
         """Forget an adapter and free its pages."""
@@ -263,6 +297,7 @@ class AdapterManager:
         if config.get("fan_in_fan_out"):
             warnings.warn(f"AdapterManager.load({name!r}): fan_in_fan_out=True but the targets are "
                           "nn.Linear; ignoring it, as PEFT does", stacklevel=3)
+        _check_config(name, config)
         targets = config.get("target_modules")
         pairs: dict[str, dict[str, tuple[str, Tensor]]] = {}
         for key, tensor in state.items():
@@ -286,10 +321,20 @@ class AdapterManager:
                 raise ValueError(f"AdapterManager.load({name!r}): tensor {key!r} has no matching "
                                  f"lora_{'B' if 'A' in pair else 'A'} weight")
             (a_key, a), (b_key, b) = pair["A"], pair["B"]
+            for key, tensor in ((a_key, a), (b_key, b)):
+                if not isinstance(tensor, Tensor) or tensor.dim() != 2:
+                    raise ValueError(f"AdapterManager.load({name!r}): tensor {key!r} must be a 2-D "
+                                     f"tensor, got "
+                                     f"{getattr(tensor, 'shape', type(tensor).__name__)}")
+                if not tensor.is_floating_point():
+                    raise ValueError(f"AdapterManager.load({name!r}): tensor {key!r} has dtype "
+                                     f"{tensor.dtype}; LoRA weights must be floating point")
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"AdapterManager.load({name!r}): tensor {key!r} holds "
+                                     "non-finite values (inf or nan)")
             spec = self.store.modules[self.store.module_index[module]]
             rank = _pattern_value(module, config.get("rank_pattern"), config.get("r", a.shape[0]))
-            alpha = _pattern_value(module, config.get("alpha_pattern"),
-                                   config.get("lora_alpha", rank))
+            alpha = _pattern_value(module, config.get("alpha_pattern"), config.get("lora_alpha"))
             if tuple(a.shape) != (rank, spec.in_features):
                 raise ValueError(f"AdapterManager.load({name!r}): tensor {a_key!r} has shape "
                                  f"{list(a.shape)}, expected [r, in] = [{rank}, {spec.in_features}]")
@@ -299,7 +344,14 @@ class AdapterManager:
                                  f"{rank}]")
             if rank > self.max_rank:
                 raise ValueError(f"AdapterManager.load({name!r}): tensor {a_key!r} has rank {rank}, "
-                                 f"above max_rank={self.max_rank}")
+                                 f"above max_rank={self.max_rank} (AdapterManager(max_rank=...) "
+                                 f"accepts 1..{MAX_RANK})")
+            if alpha is None:
+                raise ValueError(
+                    f"AdapterManager.load({name!r}): config has no lora_alpha for module "
+                    f"{module!r} (the scaling is lora_alpha / r and a state dict does not record "
+                    f"it); pass config={{'r': {rank}, 'lora_alpha': ...}}, got config keys "
+                    f"{sorted(config)}")
             scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
             weights[module] = ModuleWeights(a.detach(), b.detach(), scaling)
         return weights
@@ -323,7 +375,7 @@ class AdapterManager:
         builds that shape's token map and SGMV plan). A graph reads this batch's tables, which are
         freed when the block exits: capture again for every batch."""
         if self._active is not None:
-            raise RuntimeError("AdapterManager.batch: a batch is already active")
+            raise RuntimeError(self._busy("AdapterManager.batch"))
         if self._merged is not None:
             raise RuntimeError(f"AdapterManager.batch: adapter {self._merged!r} is merged into the "
                                "base weights; unmerge() first")
@@ -348,7 +400,16 @@ class AdapterManager:
                            f"loaded adapters: {self.store.names()}")
         if not names:
             raise ValueError("AdapterManager.batch: adapter_names is empty")
-        residents = self.store.acquire(distinct, keep=kept)
+        with self.pool.lock:
+            # Checked and claimed at once: a second thread opening a batch is refused.
+            if self._active is not None or self._opening is not None:
+                raise RuntimeError(self._busy("AdapterManager.batch"))
+            self._opening = threading.get_ident()
+        try:
+            residents = self.store.acquire(distinct, keep=kept)
+        except BaseException:
+            self._opening = None
+            raise
         try:
             position = {n: i for i, n in enumerate(distinct)}
             seq_adapter = torch.tensor([-1 if n is None else position[n] for n in names],
@@ -363,7 +424,38 @@ class AdapterManager:
             yield self
         finally:
             self._active = None
+            self._opening = None
             self.store.release()
+
+    def _busy(self, what: str) -> str:
+        thread = self._opening
+        where = (" in this thread" if thread == threading.get_ident()
+                 else f" in thread {thread}" if thread is not None else "")
+        return (f"{what}: a batch is already active{where}; one thread runs the model "
+                "(batches do not nest and are not shared between threads)")
+
+    def _check_call(self, module, args, kwargs):
+        """Forward pre-hook on the model: inside a batch, the call comes from the batch's thread
+        and has one sequence per adapter name (refused here, before any layer runs)."""
+        state = self._active
+        if state is None:
+            if self._opening is not None and self._opening != threading.get_ident():
+                raise RuntimeError(f"AdapterManager: the model was called from thread "
+                                   f"{threading.get_ident()} while thread {self._opening} is "
+                                   "opening a batch; one thread runs the model")
+            return None
+        if self._opening != threading.get_ident():
+            raise RuntimeError(f"AdapterManager: the model was called from thread "
+                               f"{threading.get_ident()} while thread {self._opening} has a batch "
+                               "open; one thread runs the model")
+        x = args[0] if args else kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if isinstance(x, Tensor) and x.dim() >= 1 and x.shape[0] != state.batch_size:
+            raise RuntimeError(f"AdapterManager.batch was given {state.batch_size} adapter names "
+                               f"but the model got a batch of {x.shape[0]} sequences; "
+                               "adapter_names needs one entry per sequence")
+        return None
 
     # ---- merging ---------------------------------------------------------------------------------
 
@@ -396,12 +488,20 @@ class AdapterManager:
             base.weight.add_(delta.to(device=base.weight.device, dtype=base.weight.dtype))
 
     def close(self) -> None:
-        """Put the original nn.Linear modules back (unmerging first if needed)."""
+        """Put the original nn.Linear modules back (unmerging first if needed) and give the
+        adapters' pages back to the pool (which may be shared with KV caches or another
+        manager)."""
+        if self._active is not None or self._opening is not None:
+            raise RuntimeError(self._busy("AdapterManager.close"))
         if self._merged is not None:
             self.unmerge()
         for parent, child, base in self._originals:
             setattr(parent, child, base)
         self._originals = []
+        if self._call_hook is not None:
+            self._call_hook.remove()
+            self._call_hook = None
+        self.store.close()
 
 
 def _check_shared_page_size(pool: PagePool, specs: Sequence[ModuleSpec], max_rank: int) -> None:
@@ -445,18 +545,45 @@ def _read_peft_dir(path: pathlib.Path):
     if not config_path.exists():
         raise FileNotFoundError(f"AdapterManager.load: {config_path} not found (not a PEFT adapter "
                                 "directory)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"AdapterManager.load: {config_path} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"AdapterManager.load: {config_path} must hold a JSON object, got "
+                         f"{type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"AdapterManager.load: {path} is a {config['peft_type']} adapter, not LoRA")
     weights = path / "adapter_model.safetensors"
     if weights.exists():
         load_file = require("safetensors.torch", "AdapterManager.load").load_file
-        state = load_file(str(weights))
+        try:
+            state = load_file(str(weights))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"AdapterManager.load: cannot read {weights} (truncated or not a "
+                             f"safetensors file?): {err}") from err
     elif (path / "adapter_model.bin").exists():
         state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"AdapterManager.load: no adapter_model.safetensors in {path}")
     return state, config
+
+
+def _check_config(name: str, config: Mapping) -> None:
+    """The LoRA config's numbers, each named with its accepted range and the value given."""
+    r = config.get("r")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise ValueError(f"AdapterManager.load({name!r}): config['r'] must be a positive int, "
+                         f"got {r!r}")
+    alpha = config.get("lora_alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                              or not math.isfinite(alpha)):
+        raise ValueError(f"AdapterManager.load({name!r}): config['lora_alpha'] must be a finite "
+                         f"number, got {alpha!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key) is not None and not isinstance(config[key], Mapping):
+            raise ValueError(f"AdapterManager.load({name!r}): config[{key!r}] must be a dict of "
+                             f"module pattern -> value, got {config[key]!r}")
 
 
 def _matches_targets(module: str, targets) -> bool:

@@ -16,6 +16,7 @@ same-shaped adapters costs one ``torch.cat`` each (plus a transposed copy of eve
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
@@ -26,6 +27,15 @@ from .._host import to_device
 from ..memory import PagePool, PoolExhaustedError
 
 OWNER = "lora"
+
+
+def _locked(method):
+    """Run an AdapterStore method under the pool's lock (see AdapterStore, Threads)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +95,13 @@ class AdapterStore:
         pool: the page pool; adapters take pages tagged ``"lora"``. Rows must fit in a page.
         modules: the target modules, in a fixed order (index = module id in the row tables).
         max_rank: largest rank accepted at registration.
+
+    Threads: the registry, the residency and the counters change under the pool's lock
+    (``pool.lock``; one lock for the pool and every owner, so a KV cache reclaiming adapter pages
+    and a loader thread taking them cannot deadlock). A loader thread may ``register``,
+    ``unregister`` (of adapters outside the running batch) and ``prefetch`` while another thread
+    runs a batch: the batch's adapters are never evicted or replaced. Packing an adapter
+    (``register``) runs outside the lock.
     """
 
     def __init__(self, pool: PagePool, modules: Sequence[ModuleSpec], max_rank: int = 64) -> None:
@@ -93,6 +110,7 @@ class AdapterStore:
             raise ValueError(f"AdapterStore: a row of {widest} elements does not fit in a page of "
                              f"{pool.page_size} elements")
         self.pool = pool
+        self._lock = pool.lock
         self.modules = list(modules)
         self.module_index = {m.name: i for i, m in enumerate(self.modules)}
         self.max_rank = max_rank
@@ -106,15 +124,19 @@ class AdapterStore:
         self._gap = torch.zeros(pool.page_size, dtype=pool.dtype)
         # Another owner of the pool (a KV cache) short of pages takes those of the adapters
         # outside the running batch, least recently used first.
-        pool.add_reclaimer(OWNER, self)
+        self._reclaimer = pool.add_reclaimer(OWNER, self)
 
     # ---- registration (host memory) --------------------------------------------------------------
 
-    def register(self, name: str, weights: dict[str, ModuleWeights]) -> None:
+    def register(self, name: str, weights: dict[str, ModuleWeights], replace: bool = False) -> None:
         """Pack an adapter's weights into host pages. ``weights`` maps module names to their A, B
-        and scaling; modules left out have rank 0. Re-registering a name replaces it."""
+        and scaling; modules left out have rank 0. A name already registered is refused unless
+        ``replace=True`` (which unregisters the old adapter; it must not be in use)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"AdapterStore.register: name must be a non-empty str, got {name!r}")
+        if not isinstance(replace, bool):
+            raise TypeError(f"AdapterStore.register: replace must be a bool, got {replace!r}")
+        self._check_new_name(name, replace)
         unknown = sorted(set(weights) - set(self.module_index))
         if unknown:
             raise KeyError(f"AdapterStore.register({name!r}): modules {unknown[:4]} are not target "
@@ -164,25 +186,57 @@ class AdapterStore:
         buffer = torch.empty(plan.num_pages * self.pool.page_size, dtype=self.pool.dtype,
                              pin_memory=self.pin)
         torch.cat(parts, out=buffer[:plan.used])
-        if name in self.host:
-            self.unregister(name)
-        self.host[name] = HostAdapter(
+        adapter = HostAdapter(
             name, buffer.view(plan.num_pages, self.pool.page_size), plan,
             torch.tensor(ranks, dtype=torch.int32), torch.tensor(scalings, dtype=torch.float32),
             max(ranks))
+        with self._lock:
+            # Checked again: another thread may have registered the name while this one packed.
+            self._check_new_name(name, replace)
+            if name in self.host:
+                self.unregister(name)
+            self.host[name] = adapter
+
+    def _check_new_name(self, name: str, replace: bool) -> None:
+        with self._lock:
+            if name not in self.host:
+                return
+            if not replace:
+                raise ValueError(f"AdapterStore.register: an adapter named {name!r} is already "
+                                 "loaded; unload it first or pass replace=True")
+            if name in self._in_use:
+                raise RuntimeError(f"AdapterStore.register: cannot replace adapter {name!r}: it "
+                                   "is in the running batch")
 
     def unregister(self, name: str) -> None:
         """Forget an adapter, freeing its pages if it is resident (it must not be in use)."""
-        if name not in self.host:
-            raise KeyError(f"AdapterStore.unregister: no adapter {name!r}; loaded adapters: {self.names()}")
-        if name in self._in_use:
-            raise RuntimeError(f"AdapterStore.unregister: adapter {name!r} is in the running batch")
-        if name in self.resident:
+        with self._lock:
+            if name not in self.host:
+                raise KeyError(f"AdapterStore.unregister: no adapter {name!r}; loaded adapters: "
+                               f"{self.names()}")
+            if name in self._in_use:
+                raise RuntimeError(f"AdapterStore.unregister: adapter {name!r} is in the running "
+                                   "batch")
+            if name in self.resident:
+                self._evict(name)
+            del self.host[name]
+
+    @_locked
+    def close(self) -> None:
+        """Give every resident adapter's pages back to the pool and stop offering them to its
+        other owners (the host copies stay: a closed store can be read, not served from)."""
+        if self._in_use:
+            raise RuntimeError(f"AdapterStore.close: adapters {sorted(self._in_use)} are in the "
+                               "running batch")
+        for name in list(self.resident):
             self._evict(name)
-        del self.host[name]
+        if self._reclaimer is not None:
+            self.pool.remove_reclaimer(self._reclaimer)
+            self._reclaimer = None
 
     def names(self) -> list[str]:
-        return sorted(self.host)
+        with self._lock:
+            return sorted(self.host)
 
     def _plan(self, ranks: tuple) -> _Plan:
         plan = self._plans.get(ranks)
@@ -222,6 +276,7 @@ class AdapterStore:
 
     # ---- residency -------------------------------------------------------------------------------
 
+    @_locked
     def acquire(self, names: Iterable[str], keep: Iterable[str] = ()) -> list[ResidentAdapter]:
         """Make every named adapter resident and mark them in use (not evictable) until
         :meth:`release`. ``keep``: more adapters not to evict meanwhile (those resident stay;
@@ -251,24 +306,29 @@ class AdapterStore:
                     resident.rows.record_stream(current)
         return residents
 
+    @_locked
     def release(self) -> None:
         """End of a batch: its adapters stay resident but become evictable."""
         self._in_use = set()
 
+    @_locked
     def prefetch(self, names: Iterable[str]) -> None:
         """Start loading adapters that a coming batch will use. On CUDA the host-to-device copies
         run on a side stream and overlap with compute on the current stream (the next
         :meth:`acquire` waits for them); nothing here waits on the host. On CPU this is a plain
         synchronous load. Adapters in the running batch are not evicted to make room; a prefetch
         that does not fit stops quietly (the batch will load it)."""
-        names = [n for n in dict.fromkeys(names) if n not in self.resident]
-        missing = [n for n in names if n not in self.host]
+        wanted = list(dict.fromkeys(names))
+        missing = [n for n in wanted if n not in self.host]
         if missing:
             raise KeyError(f"unknown adapters {missing}; loaded adapters: {self.names()}")
+        # The requested adapters already resident are not evicted to load the others.
+        protect = set(wanted)
+        names = [n for n in wanted if n not in self.resident]
         if self.pool.device.type != "cuda":
             for name in names:
                 try:
-                    self._make_resident(name, count=False, protect=set(names))
+                    self._make_resident(name, count=False, protect=protect)
                 except PoolExhaustedError:
                     return
             return
@@ -284,7 +344,7 @@ class AdapterStore:
         with torch.cuda.stream(side):
             for name in names:
                 try:
-                    resident = self._make_resident(name, count=False, protect=set(names),
+                    resident = self._make_resident(name, count=False, protect=protect,
                                                    compute=compute, before_write=queued)
                 except PoolExhaustedError:
                     return
@@ -342,10 +402,12 @@ class AdapterStore:
 
     # ---- the pool's reclaimer ---------------------------------------------------------------------
 
+    @_locked
     def reclaimable_pages(self) -> int:
         """Pages of the resident adapters outside the running batch (and its ``keep``)."""
         return sum(r.page_ids.numel() for n, r in self.resident.items() if n not in self._in_use)
 
+    @_locked
     def reclaim(self, pages: int) -> int:
         """Evict adapters outside the running batch, least recently used first, until ``pages``
         pages are freed or none is left to evict. Returns the pages freed."""
@@ -371,6 +433,7 @@ class AdapterStore:
 
     # ---- batch tables ----------------------------------------------------------------------------
 
+    @_locked
     def tables(self, names: Sequence[str], residents: Sequence[ResidentAdapter]):
         """Row tables for a batch of distinct adapters, in the order given.
 
@@ -404,6 +467,7 @@ class AdapterStore:
 
     # ---- statistics ------------------------------------------------------------------------------
 
+    @_locked
     def stats(self) -> dict:
         return {
             "registered": len(self.host),

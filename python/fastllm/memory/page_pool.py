@@ -7,12 +7,23 @@ Because LoRA weights and KV entries draw pages from the same free list, memory m
 load changes instead of being split by a fixed budget.
 
 Bookkeeping (free list, owners) lives on the host as small int tensors; only the storage is on the
-device. Allocation and release are O(pages requested). The pool is not thread-safe.
+device. Allocation and release are O(pages requested).
+
+Threads: the pool's bookkeeping (allocation, release, reclaiming, statistics) runs under one
+re-entrant lock, ``pool.lock``, which the owners that share the pool (the adapter store) take for
+their own bookkeeping too, so that a loader thread may register, prefetch and evict adapters while
+another thread runs the model on the same pool. Data movement (``write``, ``gather``) takes no
+lock: owners only write pages they have just been given.
+
+Test hook: :meth:`PagePool.fail_after` makes the n-th allocation inside a ``with`` block fail, so
+that tests can inject a fault at every allocation point of a pool user. Outside such a block the
+cost is one attribute test per allocation.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from typing import Iterable, Protocol
 
@@ -50,10 +61,86 @@ class PoolExhaustedError(RuntimeError):
         self.needed = dict(needed) if needed is not None else None
 
     def with_context(self, context: str) -> "PoolExhaustedError":
-        """The same error (same attributes) with ``context`` before its message."""
-        return PoolExhaustedError(f"{context}: {self.args[0]}", owner=self.owner,
+        """The same error (same class and attributes) with ``context`` before its message."""
+        return type(self)(f"{context}: {self.args[0]}", owner=self.owner,
                                   requested=self.requested, free_pages=self.free_pages,
                                   num_pages=self.num_pages, held=self.held, needed=self.needed)
+
+
+class InjectedFault(PoolExhaustedError):
+    """The error :meth:`PagePool.fail_after` raises at the allocation it was told to fail. A
+    :class:`PoolExhaustedError`, so that a pool user handles it exactly as a pool that ran dry."""
+
+
+class AllocationFault:
+    """Test hook returned by :meth:`PagePool.fail_after`; a context manager.
+
+    Inside the ``with`` block the first ``n`` allocations of one page or more succeed and the
+    next one raises ``error`` (default: an :class:`InjectedFault`) taking no page; later
+    allocations succeed again (one fault per block). Allocations of zero pages, which no pool
+    can fail, are not counted. The fault fires when the allocation starts, or, with
+    ``after_reclaim=True``, once the other owners' reclaimers have given back the pages it was
+    short of (an owner's pages evicted for an allocation that then fails); if that allocation
+    fails for real first, the fault moves on to the next one.
+
+    Attributes:
+        allocations: allocations of one page or more attempted inside the block so far (the
+            failed one included); with ``n`` larger than any run, the number of allocation
+            points that run has.
+        short: how many of them found too few free pages and asked the reclaimers.
+        fired: whether the fault was raised.
+        log: ``(owner, pages)`` of each of those allocations, in order.
+    """
+
+    def __init__(self, pool: "PagePool", n: int, error: BaseException | None,
+                 after_reclaim: bool = False) -> None:
+        self.pool, self.n, self.error, self.after_reclaim = pool, n, error, after_reclaim
+        self.allocations = self.short = 0
+        self.fired = False
+        self.log: list[tuple[str, int]] = []
+        self._due = False
+
+    def __enter__(self) -> "AllocationFault":
+        with self.pool.lock:
+            if self.pool._fault is not None:
+                raise RuntimeError("PagePool.fail_after: a fault is already armed on this pool")
+            self.pool._fault = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.pool.lock:
+            self.pool._fault = None
+
+    def _arrive(self, n: int, owner: str) -> None:
+        """An allocation starts (before reclaiming)."""
+        if n == 0:
+            return
+        self.allocations += 1
+        self.short += n > self.pool.free_pages
+        self.log.append((owner, n))
+        if self.fired or self.allocations <= self.n:
+            return
+        self._due = True
+        if not self.after_reclaim:
+            self._raise(n, owner)
+
+    def _reclaimed(self, n: int, owner: str) -> None:
+        """The allocation has the pages it asked for (after reclaiming)."""
+        if self._due:
+            self._raise(n, owner)
+
+    def _raise(self, n: int, owner: str) -> None:
+        self._due, self.fired = False, True
+        if self.error is not None:
+            raise self.error
+        pool = self.pool
+        when = " after reclaiming" if self.after_reclaim else ""
+        raise InjectedFault(
+            f"PagePool.alloc: injected fault (PagePool.fail_after({self.n})) at allocation "
+            f"{self.allocations}{when}: {owner!r} asked for {n} pages ({pool.free_pages} of "
+            f"{pool.num_pages} free)", owner=owner, requested=n, free_pages=pool.free_pages,
+            num_pages=pool.num_pages,
+            held={t: p for t, p in zip(pool._owner_tags, pool._pages_by_code) if p})
 
 
 class Reclaimer(Protocol):
@@ -222,6 +309,9 @@ class PagePool:
         # the store (and its host copies of every adapter) alive.
         self._reclaimers: dict[int, tuple[str, weakref.ref]] = {}
         self._next_reclaimer = 0
+        # Re-entrant: an allocation short of pages calls a reclaimer, which frees pages under it.
+        self.lock = threading.RLock()
+        self._fault: AllocationFault | None = None
 
     @classmethod
     def for_model(cls, model, *, nbytes: int | None = None, num_pages: int | None = None,
@@ -279,14 +369,43 @@ class PagePool:
             raise ValueError(f"PagePool.alloc: n must be a non-negative int, got {n!r}")
         if not isinstance(owner, str) or not owner:
             raise ValueError(f"PagePool.alloc: owner must be a non-empty str, got {owner!r}")
-        if n > self._num_free:
-            self._reclaim_for(owner, n)
-        code = self._code_for(owner)
-        page_ids = self._free_stack[self._num_free - n:self._num_free].flip(0).clone()
-        self._num_free -= n
-        self._owner_code[page_ids] = code
-        self._pages_by_code[code] += n
-        return page_ids
+        with self.lock:
+            fault = self._fault
+            if fault is not None:
+                fault._arrive(n, owner)
+            if n > self._num_free:
+                self._reclaim_for(owner, n)
+            if fault is not None:
+                fault._reclaimed(n, owner)
+            code = self._code_for(owner)
+            page_ids = self._free_stack[self._num_free - n:self._num_free].flip(0).clone()
+            self._num_free -= n
+            self._owner_code[page_ids] = code
+            self._pages_by_code[code] += n
+            return page_ids
+
+    def fail_after(self, n: int, error: BaseException | None = None, *,
+                   after_reclaim: bool = False) -> AllocationFault:
+        """Test hook: a context manager inside which the first ``n`` allocations succeed and the
+        next one raises (``error``, default an :class:`InjectedFault`, a
+        :class:`PoolExhaustedError`), taking no page; with ``after_reclaim=True`` it raises
+        after the reclaimers gave back what it was short of. See :class:`AllocationFault`.
+
+            with pool.fail_after(10**9) as probe:   # count the allocation points of a run
+                run()
+            for n in range(probe.allocations):      # then fail at each of them
+                with pool.fail_after(n), pytest.raises(PoolExhaustedError):
+                    run()
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"PagePool.fail_after: n must be a non-negative int, got {n!r}")
+        if error is not None and not isinstance(error, BaseException):
+            raise TypeError(f"PagePool.fail_after: error must be an exception instance or None, "
+                            f"got {type(error).__name__}")
+        if not isinstance(after_reclaim, bool):
+            raise TypeError(f"PagePool.fail_after: after_reclaim must be a bool, got "
+                            f"{after_reclaim!r}")
+        return AllocationFault(self, n, error, after_reclaim)
 
     def free(self, page_ids: Tensor | Iterable[int]) -> None:
         """Return pages to the pool.
@@ -310,18 +429,19 @@ class PagePool:
         if (counts > 1).any():
             raise ValueError(
                 f"PagePool.free: page_ids repeat {unique_ids[counts > 1].tolist()[:8]}")
-        codes = self._owner_code[ids]
-        not_allocated = ids[codes == _NO_OWNER]
-        if not_allocated.numel():
-            raise ValueError(
-                f"PagePool.free: pages {not_allocated.tolist()[:8]} are not allocated "
-                "(double free?)"
-            )
-        for code, count in zip(*codes.unique(return_counts=True)):
-            self._pages_by_code[int(code)] -= int(count)
-        self._owner_code[ids] = _NO_OWNER
-        self._free_stack[self._num_free:self._num_free + ids.numel()] = ids.flip(0)
-        self._num_free += ids.numel()
+        with self.lock:
+            codes = self._owner_code[ids]
+            not_allocated = ids[codes == _NO_OWNER]
+            if not_allocated.numel():
+                raise ValueError(
+                    f"PagePool.free: pages {not_allocated.tolist()[:8]} are not allocated "
+                    "(double free?)"
+                )
+            for code, count in zip(*codes.unique(return_counts=True)):
+                self._pages_by_code[int(code)] -= int(count)
+            self._owner_code[ids] = _NO_OWNER
+            self._free_stack[self._num_free:self._num_free + ids.numel()] = ids.flip(0)
+            self._num_free += ids.numel()
 
     # ---- cooperation between owners --------------------------------------------------------------
 
@@ -337,30 +457,38 @@ class PagePool:
             if not callable(getattr(reclaimer, method, None)):
                 raise TypeError(f"PagePool.add_reclaimer: reclaimer must have a {method}() method, "
                                 f"got {type(reclaimer).__name__}")
-        handle = self._next_reclaimer
-        self._next_reclaimer += 1
-        self._reclaimers[handle] = (owner, weakref.ref(reclaimer))
-        return handle
+        with self.lock:
+            handle = self._next_reclaimer
+            self._next_reclaimer += 1
+            self._reclaimers[handle] = (owner, weakref.ref(reclaimer))
+            return handle
 
     def remove_reclaimer(self, handle: int) -> None:
-        if handle not in self._reclaimers:
-            raise ValueError(f"PagePool.remove_reclaimer: no reclaimer with handle {handle!r}")
-        del self._reclaimers[handle]
+        with self.lock:
+            if handle not in self._reclaimers:
+                raise ValueError(f"PagePool.remove_reclaimer: no reclaimer with handle "
+                                 f"{handle!r}")
+            del self._reclaimers[handle]
 
     def reclaimable_pages(self, exclude: str | None = None) -> dict[str, int]:
         """``{owner: pages}`` the reclaimers of owners other than ``exclude`` could give back."""
         out: dict[str, int] = {}
-        for owner, ref in list(self._reclaimers.values()):
-            reclaimer = ref()
-            if reclaimer is None:
-                self._prune_reclaimers()
-            elif owner != exclude:
-                out[owner] = out.get(owner, 0) + int(reclaimer.reclaimable_pages())
+        with self.lock:
+            for owner, ref in list(self._reclaimers.values()):
+                reclaimer = ref()
+                if reclaimer is None:
+                    self._prune_reclaimers()
+                elif owner != exclude:
+                    out[owner] = out.get(owner, 0) + int(reclaimer.reclaimable_pages())
         return out
 
     def exhausted(self, owner: str, n: int, context: str | None = None) -> PoolExhaustedError:
         """The error for ``owner`` asking for ``n`` pages that the pool cannot give: which owner
         holds how many pages and how many it needs (cannot give back)."""
+        with self.lock:
+            return self._exhausted(owner, n, context)
+
+    def _exhausted(self, owner: str, n: int, context: str | None) -> PoolExhaustedError:
         held = {tag: pages for tag, pages in zip(self._owner_tags, self._pages_by_code) if pages}
         reclaimable = self.reclaimable_pages()
         needed = {tag: pages - min(pages, reclaimable.get(tag, 0)) for tag, pages in held.items()}
@@ -424,6 +552,10 @@ class PagePool:
 
     def stats(self) -> dict:
         """Pages and bytes used and free, overall and per owner tag."""
+        with self.lock:
+            return self._stats()
+
+    def _stats(self) -> dict:
         return {
             "num_pages": self.num_pages,
             "page_size": self.page_size,

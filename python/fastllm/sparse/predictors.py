@@ -63,41 +63,113 @@ class Predictors:
 
     @classmethod
     def load(cls, path, model: nn.Module) -> "Predictors":
-        """Load predictors saved by :meth:`save`; refuse if they were trained for another model."""
+        """Load predictors saved by :meth:`save`; refuse if they were trained for another model.
+
+        The file is untrusted: safetensors only (no pickle), and a truncated file, missing
+        metadata, or a tensor of the wrong name, shape or dtype raises
+        :class:`PredictorMismatchError` naming the file and the tensor."""
         safe_open = require("safetensors", "Predictors.load").safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("fastllm_sparse_predictors") != "1":
-                raise PredictorMismatchError(f"{path} holds no fastllm sparse predictors")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        saved = json.loads(meta["identity"])
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("fastllm_sparse_predictors") != "1":
+                    raise PredictorMismatchError(f"{path} holds no fastllm sparse predictors")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except PredictorMismatchError:
+            raise
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise PredictorMismatchError(f"cannot read {path} as a safetensors file (truncated "
+                                         f"or another format?): {err}") from err
+        try:
+            saved = json.loads(meta["identity"])
+            rank = int(meta["rank"])
+            lookahead = bool(int(meta["lookahead"]))
+            label_share = float(meta["label_share"])
+            stats = json.loads(meta.get("stats", "[]"))
+            quant = json.loads(meta.get("quantized", '{"bits": 8, "score": "gate_up"}'))
+        except (KeyError, ValueError) as err:
+            raise PredictorMismatchError(f"{path}: its metadata is incomplete or malformed "
+                                         f"({type(err).__name__}: {err})") from err
         current = _model_identity(model)
+        if not isinstance(saved, dict):
+            raise PredictorMismatchError(f"{path}: its identity metadata is not a JSON object")
         diffs = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
         if diffs:
             detail = ", ".join(f"{k}: saved {a!r}, model {b!r}" for k, (a, b) in diffs.items())
             raise PredictorMismatchError(
                 f"predictors in {path} were trained for another model ({detail}); "
                 "train new ones with fastllm.sparse.train_predictors(model, calibration_ids)")
-        rank = int(meta["rank"])
         kind = meta.get("kind", "lowrank")
         activation = _make_view(find_mlps(model)[0]).activation
-        states = [{k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"layers.{i}.")}
-                  for i in range(current["n_layers"])]
+        n_layers = current["n_layers"]
+        states = [{} for _ in range(n_layers)]
+        for key, tensor in tensors.items():
+            parts = key.split(".", 2)
+            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() \
+                    or int(parts[1]) >= n_layers:
+                raise PredictorMismatchError(f"{path}: tensor {key!r} is not one of the "
+                                             f"predictors of the model's {n_layers} layers")
+            states[int(parts[1])][parts[2]] = tensor
         if kind == "quantized":
-            quant = json.loads(meta.get("quantized", '{"bits": 8, "score": "gate_up"}'))
-            layers = nn.ModuleList(QuantizedPredictor.from_state(state, activation, **quant)
-                                   for state in states)
+            layers = nn.ModuleList()
+            for i, state in enumerate(states):
+                _check_quantized_state(path, i, state, current)
+                try:
+                    layers.append(QuantizedPredictor.from_state(state, activation, **quant))
+                except (KeyError, RuntimeError, ValueError, TypeError) as err:
+                    raise PredictorMismatchError(f"{path}: layer {i}'s tensors do not make a "
+                                                 f"quantized predictor: {err}") from err
         else:
-            layers = nn.ModuleList(_new_predictor(kind, current["hidden_size"],
-                                                  current["n_neurons"], rank, activation)
-                                   for _ in states)
-            for layer, state in zip(layers, states):
+            try:
+                layers = nn.ModuleList(_new_predictor(kind, current["hidden_size"],
+                                                      current["n_neurons"], rank, activation)
+                                       for _ in states)
+            except ValueError as err:
+                raise PredictorMismatchError(f"{path}: {err}") from err
+            for i, (layer, state) in enumerate(zip(layers, states)):
+                _check_state(path, i, state, layer.state_dict())
                 layer.load_state_dict(state)
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         layers.to(device=device, dtype=dtype)
-        return cls(layers, saved, rank, bool(int(meta["lookahead"])), float(meta["label_share"]),
-                   json.loads(meta.get("stats", "[]")), kind)
+        return cls(layers, saved, rank, lookahead, label_share, stats, kind)
+
+
+def _check_state(path, layer: int, state: dict, expected: dict) -> None:
+    """A saved predictor's tensors against a fresh one's: names, shapes and floating dtypes."""
+    for key, want in expected.items():
+        name = f"layers.{layer}.{key}"
+        got = state.get(key)
+        if got is None:
+            raise PredictorMismatchError(f"{path}: tensor {name!r} is missing")
+        if tuple(got.shape) != tuple(want.shape):
+            raise PredictorMismatchError(f"{path}: tensor {name!r} has shape {list(got.shape)}, "
+                                         f"expected {list(want.shape)}")
+        if not got.is_floating_point():
+            raise PredictorMismatchError(f"{path}: tensor {name!r} has dtype {got.dtype}, "
+                                         "expected a floating dtype")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise PredictorMismatchError(f"{path}: tensor 'layers.{layer}.{extra[0]}' is not part of "
+                                     "the predictor")
+
+
+def _check_quantized_state(path, layer: int, state: dict, current: dict) -> None:
+    """The codes of a quantized predictor cover the model's neurons and hidden size."""
+    q = state.get("q_up")
+    if q is None or q.dim() != 2:
+        raise PredictorMismatchError(f"{path}: tensor 'layers.{layer}.q_up' is missing or not "
+                                     "2-D")
+    d = q.shape[1] * (2 if q.dtype == torch.uint8 else 1)
+    if (q.shape[0], d) != (current["n_neurons"], current["hidden_size"]):
+        raise PredictorMismatchError(
+            f"{path}: tensor 'layers.{layer}.q_up' codes {q.shape[0]} neurons x {d} inputs, the "
+            f"model has {current['n_neurons']} x {current['hidden_size']}")
+    for key, tensor in state.items():
+        if key.endswith(("scale", "norm")) or key.startswith("b_") or key == "offset":
+            if not tensor.is_floating_point():
+                raise PredictorMismatchError(f"{path}: tensor 'layers.{layer}.{key}' has dtype "
+                                             f"{tensor.dtype}, expected a floating dtype")
 
 
 def _new_predictor(kind: str, d: int, n: int, rank: int, activation: str) -> nn.Module:
