@@ -105,21 +105,16 @@ def _speed(device: str, quick: bool, progress: Progress, shapes=SHAPES) -> list[
                                           "ideal x": ideal,
                                           "of ideal": t["dense"] / t["pred"] / ideal,
                                           "GB/s": gbs, "% copy BW": 100 * gbs / ceiling}))
-                # int8 predictor bytes: codes plus one fp32 scale per 64 columns, gate and up.
-                int8_bytes = 2 * n * d * (1 + 4 / 64)
-                records.append(Record(CAPABILITY, case, "sparse+int8 pred", "dense MLP",
-                                      t["int8"] * 1e3, t["dense"] * 1e3, {
-                                          "ideal x": ideal,
-                                          "of ideal": t["dense"] / t["int8"] / ideal,
-                                          "bytes read / dense": (int8_bytes + weight_bytes) /
-                                          (3 * n * d * w_up.element_size())}))
-                int4_bytes = int4_pred.weight_bytes(as_stored=True)
-                records.append(Record(CAPABILITY, case, "sparse+int4 pred (default)", "dense MLP",
-                                      t["int4"] * 1e3, t["dense"] * 1e3, {
-                                          "ideal x": ideal,
-                                          "of ideal": t["dense"] / t["int4"] / ideal,
-                                          "bytes read / dense": (int4_bytes + weight_bytes) /
-                                          (3 * n * d * w_up.element_size())}))
+                # Quantized predictors' bytes: their codes and fp32 scales as the op reads them.
+                for key, ours, p in (("int8", "sparse+int8 pred", int8_pred),
+                                     ("int4", "sparse+int4 pred (default)", int4_pred)):
+                    records.append(Record(CAPABILITY, case, ours, "dense MLP",
+                                          t[key] * 1e3, t["dense"] * 1e3, {
+                                              "ideal x": ideal,
+                                              "of ideal": t["dense"] / t[key] / ideal,
+                                              "bytes read / dense":
+                                                  (p.weight_bytes(as_stored=True) + weight_bytes)
+                                                  / (3 * n * d * w_up.element_size())}))
                 progress.step(f"{case}: {t['dense'] / t['pred']:.2f}x with predictor, "
                               f"{t['dense'] / t['int8']:.2f}x with int8 predictor, "
                               f"{t['dense'] / t['int4']:.2f}x with int4 predictor, "
