@@ -18,7 +18,7 @@ ragged caches holding a fraction of T entries, against the dense reference that 
 entries of a full cache (what eviction-by-masking costs), and against full-cache attention.
 
 Decode: end-to-end SmolLM2 decode steps with FastGenCache (T = 0.95) against DynamicCache after
-the same 320-token prompt, alternated (kernel plus the per-layer host bookkeeping).
+the same 320- and 1000-token prompts, alternated (kernel plus the per-layer host bookkeeping).
 """
 
 from __future__ import annotations
@@ -552,43 +552,51 @@ def profiling_vs_sdpa(device: str, quick: bool, progress: Progress,
     return records
 
 
+DECODE_PROMPTS = (320, 1000)
+
+
 @torch.no_grad()
 def decode_speed(device: str, quick: bool, progress: Progress) -> list[Record]:
-    """End-to-end decode steps of SmolLM2 after a 320-token prompt: FastGenCache (T = 0.95)
-    against DynamicCache. Each sample prefills a fresh cache (untimed), then times 32
+    """End-to-end decode steps of SmolLM2 after 320- and 1000-token prompts: FastGenCache
+    (T = 0.95) against DynamicCache. Each sample prefills a fresh cache (untimed), then times 32
     single-token steps; the two caches alternate, and the median per-step time counts."""
     loaded = load_model(device)
     if loaded is None:
         return []
     model, tokenizer = loaded
-    (prompt, cont), = ppl_passages(tokenizer, TEXT.read_text(), 1, device)
-    steps = 32
-    configs = {"fastgen": ("fastgen", 0.95), "dynamic": ("dynamic", None)}
-    samples = {name: [] for name in configs}
-    memory = {}
     from fastllm.kv import cache_keyword
     keyword = cache_keyword(model)
-    for _ in range(4 if quick else 8):
-        for name, config in configs.items():
-            cache = make_cache(model, tokenizer, config)
-            model(prompt, **{keyword: cache}, use_cache=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for i in range(steps):
-                model(cont[:, i:i + 1], **{keyword: cache}, use_cache=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            samples[name].append((time.perf_counter() - start) / steps)
-            memory[name] = memory_ratio(cache)
-            if hasattr(cache, "release"):
-                cache.release()
-    ours, base = (statistics.median(samples[n]) for n in ("fastgen", "dynamic"))
-    progress.step(f"decode step: FastGen {ours * 1e3:.1f} ms, DynamicCache {base * 1e3:.1f} ms")
-    return [Record(CAPABILITY, f"SmolLM2 decode step after {prompt.shape[1]} prompt tokens",
-                   "FastGenCache T=0.95", "DynamicCache", ours * 1e3, base * 1e3,
-                   {"tok/s": 1 / ours, "tok/s DynamicCache": 1 / base,
-                    "KV mem %": 100 * memory["fastgen"]})]
+    steps = 32
+    configs = {"fastgen": ("fastgen", 0.95), "dynamic": ("dynamic", None)}
+    records = []
+    for prompt_len in DECODE_PROMPTS:
+        (prompt, cont), = ppl_passages(tokenizer, TEXT.read_text(), 1, device,
+                                       prompt_len=prompt_len, cont_len=steps)
+        samples = {name: [] for name in configs}
+        memory = {}
+        for _ in range(4 if quick else 8):
+            for name, config in configs.items():
+                cache = make_cache(model, tokenizer, config)
+                model(prompt, **{keyword: cache}, use_cache=True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for i in range(steps):
+                    model(cont[:, i:i + 1], **{keyword: cache}, use_cache=True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                samples[name].append((time.perf_counter() - start) / steps)
+                memory[name] = memory_ratio(cache)
+                if hasattr(cache, "release"):
+                    cache.release()
+        ours, base = (statistics.median(samples[n]) for n in ("fastgen", "dynamic"))
+        progress.step(f"decode step after {prompt.shape[1]} tokens: FastGen {ours * 1e3:.1f} ms, "
+                      f"DynamicCache {base * 1e3:.1f} ms")
+        records.append(Record(CAPABILITY, f"SmolLM2 decode step after {prompt.shape[1]} prompt "
+                              "tokens", "FastGenCache T=0.95", "DynamicCache", ours * 1e3,
+                              base * 1e3, {"tok/s": 1 / ours, "tok/s DynamicCache": 1 / base,
+                                           "KV mem %": 100 * memory["fastgen"]}))
+    return records
 
 
 def run(device: str, quick: bool = False, out_dir=None) -> list[Record]:
@@ -596,7 +604,8 @@ def run(device: str, quick: bool = False, out_dir=None) -> list[Record]:
     parts = os.environ.get("FASTLLM_KV_BENCH", "kernel,profile,decode,quality").split(",")
     gpu_grid = (8 if quick else 24) if "kernel" in parts and device == "cuda" else 0
     progress = Progress(CAPABILITY, gpu_grid + ((8 if quick else 12) if "kernel" in parts else 0)
-                        + (9 if "quality" in parts else 0) + (1 if "decode" in parts else 0)
+                        + (9 if "quality" in parts else 0)
+                        + (len(DECODE_PROMPTS) if "decode" in parts else 0)
                         + ((2 if quick else 4) if "profile" in parts else 0)
                         + ((1 if quick else 2) if "profile" in parts and device == "cuda" else 0))
     records = kernel(device, quick, progress) if "kernel" in parts else []

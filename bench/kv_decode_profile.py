@@ -4,7 +4,7 @@ diagnostic, not part of bench/run.py; README (FastGen, end-to-end time) quotes i
     py-spy record -r 200 -f raw -o /tmp/decode.txt -- python bench/kv_decode_profile.py run
     python bench/kv_decode_profile.py report /tmp/decode.txt
 
-``run`` prefills a fresh cache with one 320-token prompt six times, each followed by 32
+``run`` prefills a fresh cache with one 1000-token prompt six times, each followed by 32
 single-token steps on one thread (so samples are not split across BLAS threads); ``report``
 prints each fastllm / attention / MLP function's share of the samples taken inside those steps
 (a function counts once per sample however deep it recurs).
@@ -39,7 +39,8 @@ CACHE = [None]
 def run() -> None:
     torch.set_num_threads(1)
     model, tokenizer = load_model("cpu")
-    (prompt, cont), = ppl_passages(tokenizer, TEXT.read_text(), 1, "cpu")
+    (prompt, cont), = ppl_passages(tokenizer, TEXT.read_text(), 1, "cpu", prompt_len=1000,
+                                   cont_len=STEPS)
     for _ in range(REPEATS):
         CACHE[0] = make_cache(model, tokenizer, ("fastgen", 0.95))
         model(prompt, **{cache_keyword(model): CACHE[0]}, use_cache=True)
@@ -64,8 +65,9 @@ def report(path: str) -> None:
             inclusive[name] += int(count)
     print(f"{total} samples inside the decode steps")
     for name, count in inclusive.most_common():
-        if any(key in name for key in ("cache.py", "kv.py", "page_pool", "memory.py",
-                                       "Attention", "MLP", "Linear")):
+        if any(key in name for key in ("cache.py", "attention.py", "storage.py", "decode.py",
+                                       "kv.py", "page_pool", "memory.py", "Attention", "MLP",
+                                       "Linear")):
             print(f"{100 * count / total:5.1f}%  {name}")
 
 

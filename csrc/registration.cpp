@@ -96,4 +96,16 @@ TORCH_LIBRARY(fastllm, m) {
   // last) per cache, -1 where none was evicted; the caller moves the pool rows likewise.
   m.def("kv_evict_round(Tensor(a!) pos, Tensor(b!) score, Tensor(c!) flags, Tensor(d!) lengths, "
         "Tensor step_scores, Tensor newest, Tensor window, Tensor heavy, Tensor grow) -> Tensor");
+  // A whole decode step of C = B * Hkv ragged caches, in place: each cache's new entry (new_rows
+  // [C, 2D] into the pool, new_pos, class new_class uint8 [C], flags with KEEP where keep_classes
+  // or sinks say so, score 0) goes to entry lengths[c] (int64), or with `capacity` int64 [C]
+  // (graph steps) to min(lengths[c], capacity[c] - 1); then kv_ragged_decode's attention, its
+  // probabilities added into score; then kv_evict_round's eviction with newest = new_pos, the
+  // pool row of each evicting cache's last entry moved into the hole. Returns out [B, Hq, D] and
+  // the moves int64 [C, 2] (victim, last; -1 where none).
+  m.def("kv_decode_step(Tensor q, Tensor new_rows, Tensor new_pos, Tensor new_class, "
+        "Tensor(a!) kv_rows, Tensor page_table, Tensor(b!) lengths, Tensor(c!) pos, "
+        "Tensor(d!) score, Tensor(e!) flags, Tensor keep_classes, Tensor sinks, Tensor window, "
+        "Tensor heavy, Tensor grow, int page_rows, float scale, int num_splits, "
+        "Tensor? work=None, Tensor? capacity=None) -> (Tensor, Tensor)");
 }

@@ -184,10 +184,10 @@ def test_decode_steps_on_fake_cuda_read_no_device_data(policy):
 @pytest.mark.parametrize("read", ["item", "tolist", "int", "cpu", "to_cpu", "copy_to_host"])
 def test_fake_decode_would_catch_a_device_read(monkeypatch, read):
     # The proof above is only as good as its ability to fail: a decode step that reads device
-    # data or copies it to the host (here injected into the append) must raise.
-    original = _HeadCaches.append_one
+    # data or copies it to the host (here injected into the step) must raise.
+    original = _HeadCaches.decode_step
 
-    def reading(self, rows, cls, newest):
+    def reading(self, *args, **kwargs):
         if read == "item":
             self.lengths.max().item()
         elif read == "tolist":
@@ -200,9 +200,9 @@ def test_fake_decode_would_catch_a_device_read(monkeypatch, read):
             self.score.to("cpu", non_blocking=True)
         else:
             torch.empty(self.lengths.shape, dtype=self.lengths.dtype).copy_(self.lengths)
-        return original(self, rows, cls, newest)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(_HeadCaches, "append_one", reading)
+    monkeypatch.setattr(_HeadCaches, "decode_step", reading)
     with pytest.raises((DataDependentOutputException, DeviceToHostCopy)):
         fake_decode("h2o", steps=1)
 
@@ -715,5 +715,6 @@ def test_cuda_decode_steps_do_not_synchronise(policy):
 @pytest.mark.skipif(not fastllm.build_info()["cuda"], reason="fastllm built without CUDA")
 def test_kv_cuda_kernels_are_built():
     # csrc/kv/kv_cuda.cu compiled and registered (the CPU-only machines build CUDA too).
-    for op in ("kv_attention_scores", "kv_policy_recovery", "kv_ragged_decode", "kv_evict_round"):
+    for op in ("kv_attention_scores", "kv_policy_recovery", "kv_ragged_decode", "kv_evict_round",
+               "kv_decode_step"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastllm::{op}", "CUDA"), op

@@ -510,3 +510,24 @@ def test_galore_adam_step_matches_reference(seed, m, n, rank, sides, projected, 
     _close_to_scale(exp_avg_sq, want[2], moments, scale=2.0)
     # the update divides by sqrt(v) + eps: rounding of the inputs scales with the step size
     _close(param, want[0], dtype, scale=4.0)
+
+
+@given(seed=SEEDS, batch=st.integers(1, 3), hkv=st.integers(1, 3), group=st.integers(1, 4),
+       d=st.sampled_from([1, 7, 8, 64]), page_rows=st.sampled_from([1, 4, 16]),
+       pages=st.lists(st.integers(0, 4), min_size=9, max_size=9),
+       around=st.lists(st.integers(-1, 1), min_size=9, max_size=9),
+       dtype=st.sampled_from(FLOATS), with_capacity=st.booleans())
+def test_kv_decode_step_matches_reference(seed, batch, hkv, group, d, page_rows, pages, around,
+                                          dtype, with_capacity):
+    from test_kv_decode_step import assert_same_step, make_step, run_both
+
+    caches = batch * hkv
+    # ragged lengths around page boundaries: k pages, one entry less, or one more
+    lengths = [max(0, p * page_rows + a) for p, a in zip(pages[:caches], around[:caches])]
+    args = make_step(batch, group * hkv, hkv, d, lengths, page_rows, dtype, seed=seed)
+    capacity = None
+    if with_capacity:  # graph steps: some caches full at their capacity
+        capacity = torch.tensor(lengths) + torch.randint(0, 2, (caches,), generator=_generator(seed))
+        capacity = capacity.clamp(min=1)
+    got, want, want_args = run_both(args, page_rows, capacity=capacity)
+    assert_same_step(args, want_args, got, want, dtype)

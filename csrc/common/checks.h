@@ -6,6 +6,7 @@
 
 #include "common/index_errors.h"
 
+#include <algorithm>
 #include <initializer_list>
 #include <string>
 
@@ -65,11 +66,30 @@ inline void check_index_range(const char* op, const char* name, const at::Tensor
                               int64_t limit) {
   // BEGIN host value checks
   if (index.numel() == 0 || !host_checks_index_values(index)) return;
-  auto [lo, hi] = at::aminmax(index);
-  const at::Tensor bounds = at::stack({lo, hi}).to(at::kLong).cpu();
+  int64_t min_index = 0, max_index = 0;
+  if (index.is_cpu() && index.is_contiguous() &&
+      (index.scalar_type() == at::kInt || index.scalar_type() == at::kLong)) {
+    // A plain scan: the small index tensors of a decode step are checked every layer, and four
+    // ATen ops (aminmax, stack, to, cpu) cost more than the kernel's bookkeeping.
+    auto scan = [&](const auto* data) {
+      min_index = max_index = data[0];
+      for (int64_t i = 1, n = index.numel(); i < n; ++i) {
+        min_index = std::min<int64_t>(min_index, data[i]);
+        max_index = std::max<int64_t>(max_index, data[i]);
+      }
+    };
+    if (index.scalar_type() == at::kInt) {
+      scan(index.const_data_ptr<int32_t>());
+    } else {
+      scan(index.const_data_ptr<int64_t>());
+    }
+  } else {
+    auto [lo, hi] = at::aminmax(index);
+    const at::Tensor bounds = at::stack({lo, hi}).to(at::kLong).cpu();
+    min_index = bounds.data_ptr<int64_t>()[0];
+    max_index = bounds.data_ptr<int64_t>()[1];
+  }
   // END host value checks
-  const int64_t min_index = bounds.data_ptr<int64_t>()[0];
-  const int64_t max_index = bounds.data_ptr<int64_t>()[1];
   TORCH_CHECK_INDEX(min_index >= 0 && max_index < limit, op, ": ", name,
                     " must lie in [0, ", limit, "), got values in [", min_index, ", ", max_index,
                     "]");

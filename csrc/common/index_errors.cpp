@@ -33,6 +33,8 @@ constexpr const char* kNames[kIndexErrorCount] = {
     "not matching token_adapter",
     "fastllm.kv_ragged_decode: work breaks its structure (caches 0, 1, ... in order, each from "
     "entry 0, first entries increasing)",
+    "fastllm.kv_decode_step: lengths/capacity leave no room for the new entry in the page table "
+    "and bookkeeping columns",
 };
 
 std::mutex& words_mutex() {

@@ -32,7 +32,8 @@ enum IndexError : uint32_t {
   kSparseCounts = 1u << 9,
   kLoraSgmvPlan = 1u << 10,
   kKvWork = 1u << 11,
-  kIndexErrorCount = 12,
+  kKvStepRoom = 1u << 12,
+  kIndexErrorCount = 13,
 };
 
 // Whether index values of `t` are checked on the host: always for CPU tensors, for CUDA tensors

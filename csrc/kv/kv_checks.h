@@ -3,6 +3,8 @@
 
 #include "common/checks.h"
 
+#include <algorithm>
+
 namespace fastllm::kv {
 
 inline void check_profile_args(const char* op, const at::Tensor& q, const at::Tensor& k,
@@ -71,11 +73,10 @@ inline void check_decode_work(const char* op, const at::Tensor& q, const at::Ten
                     "cache of 0 ..", caches - 1, "; it ends at cache ", w[2 * (items - 1)]);
 }
 
-inline void check_decode_args(const at::Tensor& q, const at::Tensor& kv_rows,
-                              const at::Tensor& page_table, const at::Tensor& lengths,
-                              int64_t page_rows, int64_t num_splits,
-                              const std::optional<at::Tensor>& work) {
-  constexpr const char* op = "fastllm.kv_ragged_decode";
+// Everything about a ragged decode but the lengths (whose dtype differs between the ops).
+inline void check_decode_layout(const char* op, const at::Tensor& q, const at::Tensor& kv_rows,
+                                const at::Tensor& page_table, int64_t page_rows,
+                                int64_t num_splits, const std::optional<at::Tensor>& work) {
   check_dim(op, "q", q, 3);
   check_dtype_in(op, "q", q, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
   check_dim(op, "kv_rows", kv_rows, 2);
@@ -83,11 +84,8 @@ inline void check_decode_args(const at::Tensor& q, const at::Tensor& kv_rows,
   check_contiguous(op, "kv_rows", kv_rows);
   check_dim(op, "page_table", page_table, 2);
   check_dtype_in(op, "page_table", page_table, {at::kInt});
-  check_dim(op, "lengths", lengths, 1);
-  check_dtype_in(op, "lengths", lengths, {at::kInt});
   check_same_device(op, "q", q, "kv_rows", kv_rows);
   check_same_device(op, "q", q, "page_table", page_table);
-  check_same_device(op, "q", q, "lengths", lengths);
   TORCH_CHECK_VALUE(kv_rows.size(1) == 2 * q.size(2), op, ": kv_rows must be [slots, 2 * head_dim]"
                     " = [*, ", 2 * q.size(2), "], got ", kv_rows.sizes());
   TORCH_CHECK_VALUE(page_rows > 0 && kv_rows.size(0) % page_rows == 0, op,
@@ -98,16 +96,27 @@ inline void check_decode_args(const at::Tensor& q, const at::Tensor& kv_rows,
                         page_table.size(0) / batch > 0 && q.size(1) % (page_table.size(0) / batch) == 0,
                     op, ": page_table must have B * Hkv rows with Hkv dividing q's ", q.size(1),
                     " heads (B = ", batch, "), got ", page_table.size(0), " rows");
-  TORCH_CHECK_VALUE(lengths.size(0) == page_table.size(0), op,
-                    ": lengths must have one entry per page_table row (", page_table.size(0),
-                    "), got ", lengths.size(0));
   TORCH_CHECK_VALUE(num_splits > 0, op, ": num_splits must be positive, got ", num_splits);
   // Values: always on the host for CPU tensors; for CUDA tensors only in the debug mode (each
   // check then synchronises), else the kernels skip out-of-range lengths and page ids and report
   // them in the device error word (kKvLengths, kKvPageTable).
-  check_index_range(op, "lengths", lengths, page_table.size(1) * page_rows + 1);
   check_index_range(op, "page_table", page_table, kv_rows.size(0) / page_rows);
   if (work.has_value()) check_decode_work(op, q, *work, page_table.size(0), num_splits);
+}
+
+inline void check_decode_args(const at::Tensor& q, const at::Tensor& kv_rows,
+                              const at::Tensor& page_table, const at::Tensor& lengths,
+                              int64_t page_rows, int64_t num_splits,
+                              const std::optional<at::Tensor>& work) {
+  constexpr const char* op = "fastllm.kv_ragged_decode";
+  check_decode_layout(op, q, kv_rows, page_table, page_rows, num_splits, work);
+  check_dim(op, "lengths", lengths, 1);
+  check_dtype_in(op, "lengths", lengths, {at::kInt});
+  check_same_device(op, "q", q, "lengths", lengths);
+  TORCH_CHECK_VALUE(lengths.size(0) == page_table.size(0), op,
+                    ": lengths must have one entry per page_table row (", page_table.size(0),
+                    "), got ", lengths.size(0));
+  check_index_range(op, "lengths", lengths, page_table.size(1) * page_rows + 1);
 }
 
 // A negative heavy count would make a cache with no evictable entry "over budget" with no victim
@@ -120,11 +129,13 @@ inline void check_heavy_counts(const char* op, const at::Tensor& heavy) {
   TORCH_CHECK_VALUE(min_heavy >= 0, op, ": heavy must be >= 0, got ", min_heavy);
 }
 
-inline void check_evict_args(const at::Tensor& pos, const at::Tensor& score, const at::Tensor& flags,
-                             const at::Tensor& lengths, const at::Tensor& step_scores,
-                             const at::Tensor& newest, const at::Tensor& window,
-                             const at::Tensor& heavy, const at::Tensor& grow) {
-  constexpr const char* op = "fastllm.kv_evict_round";
+// The caches' bookkeeping and policies (kv_evict_round, kv_decode_step); `newest_name` is what
+// the op calls the per-cache newest positions.
+inline void check_bookkeeping(const char* op, const at::Tensor& pos, const at::Tensor& score,
+                              const at::Tensor& flags, const at::Tensor& lengths,
+                              const char* newest_name, const at::Tensor& newest,
+                              const at::Tensor& window, const at::Tensor& heavy,
+                              const at::Tensor& grow) {
   check_dim(op, "pos", pos, 2);
   check_dtype_in(op, "pos", pos, {at::kLong});
   const int64_t caches = pos.size(0), cap = pos.size(1);
@@ -135,7 +146,7 @@ inline void check_evict_args(const at::Tensor& pos, const at::Tensor& score, con
     bool per_entry;
   };
   const Arg args[] = {{"score", score, at::kFloat, true},     {"flags", flags, at::kByte, true},
-                      {"lengths", lengths, at::kLong, false}, {"newest", newest, at::kLong, false},
+                      {"lengths", lengths, at::kLong, false}, {newest_name, newest, at::kLong, false},
                       {"window", window, at::kLong, false},   {"heavy", heavy, at::kLong, false},
                       {"grow", grow, at::kBool, false}};
   for (const Arg& arg : args) {
@@ -152,6 +163,16 @@ inline void check_evict_args(const at::Tensor& pos, const at::Tensor& score, con
     }
   }
   check_contiguous(op, "pos", pos);
+  check_heavy_counts(op, heavy);
+}
+
+inline void check_evict_args(const at::Tensor& pos, const at::Tensor& score, const at::Tensor& flags,
+                             const at::Tensor& lengths, const at::Tensor& step_scores,
+                             const at::Tensor& newest, const at::Tensor& window,
+                             const at::Tensor& heavy, const at::Tensor& grow) {
+  constexpr const char* op = "fastllm.kv_evict_round";
+  check_bookkeeping(op, pos, score, flags, lengths, "newest", newest, window, heavy, grow);
+  const int64_t caches = pos.size(0), cap = pos.size(1);
   check_dim(op, "step_scores", step_scores, 2);
   check_dtype_in(op, "step_scores", step_scores, {at::kFloat});
   check_same_device(op, "pos", pos, "step_scores", step_scores);
@@ -162,7 +183,67 @@ inline void check_evict_args(const at::Tensor& pos, const at::Tensor& score, con
   // (kKvEvictLengths) and never evicts without a victim, so outside the debug mode a negative
   // heavy count only changes which entries a cache keeps, never what memory it touches.
   check_index_range(op, "lengths", lengths, cap + 1);
-  check_heavy_counts(op, heavy);
+}
+
+// kv_decode_step: a ragged decode's layout, the caches' bookkeeping, the new entries and the
+// room for them. Every cache must have room for its new entry within its pages and the
+// bookkeeping columns (room = min(capacity columns, pages * page_rows)): lengths < room, or with
+// a per-cache capacity (graph steps), lengths <= room and capacity in [1, room].
+inline void check_decode_step_args(const at::Tensor& q, const at::Tensor& new_rows,
+                                   const at::Tensor& new_pos, const at::Tensor& new_class,
+                                   const at::Tensor& kv_rows, const at::Tensor& page_table,
+                                   const at::Tensor& lengths, const at::Tensor& pos,
+                                   const at::Tensor& score, const at::Tensor& flags,
+                                   const at::Tensor& keep_classes, const at::Tensor& sinks,
+                                   const at::Tensor& window, const at::Tensor& heavy,
+                                   const at::Tensor& grow, int64_t page_rows, int64_t num_splits,
+                                   const std::optional<at::Tensor>& work,
+                                   const std::optional<at::Tensor>& capacity) {
+  constexpr const char* op = "fastllm.kv_decode_step";
+  check_decode_layout(op, q, kv_rows, page_table, page_rows, num_splits, work);
+  check_bookkeeping(op, pos, score, flags, lengths, "new_pos", new_pos, window, heavy, grow);
+  const int64_t caches = pos.size(0);
+  TORCH_CHECK_VALUE(page_table.size(0) == caches, op, ": page_table must have one row per cache ("
+                    "pos has ", caches, "), got ", page_table.size(0));
+  check_dim(op, "new_rows", new_rows, 2);
+  check_same_dtype(op, "kv_rows", kv_rows, "new_rows", new_rows);
+  check_same_device(op, "q", q, "new_rows", new_rows);
+  TORCH_CHECK_VALUE(new_rows.size(0) == caches && new_rows.size(1) == kv_rows.size(1), op,
+                    ": new_rows must be [caches, 2 * head_dim] = [", caches, ", ", kv_rows.size(1),
+                    "], got ", new_rows.sizes());
+  struct PerCache {
+    const char* name;
+    const at::Tensor* t;
+    at::ScalarType dtype;
+  };
+  const PerCache per_cache[] = {{"new_class", &new_class, at::kByte},
+                                {"keep_classes", &keep_classes, at::kByte},
+                                {"sinks", &sinks, at::kLong},
+                                {"capacity", capacity.has_value() ? &*capacity : nullptr,
+                                 at::kLong}};
+  for (const PerCache& arg : per_cache) {
+    if (arg.t == nullptr) continue;
+    check_dtype_in(op, arg.name, *arg.t, {arg.dtype});
+    check_same_device(op, "pos", pos, arg.name, *arg.t);  // any strides: read-only, small
+    TORCH_CHECK_VALUE(arg.t->dim() == 1 && arg.t->size(0) == caches, op, ": ", arg.name,
+                      " must be [caches] = [", caches, "], got ", arg.t->sizes());
+  }
+  const int64_t room = std::min<int64_t>(pos.size(1), page_table.size(1) * page_rows);
+  if (!capacity.has_value()) {
+    check_index_range(op, "lengths", lengths, room);
+    return;
+  }
+  check_index_range(op, "lengths", lengths, room + 1);
+  // BEGIN host value checks
+  if (capacity->numel() == 0 || !host_checks_index_values(*capacity)) return;
+  const at::Tensor cap_host = capacity->to(at::kCPU).contiguous();
+  // END host value checks
+  const int64_t* cap_data = cap_host.const_data_ptr<int64_t>();
+  for (int64_t c = 0; c < caches; ++c) {
+    TORCH_CHECK_INDEX(cap_data[c] >= 1 && cap_data[c] <= room, op, ": capacity must lie in [1, ",
+                      room, "] (the room in the page table and bookkeeping columns), got ",
+                      cap_data[c], " for cache ", c);
+  }
 }
 
 }  // namespace fastllm::kv

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -209,18 +210,26 @@ at::Tensor kv_policy_recovery_cpu(const at::Tensor& q, const at::Tensor& k,
 }
 
 
+// Where a decode's per-entry probabilities go: a fresh [caches, stride] tensor (kv_ragged_decode:
+// zero past each length), or added into the caches' accumulated scores (kv_decode_step).
+struct ScoreSink {
+  float* data;
+  int64_t stride;
+  bool accumulate;
+};
+
+// lse may be null (kv_decode_step has no use for it).
 template <typename scalar_t>
 void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
-                            const at::Tensor& page_table, const at::Tensor& lengths,
-                            int64_t page_rows, double scale, const DecodeWork& work,
-                            at::Tensor& out, at::Tensor& lse, at::Tensor& scores) {
+                            const at::Tensor& page_table, const int32_t* len, int64_t page_rows,
+                            double scale, const DecodeWork& work, at::Tensor& out, float* lse_data,
+                            const ScoreSink& sink) {
   const int64_t batch = q.size(0), hq = q.size(1), d = q.size(2);
   const int64_t caches = page_table.size(0), hkv = caches / batch, group = hq / hkv;
-  const int64_t width = scores.size(1), pages = page_table.size(1);
+  const int64_t pages = page_table.size(1), width = pages * page_rows;
   const scalar_t* q_data = q.data_ptr<scalar_t>();
   const scalar_t* rows = kv_rows.data_ptr<scalar_t>();
   const int32_t* table = page_table.data_ptr<int32_t>();
-  const int32_t* len = lengths.data_ptr<int32_t>();
   const int64_t items = work.items;
   // logits[c, g, e]; partial max, sum and weighted values per (item, g).
   std::vector<float> logits(caches * group * width);
@@ -272,8 +281,6 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
     }
   });
   scalar_t* out_data = out.data_ptr<scalar_t>();
-  float* lse_data = lse.data_ptr<float>();
-  float* score_data = scores.data_ptr<float>();
   const int64_t items_per_cache = (items + caches - 1) / std::max<int64_t>(caches, 1);
   at::parallel_for(0, caches, grain_for(group * (items_per_cache * d + longest)),
                    [&](int64_t c0, int64_t c1) {
@@ -282,8 +289,8 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
       const int64_t seq = c / hkv;
       int64_t lo, hi;
       work.items_of(c, &lo, &hi);
-      float* sc = score_data + c * width;
-      for (int64_t e = 0; e < width; ++e) sc[e] = 0.f;
+      float* sc = sink.data + c * sink.stride;
+      if (!sink.accumulate) std::fill_n(sc, sink.stride, 0.f);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t cg = c * group + g, head = (c % hkv) * group + g;
         float m = -std::numeric_limits<float>::infinity();
@@ -303,7 +310,7 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
         const float inv = total > 0.f ? 1.f / total : 0.f;
         for (int64_t i = 0; i < d; ++i) o[i] = static_cast<scalar_t>(acc[i] * inv);
         const float l = total > 0.f ? m + std::log(total) : -std::numeric_limits<float>::infinity();
-        lse_data[seq * hq + head] = l;
+        if (lse_data != nullptr) lse_data[seq * hq + head] = l;
         const float* lg = logits.data() + cg * width;
         for (int64_t e = 0; e < len[c]; ++e) sc[e] += std::exp(lg[e] - l);
       }
@@ -329,11 +336,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cpu(
       at::empty({page_table.size(0), page_table.size(1) * page_rows}, lse.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kv_ragged_decode",
                                   [&] {
-                                    ragged_decode_cpu_impl<scalar_t>(qc, kv_rows, table, lens,
-                                                                     page_rows, scale, plan, out,
-                                                                     lse, scores);
+                                    ragged_decode_cpu_impl<scalar_t>(
+                                        qc, kv_rows, table, lens.const_data_ptr<int32_t>(),
+                                        page_rows, scale, plan, out, lse.data_ptr<float>(),
+                                        ScoreSink{scores.data_ptr<float>(), scores.size(1),
+                                                  false});
                                   });
   return {out, lse, scores};
+}
+
+// Cache c's eviction once this step's scores are in (kv_evict_round's rule): the lowest-score
+// evictable entry, the first on ties, when more than `heavy` are evictable.
+void evict_round_one(int64_t* pos_data, float* score_data, uint8_t* flag_data, int64_t* len_data,
+                     int64_t* move_data, int64_t c, int64_t cap, int64_t newest, int64_t window,
+                     int64_t heavy, bool grow) {
+  if (grow) return;
+  const int64_t len = len_data[c];
+  const int64_t* p = pos_data + c * cap;
+  const float* s = score_data + c * cap;
+  const uint8_t* f = flag_data + c * cap;
+  int64_t evictable_count = 0, victim = -1;
+  for (int64_t j = 0; j < len; ++j) {
+    if (!evictable(f[j], p[j], newest, window)) continue;
+    ++evictable_count;
+    if (victim < 0 || s[j] < s[victim]) victim = j;
+  }
+  if (evictable_count <= heavy) return;
+  evict_entry(pos_data, score_data, flag_data, len_data, move_data, c, cap, victim);
 }
 
 at::Tensor kv_evict_round_cpu(at::Tensor& pos, at::Tensor& score, at::Tensor& flags,
@@ -355,23 +384,83 @@ at::Tensor kv_evict_round_cpu(at::Tensor& pos, at::Tensor& score, at::Tensor& fl
   const bool* grow_data = grow.const_data_ptr<bool>();
   // A decode step has a few dozen caches of a few hundred entries: one thread, no task overhead.
   for (int64_t c = 0; c < caches; ++c) {
-    const int64_t len = len_data[c];
-    int64_t* p = pos_data + c * cap;
     float* s = score_data + c * cap;
-    uint8_t* f = flag_data + c * cap;
     const float* add = step_data + c * step_width;
-    for (int64_t j = 0, n = std::min(len, step_width); j < n; ++j) s[j] += add[j];
-    if (grow_data[c]) continue;
-    int64_t evictable_count = 0, victim = -1;
-    for (int64_t j = 0; j < len; ++j) {
-      if (!evictable(f[j], p[j], newest_data[c], window_data[c])) continue;
-      ++evictable_count;
-      if (victim < 0 || s[j] < s[victim]) victim = j;
-    }
-    if (evictable_count <= heavy_data[c]) continue;
-    evict_entry(pos_data, score_data, flag_data, len_data, move_data, c, cap, victim);
+    for (int64_t j = 0, n = std::min(len_data[c], step_width); j < n; ++j) s[j] += add[j];
+    evict_round_one(pos_data, score_data, flag_data, len_data, move_data, c, cap,
+                    newest_data[c], window_data[c], heavy_data[c], grow_data[c]);
   }
   return moves;
+}
+
+// One decode step over C ragged caches (schema in registration.cpp): append each cache's new
+// entry, attend over the caches, add the probabilities into the scores, evict at most one entry
+// per cache and move the pool row of its last entry into the hole. One op, so a decode step's
+// bookkeeping costs one dispatch instead of a dozen small tensor ops per layer.
+std::tuple<at::Tensor, at::Tensor> kv_decode_step_cpu(
+    const at::Tensor& q, const at::Tensor& new_rows, const at::Tensor& new_pos,
+    const at::Tensor& new_class, at::Tensor& kv_rows, const at::Tensor& page_table,
+    at::Tensor& lengths, at::Tensor& pos, at::Tensor& score, at::Tensor& flags,
+    const at::Tensor& keep_classes, const at::Tensor& sinks, const at::Tensor& window,
+    const at::Tensor& heavy, const at::Tensor& grow, int64_t page_rows, double scale,
+    int64_t num_splits, const std::optional<at::Tensor>& work,
+    const std::optional<at::Tensor>& capacity) {
+  check_decode_step_args(q, new_rows, new_pos, new_class, kv_rows, page_table, lengths, pos, score,
+                         flags, keep_classes, sinks, window, heavy, grow, page_rows, num_splits,
+                         work, capacity);
+  const at::Tensor qc = q.contiguous(), rows_in = new_rows.contiguous();
+  const at::Tensor table = page_table.contiguous();
+  const at::Tensor classes = new_class.contiguous(), keep = keep_classes.contiguous();
+  const at::Tensor sink_counts = sinks.contiguous();
+  const at::Tensor room = capacity.has_value() ? capacity->contiguous() : at::Tensor();
+  const at::Tensor list = work.has_value() ? work->contiguous() : at::Tensor();
+  const int64_t caches = pos.size(0), cap = pos.size(1), pages = table.size(1);
+  const int64_t row_bytes = kv_rows.size(1) * kv_rows.element_size();
+  const int32_t* table_data = table.const_data_ptr<int32_t>();
+  auto* pool = static_cast<char*>(kv_rows.data_ptr());
+  const auto* incoming = static_cast<const char*>(rows_in.const_data_ptr());
+  int64_t* len_data = lengths.data_ptr<int64_t>();
+  int64_t* pos_data = pos.data_ptr<int64_t>();
+  float* score_data = score.data_ptr<float>();
+  uint8_t* flag_data = flags.data_ptr<uint8_t>();
+  const int64_t* new_pos_data = new_pos.const_data_ptr<int64_t>();
+  const uint8_t* class_data = classes.const_data_ptr<uint8_t>();
+  const uint8_t* keep_data = keep.const_data_ptr<uint8_t>();
+  const int64_t* sink_data = sink_counts.const_data_ptr<int64_t>();
+  const int64_t* capacity_data = room.defined() ? room.const_data_ptr<int64_t>() : nullptr;
+  auto slot_of = [&](int64_t c, int64_t e) { return entry_slot(table_data + c * pages, e, page_rows); };
+  // The decode kernels take int32 lengths (kv_ragged_decode's contract).
+  std::vector<int32_t> len32(caches);
+  for (int64_t c = 0; c < caches; ++c) {
+    const int64_t e = new_entry_index(len_data[c], capacity_data ? capacity_data[c] : -1);
+    std::memcpy(pool + slot_of(c, e) * row_bytes, incoming + c * row_bytes, row_bytes);
+    pos_data[c * cap + e] = new_pos_data[c];
+    flag_data[c * cap + e] = new_entry_flags(class_data[c], keep_data[c], new_pos_data[c],
+                                             sink_data[c]);
+    score_data[c * cap + e] = 0.f;
+    len_data[c] = e + 1;
+    len32[c] = static_cast<int32_t>(e + 1);
+  }
+  const DecodeWork plan{list.defined() ? list.const_data_ptr<int32_t>() : nullptr,
+                        list.defined() ? list.size(0) : caches * num_splits, num_splits, caches};
+  at::Tensor out = at::empty_like(qc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kv_decode_step", [&] {
+    ragged_decode_cpu_impl<scalar_t>(qc, kv_rows, table, len32.data(), page_rows, scale, plan, out,
+                                     nullptr, ScoreSink{score_data, cap, true});
+  });
+  at::Tensor moves = at::full({caches, 2}, -1, lengths.options());
+  int64_t* move_data = moves.data_ptr<int64_t>();
+  const int64_t* window_data = window.const_data_ptr<int64_t>();
+  const int64_t* heavy_data = heavy.const_data_ptr<int64_t>();
+  const bool* grow_data = grow.const_data_ptr<bool>();
+  for (int64_t c = 0; c < caches; ++c) {
+    evict_round_one(pos_data, score_data, flag_data, len_data, move_data, c, cap, new_pos_data[c],
+                    window_data[c], heavy_data[c], grow_data[c]);
+    if (move_data[2 * c] < 0) continue;
+    std::memmove(pool + slot_of(c, move_data[2 * c]) * row_bytes,
+                 pool + slot_of(c, move_data[2 * c + 1]) * row_bytes, row_bytes);
+  }
+  return {out, moves};
 }
 
 }  // namespace
@@ -381,6 +470,7 @@ TORCH_LIBRARY_IMPL(fastllm, CPU, m) {
   m.impl("kv_policy_recovery", &kv_policy_recovery_cpu);
   m.impl("kv_ragged_decode", &kv_ragged_decode_cpu);
   m.impl("kv_evict_round", &kv_evict_round_cpu);
+  m.impl("kv_decode_step", &kv_decode_step_cpu);
 }
 
 }  // namespace fastllm::kv

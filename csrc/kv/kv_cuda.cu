@@ -561,14 +561,13 @@ __global__ void decode_merge_scores_kernel(const float* __restrict__ part_m,
   scores[c * width + e] = acc;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
-    const at::Tensor& q, const at::Tensor& kv_rows, const at::Tensor& page_table,
-    const at::Tensor& lengths, int64_t page_rows, double scale, int64_t num_splits,
+// The decode launches of kv_ragged_decode and kv_decode_step (arguments checked by the caller;
+// lens int32, contiguous).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ragged_decode_launch(
+    const char* op, const at::Tensor& q, const at::Tensor& kv_rows, const at::Tensor& page_table,
+    const at::Tensor& lens, int64_t page_rows, double scale, int64_t num_splits,
     const std::optional<at::Tensor>& work) {
-  constexpr const char* op = "fastllm.kv_ragged_decode";
-  check_decode_args(q, kv_rows, page_table, lengths, page_rows, num_splits, work);
-  const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor qc = q.contiguous(), table = page_table.contiguous(), lens = lengths.contiguous();
+  at::Tensor qc = q.contiguous(), table = page_table.contiguous();
   const at::Tensor list = work.has_value() ? work->contiguous() : at::Tensor();
   const int64_t batch = q.size(0), hq = q.size(1), d = q.size(2);
   const int64_t caches = page_table.size(0), hkv = caches / batch, group = hq / hkv;
@@ -646,6 +645,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
   return {out, lse, scores};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
+    const at::Tensor& q, const at::Tensor& kv_rows, const at::Tensor& page_table,
+    const at::Tensor& lengths, int64_t page_rows, double scale, int64_t num_splits,
+    const std::optional<at::Tensor>& work) {
+  check_decode_args(q, kv_rows, page_table, lengths, page_rows, num_splits, work);
+  const c10::cuda::CUDAGuard guard(q.device());
+  return ragged_decode_launch("fastllm.kv_ragged_decode", q, kv_rows, page_table,
+                              lengths.contiguous(), page_rows, scale, num_splits, work);
+}
+
 // Eviction round: one warp per cache. Lanes stride over the entries (adding the step's scores and
 // counting the evictable ones), a shuffle reduction finds the lowest score (the first entry on
 // ties, as the CPU loop does), and lane 0 moves the last entry's bookkeeping into the hole. A cache
@@ -720,6 +729,126 @@ at::Tensor kv_evict_round_cuda(at::Tensor& pos, at::Tensor& score, at::Tensor& f
   return moves;
 }
 
+// ---- kv_decode_step: the append and the row moves around the decode and eviction launches ----
+
+// One pool row (a key|value entry) copied by a whole block: 16-byte words when both rows and the
+// row length allow it (the usual case: head_dim a multiple of 4 halves), else bytes.
+__device__ void copy_pool_row(char* dst, const char* src, int64_t row_bytes) {
+  const bool words = ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
+                       static_cast<uintptr_t>(row_bytes)) & 15) == 0;
+  if (words) {
+    for (int64_t i = threadIdx.x; i < row_bytes / 16; i += blockDim.x) {
+      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < row_bytes; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
+// One block per cache: its new entry's row into the pool and its bookkeeping (kv_math.h,
+// new_entry_index / new_entry_flags), and the int32 lengths the decode kernels read. A cache
+// with no room for the entry (or a bad page id) is left alone, attends as empty and is reported.
+__global__ void decode_step_append_kernel(
+    const char* __restrict__ new_rows, const int64_t* __restrict__ new_pos,
+    const uint8_t* __restrict__ new_class, char* kv_rows, const int32_t* __restrict__ table,
+    int64_t* lengths, int64_t* pos, float* score, uint8_t* flags,
+    const uint8_t* __restrict__ keep_classes, const int64_t* __restrict__ sinks,
+    const int64_t* __restrict__ capacity, int32_t* lens32, int64_t pages, int64_t page_rows,
+    int64_t pool_pages, int64_t cap, int64_t row_bytes, unsigned int* err) {
+  const int64_t c = blockIdx.x;
+  const int64_t len = lengths[c];
+  const int64_t e = new_entry_index(len, capacity != nullptr ? capacity[c] : -1);
+  const int64_t room = cap < pages * page_rows ? cap : pages * page_rows;
+  const bool fits = e >= 0 && e < room && (capacity == nullptr || capacity[c] <= room);
+  const int64_t page = fits ? table[c * pages + e / page_rows] : -1;
+  if (!fits || !page_in_range(page, pool_pages)) {
+    if (threadIdx.x == 0) {
+      report_index_error(err, fits ? kKvPageTable : kKvStepRoom);
+      lens32[c] = 0;
+    }
+    return;  // uniform: c is the block's
+  }
+  copy_pool_row(kv_rows + (page * page_rows + e % page_rows) * row_bytes,
+                new_rows + c * row_bytes, row_bytes);
+  if (threadIdx.x != 0) return;
+  pos[c * cap + e] = new_pos[c];
+  flags[c * cap + e] = new_entry_flags(new_class[c], keep_classes[c], new_pos[c], sinks[c]);
+  score[c * cap + e] = 0.f;
+  lengths[c] = e + 1;
+  lens32[c] = static_cast<int32_t>(e + 1);
+}
+
+// One block per cache that evicted: the pool row of its last entry into the victim's slot.
+__global__ void decode_step_move_kernel(const int64_t* __restrict__ moves, char* kv_rows,
+                                        const int32_t* __restrict__ table, int64_t pages,
+                                        int64_t page_rows, int64_t pool_pages, int64_t row_bytes,
+                                        unsigned int* err) {
+  const int64_t c = blockIdx.x;
+  const int64_t victim = moves[2 * c], last = moves[2 * c + 1];
+  if (victim < 0 || victim == last) return;
+  const int64_t to = table[c * pages + victim / page_rows];
+  const int64_t from = table[c * pages + last / page_rows];
+  if (!page_in_range(to, pool_pages) || !page_in_range(from, pool_pages)) {
+    if (threadIdx.x == 0) report_index_error(err, kKvPageTable);
+    return;
+  }
+  copy_pool_row(kv_rows + (to * page_rows + victim % page_rows) * row_bytes,
+                kv_rows + (from * page_rows + last % page_rows) * row_bytes, row_bytes);
+}
+
+std::tuple<at::Tensor, at::Tensor> kv_decode_step_cuda(
+    const at::Tensor& q, const at::Tensor& new_rows, const at::Tensor& new_pos,
+    const at::Tensor& new_class, at::Tensor& kv_rows, const at::Tensor& page_table,
+    at::Tensor& lengths, at::Tensor& pos, at::Tensor& score, at::Tensor& flags,
+    const at::Tensor& keep_classes, const at::Tensor& sinks, const at::Tensor& window,
+    const at::Tensor& heavy, const at::Tensor& grow, int64_t page_rows, double scale,
+    int64_t num_splits, const std::optional<at::Tensor>& work,
+    const std::optional<at::Tensor>& capacity) {
+  constexpr const char* op = "fastllm.kv_decode_step";
+  check_decode_step_args(q, new_rows, new_pos, new_class, kv_rows, page_table, lengths, pos, score,
+                         flags, keep_classes, sinks, window, heavy, grow, page_rows, num_splits,
+                         work, capacity);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t caches = pos.size(0), cap = pos.size(1);
+  at::Tensor moves = at::full({caches, 2}, -1, lengths.options());
+  if (caches == 0) return {at::zeros_like(q), moves};
+  TORCH_CHECK_VALUE(caches <= std::numeric_limits<int32_t>::max(), op, ": ", caches,
+                    " caches are too many for one CUDA launch");
+  const at::Tensor rows_in = new_rows.contiguous(), table = page_table.contiguous();
+  const at::Tensor classes = new_class.contiguous(), keep = keep_classes.contiguous();
+  const at::Tensor sink_counts = sinks.contiguous();
+  const at::Tensor room = capacity.has_value() ? capacity->contiguous() : at::Tensor();
+  const int64_t pages = table.size(1), pool_pages = kv_rows.size(0) / page_rows;
+  const int64_t row_bytes = kv_rows.size(1) * kv_rows.element_size();
+  at::Tensor lens32 = at::empty({caches}, lengths.options().dtype(at::kInt));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  unsigned int* err = device_error_word(q);
+  const auto grid = static_cast<unsigned>(caches);
+  decode_step_append_kernel<<<grid, kThreads, 0, stream>>>(
+      static_cast<const char*>(rows_in.const_data_ptr()), new_pos.const_data_ptr<int64_t>(),
+      classes.const_data_ptr<uint8_t>(), static_cast<char*>(kv_rows.data_ptr()),
+      table.const_data_ptr<int32_t>(), lengths.data_ptr<int64_t>(), pos.data_ptr<int64_t>(),
+      score.data_ptr<float>(), flags.data_ptr<uint8_t>(), keep.const_data_ptr<uint8_t>(),
+      sink_counts.const_data_ptr<int64_t>(), room.defined() ? room.const_data_ptr<int64_t>() : nullptr,
+      lens32.data_ptr<int32_t>(), pages, page_rows, pool_pages, cap, row_bytes, err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto [out, lse, step_scores] = ragged_decode_launch(op, q, kv_rows, table, lens32, page_rows,
+                                                      scale, num_splits, work);
+  const auto evict_blocks = static_cast<unsigned>((caches + kEvictWarps - 1) / kEvictWarps);
+  evict_round_kernel<<<evict_blocks, 32 * kEvictWarps, 0, stream>>>(
+      pos.data_ptr<int64_t>(), score.data_ptr<float>(), flags.data_ptr<uint8_t>(),
+      lengths.data_ptr<int64_t>(), step_scores.const_data_ptr<float>(), step_scores.size(1),
+      new_pos.const_data_ptr<int64_t>(), window.const_data_ptr<int64_t>(),
+      heavy.const_data_ptr<int64_t>(), grow.const_data_ptr<bool>(), moves.data_ptr<int64_t>(),
+      caches, cap, err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  decode_step_move_kernel<<<grid, kThreads, 0, stream>>>(
+      moves.const_data_ptr<int64_t>(), static_cast<char*>(kv_rows.data_ptr()),
+      table.const_data_ptr<int32_t>(), pages, page_rows, pool_pages, row_bytes, err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, moves};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastllm, CUDA, m) {
@@ -727,6 +856,7 @@ TORCH_LIBRARY_IMPL(fastllm, CUDA, m) {
   m.impl("kv_policy_recovery", &kv_policy_recovery_cuda);
   m.impl("kv_ragged_decode", &kv_ragged_decode_cuda);
   m.impl("kv_evict_round", &kv_evict_round_cuda);
+  m.impl("kv_decode_step", &kv_decode_step_cuda);
 }
 
 }  // namespace fastllm::kv

@@ -46,6 +46,20 @@ FASTLLM_HOST_DEVICE void evict_entry(int64_t* pos, float* score, uint8_t* flags,
   moves[2 * c + 1] = last;
 }
 
+// A decode step's new entry (kv_decode_step): the flags it is written with (its class bits, plus
+// kKeep where its cache's policy keeps that class or the position is one of the first `sinks`),
+// and the entry it goes to. Without a capacity (capacity < 0) it is the cache's next entry; with
+// one (graph steps, where the host cannot know the lengths), a full cache overwrites its last
+// entry rather than touch a page or bookkeeping column it does not own.
+FASTLLM_HOST_DEVICE uint8_t new_entry_flags(int token_class, int keep_classes, int64_t pos,
+                                            int64_t sinks) {
+  const bool keep = (token_class & keep_classes) != 0 || pos < sinks;
+  return static_cast<uint8_t>(token_class | (keep ? kKeep : 0));
+}
+FASTLLM_HOST_DEVICE int64_t new_entry_index(int64_t len, int64_t capacity) {
+  return capacity >= 0 && len > capacity - 1 ? capacity - 1 : len;
+}
+
 // Index guards of the CUDA kernels (CPU values are checked on the host before any kernel runs,
 // see common/index_errors.h): a cache length in [0, limit] and a page id in [0, pages).
 FASTLLM_HOST_DEVICE bool length_in_range(int64_t len, int64_t limit) {

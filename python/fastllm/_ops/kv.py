@@ -14,7 +14,7 @@ from torch import Tensor
 from ._common import require_kernels_for as _require_kernels_for
 
 __all__ = ["kv_attention_scores", "kv_evict_round", "kv_policy_recovery", "kv_ragged_decode",
-           "kv_decode_plan"]
+           "kv_decode_plan", "kv_decode_step"]
 
 
 def kv_attention_scores(q: Tensor, k: Tensor, scale: float, chunk: int = 128) -> Tensor:
@@ -143,6 +143,45 @@ def kv_evict_round(pos: Tensor, score: Tensor, flags: Tensor, lengths: Tensor,
                                                     newest, window, heavy, grow)
 
 
+def kv_decode_step(q: Tensor, new_rows: Tensor, new_pos: Tensor, new_class: Tensor,
+                   kv_rows: Tensor, page_table: Tensor, lengths: Tensor, pos: Tensor,
+                   score: Tensor, flags: Tensor, keep_classes: Tensor, sinks: Tensor,
+                   window: Tensor, heavy: Tensor, grow: Tensor, page_rows: int, scale: float,
+                   num_splits: int = 1, work: Tensor | None = None,
+                   capacity: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One decode step of ``C = B * Hkv`` ragged caches in one op, in place: append, attend,
+    score, evict.
+
+    1. Append: cache ``c``'s new entry (key | value row ``new_rows[c]`` of ``[C, 2 * D]``,
+       position ``new_pos[c]`` int64, class bits ``new_class[c]`` uint8) goes to entry
+       ``lengths[c]`` with score 0 and flags ``class | 8`` where the policy keeps it for good
+       (``new_class & keep_classes != 0`` or ``new_pos < sinks``); ``lengths`` grows by one. With
+       ``capacity`` (int64 ``[C]``, graph steps where the host cannot know the lengths) it goes to
+       ``min(lengths[c], capacity[c] - 1)``: a full cache overwrites its last entry.
+    2. Attend: :func:`kv_ragged_decode` of ``q`` ``[B, Hq, D]`` over the caches (``page_table``,
+       ``page_rows``, ``scale``, ``num_splits``, ``work`` as there), each entry's probability
+       summed over the query group added into ``score``.
+    3. Evict: :func:`kv_evict_round`'s rule with ``newest = new_pos`` (``window``, ``heavy``,
+       ``grow``), and the pool row of each evicting cache's last entry moved into the hole.
+
+    ``kv_rows``, ``lengths`` (int64 ``[C]``), ``pos``, ``score`` and ``flags`` (``[C, capacity
+    columns]`` as in :func:`kv_evict_round`) are updated in place. Returns ``(out [B, Hq, D],
+    moves int64 [C, 2])``: the attention output and (victim, last) per cache, -1 where none was
+    evicted.
+
+    Every cache needs room for its entry: ``lengths < min(columns, pages * page_rows)`` (with
+    ``capacity``: ``capacity`` in ``[1, min(columns, pages * page_rows)]``). Index values raise
+    ``IndexError`` for CPU tensors before anything is written; for CUDA tensors they are checked
+    only under :func:`fastllm.ops.checked_indices`, otherwise a cache without room is left
+    unchanged, attends as empty and is reported to :func:`fastllm.ops.raise_index_errors`.
+    Nothing here synchronises.
+    """
+    _require_kernels_for(q, "kv_decode_step")
+    return torch.ops.fastllm.kv_decode_step.default(
+        q, new_rows, new_pos, new_class, kv_rows, page_table, lengths, pos, score, flags,
+        keep_classes, sinks, window, heavy, grow, page_rows, scale, num_splits, work, capacity)
+
+
 @torch.library.register_fake("fastllm::kv_attention_scores")
 def _scores_fake(q, k, scale, chunk):
     return q.new_empty((k.shape[0], k.shape[1]), dtype=torch.float32)
@@ -163,3 +202,10 @@ def _decode_fake(q, kv_rows, page_table, lengths, page_rows, scale, num_splits, 
     return (q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32),
             q.new_empty((page_table.shape[0], page_table.shape[1] * page_rows),
                         dtype=torch.float32))
+
+
+@torch.library.register_fake("fastllm::kv_decode_step")
+def _decode_step_fake(q, new_rows, new_pos, new_class, kv_rows, page_table, lengths, pos, score,
+                      flags, keep_classes, sinks, window, heavy, grow, page_rows, scale,
+                      num_splits, work=None, capacity=None):
+    return q.new_empty(q.shape), lengths.new_empty((pos.shape[0], 2))

@@ -19,9 +19,9 @@ __all__ = ["pool_gather_reference", "pool_write_reference", "lora_shrink_referen
            "galore_adam_step_reference", "galore_project_back_reference",
            "galore_project_reference", "galore_projector_reference"]
 from .kv import (dense_masked_decode_reference, kv_attention_scores_reference,
-                 kv_evict_round_reference, kv_policy_recovery_reference,
+                 kv_decode_step_reference, kv_evict_round_reference, kv_policy_recovery_reference,
                  kv_ragged_decode_reference)
 
 __all__ += ["dense_masked_decode_reference", "kv_attention_scores_reference",
-            "kv_evict_round_reference", "kv_policy_recovery_reference",
+            "kv_decode_step_reference", "kv_evict_round_reference", "kv_policy_recovery_reference",
             "kv_ragged_decode_reference"]

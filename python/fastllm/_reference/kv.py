@@ -168,3 +168,37 @@ def kv_evict_round_reference(pos: Tensor, score: Tensor, flags: Tensor, lengths:
         lengths[c] = last
         moves[c, 0], moves[c, 1] = victim, last
     return moves
+
+
+def kv_decode_step_reference(q: Tensor, new_rows: Tensor, new_pos: Tensor, new_class: Tensor,
+                             kv_rows: Tensor, page_table: Tensor, lengths: Tensor, pos: Tensor,
+                             score: Tensor, flags: Tensor, keep_classes: Tensor, sinks: Tensor,
+                             window: Tensor, heavy: Tensor, grow: Tensor, page_rows: int,
+                             scale: float, num_splits: int = 1, work: Tensor | None = None,
+                             capacity: Tensor | None = None):
+    """A decode step as its three parts, in place: append each cache's new entry, attend
+    (:func:`kv_ragged_decode_reference`), then :func:`kv_evict_round_reference` with this step's
+    probabilities and ``newest = new_pos``, moving the pool row of each evicting cache's last
+    entry into the hole. Returns ``(out, moves)``."""
+    caches = pos.shape[0]
+    index = torch.arange(caches, device=pos.device)
+    entry = lengths if capacity is None else torch.minimum(lengths, capacity - 1)
+    kv_rows[_entry_slot_of(page_table, index, entry, page_rows)] = new_rows
+    pos[index, entry] = new_pos
+    keep = ((new_class & keep_classes) != 0) | (new_pos < sinks)
+    flags[index, entry] = new_class | keep.to(torch.uint8) * KEEP
+    score[index, entry] = 0.0
+    lengths.copy_(entry + 1)
+    out, _, step_scores = kv_ragged_decode_reference(q, kv_rows, page_table, lengths.int(),
+                                                     page_rows, scale)
+    moves = kv_evict_round_reference(pos, score, flags, lengths, step_scores, new_pos, window,
+                                     heavy, grow)
+    for c in (moves[:, 0] >= 0).nonzero().flatten().tolist():
+        victim, last = moves[c].tolist()
+        kv_rows[_entry_slot_of(page_table, c, victim, page_rows)] = \
+            kv_rows[_entry_slot_of(page_table, c, last, page_rows)].clone()
+    return out, moves
+
+
+def _entry_slot_of(page_table: Tensor, cache, entry, page_rows: int):
+    return page_table[cache, entry // page_rows].long() * page_rows + entry % page_rows

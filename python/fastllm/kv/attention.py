@@ -288,18 +288,14 @@ class _AttentionPath:
             # Pages first: if the pool is full the mirror must not have moved ahead of the device.
             # (Normally a no-op: _reserve_step took every layer's pages before the first layer.)
             heads.reserve(need)
-            evicts = heads.advance(column + 1, self._class_log)
+            heads.advance(column + 1, self._class_log)
         except PoolExhaustedError as err:
             raise err.with_context(f"fastllm.kv: no free page to append token {layer.seen} "
                                    f"(pool of {self.pool.num_pages} pages)") from err
-        newest = column - heads.offset
-        heads.append_one(torch.cat([k, v], dim=-1).reshape(batch * hkv, -1), cls, newest)
-        layer.seen += 1
         splits, work = _decode_work(layer, need, k.device)
-        out, _, scores = kv_ops.kv_ragged_decode(q[:, :, 0].contiguous(), heads.rows_view(),
-                                                  heads.table, heads.lengths.to(torch.int32),
-                                                  self.page_rows, scale, splits, work)
-        heads.evict_round(newest, scores, move=evicts is None or bool(evicts.any()))
+        out = heads.decode_step(q[:, :, 0], torch.cat([k, v], dim=-1).reshape(batch * hkv, -1),
+                                cls, column - heads.offset, scale, splits, work)
+        layer.seen += 1
         heads.release_excess(layer.seen)
         return out[:, None]  # [B, 1, Hq, D]
 
@@ -312,14 +308,10 @@ class _AttentionPath:
         heads, state = layer.heads, layer.graph
         batch, hkv = k.shape[0], k.shape[1]
         _, cls = self._device_classes(layer, k.device, batch, 1)
-        newest = state.seen - heads.offset
-        heads.append_one(torch.cat([k, v], dim=-1).reshape(batch * hkv, -1), cls, newest,
-                         capacity=state.capacity)
+        out = heads.decode_step(q[:, :, 0], torch.cat([k, v], dim=-1).reshape(batch * hkv, -1),
+                                cls, state.seen - heads.offset, scale, state.splits, state.work,
+                                capacity=state.capacity)
         state.seen += 1
-        out, _, scores = kv_ops.kv_ragged_decode(q[:, :, 0].contiguous(), heads.rows_view(),
-                                                  heads.table, heads.lengths.to(torch.int32),
-                                                  self.page_rows, scale, state.splits, state.work)
-        heads.evict_round(newest, scores, move=True)
         return out[:, None]
 
     def _extend(self, layer: FastGenLayer, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

@@ -4,7 +4,7 @@ unified page pool, its bookkeeping on the pool's device, and the host's mirror o
 * ``_HeadCaches``: one layer's ragged caches (page table, lengths, per-entry position, score and
   flags on the device; the host mirror of the lengths that page allocation needs), with the
   storage operations (reserve, fill, write, read, release) and the device work of a decode step
-  (append, evict).
+  (one ``kv_decode_step``: append, attend, evict).
 * ``_ClassLog``: what the host knows of the token classes (special, punctuation) each sequence's
   tokens belong to, learned from the device without waiting for it.
 * ``_upload`` and ``_host_only``: moving host decisions to the device without synchronising,
@@ -241,11 +241,9 @@ class _HeadCaches:
         the mirror has caught up)."""
         return self.m_len + (seen - self.m_seen)
 
-    def advance(self, seen: int, classes: _ClassLog):
-        """Advance the mirror over mask columns ``< seen`` as far as the token classes are known.
-        Returns the eviction verdict [C] of column ``seen - 1``, or None if some cache could not
-        be advanced over it."""
-        verdict = None
+    def advance(self, seen: int, classes: _ClassLog) -> None:
+        """Advance the mirror over mask columns ``< seen`` as far as the token classes are
+        known."""
         for column in range(int(self.m_seen.min()), seen):
             active = self.m_seen == column
             if self.any_dep:
@@ -262,9 +260,6 @@ class _HeadCaches:
             self.m_evictable = evictable - evicts
             self.m_len += active.astype(np.int64) - evicts
             self.m_seen += active
-            if column == seen - 1 and active.all():
-                verdict = evicts
-        return verdict
 
     def resync(self, seen: int) -> None:
         """Rebuild the mirror from the device state (synchronises; after multi-token steps)."""
@@ -427,24 +422,21 @@ class _HeadCaches:
 
     # ---- a decode step, on the device ------------------------------------------------------------
 
-    def append_one(self, rows: Tensor, cls: Tensor, newest: Tensor,
-                   capacity: Tensor | None = None) -> None:
-        """Append one entry to every cache (rows [C, 2D], classes [C] and positions [C] on the
-        device), its score 0 until the step's attention adds to it. The caller reserved room;
-        ``capacity`` [C] (device), where given, is the room each cache has (graph steps: the
-        host does not know the lengths), and a cache that is full overwrites its last entry
-        rather than touch a page or column it does not own."""
-        entries = self.lengths if capacity is None else torch.minimum(self.lengths, capacity - 1)
-        entries = entries[:, None]
-        self.pool.write(self._own_slots(entries)[:, 0], rows.contiguous())
-        self.pos.scatter_(1, entries, newest[:, None])
-        keep = ((cls & self.keep_classes) != 0) | (newest < self.sinks)
-        self.flags.scatter_(1, entries, (cls | keep.to(torch.uint8) * KEEP)[:, None])
-        self.score.scatter_(1, entries, 0.0)
-        if capacity is None:
-            self.lengths += 1
-        else:
-            self.lengths.copy_(entries[:, 0] + 1)
+    def decode_step(self, q: Tensor, rows: Tensor, cls: Tensor, newest: Tensor, scale: float,
+                    splits: int, work: Tensor | None, capacity: Tensor | None = None) -> Tensor:
+        """One decode step on the device, one op (``kv_decode_step``): append one entry to every
+        cache (rows [C, 2D], classes [C] and positions [C]), attend with ``q`` [B, Hq, D], add the
+        probabilities to the scores and evict at most one entry per cache that holds more than
+        its policy allows (its last entry's row and bookkeeping move into the hole: order is
+        irrelevant to attention once positions are baked into the keys). The caller reserved
+        room; ``capacity`` [C] (device), where given, is the room each cache has (graph steps:
+        the host does not know the lengths), and a full cache overwrites its last entry. Returns
+        the attention output [B, Hq, D]; the host learns nothing of which caches evicted."""
+        out, _ = kv_ops.kv_decode_step(
+            q, rows, newest, cls, self.rows_view(), self.table, self.lengths, self.pos,
+            self.score, self.flags, self.keep_classes, self.sinks, self.window, self.heavy,
+            self.grow, self.page_rows, scale, splits, work, capacity)
+        return out
 
     def capacity(self) -> Tensor:
         """Entries each cache has room for [C] (device): its pages, within the bookkeeping
@@ -452,28 +444,21 @@ class _HeadCaches:
         room = np.minimum(self.npages * self.page_rows, self.pos.shape[1])
         return _upload(room, torch.int64, self.device)
 
-    def evict_round(self, newest: Tensor, step_scores: Tensor | None = None,
-                    move: bool = True) -> Tensor:
-        """Add ``step_scores`` [C, W] (this step's attention per entry) into the scores, then
-        evict at most one entry per cache that holds more than its policy allows; ``newest``
-        [C] is each cache's newest token position (sequences are padded differently). Returns
-        the op's moves [C, 2] (device).
+    def evict_round(self, newest: Tensor) -> Tensor:
+        """Evict at most one entry per cache that holds more than its policy allows (after a
+        multi-token step); ``newest`` [C] is each cache's newest token position (sequences are
+        padded differently). Returns the op's moves [C, 2] (device).
 
-        The bookkeeping (choice of victims, each cache's last entry moved into its hole: order is
-        irrelevant to attention once positions are baked into the keys) is one op,
-        ``kv_evict_round``. The pool rows then move in one gather and one write over every
-        cache, whether it evicted or not (one that did not copies its newest row onto itself),
-        so the host never learns which did. ``move=False`` skips that when the host mirror knows
-        that no cache evicts."""
-        if step_scores is None:
-            step_scores = torch.empty(len(self.pages), 0, device=self.device)
+        The bookkeeping is one op, ``kv_evict_round``; the pool rows then move in one gather and
+        one write over every cache, whether it evicted or not (one that did not copies its newest
+        row onto itself)."""
         moves = kv_ops.kv_evict_round(self.pos, self.score, self.flags, self.lengths,
-                                      step_scores, newest, self.window, self.heavy, self.grow)
-        if move:
-            newest_entry = (self.lengths - 1).clamp_(min=0)[:, None]
-            entries = torch.where(moves[:, :1] >= 0, moves.flip(1), newest_entry)  # (from, to)
-            slots = self._own_slots(entries).t().contiguous()
-            self.pool.write(slots[1], self.pool.gather(slots[0], self.width))
+                                      torch.empty(len(self.pages), 0, device=self.device), newest,
+                                      self.window, self.heavy, self.grow)
+        newest_entry = (self.lengths - 1).clamp_(min=0)[:, None]
+        entries = torch.where(moves[:, :1] >= 0, moves.flip(1), newest_entry)  # (from, to)
+        slots = self._own_slots(entries).t().contiguous()
+        self.pool.write(slots[1], self.pool.gather(slots[0], self.width))
         return moves
 
     # ---- batch -----------------------------------------------------------------------------------
