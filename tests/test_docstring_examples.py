@@ -35,13 +35,13 @@ GLOBS = {"torch": torch, "fastllm": fastllm, "nn": nn}
 
 # Public names that may go without an example, and why. Keep it short: new API gets an example.
 NO_EXAMPLE = {
-    # Their docstrings live in python/fastllm/_ops/kv.py, which the KV work owns and is being
-    # changed; fastllm.kv.FastGenCache's example runs all of them.
+    # Their docstrings live in python/fastllm/_ops/kv.py, which the KV work owns and is changing
+    # now. fastllm.kv.FastGenCache's example runs the four ops (prefill and a decode step).
     "fastllm.ops.kv_attention_scores": "docstring in _ops/kv.py (KV branch); run by FastGenCache",
     "fastllm.ops.kv_policy_recovery": "docstring in _ops/kv.py (KV branch); run by FastGenCache",
     "fastllm.ops.kv_ragged_decode": "docstring in _ops/kv.py (KV branch); run by FastGenCache",
-    "fastllm.ops.kv_decode_plan": "docstring in _ops/kv.py (KV branch); run by FastGenCache",
     "fastllm.ops.kv_evict_round": "docstring in _ops/kv.py (KV branch); run by FastGenCache",
+    "fastllm.ops.kv_decode_plan": "docstring in _ops/kv.py (KV branch); GPU decode path only",
 }
 
 _IMPORT = re.compile(r"^\s*(?:from|import)\s+([A-Za-z_][\w]*)", re.M)
@@ -120,7 +120,11 @@ def test_docstring_example(test, tmp_path, monkeypatch):
     try:
         result = runner.run(test, out=report.append, clear_globs=True)
     finally:
+        # A failing example must not leave global state to the tests after it (galore_ddp's
+        # example opens a process group).
         torch.set_default_dtype(torch.float32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     assert result.failed == 0, "".join(report)
 
 
