@@ -44,6 +44,12 @@ def build_info() -> dict:
     Returns a dict with ``version``, ``torch`` (the torch version built against), ``cuda``
     (whether CUDA kernels are compiled in), ``cuda_version`` and ``cuda_archs`` (the
     ``TORCH_CUDA_ARCH_LIST`` used; empty strings for a CPU-only build).
+
+    >>> info = fastllm.build_info()
+    >>> info["version"] == fastllm.__version__, info["torch"] == torch.__version__
+    (True, True)
+    >>> sorted(info)
+    ['cuda', 'cuda_archs', 'cuda_version', 'torch', 'version']
     """
     return {
         "version": _build_info.VERSION,

@@ -45,6 +45,18 @@ def galore_adam_step(param: Tensor, grad: Tensor, left: Tensor | None, right: Te
             ``~torch.isfinite(grad).all()``, or torch.amp's ``found_inf``). Non-zero: the step is
             skipped, ``param`` and the moments are left unchanged. Read by the kernels on the
             device, so skipping a bad step costs no host synchronisation.
+
+    Without projectors it is one AdamW step, with ``eps`` added before the bias correction as in
+    galore-torch (``torch.optim.AdamW`` adds it after, so small gradients step a little apart):
+
+    >>> _ = torch.manual_seed(0)
+    >>> w, g = torch.randn(8, 8), torch.randn(8, 8)
+    >>> m, v = torch.zeros(8, 8), torch.zeros(8, 8)
+    >>> bc = (1 - 0.999) ** 0.5 / (1 - 0.9)             # bias correction after one step
+    >>> expected = w - 1e-2 * bc * (0.1 * g) / ((0.001 * g * g).sqrt() + 1e-6)
+    >>> fastllm.ops.galore_adam_step(w, g, None, None, m, v, lr=1e-2, step=1)
+    >>> torch.allclose(w, expected, atol=1e-6), torch.allclose(m, 0.1 * g)
+    (True, True)
     """
     _require_kernels_for(param, "galore_adam_step")
     torch.ops.fastllm.galore_adam_step.default(param, grad, left, right, exp_avg, exp_avg_sq,
@@ -65,6 +77,20 @@ def galore_adam8bit_step(param: Tensor, grad: Tensor, left: Tensor | None, right
     ``m = sign(q) (|q| / 127)^2 absmax`` and ``v = (q / 255)^4 absmax``, so small moments keep
     relative precision. Zero codes and zero absmax are a valid fresh state. ``found_inf`` as in
     :func:`galore_adam_step` (a skipped step leaves codes and absmax unchanged).
+
+    >>> _ = torch.manual_seed(0)
+    >>> w, g = torch.randn(16, 32), torch.randn(16, 32)
+    >>> left = torch.linalg.svd(g, full_matrices=False).U[:, :4]    # rank-4 projector
+    >>> numel = 4 * 32                                   # the low-rank gradient's elements
+    >>> blocks = -(-numel // 256)                        # one absmax per 256 of them
+    >>> m_codes = torch.zeros(numel, dtype=torch.int8)
+    >>> v_codes = torch.zeros(numel, dtype=torch.uint8)
+    >>> m_max, v_max = torch.zeros(blocks), torch.zeros(blocks)
+    >>> before = w.clone()
+    >>> fastllm.ops.galore_adam8bit_step(w, g, left, None, m_codes, m_max, v_codes, v_max,
+    ...                                  lr=1e-2, step=1)
+    >>> torch.linalg.matrix_rank(w - before, rtol=1e-4).item(), bool(m_codes.any())
+    (4, True)
     """
     _require_kernels_for(param, "galore_adam8bit_step")
     torch.ops.fastllm.galore_adam8bit_step.default(
@@ -74,13 +100,28 @@ def galore_adam8bit_step(param: Tensor, grad: Tensor, left: Tensor | None, right
 
 
 def galore_project(grad: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
-    """``left^T @ grad @ right^T`` (missing sides skipped) as a new float32 tensor."""
+    """``left^T @ grad @ right^T`` (missing sides skipped) as a new float32 tensor.
+
+    >>> _ = torch.manual_seed(0)
+    >>> grad, left = torch.randn(16, 8), torch.randn(16, 2)
+    >>> low = fastllm.ops.galore_project(grad, left, None)
+    >>> low.shape, torch.allclose(low, left.T @ grad, atol=1e-5)
+    (torch.Size([2, 8]), True)
+    """
     return torch.ops.fastllm.galore_project.default(grad, left, right)
 
 
 def galore_project_back_(param: Tensor, low: Tensor, left: Tensor | None, right: Tensor | None,
                          *, alpha: float, beta: float = 1.0) -> None:
-    """``param = beta * param + alpha * (left @ low @ right)`` in place, as one GEMM."""
+    """``param = beta * param + alpha * (left @ low @ right)`` in place, as one GEMM.
+
+    >>> _ = torch.manual_seed(0)
+    >>> param, low, left = torch.randn(16, 8), torch.randn(2, 8), torch.randn(16, 2)
+    >>> expected = 0.9 * param - 0.5 * left @ low
+    >>> fastllm.ops.galore_project_back_(param, low, left, None, alpha=-0.5, beta=0.9)
+    >>> torch.allclose(param, expected, atol=1e-5)
+    True
+    """
     torch.ops.fastllm.galore_project_back_.default(param, low, left, right, alpha, beta)
 
 

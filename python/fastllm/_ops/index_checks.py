@@ -28,7 +28,12 @@ __all__ = ["index_error_word", "raise_index_errors", "checked_indices"]
 def index_error_word(device: torch.device | str | None = None) -> Tensor:
     """The device's error word: an int32 ``[1]`` CUDA tensor, non-zero once a kernel has met an
     index out of range. Returned without reading it (no synchronisation). ``device`` defaults to
-    the current CUDA device."""
+    the current CUDA device.
+
+    >>> fastllm.ops.index_error_word("cpu")           # CPU indices raise at the call instead
+    Traceback (most recent call last):
+    ValueError: index_error_word: device must be a CUDA device ...
+    """
     device = torch.device("cuda", torch.cuda.current_device()) if device is None \
         else torch.device(device)
     if device.type != "cuda":
@@ -42,7 +47,11 @@ def index_error_word(device: torch.device | str | None = None) -> Tensor:
 def raise_index_errors(device: torch.device | str | None = None) -> None:
     """Raise ``IndexError`` if a fastllm kernel on ``device`` met an index out of range since the
     last call, naming each (op, argument), and clear the word. Synchronises with the device: call
-    it where you would anyway. Does nothing on a machine without CUDA."""
+    it where you would anyway. Does nothing on a machine without CUDA.
+
+    >>> out = fastllm.ops.pool_gather(torch.zeros(4, 2), torch.tensor([0, 3]))  # a decode loop
+    >>> fastllm.ops.raise_index_errors()              # nothing was out of range
+    """
     if not (_C.with_cuda and torch.cuda.is_available()):
         return
     word = index_error_word(device)
@@ -58,7 +67,15 @@ def raise_index_errors(device: torch.device | str | None = None) -> None:
 @contextlib.contextmanager
 def checked_indices(enabled: bool = True):
     """Check CUDA index values on the host at every call inside the block (the debug mode that
-    ``FASTLLM_CHECK_INDICES=1`` turns on for the whole process). Each check synchronises."""
+    ``FASTLLM_CHECK_INDICES=1`` turns on for the whole process). Each check synchronises.
+
+    On CPU the check always runs; inside the block CUDA calls raise the same way:
+
+    >>> with fastllm.ops.checked_indices():
+    ...     fastllm.ops.pool_gather(torch.zeros(4, 2), torch.tensor([4]))
+    Traceback (most recent call last):
+    IndexError: ...
+    """
     previous = _C.index_debug_mode()
     _C.set_index_debug_mode(enabled)
     try:

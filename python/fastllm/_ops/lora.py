@@ -45,6 +45,12 @@ def lora_sgmv_plan(token_adapter: Tensor, adapters: int) -> tuple[Tensor, Tensor
     ``SGMV_TILE`` tokens of one adapter. Pass both to :func:`lora_shrink` / :func:`lora_expand`
     (on the op's device). ``token_adapter`` should be a CPU tensor (a CUDA one is copied to the
     host: a synchronisation); values must lie in ``[-1, adapters)``.
+
+    >>> order, tiles = fastllm.ops.lora_sgmv_plan(torch.tensor([1, 0, 1, -1, 1]), adapters=2)
+    >>> order.tolist()                   # adapter 0's tokens, then adapter 1's; token 3 has none
+    [1, 0, 2, 4]
+    >>> tiles.tolist()                   # (first, end, adapter) over order
+    [[0, 1, 0], [1, 4, 1]]
     """
     if not isinstance(token_adapter, Tensor) or token_adapter.dim() != 1:
         raise ValueError(f"lora_sgmv_plan: token_adapter must be a 1-D tensor, got "
@@ -87,6 +93,13 @@ def lora_sgmv_chunks(tiles: Tensor, rows: int | None = None, sms: int | None = N
 
     Pass the result as ``sgmv_chunks`` to :func:`lora_shrink` / :func:`lora_expand` with the plan
     (on the op's device). Pure host work: nothing here reads device memory.
+
+    >>> ids = torch.tensor([0] * 20 + [1] * 3)
+    >>> order, tiles = fastllm.ops.lora_sgmv_plan(ids, adapters=2)
+    >>> tiles.tolist()                                   # tiles of at most 8 tokens
+    [[0, 8, 0], [8, 16, 0], [16, 20, 0], [20, 23, 1]]
+    >>> fastllm.ops.lora_sgmv_chunks(tiles, rows=16).tolist()   # merged into chunks of 16
+    [[0, 16, 0], [16, 20, 0], [20, 23, 1]]
     """
     if not isinstance(tiles, Tensor) or tiles.dim() != 2 or tiles.shape[1] != 3:
         raise ValueError(f"lora_sgmv_chunks: tiles must be a [tiles, 3] tensor from "
@@ -157,6 +170,21 @@ def lora_shrink(x: Tensor, pool: Tensor, a_rows: Tensor, ranks: Tensor, token_ad
 
     Returns ``h`` of shape ``[slices, tokens, max_rank]`` in float32 (float64 for float64 ``x``):
     the intermediate stays fp32 whatever the input dtype. Differentiable in ``x`` and ``pool``.
+
+    One adapter of rank 2 on a 4 -> 3 linear, its rows anywhere in a pool (here back to back:
+    A's two rows of 4 elements at offsets 0 and 4, then B^T's two rows of 3 at 8 and 11):
+
+    >>> _ = torch.manual_seed(0)
+    >>> a, b = torch.randn(2, 4), torch.randn(3, 2)
+    >>> pool = torch.cat([a.reshape(-1), b.T.reshape(-1)])
+    >>> a_rows = torch.tensor([[[0, 4]]])                # [slices, adapters, max_rank]
+    >>> b_rows = torch.tensor([[[8, 11]]])
+    >>> ranks = torch.tensor([[2]], dtype=torch.int32)
+    >>> x = torch.randn(3, 4)
+    >>> token_adapter = torch.tensor([0, -1, 0])        # token 1 runs the base model only
+    >>> h = fastllm.ops.lora_shrink(x, pool, a_rows, ranks, token_adapter)
+    >>> h.shape, torch.allclose(h[0, 0], a @ x[0]), h[0, 1].tolist()
+    (torch.Size([1, 3, 2]), True, [0.0, 0.0])
     """
     _require_kernels_for(x, "lora_shrink")
     sgmv_order, sgmv_tiles, sgmv_chunks = _plan_for(token_adapter, a_rows.shape[1], path,
@@ -182,6 +210,20 @@ def lora_expand(y: Tensor, h: Tensor, pool: Tensor, b_rows: Tensor, ranks: Tenso
 
     Returns ``y``. Differentiable in ``y``, ``h`` and ``pool`` (autograd records it as an in-place
     update of ``y``).
+
+    Continuing :func:`lora_shrink`'s example (scaling 0.5):
+
+    >>> _ = torch.manual_seed(0)
+    >>> a, b = torch.randn(2, 4), torch.randn(3, 2)
+    >>> pool = torch.cat([a.reshape(-1), b.T.reshape(-1)])
+    >>> a_rows, b_rows = torch.tensor([[[0, 4]]]), torch.tensor([[[8, 11]]])
+    >>> ranks, scalings = torch.tensor([[2]], dtype=torch.int32), torch.tensor([[0.5]])
+    >>> x, token_adapter = torch.randn(3, 4), torch.tensor([0, -1, 0])
+    >>> h = fastllm.ops.lora_shrink(x, pool, a_rows, ranks, token_adapter)
+    >>> y = torch.zeros(3, 3)                            # the base layer's output
+    >>> _ = fastllm.ops.lora_expand(y, h, pool, b_rows, ranks, scalings, token_adapter, [3])
+    >>> torch.allclose(y[0], 0.5 * b @ a @ x[0], atol=1e-6), y[1].tolist()
+    (True, [0.0, 0.0, 0.0])
     """
     _require_kernels_for(y, "lora_expand")
     sizes = [int(size) for size in slice_sizes]

@@ -26,6 +26,11 @@ def pool_write(pool: Tensor, slots: Tensor, rows: Tensor) -> None:
     On CUDA, slot *values* are checked only in the debug mode (:func:`fastllm.ops.checked_indices`);
     otherwise the kernel skips an out-of-range slot's row and reports it through
     :func:`fastllm.ops.raise_index_errors`, with no host synchronisation.
+
+    >>> pool = torch.zeros(4, 3)                      # 4 slots of width 3
+    >>> fastllm.ops.pool_write(pool, torch.tensor([2, 0]), torch.ones(2, 3))
+    >>> pool.sum(1)
+    tensor([3., 0., 3., 0.])
     """
     _require_kernels_for(pool, "pool_write")
     torch.ops.fastllm.pool_write.default(pool, slots, rows)
@@ -41,6 +46,16 @@ def pool_gather(pool: Tensor, slots: Tensor) -> Tensor:
             :func:`fastllm.ops.raise_index_errors` (no host synchronisation).
 
     Differentiable with respect to ``pool``.
+
+    >>> pool = torch.arange(8.0).view(4, 2).requires_grad_()
+    >>> rows = fastllm.ops.pool_gather(pool, torch.tensor([3, 1, 3]))
+    >>> rows
+    tensor([[6., 7.],
+            [2., 3.],
+            [6., 7.]], grad_fn=<...>)
+    >>> rows.sum().backward()
+    >>> pool.grad[:, 0]                               # slot 3 was read twice
+    tensor([0., 1., 0., 2.])
     """
     _require_kernels_for(pool, "pool_gather")
     return torch.ops.fastllm.pool_gather.default(pool, slots)

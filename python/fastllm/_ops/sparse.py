@@ -49,6 +49,14 @@ def sparse_mlp(x: Tensor, w_up: Tensor, w_down_t: Tensor, active_idx: Tensor, *,
     the device error word, raised by :func:`fastllm.ops.raise_index_errors`; inside
     :func:`fastllm.ops.checked_indices` (or with ``FASTLLM_CHECK_INDICES=1``) they raise at the
     call as on CPU.
+
+    >>> _ = torch.manual_seed(0)
+    >>> w_gate, w_up, w_down = torch.randn(32, 8), torch.randn(32, 8), torch.randn(8, 32)
+    >>> x, active = torch.randn(1, 8), torch.tensor([3, 7, 20])     # 3 of 32 neurons
+    >>> out = fastllm.ops.sparse_mlp(x, w_up, w_down.T.contiguous(), active, w_gate=w_gate)
+    >>> h = torch.nn.functional.silu(x @ w_gate[active].T) * (x @ w_up[active].T)
+    >>> out.shape, torch.allclose(out, h @ w_down[:, active].T, atol=1e-5)
+    (torch.Size([1, 8]), True)
     """
     _require_kernels_for(x, "sparse_mlp")
     lead = x.shape[:-1]
@@ -155,9 +163,18 @@ def quantized_neuron_scores(x: Tensor, q_up: Tensor, up_scale: Tensor, *,
     Returns fp32 ``[..., n]``.
 
     Example:
-        >>> q, scale = quantize_rows_int8(torch.randn(6, 64), group=32)
-        >>> quantized_neuron_scores(torch.randn(2, 64), q, scale, quantize_x=True).shape
+        >>> _ = torch.manual_seed(0)
+        >>> w, x = torch.randn(6, 64), torch.randn(2, 64)
+        >>> q, scale = quantize_rows_int8(w, group=32)
+        >>> scores = quantized_neuron_scores(x, q, scale, activation="relu")
+        >>> scores.shape
         torch.Size([2, 6])
+        >>> dequantized = (q.view(6, 2, 32) * scale[..., None]).view(6, 64)
+        >>> torch.allclose(scores, torch.relu(x @ dequantized.T).abs(), atol=1e-4)
+        True
+        >>> rounded = quantized_neuron_scores(x, q, scale, activation="relu", quantize_x=True)
+        >>> torch.equal(rounded.argmax(-1), scores.argmax(-1))   # x rounded to int8 too
+        True
     """
     if not isinstance(quantize_x, bool):
         raise TypeError(f"quantized_neuron_scores: quantize_x must be a bool, got "

@@ -176,12 +176,41 @@ class FastGenCache(_AttentionPath, Cache):
         chunk: query rows per pass of the profiling ops; bounds their working memory
             (``chunk x prompt length`` scores at a time), not their results.
 
-    Example::
+    Examples:
+        With a real model: ``cache = FastGenCache(model, tokenizer)``, then
+        ``model.generate(**batch, **{cache_keyword(model): cache}, max_new_tokens=32)``. Here a
+        tiny random Llama:
 
-        cache = FastGenCache(model, tokenizer)
-        out = model.generate(**batch, cache=cache, max_new_tokens=32)
-        stats = cache.stats()   # kept_bytes, full_bytes, policies[layer][kv head], ...
-        cache.release()
+        >>> import transformers
+        >>> _ = torch.manual_seed(0)
+        >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        ...     num_attention_heads=4, num_key_value_heads=2)).eval()
+        >>> class Tokenizer:           # stands in for the model's; FastGen reads which ids are
+        ...     all_special_ids = [0]  # special tokens and which decode to punctuation
+        ...     def __len__(self):
+        ...         return 64
+        ...     def batch_decode(self, ids):
+        ...         return ["." if i[0] % 8 == 0 else f" w{i[0]}" for i in ids]
+        >>> ids = torch.randint(1, 64, (1, 40))
+        >>> key = fastllm.kv.cache_keyword(model)
+        >>> cache = fastllm.kv.FastGenCache(model, Tokenizer(), policy="full", page_rows=4)
+        >>> with torch.no_grad():
+        ...     _ = model(ids[:, :-1], **{key: cache}, use_cache=True)      # prefill
+        ...     step = model(ids[:, -1:], **{key: cache}, use_cache=True)   # one decode step
+        ...     dense = model(ids).logits[:, -1:]                           # no cache
+        >>> torch.allclose(step.logits, dense, atol=1e-4)    # policy "full" keeps every entry
+        True
+        >>> cache.release()
+        >>> cache = fastllm.kv.FastGenCache(model, Tokenizer(), recovery=0.5, page_rows=4)
+        >>> with torch.no_grad():
+        ...     _ = model(ids, **{key: cache}, use_cache=True)
+        >>> stats = cache.stats()
+        >>> stats["tokens"], len(stats["policies"]), len(stats["policies"][0])  # 2 layers x 2 heads
+        (40, 2, 2)
+        >>> stats["kept_entries"] < stats["full_entries"]   # some heads dropped some entries
+        True
+        >>> cache.release()
 
     On a GPU, decode steps read nothing back from the device (prefill does: it picks the
     policies). CUDA graphs: capture a decode step inside :meth:`graph_steps`, which keeps the
@@ -653,7 +682,15 @@ def cache_keyword(model) -> str:
     transformers releases that renamed ``past_key_values`` (5.2x, where the old name still works
     but warns on every call), ``"past_key_values"`` before them.
 
-    >>> model(ids, **{fastllm.kv.cache_keyword(model): cache}, use_cache=True)  # doctest: +SKIP
+    >>> import transformers
+    >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...     num_attention_heads=2))
+    >>> cache = transformers.DynamicCache()
+    >>> ids = torch.randint(64, (1, 5))
+    >>> _ = model(ids, **{fastllm.kv.cache_keyword(model): cache}, use_cache=True)
+    >>> cache.get_seq_length()
+    5
     """
     try:
         parameters = inspect.signature(model.forward).parameters

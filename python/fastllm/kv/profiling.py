@@ -36,10 +36,12 @@ class HeadChoice:
             heavy-hitter slots (0 where the policy has none).
         grows: whether the head keeps every generated token (policy ``"full"``, SnapKV).
 
-    Example::
+    Usually read from :func:`profile`'s result (``result[3][0]``: layer 3, KV head 0):
 
-        choice = fastllm.kv.profile(model, tokenizer, text)[3][0]    # layer 3, KV head 0
-        choice.policy, choice.kept, f"{choice.kept_share:.0%}"
+    >>> choice = fastllm.kv.HeadChoice(layer=3, kv_head=0, policy="special+punct+local",
+    ...                                kept=24, tokens=96, window=20)
+    >>> choice.kept_share, choice.to_dict()
+    (0.25, {'policy': 'special+punct+local', 'kept': 24})
     """
 
     layer: int
@@ -82,12 +84,20 @@ class Profile:
         tokens: the prompt's tokens.
         profile_seconds: the host time the profiling took (``FastGenCache.stats()``'s).
 
-    Example::
+    Usually made by :func:`profile`; here by hand, one layer of two KV heads:
 
-        result = fastllm.kv.profile(model, tokenizer, text)
-        print(result)                                 # the summary() table
-        cheap = [c for c in result.heads if c.policy != "full"]
-        result.to_dicts()                             # [[{"policy": ..., "kept": ...}, ...], ...]
+    >>> heads = [fastllm.kv.HeadChoice(0, 0, "full", 40, 40, grows=True),
+    ...          fastllm.kv.HeadChoice(0, 1, "special+punct", 10, 40)]
+    >>> result = fastllm.kv.Profile(heads, tokens=40)
+    >>> result.kept_share, result.counts()
+    (0.625, {'full': 1, 'special+punct': 1})
+    >>> result[0][1].policy, result.to_dicts()[0][1]
+    ('special+punct', {'policy': 'special+punct', 'kept': 10})
+    >>> print(result)
+    KV-head profile of 40 tokens: 1 layers x 2 KV heads, 62.5% of a full cache kept
+    layer  head 0               head 1
+        0  full           100%  special+punct   25%
+    heads per policy: full 1, special+punct 1
     """
 
     def __init__(self, heads, tokens: int, profile_seconds: float = 0.0):
@@ -172,12 +182,32 @@ def profile(model, tokenizer, text: str, *, progress: bool | None = None, **kwar
     Returns a :class:`Profile`; ``.to_dicts()`` gives the nested ``[layer][kv head] ->
     {"policy", "kept"}`` list earlier versions returned.
 
-    Example::
+    Example:
+        With a real model: ``print(fastllm.kv.profile(model, tokenizer, text))``. Here a tiny
+        random Llama:
 
-        result = fastllm.kv.profile(model, tokenizer, "The quick brown fox ...")
-        print(result)                      # a table: each layer's heads, policy and kept share
-        result.counts()                    # heads per policy, most common first
-        result[0][1].policy, result[0][1].kept
+        >>> import types, transformers
+        >>> _ = torch.manual_seed(0)
+        >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        ...     num_attention_heads=4, num_key_value_heads=2)).eval()
+        >>> class Tokenizer:           # stands in for the model's: text to ids, and which ids
+        ...     all_special_ids = [0]  # are special tokens or decode to punctuation
+        ...     def __len__(self):
+        ...         return 64
+        ...     def __call__(self, text, return_tensors=None):
+        ...         ids = torch.tensor([[1 + ord(c) % 63 for c in text]])
+        ...         return types.SimpleNamespace(input_ids=ids)
+        ...     def batch_decode(self, ids):
+        ...         return ["." if i[0] % 8 == 0 else f" w{i[0]}" for i in ids]
+        >>> text = "Heads pick what to keep: specials, punctuation, a window, heavy hitters."
+        >>> result = fastllm.kv.profile(model, Tokenizer(), text, recovery=0.5, progress=False)
+        >>> result.tokens == len(text), result.num_layers, len(result[0])
+        (True, 2, 2)
+        >>> sum(result.counts().values())                     # one choice per (layer, KV head)
+        4
+        >>> all(c.policy in fastllm.kv.FASTGEN_POLICIES for c in result.heads)
+        True
     """
     show = check_progress(progress, "fastllm.kv.profile")
     if not isinstance(text, str) or not text:

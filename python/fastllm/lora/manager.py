@@ -176,6 +176,42 @@ class AdapterManager:
     meanwhile (the store's bookkeeping runs under the pool's lock; the running batch's adapters
     are never evicted or replaced). A second thread opening a batch, or calling the model while
     another thread's batch is open, is refused with a ``RuntimeError``.
+
+    Examples:
+        Two adapters of different ranks, one per sequence of the batch, against PEFT's formula
+        ``base(x) + alpha / r * B A x``:
+
+        >>> from collections import OrderedDict
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(OrderedDict(q_proj=nn.Linear(16, 16), v_proj=nn.Linear(16, 8)))
+        >>> manager = fastllm.lora.AdapterManager(model, ["q_proj", "v_proj"], max_rank=8,
+        ...                                       num_pages=16, page_size=64)
+        >>> a2, b2 = torch.randn(2, 16), torch.randn(16, 2)
+        >>> a8, b8 = torch.randn(8, 16), torch.randn(16, 8)
+        >>> manager.load("small", {"q_proj.lora_A.weight": a2, "q_proj.lora_B.weight": b2},
+        ...              {"lora_alpha": 2})          # rank 2 on q_proj only
+        >>> manager.load("large", {"q_proj.lora_A.weight": a8, "q_proj.lora_B.weight": b8},
+        ...              {"lora_alpha": 16})         # rank 8
+        >>> manager.adapters
+        ['large', 'small']
+        >>> x = torch.randn(2, 1, 16)
+        >>> with torch.no_grad():
+        ...     base = model.q_proj.base(x)
+        ...     with manager.batch(["small", "large"]):
+        ...         q = model.q_proj(x)
+        >>> torch.allclose(q[0], base[0] + x[0] @ a2.T @ b2.T, atol=1e-5)
+        True
+        >>> torch.allclose(q[1], base[1] + 2 * x[1] @ a8.T @ b8.T, atol=1e-5)
+        True
+        >>> stats = manager.stats()
+        >>> stats["registered"], stats["resident"], stats["misses"]
+        (2, 2, 2)
+        >>> manager.merge("large")                  # into the base weights: no kernels run
+        >>> torch.allclose(model.q_proj(x)[1], q[1], atol=1e-5)
+        True
+        >>> manager.close()                         # unmerged, the nn.Linear modules are back
+        >>> torch.allclose(model.q_proj(x), base, atol=1e-6)
+        True
     """
 
     def __init__(self, model: nn.Module, target_modules: Sequence[str] = LLAMA_TARGETS,

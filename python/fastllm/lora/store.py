@@ -40,7 +40,16 @@ def _locked(method):
 
 @dataclasses.dataclass(frozen=True)
 class ModuleSpec:
-    """One target module: its name and the widths of its A rows (in) and B^T rows (out)."""
+    """One target module: its name and the widths of its A rows (in) and B^T rows (out).
+
+    Every row must fit in one page of the store's pool:
+
+    >>> spec = fastllm.lora.ModuleSpec("q_proj", in_features=16, out_features=32)
+    >>> pool = fastllm.memory.PagePool(4, 16, torch.float32, "cpu")
+    >>> fastllm.lora.AdapterStore(pool, [spec])
+    Traceback (most recent call last):
+    ValueError: AdapterStore: a row of 32 elements does not fit in a page of 16 elements
+    """
     name: str
     in_features: int
     out_features: int
@@ -48,7 +57,12 @@ class ModuleSpec:
 
 @dataclasses.dataclass
 class ModuleWeights:
-    """One module of one adapter: A [r, in], B [out, r] and the scaling applied to B A x."""
+    """One module of one adapter: A [r, in], B [out, r] and the scaling applied to B A x.
+
+    >>> w = fastllm.lora.ModuleWeights(a=torch.ones(2, 16), b=torch.ones(32, 2), scaling=0.5)
+    >>> (w.scaling * w.b @ w.a).shape        # the weight delta it adds to a 16 -> 32 linear
+    torch.Size([32, 16])
+    """
     a: Tensor
     b: Tensor
     scaling: float
@@ -102,6 +116,24 @@ class AdapterStore:
     ``unregister`` (of adapters outside the running batch) and ``prefetch`` while another thread
     runs a batch: the batch's adapters are never evicted or replaced. Packing an adapter
     (``register``) runs outside the lock.
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> pool = fastllm.memory.PagePool(8, 64, torch.float32, "cpu")
+        >>> store = fastllm.lora.AdapterStore(pool, [fastllm.lora.ModuleSpec("q_proj", 16, 16)],
+        ...                                   max_rank=4)
+        >>> a, b = torch.randn(4, 16), torch.randn(16, 4)
+        >>> store.register("fr", {"q_proj": fastllm.lora.ModuleWeights(a, b, scaling=2.0)})
+        >>> pool.used_pages                      # registered in host memory only
+        0
+        >>> [resident.name for resident in store.acquire(["fr"])]   # paged into the pool
+        ['fr']
+        >>> pool.used_pages > 0, store.stats()["misses"]
+        (True, 1)
+        >>> store.release()                      # still resident, now evictable
+        >>> w = store.weights("fr", "q_proj")
+        >>> torch.equal(w.a, a), torch.equal(w.b, b), w.scaling
+        (True, True, 2.0)
     """
 
     def __init__(self, pool: PagePool, modules: Sequence[ModuleSpec], max_rank: int = 64) -> None:

@@ -49,6 +49,16 @@ class PoolExhaustedError(RuntimeError):
         needed: ``{owner: pages}`` every owner cannot do without: the asker's holdings plus its
             request; for an owner with a reclaimer, what it holds minus what it could give back
             (adapters of the running batch); for any other owner, all it holds.
+
+    >>> pool = fastllm.memory.PagePool(2, 64, torch.float32, "cpu")
+    >>> _ = pool.alloc(2, "lora")
+    >>> try:
+    ...     pool.alloc(1, "kv")
+    ... except fastllm.memory.PoolExhaustedError as error:
+    ...     print(error.owner, error.requested, error.free_pages, error.held)
+    kv 1 0 {'lora': 2}
+    >>> pool.used_pages                   # the failed allocation took nothing
+    2
     """
 
     def __init__(self, message: str, *, owner: str | None = None, requested: int | None = None,
@@ -69,7 +79,17 @@ class PoolExhaustedError(RuntimeError):
 
 class InjectedFault(PoolExhaustedError):
     """The error :meth:`PagePool.fail_after` raises at the allocation it was told to fail. A
-    :class:`PoolExhaustedError`, so that a pool user handles it exactly as a pool that ran dry."""
+    :class:`PoolExhaustedError`, so that a pool user handles it exactly as a pool that ran dry.
+
+    >>> pool = fastllm.memory.PagePool(8, 64, torch.float32, "cpu")
+    >>> with pool.fail_after(0):
+    ...     pool.alloc(1, "kv")
+    Traceback (most recent call last):
+    fastllm.memory.page_pool.InjectedFault: PagePool.alloc: injected fault
+    (PagePool.fail_after(0)) at allocation 1: 'kv' asked for 1 pages (8 of 8 free)
+    >>> issubclass(fastllm.memory.InjectedFault, fastllm.memory.PoolExhaustedError)
+    True
+    """
 
 
 class AllocationFault:
@@ -90,6 +110,17 @@ class AllocationFault:
         short: how many of them found too few free pages and asked the reclaimers.
         fired: whether the fault was raised.
         log: ``(owner, pages)`` of each of those allocations, in order.
+
+    >>> pool = fastllm.memory.PagePool(8, 64, torch.float32, "cpu")
+    >>> with pool.fail_after(1) as fault:
+    ...     first = pool.alloc(1, "kv")
+    ...     try:
+    ...         pool.alloc(2, "kv")
+    ...     except fastllm.memory.InjectedFault:
+    ...         print("second allocation refused;", pool.used_pages, "page used")
+    second allocation refused; 1 page used
+    >>> fault.fired, fault.allocations, fault.log
+    (True, 2, [('kv', 1), ('kv', 2)])
     """
 
     def __init__(self, pool: "PagePool", n: int, error: BaseException | None,
@@ -146,7 +177,25 @@ class AllocationFault:
 class Reclaimer(Protocol):
     """What a pool owner registers with :meth:`PagePool.add_reclaimer` so that another owner's
     allocation can take pages it does not need right now (the adapter store: adapters outside the
-    running batch)."""
+    running batch).
+
+    >>> class Spare:                       # holds pages it can give back at any time
+    ...     def __init__(self, pool):
+    ...         self.pool, self.pages = pool, pool.alloc(2, "spare")
+    ...     def reclaimable_pages(self):
+    ...         return len(self.pages)
+    ...     def reclaim(self, pages):
+    ...         freed, self.pages = self.pages, self.pages[:0]
+    ...         self.pool.free(freed)
+    ...         return len(freed)
+    >>> pool = fastllm.memory.PagePool(3, 64, torch.float32, "cpu")
+    >>> spare = Spare(pool)
+    >>> _ = pool.add_reclaimer("spare", spare)
+    >>> pool.alloc(3, "kv").tolist()       # 1 page free: the other 2 come from the reclaimer
+    [0, 1, 2]
+    >>> pool.stats()["by_owner"]
+    {'kv': {'pages': 3, 'bytes': 768}}
+    """
 
     def reclaimable_pages(self) -> int:
         """Pages it could give back now."""
@@ -182,6 +231,18 @@ def unified_page_size(model, *, target_modules=None, rank: int = 16, kv_entries:
         kv_entries: typical entries per KV cache (> 0).
         dtype: the pool's dtype (default: the model's); sets the 16-byte row alignment.
         max_page: the largest page size considered.
+
+    Any model with a transformers-style ``config`` will do:
+
+    >>> import types
+    >>> model = nn.Module()
+    >>> model.config = types.SimpleNamespace(num_attention_heads=4, hidden_size=256)
+    >>> model.q_proj, model.v_proj = nn.Linear(256, 256), nn.Linear(256, 64)
+    >>> page = fastllm.memory.unified_page_size(model, target_modules=["q_proj", "v_proj"],
+    ...                                         rank=8, kv_entries=64)
+    >>> page % (2 * 64) == 0, page >= 256    # whole KV entries (key + value of head_dim 64)
+    (True, True)
+    >>> pool = fastllm.memory.PagePool(16, page, torch.float32, "cpu")
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 256:
         raise ValueError(f"unified_page_size: rank must be an int in [1, 256], got {rank!r}")
@@ -281,6 +342,25 @@ class PagePool:
 
     ``alloc(n, owner)`` hands out page ids (an int64 CPU tensor); ``free(ids)`` takes them back.
     ``rows(width)``, ``slots(...)``, ``write(...)`` and ``gather(...)`` move data in and out.
+
+    Examples:
+        >>> pool = fastllm.memory.PagePool(num_pages=4, page_size=64, dtype=torch.float32,
+        ...                                device="cpu")
+        >>> pages = pool.alloc(2, "kv")
+        >>> pages
+        tensor([0, 1])
+        >>> slots = pool.slots(pages, width=16)          # 4 rows of 16 elements per page
+        >>> slots.tolist()
+        [0, 1, 2, 3, 4, 5, 6, 7]
+        >>> rows = torch.arange(8 * 16, dtype=torch.float32).view(8, 16)
+        >>> pool.write(slots, rows)
+        >>> torch.equal(pool.gather(slots.flip(0), 16), rows.flip(0))
+        True
+        >>> pool.stats()["by_owner"]
+        {'kv': {'pages': 2, 'bytes': 512}}
+        >>> pool.free(pages)
+        >>> pool.free_pages
+        4
     """
 
     def __init__(self, num_pages: int, page_size: int, dtype: torch.dtype = torch.float16,

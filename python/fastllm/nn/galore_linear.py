@@ -69,7 +69,21 @@ class GaLoreLinear(nn.Linear):
     layer-wise mode) has published a projector for the next step; otherwise it is the usual
     ``weight.grad``. Under data parallelism wrap the model with ``fastllm.optim.galore_ddp``
     (plain DistributedDataParallel only all-reduces ``.grad``, and this layer refuses to run
-    under it); under FSDP2 it produces the ordinary gradient."""
+    under it); under FSDP2 it produces the ordinary gradient.
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> layer = fastllm.nn.GaLoreLinear(32, 16)
+        >>> opt = fastllm.optim.GaLoreAdamW([{"params": [layer.weight], "rank": 4}])
+        >>> layer(torch.randn(8, 32)).sum().backward()    # step 0 refreshes: full gradient
+        >>> tuple(layer.weight.grad.shape)
+        (16, 32)
+        >>> opt.step(); opt.zero_grad()
+        >>> layer(torch.randn(8, 32)).sum().backward()    # now produced already projected
+        >>> layer.weight.grad is None
+        True
+        >>> opt.step()                                      # uses the rank-4 gradient
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and self.weight.requires_grad:
@@ -78,7 +92,14 @@ class GaLoreLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "GaLoreLinear":
-        """A GaLoreLinear sharing ``linear``'s parameters (no copy)."""
+        """A GaLoreLinear sharing ``linear``'s parameters (no copy).
+
+        >>> linear = nn.Linear(8, 4)
+        >>> layer = fastllm.nn.GaLoreLinear.from_linear(linear)
+        >>> x = torch.ones(1, 8)
+        >>> layer.weight is linear.weight, torch.equal(layer(x), linear(x))
+        (True, True)
+        """
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.in_features, module.out_features = linear.in_features, linear.out_features
@@ -90,7 +111,14 @@ class GaLoreLinear(nn.Linear):
 def to_galore_linear(model: nn.Module, target_modules: str | Iterable[str] = "all-linear",
                      exclude: Iterable[str] = ("lm_head",)) -> int:
     """Replace matching ``nn.Linear`` modules of ``model`` in place by GaLoreLinear (same
-    parameters); ``target_modules`` as in ``fastllm.optim.galore_param_groups``. Returns the count."""
+    parameters); ``target_modules`` as in ``fastllm.optim.galore_param_groups``. Returns the count.
+
+    >>> model = nn.ModuleDict({"up": nn.Linear(8, 8), "lm_head": nn.Linear(8, 4)})
+    >>> fastllm.nn.to_galore_linear(model)          # every nn.Linear but lm_head
+    1
+    >>> type(model["up"]).__name__, type(model["lm_head"]).__name__
+    ('GaLoreLinear', 'Linear')
+    """
     excluded = set(exclude)
     if isinstance(target_modules, str) and target_modules != "all-linear":
         pattern = re.compile(target_modules)

@@ -19,6 +19,34 @@ class LoRALinear(nn.Module):
         base: the ``nn.Linear`` to wrap; its weight and bias are frozen, never copied.
         manager: the :class:`~fastllm.lora.AdapterManager` that owns the adapters.
         index: this module's id in the manager's row tables.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(OrderedDict(q_proj=nn.Linear(16, 16)))
+        >>> manager = fastllm.lora.AdapterManager(model, ["q_proj"], max_rank=4, num_pages=8,
+        ...                                       page_size=64)
+        >>> model.q_proj
+        LoRALinear(
+          in_features=16, out_features=16, index=0
+          (base): Linear(in_features=16, out_features=16, bias=True)
+        )
+        >>> a, b = torch.randn(4, 16), torch.randn(16, 4)
+        >>> manager.load("fr", {"q_proj.lora_A.weight": a, "q_proj.lora_B.weight": b},
+        ...              {"lora_alpha": 8})                  # scaling alpha / r = 2
+        >>> x = torch.randn(2, 3, 16)                           # 2 sequences of 3 tokens
+        >>> base = model.q_proj.base(x)
+        >>> torch.equal(model(x), base)                         # outside a batch: the base layer
+        True
+        >>> with manager.batch(["fr", None]):                   # "fr" on sequence 0 only
+        ...     y = model(x)
+        >>> torch.allclose(y[0], base[0] + 2 * x[0] @ a.T @ b.T, atol=1e-5)
+        True
+        >>> torch.equal(y[1], base[1])
+        True
+        >>> manager.close()                                     # the nn.Linear is back
+        >>> type(model.q_proj).__name__
+        'Linear'
     """
 
     def __init__(self, base: nn.Linear, manager=None, index: int = -1) -> None:

@@ -75,7 +75,16 @@ def _activation_name(fn) -> str:
 
 
 class LowRankPredictor(nn.Module):
-    """Deja Vu's neuron predictor: ``Linear(d, rank) -> Linear(rank, n_neurons)``, no bias."""
+    """Deja Vu's neuron predictor: ``Linear(d, rank) -> Linear(rank, n_neurons)``, no bias.
+
+    Trained by :func:`fastllm.sparse.train_predictors` (``kind="lowrank"``); a logit per neuron.
+
+    >>> pred = fastllm.nn.LowRankPredictor(d_model=64, n_neurons=256, rank=8)
+    >>> pred(torch.randn(3, 64)).shape                      # [tokens, n_neurons]
+    torch.Size([3, 256])
+    >>> sum(p.numel() for p in pred.parameters()) == 8 * (64 + 256)
+    True
+    """
 
     def __init__(self, d_model: int, n_neurons: int, rank: int):
         super().__init__()
@@ -97,6 +106,14 @@ class FactoredPredictor(nn.Module):
     closed form (reduced-rank regression of ``[gate, up]`` on the input, see
     :func:`fastllm.sparse.train_predictors`). Cost: ``rank * (d + 2n)`` multiply-adds per token
     against ``3 * d * n`` for the MLP.
+
+    >>> _ = torch.manual_seed(0)
+    >>> pred = fastllm.nn.FactoredPredictor(d_model=64, n_neurons=256, rank=8)
+    >>> x = torch.randn(3, 64)
+    >>> pred(x).shape
+    torch.Size([3, 256])
+    >>> torch.equal(pred(x).topk(32).indices, pred.magnitude(x).topk(32).indices)  # same order
+    True
     """
 
     def __init__(self, d_model: int, n_neurons: int, rank: int, activation: str = "silu"):
@@ -125,6 +142,15 @@ def quantize_rows(w: Tensor, group: int = 64, bits: int = 8) -> tuple[Tensor, Te
     levels ``-7..7`` (``max|w| / 7``), returned one code per int8 byte;
     :class:`QuantizedPredictor` packs them two per byte
     (:func:`fastllm._ops.sparse.pack_int4_rows`), the storage the op's packed-int4 path reads.
+
+    >>> _ = torch.manual_seed(0)
+    >>> w = torch.randn(4, 64)
+    >>> q, scale = fastllm.nn.quantize_rows(w, group=32, bits=4)
+    >>> q.dtype, tuple(scale.shape), int(q.abs().max()) <= 7
+    (torch.int8, (4, 2), True)
+    >>> error = (q.view(4, 2, 32) * scale[..., None]).view(4, 64) - w
+    >>> bool((error.abs() <= scale.repeat_interleave(32, 1) / 2 + 1e-6).all())  # half a step
+    True
     """
     if bits == 8:
         return quantize_rows_int8(w, group)
@@ -165,6 +191,20 @@ class QuantizedPredictor(nn.Module):
     ``quantize_x``, integer dots); ``None`` (default) does so on the CPU, where it makes the
     scores several times cheaper, and not on CUDA, where it saves nothing yet.
     Scales, biases and the offset stay fp32 when the module is cast to another dtype.
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> w_gate, w_up = torch.randn(256, 64), torch.randn(256, 64)
+        >>> pred = fastllm.nn.QuantizedPredictor.from_weights(w_up, w_gate, bits=8)
+        >>> pred
+        QuantizedPredictor(n_neurons=256, bits=8, group=64, score=gate_up, activation=silu, impl=op)
+        >>> x = torch.randn(1, 64)
+        >>> exact = (torch.nn.functional.silu(x @ w_gate.T) * (x @ w_up.T)).abs()
+        >>> top = lambda scores: set(scores.topk(128).indices[0].tolist())
+        >>> len(top(pred.magnitude(x)) & top(exact)) / 128 > 0.9   # ranks like the exact |h|
+        True
+        >>> pred.weight_bytes()      # int8 gate and up codes plus one fp32 scale per 64 columns
+        34816
     """
 
     _FP32_BUFFERS = ("up_scale", "gate_scale", "b_up", "b_gate", "offset", "col_norm")
@@ -232,6 +272,9 @@ class QuantizedPredictor(nn.Module):
                      group: int = 64, *, bits: int = 8, score: str = "gate_up",
                      impl: str = "op", input_keep: float | None = None,
                      quantize_x: bool | None = None) -> "QuantizedPredictor":
+        """A predictor holding a quantized copy of ``w_up`` (``[n, d]``, fc1 for a plain MLP) and
+        ``w_gate`` (None for a plain MLP), on their device; the other arguments as in the
+        class. See the class example."""
         if score not in QUANTIZED_SCORES:
             raise ValueError(f"QuantizedPredictor: score must be one of {QUANTIZED_SCORES}, "
                              f"got {score!r}")
@@ -368,13 +411,26 @@ class SparseMLP(nn.Module):
     ``last_density`` is the share of neurons the last call used (a float; reading it
     synchronises on a GPU), ``last_density_tensor`` its device twin.
 
-    Example::
+    Examples:
+        Any module with ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` (a transformers
+        ``LlamaMLP``, say) is a gated MLP:
 
-        from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import LlamaMLP
-        mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=256))
-        sparse = SparseMLP(mlp, mode="oracle", keep=128)    # half of the 256 neurons
-        y = sparse(torch.randn(1, 1, 64))                   # [batch, seq, hidden]
+        >>> _ = torch.manual_seed(0)
+        >>> mlp = nn.Module()
+        >>> mlp.gate_proj, mlp.up_proj = nn.Linear(64, 256), nn.Linear(64, 256)
+        >>> mlp.down_proj, mlp.act_fn = nn.Linear(256, 64), nn.SiLU()
+        >>> sparse = fastllm.nn.SparseMLP(mlp, mode="oracle", keep=128)  # half the neurons
+        >>> x = torch.randn(1, 1, 64)                                     # one decode token
+        >>> y = sparse(x)
+        >>> y.shape, sparse.last_density
+        (torch.Size([1, 1, 64]), 0.5)
+        >>> h = sparse.dense_hidden(x[0]) * sparse.select(x[0])   # the kept neurons' h
+        >>> torch.allclose(y[0], mlp.down_proj(h), atol=1e-5)
+        True
+        >>> sparse.keep = 256                                     # every neuron: the dense MLP
+        >>> dense = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        >>> torch.allclose(sparse(x), dense, atol=1e-5)
+        True
     """
 
     def __init__(self, wrapped: nn.Module, *, mode: str = "dense", keep: int | None = None,

@@ -37,6 +37,21 @@ def galore_ddp(model: nn.Module, optimizer: _GaLoreBase, process_group=None, **d
     buffers broadcast once) when the optimizer reduces every trainable parameter, since DDP
     refuses a module with nothing left to reduce; buffers are then not re-broadcast at each
     forward as DDP would.
+
+    A single-process group here; under ``torchrun`` every rank runs the same lines:
+
+    >>> import os, tempfile, torch.distributed as dist
+    >>> store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+    >>> dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    >>> model = nn.Sequential(fastllm.nn.GaLoreLinear(16, 16))
+    >>> opt = fastllm.optim.GaLoreAdamW([{"params": [model[0].weight], "rank": 4},
+    ...                                  {"params": [model[0].bias]}])
+    >>> ddp = fastllm.optim.galore_ddp(model, opt)
+    >>> type(ddp).__name__            # DDP keeps the bias, the optimizer reduces the weight
+    'DistributedDataParallel'
+    >>> ddp(torch.randn(4, 16)).sum().backward()
+    >>> opt.step()
+    >>> dist.destroy_process_group()
     """
     from ..nn.galore_linear import GaLoreLinear
 

@@ -72,7 +72,20 @@ def data_parallel_unhandled() -> bool:
 
 class GaLoreNumericalWarning(RuntimeWarning):
     """A projector refresh or a step was skipped because of a non-finite gradient or an SVD that
-    did not converge."""
+    did not converge.
+
+    On CPU the warning comes at the step itself, and the skipped step changes nothing:
+
+    >>> import warnings
+    >>> w = nn.Parameter(torch.ones(8, 8))
+    >>> opt = fastllm.optim.GaLoreAdamW([{"params": [w], "rank": 2}])
+    >>> w.grad = torch.full((8, 8), float("nan"))
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     opt.step()
+    >>> [type(c.message).__name__ for c in caught], torch.equal(w, torch.ones(8, 8))
+    (['GaLoreNumericalWarning'], True)
+    """
 
 
 def _param_label(group: dict, index: int, group_index: int) -> str:
@@ -560,11 +573,24 @@ class GaLoreAdamW(_GaLoreBase):
     non-finite gradient is reported later (:meth:`skipped_steps`, or the next refresh). See the
     module docstring.
 
-    Example::
-
-        groups = galore_param_groups(model, rank=128, update_proj_gap=200, scale=0.25)
-        opt = GaLoreAdamW(groups, lr=1e-3, weight_decay=0.01)
-        # or by hand: [{"params": others}, {"params": weights, "rank": 128, "svd": "randomized"}]
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+        >>> groups = fastllm.optim.galore_param_groups(model, rank=8, update_proj_gap=50)
+        >>> opt = fastllm.optim.GaLoreAdamW(groups, lr=1e-2, weight_decay=0.01)
+        >>> # or by hand: [{"params": others}, {"params": weights, "rank": 8, "svd": "randomized"}]
+        >>> x, target = torch.randn(32, 64), torch.randn(32, 8)
+        >>> losses = []
+        >>> for _ in range(20):
+        ...     loss = nn.functional.mse_loss(model(x), target)
+        ...     loss.backward()
+        ...     opt.step()
+        ...     opt.zero_grad()
+        ...     losses.append(loss.item())
+        >>> losses[-1] < 0.9 * losses[0]
+        True
+        >>> opt.state[model[0].weight]["exp_avg"].shape      # moments in the rank-8 subspace
+        torch.Size([64, 8])
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
@@ -612,7 +638,20 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     """:class:`GaLoreAdamW` with blockwise 8-bit moments (``fastllm.ops.galore_adam8bit_step``):
     int8/uint8 codes plus one fp32 absmax per 256 elements, for projected and ordinary parameters
     alike. No bitsandbytes needed. Projectors default to bfloat16 storage here (``proj_dtype``),
-    which is what brings the state under 12% of AdamW's at rank d/4."""
+    which is what brings the state under 12% of AdamW's at rank d/4.
+
+    >>> _ = torch.manual_seed(0)
+    >>> def state_bytes(optimizer_class):
+    ...     w = nn.Parameter(torch.randn(256, 256))
+    ...     opt = optimizer_class([{"params": [w], "rank": 64}])
+    ...     w.grad = torch.randn(256, 256)
+    ...     opt.step()
+    ...     return opt.state_bytes()
+    >>> adamw = 2 * 256 * 256 * 4                    # torch.optim.AdamW's two fp32 moments
+    >>> from fastllm.optim import GaLoreAdamW, GaLoreAdamW8bit
+    >>> state_bytes(GaLoreAdamW) / adamw, state_bytes(GaLoreAdamW8bit) / adamw
+    (0.375, 0.1259765625)
+    """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, *, layerwise: bool = False,
@@ -677,7 +716,20 @@ class GaLoreAdafactor(_GaLoreBase):
     back-projected and scaled with ``fastllm.ops.galore_project_back_`` (weight decay, applied
     before the update as Adafactor does, folded into the same GEMM when its factor is known on
     the host; with ``scale_parameter`` it depends on the weight's RMS, which stays on the device,
-    and is then applied in its own pass). No host sync in a non-refresh step on CUDA."""
+    and is then applied in its own pass). No host sync in a non-refresh step on CUDA.
+
+    >>> _ = torch.manual_seed(0)
+    >>> w = nn.Parameter(torch.randn(64, 32))
+    >>> opt = fastllm.optim.GaLoreAdafactor([{"params": [w], "rank": 8}])  # relative step size
+    >>> before = w.detach().clone()
+    >>> w.grad = torch.randn(64, 32)
+    >>> opt.step()
+    >>> state = opt.state[w]
+    >>> state["exp_avg_sq_row"].shape, state["exp_avg_sq_col"].shape  # factored, rank-8 space
+    (torch.Size([64]), torch.Size([8]))
+    >>> torch.linalg.matrix_rank(w.detach() - before, rtol=1e-4).item()   # a rank-8 update
+    8
+    """
 
     def __init__(self, params, lr: float | None = None, eps=(1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8,
@@ -806,6 +858,15 @@ def galore_param_groups(model: nn.Module, target_modules: str | Iterable[str] = 
 
     Returns ``[{"params": regular}, {"params": galore, "rank": ..., ...}]`` with named
     parameters, so errors and state dicts name each weight; empty groups are left out.
+
+    >>> model = nn.ModuleDict({"q_proj": nn.Linear(16, 16), "norm": nn.LayerNorm(16),
+    ...                        "lm_head": nn.Linear(16, 32)})
+    >>> regular, galore = fastllm.optim.galore_param_groups(model, rank=4)
+    >>> [name for name, _ in galore["params"]], galore["rank"], galore["update_proj_gap"]
+    (['q_proj.weight'], 4, 200)
+    >>> sorted(name for name, _ in regular["params"])
+    ['lm_head.bias', 'lm_head.weight', 'norm.bias', 'norm.weight', 'q_proj.bias']
+    >>> opt = fastllm.optim.GaLoreAdamW([regular, galore], lr=1e-3)
     """
     if isinstance(target_modules, str) and target_modules != "all-linear":
         pattern = re.compile(target_modules)

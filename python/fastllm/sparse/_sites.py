@@ -39,9 +39,15 @@ class _Site:
 def find_mlps(model: nn.Module) -> list[_Site]:
     """The model's MLPs in layer order (dense or already sparsified).
 
-    Example::
-
-        len(fastllm.sparse.find_mlps(model)) == model.config.num_hidden_layers
+    >>> import transformers
+    >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...     num_attention_heads=4))
+    >>> sites = fastllm.sparse.find_mlps(model)
+    >>> len(sites) == model.config.num_hidden_layers, sites[0].kind
+    (True, 'llama')
+    >>> sites[1].mlp_like is model.model.layers[1].mlp
+    True
     """
     sites = []
     for module in model.modules():
@@ -91,12 +97,19 @@ def collect_mlp_data(model: nn.Module, ids: Tensor, fn, batch_size: int = 4, *,
     gives the hidden values). Returns a per-layer list of lists of ``fn``'s results.
     ``progress`` reports the batches run (True, False, or None: only when stderr is a terminal).
 
-    Example::
+    The mean ``|h|`` of every MLP's hidden neurons over the calibration tokens:
 
-        # the mean |h| of every MLP's hidden neurons over the calibration tokens
-        per_layer = fastllm.sparse.collect_mlp_data(
-            model, ids, lambda i, view, x: view.dense_hidden(x).abs().mean(0))
-        means = [torch.stack(chunks).mean(0) for chunks in per_layer]
+    >>> import transformers
+    >>> _ = torch.manual_seed(0)
+    >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...     num_attention_heads=4)).eval()
+    >>> ids = torch.randint(64, (4, 32))               # calibration token ids
+    >>> per_layer = fastllm.sparse.collect_mlp_data(
+    ...     model, ids, lambda i, view, x: view.dense_hidden(x).abs().mean(0), batch_size=2)
+    >>> len(per_layer), len(per_layer[0]), per_layer[0][0].shape   # layers, batches, neurons
+    (2, 2, torch.Size([128]))
+    >>> means = [torch.stack(chunks).mean(0) for chunks in per_layer]
     """
     show = check_progress(progress, "fastllm.sparse.collect_mlp_data")
     with Progress(_batch_count(ids, batch_size), "collecting MLP inputs", show,
@@ -187,10 +200,19 @@ def _reinstall(model: nn.Module, saved: list) -> None:
 def densify(model: nn.Module) -> list[SparseMLP]:
     """Put every original dense MLP back (the same module objects); returns the removed ones.
 
-    Example::
-
-        fastllm.sparse.sparsify(model, 0.5, calibration_ids=ids)
-        removed = fastllm.sparse.densify(model)     # the SparseMLPs; the model is dense again
+    >>> import transformers
+    >>> _ = torch.manual_seed(0)
+    >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...     num_attention_heads=4)).eval()
+    >>> ids = torch.randint(64, (4, 32))               # calibration token ids
+    >>> dense = model(ids).logits
+    >>> _ = fastllm.sparse.sparsify(model, 0.5, mode="oracle")
+    >>> removed = fastllm.sparse.densify(model)      # the SparseMLPs it took out
+    >>> len(removed), type(model.model.layers[0].mlp).__name__
+    (2, 'LlamaMLP')
+    >>> torch.equal(model(ids).logits, dense)        # the original modules, unchanged
+    True
     """
     removed = []
     for site in find_mlps(model):

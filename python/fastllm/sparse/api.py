@@ -33,10 +33,16 @@ def allocate_sparsity(model: nn.Module, predictors: "Predictors | None", calibra
     error, until the average density is ``1 - sparsity``. ``progress`` reports the dense
     passes on stderr: True, False, or None (the default) for only when stderr is a terminal.
 
-    Example::
-
-        per_layer = fastllm.sparse.allocate_sparsity(model, preds, ids, 0.5)   # mean 0.5
-        fastllm.sparse.sparsify(model, per_layer, predictors=preds)
+    >>> import transformers
+    >>> _ = torch.manual_seed(0)
+    >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...     num_attention_heads=4)).eval()
+    >>> ids = torch.randint(64, (4, 32))               # calibration token ids
+    >>> per_layer = fastllm.sparse.allocate_sparsity(model, None, ids, 0.5, progress=False)
+    >>> len(per_layer), round(sum(per_layer) / len(per_layer), 6)   # one per MLP, mean 0.5
+    (2, 0.5)
+    >>> _ = fastllm.sparse.sparsify(model, per_layer, mode="oracle")
     """
     check_progress(progress, "fastllm.sparse.allocate_sparsity")
     grid = [round(k * step, 6) for k in range(1, int(round(1 / step)) + 1)]  # keep fractions
@@ -137,11 +143,29 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
     ``ValueError`` for a missing calibration or an unknown mode, :class:`PredictorMismatchError`
     for predictors made for another model.
 
-    Example::
-
-        sparsify(model, 0.5, calibration_ids=ids)             # int8 predictors, 50% sparse
-        sparsify(model, 0.3, mode="threshold", calibration_ids=ids)
-        densify(model)
+    Examples:
+        >>> import transformers
+        >>> _ = torch.manual_seed(0)
+        >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        ...     num_attention_heads=4)).eval()
+        >>> ids = torch.randint(64, (4, 32))               # calibration token ids
+        >>> dense = model(ids).logits
+        >>> _ = fastllm.sparse.sparsify(model, 0.5, calibration_ids=ids, progress=False)
+        >>> mlp = model.model.layers[0].mlp             # quantized predictors, 50% sparse
+        >>> type(mlp).__name__, mlp.mode, mlp.keep, mlp.n_neurons
+        ('SparseMLP', 'predictor', 64, 128)
+        >>> torch.equal(model(ids).logits, dense)       # prefill (> dense_above tokens) is dense
+        True
+        >>> step = model(ids[:1, :1]).logits            # a one-token step runs sparse
+        >>> mlp.last_density
+        0.5
+        >>> _ = fastllm.sparse.sparsify(model, 0.0, mode="oracle", dense_above=None)
+        >>> torch.allclose(model(ids).logits, dense, atol=1e-5)   # keep everything: dense again
+        True
+        >>> _ = fastllm.sparse.sparsify(model, 0.3, mode="threshold", calibration_ids=ids,
+        ...                             progress=False)
+        >>> removed = fastllm.sparse.densify(model)
     """
     _check_sparsify_args(model, sparsity, mode, selection, batch_sets, dense_above, compute,
                          deterministic)

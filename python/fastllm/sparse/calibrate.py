@@ -17,7 +17,20 @@ def gate_magnitudes(model: nn.Module, calibration_ids: Tensor, max_values: int =
     """Per layer, a sample of ``|act(gate)|`` (``|act(fc1)|`` for ReLU models) on the tokens.
 
     ``progress`` reports the dense passes (``batch_size`` sequences each) on stderr: True,
-    False, or None (the default) for only when stderr is a terminal."""
+    False, or None (the default) for only when stderr is a terminal.
+
+    >>> import transformers
+    >>> _ = torch.manual_seed(0)
+    >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...     num_attention_heads=4)).eval()
+    >>> ids = torch.randint(64, (4, 32))               # calibration token ids
+    >>> magnitudes = fastllm.sparse.gate_magnitudes(model, ids, progress=False)
+    >>> len(magnitudes), magnitudes[0].shape         # per layer: tokens x neurons values
+    (2, torch.Size([16384]))
+    >>> bool((magnitudes[0] >= 0).all())
+    True
+    """
     show = check_progress(progress, "fastllm.sparse.gate_magnitudes")
     _check_batch_size(batch_size, "gate_magnitudes")
     with Progress(_batch_count(calibration_ids, batch_size), "calibrating thresholds", show,
@@ -45,7 +58,14 @@ def _gate_magnitudes(model: nn.Module, calibration_ids: Tensor, max_values: int,
 
 
 def thresholds_from_magnitudes(magnitudes: list[Tensor], sparsity) -> list[float]:
-    """Per layer, the value below which the given share of the sampled magnitudes lies."""
+    """Per layer, the value below which the given share of the sampled magnitudes lies.
+
+    >>> magnitudes = [torch.arange(1.0, 11.0), torch.arange(10.0, 110.0, 10.0)]
+    >>> fastllm.sparse.thresholds_from_magnitudes(magnitudes, 0.3)
+    [3.0, 30.0]
+    >>> fastllm.sparse.thresholds_from_magnitudes(magnitudes, [0.0, 0.5])   # 0: keep all
+    [-1.0, 50.0]
+    """
     return _thresholds(magnitudes, sparsity, Progress(0, "", False))
 
 
@@ -69,10 +89,17 @@ def calibrate_thresholds(model: nn.Module, calibration_ids: Tensor, sparsity, *,
     layer's quantile on stderr: True, False, or None (the default) for only when stderr is a
     terminal.
 
-    Example::
-
-        thresholds = fastllm.sparse.calibrate_thresholds(model, ids, 0.5)
-        fastllm.sparse.sparsify(model, 0.5, mode="threshold", thresholds=thresholds)
+    >>> import transformers
+    >>> _ = torch.manual_seed(0)
+    >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...     num_attention_heads=4)).eval()
+    >>> ids = torch.randint(64, (4, 32))               # calibration token ids
+    >>> thresholds = fastllm.sparse.calibrate_thresholds(model, ids, 0.5, progress=False)
+    >>> magnitudes = fastllm.sparse.gate_magnitudes(model, ids, progress=False)
+    >>> [round((m < t).float().mean().item(), 2) for m, t in zip(magnitudes, thresholds)]
+    [0.5, 0.5]
+    >>> _ = fastllm.sparse.sparsify(model, 0.5, mode="threshold", thresholds=thresholds)
     """
     show = check_progress(progress, "fastllm.sparse.calibrate_thresholds")
     _check_batch_size(batch_size, "calibrate_thresholds")

@@ -18,7 +18,23 @@ from ._sites import _batch_count, _collect, _make_view, _model_identity, find_ml
 
 
 class PredictorMismatchError(ValueError):
-    """Saved predictors were trained for another model or configuration."""
+    """Saved predictors were trained for another model or configuration.
+
+    >>> import transformers
+    >>> _ = torch.manual_seed(0)
+    >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...     num_attention_heads=4)).eval()
+    >>> ids = torch.randint(64, (4, 32))               # calibration token ids
+    >>> fastllm.sparse.quantize_predictors(model, bits=8).save("preds.safetensors")
+    >>> other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+    ...     num_attention_heads=4))
+    >>> fastllm.sparse.Predictors.load("preds.safetensors", other)
+    Traceback (most recent call last):
+    fastllm.sparse.predictors.PredictorMismatchError: predictors in preds.safetensors were
+    trained for another model (n_neurons: saved 128, model 256); ...
+    """
 
 
 @dataclass
@@ -29,12 +45,22 @@ class Predictors:
     (recall and precision on held-out tokens). Made by :func:`train_predictors` and its kinds;
     :meth:`save` / :meth:`load` keep them in a safetensors file (needs ``safetensors``).
 
-    Example::
-
-        preds = fastllm.sparse.train_predictors(model, calibration_ids)
-        preds.save("preds.safetensors")
-        preds = fastllm.sparse.Predictors.load("preds.safetensors", model)   # checks the model
-        fastllm.sparse.sparsify(model, 0.5, predictors=preds)
+    Examples:
+        >>> import transformers
+        >>> _ = torch.manual_seed(0)
+        >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        ...     num_attention_heads=4)).eval()
+        >>> ids = torch.randint(64, (4, 32))               # calibration token ids
+        >>> preds = fastllm.sparse.train_predictors(model, ids, progress=False)
+        >>> preds.kind, len(preds.layers), preds.identity["n_neurons"]
+        ('quantized', 2, 128)
+        >>> preds.save("preds.safetensors")
+        >>> loaded = fastllm.sparse.Predictors.load("preds.safetensors", model)  # checks the model
+        >>> x = torch.randn(3, 64)
+        >>> torch.equal(loaded.layers[0](x), preds.layers[0](x))
+        True
+        >>> _ = fastllm.sparse.sparsify(model, 0.5, predictors=loaded)
     """
     layers: nn.ModuleList
     identity: dict
@@ -184,7 +210,15 @@ def _new_predictor(kind: str, d: int, n: int, rank: int, activation: str) -> nn.
 def predictor_cost(kind: str, d: int, n: int, rank: int, gated: bool = True) -> float:
     """Multiply-adds of one predictor call as a share of the dense MLP's (``3dn`` gated, ``2dn``
     plain). For ``"quantized"`` (``rank`` unused) they are the gate and up projections' own;
-    what it saves is bytes (int8), see :class:`~fastllm.nn.QuantizedPredictor`."""
+    what it saves is bytes (int8), see :class:`~fastllm.nn.QuantizedPredictor`.
+
+    SmolLM2's MLP (d 576, n 1536):
+
+    >>> round(fastllm.sparse.predictor_cost("factored", 576, 1536, rank=64), 3)
+    0.088
+    >>> round(fastllm.sparse.predictor_cost("quantized", 576, 1536, rank=0), 3)   # gate + up
+    0.667
+    """
     if kind == "quantized":
         per_token = (2 if gated else 1) * d * n
     else:
@@ -207,6 +241,14 @@ def predictor_bytes_share(d: int, n: int, *, bits: int = 8, score: str = "gate_u
     SmolLM2 (d 576, n 1536), fp16: int8 gate+up (group 64) 0.354, int4 gate+up (group 32)
     0.208, int8 gate 0.177, int4 gate 0.104; halve them for fp32. The rows a sparse call then
     reads add ``1 - sparsity`` (gate, up and down rows of the kept neurons).
+
+    >>> share = fastllm.sparse.predictor_bytes_share
+    >>> round(share(576, 1536, bits=8), 3), round(share(576, 1536, bits=4, group=32), 3)
+    (0.354, 0.208)
+    >>> predictor = fastllm.nn.QuantizedPredictor.from_weights(
+    ...     torch.randn(128, 64), torch.randn(128, 64), bits=8)     # up, gate of a 64 x 128 MLP
+    >>> share(64, 128, bits=8, weight_bytes=4) == predictor.weight_bytes() / (3 * 64 * 128 * 4)
+    True
     """
     if score not in ("gate_up", "gate"):
         raise ValueError(f"fastllm.sparse.predictor_bytes_share: score must be 'gate_up' or "
@@ -236,13 +278,22 @@ _QUANTIZED_DEFAULTS = {torch.float32: (4, "gate_up"), torch.float16: (4, "gate_u
 def default_quantized_selection(dtype: torch.dtype) -> tuple[int, str]:
     """``(bits, score)`` of the default :class:`~fastllm.nn.QuantizedPredictor` for a model whose
     weights are ``dtype`` (see :func:`quantize_predictors`); other dtypes get the fp32 choice.
-    A model whose ``d_model`` is not a multiple of 32 (no whole packed-int4 words) gets 8 bits."""
+    A model whose ``d_model`` is not a multiple of 32 (no whole packed-int4 words) gets 8 bits.
+
+    >>> fastllm.sparse.default_quantized_selection(torch.float16)
+    (4, 'gate_up')
+    """
     return _QUANTIZED_DEFAULTS.get(dtype, _QUANTIZED_DEFAULTS[torch.float32])
 
 
 def default_rank(kind: str, d: int, n: int, gated: bool = True, max_cost: float = 0.15) -> int:
     """The largest rank (a multiple of 8, at least 8) whose predictor costs at most ``max_cost``
-    of the MLP."""
+    of the MLP.
+
+    >>> rank = fastllm.sparse.default_rank("factored", 576, 1536)
+    >>> rank, fastllm.sparse.predictor_cost("factored", 576, 1536, rank) <= 0.15
+    (104, True)
+    """
     per_rank = predictor_cost(kind, d, n, 1, gated)
     return max(8, int(max_cost / per_rank) // 8 * 8)
 
@@ -299,12 +350,26 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
     ``progress``: report the dense passes and the layers on stderr (True, False, or None: only
     when stderr is a terminal).
 
-    Example::
+    Examples:
+        With a real model, ``ids`` are a few thousand tokens of ordinary text
+        (``tokenizer(texts, return_tensors="pt", padding=True).input_ids``). Here random ids:
 
-        ids = tokenizer(texts, return_tensors="pt", padding=True).input_ids   # ~ 4k tokens
-        preds = fastllm.sparse.train_predictors(model, ids)                  # quantized (gated)
-        preds.stats[0]["topk_recall_vs_oracle@0.5"]
-        fastllm.sparse.sparsify(model, 0.5, predictors=preds)
+        >>> import transformers
+        >>> _ = torch.manual_seed(0)
+        >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        ...     num_attention_heads=4)).eval()
+        >>> ids = torch.randint(64, (4, 32))               # calibration token ids
+        >>> preds = fastllm.sparse.train_predictors(model, ids, progress=False)
+        >>> preds.kind, type(preds.layers[0]).__name__    # gated MLPs: a quantized copy
+        ('quantized', 'QuantizedPredictor')
+        >>> preds.stats[0]["topk_recall_vs_oracle@0.5"] > 0.8
+        True
+        >>> relu = fastllm.sparse.train_predictors(model, ids, kind="lowrank", rank=8, epochs=2,
+        ...                                        progress=False)
+        >>> type(relu.layers[0]).__name__, relu.rank
+        ('LowRankPredictor', 8)
+        >>> _ = fastllm.sparse.sparsify(model, 0.5, predictors=preds)
     """
     check_progress(progress, "fastllm.sparse.train_predictors")  # before any work
     sites = find_mlps(model)
@@ -383,10 +448,20 @@ def fit_factored_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: 
     ``ridge * mean(diag C)`` to ``C``. The per-layer offset makes ``logit > 0`` keep the
     ``1 - eval_sparsity`` share of neurons on (up to ``offset_tokens``) training tokens.
 
-    Example::
-
-        preds = fastllm.sparse.fit_factored_predictors(model, ids, rank=128)
-        # the same as train_predictors(model, ids, kind="factored", rank=128)
+    >>> import transformers
+    >>> _ = torch.manual_seed(0)
+    >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...     num_attention_heads=4)).eval()
+    >>> ids = torch.randint(64, (4, 32))               # calibration token ids
+    >>> preds = fastllm.sparse.fit_factored_predictors(model, ids, rank=16, progress=False)
+    >>> preds.kind, type(preds.layers[0]).__name__, preds.rank
+    ('factored', 'FactoredPredictor', 16)
+    >>> again = fastllm.sparse.train_predictors(model, ids, kind="factored", rank=16,
+    ...                                         progress=False)     # the same fit
+    >>> x = torch.randn(2, 64)
+    >>> torch.allclose(again.layers[1](x), preds.layers[1](x))
+    True
     """
     show = check_progress(progress, "fastllm.sparse.fit_factored_predictors")
     sites = find_mlps(model)
@@ -522,11 +597,20 @@ def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None,
     not trained on them, but the offset was set on them). ``layers`` restricts which MLPs get a
     predictor (the others keep an all-zero one, which scores every neuron 0).
 
-    Example::
-
-        preds = fastllm.sparse.quantize_predictors(model, ids, bits=8)   # int8 gate + up
-        fastllm.sparse.predictor_bytes_share(d, n, bits=8)               # its bytes per call
-        fastllm.sparse.sparsify(model, 0.5, predictors=preds)
+    >>> import transformers
+    >>> _ = torch.manual_seed(0)
+    >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...     num_attention_heads=4)).eval()
+    >>> ids = torch.randint(64, (4, 32))               # calibration token ids
+    >>> preds = fastllm.sparse.quantize_predictors(model, ids, bits=8, progress=False)
+    >>> preds.layers[0]
+    QuantizedPredictor(n_neurons=128, bits=8, group=64, score=gate_up, activation=silu, impl=op)
+    >>> sorted(preds.stats[0])
+    [...'topk_recall_vs_oracle@0.5'...]
+    >>> round(fastllm.sparse.predictor_bytes_share(64, 128, bits=8, weight_bytes=4), 4)  # fp32
+    0.1771
+    >>> _ = fastllm.sparse.sparsify(model, 0.5, predictors=preds)
     """
     show = check_progress(progress, "fastllm.sparse.quantize_predictors")
     sites = find_mlps(model)
