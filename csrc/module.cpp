@@ -11,6 +11,7 @@
 
 #include "common/index_errors.h"
 #include "kv/kv_math.h"
+#include "kv/kv_mirror.h"
 #include "lora/lora_index.h"
 #include "sparse/neuron_scores.h"
 #include "sparse/sparse_mlp.h"
@@ -23,6 +24,23 @@ void check_flat_tiles(const char* fn, const std::vector<int32_t>& tiles) {
     throw pybind11::value_error(std::string(fn) + ": tiles must be flat (first, end, adapter) "
                                 "triples, got " + std::to_string(tiles.size()) + " values");
   }
+}
+
+// The data of a numpy array the caller owns, used in place: refused unless it has exactly the
+// dtype, shape and layout asked for (pybind11 would otherwise convert it into a copy, and writes
+// would be lost).
+template <typename T>
+T* numpy_data(pybind11::array& a, const char* fn, const char* name, pybind11::ssize_t rows,
+              pybind11::ssize_t cols = -1) {
+  const bool shape_ok = cols < 0 ? a.ndim() == 1 && a.shape(0) == rows
+                                 : a.ndim() == 2 && a.shape(0) == rows && a.shape(1) == cols;
+  if (!a.dtype().is(pybind11::dtype::of<T>()) || !shape_ok ||
+      !(a.flags() & pybind11::array::c_style) || !a.writeable()) {
+    throw pybind11::value_error(std::string(fn) + ": " + name + " must be a writeable, "
+                                "C-contiguous numpy array of " + std::string(pybind11::str(
+                                pybind11::dtype::of<T>())) + " with the caches' shape");
+  }
+  return static_cast<T*>(a.mutable_data());
 }
 
 }  // namespace
@@ -91,6 +109,39 @@ PYBIND11_MODULE(_C, m) {
           pybind11::array_t<int32_t> rows({items, pybind11::ssize_t{2}});
           std::copy(work.begin(), work.end(), rows.mutable_data());
           return pybind11::make_tuple(chunk, rows);
+        });
+  // A FastGenCache layer's host mirror advanced in place (kv_mirror.h); numpy arrays [caches]
+  // and the known classes uint8 [sequences, columns].
+  m.def("kv_advance_mirror",
+        [](pybind11::array seq, pybind11::array offset, pybind11::array window,
+           pybind11::array sinks, pybind11::array heavy, pybind11::array keep,
+           pybind11::array grow, pybind11::array dep, pybind11::array len,
+           pybind11::array evictable, pybind11::array seen_cols, int64_t seen,
+           pybind11::array classes, int64_t known) {
+          constexpr const char* fn = "kv_advance_mirror";
+          const pybind11::ssize_t caches = len.ndim() == 1 ? len.shape(0) : -1;
+          if (classes.ndim() != 2 || classes.shape(1) < 1) {
+            throw pybind11::value_error("kv_advance_mirror: classes must be [sequences, columns]");
+          }
+          const fastllm::kv::MirrorCaches mirror{
+              caches, numpy_data<int64_t>(seq, fn, "seq", caches),
+              numpy_data<int64_t>(offset, fn, "offset", caches),
+              numpy_data<int64_t>(window, fn, "window", caches),
+              numpy_data<int64_t>(sinks, fn, "sinks", caches),
+              numpy_data<int64_t>(heavy, fn, "heavy", caches),
+              numpy_data<uint8_t>(keep, fn, "keep", caches),
+              numpy_data<bool>(grow, fn, "grow", caches), numpy_data<bool>(dep, fn, "dep", caches),
+              numpy_data<int64_t>(len, fn, "len", caches),
+              numpy_data<int64_t>(evictable, fn, "evictable", caches),
+              numpy_data<int64_t>(seen_cols, fn, "seen", caches)};
+          const uint8_t* class_data =
+              numpy_data<uint8_t>(classes, fn, "classes", classes.shape(0), classes.shape(1));
+          for (pybind11::ssize_t c = 0; c < caches; ++c) {
+            if (mirror.seq[c] < 0 || mirror.seq[c] >= classes.shape(0)) {
+              throw pybind11::value_error("kv_advance_mirror: seq must lie in [0, sequences)");
+            }
+          }
+          fastllm::kv::advance_mirror(mirror, seen, class_data, classes.shape(1), known);
         });
   // blocks_per_sm: the kernel's occupancy, which the CUDA code asks the runtime for.
   m.def("sparse_plan_down", [](int64_t rows, int64_t d_out, int64_t k, bool per_row, int64_t sms,

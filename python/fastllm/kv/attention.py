@@ -114,6 +114,15 @@ class _AttentionPath:
                 f"{'sees' if bool(vis[b, i, j]) else 'does not see'} key {j}; FastGenCache "
                 "supports causal attention with padding (an attention_mask of 0/1 per token) only")
 
+    def _mask_agrees(self, attention_mask, layer, past: int) -> bool:
+        """Whether this mask was already found to agree with the padding of a layer whose
+        prompt padding is the same tensor, at the same position: transformers hands every layer
+        of a forward the same mask, and the layers of one prompt share their padding, so the
+        host checks it once per step instead of once per layer."""
+        agreed = self._mask_agreed
+        return (agreed is not None and agreed[0] is attention_mask and agreed[1] == past
+                and agreed[2] is layer.prompt_valid)
+
     def _check_once(self, attention_mask, vis: Tensor, valid: Tensor, past: int) -> None:
         if self._mask_checked is not attention_mask:
             self._check_causal_padding(vis, valid, past)
@@ -209,7 +218,12 @@ class _AttentionPath:
         self._check_page_fill(heads)
         layer.heads = heads
         layer.decode_work = None
-        layer.prompt_valid = valid.clone()
+        # One tensor for every layer of the prompt (equal by construction), so a step's mask is
+        # checked against it once (_mask_agrees).
+        shared = self._shared_prompt_valid
+        if shared is None or shared.shape != valid.shape or not torch.equal(shared, valid):
+            shared = self._shared_prompt_valid = valid.clone()
+        layer.prompt_valid = shared
         layer.padded = not bool(valid.all())
         layer.seen = length
 
@@ -414,7 +428,7 @@ class _AttentionPath:
             # its values (which only restate the prompt's padding, never stored) are checked in
             # the debug mode.
             self._check_mask_shape(attention_mask, batch, n, past + n)
-        else:
+        elif not self._mask_agrees(attention_mask, layer, past):
             vis = self._visible(attention_mask, batch, n, past + n)
             valid = vis[:, -1]
             if not bool(valid[:, past:].all()):
@@ -427,6 +441,7 @@ class _AttentionPath:
                     "prompt did (or is missing); the padding of past tokens cannot change: pass "
                     "the whole sequence's attention mask, pads included, at every step")
             self._check_once(attention_mask, vis, valid, past)
+            self._mask_agreed = (attention_mask, past, layer.prompt_valid)
         if layer.layer_idx == 0:
             self._reserve_step(n)
         if n == 1:

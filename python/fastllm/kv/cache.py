@@ -279,6 +279,8 @@ class FastGenCache(_AttentionPath, Cache):
         self._class_tables: dict = {}
         self._mask_memo = None
         self._mask_checked = None
+        self._mask_agreed = None
+        self._shared_prompt_valid: Tensor | None = None
         self._graph: _GraphSteps | None = None
         self.last_profile_seconds = 0.0
         super().__init__(layers=[FastGenLayer(self, i) for i in range(self.num_layers)])
@@ -567,6 +569,7 @@ class FastGenCache(_AttentionPath, Cache):
     def _forget_step_memos(self) -> None:
         self._mask_memo = None
         self._mask_checked = None
+        self._mask_agreed = None
         self._step_device_classes = None
         self._step_classes = None
 

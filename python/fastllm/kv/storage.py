@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _C
 from ..memory import PagePool, PoolExhaustedError
 from .._ops import kv as kv_ops
 from .._reference.kv import KEEP
@@ -210,7 +211,6 @@ class _HeadCaches:
         self.h_seq = np.arange(count, dtype=np.int64) // hkv
         # Caches whose length depends on the classes of decode tokens.
         self.h_dep = (self.h_keep != 0) & ~self.h_grow
-        self.any_dep = bool(self.h_dep.any())
         self.npages = np.zeros(count, dtype=np.int64)
         self.m_len = np.zeros(count, dtype=np.int64)
         self.m_evictable = np.zeros(count, dtype=np.int64)
@@ -242,24 +242,14 @@ class _HeadCaches:
         return self.m_len + (seen - self.m_seen)
 
     def advance(self, seen: int, classes: _ClassLog) -> None:
-        """Advance the mirror over mask columns ``< seen`` as far as the token classes are
-        known."""
-        for column in range(int(self.m_seen.min()), seen):
-            active = self.m_seen == column
-            if self.any_dep:
-                active &= ~self.h_dep | (column - self.h_window < classes.known)
-            if not active.any():
-                if column >= self.m_seen.max():
-                    break  # every cache waits for a class: nothing later can advance
-                continue
-            cross = column - self.h_offset - self.h_window  # the entry leaving the window
-            keep = (((classes.at(self.h_seq, cross) & self.h_keep) != 0)
-                    | (cross < self.h_sinks))
-            evictable = self.m_evictable + (active & (cross >= 0) & ~keep)
-            evicts = active & ~self.h_grow & (evictable > self.h_heavy)
-            self.m_evictable = evictable - evicts
-            self.m_len += active.astype(np.int64) - evicts
-            self.m_seen += active
+        """Advance the mirror over mask columns ``< seen`` as far as the token classes are known:
+        each column appends one entry; the entry leaving the local window becomes evictable
+        unless the policy keeps it for good; a cache that does not grow evicts one entry when
+        more than ``heavy`` are evictable. In place, one compiled call (csrc/kv/kv_mirror.h): per
+        layer and step it replaced two dozen numpy operations on arrays of a few caches."""
+        _C.kv_advance_mirror(self.h_seq, self.h_offset, self.h_window, self.h_sinks,
+                             self.h_heavy, self.h_keep, self.h_grow, self.h_dep, self.m_len,
+                             self.m_evictable, self.m_seen, seen, classes.by_pos, classes.known)
 
     def resync(self, seen: int) -> None:
         """Rebuild the mirror from the device state (synchronises; after multi-token steps)."""
@@ -287,8 +277,11 @@ class _HeadCaches:
         """Pages and bookkeeping columns for ``entries [C]`` entries per cache (host decision;
         the device table is updated without blocking). ``ids``: the ``shortfall(entries)`` pages
         to use, already taken from the pool (a step reserving every layer in one allocation)."""
-        taken = self.shortfall(entries)
         need = -(-entries // self.page_rows)
+        if ids is None and bool((need <= self.npages).all()) \
+                and int(entries.max(initial=0)) <= self.pos.shape[1]:
+            return  # every decode step of every layer but a few: the room is there
+        taken = self.shortfall(entries)
         short = np.nonzero(need > self.npages)[0]
         if ids is not None and len(ids) != taken:
             raise RuntimeError(f"fastllm.kv: internal error: {len(ids)} pages given for a "
@@ -479,7 +472,6 @@ class _HeadCaches:
                      "npages", "m_len", "m_evictable", "m_seen"):
             setattr(self, name, getattr(self, name)[index].copy())
         self.h_seq = np.arange(index.size, dtype=np.int64) // self.hkv
-        self.any_dep = bool(self.h_dep.any())
         device_index = _upload(index, torch.int64, self.device)
         for name in self.DEVICE_TENSORS:
             setattr(self, name, getattr(self, name)[device_index].clone())
@@ -514,7 +506,6 @@ class _HeadCaches:
                      "npages", "m_len", "m_evictable", "m_seen"):
             setattr(self, name, np.concatenate([getattr(self, name), getattr(other, name)]))
         self.h_seq = np.arange(len(self.pages), dtype=np.int64) // self.hkv
-        self.any_dep = bool(self.h_dep.any())
         for name in ("keep_classes", "sinks", "window", "heavy", "grow", "offset", "lengths"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
         for name in ("table", "pos", "score", "flags"):
