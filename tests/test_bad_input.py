@@ -1,7 +1,8 @@
 """Bad input at the adapter entry points, tried as a new user would (issue 21): each mistake is
 refused with an error naming the argument, the accepted range and the value, and leaves the
 manager as it was. (The ops' rejections are in tests/test_<capability>_ops.py and the property
-tests; sparsify's in tests/test_sparse_api.py; untrusted files in tests/test_untrusted_files.py.)"""
+tests; sparsify's and SparseMLP's in tests/test_sparse_api.py; the page pool's in
+tests/test_memory_page_pool.py; untrusted files in tests/test_untrusted_files.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 from test_faults import VOCAB, adapter_state, tiny_llama
 
-from fastllm.lora import AdapterManager
+from fastllm.lora import AdapterManager, AdapterStore, ModuleSpec, ModuleWeights
+from fastllm.memory import PagePool
 
 
 @pytest.fixture
@@ -128,3 +130,17 @@ def test_batch_arguments_are_checked(served):
             with manager.batch(["a"]):
                 pass
     assert manager._active is None and manager.store._in_use == set()
+
+
+@pytest.mark.parametrize("scaling", [float("nan"), float("inf"), -float("inf"), "2.0", True])
+def test_the_store_refuses_a_scaling_that_is_not_a_finite_number(scaling):
+    # AdapterManager.load checks lora_alpha; a store used directly gets its scaling checked too.
+    store = AdapterStore(PagePool(8, 64, torch.float32, "cpu"), [ModuleSpec("q", 16, 16)],
+                         max_rank=4)
+    weights = {"q": ModuleWeights(torch.randn(2, 16), torch.randn(16, 2), scaling)}
+    with pytest.raises(ValueError, match=rf"AdapterStore.register\('a'\): module q's scaling "
+                                         rf"must be a finite number, got {scaling!r}"):
+        store.register("a", weights)
+    assert store.names() == []
+    store.register("a", {"q": ModuleWeights(torch.randn(2, 16), torch.randn(16, 2), 0.5)})
+    assert store.weights("a", "q").scaling == 0.5

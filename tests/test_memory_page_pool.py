@@ -101,6 +101,11 @@ def test_free_rejects_float_ids():
     (dict(num_pages=0, page_size=8), ValueError, "num_pages"),
     (dict(num_pages=4, page_size=-1), ValueError, "page_size"),
     (dict(num_pages=4, page_size=8, dtype=torch.int32), TypeError, "dtype"),
+    # bool is an int subclass: refused as a count, not turned into 1 (or a raw torch error)
+    (dict(num_pages=True, page_size=8), ValueError,
+     r"num_pages must be a positive int, got True"),
+    (dict(num_pages=4, page_size=True), ValueError,
+     r"page_size must be a positive int, got True"),
 ])
 def test_constructor_rejects_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -113,14 +118,24 @@ def test_alloc_rejects_bad_arguments():
         pool.alloc(-1, owner="kv")
     with pytest.raises(ValueError, match="owner"):
         pool.alloc(1, owner="")
+    for bad in (True, False, 1.0):
+        with pytest.raises(ValueError, match=rf"PagePool.alloc: n must be a non-negative int, "
+                                             rf"got {bad!r}"):
+            pool.alloc(bad, owner="kv")
     assert pool.alloc(0, owner="kv").numel() == 0
     assert pool.used_pages == 0
+    for bad in (True, -1, 16, 0.0):
+        with pytest.raises(ValueError, match=rf"owner_of: page_id must be an int in 0..15, "
+                                             rf"got {bad!r}"):
+            pool.owner_of(bad)
 
 
 def test_row_width_must_divide_page_size():
     pool = make_pool(page_size=64)
     with pytest.raises(ValueError, match="divisor of page_size 64"):
         pool.rows(48)
+    with pytest.raises(ValueError, match="divisor of page_size 64, got True"):
+        pool.rows(True)
     assert pool.rows(16).shape == (16 * 4, 16)
 
 

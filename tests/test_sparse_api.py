@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastllm.sparse as sparse
-from fastllm.nn import SparseMLP
+from fastllm.nn import FactoredPredictor, SparseMLP
 
 transformers = pytest.importorskip("transformers")
 
@@ -237,3 +237,112 @@ def test_sparsify_rejects_bad_arguments_before_touching_the_model(kwargs, messag
 def test_sparsify_rejects_a_non_module():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         sparse.sparsify("model", 0.5, mode="oracle")
+
+
+def llama_mlp():
+    return tiny_llama().model.layers[0].mlp  # 48 -> 160 neurons
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(mode="bogus"), ValueError,
+     r"SparseMLP: mode must be one of 'predictor', 'threshold', 'oracle', 'dense', got 'bogus'"),
+    (dict(mode="oracle", keep=161), ValueError,
+     r"keep must be None \(every neuron\) or an int in \[0, 160\] .*got 161"),
+    (dict(mode="oracle", keep=-1), ValueError, r"keep must be .* in \[0, 160\] .*got -1"),
+    (dict(mode="oracle", keep=8.0), ValueError, r"keep must be .* in \[0, 160\] .*got 8.0"),
+    (dict(mode="oracle", keep=True), ValueError, r"keep must be .* in \[0, 160\] .*got True"),
+    (dict(mode="predictor", keep=8), ValueError,
+     r"mode='predictor' needs a predictor .*got predictor=None"),
+    (dict(mode="predictor", keep=8, predictor="factored"), TypeError,
+     r"predictor must be a module .*got str"),
+    (dict(mode="threshold"), ValueError, r"mode='threshold' needs a threshold .*got "
+                                         r"threshold=None"),
+    (dict(mode="threshold", threshold="0.1"), TypeError,
+     r"threshold must be a number or None, got '0.1'"),
+    (dict(mode="threshold", threshold=float("nan")), ValueError,
+     r"threshold must not be NaN, got nan"),
+    (dict(mode="oracle", logit_threshold=[0.0]), TypeError,
+     r"logit_threshold must be a number or None, got \[0.0\]"),
+    (dict(batch_sets="shared"), ValueError,
+     r"SparseMLP: batch_sets must be one of 'per_row', 'union', got 'shared'"),
+    (dict(compute="gpu"), ValueError,
+     r"SparseMLP: compute must be one of 'kernel', 'masked', got 'gpu'"),
+    (dict(dense_above=-1), ValueError, r"SparseMLP: dense_above must be an int >= 0 or None, "
+                                       r"got -1"),
+    (dict(deterministic=1), TypeError, r"SparseMLP: deterministic must be a bool, got 1"),
+])
+def test_sparse_mlp_rejects_bad_options_when_built(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        SparseMLP(llama_mlp(), **kwargs)
+
+
+def test_sparse_mlp_edge_options_are_accepted():
+    mlp = llama_mlp()
+    x = torch.randn(1, 1, 48)
+    for keep in (0, 160, None):  # sparsify(..., 1.0) keeps 0 neurons: allowed
+        sparse_mlp = SparseMLP(mlp, mode="oracle", keep=keep)
+        assert sparse_mlp(x).shape == (1, 1, 48)
+    assert SparseMLP(mlp, mode="threshold", threshold=0).threshold == 0
+    assert SparseMLP(mlp, mode="dense").mode == "dense"
+
+
+def test_sparse_mlp_checks_options_assigned_after_construction():
+    mlp = llama_mlp()
+    sparse_mlp = SparseMLP(mlp, mode="oracle", keep=64)
+    with pytest.raises(ValueError, match=r"keep must be .* in \[0, 160\] .*got 500"):
+        sparse_mlp.keep = 500
+    with pytest.raises(ValueError, match=r"mode must be one of .*got 'treshold'"):
+        sparse_mlp.mode = "treshold"
+    with pytest.raises(ValueError, match=r"mode='threshold' needs a threshold"):
+        sparse_mlp.mode = "threshold"   # the threshold must be set first
+    with pytest.raises(ValueError, match=r"mode='predictor' needs a predictor"):
+        sparse_mlp.mode = "predictor"
+    assert (sparse_mlp.mode, sparse_mlp.keep) == ("oracle", 64)  # unchanged by the refusals
+    sparse_mlp.threshold = 0.1
+    sparse_mlp.mode = "threshold"
+    with pytest.raises(ValueError, match=r"mode='threshold' needs a threshold"):
+        sparse_mlp.threshold = None
+    sparse_mlp.predictor = FactoredPredictor(48, 160, rank=8)
+    sparse_mlp.mode = "predictor"
+    with pytest.raises(ValueError, match=r"mode='predictor' needs a predictor"):
+        sparse_mlp.predictor = None
+    sparse_mlp.keep = 160
+    assert sparse_mlp(torch.randn(1, 1, 48)).shape == (1, 1, 48)
+
+
+def test_sparsify_with_a_bad_threshold_installs_nothing():
+    model = tiny_llama()
+    mlp_types = [type(layer.mlp) for layer in model.model.layers]
+    with pytest.raises(TypeError, match=r"threshold must be a number or None, got 'high'"):
+        sparse.sparsify(model, 0.5, mode="threshold", thresholds=[0.1, "high"])
+    assert [type(layer.mlp) for layer in model.model.layers] == mlp_types
+
+
+def test_predictor_helpers_reject_bad_arguments():
+    with pytest.raises(ValueError, match=r"predictor_cost: kind must be one of 'factored', "
+                                         r"'lowrank', 'quantized', got 'bogus'"):
+        sparse.predictor_cost("bogus", 576, 1536, rank=64)
+    with pytest.raises(ValueError, match=r"predictor_cost: kind must be one of .*got 'auto'"):
+        sparse.default_rank("auto", 576, 1536)
+    for bits in (5, 16, True, "8"):
+        with pytest.raises(ValueError, match=rf"predictor_bytes_share: bits must be 8 or 4 .*"
+                                             rf"got {bits!r}"):
+            sparse.predictor_bytes_share(576, 1536, bits=bits)
+
+
+@pytest.mark.parametrize("sparsity", [1.5, -0.1, [0.5, 1.5], True, "half"])
+def test_thresholds_reject_a_sparsity_outside_0_1(sparsity):
+    bad = sparsity[1] if isinstance(sparsity, list) else sparsity
+    message = (r"sparsity must be a number in \[0, 1\] \(the share of neurons skipped\), or a "
+               rf"list of them, got {bad!r}")
+    magnitudes = [torch.arange(1.0, 11.0), torch.arange(10.0, 110.0, 10.0)]
+    with pytest.raises(ValueError, match=r"thresholds_from_magnitudes: " + message):
+        sparse.thresholds_from_magnitudes(magnitudes, sparsity)
+    model = tiny_llama()
+    ran = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda *args: ran.append(1))
+    with pytest.raises(ValueError, match=r"calibrate_thresholds: " + message):
+        sparse.calibrate_thresholds(model, torch.randint(0, 97, (1, 8)), sparsity,
+                                    progress=False)
+    hook.remove()
+    assert ran == []  # refused before the dense passes

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
@@ -188,7 +190,12 @@ class AdapterStore:
             if not 1 <= r <= self.max_rank:
                 raise ValueError(f"AdapterStore.register({name!r}): module {spec.name} has rank {r}, "
                                  f"outside [1, max_rank={self.max_rank}]")
-            ranks[i], scalings[i] = r, float(w.scaling)
+            scaling = w.scaling
+            if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) \
+                    or not math.isfinite(scaling):
+                raise ValueError(f"AdapterStore.register({name!r}): module {spec.name}'s scaling "
+                                 f"must be a finite number, got {scaling!r}")
+            ranks[i], scalings[i] = r, float(scaling)
         if not any(ranks):
             raise ValueError(f"AdapterStore.register({name!r}): the adapter has no weights for any "
                              "target module")

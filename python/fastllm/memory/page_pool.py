@@ -37,6 +37,11 @@ _NO_OWNER = -1
 MIN_KV_ROWS = 8
 
 
+def _is_int(value) -> bool:
+    # bool is a subclass of int: without this, True would count as 1 page (or element, or row).
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class PoolExhaustedError(RuntimeError):
     """Raised when an allocation asks for more pages than the pool can give. Nothing is allocated.
 
@@ -365,9 +370,9 @@ class PagePool:
 
     def __init__(self, num_pages: int, page_size: int, dtype: torch.dtype = torch.float16,
                  device: torch.device | str | None = None) -> None:
-        if not isinstance(num_pages, int) or num_pages <= 0:
+        if not _is_int(num_pages) or num_pages <= 0:
             raise ValueError(f"PagePool: num_pages must be a positive int, got {num_pages!r}")
-        if not isinstance(page_size, int) or page_size <= 0:
+        if not _is_int(page_size) or page_size <= 0:
             raise ValueError(f"PagePool: page_size must be a positive int, got {page_size!r}")
         if dtype not in _POOL_DTYPES:
             raise TypeError(f"PagePool: dtype must be one of {_POOL_DTYPES}, got {dtype}")
@@ -445,7 +450,7 @@ class PagePool:
         Returns their ids as an int64 CPU tensor. Raises :class:`PoolExhaustedError`, allocating
         nothing, when fewer than ``n`` pages are free.
         """
-        if not isinstance(n, int) or n < 0:
+        if not _is_int(n) or n < 0:
             raise ValueError(f"PagePool.alloc: n must be a non-negative int, got {n!r}")
         if not isinstance(owner, str) or not owner:
             raise ValueError(f"PagePool.alloc: owner must be a non-empty str, got {owner!r}")
@@ -612,8 +617,9 @@ class PagePool:
 
     def owner_of(self, page_id: int) -> str | None:
         """The owner tag of an allocated page, or None if it is free."""
-        if not 0 <= page_id < self.num_pages:
-            raise ValueError(f"PagePool.owner_of: page {page_id} is not in 0..{self.num_pages - 1}")
+        if not _is_int(page_id) or not 0 <= page_id < self.num_pages:
+            raise ValueError(f"PagePool.owner_of: page_id must be an int in "
+                             f"0..{self.num_pages - 1}, got {page_id!r}")
         code = int(self._owner_code[page_id])
         return None if code == _NO_OWNER else self._owner_tags[code]
 
@@ -653,7 +659,7 @@ class PagePool:
     # ---- addressing and data movement ------------------------------------------------------------
 
     def slots_per_page(self, width: int) -> int:
-        if not isinstance(width, int) or width <= 0 or self.page_size % width:
+        if not _is_int(width) or width <= 0 or self.page_size % width:
             raise ValueError(
                 f"PagePool: row width must be a positive divisor of page_size {self.page_size}, "
                 f"got {width!r}"

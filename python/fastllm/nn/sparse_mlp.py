@@ -41,6 +41,9 @@ Bad indices in the sets are guarded in the kernel (see :func:`fastllm.ops.sparse
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -58,6 +61,42 @@ __all__ = ["SparseMLP", "LowRankPredictor", "FactoredPredictor", "QuantizedPredi
            "quantize_rows"]
 
 _ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.GELU: "gelu"}
+
+SPARSE_MLP_MODES = ("predictor", "threshold", "oracle", "dense")
+# The attributes that decide what a call computes; SparseMLP checks them whenever one is set.
+_OPTIONS = ("mode", "keep", "threshold", "predictor", "logit_threshold", "batch_sets",
+            "dense_above", "compute", "deterministic")
+
+
+def _check_choice(where: str, name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{where}: {name} must be one of "
+                         f"{', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def check_mlp_options(where: str, *, mode, batch_sets, dense_above, compute,
+                      deterministic) -> None:
+    """The options :func:`fastllm.sparse.sparsify` hands to every :class:`SparseMLP`: one check
+    for both, so that sparsify can refuse them before it touches the model and a SparseMLP
+    built directly gets the same messages."""
+    _check_choice(where, "mode", mode, SPARSE_MLP_MODES)
+    _check_choice(where, "batch_sets", batch_sets, ("per_row", "union"))
+    _check_choice(where, "compute", compute, ("kernel", "masked"))
+    if dense_above is not None and (isinstance(dense_above, bool)
+                                    or not isinstance(dense_above, int) or dense_above < 0):
+        raise ValueError(f"{where}: dense_above must be an int >= 0 or None, got "
+                         f"{dense_above!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"{where}: deterministic must be a bool, got {deterministic!r}")
+
+
+def _check_number(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"SparseMLP: {name} must be a number or None, got {value!r}")
+    if math.isnan(value):  # every comparison with NaN is False: no neuron would be kept
+        raise ValueError(f"SparseMLP: {name} must not be NaN, got {value!r}")
 
 
 def _activation_name(fn) -> str:
@@ -396,9 +435,10 @@ class SparseMLP(nn.Module):
         mode: ``"predictor"`` (a predictor picks the neurons), ``"threshold"`` (gate computed
             densely, neurons with ``|act(gate)| > threshold`` kept, CATS), ``"oracle"`` (top-k by
             the true ``|h|``: a quality bound, no speed-up) or ``"dense"``.
-        keep: neurons kept per token in top-k selection (0 to the MLP's width).
-        threshold: the threshold mode's per-layer threshold.
-        predictor: a ``QuantizedPredictor``, ``FactoredPredictor`` or ``LowRankPredictor``.
+        keep: neurons kept per token in top-k selection (0 to the MLP's width; ``None``: all).
+        threshold: the threshold mode's per-layer threshold (required in that mode).
+        predictor: a ``QuantizedPredictor``, ``FactoredPredictor`` or ``LowRankPredictor``
+            (required in predictor mode).
         logit_threshold: keep the neurons whose predictor logit exceeds it instead of the top
             ``keep`` (``None``: top-k).
         batch_sets: ``"per_row"`` (a set per token) or ``"union"`` (one set for the call).
@@ -407,6 +447,9 @@ class SparseMLP(nn.Module):
         compute: ``"kernel"`` (``fastllm.ops.sparse_mlp``) or ``"masked"`` (dense math with the
             same selection; for quality studies).
         deterministic: on CUDA, sum partials in a fixed order instead of atomically.
+
+    Bad options raise at construction, and when assigned later (``sparse.keep = 300`` on a
+    256-neuron MLP raises ``ValueError``), not at the first call.
 
     ``last_density`` is the share of neurons the last call used (a float; reading it
     synchronises on a GPU), ``last_density_tensor`` its device twin.
@@ -459,6 +502,9 @@ class SparseMLP(nn.Module):
         self.down_w, self.down_b = down.weight, down.bias
         self.register_buffer("down_t", down.weight.detach().t().contiguous(), persistent=False)
         self.n_neurons = self.up_w.shape[0]
+        self._check_options(mode=mode, keep=keep, threshold=threshold, predictor=predictor,
+                            logit_threshold=logit_threshold, batch_sets=batch_sets,
+                            dense_above=dense_above, compute=compute, deterministic=deterministic)
         self.mode, self.keep, self.threshold = mode, keep, threshold
         self.predictor, self.logit_threshold = predictor, logit_threshold
         self.batch_sets, self.dense_above = batch_sets, dense_above
@@ -470,6 +516,38 @@ class SparseMLP(nn.Module):
         # Share of neurons active in the last call: a float, or a 0-dim tensor on the input's
         # device when it depends on the data (no host sync to produce it).
         self._density: float | Tensor | None = None
+        self._options_checked = True
+
+    def _check_options(self, *, mode, keep, threshold, predictor, logit_threshold, batch_sets,
+                       dense_above, compute, deterministic) -> None:
+        check_mlp_options("SparseMLP", mode=mode, batch_sets=batch_sets,
+                          dense_above=dense_above, compute=compute, deterministic=deterministic)
+        n = self.n_neurons
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int)
+                                 or not 0 <= keep <= n):
+            raise ValueError(f"SparseMLP: keep must be None (every neuron) or an int in [0, {n}] "
+                             f"(this MLP has {n} neurons), got {keep!r}")
+        _check_number("threshold", threshold)
+        _check_number("logit_threshold", logit_threshold)
+        if predictor is not None and not callable(predictor):
+            raise TypeError(f"SparseMLP: predictor must be a module that scores the neurons "
+                            f"(QuantizedPredictor, FactoredPredictor, LowRankPredictor) or None, "
+                            f"got {type(predictor).__name__}")
+        if mode == "predictor" and predictor is None:
+            raise ValueError("SparseMLP: mode='predictor' needs a predictor (QuantizedPredictor, "
+                             "FactoredPredictor or LowRankPredictor), got predictor=None")
+        if mode == "threshold" and threshold is None:
+            raise ValueError("SparseMLP: mode='threshold' needs a threshold (a number, e.g. from "
+                             "fastllm.sparse.calibrate_thresholds), got threshold=None")
+
+    def __setattr__(self, name: str, value) -> None:
+        # The options are public attributes (``sparse.keep = 256``): a bad one assigned after
+        # construction would otherwise surface only at the next call, as an unclear error.
+        if name in _OPTIONS and self.__dict__.get("_options_checked"):
+            options = {option: getattr(self, option) for option in _OPTIONS}
+            options[name] = value
+            self._check_options(**options)
+        super().__setattr__(name, value)
 
     @property
     def wrapped(self) -> nn.Module:

@@ -156,6 +156,16 @@ def _collect(model: nn.Module, ids: Tensor, fn, batch_size: int, bar: Progress) 
 # ---- threshold mode ------------------------------------------------------------------------------
 
 
+def check_sparsity(sparsity, where: str) -> None:
+    """A sparsity (the share of neurons skipped), or a list with one per layer, each in [0, 1]."""
+    values = sparsity if isinstance(sparsity, (list, tuple)) else [sparsity]
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"fastllm.sparse.{where}: sparsity must be a number in [0, 1] (the "
+                             f"share of neurons skipped), or a list of them, got {value!r}")
+
+
 def _per_layer(value, n_layers: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n_layers:

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._progress import check_progress
-from ..nn.sparse_mlp import SparseMLP
-from ._sites import (_dense_mlp, _install, _model_identity, _per_layer, collect_mlp_data, densify,
-                     find_mlps)
+from ..nn.sparse_mlp import SPARSE_MLP_MODES, SparseMLP, _check_choice, check_mlp_options
+from ._sites import (_dense_mlp, _install, _model_identity, _per_layer, check_sparsity,
+                     collect_mlp_data, densify, find_mlps)
 from .calibrate import calibrate_thresholds
 from .predictors import PredictorMismatchError, Predictors, train_predictors
 
@@ -76,13 +76,7 @@ def allocate_sparsity(model: nn.Module, predictors: "Predictors | None", calibra
     return [round(1 - grid[l], 6) for l in level]
 
 
-SPARSIFY_MODES = ("predictor", "threshold", "oracle", "dense")
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"fastllm.sparse.sparsify: {name} must be one of "
-                         f"{', '.join(repr(c) for c in choices)}, got {value!r}")
+SPARSIFY_MODES = SPARSE_MLP_MODES
 
 
 def _check_sparsify_args(model, sparsity, mode, selection, batch_sets, dense_above, compute,
@@ -93,23 +87,11 @@ def _check_sparsify_args(model, sparsity, mode, selection, batch_sets, dense_abo
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastllm.sparse.sparsify: model must be an nn.Module, got "
                         f"{type(model).__name__}")
-    values = sparsity if isinstance(sparsity, (list, tuple)) else [sparsity]
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not 0.0 <= float(value) <= 1.0:
-            raise ValueError("fastllm.sparse.sparsify: sparsity must be a number in [0, 1] (the "
-                             f"share of neurons skipped), or a list of them, got {value!r}")
-    _check_choice("mode", mode, SPARSIFY_MODES)
-    _check_choice("selection", selection, ("topk", "logit"))
-    _check_choice("batch_sets", batch_sets, ("per_row", "union"))
-    _check_choice("compute", compute, ("kernel", "masked"))
-    if dense_above is not None and (isinstance(dense_above, bool)
-                                    or not isinstance(dense_above, int) or dense_above < 0):
-        raise ValueError("fastllm.sparse.sparsify: dense_above must be an int >= 0 or None, got "
-                         f"{dense_above!r}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"fastllm.sparse.sparsify: deterministic must be a bool, got "
-                        f"{deterministic!r}")
+    check_sparsity(sparsity, "sparsify")
+    where = "fastllm.sparse.sparsify"
+    check_mlp_options(where, mode=mode, batch_sets=batch_sets, dense_above=dense_above,
+                      compute=compute, deterministic=deterministic)
+    _check_choice(where, "selection", selection, ("topk", "logit"))
 
 
 def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors=None,
@@ -201,13 +183,15 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
         target = _dense_mlp(site)
         n = (target.up_proj.weight if site.kind == "llama" else target.fc1.weight).shape[0]
         keep = max(0, min(n, int(round((1 - targets[i]) * n))))
-        sparse = SparseMLP(target, mode=mode, keep=keep, threshold=thresholds[i],
-                           predictor=None if preds is None else preds.layers[i],
-                           logit_threshold=0.0 if selection == "logit" else None,
-                           batch_sets=batch_sets, dense_above=dense_above, compute=compute,
-                           deterministic=deterministic)
+        installed.append(SparseMLP(target, mode=mode, keep=keep, threshold=thresholds[i],
+                                   predictor=None if preds is None else preds.layers[i],
+                                   logit_threshold=0.0 if selection == "logit" else None,
+                                   batch_sets=batch_sets, dense_above=dense_above,
+                                   compute=compute, deterministic=deterministic))
+    # Installed only once every layer's SparseMLP accepted its options (a bad entry in
+    # `thresholds` raises above), so a refusal never leaves the model half sparse.
+    for site, sparse in zip(sites, installed):
         _install(site, sparse)
-        installed.append(sparse)
     if preds is not None and preds.lookahead:
         for a, b in zip(installed, installed[1:]):
             a.next_layer = b

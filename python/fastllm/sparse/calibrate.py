@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._progress import Progress, check_progress
-from ._sites import _batch_count, _collect, _per_layer, find_mlps
+from ._sites import _batch_count, _collect, _per_layer, check_sparsity, find_mlps
 
 
 
@@ -66,6 +66,7 @@ def thresholds_from_magnitudes(magnitudes: list[Tensor], sparsity) -> list[float
     >>> fastllm.sparse.thresholds_from_magnitudes(magnitudes, [0.0, 0.5])   # 0: keep all
     [-1.0, 50.0]
     """
+    check_sparsity(sparsity, "thresholds_from_magnitudes")
     return _thresholds(magnitudes, sparsity, Progress(0, "", False))
 
 
@@ -102,6 +103,7 @@ def calibrate_thresholds(model: nn.Module, calibration_ids: Tensor, sparsity, *,
     >>> _ = fastllm.sparse.sparsify(model, 0.5, mode="threshold", thresholds=thresholds)
     """
     show = check_progress(progress, "fastllm.sparse.calibrate_thresholds")
+    check_sparsity(sparsity, "calibrate_thresholds")  # before the dense passes, not after
     _check_batch_size(batch_size, "calibrate_thresholds")
     steps = _batch_count(calibration_ids, batch_size) + len(find_mlps(model))
     with Progress(steps, "calibrating thresholds", show) as bar:

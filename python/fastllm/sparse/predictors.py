@@ -207,6 +207,9 @@ def _new_predictor(kind: str, d: int, n: int, rank: int, activation: str) -> nn.
                      "'quantized' or 'lowrank')")
 
 
+PREDICTOR_KINDS = ("factored", "lowrank", "quantized")
+
+
 def predictor_cost(kind: str, d: int, n: int, rank: int, gated: bool = True) -> float:
     """Multiply-adds of one predictor call as a share of the dense MLP's (``3dn`` gated, ``2dn``
     plain). For ``"quantized"`` (``rank`` unused) they are the gate and up projections' own;
@@ -219,6 +222,9 @@ def predictor_cost(kind: str, d: int, n: int, rank: int, gated: bool = True) -> 
     >>> round(fastllm.sparse.predictor_cost("quantized", 576, 1536, rank=0), 3)   # gate + up
     0.667
     """
+    if kind not in PREDICTOR_KINDS:
+        raise ValueError(f"fastllm.sparse.predictor_cost: kind must be one of "
+                         f"{', '.join(repr(k) for k in PREDICTOR_KINDS)}, got {kind!r}")
     if kind == "quantized":
         per_token = (2 if gated else 1) * d * n
     else:
@@ -250,6 +256,9 @@ def predictor_bytes_share(d: int, n: int, *, bits: int = 8, score: str = "gate_u
     >>> share(64, 128, bits=8, weight_bytes=4) == predictor.weight_bytes() / (3 * 64 * 128 * 4)
     True
     """
+    if isinstance(bits, bool) or bits not in (8, 4):
+        raise ValueError(f"fastllm.sparse.predictor_bytes_share: bits must be 8 or 4 (the widths "
+                         f"QuantizedPredictor stores), got {bits!r}")
     if score not in ("gate_up", "gate"):
         raise ValueError(f"fastllm.sparse.predictor_bytes_share: score must be 'gate_up' or "
                          f"'gate', got {score!r}")
