@@ -34,15 +34,7 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 GLOBS = {"torch": torch, "fastllm": fastllm, "nn": nn}
 
 # Public names that may go without an example, and why. Keep it short: new API gets an example.
-NO_EXAMPLE = {
-    # Their docstrings live in python/fastllm/_ops/kv.py, which the KV work owns and is changing
-    # now. fastllm.kv.FastGenCache's example runs the four ops (prefill and a decode step).
-    "fastllm.ops.kv_attention_scores": "docstring in _ops/kv.py (KV branch); run by FastGenCache",
-    "fastllm.ops.kv_policy_recovery": "docstring in _ops/kv.py (KV branch); run by FastGenCache",
-    "fastllm.ops.kv_ragged_decode": "docstring in _ops/kv.py (KV branch); run by FastGenCache",
-    "fastllm.ops.kv_evict_round": "docstring in _ops/kv.py (KV branch); run by FastGenCache",
-    "fastllm.ops.kv_decode_plan": "docstring in _ops/kv.py (KV branch); GPU decode path only",
-}
+NO_EXAMPLE: dict[str, str] = {}
 
 _IMPORT = re.compile(r"^\s*(?:from|import)\s+([A-Za-z_][\w]*)", re.M)
 

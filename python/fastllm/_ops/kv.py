@@ -28,6 +28,15 @@ def kv_attention_scores(q: Tensor, k: Tensor, scale: float, chunk: int = 128) ->
         chunk: query rows processed at a time; bounds the working set to ``[Hq, chunk, Lk]``.
 
     Returns ``[Hkv, Lk]`` float32, accumulated in float32.
+
+    Example: every query's probabilities sum to one, so the scores of a KV head add up to its
+    query group's size times the number of queries.
+
+    >>> torch.manual_seed(0) and None
+    >>> q, k = torch.randn(4, 5, 8), torch.randn(2, 7, 8)   # 4 query heads over 2 KV heads
+    >>> scores = fastllm.ops.kv_attention_scores(q, k, 8 ** -0.5)
+    >>> scores.shape, torch.allclose(scores.sum(1), torch.tensor([10.0, 10.0]))
+    (torch.Size([2, 7]), True)
     """
     _require_kernels_for(q, "kv_attention_scores")
     return torch.ops.fastllm.kv_attention_scores.default(q, k, scale, chunk)
@@ -40,6 +49,16 @@ def kv_policy_recovery(q: Tensor, k: Tensor, key_class: Tensor, window: int, sca
     ``key_class`` is ``[Hkv, Lk]`` uint8 (bits 1 special, 2 punctuation, 4 heavy hitter); a key is
     local to a query at position ``p`` when ``p - j < window``. Returns ``[Hkv, 4]`` float32: the
     mean over group heads and queries of the mass kept by special, +punct, +local, +frequency.
+
+    Example: a window as long as the keys keeps every query's whole mass from the third policy
+    on.
+
+    >>> torch.manual_seed(0) and None
+    >>> q, k = torch.randn(2, 6, 8), torch.randn(1, 6, 8)
+    >>> cls = torch.zeros(1, 6, dtype=torch.uint8)
+    >>> recovery = fastllm.ops.kv_policy_recovery(q, k, cls, window=6, scale=8 ** -0.5)
+    >>> recovery[0, 2:].tolist()
+    [1.0, 1.0]
     """
     _require_kernels_for(q, "kv_policy_recovery")
     return torch.ops.fastllm.kv_policy_recovery.default(q, k, key_class, window, scale, chunk)
@@ -76,6 +95,19 @@ def kv_ragged_decode(q: Tensor, kv_rows: Tensor, page_table: Tensor, lengths: Te
     kernel treats a cache with a bad length as empty and gives no probability to an entry on a bad
     page, never touching memory outside the tensors, and
     :func:`fastllm.ops.raise_index_errors` reports it later. Nothing here synchronises.
+
+    Example: two caches of 3 and 1 entries on pages of 2 rows, against plain attention.
+
+    >>> torch.manual_seed(0) and None
+    >>> rows = torch.randn(8, 2 * 4)                   # 4 pages of 2 slots, key | value, D = 4
+    >>> table = torch.tensor([[3, 1], [0, 0]], dtype=torch.int32)
+    >>> lengths = torch.tensor([3, 1], dtype=torch.int32)
+    >>> q = torch.randn(1, 2, 4)                       # B = 1, one query head per KV head
+    >>> out, lse, scores = fastllm.ops.kv_ragged_decode(q, rows, table, lengths, 2, 0.5)
+    >>> kv = rows[[6, 7, 2]]                           # cache 0: page 3's slots, then page 1's
+    >>> want = torch.softmax(q[0, 0] @ kv[:, :4].T * 0.5, -1) @ kv[:, 4:]
+    >>> torch.allclose(out[0, 0], want, atol=1e-6), scores[1].tolist()
+    (True, [1.0, 0.0, 0.0, 0.0])
     """
     _require_kernels_for(q, "kv_ragged_decode")
     return torch.ops.fastllm.kv_ragged_decode.default(q, kv_rows, page_table, lengths, page_rows,
@@ -94,6 +126,12 @@ def kv_decode_plan(bounds, sms: int) -> tuple[int, Tensor]:
     Returns ``(chunk, work)``: every cache cut into items of ``chunk`` entries (its last item
     open-ended), ``chunk`` chosen so the items fill two waves of decode blocks (kv_math.h,
     ``plan_decode_work``); ``work`` is an int32 CPU tensor ``[items, 2]``.
+
+    Example: three caches cut into items for a GPU of 4 SMs; every cache starts at entry 0.
+
+    >>> chunk, work = fastllm.ops.kv_decode_plan([100, 30, 0], sms=4)
+    >>> work[:, 0].unique().tolist(), bool((work[work[:, 1] == 0, 0] == torch.arange(3)).all())
+    ([0, 1, 2], True)
     """
     import numpy as np
 
@@ -137,6 +175,18 @@ def kv_evict_round(pos: Tensor, score: Tensor, flags: Tensor, lengths: Tensor,
     tensors only under :func:`fastllm.ops.checked_indices`, otherwise a cache with a bad length
     is left alone and reported to :func:`fastllm.ops.raise_index_errors`, and a cache never evicts
     without a victim. Nothing here synchronises.
+
+    Example: one cache over its budget (heavy 1) evicts its lowest-score evictable entry, and
+    its last entry takes the hole.
+
+    >>> pos, score = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0.5, 0.1, 0.9, 0.0]])
+    >>> flags, lengths = torch.zeros(1, 4, dtype=torch.uint8), torch.tensor([4])
+    >>> one = torch.ones(1, dtype=torch.int64)
+    >>> moves = fastllm.ops.kv_evict_round(pos, score, flags, lengths, torch.zeros(1, 0),
+    ...                                    3 * one, window=one, heavy=one,
+    ...                                    grow=torch.zeros(1, dtype=torch.bool))
+    >>> moves.tolist(), lengths.tolist(), pos[0, :3].tolist()
+    ([[1, 3]], [3], [0, 3, 2])
     """
     _require_kernels_for(pos, "kv_evict_round")
     return torch.ops.fastllm.kv_evict_round.default(pos, score, flags, lengths, step_scores,
@@ -175,6 +225,25 @@ def kv_decode_step(q: Tensor, new_rows: Tensor, new_pos: Tensor, new_class: Tens
     only under :func:`fastllm.ops.checked_indices`, otherwise a cache without room is left
     unchanged, attends as empty and is reported to :func:`fastllm.ops.raise_index_errors`.
     Nothing here synchronises.
+
+    Example: one cache of 3 entries with room for 4 (one page), a budget of one heavy hitter and
+    no local window: the new entry is appended and attended to, then entry 1 (the lowest score
+    of the four even after this step's probabilities are added) leaves, the new last entry
+    taking its place.
+
+    >>> torch.manual_seed(0) and None
+    >>> rows, table = torch.randn(4, 2 * 4), torch.zeros(1, 1, dtype=torch.int32)
+    >>> lengths, pos = torch.tensor([3]), torch.tensor([[0, 1, 2, 0]])
+    >>> score, flags = torch.tensor([[5.0, -1.0, 7.0, 0.0]]), torch.zeros(1, 4, dtype=torch.uint8)
+    >>> one, zero = torch.ones(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    >>> out, moves = fastllm.ops.kv_decode_step(
+    ...     torch.randn(1, 1, 4), torch.randn(1, 8), new_pos=3 * one,
+    ...     new_class=torch.zeros(1, dtype=torch.uint8), kv_rows=rows, page_table=table,
+    ...     lengths=lengths, pos=pos, score=score, flags=flags,
+    ...     keep_classes=torch.zeros(1, dtype=torch.uint8), sinks=zero, window=zero,
+    ...     heavy=2 * one, grow=torch.zeros(1, dtype=torch.bool), page_rows=4, scale=0.5)
+    >>> out.shape, moves.tolist(), lengths.tolist(), pos[0, :3].tolist()
+    (torch.Size([1, 1, 4]), [[1, 3]], [3], [0, 3, 2])
     """
     _require_kernels_for(q, "kv_decode_step")
     return torch.ops.fastllm.kv_decode_step.default(
