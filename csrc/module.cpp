@@ -143,6 +143,29 @@ PYBIND11_MODULE(_C, m) {
           }
           fastllm::kv::advance_mirror(mirror, seen, class_data, classes.shape(1), known);
         });
+  // The mirror's room for mask columns < seen_to: (pages short, longest length bound), and
+  // whether some cache holds pages past its bound (kv_mirror.h).
+  m.def("kv_mirror_room", [](pybind11::array len, pybind11::array seen, pybind11::array npages,
+                             int64_t seen_to, int64_t page_rows) {
+    constexpr const char* fn = "kv_mirror_room";
+    const pybind11::ssize_t caches = len.ndim() == 1 ? len.shape(0) : -1;
+    if (page_rows < 1) throw pybind11::value_error("kv_mirror_room: page_rows must be >= 1");
+    const auto room = fastllm::kv::mirror_room(
+        caches, numpy_data<int64_t>(len, fn, "len", caches),
+        numpy_data<int64_t>(seen, fn, "seen", caches),
+        numpy_data<int64_t>(npages, fn, "npages", caches), seen_to, page_rows);
+    return pybind11::make_tuple(room.short_pages, room.longest);
+  });
+  m.def("kv_mirror_has_excess", [](pybind11::array len, pybind11::array seen,
+                                   pybind11::array npages, int64_t seen_to, int64_t page_rows) {
+    constexpr const char* fn = "kv_mirror_has_excess";
+    const pybind11::ssize_t caches = len.ndim() == 1 ? len.shape(0) : -1;
+    if (page_rows < 1) throw pybind11::value_error("kv_mirror_has_excess: page_rows must be >= 1");
+    return fastllm::kv::mirror_has_excess(
+        caches, numpy_data<int64_t>(len, fn, "len", caches),
+        numpy_data<int64_t>(seen, fn, "seen", caches),
+        numpy_data<int64_t>(npages, fn, "npages", caches), seen_to, page_rows);
+  });
   // blocks_per_sm: the kernel's occupancy, which the CUDA code asks the runtime for.
   m.def("sparse_plan_down", [](int64_t rows, int64_t d_out, int64_t k, bool per_row, int64_t sms,
                                int64_t vec, int64_t blocks_per_sm, int64_t rows_per_pass) {

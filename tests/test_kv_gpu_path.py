@@ -22,7 +22,7 @@ import fastllm
 import fastllm.ops as ops
 from fastllm._reference import kv_evict_round_reference, kv_ragged_decode_reference
 from fastllm.kv import FastGenCache
-from fastllm.kv.decode import _decode_work
+from fastllm.kv.decode import _cpu_decode_splits, _decode_work
 from fastllm.kv.storage import _HeadCaches
 from helpers import cache_arg
 
@@ -217,7 +217,8 @@ def test_decode_work_is_replanned_only_when_a_cache_outgrows_it():
     plans = []
     with FakeTensorMode(allow_non_fake_inputs=True):
         for step in range(300):  # every cache grows by one entry per step
-            splits, work = _decode_work(layer, bounds + step, torch.device("cuda"))
+            splits, work = _decode_work(layer, int((bounds + step).max()), lambda: bounds + step,
+                                        torch.device("cuda"))
             assert splits == 1 and isinstance(work, FakeTensor)
             if not plans or plans[-1] is not layer.decode_work:
                 plans.append(layer.decode_work)
@@ -226,8 +227,18 @@ def test_decode_work_is_replanned_only_when_a_cache_outgrows_it():
     # a 64-entry chunk: after a replan, no cache outgrows its items by half a chunk for 32
     # steps, whatever the number of caches
     assert plans[-1].chunk == 64 and 300 // 64 <= len(plans) <= 300 // 32 + 1
-    splits, work = _decode_work(layer, bounds, torch.device("cpu"))
-    assert work is None and splits == 3000 // 512  # the CPU kernel keeps even splits
+    layer.heads = type("Heads", (), {"pages": [[]] * 4})()
+    splits, work = _decode_work(layer, 3000, lambda: bounds, torch.device("cpu"))
+    assert work is None and splits == _cpu_decode_splits(3000, 4)  # even splits on the CPU
+
+
+def test_cpu_decode_splits_share_the_threads_evenly(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert _cpu_decode_splits(708, 3) == 4  # one sequence's 3 KV heads: 12 tasks for 2 threads
+    assert _cpu_decode_splits(100, 3) == 1  # no split under 64 entries
+    assert _cpu_decode_splits(10**6, 1) == 12
+    assert _cpu_decode_splits(5000, 96) == 1  # a batch brings tasks enough
+    assert _cpu_decode_splits(0, 3) == 1
 
 
 def recount_evictable(heads, seen):

@@ -50,4 +50,32 @@ inline void advance_mirror(const MirrorCaches& m, int64_t seen, const uint8_t* c
   }
 }
 
+// What the mirror says of every cache's room once mask columns < seen_to are in: each cache's
+// length bound is len + (seen_to - seen) (exact where the mirror has caught up). Returns the
+// pages the caches lack for their bounds (pages of page_rows entries; npages held) and the
+// longest bound.
+struct MirrorRoom {
+  int64_t short_pages;
+  int64_t longest;
+};
+inline MirrorRoom mirror_room(int64_t caches, const int64_t* len, const int64_t* seen,
+                              const int64_t* npages, int64_t seen_to, int64_t page_rows) {
+  MirrorRoom room{0, 0};
+  for (int64_t c = 0; c < caches; ++c) {
+    const int64_t bound = len[c] + (seen_to - seen[c]);
+    room.short_pages += std::max<int64_t>((bound + page_rows - 1) / page_rows - npages[c], 0);
+    room.longest = std::max(room.longest, bound);
+  }
+  return room;
+}
+
+// Whether some cache holds more pages than its length bound needs (pages to give back).
+inline bool mirror_has_excess(int64_t caches, const int64_t* len, const int64_t* seen,
+                              const int64_t* npages, int64_t seen_to, int64_t page_rows) {
+  for (int64_t c = 0; c < caches; ++c) {
+    if (npages[c] > (len[c] + (seen_to - seen[c]) + page_rows - 1) / page_rows) return true;
+  }
+  return false;
+}
+
 }  // namespace fastllm::kv

@@ -298,15 +298,17 @@ class _AttentionPath:
         column = layer.seen
         _, cls = self._device_classes(layer, k.device, batch, 1)
         try:
-            need = heads.bound(column) + 1  # the append, before this step's eviction
-            # Pages first: if the pool is full the mirror must not have moved ahead of the device.
-            # (Normally a no-op: _reserve_step took every layer's pages before the first layer.)
-            heads.reserve(need)
+            # The append, before this step's eviction: pages first, so that if the pool is full
+            # the mirror has not moved ahead of the device. (Normally there is room already:
+            # _reserve_step took every layer's pages before the first layer.)
+            short, longest = heads.room(column + 1)
+            if short or longest > heads.pos.shape[1]:
+                heads.reserve(heads.bound(column) + 1)
             heads.advance(column + 1, self._class_log)
         except PoolExhaustedError as err:
             raise err.with_context(f"fastllm.kv: no free page to append token {layer.seen} "
                                    f"(pool of {self.pool.num_pages} pages)") from err
-        splits, work = _decode_work(layer, need, k.device)
+        splits, work = _decode_work(layer, longest, lambda: heads.bound(column) + 1, k.device)
         out = heads.decode_step(q[:, :, 0], torch.cat([k, v], dim=-1).reshape(batch * hkv, -1),
                                 cls, column - heads.offset, scale, splits, work)
         layer.seen += 1
@@ -454,19 +456,19 @@ class _AttentionPath:
         owners, e.g. adapters outside the running batch, gave back what they could) raises here,
         before any layer has appended anything: the cache is as it was, and the step can run
         again once pages are free (a sequence left)."""
-        needs = [(layer.heads, layer.heads.bound(layer.seen) + n) for layer in self.layers
-                 if layer.heads is not None]
-        counts = [heads.shortfall(need) for heads, need in needs]
+        layers = [layer for layer in self.layers if layer.heads is not None]
+        counts = [layer.heads.room(layer.seen + n)[0] for layer in layers]
         total = sum(counts)
         if not total:
             return
+        needs = [(layer.heads, layer.heads.bound(layer.seen) + n) for layer in layers]
         try:
             with _host_only():
                 ids = self.pool.alloc(total, OWNER).tolist()
         except PoolExhaustedError as err:
             raise err.with_context(
                 f"fastllm.kv: no room for the next {n} token(s) of {self._batch()} sequences "
-                f"({total} pages over {len(needs)} layers); nothing was appended: free pages "
+                f"({total} pages over {len(layers)} layers); nothing was appended: free pages "
                 "(a sequence leaves) and run the step again") from err
         for (heads, need), count in zip(needs, counts):
             heads.reserve(need, ids[:count])

@@ -370,8 +370,8 @@ class FastGenCache(_AttentionPath, Cache):
                 heads = layer.heads
                 need = heads.bound(layer.seen) + steps
                 heads.reserve(need)
-                layer.graph = _LayerGraphSteps(heads, layer.seen,
-                                               *_decode_work(layer, need, heads.device))
+                work = _decode_work(layer, int(need.max(initial=0)), lambda: need, heads.device)
+                layer.graph = _LayerGraphSteps(heads, layer.seen, *work)
         except PoolExhaustedError as err:
             for layer in self.layers:
                 layer.graph = None

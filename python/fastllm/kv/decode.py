@@ -6,7 +6,7 @@ the state a decode step keeps on the device inside ``FastGenCache.graph_steps`` 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -57,10 +57,12 @@ def _device_sms(device: torch.device) -> int:
     return _DEFAULT_SMS
 
 
-def _cpu_decode_splits(longest: int) -> int:
-    """Even splits of the ragged decode on the CPU: one per 512 entries of the longest cache, at
-    most 32 (the CPU kernel's tasks)."""
-    return max(1, min(32, longest // 512))
+def _cpu_decode_splits(longest: int, caches: int) -> int:
+    """Even splits of the ragged decode on the CPU: enough that the tasks (caches x splits)
+    share out evenly over the threads (a single sequence has only a few KV heads: 3 caches on 2
+    threads leave one idle a third of the time), each split at least 64 entries, at most 32."""
+    wanted = -(-6 * torch.get_num_threads() // max(caches, 1))
+    return max(1, min(32, wanted, longest // 64))
 
 
 class _DecodeWork:
@@ -88,11 +90,14 @@ class _DecodeWork:
                 and 2 * int(bounds.sum()) >= self.total)
 
 
-def _decode_work(layer: "FastGenLayer", bounds: np.ndarray, device: torch.device):
-    """(num_splits, work) of the layer's next decode from its caches' length bounds: even splits
-    on the CPU, the layer's (re)planned work list on a GPU."""
+def _decode_work(layer: "FastGenLayer", longest: int, bounds: Callable[[], np.ndarray],
+                 device: torch.device):
+    """(num_splits, work) of the layer's next decode from its caches' length bounds (``longest``,
+    and ``bounds()`` for all of them): even splits on the CPU, the layer's (re)planned work list
+    on a GPU."""
     if device.type != "cuda":
-        return _cpu_decode_splits(int(bounds.max(initial=0))), None
+        return _cpu_decode_splits(longest, len(layer.heads.pages)), None
+    bounds = bounds()
     if layer.decode_work is None or not layer.decode_work.serves(bounds):
         layer.decode_work = _DecodeWork(bounds, device)
     return 1, layer.decode_work.work

@@ -265,6 +265,16 @@ class _HeadCaches:
 
     # ---- storage ---------------------------------------------------------------------------------
 
+    def room(self, seen: int) -> tuple[int, int]:
+        """(pages the caches lack, longest length bound) once mask columns ``< seen`` are in:
+        the decode step's question to the mirror, one compiled call (kv_mirror.h)."""
+        short, longest = _C.kv_mirror_room(self.m_len, self.m_seen, self.npages, seen,
+                                           self.page_rows)
+        if longest >= 2**31:  # the decode kernels take int32 lengths
+            raise PoolExhaustedError(f"fastllm.kv: a cache of {longest} entries is past the "
+                                     "kernels' int32 lengths")
+        return short, longest
+
     def shortfall(self, entries: np.ndarray) -> int:
         """Pages ``reserve(entries)`` would have to take from the pool."""
         if int(entries.max(initial=0)) >= 2**31:
@@ -277,11 +287,8 @@ class _HeadCaches:
         """Pages and bookkeeping columns for ``entries [C]`` entries per cache (host decision;
         the device table is updated without blocking). ``ids``: the ``shortfall(entries)`` pages
         to use, already taken from the pool (a step reserving every layer in one allocation)."""
-        need = -(-entries // self.page_rows)
-        if ids is None and bool((need <= self.npages).all()) \
-                and int(entries.max(initial=0)) <= self.pos.shape[1]:
-            return  # every decode step of every layer but a few: the room is there
         taken = self.shortfall(entries)
+        need = -(-entries // self.page_rows)
         short = np.nonzero(need > self.npages)[0]
         if ids is not None and len(ids) != taken:
             raise RuntimeError(f"fastllm.kv: internal error: {len(ids)} pages given for a "
@@ -320,6 +327,9 @@ class _HeadCaches:
 
     def release_excess(self, seen: int) -> None:
         """Give back the pages past each cache's length bound (its entries fill a prefix)."""
+        if not _C.kv_mirror_has_excess(self.m_len, self.m_seen, self.npages, seen,
+                                       self.page_rows):
+            return  # nearly every decode step: no cache shrank by a page
         keep = -(-self.bound(seen) // self.page_rows)
         extra = np.nonzero(self.npages > keep)[0]
         if not extra.size:
