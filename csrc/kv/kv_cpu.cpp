@@ -92,6 +92,161 @@ void row_axpy(float* y, float a, const c10::Half* x, int64_t d) {
 }
 void row_axpy(float* y, float a, const double* x, int64_t d) { cpu::axpy_f32(y, a, x, d); }
 
+// ---- a block of up to kBlock cache entries against a query group (the decode's inner loops) ----
+//
+// Per entry and query head the work is one 64- to 256-wide dot product and one axpy: at that size
+// the calls, the reduction of each dot's 16 lanes and reloading the rows per head cost more than
+// the multiply-adds. So a block's logits load each key chunk once for all the group's heads and
+// reduce with a shuffle tree, and its values accumulate into the group's outputs held in
+// registers across the block. fp16 rows keep the per-entry F16C path; fp64 (gradcheck) plain loops.
+constexpr int64_t kBlock = 16;
+constexpr int64_t kMaxVecGroup = 8;
+
+#ifdef FASTLLM_HAVE_VEC
+FASTLLM_INLINE float reduce_lanes(cpu::VecF v) {
+  typedef float V8 __attribute__((vector_size(32)));
+  typedef float V4 __attribute__((vector_size(16)));
+  const V8 v8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const V4 v4 = __builtin_shufflevector(v8, v8, 0, 1, 2, 3) +
+                __builtin_shufflevector(v8, v8, 4, 5, 6, 7);
+  return (v4[0] + v4[2]) + (v4[1] + v4[3]);
+}
+
+// The group size is a template argument so that the G accumulators live in registers.
+template <int G, typename w_t>
+FASTLLM_INLINE void block_logits_fixed(const float* q, const w_t* const* keys, int64_t n,
+                                       int64_t d, float* block) {
+  for (int64_t j = 0; j < n; ++j) {
+    cpu::VecF acc[G] = {};
+    for (int64_t k = 0; k < d; k += cpu::kLanes) {
+      const cpu::VecF key = cpu::load_vec(keys[j] + k);
+      for (int g = 0; g < G; ++g) acc[g] += cpu::load_vec(q + g * d + k) * key;
+    }
+    for (int g = 0; g < G; ++g) block[g * kBlock + j] = reduce_lanes(acc[g]);
+  }
+}
+
+template <int G, typename w_t>
+FASTLLM_INLINE void block_values_fixed(float* o, const w_t* const* values, int64_t n, int64_t d,
+                                       const float* p) {
+  for (int64_t k = 0; k < d; k += cpu::kLanes) {
+    cpu::VecF acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = cpu::load_vec(o + g * d + k);
+    for (int64_t j = 0; j < n; ++j) {
+      const cpu::VecF value = cpu::load_vec(values[j] + k);
+      for (int g = 0; g < G; ++g) acc[g] += p[g * kBlock + j] * value;
+    }
+    for (int g = 0; g < G; ++g) cpu::store_vec(o + g * d + k, acc[g]);
+  }
+}
+
+#define FASTLLM_GROUP_CASES(CALL) \
+  switch (group) {                \
+    case 1: CALL(1); break;       \
+    case 2: CALL(2); break;       \
+    case 3: CALL(3); break;       \
+    case 4: CALL(4); break;       \
+    case 5: CALL(5); break;       \
+    case 6: CALL(6); break;       \
+    case 7: CALL(7); break;       \
+    default: CALL(8); break;      \
+  }
+
+template <typename w_t>
+FASTLLM_INLINE void block_logits_vec(const float* q, int64_t group, const w_t* const* keys,
+                                     int64_t n, int64_t d, float* block) {
+#define FASTLLM_LOGITS(G) block_logits_fixed<G>(q, keys, n, d, block)
+  FASTLLM_GROUP_CASES(FASTLLM_LOGITS)
+#undef FASTLLM_LOGITS
+}
+
+template <typename w_t>
+FASTLLM_INLINE void block_values_vec(float* o, int64_t group, const w_t* const* values,
+                                     int64_t n, int64_t d, const float* p) {
+#define FASTLLM_VALUES(G) block_values_fixed<G>(o, values, n, d, p)
+  FASTLLM_GROUP_CASES(FASTLLM_VALUES)
+#undef FASTLLM_VALUES
+}
+#undef FASTLLM_GROUP_CASES
+#endif
+
+// Whether a block's group and width suit the register-blocked loops above.
+bool vec_block_fits(int64_t group, int64_t d) {
+#ifdef FASTLLM_HAVE_VEC
+  return group <= kMaxVecGroup && d % cpu::kLanes == 0;
+#else
+  (void)group;
+  (void)d;
+  return false;
+#endif
+}
+
+template <typename w_t>
+void block_logits_pairs(const float* q, int64_t group, const w_t* const* keys, int64_t n,
+                        int64_t d, float* block) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t g = 0; g < group; ++g) block[g * kBlock + j] = row_dot(q + g * d, keys[j], d);
+  }
+}
+template <typename w_t>
+void block_values_pairs(float* o, int64_t group, const w_t* const* values, int64_t n, int64_t d,
+                        const float* p) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t g = 0; g < group; ++g) row_axpy(o + g * d, p[g * kBlock + j], values[j], d);
+  }
+}
+
+#ifdef FASTLLM_HAVE_VEC
+#define FASTLLM_VEC_BLOCK(w_t)                                                                  \
+  FASTLLM_MULTIVERSION void block_logits(const float* q, int64_t group, const w_t* const* keys, \
+                                         int64_t n, int64_t d, float* block) {                  \
+    if (vec_block_fits(group, d)) return block_logits_vec(q, group, keys, n, d, block);         \
+    block_logits_pairs(q, group, keys, n, d, block);                                            \
+  }                                                                                             \
+  FASTLLM_MULTIVERSION void block_values(float* o, int64_t group, const w_t* const* values,    \
+                                         int64_t n, int64_t d, const float* p) {                \
+    if (vec_block_fits(group, d)) return block_values_vec(o, group, values, n, d, p);           \
+    block_values_pairs(o, group, values, n, d, p);                                              \
+  }
+FASTLLM_VEC_BLOCK(float)
+FASTLLM_VEC_BLOCK(c10::BFloat16)
+#undef FASTLLM_VEC_BLOCK
+#else
+void block_logits(const float* q, int64_t group, const float* const* keys, int64_t n, int64_t d,
+                  float* block) {
+  block_logits_pairs(q, group, keys, n, d, block);
+}
+void block_logits(const float* q, int64_t group, const c10::BFloat16* const* keys, int64_t n,
+                  int64_t d, float* block) {
+  block_logits_pairs(q, group, keys, n, d, block);
+}
+void block_values(float* o, int64_t group, const float* const* values, int64_t n, int64_t d,
+                  const float* p) {
+  block_values_pairs(o, group, values, n, d, p);
+}
+void block_values(float* o, int64_t group, const c10::BFloat16* const* values, int64_t n,
+                  int64_t d, const float* p) {
+  block_values_pairs(o, group, values, n, d, p);
+}
+#endif
+void block_logits(const float* q, int64_t group, const c10::Half* const* keys, int64_t n,
+                  int64_t d, float* block) {
+  block_logits_pairs(q, group, keys, n, d, block);
+}
+void block_logits(const float* q, int64_t group, const double* const* keys, int64_t n, int64_t d,
+                  float* block) {
+  block_logits_pairs(q, group, keys, n, d, block);
+}
+void block_values(float* o, int64_t group, const c10::Half* const* values, int64_t n, int64_t d,
+                  const float* p) {
+  block_values_pairs(o, group, values, n, d, p);
+}
+void block_values(float* o, int64_t group, const double* const* values, int64_t n, int64_t d,
+                  const float* p) {
+  block_values_pairs(o, group, values, n, d, p);
+}
+
 // Logits of query head h's rows [start, start + rows) against the keys they may see, into
 // out [rows, visible] (visible = the last row's position + 1). Called inside a parallel region,
 // where ATen's matmul runs single-threaded: one level of parallelism, over heads.
@@ -231,8 +386,10 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
   const scalar_t* rows = kv_rows.data_ptr<scalar_t>();
   const int32_t* table = page_table.data_ptr<int32_t>();
   const int64_t items = work.items;
-  // logits[c, g, e]; partial max, sum and weighted values per (item, g).
-  std::vector<float> logits(caches * group * width);
+  // Per (cache, group head, entry): the entry's softmax weight relative to the running maximum
+  // of its item when its block was read, and that maximum (probs, ref). Partial max, sum and
+  // weighted values per (item, g).
+  std::vector<float> probs(caches * group * width), ref(caches * group * width);
   std::vector<float> part_m(items * group), part_s(items * group);
   std::vector<float> part_o(items * group * d);
   int64_t entries = 0, longest = 0;
@@ -241,38 +398,53 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
     longest = std::max<int64_t>(longest, len[c]);
   }
   // One task per item serves the cache's whole query group, so each key and value row is read
-  // once per step, not once per query head of the group (GQA).
+  // once per step, not once per query head of the group (GQA). One pass over the item's rows, a
+  // block of entries at a time (online softmax): a row's value is read while its key is still
+  // in cache, and the weights the scores need are kept, not recomputed.
   const int64_t per_task = (entries + items - 1) / std::max<int64_t>(items, 1) * d * 3 * group;
   at::parallel_for(0, items, grain_for(per_task), [&](int64_t t0, int64_t t1) {
-    std::vector<float> qrows(group * d), m(group), sum(group);
+    std::vector<float> qrows(group * d), m(group), sum(group), block(group * kBlock);
+    const scalar_t* key_of[kBlock];
+    const scalar_t* value_of[kBlock];
     for (int64_t t = t0; t < t1; ++t) {
       int64_t c, begin, end;
       // Every item's cache lies in [0, caches): checked on the host (check_decode_work).
       work.range(t, [&](int64_t cache) { return int64_t{len[cache]}; }, &c, &begin, &end);
       const int64_t seq = c / hkv, first_head = (c % hkv) * group;
-      for (int64_t i = 0; i < group * d; ++i) {
-        qrows[i] = static_cast<float>(q_data[(seq * hq + first_head) * d + i]);
+      for (int64_t i = 0; i < group * d; ++i) {  // the scale folded into the queries
+        qrows[i] = static_cast<float>(q_data[(seq * hq + first_head) * d + i]) *
+                   static_cast<float>(scale);
       }
-      float* lg = logits.data() + c * group * width;  // [group, width]
+      float* pr = probs.data() + c * group * width;  // [group, width]
+      float* rf = ref.data() + c * group * width;
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      for (int64_t e = begin; e < end; ++e) {
-        const scalar_t* key = rows + entry_slot(table + c * pages, e, page_rows) * 2 * d;
-        for (int64_t g = 0; g < group; ++g) {
-          const float logit = row_dot(qrows.data() + g * d, key, d) * static_cast<float>(scale);
-          lg[g * width + e] = logit;
-          m[g] = std::max(m[g], logit);
-        }
-      }
       std::fill(sum.begin(), sum.end(), 0.f);
       float* o = part_o.data() + t * group * d;  // head g's partial at o + g * d
       std::fill_n(o, group * d, 0.f);
-      for (int64_t e = begin; e < end; ++e) {
-        const scalar_t* value = rows + entry_slot(table + c * pages, e, page_rows) * 2 * d + d;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = std::exp(lg[g * width + e] - m[g]);
-          sum[g] += p;
-          row_axpy(o + g * d, p, value, d);
+      for (int64_t b = begin; b < end; b += kBlock) {
+        const int64_t n = std::min(kBlock, end - b);
+        for (int64_t j = 0; j < n; ++j) {
+          key_of[j] = rows + entry_slot(table + c * pages, b + j, page_rows) * 2 * d;
+          value_of[j] = key_of[j] + d;
         }
+        block_logits(qrows.data(), group, key_of, n, d, block.data());
+        for (int64_t g = 0; g < group; ++g) {
+          float* lb = block.data() + g * kBlock;
+          const float block_max = *std::max_element(lb, lb + n);
+          if (block_max > m[g]) {  // a new maximum: rescale what the item holds so far
+            const float f = std::exp(m[g] - block_max);  // 0 for the first block
+            sum[g] *= f;
+            for (int64_t i = 0; i < d; ++i) o[g * d + i] *= f;
+            m[g] = block_max;
+          }
+          for (int64_t j = 0; j < n; ++j) {
+            lb[j] = std::exp(lb[j] - m[g]);
+            sum[g] += lb[j];
+            pr[g * width + b + j] = lb[j];
+            rf[g * width + b + j] = m[g];
+          }
+        }
+        block_values(o, group, value_of, n, d, block.data());
       }
       for (int64_t g = 0; g < group; ++g) {
         part_m[t * group + g] = m[g];
@@ -311,8 +483,18 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
         for (int64_t i = 0; i < d; ++i) o[i] = static_cast<scalar_t>(acc[i] * inv);
         const float l = total > 0.f ? m + std::log(total) : -std::numeric_limits<float>::infinity();
         if (lse_data != nullptr) lse_data[seq * hq + head] = l;
-        const float* lg = logits.data() + cg * width;
-        for (int64_t e = 0; e < len[c]; ++e) sc[e] += std::exp(lg[e] - l);
+        // An entry's probability is its weight times exp(its reference maximum - lse); the
+        // reference changes once per block at most.
+        const float* pr = probs.data() + cg * width;
+        const float* rf = ref.data() + cg * width;
+        float last_ref = std::numeric_limits<float>::quiet_NaN(), factor = 0.f;
+        for (int64_t e = 0; e < len[c]; ++e) {
+          if (!(rf[e] == last_ref)) {
+            last_ref = rf[e];
+            factor = std::exp(rf[e] - l);
+          }
+          sc[e] += pr[e] * factor;
+        }
       }
     }
   });
