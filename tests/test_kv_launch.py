@@ -118,3 +118,22 @@ def test_grouped_decode_kernel_streams_rows_with_16_byte_async_copies():
             assert re.search(r"LDGSTS\.E\.BYPASS\.128", block), f"{name}: no 16-byte cp.async"
             assert "LDGDEPBAR" in block, f"{name}: copies never committed as a group"
     assert found >= 3
+
+
+@needs_cuda_binary
+def test_decode_step_kernels_have_no_spills_and_copy_rows_in_16_byte_words():
+    # kv_decode_step's own kernels (the append of each cache's new row and the row move of an
+    # eviction) around the decode and eviction launches: whole-block row copies.
+    usage = dict(re.findall(r"Function (\S*decode_step_\w+_kernel\S*):\s*\n\s*(REG:.*)",
+                            resource_usage()))
+    assert len(usage) == 2, sorted(usage)
+    for name, line in usage.items():
+        assert "STACK:0 " in line and "LOCAL:0" in line, f"{name}: {line}"
+    found = 0
+    for block in sass_dump().split("Function : ")[1:]:
+        name = block.split("\n", 1)[0].strip()
+        if "decode_step_" in name:
+            found += 1
+            assert re.search(r"LDG\.E\.128", block) and re.search(r"STG\.E\.128", block), \
+                f"{name}: rows not copied in 16-byte words"
+    assert found == 2
