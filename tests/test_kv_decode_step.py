@@ -233,7 +233,20 @@ def test_decode_step_rejects_a_cache_without_room(device):
     ops.index_error_word(device).zero_()
     _call(args)
     torch.cuda.synchronize()
-    for name in ("lengths", "pos", "flags"):
+    for name in ("lengths", "pos", "flags", "score"):
         assert torch.equal(named[name][2], dict(zip(NAMES, snapshot))[name][2]), name
     with pytest.raises(IndexError, match="kv_decode_step"):
         ops.raise_index_errors(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_query_heads_attend_nothing_and_add_no_score(device, dtype):
+    # q [B, 0, D]: the register-blocked CPU loops must not assume a group of at least one head.
+    args = make_step(1, 2, 2, 16, [5, 9], 4, dtype, device)
+    args[0] = args[0][:, :0]
+    got, want, want_args = run_both(args, 4)
+    assert got[0].shape == (1, 0, 16)
+    assert_same_step(args, want_args, got, want, dtype)
+    rows, table, lens = args[4], args[5], args[6].int()
+    out, lse, scores = ops.kv_ragged_decode(args[0], rows, table, lens, 4, 0.3)
+    assert out.shape == (1, 0, 16) and lse.shape == (1, 0) and not scores.any()

@@ -202,6 +202,7 @@ inline void check_decode_step_args(const at::Tensor& q, const at::Tensor& new_ro
   constexpr const char* op = "fastllm.kv_decode_step";
   check_decode_layout(op, q, kv_rows, page_table, page_rows, num_splits, work);
   check_bookkeeping(op, pos, score, flags, lengths, "new_pos", new_pos, window, heavy, grow);
+  check_same_device(op, "q", q, "pos", pos);
   const int64_t caches = pos.size(0);
   TORCH_CHECK_VALUE(page_table.size(0) == caches, op, ": page_table must have one row per cache ("
                     "pos has ", caches, "), got ", page_table.size(0));

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "common/cpu_vec.h"
@@ -141,6 +142,7 @@ FASTLLM_INLINE void block_values_fixed(float* o, const w_t* const* values, int64
   }
 }
 
+// Groups 1 .. kMaxVecGroup only (vec_block_fits); the callers take the pairs loops otherwise.
 #define FASTLLM_GROUP_CASES(CALL) \
   switch (group) {                \
     case 1: CALL(1); break;       \
@@ -150,7 +152,8 @@ FASTLLM_INLINE void block_values_fixed(float* o, const w_t* const* values, int64
     case 5: CALL(5); break;       \
     case 6: CALL(6); break;       \
     case 7: CALL(7); break;       \
-    default: CALL(8); break;      \
+    case 8: CALL(8); break;       \
+    default: break;               \
   }
 
 template <typename w_t>
@@ -174,7 +177,7 @@ FASTLLM_INLINE void block_values_vec(float* o, int64_t group, const w_t* const* 
 // Whether a block's group and width suit the register-blocked loops above.
 bool vec_block_fits(int64_t group, int64_t d) {
 #ifdef FASTLLM_HAVE_VEC
-  return group <= kMaxVecGroup && d % cpu::kLanes == 0;
+  return group >= 1 && group <= kMaxVecGroup && d % cpu::kLanes == 0;
 #else
   (void)group;
   (void)d;
@@ -389,7 +392,15 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
   // Per (cache, group head, entry): the entry's softmax weight relative to the running maximum
   // of its item when its block was read, and that maximum (probs, ref). Partial max, sum and
   // weighted values per (item, g).
-  std::vector<float> probs(caches * group * width), ref(caches * group * width);
+  // Read only below each cache's length, all written first: no need to zero them every step.
+  const std::unique_ptr<float[]> probs(new float[caches * group * width]);
+  const std::unique_ptr<float[]> ref(new float[caches * group * width]);
+  if (group == 0) {  // no query heads (q [B, 0, D]): nothing to attend, no probability to add
+    if (!sink.accumulate) {
+      for (int64_t c = 0; c < caches; ++c) std::fill_n(sink.data + c * sink.stride, sink.stride, 0.f);
+    }
+    return;
+  }
   std::vector<float> part_m(items * group), part_s(items * group);
   std::vector<float> part_o(items * group * d);
   int64_t entries = 0, longest = 0;
@@ -415,8 +426,8 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
         qrows[i] = static_cast<float>(q_data[(seq * hq + first_head) * d + i]) *
                    static_cast<float>(scale);
       }
-      float* pr = probs.data() + c * group * width;  // [group, width]
-      float* rf = ref.data() + c * group * width;
+      float* pr = probs.get() + c * group * width;  // [group, width]
+      float* rf = ref.get() + c * group * width;
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(sum.begin(), sum.end(), 0.f);
       float* o = part_o.data() + t * group * d;  // head g's partial at o + g * d
@@ -456,13 +467,14 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
   const int64_t items_per_cache = (items + caches - 1) / std::max<int64_t>(caches, 1);
   at::parallel_for(0, caches, grain_for(group * (items_per_cache * d + longest)),
                    [&](int64_t c0, int64_t c1) {
-    std::vector<float> acc(d);
+    std::vector<float> acc(d), step(width);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t seq = c / hkv;
       int64_t lo, hi;
       work.items_of(c, &lo, &hi);
-      float* sc = sink.data + c * sink.stride;
-      if (!sink.accumulate) std::fill_n(sc, sink.stride, 0.f);
+      // This step's probabilities summed over the group first, then added to the scores once,
+      // as kv_evict_round adds a step's scores: the same rounding on every device.
+      std::fill_n(step.data(), len[c], 0.f);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t cg = c * group + g, head = (c % hkv) * group + g;
         float m = -std::numeric_limits<float>::infinity();
@@ -485,16 +497,23 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
         if (lse_data != nullptr) lse_data[seq * hq + head] = l;
         // An entry's probability is its weight times exp(its reference maximum - lse); the
         // reference changes once per block at most.
-        const float* pr = probs.data() + cg * width;
-        const float* rf = ref.data() + cg * width;
+        const float* pr = probs.get() + cg * width;
+        const float* rf = ref.get() + cg * width;
         float last_ref = std::numeric_limits<float>::quiet_NaN(), factor = 0.f;
         for (int64_t e = 0; e < len[c]; ++e) {
           if (!(rf[e] == last_ref)) {
             last_ref = rf[e];
             factor = std::exp(rf[e] - l);
           }
-          sc[e] += pr[e] * factor;
+          step[e] += pr[e] * factor;
         }
+      }
+      float* sc = sink.data + c * sink.stride;
+      if (sink.accumulate) {
+        for (int64_t e = 0; e < len[c]; ++e) sc[e] += step[e];
+      } else {
+        std::copy_n(step.data(), len[c], sc);
+        std::fill(sc + len[c], sc + sink.stride, 0.f);
       }
     }
   });

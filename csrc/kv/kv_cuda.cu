@@ -662,14 +662,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_ragged_decode_cuda(
 // possible with a negative heavy count, checked on the host in the debug mode) never evicts.
 constexpr int kEvictWarps = 4;
 
+// `appended` (kv_decode_step; null for kv_evict_round): the lengths after the step's append, 0
+// for a cache the append left alone (no room: reported there), which then must not change.
 __global__ void evict_round_kernel(int64_t* pos, float* score, uint8_t* flags, int64_t* lengths,
                                    const float* step_scores, int64_t step_width,
                                    const int64_t* newest, const int64_t* window,
                                    const int64_t* heavy, const bool* grow, int64_t* moves,
-                                   int64_t caches, int64_t cap, unsigned int* err) {
+                                   int64_t caches, int64_t cap, const int32_t* appended,
+                                   unsigned int* err) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kEvictWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (c >= caches) return;  // whole warps leave together: c is uniform within a warp
+  if (appended != nullptr && appended[c] == 0) return;  // uniform, like c
   const int64_t len = lengths[c];
   if (!length_in_range(len, cap)) {  // uniform within the warp, like c
     if (lane == 0) report_index_error(err, kKvEvictLengths);
@@ -724,7 +728,7 @@ at::Tensor kv_evict_round_cuda(at::Tensor& pos, at::Tensor& score, at::Tensor& f
       lengths.data_ptr<int64_t>(), step_scores.const_data_ptr<float>(), step_scores.size(1),
       newest.const_data_ptr<int64_t>(), window.const_data_ptr<int64_t>(),
       heavy.const_data_ptr<int64_t>(), grow.const_data_ptr<bool>(), moves.data_ptr<int64_t>(),
-      caches, pos.size(1), device_error_word(pos));
+      caches, pos.size(1), nullptr, device_error_word(pos));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return moves;
 }
@@ -757,9 +761,14 @@ __global__ void decode_step_append_kernel(
     int64_t pool_pages, int64_t cap, int64_t row_bytes, unsigned int* err) {
   const int64_t c = blockIdx.x;
   const int64_t len = lengths[c];
-  const int64_t e = new_entry_index(len, capacity != nullptr ? capacity[c] : -1);
+  const int64_t limit = capacity != nullptr ? capacity[c] : -1;
+  __syncthreads();  // every thread has read the length before thread 0 writes the new one
+  const int64_t e = new_entry_index(len, limit);
   const int64_t room = cap < pages * page_rows ? cap : pages * page_rows;
-  const bool fits = e >= 0 && e < room && (capacity == nullptr || capacity[c] <= room);
+  // The host's rules (check_decode_step_args): lengths < room, or with a capacity, lengths <=
+  // room and capacity in [1, room].
+  const bool fits = capacity == nullptr ? len >= 0 && len < room
+                                        : len >= 0 && len <= room && limit >= 1 && limit <= room;
   const int64_t page = fits ? table[c * pages + e / page_rows] : -1;
   if (!fits || !page_in_range(page, pool_pages)) {
     if (threadIdx.x == 0) {
@@ -786,6 +795,10 @@ __global__ void decode_step_move_kernel(const int64_t* __restrict__ moves, char*
   const int64_t c = blockIdx.x;
   const int64_t victim = moves[2 * c], last = moves[2 * c + 1];
   if (victim < 0 || victim == last) return;
+  if (last >= pages * page_rows) {  // only from a length past the table: reported, never read
+    if (threadIdx.x == 0) report_index_error(err, kKvPageTable);
+    return;
+  }
   const int64_t to = table[c * pages + victim / page_rows];
   const int64_t from = table[c * pages + last / page_rows];
   if (!page_in_range(to, pool_pages) || !page_in_range(from, pool_pages)) {
@@ -840,7 +853,7 @@ std::tuple<at::Tensor, at::Tensor> kv_decode_step_cuda(
       lengths.data_ptr<int64_t>(), step_scores.const_data_ptr<float>(), step_scores.size(1),
       new_pos.const_data_ptr<int64_t>(), window.const_data_ptr<int64_t>(),
       heavy.const_data_ptr<int64_t>(), grow.const_data_ptr<bool>(), moves.data_ptr<int64_t>(),
-      caches, cap, err);
+      caches, cap, lens32.const_data_ptr<int32_t>(), err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   decode_step_move_kernel<<<grid, kThreads, 0, stream>>>(
       moves.const_data_ptr<int64_t>(), static_cast<char*>(kv_rows.data_ptr()),

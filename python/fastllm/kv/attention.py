@@ -304,11 +304,14 @@ class _AttentionPath:
             short, longest = heads.room(column + 1)
             if short or longest > heads.pos.shape[1]:
                 heads.reserve(heads.bound(column) + 1)
+            # A GPU's work list is planned from the entries the step attends (before its
+            # eviction); the CPU's even splits need only the longest.
+            need = heads.bound(column) + 1 if k.device.type == "cuda" else None
             heads.advance(column + 1, self._class_log)
         except PoolExhaustedError as err:
             raise err.with_context(f"fastllm.kv: no free page to append token {layer.seen} "
                                    f"(pool of {self.pool.num_pages} pages)") from err
-        splits, work = _decode_work(layer, longest, lambda: heads.bound(column) + 1, k.device)
+        splits, work = _decode_work(layer, longest, lambda: need, k.device)
         out = heads.decode_step(q[:, :, 0], torch.cat([k, v], dim=-1).reshape(batch * hkv, -1),
                                 cls, column - heads.offset, scale, splits, work)
         layer.seen += 1
