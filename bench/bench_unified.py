@@ -179,11 +179,17 @@ def serve(model, tokenizer, trace, kv_pool, manager=None, policy="fastgen", max_
                     with batch([req.adapter], keep=names(running) + queued):
                         logits = cache.join(req.prompt).logits[0, -1]
                 except PoolExhaustedError:
-                    if not running:  # can never fit this pool
+                    if running:
+                        break  # room comes back when a sequence leaves
+                    # Nothing runs: the queued requests' adapters may go after all (keeping
+                    # them here rejected requests that fit an otherwise empty pool).
+                    try:
+                        with batch([req.adapter]):
+                            logits = cache.join(req.prompt).logits[0, -1]
+                    except PoolExhaustedError:  # can never fit this pool
                         waiting.popleft()
                         rejected += 1
                         continue
-                    break
                 waiting.popleft()
                 running.append(req)
                 req.generated = 1

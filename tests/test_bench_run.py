@@ -42,3 +42,61 @@ def test_serving_results_become_records_against_the_best_split_and_peft():
     assert by["5 adapters", "best fixed split (split-50)"].speedup == pytest.approx(2.0 / 1.6)
     assert by["5 adapters", "PEFT"].speedup == pytest.approx(4.0)
     assert by["5 adapters", "best fixed split (split-50)"].metrics["peak concurrency, split"] == 6
+
+
+def test_serving_loop_rejects_only_what_an_empty_pool_cannot_hold(smollm2, shakespeare):
+    """With nothing running, a request whose adapter and prompt fit the pool once the queued
+    requests' adapters give way is served: the loop used to keep those adapters and reject it
+    as never fitting (53 of 300 requests of one committed run)."""
+    import copy
+
+    import bench_unified
+    import torch
+    from fastllm.kv import FastGenCache
+    from fastllm.lora import AdapterManager
+    from fastllm.memory import PagePool
+
+    model, tokenizer = smollm2
+    model = copy.deepcopy(model)
+    prompt = tokenizer(shakespeare[:2000], return_tensors="pt").input_ids[:, :16]
+
+    def pool_of(nbytes):
+        return PagePool.for_model(model, nbytes=nbytes, target_modules=bench_unified.TARGETS,
+                                  rank=32)
+
+    def manager_on(pool):
+        manager = AdapterManager(model, target_modules=bench_unified.TARGETS, max_rank=64,
+                                 pool=pool)
+        for name in ("ad1", "ad3"):  # ranks 16 and 64
+            manager.load(name, *bench_unified.adapter_state(model, name))
+        return manager
+
+    # Pages each part takes, measured on a roomy pool.
+    probe = pool_of(256 << 20)
+    manager = manager_on(probe)
+    pages = {}
+    for name in ("ad1", "ad3"):
+        before = probe.used_pages
+        with manager.batch([name]):
+            pages[name] = probe.used_pages - before
+    cache = FastGenCache(model, tokenizer, pool=probe)
+    before = probe.used_pages
+    with manager.batch(["ad1"]), torch.no_grad():
+        cache.join(prompt)
+        model(prompt[:, :1], attention_mask=cache.attention_mask(1),
+              position_ids=cache.position_ids(1), cache=cache, use_cache=True)
+    pages["kv"] = probe.used_pages - before + 8  # the decode steps' appends, with room
+    cache.release()
+    manager.close()
+
+    # Room for the big adapter and one sequence's KV, not for the small adapter as well.
+    pool = pool_of((pages["ad3"] + pages["kv"] + pages["ad1"] // 2) * probe.page_bytes)
+    manager = manager_on(pool)
+    try:
+        trace = [bench_unified.Request(0, 0.0, prompt.clone(), "ad1", 2),
+                 bench_unified.Request(1, 0.5, prompt.clone(), "ad3", 2),
+                 bench_unified.Request(2, 0.5, prompt.clone(), "ad1", 2)]
+        result = bench_unified.serve(model, tokenizer, trace, pool, manager, max_batch=4)
+    finally:
+        manager.close()
+    assert result["rejected"] == 0 and result["requests"] == 3, result
