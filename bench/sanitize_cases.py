@@ -137,6 +137,37 @@ def kv_cases(device):
     torch.testing.assert_close(moves.cpu(), want, rtol=0, atol=0)
     for got, expected in zip(got_args[:4], want_args[:4]):
         torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
+    # A whole decode step (kv_decode_step: append, decode, eviction, row move): fp32 rows of
+    # 16-byte words and fp16 rows of D = 10 (40-byte rows: the byte-copy path), with and
+    # without graph capacities, caches empty, full and around a page.
+    for d, dtype in ((64, torch.float32), (10, torch.float16)):
+        page_rows, lengths = 4, [0, 3, 4, 9]
+        pages_per = 3
+        caches = len(lengths)
+        table = torch.randperm(caches * pages_per + 1)[:caches * pages_per].view(caches, pages_per)
+        cols = pages_per * page_rows
+        step = [torch.randn(1, 2 * caches, d).to(dtype), torch.randn(caches, 2 * d).to(dtype),
+                torch.full((caches,), 100), torch.tensor([0, 1, 2, 3], dtype=torch.uint8),
+                torch.randn((caches * pages_per + 1) * page_rows, 2 * d).to(dtype),
+                table.to(torch.int32), torch.tensor(lengths),
+                torch.stack([torch.randperm(cols) for _ in range(caches)]),
+                10 * torch.randperm(cols).float().repeat(caches, 1),
+                torch.zeros(caches, cols, dtype=torch.uint8),
+                torch.tensor([0, 2, 1, 0], dtype=torch.uint8), torch.tensor([0, 0, 0, 200]),
+                torch.tensor([1, 0, 2, 1]), torch.tensor([0, 1, 1, 2]),
+                torch.tensor([False, False, True, False])]
+        for capacity in (None, torch.tensor([1, 4, 4, 10])):
+            want_args = [t.clone() for t in step]
+            got_args = [t.to(device) for t in step]
+            got = ops.kv_decode_step(*got_args, page_rows, d ** -0.5, 1, None,
+                                     None if capacity is None else capacity.to(device))
+            want = ref.kv_decode_step_reference(*want_args, page_rows, d ** -0.5,
+                                                capacity=capacity)
+            torch.testing.assert_close(got[0].cpu().float(), want[0].float(), rtol=2e-3,
+                                       atol=2e-3)
+            torch.testing.assert_close(got[1].cpu(), want[1], rtol=0, atol=0)
+            for i in (4, 6, 7, 9):  # kv_rows, lengths, pos, flags
+                torch.testing.assert_close(got_args[i].cpu(), want_args[i], rtol=0, atol=0)
 
 
 def sparse_cases(device):
@@ -301,6 +332,26 @@ def bad_index_cases(device):
     _expect_bad_index(device, "kv_ragged_decode work", lambda: ops.kv_ragged_decode(
         q, kv_rows, table, lengths, 4, 0.25, 1,
         torch.tensor([[0, 0], [1, 0], [7, 0], [3, 0]], dtype=torch.int32, device=device)))
+    # kv_decode_step: a cache with no room for its new entry (its 3 pages full, and a length
+    # past the page table), and a graph capacity of 0.
+    step = [q, torch.randn(4, 32, device=device), torch.full((4,), 50, device=device),
+            torch.zeros(4, dtype=torch.uint8, device=device), kv_rows, table,
+            torch.tensor([12, 5, 0, 9], device=device),
+            torch.zeros(4, 20, dtype=torch.int64, device=device),
+            torch.zeros(4, 20, device=device), torch.zeros(4, 20, dtype=torch.uint8, device=device),
+            torch.zeros(4, dtype=torch.uint8, device=device),
+            torch.zeros(4, dtype=torch.int64, device=device),
+            torch.ones(4, dtype=torch.int64, device=device),
+            torch.zeros(4, dtype=torch.int64, device=device),
+            torch.zeros(4, dtype=torch.bool, device=device)]
+    _expect_bad_index(device, "kv_decode_step lengths", lambda: ops.kv_decode_step(
+        *step, 4, 0.25))
+    step[6] = torch.tensor([18, 5, 0, 9], device=device)
+    _expect_bad_index(device, "kv_decode_step lengths past the table", lambda: ops.kv_decode_step(
+        *step, 4, 0.25))
+    step[6] = torch.tensor([3, 5, 0, 9], device=device)
+    _expect_bad_index(device, "kv_decode_step capacity", lambda: ops.kv_decode_step(
+        *step, 4, 0.25, 1, None, torch.tensor([4, 0, 4, 12], device=device)))
     ids = torch.tensor([0, 1, 1], device=device)
     order, tiles = ops.lora_sgmv_plan(ids.cpu(), 2)
     tiles[0, 1] = 50  # past the end of order
