@@ -174,17 +174,6 @@ FASTLLM_INLINE void block_values_vec(float* o, int64_t group, const w_t* const* 
 #undef FASTLLM_GROUP_CASES
 #endif
 
-// Whether a block's group and width suit the register-blocked loops above.
-bool vec_block_fits(int64_t group, int64_t d) {
-#ifdef FASTLLM_HAVE_VEC
-  return group >= 1 && group <= kMaxVecGroup && d % cpu::kLanes == 0;
-#else
-  (void)group;
-  (void)d;
-  return false;
-#endif
-}
-
 template <typename w_t>
 void block_logits_pairs(const float* q, int64_t group, const w_t* const* keys, int64_t n,
                         int64_t d, float* block) {
@@ -200,7 +189,26 @@ void block_values_pairs(float* o, int64_t group, const w_t* const* values, int64
   }
 }
 
+// fp16 and fp64 rows, and every dtype where the vector extension is missing: per entry.
+template <typename w_t>
+void block_logits(const float* q, int64_t group, const w_t* const* keys, int64_t n, int64_t d,
+                  float* block) {
+  block_logits_pairs(q, group, keys, n, d, block);
+}
+template <typename w_t>
+void block_values(float* o, int64_t group, const w_t* const* values, int64_t n, int64_t d,
+                  const float* p) {
+  block_values_pairs(o, group, values, n, d, p);
+}
+
 #ifdef FASTLLM_HAVE_VEC
+// Whether a block's group and width suit the register-blocked loops.
+bool vec_block_fits(int64_t group, int64_t d) {
+  return group >= 1 && group <= kMaxVecGroup && d % cpu::kLanes == 0;
+}
+
+// fp32 and bf16 rows: the register-blocked loops, target-cloned (overload resolution prefers
+// these to the templates above).
 #define FASTLLM_VEC_BLOCK(w_t)                                                                  \
   FASTLLM_MULTIVERSION void block_logits(const float* q, int64_t group, const w_t* const* keys, \
                                          int64_t n, int64_t d, float* block) {                  \
@@ -215,40 +223,7 @@ void block_values_pairs(float* o, int64_t group, const w_t* const* values, int64
 FASTLLM_VEC_BLOCK(float)
 FASTLLM_VEC_BLOCK(c10::BFloat16)
 #undef FASTLLM_VEC_BLOCK
-#else
-void block_logits(const float* q, int64_t group, const float* const* keys, int64_t n, int64_t d,
-                  float* block) {
-  block_logits_pairs(q, group, keys, n, d, block);
-}
-void block_logits(const float* q, int64_t group, const c10::BFloat16* const* keys, int64_t n,
-                  int64_t d, float* block) {
-  block_logits_pairs(q, group, keys, n, d, block);
-}
-void block_values(float* o, int64_t group, const float* const* values, int64_t n, int64_t d,
-                  const float* p) {
-  block_values_pairs(o, group, values, n, d, p);
-}
-void block_values(float* o, int64_t group, const c10::BFloat16* const* values, int64_t n,
-                  int64_t d, const float* p) {
-  block_values_pairs(o, group, values, n, d, p);
-}
 #endif
-void block_logits(const float* q, int64_t group, const c10::Half* const* keys, int64_t n,
-                  int64_t d, float* block) {
-  block_logits_pairs(q, group, keys, n, d, block);
-}
-void block_logits(const float* q, int64_t group, const double* const* keys, int64_t n, int64_t d,
-                  float* block) {
-  block_logits_pairs(q, group, keys, n, d, block);
-}
-void block_values(float* o, int64_t group, const c10::Half* const* values, int64_t n, int64_t d,
-                  const float* p) {
-  block_values_pairs(o, group, values, n, d, p);
-}
-void block_values(float* o, int64_t group, const double* const* values, int64_t n, int64_t d,
-                  const float* p) {
-  block_values_pairs(o, group, values, n, d, p);
-}
 
 // Logits of query head h's rows [start, start + rows) against the keys they may see, into
 // out [rows, visible] (visible = the last row's position + 1). Called inside a parallel region,
