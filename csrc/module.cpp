@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu_parallel.h"
 #include "common/index_errors.h"
 #include "kv/kv_math.h"
 #include "kv/kv_mirror.h"
@@ -235,4 +236,14 @@ PYBIND11_MODULE(_C, m) {
   m.attr("lora_shrink_threads") = pybind11::int_(fastllm::lora::kShrinkWarps * 32);
   m.attr("lora_expand_threads") = pybind11::int_(fastllm::lora::kExpandThreads);
   m.attr("lora_max_shrink_chunk") = pybind11::int_(fastllm::lora::kMaxShrinkChunk);
+
+  // What a CPU parallel call's timings decide (common/cpu_parallel.h): (serial calls next,
+  // the stretch after the next late thread).
+  m.def("cpu_backoff_after", [](int64_t work_ns, int64_t wait_ns, int64_t stretch) {
+    const fastllm::cpu::BackoffDecision d = fastllm::cpu::backoff_after(work_ns, wait_ns, stretch);
+    return pybind11::make_tuple(d.serial_calls, d.next_stretch);
+  });
+  m.attr("cpu_first_serial_stretch") = pybind11::int_(fastllm::cpu::kFirstSerialStretch);
+  m.attr("cpu_max_serial_stretch") = pybind11::int_(fastllm::cpu::kMaxSerialStretch);
+  m.attr("cpu_wait_floor_ns") = pybind11::int_(fastllm::cpu::kWaitFloorNs);
 }

@@ -122,6 +122,42 @@ def test_deterministic_mode_is_bitwise_repeatable(device):
         assert torch.equal(call(x, w, idx, deterministic=True), first)
 
 
+# The CPU kernel has two strategies (csrc/sparse/sparse_mlp_cpu.cpp): fused slices for sets of at
+# most 4 rows (decode), two phases for wider ones. Both must give the reference's answer, and the
+# fused one the same bits whatever the number of threads (its slices are fixed by the set's count).
+@pytest.mark.parametrize("activation,gated", ACTIVATIONS[:2])
+def test_cpu_strategies_agree_at_the_boundary(activation, gated):
+    w = make_mlp(96, 2048, 80, torch.float32, "cpu", gated=gated)
+    x = random_tensor(5, 96)
+    idx = torch.randperm(2048)[:1500]
+    fused = call(x[:4], w, idx, activation=activation)      # 4 rows: fused
+    two_phase = call(x, w, idx, activation=activation)      # 5 rows: two phases
+    torch.testing.assert_close(fused, ref(x[:4], w, idx, activation=activation))
+    torch.testing.assert_close(two_phase[:4], fused)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_cpu_fused_result_does_not_depend_on_threads(per_row):
+    w = make_mlp(128, 4096, 96, torch.float32, "cpu")
+    x = random_tensor(3, 128)
+    if per_row:
+        idx = torch.stack([torch.randperm(4096)[:3000] for _ in range(3)])
+        counts = torch.tensor([3000, 1200, 7])
+    else:
+        idx, counts = torch.randperm(4096)[:3000], None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = call(x, w, idx, counts)
+        torch.set_num_threads(max(2, threads))
+        parallel = [call(x, w, idx, counts) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    for out in parallel:
+        assert torch.equal(out, serial)
+    torch.testing.assert_close(serial, ref(x, w, idx, counts))
+
+
 def test_leading_dims_are_flattened(device):
     w = make_mlp(16, 32, 8, torch.float32, device)
     x = random_tensor(2, 3, 16, device=device)

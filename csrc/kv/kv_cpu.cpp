@@ -14,6 +14,7 @@
 #include <memory>
 #include <vector>
 
+#include "common/cpu_parallel.h"
 #include "common/cpu_vec.h"
 #include "kv/kv_checks.h"
 #include "kv/kv_math.h"
@@ -388,7 +389,9 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
   // block of entries at a time (online softmax): a row's value is read while its key is still
   // in cache, and the weights the scores need are kept, not recomputed.
   const int64_t per_task = (entries + items - 1) / std::max<int64_t>(items, 1) * d * 3 * group;
-  at::parallel_for(0, items, grain_for(per_task), [&](int64_t t0, int64_t t1) {
+  static cpu::ContentionBackoff items_contention;
+  cpu::claim_parallel_chunks(items_contention, items, grain_for(per_task), [&](int64_t t0,
+                                                                               int64_t t1) {
     std::vector<float> qrows(group * d), m(group), sum(group), block(group * kBlock);
     const scalar_t* key_of[kBlock];
     const scalar_t* value_of[kBlock];
@@ -440,8 +443,10 @@ void ragged_decode_cpu_impl(const at::Tensor& q, const at::Tensor& kv_rows,
   });
   scalar_t* out_data = out.data_ptr<scalar_t>();
   const int64_t items_per_cache = (items + caches - 1) / std::max<int64_t>(caches, 1);
-  at::parallel_for(0, caches, grain_for(group * (items_per_cache * d + longest)),
-                   [&](int64_t c0, int64_t c1) {
+  static cpu::ContentionBackoff merge_contention;
+  cpu::claim_parallel_chunks(merge_contention, caches,
+                             grain_for(group * (items_per_cache * d + longest)),
+                             [&](int64_t c0, int64_t c1) {
     std::vector<float> acc(d), step(width);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t seq = c / hkv;

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cpu_parallel.h"
 #include "common/cpu_vec.h"
 #include "sparse/neuron_scores.h"
 
@@ -19,6 +20,9 @@ namespace fastllm::sparse {
 namespace {
 
 constexpr const char* kOp = "fastllm.quantized_neuron_scores";
+
+// Neurons per parallel task: 64 rows of codes (18-36 KB at SmolLM2's width) per claim.
+constexpr int64_t kNeuronsPerTask = 64;
 
 // Both dots of one neuron with one row of x; gate may be null (then *gate is untouched). q_up and
 // q_gate point at the neuron's row in either storage (d bytes of int8, or d / 2 packed int4).
@@ -588,59 +592,53 @@ at::Tensor quantized_neuron_scores_cpu(const at::Tensor& x, const at::Tensor& q_
   const float* bg = b_gate.has_value() ? b_gate->const_data_ptr<float>() : nullptr;
   const int64_t d = s.d_in, groups = d / s.group;
   float* op = out.data_ptr<float>();
-  if (quantize_x) {
-    const BlockPath block = pick_integer_block_dots(s.gated, s.packed, s.group);
-    const RoundedX rx = round_x(xf, s.rows, d, s.group, block.layout);
-    if (block.dots != nullptr) {
-      const int8_t* x_codes = rx.ordered.empty() ? rx.codes.data() : rx.ordered.data();
-      const int64_t steps = d / 64;
-      at::parallel_for(0, s.neurons, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j) {
-          for (int64_t b = 0; b < s.rows; ++b) {
-            float up = 0.f, gate = 0.f;
-            block.dots(x_codes + b * d, rx.scale.data() + b * groups,
-                       rx.pair_scale.empty() ? nullptr : rx.pair_scale.data() + b * steps * 16,
-                       rx.lane_offset.empty() ? nullptr : rx.lane_offset.data() + b * d / 4,
-                       qu + j * row_bytes, su + j * groups, qg ? qg + j * row_bytes : nullptr,
-                       sg ? sg + j * groups : nullptr, d, s.group, &up, &gate);
-            up += bu ? bu[j] : 0.f;
-            gate += bg ? bg[j] : 0.f;
-            op[b * s.neurons + j] = std::fabs(hidden_value(act, s.gated, up, gate));
-          }
-        }
-      });
-      return out;
-    }
-    const IntegerDots integer_dots = pick_integer_dots(s.gated, s.packed);
-    at::parallel_for(0, s.neurons, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
+  // Every path scores blocks of kNeuronsPerTask neurons against every row; dots(j, b, &up, &gate)
+  // is the path's pair of dot products for neuron j and row b.
+  static cpu::ContentionBackoff contention;
+  const auto score_all = [&](const auto& dots) {
+    const int64_t tasks = (s.neurons + kNeuronsPerTask - 1) / kNeuronsPerTask;
+    cpu::claim_parallel(contention, tasks, [&](int64_t task) {
+      const int64_t end = std::min(s.neurons, (task + 1) * kNeuronsPerTask);
+      for (int64_t j = task * kNeuronsPerTask; j < end; ++j) {
         for (int64_t b = 0; b < s.rows; ++b) {
           float up = 0.f, gate = 0.f;
-          integer_dots(rx.codes.data() + b * d, rx.scale.data() + b * groups,
-                       rx.sum.data() + b * groups, qu + j * row_bytes, su + j * groups,
-                       qg ? qg + j * row_bytes : nullptr, sg ? sg + j * groups : nullptr, d,
-                       s.group, &up, &gate);
+          dots(j, b, &up, &gate);
           up += bu ? bu[j] : 0.f;
           gate += bg ? bg[j] : 0.f;
           op[b * s.neurons + j] = std::fabs(hidden_value(act, s.gated, up, gate));
         }
       }
     });
+  };
+  if (quantize_x) {
+    const BlockPath block = pick_integer_block_dots(s.gated, s.packed, s.group);
+    const RoundedX rx = round_x(xf, s.rows, d, s.group, block.layout);
+    if (block.dots != nullptr) {
+      const int8_t* x_codes = rx.ordered.empty() ? rx.codes.data() : rx.ordered.data();
+      const int64_t steps = d / 64;
+      score_all([&](int64_t j, int64_t b, float* up, float* gate) {
+        block.dots(x_codes + b * d, rx.scale.data() + b * groups,
+                   rx.pair_scale.empty() ? nullptr : rx.pair_scale.data() + b * steps * 16,
+                   rx.lane_offset.empty() ? nullptr : rx.lane_offset.data() + b * d / 4,
+                   qu + j * row_bytes, su + j * groups, qg ? qg + j * row_bytes : nullptr,
+                   sg ? sg + j * groups : nullptr, d, s.group, up, gate);
+      });
+      return out;
+    }
+    const IntegerDots integer_dots = pick_integer_dots(s.gated, s.packed);
+    score_all([&](int64_t j, int64_t b, float* up, float* gate) {
+      integer_dots(rx.codes.data() + b * d, rx.scale.data() + b * groups,
+                   rx.sum.data() + b * groups, qu + j * row_bytes, su + j * groups,
+                   qg ? qg + j * row_bytes : nullptr, sg ? sg + j * groups : nullptr, d, s.group,
+                   up, gate);
+    });
     return out;
   }
   const QuantizedDots quantized_dots = pick_quantized_dots(s.gated, s.packed);
-  at::parallel_for(0, s.neurons, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      for (int64_t b = 0; b < s.rows; ++b) {
-        float up = 0.f, gate = 0.f;
-        quantized_dots(xf + b * d, qu + j * row_bytes, su + j * groups,
-                       qg ? qg + j * row_bytes : nullptr,
-                       sg ? sg + j * groups : nullptr, d, s.group, &up, &gate);
-        up += bu ? bu[j] : 0.f;
-        gate += bg ? bg[j] : 0.f;
-        op[b * s.neurons + j] = std::fabs(hidden_value(act, s.gated, up, gate));
-      }
-    }
+  score_all([&](int64_t j, int64_t b, float* up, float* gate) {
+    quantized_dots(xf + b * d, qu + j * row_bytes, su + j * groups,
+                   qg ? qg + j * row_bytes : nullptr, sg ? sg + j * groups : nullptr, d, s.group,
+                   up, gate);
   });
   return out;
 }

@@ -1,11 +1,17 @@
-// CPU sparse MLP. Two phases, both over contiguous rows:
-//   1. hidden: parallel over active neurons; each neuron's up (and gate) row is read once and dotted
-//      with every row of x (the x rows stay in L1), giving h[b, j] in fp32.
-//   2. down: parallel over column blocks of the output; each task walks the active neurons in index
-//      order and accumulates h[b, j] * w_down_t[idx_j, block] into an fp32 block. Every output
-//      element has one owner and a fixed summation order, so the result is deterministic and no
-//      atomics are needed (the `deterministic` flag changes nothing on CPU).
-// Weights of any dtype are widened lane by lane as they are loaded; every sum is fp32.
+// CPU sparse MLP, two strategies (both over contiguous rows, every sum in fp32, weights of any
+// dtype widened lane by lane as they are loaded):
+//   * fused (sets of at most kFusedRows rows: decode): one parallel region. A set's active neurons
+//     are cut into slices fixed by the set's count alone; a slice's owner computes its neurons'
+//     hidden values and at once adds h * down row into the slice's own fp32 partial output, and
+//     the slices are summed in order afterwards. The slices go through cpu::claim_parallel
+//     (common/cpu_parallel.h): a thread the OS has descheduled leaves its share to the threads
+//     still running, and a call site that keeps seeing late threads runs serially for a while.
+//   * two-phase (wider sets: prefill): 1. hidden, parallel over active neurons: each up (and gate)
+//     row is read once and dotted with every row of x (the x rows stay in L1); 2. down, parallel
+//     over column blocks of the output, each task walking the active neurons in index order.
+// In both, every output element's summation order is fixed by the inputs, not by the number of
+// threads, so the result is deterministic and no atomics touch the data (the `deterministic` flag
+// changes nothing on CPU).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +19,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cpu_parallel.h"
 #include "common/cpu_vec.h"
 #include "sparse/sparse_mlp.h"
 
@@ -31,6 +38,15 @@ constexpr const char* kOp = "fastllm.sparse_mlp";
 // kGroup weight rows instead of once per row (one load and one store per row left the loop bound
 // by the output block, not by the weights it exists to stream).
 constexpr int kGroup = 4;
+
+// The fused strategy's limits: rows per set (each neuron's hidden values for all of them live in
+// registers' worth of stack), neurons per slice (enough weight bytes per slice that claiming it
+// costs nothing), slices per set (the partial outputs summed at the end), and the partial outputs'
+// total size (past it, the two-phase strategy's single output wins).
+constexpr int64_t kFusedRows = 4;
+constexpr int64_t kMinSliceNeurons = 32;
+constexpr int64_t kMaxSlices = 64;
+constexpr int64_t kMaxPartialFloats = int64_t{1} << 22;
 
 #ifdef FASTLLM_HAVE_VEC
 using cpu::horizontal_sum;
@@ -154,6 +170,101 @@ void check_index_values(const at::Tensor& idx, const c10::optional<at::Tensor>& 
   }
 }
 
+// The slices a set of `count` active neurons is cut into: from the count alone, so the summation
+// order (and the result) does not depend on the number of threads.
+int64_t fused_slices(int64_t count) {
+  return std::min<int64_t>(kMaxSlices, std::max<int64_t>(1, count / kMinSliceNeurons));
+}
+
+// Whether the fused strategy takes this call (see the file comment).
+bool use_fused(const SparseMlpShape& s, const std::vector<int64_t>& count_of) {
+  const int64_t rows_per_set = s.per_row ? 1 : s.rows;
+  if (rows_per_set > kFusedRows) return false;
+  int64_t partial_floats = 0;
+  for (const int64_t count : count_of) partial_floats += fused_slices(count) * rows_per_set;
+  return partial_floats * s.d_out <= kMaxPartialFloats;
+}
+
+template <typename scalar_t, typename index_t>
+void sparse_mlp_fused_kernel(const float* xf, const scalar_t* wu, const scalar_t* wg,
+                             const scalar_t* wd, const scalar_t* bu, const scalar_t* bg,
+                             const scalar_t* bd, const index_t* ip,
+                             const std::vector<int64_t>& count_of, Activation act,
+                             const SparseMlpShape& s, scalar_t* op) {
+  const int64_t d = s.d_in, dout = s.d_out, k = s.k;
+  const int64_t sets = s.per_row ? s.rows : 1;
+  const int64_t rows_per_set = s.per_row ? 1 : s.rows;
+  // Slice t of the whole call is slice t - first_slice[set] of its set.
+  std::vector<int64_t> first_slice(static_cast<size_t>(sets + 1), 0);
+  for (int64_t g = 0; g < sets; ++g) first_slice[g + 1] = first_slice[g] + fused_slices(count_of[g]);
+  const int64_t slices = first_slice[sets];
+  std::vector<float> partial(static_cast<size_t>(slices * rows_per_set * dout), 0.f);
+  static cpu::ContentionBackoff contention;
+  cpu::claim_parallel(contention, slices, [&](int64_t t) {
+    const int64_t g = std::upper_bound(first_slice.begin(), first_slice.end(), t) -
+                      first_slice.begin() - 1;
+    int64_t begin = 0, end = 0;
+    slice_range(count_of[g], first_slice[g + 1] - first_slice[g], t - first_slice[g], &begin,
+                &end);
+    const index_t* set = ip + (s.per_row ? g * k : 0);
+    const float* x_set = xf + g * rows_per_set * d;  // g is 0 for a shared set
+    float* part = partial.data() + t * rows_per_set * dout;
+    // Down rows wait here until kGroup neurons with a nonzero hidden value are collected, so a
+    // ReLU zero costs no down-row read and the partial output is walked once per kGroup rows.
+    const scalar_t* rows[kGroup];
+    float coeff[kFusedRows][kGroup];
+    int pending = 0;
+    auto flush = [&] {
+      for (int r = pending; r < kGroup; ++r) {
+        rows[r] = rows[0];  // a short group repeats its first row (cache-hot) with coefficient 0
+        for (int64_t b = 0; b < rows_per_set; ++b) coeff[b][r] = 0.f;
+      }
+      for (int64_t b = 0; b < rows_per_set; ++b) {
+        accumulate_rows(part + b * dout, coeff[b], rows, dout);
+      }
+      pending = 0;
+    };
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t neuron = set[j];
+      if (j + 1 < end) {
+        // The next neuron's rows are somewhere else in memory: start fetching them now.
+        FASTLLM_PREFETCH(wu + set[j + 1] * d);
+        if (wg) FASTLLM_PREFETCH(wg + set[j + 1] * d);
+      }
+      const scalar_t* up_row = wu + neuron * d;
+      const scalar_t* gate_row = wg ? wg + neuron * d : nullptr;
+      const float up_bias = bu ? static_cast<float>(bu[neuron]) : 0.f;
+      const float gate_bias = bg ? static_cast<float>(bg[neuron]) : 0.f;
+      bool live = false;
+      for (int64_t b = 0; b < rows_per_set; ++b) {
+        float up = 0.f, gate = 0.f;
+        hidden_dots(x_set + b * d, up_row, gate_row, d, &up, &gate);
+        const float h = hidden_value(act, s.gated, up + up_bias, gate + gate_bias);
+        coeff[b][pending] = h;
+        live = live || h != 0.f;
+      }
+      if (!live) continue;
+      rows[pending++] = wd + neuron * dout;
+      if (pending == kGroup) flush();
+    }
+    if (pending > 0) flush();
+  });
+
+  // Each set's slices summed in slice order, the bias first.
+  std::vector<float> sum(static_cast<size_t>(dout));
+  for (int64_t g = 0; g < sets; ++g) {
+    for (int64_t b = 0; b < rows_per_set; ++b) {
+      for (int64_t c = 0; c < dout; ++c) sum[c] = bd ? static_cast<float>(bd[c]) : 0.f;
+      for (int64_t t = first_slice[g]; t < first_slice[g + 1]; ++t) {
+        const float* p = partial.data() + (t * rows_per_set + b) * dout;
+        for (int64_t c = 0; c < dout; ++c) sum[c] += p[c];
+      }
+      scalar_t* o = op + (g * rows_per_set + b) * dout;
+      for (int64_t c = 0; c < dout; ++c) o[c] = static_cast<scalar_t>(sum[c]);
+    }
+  }
+}
+
 template <typename scalar_t, typename index_t>
 void sparse_mlp_kernel(const at::Tensor& x, const at::Tensor& w_up,
                        const c10::optional<at::Tensor>& w_gate, const at::Tensor& w_down_t,
@@ -174,6 +285,11 @@ void sparse_mlp_kernel(const at::Tensor& x, const at::Tensor& w_up,
   // x in fp32, once (it is small next to the weights).
   at::Tensor xf_t = x.to(at::kFloat).contiguous();
   const float* xf = xf_t.const_data_ptr<float>();
+  if (use_fused(s, count_of)) {
+    sparse_mlp_fused_kernel<scalar_t, index_t>(xf, wu, wg, wd, bu, bg, bd, ip, count_of, act, s,
+                                               out.data_ptr<scalar_t>());
+    return;
+  }
   std::vector<float> h(static_cast<size_t>(B * k), 0.f);
 
   // Phase 1: hidden values. Shared set: a task is a neuron, dotted with every row. Per-row sets:
