@@ -159,3 +159,25 @@ def test_write_then_gather_through_pages(device):
     # The same pages read at another width are the same bytes, reshaped.
     wide = pool.gather(pool.slots(pages, 64), 64)
     torch.testing.assert_close(wide.reshape(-1, 16), rows, rtol=0, atol=0)
+
+
+class _Spare:
+    def reclaimable_pages(self):
+        return 0
+
+    def reclaim(self, pages):
+        return 0
+
+
+@pytest.mark.parametrize("handle", [True, 1.0, "1", None])
+def test_remove_reclaimer_refuses_a_handle_that_is_not_an_int(handle):
+    pool = PagePool(4, 64, torch.float32, "cpu")
+    spare = _Spare()
+    first, second = pool.add_reclaimer("a", spare), pool.add_reclaimer("b", spare)
+    assert (first, second) == (0, 1)  # True == 1 would have matched the second one
+    with pytest.raises(TypeError, match=rf"remove_reclaimer: handle must be the int "
+                                        rf"add_reclaimer returned, got {handle!r}"):
+        pool.remove_reclaimer(handle)
+    pool.remove_reclaimer(second)  # still registered: the refusal removed nothing
+    with pytest.raises(ValueError, match="no reclaimer with handle 1"):
+        pool.remove_reclaimer(second)

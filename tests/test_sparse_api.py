@@ -310,12 +310,87 @@ def test_sparse_mlp_checks_options_assigned_after_construction():
     assert sparse_mlp(torch.randn(1, 1, 48)).shape == (1, 1, 48)
 
 
-def test_sparsify_with_a_bad_threshold_installs_nothing():
+@pytest.mark.parametrize("thresholds, error, message", [
+    ([0.1, "high"], TypeError, r"thresholds must be numbers .*got 'high'"),
+    ([0.1, float("nan")], ValueError, r"thresholds must be finite, got nan"),
+    ([0.1, 0.2, 0.3], ValueError, r"thresholds has 3 entries for 2 layers"),
+])
+def test_sparsify_with_bad_thresholds_keeps_the_earlier_sparsification(thresholds, error,
+                                                                         message):
     model = tiny_llama()
-    mlp_types = [type(layer.mlp) for layer in model.model.layers]
-    with pytest.raises(TypeError, match=r"threshold must be a number or None, got 'high'"):
-        sparse.sparsify(model, 0.5, mode="threshold", thresholds=[0.1, "high"])
-    assert [type(layer.mlp) for layer in model.model.layers] == mlp_types
+    sparse.sparsify(model, 0.5, mode="oracle")
+    before = [layer.mlp for layer in model.model.layers]
+    with pytest.raises(error, match=message):
+        sparse.sparsify(model, 0.5, mode="threshold", thresholds=thresholds)
+    assert [layer.mlp for layer in model.model.layers] == before  # not undone by the refusal
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(calibration_ids=torch.randn(2, 8)), ValueError,
+     r"sparsify: calibration_ids must be a 2-D integer tensor .*got torch.float32 of shape "
+     r"\(2, 8\)"),
+    (dict(calibration_ids=torch.randint(0, 97, (8,))), ValueError,
+     r"calibration_ids must be a 2-D integer tensor .*shape \(8,\)"),
+    (dict(calibration_ids=torch.zeros(0, 8, dtype=torch.long)), ValueError,
+     r"with at least one token"),
+    (dict(calibration_ids=[[1, 2, 3]]), TypeError, r"calibration_ids must be a 2-D integer "
+                                                   r"tensor of token ids \[batch, seq\], got list"),
+    (dict(predictors=42), TypeError, r"predictors must be a fastllm.sparse.Predictors, a path "
+                                     r"to saved ones, or None, got int"),
+])
+def test_sparsify_refuses_bad_calibration_ids_and_predictors_up_front(kwargs, error, message):
+    model = tiny_llama()
+    sparse.sparsify(model, 0.5, mode="oracle")
+    before = [layer.mlp for layer in model.model.layers]
+    with pytest.raises(error, match=message):
+        sparse.sparsify(model, 0.5, mode="predictor", **kwargs)
+    assert [layer.mlp for layer in model.model.layers] == before
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, ids: sparse.train_predictors(m, ids),
+    lambda m, ids: sparse.fit_factored_predictors(m, ids, rank=8),
+    lambda m, ids: sparse.quantize_predictors(m, ids),
+    lambda m, ids: sparse.calibrate_thresholds(m, ids, 0.5),
+    lambda m, ids: sparse.gate_magnitudes(m, ids),
+    lambda m, ids: sparse.collect_mlp_data(m, ids, lambda i, v, x: None),
+    lambda m, ids: sparse.allocate_sparsity(m, None, ids, 0.5),
+])
+def test_every_calibration_entry_point_refuses_float_ids_before_running_the_model(call):
+    model = tiny_llama()
+    ran = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda *args: ran.append(1))
+    with pytest.raises(ValueError, match=r"must be a 2-D integer tensor of token ids"):
+        call(model, torch.rand(2, 8))
+    hook.remove()
+    assert not ran
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(model="model"), TypeError, r"allocate_sparsity: model must be an nn.Module, got str"),
+    (dict(predictors="preds.pt"), TypeError,
+     r"predictors must be a fastllm.sparse.Predictors or None .*got str"),
+    (dict(sparsity=1.5), ValueError, r"sparsity must be a number in \[0, 1\].*1.5"),
+    (dict(sparsity=[0.5, 0.5]), ValueError, r"sparsity must be one number in \[0, 1\]"),
+    (dict(sparsity=0.95), ValueError, r"sparsity 0.95 is above max_sparsity 0.9"),
+    (dict(step=0.3), ValueError, r"step must be 1/k for an integer k >= 1 .*got 0.3"),
+    (dict(step=0), ValueError, r"step must be 1/k .*got 0"),
+    (dict(max_sparsity=1.2), ValueError, r"sparsity must be a number in \[0, 1\].*1.2"),
+    (dict(error="squared"), ValueError, r"error must be one of 'relative', 'absolute', "
+                                        r"got 'squared'"),
+])
+def test_allocate_sparsity_rejects_bad_arguments_before_running_the_model(kwargs, error,
+                                                                          message):
+    model = tiny_llama()
+    ran = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda *args: ran.append(1))
+    args = {**dict(model=model, predictors=None, calibration_ids=torch.randint(0, 97, (2, 8)),
+                   sparsity=0.5), **kwargs}
+    with pytest.raises(error, match=message):
+        sparse.allocate_sparsity(args.pop("model"), args.pop("predictors"),
+                                 args.pop("calibration_ids"), args.pop("sparsity"), **args)
+    hook.remove()
+    assert not ran
 
 
 def test_predictor_helpers_reject_bad_arguments():
@@ -328,6 +403,31 @@ def test_predictor_helpers_reject_bad_arguments():
         with pytest.raises(ValueError, match=rf"predictor_bytes_share: bits must be 8 or 4 .*"
                                              rf"got {bits!r}"):
             sparse.predictor_bytes_share(576, 1536, bits=bits)
+    for d in (0, -4, 576.0, True):
+        with pytest.raises(ValueError, match=rf"predictor_cost: d must be an int >= 1, "
+                                             rf"got {d!r}"):
+            sparse.predictor_cost("factored", d, 1536, rank=64)
+        with pytest.raises(ValueError, match=rf"predictor_bytes_share: d must be an int >= 1, "
+                                             rf"got {d!r}"):
+            sparse.predictor_bytes_share(d, 1536)
+    with pytest.raises(ValueError, match=r"predictor_cost: n must be an int >= 1, got 0"):
+        sparse.predictor_cost("quantized", 576, 0, rank=0)
+    with pytest.raises(ValueError, match=r"predictor_cost: rank must be an int >= 1, got 0"):
+        sparse.predictor_cost("factored", 576, 1536, rank=0)
+    assert sparse.predictor_cost("quantized", 576, 1536, rank=0) > 0  # no rank: 0 is fine
+    with pytest.raises(TypeError, match=r"predictor_cost: gated must be a bool, got 'yes'"):
+        sparse.predictor_cost("factored", 576, 1536, rank=8, gated="yes")
+    with pytest.raises(ValueError, match=r"predictor_bytes_share: group must be an int >= 1, "
+                                         r"got 0"):
+        sparse.predictor_bytes_share(576, 1536, group=0)
+    with pytest.raises(ValueError, match=r"weight_bytes must be a number > 0 .*got 0"):
+        sparse.predictor_bytes_share(576, 1536, weight_bytes=0)
+    with pytest.raises(ValueError, match=r"input_keep must be None or a number in \(0, 1\], "
+                                         r"got 1.5"):
+        sparse.predictor_bytes_share(576, 1536, input_keep=1.5)
+    with pytest.raises(ValueError, match=r"default_rank: max_cost must be a number > 0 .*got "
+                                         r"-0.1"):
+        sparse.default_rank("factored", 576, 1536, max_cost=-0.1)
 
 
 @pytest.mark.parametrize("sparsity", [1.5, -0.1, [0.5, 1.5], True, "half"])

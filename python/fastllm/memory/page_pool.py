@@ -549,6 +549,10 @@ class PagePool:
             return handle
 
     def remove_reclaimer(self, handle: int) -> None:
+        # True == 1 as a dict key: a bool would remove the reclaimer with handle 1.
+        if isinstance(handle, bool) or not isinstance(handle, int):
+            raise TypeError(f"PagePool.remove_reclaimer: handle must be the int add_reclaimer "
+                            f"returned, got {handle!r}")
         with self.lock:
             if handle not in self._reclaimers:
                 raise ValueError(f"PagePool.remove_reclaimer: no reclaimer with handle "

@@ -112,6 +112,8 @@ def collect_mlp_data(model: nn.Module, ids: Tensor, fn, batch_size: int = 4, *,
     >>> means = [torch.stack(chunks).mean(0) for chunks in per_layer]
     """
     show = check_progress(progress, "fastllm.sparse.collect_mlp_data")
+    check_token_ids(ids, "collect_mlp_data", "ids")
+    check_positive_int(batch_size, "collect_mlp_data", "batch_size")
     with Progress(_batch_count(ids, batch_size), "collecting MLP inputs", show,
                   unit="batch") as bar:
         return _collect(model, ids, fn, batch_size, bar)
@@ -164,6 +166,25 @@ def check_sparsity(sparsity, where: str) -> None:
                 or not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"fastllm.sparse.{where}: sparsity must be a number in [0, 1] (the "
                              f"share of neurons skipped), or a list of them, got {value!r}")
+
+
+def check_token_ids(ids, where: str, name: str = "calibration_ids") -> None:
+    """Calibration token ids: a 2-D integer tensor ``[batch, seq]`` with at least one token
+    (a float or 1-D tensor would otherwise fail deep inside the model's embedding)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"fastllm.sparse.{where}: {name} must be a 2-D integer tensor of token "
+                        f"ids [batch, seq], got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex \
+            or ids.dtype == torch.bool or ids.numel() == 0:
+        raise ValueError(f"fastllm.sparse.{where}: {name} must be a 2-D integer tensor of token "
+                         f"ids [batch, seq] with at least one token, got {ids.dtype} of shape "
+                         f"{tuple(ids.shape)}")
+
+
+def check_positive_int(value, where: str, name: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"fastllm.sparse.{where}: {name} must be an int >= {minimum}, "
+                         f"got {value!r}")
 
 
 def _per_layer(value, n_layers: int, name: str) -> list:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .._progress import check_progress
 from ..nn.sparse_mlp import SPARSE_MLP_MODES, SparseMLP, _check_choice, check_mlp_options
 from ._sites import (_dense_mlp, _install, _model_identity, _per_layer, check_sparsity,
-                     collect_mlp_data, densify, find_mlps)
+                     check_token_ids, collect_mlp_data, densify, find_mlps)
 from .calibrate import calibrate_thresholds
 from .predictors import PredictorMismatchError, Predictors, train_predictors
 
@@ -45,6 +45,7 @@ def allocate_sparsity(model: nn.Module, predictors: "Predictors | None", calibra
     >>> _ = fastllm.sparse.sparsify(model, per_layer, mode="oracle")
     """
     check_progress(progress, "fastllm.sparse.allocate_sparsity")
+    _check_allocate_args(model, predictors, calibration_ids, sparsity, step, max_sparsity, error)
     grid = [round(k * step, 6) for k in range(1, int(round(1 / step)) + 1)]  # keep fractions
     grid = [g for g in grid if g >= 1 - max_sparsity - 1e-9]
 
@@ -76,11 +77,36 @@ def allocate_sparsity(model: nn.Module, predictors: "Predictors | None", calibra
     return [round(1 - grid[l], 6) for l in level]
 
 
+def _check_allocate_args(model, predictors, calibration_ids, sparsity, step, max_sparsity,
+                         error) -> None:
+    where = "fastllm.sparse.allocate_sparsity"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+    if predictors is not None and not isinstance(predictors, Predictors):
+        raise TypeError(f"{where}: predictors must be a fastllm.sparse.Predictors or None (the "
+                        f"oracle's selection), got {type(predictors).__name__}")
+    check_token_ids(calibration_ids, "allocate_sparsity")
+    if isinstance(sparsity, (list, tuple)):
+        raise ValueError(f"{where}: sparsity must be one number in [0, 1] (the average over the "
+                         f"layers; the result is the per-layer list), got {sparsity!r}")
+    check_sparsity(sparsity, "allocate_sparsity")
+    # The grid of keep fractions is step, 2 step, ..., 1: step must divide 1.
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1 \
+            or abs(1 / step - round(1 / step)) > 1e-6:
+        raise ValueError(f"{where}: step must be 1/k for an integer k >= 1 (0.05 = 1/20), "
+                         f"got {step!r}")
+    check_sparsity(max_sparsity, "allocate_sparsity")
+    if sparsity > max_sparsity:
+        raise ValueError(f"{where}: sparsity {sparsity!r} is above max_sparsity "
+                         f"{max_sparsity!r}: no layer may be sparser than max_sparsity")
+    _check_choice(where, "error", error, ("relative", "absolute"))
+
+
 SPARSIFY_MODES = SPARSE_MLP_MODES
 
 
 def _check_sparsify_args(model, sparsity, mode, selection, batch_sets, dense_above, compute,
-                         deterministic) -> None:
+                         deterministic, calibration_ids, thresholds, predictors) -> None:
     """Every argument of :func:`sparsify` checked before the model is touched: a sparsity
     outside [0, 1] would otherwise keep a negative or over-full neuron count, silently clamped
     into a dense or an empty MLP."""
@@ -92,6 +118,20 @@ def _check_sparsify_args(model, sparsity, mode, selection, batch_sets, dense_abo
     check_mlp_options(where, mode=mode, batch_sets=batch_sets, dense_above=dense_above,
                       compute=compute, deterministic=deterministic)
     _check_choice(where, "selection", selection, ("topk", "logit"))
+    if predictors is not None and not isinstance(predictors, (str, pathlib.Path, Predictors)):
+        raise TypeError(f"{where}: predictors must be a fastllm.sparse.Predictors, a path to "
+                        f"saved ones, or None, got {type(predictors).__name__}")
+    if calibration_ids is not None:
+        check_token_ids(calibration_ids, "sparsify")
+    n_sites = len(find_mlps(model))
+    _per_layer(sparsity, n_sites, "sparsity")
+    if thresholds is not None:
+        for value in _per_layer(thresholds, n_sites, "thresholds"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{where}: thresholds must be numbers (one per MLP, or one for "
+                                f"all), got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: thresholds must be finite, got {value!r}")
 
 
 def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors=None,
@@ -150,7 +190,7 @@ def sparsify(model: nn.Module, sparsity=0.5, mode: str = "predictor", predictors
         >>> removed = fastllm.sparse.densify(model)
     """
     _check_sparsify_args(model, sparsity, mode, selection, batch_sets, dense_above, compute,
-                         deterministic)
+                         deterministic, calibration_ids, thresholds, predictors)
     check_progress(progress, "fastllm.sparse.sparsify")
     densify(model)
     sites = find_mlps(model)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._progress import Progress, check_progress
-from ._sites import _batch_count, _collect, _per_layer, check_sparsity, find_mlps
+from ._sites import _batch_count, _collect, _per_layer, check_sparsity, check_token_ids, find_mlps
 
 
 
@@ -32,6 +32,7 @@ def gate_magnitudes(model: nn.Module, calibration_ids: Tensor, max_values: int =
     True
     """
     show = check_progress(progress, "fastllm.sparse.gate_magnitudes")
+    check_token_ids(calibration_ids, "gate_magnitudes")
     _check_batch_size(batch_size, "gate_magnitudes")
     with Progress(_batch_count(calibration_ids, batch_size), "calibrating thresholds", show,
                   unit="batch") as bar:
@@ -104,6 +105,7 @@ def calibrate_thresholds(model: nn.Module, calibration_ids: Tensor, sparsity, *,
     """
     show = check_progress(progress, "fastllm.sparse.calibrate_thresholds")
     check_sparsity(sparsity, "calibrate_thresholds")  # before the dense passes, not after
+    check_token_ids(calibration_ids, "calibrate_thresholds")
     _check_batch_size(batch_size, "calibrate_thresholds")
     steps = _batch_count(calibration_ids, batch_size) + len(find_mlps(model))
     with Progress(steps, "calibrating thresholds", show) as bar:

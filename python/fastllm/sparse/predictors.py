@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from ..nn.sparse_mlp import FactoredPredictor, LowRankPredictor, QuantizedPredictor
 from .._optional import require
 from .._progress import Progress, check_progress
-from ._sites import _batch_count, _collect, _make_view, _model_identity, find_mlps
+from ._sites import (_batch_count, _collect, _make_view, _model_identity, check_positive_int,
+                     check_token_ids, find_mlps)
 
 
 
@@ -210,6 +211,11 @@ def _new_predictor(kind: str, d: int, n: int, rank: int, activation: str) -> nn.
 PREDICTOR_KINDS = ("factored", "lowrank", "quantized")
 
 
+def _check_bool(value, where: str, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"fastllm.sparse.{where}: {name} must be a bool, got {value!r}")
+
+
 def predictor_cost(kind: str, d: int, n: int, rank: int, gated: bool = True) -> float:
     """Multiply-adds of one predictor call as a share of the dense MLP's (``3dn`` gated, ``2dn``
     plain). For ``"quantized"`` (``rank`` unused) they are the gate and up projections' own;
@@ -225,6 +231,11 @@ def predictor_cost(kind: str, d: int, n: int, rank: int, gated: bool = True) -> 
     if kind not in PREDICTOR_KINDS:
         raise ValueError(f"fastllm.sparse.predictor_cost: kind must be one of "
                          f"{', '.join(repr(k) for k in PREDICTOR_KINDS)}, got {kind!r}")
+    check_positive_int(d, "predictor_cost", "d")
+    check_positive_int(n, "predictor_cost", "n")
+    # The quantized predictor has no rank; the low-rank ones need one.
+    check_positive_int(rank, "predictor_cost", "rank", minimum=0 if kind == "quantized" else 1)
+    _check_bool(gated, "predictor_cost", "gated")
     if kind == "quantized":
         per_token = (2 if gated else 1) * d * n
     else:
@@ -262,6 +273,20 @@ def predictor_bytes_share(d: int, n: int, *, bits: int = 8, score: str = "gate_u
     if score not in ("gate_up", "gate"):
         raise ValueError(f"fastllm.sparse.predictor_bytes_share: score must be 'gate_up' or "
                          f"'gate', got {score!r}")
+    check_positive_int(d, "predictor_bytes_share", "d")
+    check_positive_int(n, "predictor_bytes_share", "n")
+    check_positive_int(group, "predictor_bytes_share", "group")
+    _check_bool(gated, "predictor_bytes_share", "gated")
+    _check_bool(as_stored, "predictor_bytes_share", "as_stored")
+    if isinstance(weight_bytes, bool) or not isinstance(weight_bytes, (int, float)) \
+            or not weight_bytes > 0:
+        raise ValueError(f"fastllm.sparse.predictor_bytes_share: weight_bytes must be a number "
+                         f"> 0 (2 for fp16/bf16, 4 for fp32), got {weight_bytes!r}")
+    if input_keep is not None and (isinstance(input_keep, bool)
+                                   or not isinstance(input_keep, (int, float))
+                                   or not 0 < input_keep <= 1):
+        raise ValueError(f"fastllm.sparse.predictor_bytes_share: input_keep must be None or a "
+                         f"number in (0, 1], got {input_keep!r}")
     if score == "gate" and not gated:
         raise ValueError("fastllm.sparse.predictor_bytes_share: score='gate' needs a gated MLP")
     per_weight = bits / 8 + 4 / group
@@ -303,6 +328,9 @@ def default_rank(kind: str, d: int, n: int, gated: bool = True, max_cost: float 
     >>> rank, fastllm.sparse.predictor_cost("factored", 576, 1536, rank) <= 0.15
     (104, True)
     """
+    if isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) or not max_cost > 0:
+        raise ValueError(f"fastllm.sparse.default_rank: max_cost must be a number > 0 (a share "
+                         f"of the MLP's multiply-adds), got {max_cost!r}")
     per_rank = predictor_cost(kind, d, n, 1, gated)
     return max(8, int(max_cost / per_rank) // 8 * 8)
 
@@ -381,6 +409,7 @@ def train_predictors(model: nn.Module, calibration_ids: Tensor, *, kind: str = "
         >>> _ = fastllm.sparse.sparsify(model, 0.5, predictors=preds)
     """
     check_progress(progress, "fastllm.sparse.train_predictors")  # before any work
+    check_token_ids(calibration_ids, "train_predictors")
     sites = find_mlps(model)
     first = _make_view(sites[0])
     if kind == "auto":
@@ -473,6 +502,7 @@ def fit_factored_predictors(model: nn.Module, calibration_ids: Tensor, *, rank: 
     True
     """
     show = check_progress(progress, "fastllm.sparse.fit_factored_predictors")
+    check_token_ids(calibration_ids, "fit_factored_predictors")
     sites = find_mlps(model)
     views = [_make_view(s) for s in sites]
     n_layers = len(sites)
@@ -622,6 +652,8 @@ def quantize_predictors(model: nn.Module, calibration_ids: Tensor | None = None,
     >>> _ = fastllm.sparse.sparsify(model, 0.5, predictors=preds)
     """
     show = check_progress(progress, "fastllm.sparse.quantize_predictors")
+    if calibration_ids is not None:
+        check_token_ids(calibration_ids, "quantize_predictors")
     sites = find_mlps(model)
     views = [_make_view(s) for s in sites]
     which = list(range(len(sites))) if layers is None else list(layers)
