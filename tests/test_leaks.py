@@ -1,6 +1,6 @@
-"""Leaks (issue 21): many generate calls with FastGenCache, and many adapter load / batch / unload
-cycles with AdapterManager, on one long-lived pool return every page and keep the process's
-memory flat. A tiny random Llama (no download); FASTLLM_LEAK_CALLS sets the number of calls
+"""Leaks (issue 21): many generate calls with FastGenCache, many adapter load / batch / unload
+cycles with AdapterManager, and both together on one pool, on a long-lived pool return every
+page and keep the process's memory flat. A tiny random Llama (no download); FASTLLM_LEAK_CALLS sets the number of calls
 (default 1000)."""
 
 from __future__ import annotations
@@ -117,5 +117,44 @@ def test_adapter_cycles_return_every_page_and_memory_stays_flat():
 
     growth = run_flat(call, CALLS)
     assert manager.adapters == []
+    assert growth < GROWTH_BOUND_BYTES, f"peak RSS grew {growth / 2**20:.1f} MB in {CALLS} calls"
+    manager.close()
+
+
+def test_adapters_and_fastgen_caches_on_one_pool_return_every_page_and_memory_stays_flat():
+    from fastllm.memory import unified_page_size
+
+    model = tiny_llama(layers=1)
+    pool = PagePool(512, unified_page_size(model, target_modules=("q_proj", "v_proj"), rank=8),
+                    torch.float32, torch.device("cpu"))
+    manager = AdapterManager(model, max_rank=8, pool=pool, target_modules=("q_proj", "v_proj"))
+    generator = torch.Generator().manual_seed(0)
+    shapes = {name: module.weight.shape for name, module in model.named_modules()
+              if name.endswith(("q_proj", "v_proj"))}
+
+    def adapter_state(rank):
+        state = {}
+        for name, (out_f, in_f) in shapes.items():
+            prefix = f"base_model.model.{name}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=generator)
+            state[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=generator)
+        return state
+
+    def call(i):
+        name = f"a{i}"
+        rank = 1 + i % 8
+        manager.load(name, adapter_state(rank), config={"r": rank, "lora_alpha": 2 * rank})
+        ids = torch.randint(2, VOCAB, (2, 6 + i % 11), generator=generator)
+        cache = FastGenCache(model, StubTokenizer(), pool=pool)
+        with manager.batch([name, None]), torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
+                           do_sample=False, pad_token_id=0, cache=cache)
+        assert set(pool.stats()["by_owner"]) == {"kv", "lora"}  # both held pages of this pool
+        cache.release()
+        manager.unload(name)
+        assert pool.used_pages == 0, f"call {i}: {pool.stats()}"
+
+    growth = run_flat(call, CALLS)
+    assert pool.stats()["by_owner"] == {}
     assert growth < GROWTH_BOUND_BYTES, f"peak RSS grew {growth / 2**20:.1f} MB in {CALLS} calls"
     manager.close()
