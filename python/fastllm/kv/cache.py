@@ -158,7 +158,9 @@ class FastGenCache(_AttentionPath, Cache):
             paper's whole-prompt attention only); see ``policies.fastgen_profile``.
         heavy_from, recovery_on: which prompt queries FastGen's heavy-hitter ranking and its
             recovery check read: ``"prompt"`` (all, the paper), ``"observed"`` (the last
-            ``observe``) or ``"both"``; see ``policies.fastgen_profile``.
+            ``observe``) or ``"both"``; see ``policies.fastgen_profile``. Defaults: the ranking
+            by the observed queries alone (it kept the most needles on both retrieval splits,
+            docs/kv.md), the check on both.
         adaptive: FastGen's frequency heads of a layer share their heavy-hitter slots, allotted
             by attention mass (AdaKV-style; False = the paper's equal count per head).
         adaptive_floor: share of an equal split each head is guaranteed under ``adaptive`` and
@@ -223,7 +225,7 @@ class FastGenCache(_AttentionPath, Cache):
                  frequency: float = 0.3, policy: str = "fastgen", budget: float | int = 0.5,
                  sinks: int = 4, snap_window: int = 32, pool: PagePool | None = None,
                  max_tokens: int = 4096, page_rows: int = 16, chunk: int = 128,
-                 heavy_pool: int = 11, observe: int = 64, heavy_from: str = "both",
+                 heavy_pool: int = 11, observe: int = 64, heavy_from: str = "observed",
                  recovery_on: str = "both", adaptive: bool = False,
                  adaptive_floor: float = 0.2):
         _check_supported(model)
