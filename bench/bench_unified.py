@@ -525,7 +525,13 @@ def targets(results, adapters, splits):
         out["unified_req_s_ratio_max_to_min_adapters"] = uni[hi]["req_per_s"] / uni[lo]["req_per_s"]
     mid = "100" if "100" in uni else None
     if mid and mid in results.get("peft", {}):
-        out["unified_over_peft_req_s_at_100"] = uni[mid]["req_per_s"] / results["peft"][mid]["req_per_s"]
+        peft = results["peft"][mid]["req_per_s"]
+        out["unified_over_peft_req_s_at_100"] = uni[mid]["req_per_s"] / peft
+        if results.get("base"):
+            # The base model (no adapters, the whole pool for KV) through the same loop bounds any
+            # adapter-serving system here: a ratio to PEFT above this one cannot be reached.
+            base = next(iter(results["base"].values()))["req_per_s"]
+            out["base_over_peft_req_s_at_100"] = base / peft
     for n in uni:
         split = [results[f"split-{f}"][n] for f in splits if n in results.get(f"split-{f}", {})]
         if split:

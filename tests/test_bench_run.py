@@ -44,6 +44,21 @@ def test_serving_results_become_records_against_the_best_split_and_peft():
     assert by["5 adapters", "best fixed split (split-50)"].metrics["peak concurrency, split"] == 6
 
 
+def test_serving_targets_report_the_base_models_ceiling_over_peft():
+    import bench_unified
+    results = {"unified": {"5": {"req_per_s": 2.0, "peak_concurrency": 9},
+                           "100": {"req_per_s": 1.5, "peak_concurrency": 8}},
+               "split-50": {"100": {"req_per_s": 1.4, "peak_concurrency": 6}},
+               "peft": {"100": {"req_per_s": 1.0}},
+               "base": {"5": {"req_per_s": 2.5}}}
+    got = bench_unified.targets(results, [5, 100], [50])
+    assert got["unified_over_peft_req_s_at_100"] == pytest.approx(1.5)
+    assert got["base_over_peft_req_s_at_100"] == pytest.approx(2.5)
+    assert got["peak_concurrency_unified_vs_best_split_at_100"] == [8, 6]
+    assert "base_over_peft_req_s_at_100" not in bench_unified.targets(
+        {k: v for k, v in results.items() if k != "base"}, [5, 100], [50])
+
+
 def test_serving_loop_rejects_only_what_an_empty_pool_cannot_hold(smollm2, shakespeare):
     """With nothing running, a request whose adapter and prompt fit the pool once the queued
     requests' adapters give way is served: the loop used to keep those adapters and reject it
