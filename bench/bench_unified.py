@@ -150,7 +150,11 @@ def serve(model, tokenizer, trace, kv_pool, manager=None, policy="fastgen", max_
     waiting: collections.deque = collections.deque()
     running: list[Request] = []                 # in the cache's sequence order
     last: dict[int, torch.Tensor] = {}
-    peak = preemptions = rejected = 0
+    peak = preemptions = rejected = failed_admissions = finished = 0
+    # Admission after a prompt found no room, or after a preemption, waits for a sequence to
+    # finish: until then the running batch only grows, so a retry would run a prompt bound to
+    # fail (loading its adapter, evicting others) at every step.
+    closed_until_finished = -1
     start = time.perf_counter()
 
     def names(reqs):
@@ -172,15 +176,18 @@ def serve(model, tokenizer, trace, kv_pool, manager=None, policy="fastgen", max_
             # may come from adapters outside the batch, but not from those of the running
             # sequences or of the requests queued right behind it (up to the free batch
             # slots): evicting those only to reload them a step later was the churn.
-            while waiting and len(running) < max_batch:
+            while waiting and len(running) < max_batch and (
+                    not running or closed_until_finished != finished):
                 req = waiting[0]
                 queued = [r.adapter for r in list(waiting)[1:max_batch - len(running)]]
                 try:
                     with batch([req.adapter], keep=names(running) + queued):
                         logits = cache.join(req.prompt).logits[0, -1]
                 except PoolExhaustedError:
+                    failed_admissions += 1
                     if running:
-                        break  # room comes back when a sequence leaves
+                        closed_until_finished = finished  # room comes back when one leaves
+                        break
                     # Nothing runs: the queued requests' adapters may go after all (keeping
                     # them here rejected requests that fit an otherwise empty pool).
                     try:
@@ -198,6 +205,7 @@ def serve(model, tokenizer, trace, kv_pool, manager=None, policy="fastgen", max_
                     req.done = time.perf_counter() - start
                     cache.leave(len(running) - 1)
                     running.pop()
+                    finished += 1
             peak = max(peak, len(running))
             if not running:
                 continue
@@ -219,6 +227,7 @@ def serve(model, tokenizer, trace, kv_pool, manager=None, policy="fastgen", max_
                         break
                     victim.preempted += 1
                     preemptions += 1
+                    closed_until_finished = finished
                     waiting.appendleft(victim)
                     tokens = tokens[:-1]
             if not running:
@@ -232,9 +241,11 @@ def serve(model, tokenizer, trace, kv_pool, manager=None, policy="fastgen", max_
                     req.done = now
                     cache.leave(row)
                     running.pop(row)
+                    finished += 1
     end = time.perf_counter() - start
     cache.release()
-    return summarise(trace, 0.0, end, peak, preemptions, rejected)
+    return summarise(trace, 0.0, end, peak, preemptions, rejected,
+                     {"failed_admissions": failed_admissions})
 
 
 def run_fastllm(model, tokenizer, trace, system, pool_bytes, max_batch):

@@ -115,3 +115,59 @@ def test_serving_loop_rejects_only_what_an_empty_pool_cannot_hold(smollm2, shake
     finally:
         manager.close()
     assert result["rejected"] == 0 and result["requests"] == 3, result
+
+
+def test_serving_loop_retries_a_failed_admission_only_after_a_sequence_finishes(smollm2,
+                                                                                 shakespeare):
+    """A prompt that found no room cannot fit before a running sequence finishes (the batch only
+    grows until then); retrying at every decode step ran that prompt, and loaded its adapter,
+    once per step."""
+    import copy
+
+    import bench_unified
+    import torch
+    from fastllm.kv import FastGenCache
+    from fastllm.lora import AdapterManager
+    from fastllm.memory import PagePool
+
+    model, tokenizer = smollm2
+    model = copy.deepcopy(model)
+    prompt = tokenizer(shakespeare[:2000], return_tensors="pt").input_ids[:, :16]
+    steps = 8
+
+    def pool_of(nbytes):
+        return PagePool.for_model(model, nbytes=nbytes, target_modules=bench_unified.TARGETS,
+                                  rank=32)
+
+    def manager_on(pool):
+        manager = AdapterManager(model, target_modules=bench_unified.TARGETS, max_rank=64,
+                                 pool=pool)
+        manager.load("ad4", *bench_unified.adapter_state(model, "ad4"))  # rank 8
+        return manager
+
+    probe = pool_of(256 << 20)
+    manager = manager_on(probe)
+    with manager.batch(["ad4"]):
+        adapter_pages = probe.used_pages
+    cache = FastGenCache(model, tokenizer, pool=probe)
+    with manager.batch(["ad4"]), torch.no_grad():
+        cache.join(prompt)
+        for _ in range(steps):
+            model(prompt[:, :1], attention_mask=cache.attention_mask(1),
+                  position_ids=cache.position_ids(1), cache=cache, use_cache=True)
+    kv_pages = probe.used_pages - adapter_pages
+    cache.release()
+    manager.close()
+
+    # The adapter and one sequence's KV with a few pages to spare: never two sequences at once.
+    pool = pool_of((adapter_pages + kv_pages + 4) * probe.page_bytes)
+    manager = manager_on(pool)
+    try:
+        trace = [bench_unified.Request(i, 0.0, prompt.clone(), "ad4", steps) for i in range(3)]
+        result = bench_unified.serve(model, tokenizer, trace, pool, manager, max_batch=4)
+    finally:
+        manager.close()
+    assert result["requests"] == 3 and result["rejected"] == 0, result
+    assert result["peak_concurrency"] == 1, result
+    # One failed try per request that had to wait for a finish (the old loop: one per step).
+    assert result["failed_admissions"] <= 2, result
