@@ -12,7 +12,8 @@ memory), before the clock starts.
 The reference loop (``serve``), the mechanism a server needs and no more: each iteration admits
 waiting requests in arrival order while they fit (each one's prompt runs alone,
 ``FastGenCache.join`` inside ``manager.batch([its adapter], keep=<the running batch's>)``; a
-prompt or adapter that does not fit the pool waits), then runs one decode step of the whole batch
+prompt or adapter that does not fit the pool waits, and no admission is tried again until a
+running sequence finishes), then runs one decode step of the whole batch
 (``manager.batch(<each sequence's adapter>)``); a step that finds no page for the KV append
 preempts the newest sequence (it leaves, its pages return, it is queued again and recomputed
 later) and runs again; a finished sequence leaves. Greedy decoding, a fixed number of output
