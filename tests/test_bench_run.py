@@ -59,6 +59,23 @@ def test_serving_targets_report_the_base_models_ceiling_over_peft():
         {k: v for k, v in results.items() if k != "base"}, [5, 100], [50])
 
 
+def _serving_pool(model, nbytes):
+    """A pool laid out as bench_unified lays out the unified one."""
+    import bench_unified
+    from fastllm.memory import PagePool
+    return PagePool.for_model(model, nbytes=nbytes, target_modules=bench_unified.TARGETS, rank=32)
+
+
+def _serving_manager(model, pool, names):
+    """An AdapterManager on ``pool`` holding bench_unified's adapters ``names``."""
+    import bench_unified
+    from fastllm.lora import AdapterManager
+    manager = AdapterManager(model, target_modules=bench_unified.TARGETS, max_rank=64, pool=pool)
+    for name in names:
+        manager.load(name, *bench_unified.adapter_state(model, name))
+    return manager
+
+
 def test_serving_loop_rejects_only_what_an_empty_pool_cannot_hold(smollm2, shakespeare):
     """With nothing running, a request whose adapter and prompt fit the pool once the queued
     requests' adapters give way is served: the loop used to keep those adapters and reject it
@@ -68,23 +85,16 @@ def test_serving_loop_rejects_only_what_an_empty_pool_cannot_hold(smollm2, shake
     import bench_unified
     import torch
     from fastllm.kv import FastGenCache
-    from fastllm.lora import AdapterManager
-    from fastllm.memory import PagePool
 
     model, tokenizer = smollm2
     model = copy.deepcopy(model)
     prompt = tokenizer(shakespeare[:2000], return_tensors="pt").input_ids[:, :16]
 
     def pool_of(nbytes):
-        return PagePool.for_model(model, nbytes=nbytes, target_modules=bench_unified.TARGETS,
-                                  rank=32)
+        return _serving_pool(model, nbytes)
 
     def manager_on(pool):
-        manager = AdapterManager(model, target_modules=bench_unified.TARGETS, max_rank=64,
-                                 pool=pool)
-        for name in ("ad1", "ad3"):  # ranks 16 and 64
-            manager.load(name, *bench_unified.adapter_state(model, name))
-        return manager
+        return _serving_manager(model, pool, ("ad1", "ad3"))  # ranks 16 and 64
 
     # Pages each part takes, measured on a roomy pool.
     probe = pool_of(256 << 20)
@@ -127,8 +137,6 @@ def test_serving_loop_retries_a_failed_admission_only_after_a_sequence_finishes(
     import bench_unified
     import torch
     from fastllm.kv import FastGenCache
-    from fastllm.lora import AdapterManager
-    from fastllm.memory import PagePool
 
     model, tokenizer = smollm2
     model = copy.deepcopy(model)
@@ -136,14 +144,10 @@ def test_serving_loop_retries_a_failed_admission_only_after_a_sequence_finishes(
     steps = 8
 
     def pool_of(nbytes):
-        return PagePool.for_model(model, nbytes=nbytes, target_modules=bench_unified.TARGETS,
-                                  rank=32)
+        return _serving_pool(model, nbytes)
 
     def manager_on(pool):
-        manager = AdapterManager(model, target_modules=bench_unified.TARGETS, max_rank=64,
-                                 pool=pool)
-        manager.load("ad4", *bench_unified.adapter_state(model, "ad4"))  # rank 8
-        return manager
+        return _serving_manager(model, pool, ("ad4",))  # rank 8
 
     probe = pool_of(256 << 20)
     manager = manager_on(probe)
