@@ -13,10 +13,15 @@ from fastllm.nn import QuantizedPredictor
 from helpers import FLOAT_DTYPES, random_tensor
 
 # (rows, d_in, n_neurons, group, packed): 16-column tails (group 16, 48), whole-row groups, a
-# neuron count off any vector width, no rows
+# neuron count off any vector width, no rows. Packed rows with groups of whole 32-column blocks
+# take 128-column chunks on AVX-512: a short last chunk of 1-3 blocks (64, 576, 608), a span of 16
+# blocks with 1, 2, 3 or 4 blocks per group (576, 640, 1152, 2048; with 96 a group straddles
+# spans).
 SHAPES = [(1, 64, 96, 16, False), (3, 96, 53, 32, False), (2, 576, 200, 64, False),
           (2, 48, 17, 48, False), (0, 32, 8, 16, False), (1, 64, 40, 32, True),
-          (3, 576, 77, 32, True), (2, 96, 9, 16, True), (1, 96, 9, 48, True)]
+          (3, 576, 77, 32, True), (2, 96, 9, 16, True), (1, 96, 9, 48, True),
+          (2, 608, 19, 32, True), (1, 640, 21, 64, True), (2, 1152, 13, 96, True),
+          (1, 2048, 9, 128, True)]
 
 
 def weights(d_in, n, group, packed, gated=True, bias=False, device="cpu"):
@@ -141,6 +146,25 @@ def test_quantize_x_must_be_a_bool():
         scores(random_tensor(1, 32), w, quantize_x="yes")
     with pytest.raises(ValueError, match="quantize_x must be None, True or False"):
         QuantizedPredictor(32, 8, group=16, quantize_x=1)
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+def test_scores_hold_at_extreme_gates(activation):
+    # SiLU and ReLU scores are computed on vectors (a polynomial e^x, clamped to [-87, 88]): gates
+    # of +-200 must still give act(g) * u within rounding of the reference, and never inf or NaN.
+    w = weights(64, 48, 32, True)
+    w["gate_scale"] = w["gate_scale"] * torch.logspace(-3, 3, 48)[:, None]
+    x = random_tensor(3, 64) * 4
+    got = scores(x, w, activation)
+    want = quantized_neuron_scores_reference(x, w["q_up"], w["up_scale"], w["q_gate"],
+                                             w["gate_scale"], None, None, activation,
+                                             quantize_x=True)
+    gate = x @ (w["int8_gate"].float().view(48, 2, 32) * w["gate_scale"][..., None]).view(48, 64).T
+    assert gate.max() > 200 and (-gate).max() > 200  # the scales reach both clamps
+    assert torch.isfinite(got).all()
+    same_up_to_summation_order(got, want)
+    tiny = want < 1e-30  # e^-200 underflows; the clamp leaves at most e^-87 * |g u| there
+    assert tiny.any() and (got[tiny] < 1e-30).all()
 
 
 def test_predictor_rounds_cpu_inputs_unless_told_not_to():

@@ -91,6 +91,31 @@ FASTLLM_INLINE float horizontal_sum(VecF v) {
   return sum;
 }
 
+typedef int32_t VecI __attribute__((vector_size(64)));
+
+// e^x on 16 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact n ln2), e^r by
+// Cephes' degree-6 polynomial, 2^n put into the exponent bits. x is clamped to [-87, 88] first, so
+// 2^n stays a normal float (e^-100 comes out as e^-87, not 0: the callers only rank with it).
+FASTLLM_INLINE VecF exp_vec(VecF x) {
+  x = x < -87.f ? VecF{} - 87.f : x;
+  x = x > 88.f ? VecF{} + 88.f : x;
+  const VecF t = x * 1.44269504088896341f + 0.5f;
+  VecI n = __builtin_convertvector(t, VecI);          // toward zero,
+  n += __builtin_convertvector(n, VecF) > t;  // then down (true is -1): floor(x log2 e + 1/2)
+  const VecF nf = __builtin_convertvector(n, VecF);
+  const VecF r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  VecF p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  VecF scale;
+  const VecI bits = (n + 127) << 23;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
 // x . w with four independent accumulators.
 template <typename w_t>
 FASTLLM_INLINE float dot_f32(const float* __restrict__ x, const w_t* __restrict__ w, int64_t n) {

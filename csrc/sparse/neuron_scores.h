@@ -88,7 +88,11 @@ FASTLLM_HOST_DEVICE int x_code(float v, float scale) {
 #if defined(__CUDA_ARCH__)
   return static_cast<int>(rintf(v / scale));
 #else
-  return static_cast<int>(std::nearbyint(v / scale));  // the default mode rounds half to even
+  // |v / scale| <= 127: adding 1.5 * 2^23 leaves no fraction bits, so the add rounds (half to
+  // even, the default mode) and the subtraction is exact. std::nearbyint is a libm call per
+  // element on the baseline ISA: a tenth of the int4 scores' time at SmolLM2's width.
+  constexpr float kRoundingBias = 12582912.f;
+  return static_cast<int>((v / scale + kRoundingBias) - kRoundingBias);
 #endif
 }
 

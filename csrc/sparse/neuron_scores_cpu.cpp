@@ -149,15 +149,24 @@ __attribute__((target("avx2,fma"))) void quantized_dots_avx2(
 //   kNibbleBlocks (AVX2, packed int4): each 32-column block's 16 even columns, then its 16 odd
 //     ones, so the low and high nibbles of its 16 weight bytes meet their x codes without being
 //     interleaved back into column order;
-//   kNibblePairs (AVX-512, packed int4): per 64 columns, the evens of both blocks then the odds
-//     of both (a trailing single block as in kNibbleBlocks), matching the nibbles of 32 weight
-//     bytes split into two 256-bit halves;
+//   kNibbleChunks (AVX-512, packed int4): per 128-column chunk, its 64 even columns then its 64
+//     odd ones (zeros past d), matching the low and high nibbles of the chunk's 64 weight bytes;
 //   kColumnPairs (AVX-512, int8): column order.
-// With packed weights, lane_offset holds 8 * the sum of the 4 ordered codes under each int32
-// lane of a dot (reading the nibbles as code + 8 adds it; subtracted in integers, so no fp32
-// cancellation). With pairs, pair_scale holds each 64-column step's x scales laid out like its
-// dot's 16 lanes.
-enum class XLayout { kColumns, kNibbleBlocks, kNibblePairs, kColumnPairs };
+// With packed weights, lane_offset holds 8 * the sum of the codes under each int32 lane of a dot
+// (reading the nibbles as code + 8 adds it; subtracted in integers, so no fp32 cancellation).
+// lane_scale holds the x scales laid out as the AVX-512 paths' lanes meet them: per 64-column
+// step, one per lane (kColumnPairs); per 32-column block, padded to whole 16-block spans
+// (kNibbleChunks, whose span_group maps a span's blocks to its weight scale groups).
+enum class XLayout { kColumns, kNibbleBlocks, kNibbleChunks, kColumnPairs };
+
+// One row of a RoundedX as a block path reads it.
+struct RoundedRow {
+  const int8_t* codes;  // in the path's XLayout
+  const float* scale;   // per group
+  const float* lane_scale;
+  const int32_t* lane_offset;
+  const int32_t* span_group;  // shared by all rows
+};
 
 struct RoundedX {
   std::vector<int8_t> codes;
@@ -165,18 +174,62 @@ struct RoundedX {
   std::vector<int32_t> sum;
   std::vector<int8_t> ordered;
   std::vector<int32_t> lane_offset;
-  std::vector<float> pair_scale;
+  std::vector<float> lane_scale;
+  std::vector<int32_t> span_group;
+  int64_t d = 0, groups = 0, ordered_stride = 0, offset_stride = 0, lane_scale_stride = 0;
+
+  RoundedRow row(int64_t b) const {
+    const auto at = [b](const auto& v, int64_t stride) {
+      return v.empty() ? nullptr : v.data() + b * stride;
+    };
+    return {ordered.empty() ? codes.data() + b * d : ordered.data() + b * ordered_stride,
+            scale.data() + b * groups, at(lane_scale, lane_scale_stride),
+            at(lane_offset, offset_stride), span_group.empty() ? nullptr : span_group.data()};
+  }
 };
 
-// The group of each 16-lane dot lane of a 64-column step: block 0 or 1 of the pair.
-inline int pair_lane_block(XLayout layout, int lane) {
-  return layout == XLayout::kNibblePairs ? (lane >> 2) & 1 : lane >> 3;
+constexpr int64_t kChunkColumns = 128;  // kNibbleChunks: 64 weight bytes, one 512-bit load
+constexpr int64_t kSpanBlocks = 16;     // kNibbleChunks: 32-column blocks per span of scales
+
+// The group of each 16-lane dot lane of a 64-column step (kColumnPairs): block 0 or 1 of the pair.
+inline int pair_lane_block(int lane) { return lane >> 3; }
+
+// kNibbleChunks' extra arrays: codes reordered per chunk, lane offsets, per-block x scales and the
+// span-relative group of each block.
+void chunk_x(RoundedX& r, int64_t rows, int64_t group) {
+  const int64_t d = r.d, chunks = (d + kChunkColumns - 1) / kChunkColumns, blocks = d / 32;
+  const int64_t padded = (blocks + kSpanBlocks - 1) / kSpanBlocks * kSpanBlocks;
+  r.ordered_stride = chunks * kChunkColumns;
+  r.offset_stride = chunks * 16;
+  r.lane_scale_stride = padded;
+  r.ordered.assign(rows * r.ordered_stride, 0);
+  r.lane_offset.assign(rows * r.offset_stride, 0);
+  r.lane_scale.assign(rows * padded, 0.f);
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int64_t i = 0; i < d; ++i) {
+      const int8_t code = r.codes[b * d + i];
+      const int64_t chunk = i / kChunkColumns, column = i % kChunkColumns;
+      r.ordered[b * r.ordered_stride + chunk * kChunkColumns + (column & 1) * 64 + column / 2] =
+          code;
+      // lane k of a chunk's dot sums the weight bytes 4k .. 4k + 3: columns 8k .. 8k + 7; the
+      // offset is stored negated, to start that lane's dot from
+      r.lane_offset[b * r.offset_stride + chunk * 16 + column / 8] -= 8 * code;
+    }
+    for (int64_t block = 0; block < blocks; ++block) {
+      r.lane_scale[b * padded + block] = r.scale[b * r.groups + block * 32 / group];
+    }
+  }
+  r.span_group.assign(padded, 0);
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t span_start = block / kSpanBlocks * kSpanBlocks;
+    r.span_group[block] = static_cast<int32_t>(block * 32 / group - span_start * 32 / group);
+  }
 }
 
 RoundedX round_x(const float* x, int64_t rows, int64_t d, int64_t group, XLayout layout) {
   const int64_t groups = d / group;
   RoundedX r{std::vector<int8_t>(rows * d), std::vector<float>(rows * groups),
-             std::vector<int32_t>(rows * groups), {}, {}, {}};
+             std::vector<int32_t>(rows * groups), {}, {}, {}, {}, d, groups, d, d / 4, 0};
   for (int64_t b = 0; b < rows; ++b) {
     for (int64_t g = 0; g < groups; ++g) {
       const float* v = x + b * d + g * group;
@@ -193,41 +246,44 @@ RoundedX round_x(const float* x, int64_t rows, int64_t d, int64_t group, XLayout
       r.sum[b * groups + g] = sum;
     }
   }
-  if (layout == XLayout::kColumns) return r;
-  const bool packed = layout == XLayout::kNibbleBlocks || layout == XLayout::kNibblePairs;
-  const bool pairs = layout == XLayout::kNibblePairs || layout == XLayout::kColumnPairs;
-  r.ordered = r.codes;
-  for (int64_t b = 0; b < rows && packed; ++b) {  // d is a multiple of 32 for packed weights
-    for (int64_t c = 0; c < d; c += 32) {
-      const bool in_pair = pairs && c / 64 * 64 + 64 <= d;
-      const int8_t* from = r.codes.data() + b * d + c;
-      // kNibblePairs: block k of a pair puts its evens at 16k and its odds at 32 + 16k
-      int8_t* to = r.ordered.data() + b * d + (in_pair ? c / 64 * 64 : c);
-      const int64_t evens = in_pair ? 16 * ((c / 32) & 1) : 0, odds = in_pair ? 32 + evens : 16;
-      for (int64_t j = 0; j < 16; ++j) {
-        to[evens + j] = from[2 * j];
-        to[odds + j] = from[2 * j + 1];
-      }
-    }
-  }
-  if (packed) {
-    r.lane_offset.resize(rows * d / 4);
-    for (int64_t e = 0; e < rows * d / 4; ++e) {
-      int32_t sum = 0;
-      for (int64_t t = 0; t < 4; ++t) sum += r.ordered[4 * e + t];
-      r.lane_offset[e] = 8 * sum;
-    }
-  }
-  if (pairs) {
-    const int64_t steps = d / 64;
-    r.pair_scale.resize(rows * steps * 16);
-    for (int64_t b = 0; b < rows; ++b) {
-      for (int64_t k = 0; k < steps; ++k) {
-        for (int lane = 0; lane < 16; ++lane) {
-          const int64_t block = 2 * k + pair_lane_block(layout, lane);
-          r.pair_scale[(b * steps + k) * 16 + lane] = r.scale[b * groups + block * 32 / group];
+  switch (layout) {
+    case XLayout::kColumns:
+      return r;
+    case XLayout::kNibbleChunks:
+      chunk_x(r, rows, group);
+      return r;
+    case XLayout::kNibbleBlocks:  // d is a multiple of 32 for packed weights
+      r.ordered = r.codes;
+      for (int64_t b = 0; b < rows; ++b) {
+        for (int64_t c = 0; c < d; c += 32) {
+          const int8_t* from = r.codes.data() + b * d + c;
+          int8_t* to = r.ordered.data() + b * d + c;
+          for (int64_t j = 0; j < 16; ++j) {
+            to[j] = from[2 * j];
+            to[16 + j] = from[2 * j + 1];
+          }
         }
       }
+      r.lane_offset.resize(rows * d / 4);
+      for (int64_t e = 0; e < rows * d / 4; ++e) {
+        int32_t sum = 0;
+        for (int64_t t = 0; t < 4; ++t) sum += r.ordered[4 * e + t];
+        r.lane_offset[e] = 8 * sum;
+      }
+      return r;
+    case XLayout::kColumnPairs: {
+      const int64_t steps = d / 64;
+      r.lane_scale_stride = steps * 16;
+      r.lane_scale.resize(rows * steps * 16);
+      for (int64_t b = 0; b < rows; ++b) {
+        for (int64_t k = 0; k < steps; ++k) {
+          for (int lane = 0; lane < 16; ++lane) {
+            const int64_t block = 2 * k + pair_lane_block(lane);
+            r.lane_scale[(b * steps + k) * 16 + lane] = r.scale[b * groups + block * 32 / group];
+          }
+        }
+      }
+      return r;
     }
   }
   return r;
@@ -390,20 +446,17 @@ __attribute__((target("avx2,fma"))) inline __m256 block_dot(const void* row, int
 
 template <bool kGated, bool kPacked>
 __attribute__((target("avx2,fma"))) void integer_dots_avx2_blocks(
-    const int8_t* __restrict__ x, const float* __restrict__ x_scale,
-    const float* __restrict__ pair_scale, const int32_t* __restrict__ lane_offset,
-    const void* __restrict__ q_up,
-    const float* __restrict__ up_scale, const void* __restrict__ q_gate,
-    const float* __restrict__ gate_scale, int64_t d, int64_t group, float* up, float* gate) {
-  (void)pair_scale;
+    const RoundedRow& x, const void* __restrict__ q_up, const float* __restrict__ up_scale,
+    const void* __restrict__ q_gate, const float* __restrict__ gate_scale, int64_t d,
+    int64_t group, float* up, float* gate) {
   __m256 au = _mm256_setzero_ps(), ag = _mm256_setzero_ps();
   for (int64_t g0 = 0, g = 0; g0 < d; g0 += group, ++g) {
-    const float su = up_scale[g] * x_scale[g];
-    const float sg = kGated ? gate_scale[g] * x_scale[g] : 0.f;
+    const float su = up_scale[g] * x.scale[g];
+    const float sg = kGated ? gate_scale[g] * x.scale[g] : 0.f;
     for (int64_t i = g0; i < g0 + group; i += 32) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.codes + i));
       const __m256i offset =
-          kPacked ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane_offset + i / 4))
+          kPacked ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lane_offset + i / 4))
                   : _mm256_setzero_si256();
       au = block_dot<kPacked>(q_up, i, xv, offset, su, au);
       if constexpr (kGated) ag = block_dot<kPacked>(q_gate, i, xv, offset, sg, ag);
@@ -413,42 +466,24 @@ __attribute__((target("avx2,fma"))) void integer_dots_avx2_blocks(
   if constexpr (kGated) *gate = cpu::lane_sum(ag);
 }
 
-// The block path on AVX-512 VNNI: two 32-column blocks per step, one vpdpbusd per weight row.
-// Packed bytes of two blocks are split into nibbles, low half then high half, which meets x in
-// kNibblePairs order; int8 codes move their sign onto x by a masked negation (AVX-512 has no sign
-// instruction). A lane's scale is w_scale * x_scale of its block's group: x's come laid out per
-// step (RoundedX::pair_scale), w's are broadcast from memory when both blocks share a group, or
-// two consecutive ones spread over the lanes by one permute.
-template <bool kPacked>
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) inline __m512i block_pair_dot(
-    const void* row, int64_t i, __m512i x, __m512i offset) {
-  __m512i u, x_signed;
-  if constexpr (kPacked) {
-    const __m256i bytes = _mm256_xor_si256(
-        _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(static_cast<const uint8_t*>(row) + i / 2)),
-        _mm256_set1_epi8(static_cast<char>(0x88)));
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, nibble)),
-                           _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble), 1);
-    x_signed = x;
-  } else {
-    const __m512i w =
-        _mm512_loadu_si512(reinterpret_cast<const void*>(static_cast<const int8_t*>(row) + i));
-    u = _mm512_abs_epi8(w);
-    x_signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
-  }
-  const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x_signed);
-  return kPacked ? _mm512_sub_epi32(dot, offset) : dot;
+// The int8 block path on AVX-512 VNNI: two 32-column blocks per step, one vpdpbusd per weight
+// row. int8 codes move their sign onto x by a masked negation (AVX-512 has no sign instruction). A
+// lane's scale is w_scale * x_scale of its block's group: x's come laid out per step
+// (RoundedX::lane_scale), w's are broadcast from memory when both blocks share a group, or two
+// consecutive ones spread over the lanes by one permute.
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) inline __m512i int8_pair_dot(
+    const int8_t* row, int64_t i, __m512i x) {
+  const __m512i w = _mm512_loadu_si512(reinterpret_cast<const void*>(row + i));
+  const __m512i x_signed =
+      _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), x_signed);
 }
 
 // w_scale of each lane's group (g0 for block 0's lanes, g1 for block 1's), per pair_lane_block.
-template <bool kPacked>
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) inline __m512 lane_w_scale(
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) inline __m512 pair_w_scale(
     const float* w_scale, int64_t g0, int64_t g1) {
   if (g0 == g1) return _mm512_set1_ps(w_scale[g0]);
-  const __m512i spread = kPacked ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
-                                 : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   if (g1 == g0 + 1) {
     const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(w_scale + g0)));
     return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(two));
@@ -457,13 +492,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) inline __m512 la
       spread, _mm512_castps128_ps512(_mm_set_ps(0.f, 0.f, w_scale[g1], w_scale[g0])));
 }
 
-template <bool kGated, bool kPacked>
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void integer_dots_vnni_blocks(
-    const int8_t* __restrict__ x, const float* __restrict__ x_scale,
-    const float* __restrict__ pair_scale, const int32_t* __restrict__ lane_offset,
-    const void* __restrict__ q_up, const float* __restrict__ up_scale,
-    const void* __restrict__ q_gate, const float* __restrict__ gate_scale, int64_t d,
+template <bool kGated>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void int8_dots_vnni_pairs(
+    const RoundedRow& x, const void* __restrict__ q_up_row, const float* __restrict__ up_scale,
+    const void* __restrict__ q_gate_row, const float* __restrict__ gate_scale, int64_t d,
     int64_t group, float* up, float* gate) {
+  const auto* q_up = static_cast<const int8_t*>(q_up_row);
+  const auto* q_gate = static_cast<const int8_t*>(q_gate_row);
   __m512 au = _mm512_setzero_ps(), ag = _mm512_setzero_ps();
   // The groups of the step's two blocks, counted without a division per step.
   int64_t i = 0, g = 0, left = group;
@@ -478,43 +513,108 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void integer_dot
   };
   for (; i + 64 <= d; i += 64) {
     const int64_t g0 = next_block_group(), g1 = next_block_group();
-    const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x + i));
-    const __m512i offset = kPacked ? _mm512_loadu_si512(reinterpret_cast<const void*>(
-                                         lane_offset + i / 4))
-                                   : _mm512_setzero_si512();
-    const __m512 xs = _mm512_loadu_ps(pair_scale + i / 4);  // 16 per 64 columns
-    au = _mm512_fmadd_ps(
-        _mm512_mul_ps(_mm512_cvtepi32_ps(block_pair_dot<kPacked>(q_up, i, xv, offset)),
-                      lane_w_scale<kPacked>(up_scale, g0, g1)), xs, au);
+    const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x.codes + i));
+    const __m512 xs = _mm512_loadu_ps(x.lane_scale + i / 4);  // 16 per 64 columns
+    au = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(int8_pair_dot(q_up, i, xv)),
+                                       pair_w_scale(up_scale, g0, g1)), xs, au);
     if constexpr (kGated) {
-      ag = _mm512_fmadd_ps(
-          _mm512_mul_ps(_mm512_cvtepi32_ps(block_pair_dot<kPacked>(q_gate, i, xv, offset)),
-                        lane_w_scale<kPacked>(gate_scale, g0, g1)), xs, ag);
+      ag = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(int8_pair_dot(q_gate, i, xv)),
+                                         pair_w_scale(gate_scale, g0, g1)), xs, ag);
     }
   }
   __m256 tail_u = _mm256_setzero_ps(), tail_g = _mm256_setzero_ps();
-  if (i < d) {  // one 32-column block left, of group g (in kNibbleBlocks order when packed)
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-    const __m256i offset =
-        kPacked ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane_offset + i / 4))
-                : _mm256_setzero_si256();
-    tail_u = block_dot<kPacked>(q_up, i, xv, offset, up_scale[g] * x_scale[g], tail_u);
+  if (i < d) {  // one 32-column block left, of group g
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.codes + i));
+    const __m256i none = _mm256_setzero_si256();
+    tail_u = block_dot<false>(q_up, i, xv, none, up_scale[g] * x.scale[g], tail_u);
     if constexpr (kGated) {
-      tail_g = block_dot<kPacked>(q_gate, i, xv, offset, gate_scale[g] * x_scale[g], tail_g);
+      tail_g = block_dot<false>(q_gate, i, xv, none, gate_scale[g] * x.scale[g], tail_g);
     }
   }
   *up = _mm512_reduce_add_ps(au) + cpu::lane_sum(tail_u);
   if constexpr (kGated) *gate = _mm512_reduce_add_ps(ag) + cpu::lane_sum(tail_g);
 }
+
+// The packed-int4 path on AVX-512 VNNI, 128 columns per step. One 64-byte load holds a chunk of
+// 128 columns; its low nibbles are the even columns and its high nibbles the odd ones, so two
+// vpdpbusd against x's evens and odds (kNibbleChunks) sum lane k over columns 8k .. 8k + 7, all
+// of 32-column block k / 4. Each lane's int32 dot is then scaled by its block's
+// w_scale * x_scale: the 16 products of a span of 16 blocks are made once (one masked load of
+// the span's w scales, spread by one permute) and each chunk takes its four by another permute.
+// Per 128 columns and weight row: a load, three logic ops, two vpdpbusd, a subtraction, a
+// conversion, a permute and an FMA, against twice the pairs path's unpack-convert-scale.
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) inline __m512i nibble_chunk_dot(
+    const uint8_t* row, int64_t chunk, __mmask64 bytes, __m512i x_even, __m512i x_odd,
+    __m512i minus_offset) {
+  // Bytes past the row (a short last chunk) load as 0: nibbles 8, against x codes of 0.
+  // A full chunk takes a plain load: masked loads of whole rows ran at 2/3 of its speed.
+  const __m512i w = bytes == ~0ull
+                        ? _mm512_loadu_si512(reinterpret_cast<const void*>(row + 64 * chunk))
+                        : _mm512_maskz_loadu_epi8(bytes, row + 64 * chunk);
+  // (w & 0x0F) ^ 0x08 in one ternary-logic op (truth table 0x6A: (A & B) ^ C), per nibble.
+  const __m512i nibble = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(0x08);
+  const __m512i low = _mm512_ternarylogic_epi32(w, nibble, eight, 0x6A);
+  const __m512i high = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nibble, eight, 0x6A);
+  return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(minus_offset, low, x_even), high, x_odd);
+}
+
+// The 16 w_scale * x_scale products of the span of blocks from first_block (span blocks).
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) inline __m512 span_scales(
+    const float* w_scale, const RoundedRow& x, int64_t first_block, int64_t span,
+    int64_t blocks_per_group) {
+  const int64_t g0 = first_block / blocks_per_group;
+  const int64_t groups = (first_block + span - 1) / blocks_per_group - g0 + 1;  // <= 16
+  const __m512 w = _mm512_permutexvar_ps(
+      _mm512_loadu_si512(reinterpret_cast<const void*>(x.span_group + first_block)),
+      _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << groups) - 1), w_scale + g0));
+  return _mm512_mul_ps(w, _mm512_loadu_ps(x.lane_scale + first_block));
+}
+
+template <bool kGated>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void packed_dots_vnni_chunks(
+    const RoundedRow& x, const void* __restrict__ q_up_row, const float* __restrict__ up_scale,
+    const void* __restrict__ q_gate_row, const float* __restrict__ gate_scale, int64_t d,
+    int64_t group, float* up, float* gate) {
+  const auto* q_up = static_cast<const uint8_t*>(q_up_row);
+  const auto* q_gate = static_cast<const uint8_t*>(q_gate_row);
+  const int64_t blocks = d / 32, blocks_per_group = group / 32;
+  const __m512i chunk_lane_block = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 au = _mm512_setzero_ps(), ag = _mm512_setzero_ps();
+  for (int64_t b0 = 0; b0 < blocks; b0 += kSpanBlocks) {
+    const int64_t span = std::min(kSpanBlocks, blocks - b0);
+    const __m512 pu = span_scales(up_scale, x, b0, span, blocks_per_group);
+    const __m512 pg =
+        kGated ? span_scales(gate_scale, x, b0, span, blocks_per_group) : _mm512_setzero_ps();
+    for (int64_t q = 0; q < span; q += 4) {
+      const int64_t chunk = (b0 + q) / 4;
+      const __mmask64 bytes = span - q >= 4 ? ~0ull : (1ull << (16 * (span - q))) - 1;
+      const int8_t* xc = x.codes + chunk * kChunkColumns;
+      const __m512i x_even = _mm512_loadu_si512(reinterpret_cast<const void*>(xc));
+      const __m512i x_odd = _mm512_loadu_si512(reinterpret_cast<const void*>(xc + 64));
+      const __m512i minus_offset =
+          _mm512_loadu_si512(reinterpret_cast<const void*>(x.lane_offset + chunk * 16));
+      const __m512i lanes =
+          _mm512_add_epi32(chunk_lane_block, _mm512_set1_epi32(static_cast<int>(q)));
+      au = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibble_chunk_dot(q_up, chunk, bytes, x_even, x_odd,
+                                                               minus_offset)),
+                           _mm512_permutexvar_ps(lanes, pu), au);
+      if constexpr (kGated) {
+        ag = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibble_chunk_dot(q_gate, chunk, bytes, x_even,
+                                                                 x_odd, minus_offset)),
+                             _mm512_permutexvar_ps(lanes, pg), ag);
+      }
+    }
+  }
+  *up = _mm512_reduce_add_ps(au);
+  if constexpr (kGated) *gate = _mm512_reduce_add_ps(ag);
+}
 #endif
 
-// The block paths' signature (x in its XLayout, the pairs' lane scales, lane offsets): see
-// quantized_neuron_scores_cpu.
-using IntegerBlockDots = void (*)(const int8_t* x, const float* x_scale, const float* pair_scale,
-                                  const int32_t* lane_offset, const void* q_up,
-                                  const float* up_scale, const void* q_gate,
-                                  const float* gate_scale, int64_t d, int64_t group, float* up,
-                                  float* gate);
+// The block paths' signature: the arguments as IntegerDots', x as one RoundedRow in the path's
+// layout.
+using IntegerBlockDots = void (*)(const RoundedRow& x, const void* q_up, const float* up_scale,
+                                  const void* q_gate, const float* gate_scale, int64_t d,
+                                  int64_t group, float* up, float* gate);
 
 struct BlockPath {
   IntegerBlockDots dots;  // null: no block path (groups not whole 32-column blocks, or no AVX2)
@@ -526,10 +626,10 @@ BlockPath pick_integer_block_dots(bool gated, bool packed, int64_t group) {
   if (group % 32 == 0 && cpu::cpu_has_avx512_vnni() && cpu::cpu_has_avx2_fma() &&
       !cpu::scalar_forced() && !cpu::avx512_refused()) {
     if (packed) {
-      return {gated ? integer_dots_vnni_blocks<true, true> : integer_dots_vnni_blocks<false, true>,
-              XLayout::kNibblePairs};
+      return {gated ? packed_dots_vnni_chunks<true> : packed_dots_vnni_chunks<false>,
+              XLayout::kNibbleChunks};
     }
-    return {gated ? integer_dots_vnni_blocks<true, false> : integer_dots_vnni_blocks<false, false>,
+    return {gated ? int8_dots_vnni_pairs<true> : int8_dots_vnni_pairs<false>,
             XLayout::kColumnPairs};
   }
   if (group % 32 == 0 && cpu::cpu_has_avx2_fma() && !cpu::scalar_forced()) {
@@ -568,6 +668,42 @@ QuantizedDots pick_quantized_dots(bool gated, bool packed) {
   return packed ? packed_int4_dots_scalar : quantized_dots_scalar;
 }
 
+// Scores of `count` neurons of one row from their dots: |act(gate + b_gate) * (up + b_up)|, or
+// |act(up + b_up)| without a gate (null gate; null biases are 0). SiLU and ReLU run on 16-float
+// vectors (SiLU through cpu::exp_vec, within a few ulps of expf: per-neuron expf and a scalar
+// division took a third of the int4 scores' time at SmolLM2's shape); other activations call
+// hidden_value per neuron.
+FASTLLM_MULTIVERSION void scores_from_dots(Activation act, const float* up, const float* gate,
+                                           const float* b_up, const float* b_gate, int64_t count,
+                                           float* out) {
+  const bool gated = gate != nullptr;
+#if FASTLLM_HAVE_VEC
+  if (act == Activation::kSilu || act == Activation::kRelu) {
+    for (int64_t j = 0; j < count; j += cpu::kLanes) {
+      const int64_t lanes = std::min<int64_t>(cpu::kLanes, count - j);
+      float u[cpu::kLanes] = {}, g[cpu::kLanes] = {}, score[cpu::kLanes];
+      for (int64_t l = 0; l < lanes; ++l) {
+        u[l] = up[j + l] + (b_up ? b_up[j + l] : 0.f);
+        if (gated) g[l] = gate[j + l] + (b_gate ? b_gate[j + l] : 0.f);
+      }
+      const cpu::VecF v = cpu::load_vec(gated ? g : u);
+      const cpu::VecF activated = act == Activation::kRelu
+                                      ? (v > 0.f ? v : cpu::VecF{})
+                                      : v / (1.f + cpu::exp_vec(cpu::VecF{} - v));
+      const cpu::VecF h = gated ? activated * cpu::load_vec(u) : activated;
+      cpu::store_vec(score, h < 0.f ? cpu::VecF{} - h : h);
+      for (int64_t l = 0; l < lanes; ++l) out[j + l] = score[l];
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < count; ++j) {
+    const float u = up[j] + (b_up ? b_up[j] : 0.f);
+    const float g = gated ? gate[j] + (b_gate ? b_gate[j] : 0.f) : 0.f;
+    out[j] = std::fabs(hidden_value(act, gated, u, g));
+  }
+}
+
 at::Tensor quantized_neuron_scores_cpu(const at::Tensor& x, const at::Tensor& q_up,
                                        const at::Tensor& up_scale,
                                        const c10::optional<at::Tensor>& q_gate,
@@ -593,20 +729,28 @@ at::Tensor quantized_neuron_scores_cpu(const at::Tensor& x, const at::Tensor& q_
   const int64_t d = s.d_in, groups = d / s.group;
   float* op = out.data_ptr<float>();
   // Every path scores blocks of kNeuronsPerTask neurons against every row; dots(j, b, &up, &gate)
-  // is the path's pair of dot products for neuron j and row b.
+  // is the path's pair of dot products for neuron j and row b, kept in [rows, neurons] buffers
+  // (one allocation per call: one per task cost more than the scores at SmolLM2's shape) for
+  // scores_from_dots, per row of the task's neurons.
   static cpu::ContentionBackoff contention;
+  std::vector<float> up_dots(s.rows * s.neurons), gate_dots(s.gated ? s.rows * s.neurons : 0);
   const auto score_all = [&](const auto& dots) {
     const int64_t tasks = (s.neurons + kNeuronsPerTask - 1) / kNeuronsPerTask;
     cpu::claim_parallel(contention, tasks, [&](int64_t task) {
-      const int64_t end = std::min(s.neurons, (task + 1) * kNeuronsPerTask);
-      for (int64_t j = task * kNeuronsPerTask; j < end; ++j) {
+      const int64_t first = task * kNeuronsPerTask;
+      const int64_t end = std::min(s.neurons, first + kNeuronsPerTask);
+      float unused = 0.f;
+      for (int64_t j = first; j < end; ++j) {
         for (int64_t b = 0; b < s.rows; ++b) {
-          float up = 0.f, gate = 0.f;
-          dots(j, b, &up, &gate);
-          up += bu ? bu[j] : 0.f;
-          gate += bg ? bg[j] : 0.f;
-          op[b * s.neurons + j] = std::fabs(hidden_value(act, s.gated, up, gate));
+          const int64_t at = b * s.neurons + j;
+          dots(j, b, &up_dots[at], s.gated ? &gate_dots[at] : &unused);
         }
+      }
+      for (int64_t b = 0; b < s.rows; ++b) {
+        const int64_t at = b * s.neurons + first;
+        scores_from_dots(act, up_dots.data() + at, s.gated ? gate_dots.data() + at : nullptr,
+                         bu ? bu + first : nullptr, bg ? bg + first : nullptr, end - first,
+                         op + at);
       }
     });
   };
@@ -614,14 +758,12 @@ at::Tensor quantized_neuron_scores_cpu(const at::Tensor& x, const at::Tensor& q_
     const BlockPath block = pick_integer_block_dots(s.gated, s.packed, s.group);
     const RoundedX rx = round_x(xf, s.rows, d, s.group, block.layout);
     if (block.dots != nullptr) {
-      const int8_t* x_codes = rx.ordered.empty() ? rx.codes.data() : rx.ordered.data();
-      const int64_t steps = d / 64;
+      std::vector<RoundedRow> x_rows(s.rows);
+      for (int64_t b = 0; b < s.rows; ++b) x_rows[b] = rx.row(b);
       score_all([&](int64_t j, int64_t b, float* up, float* gate) {
-        block.dots(x_codes + b * d, rx.scale.data() + b * groups,
-                   rx.pair_scale.empty() ? nullptr : rx.pair_scale.data() + b * steps * 16,
-                   rx.lane_offset.empty() ? nullptr : rx.lane_offset.data() + b * d / 4,
-                   qu + j * row_bytes, su + j * groups, qg ? qg + j * row_bytes : nullptr,
-                   sg ? sg + j * groups : nullptr, d, s.group, up, gate);
+        block.dots(x_rows[b], qu + j * row_bytes, su + j * groups,
+                   qg ? qg + j * row_bytes : nullptr, sg ? sg + j * groups : nullptr, d, s.group,
+                   up, gate);
       });
       return out;
     }
