@@ -156,8 +156,17 @@ __attribute__((target("avx2,fma"))) void quantized_dots_avx2(
 // (reading the nibbles as code + 8 adds it; subtracted in integers, so no fp32 cancellation).
 // lane_scale holds the x scales laid out as the AVX-512 paths' lanes meet them: per 64-column
 // step, one per lane (kColumnPairs); per 32-column block, padded to whole 16-block spans
-// (kNibbleChunks, whose span_group maps a span's blocks to its weight scale groups).
+// (kNibbleChunks, whose span_group maps a span's blocks to its weight scale groups, and spans
+// gives each span's first group and how many it covers).
 enum class XLayout { kColumns, kNibbleBlocks, kNibbleChunks, kColumnPairs };
+
+// The weight scale groups a 16-block span of kNibbleChunks covers (a mask of them from `first`):
+// fixed by d and the group, so worked out once per call rather than by two divisions per span
+// and weight row.
+struct SpanGroups {
+  int64_t first;
+  uint16_t mask;
+};
 
 // One row of a RoundedX as a block path reads it.
 struct RoundedRow {
@@ -166,6 +175,7 @@ struct RoundedRow {
   const float* lane_scale;
   const int32_t* lane_offset;
   const int32_t* span_group;  // shared by all rows
+  const SpanGroups* spans;     // shared by all rows
 };
 
 struct RoundedX {
@@ -176,6 +186,7 @@ struct RoundedX {
   std::vector<int32_t> lane_offset;
   std::vector<float> lane_scale;
   std::vector<int32_t> span_group;
+  std::vector<SpanGroups> spans;
   int64_t d = 0, groups = 0, ordered_stride = 0, offset_stride = 0, lane_scale_stride = 0;
 
   RoundedRow row(int64_t b) const {
@@ -184,7 +195,8 @@ struct RoundedX {
     };
     return {ordered.empty() ? codes.data() + b * d : ordered.data() + b * ordered_stride,
             scale.data() + b * groups, at(lane_scale, lane_scale_stride),
-            at(lane_offset, offset_stride), span_group.empty() ? nullptr : span_group.data()};
+            at(lane_offset, offset_stride), span_group.empty() ? nullptr : span_group.data(),
+            spans.empty() ? nullptr : spans.data()};
   }
 };
 
@@ -224,12 +236,17 @@ void chunk_x(RoundedX& r, int64_t rows, int64_t group) {
     const int64_t span_start = block / kSpanBlocks * kSpanBlocks;
     r.span_group[block] = static_cast<int32_t>(block * 32 / group - span_start * 32 / group);
   }
+  for (int64_t first_block = 0; first_block < blocks; first_block += kSpanBlocks) {
+    const int64_t last_block = std::min(blocks, first_block + kSpanBlocks) - 1;
+    const int64_t first = first_block * 32 / group, last = last_block * 32 / group;  // <= 16 apart
+    r.spans.push_back({first, static_cast<uint16_t>((1u << (last - first + 1)) - 1)});
+  }
 }
 
 RoundedX round_x(const float* x, int64_t rows, int64_t d, int64_t group, XLayout layout) {
   const int64_t groups = d / group;
   RoundedX r{std::vector<int8_t>(rows * d), std::vector<float>(rows * groups),
-             std::vector<int32_t>(rows * groups), {}, {}, {}, {}, d, groups, d, d / 4, 0};
+             std::vector<int32_t>(rows * groups), {}, {}, {}, {}, {}, d, groups, d, d / 4, 0};
   for (int64_t b = 0; b < rows; ++b) {
     for (int64_t g = 0; g < groups; ++g) {
       const float* v = x + b * d + g * group;
@@ -558,15 +575,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) inline __m512i n
   return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(minus_offset, low, x_even), high, x_odd);
 }
 
-// The 16 w_scale * x_scale products of the span of blocks from first_block (span blocks).
+// The 16 w_scale * x_scale products of the span of blocks from first_block.
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) inline __m512 span_scales(
-    const float* w_scale, const RoundedRow& x, int64_t first_block, int64_t span,
-    int64_t blocks_per_group) {
-  const int64_t g0 = first_block / blocks_per_group;
-  const int64_t groups = (first_block + span - 1) / blocks_per_group - g0 + 1;  // <= 16
+    const float* w_scale, const RoundedRow& x, int64_t first_block) {
+  const SpanGroups& groups = x.spans[first_block / kSpanBlocks];
   const __m512 w = _mm512_permutexvar_ps(
       _mm512_loadu_si512(reinterpret_cast<const void*>(x.span_group + first_block)),
-      _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << groups) - 1), w_scale + g0));
+      _mm512_maskz_loadu_ps(static_cast<__mmask16>(groups.mask), w_scale + groups.first));
   return _mm512_mul_ps(w, _mm512_loadu_ps(x.lane_scale + first_block));
 }
 
@@ -577,14 +592,14 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void packed_dots
     int64_t group, float* up, float* gate) {
   const auto* q_up = static_cast<const uint8_t*>(q_up_row);
   const auto* q_gate = static_cast<const uint8_t*>(q_gate_row);
-  const int64_t blocks = d / 32, blocks_per_group = group / 32;
+  (void)group;  // in x.spans
+  const int64_t blocks = d / 32;
   const __m512i chunk_lane_block = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   __m512 au = _mm512_setzero_ps(), ag = _mm512_setzero_ps();
   for (int64_t b0 = 0; b0 < blocks; b0 += kSpanBlocks) {
     const int64_t span = std::min(kSpanBlocks, blocks - b0);
-    const __m512 pu = span_scales(up_scale, x, b0, span, blocks_per_group);
-    const __m512 pg =
-        kGated ? span_scales(gate_scale, x, b0, span, blocks_per_group) : _mm512_setzero_ps();
+    const __m512 pu = span_scales(up_scale, x, b0);
+    const __m512 pg = kGated ? span_scales(gate_scale, x, b0) : _mm512_setzero_ps();
     for (int64_t q = 0; q < span; q += 4) {
       const int64_t chunk = (b0 + q) / 4;
       const __mmask64 bytes = span - q >= 4 ? ~0ull : (1ull << (16 * (span - q))) - 1;
