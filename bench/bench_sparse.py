@@ -122,14 +122,15 @@ def _speed(device: str, quick: bool, progress: Progress, shapes=SHAPES) -> list[
     return records
 
 
-def streamed(device: str, quick: bool, progress: Progress, layers: int = 30) -> list[Record]:
+def streamed(device: str, quick: bool, progress: Progress, layers: int = 30,
+             shape=SHAPES[0]) -> list[Record]:
     """SmolLM2's MLP as decode meets it: one call per layer over `layers` layers of weights (the
     real model has 30), so no call finds its layer's weights in cache, against the dense MLP over
     the same layers, interleaved. One layer repeated (_speed) keeps SmolLM2's 10.6 MB MLP in a
     32 MB last-level cache, which flatters both sides and weighs the predictor's compute, not its
     bytes. The sparse side is the default selection: int4 gate+up scores, top-k, sparse_mlp."""
     dtype = torch.float16 if device == "cuda" else torch.float32
-    label, d, n = SHAPES[0]
+    label, d, n = shape
     torch.manual_seed(0)
     stack = []
     for _ in range(layers):
@@ -156,7 +157,7 @@ def streamed(device: str, quick: bool, progress: Progress, layers: int = 30) -> 
         t = time_interleaved({"dense": dense, "int4": with_int4_predictor}, device,
                              repeats=5 if quick else 15)
         dense_bytes = 3 * n * d * stack[0][0].element_size()
-        read = stack[0][4].weight_bytes(as_stored=True) + dense_bytes * (1 - s)
+        read = stack[0][4].weight_bytes(as_stored=True) + 3 * keep * d * stack[0][0].element_size()
         case = f"{label} B=1 s={s:.0%} streamed over {layers} layers"
         records.append(Record(CAPABILITY, case, "sparse+int4 pred (default)", "dense MLP",
                               t["int4"] * 1e3, t["dense"] * 1e3, {

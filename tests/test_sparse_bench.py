@@ -37,3 +37,17 @@ def test_speed_rows_time_every_predictor_against_dense_in_one_run():
         assert r.ours_ms > 0 and r.baseline_ms > 0 and r.baseline == "dense MLP"
         # the same kept rows, with half the predictor's code bytes
         assert 0 < r.metrics["bytes read / dense"] < int8[r.case].metrics["bytes read / dense"]
+
+
+def test_streamed_rows_cycle_every_layer_against_dense_over_the_same_layers():
+    records = bench_sparse.streamed("cpu", True, Progress("sparse", 3), layers=3,
+                                    shape=("tiny", 64, 64))
+    assert [r.case for r in records] == [f"tiny B=1 s={s} streamed over 3 layers"
+                                         for s in ("50%", "80%", "90%")]
+    predictor_share = (2 * 64 * 64 * (0.5 + 4 / 32)) / (3 * 64 * 64 * 4)  # int4 gate+up, fp32
+    for r, s in zip(records, (0.5, 0.8, 0.9)):
+        assert (r.ours, r.baseline) == ("sparse+int4 pred (default)", "dense MLP")
+        assert r.ours_ms > 0 and r.baseline_ms > 0
+        keep = round((1 - s) * 64)  # 32, 13, 6 of the 64 neurons
+        assert r.metrics["bytes read / dense"] == pytest.approx(predictor_share + keep / 64)
+        assert r.metrics["bytes-model x"] == pytest.approx(1 / r.metrics["bytes read / dense"])
