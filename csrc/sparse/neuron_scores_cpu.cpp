@@ -153,7 +153,8 @@ __attribute__((target("avx2,fma"))) void quantized_dots_avx2(
 //     odd ones (zeros past d), matching the low and high nibbles of the chunk's 64 weight bytes;
 //   kColumnPairs (AVX-512, int8): column order.
 // With packed weights, lane_offset holds 8 * the sum of the codes under each int32 lane of a dot
-// (reading the nibbles as code + 8 adds it; subtracted in integers, so no fp32 cancellation).
+// (reading the nibbles as code + 8 adds it; taken off in integers, so no fp32 cancellation;
+// kNibbleChunks stores it negated, as the value its dot starts from).
 // lane_scale holds the x scales laid out as the AVX-512 paths' lanes meet them: per 64-column
 // step, one per lane (kColumnPairs); per 32-column block, padded to whole 16-block spans
 // (kNibbleChunks, whose span_group maps a span's blocks to its weight scale groups, and spans
