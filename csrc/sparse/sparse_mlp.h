@@ -89,14 +89,12 @@ constexpr int kSparseThreads = 256;
 // weights once (the kernels keep 8 rows of sums in registers); a wider one re-reads them per 8
 // rows, but its union set is then nearly dense (docs/sparse.md, batch study) and the runtime
 // runs the dense MLP well before (dense_above). The kernels are built for 4 and 8 rows, so a
-// decode step (1 row) or per-row sets (one row per pass) do not pay for 8 rows of registers;
-// fp64 (a correctness path) has the 4-row form only.
+// decode step (1 row) or per-row sets (one row per pass) do not pay for 8 rows of registers.
 constexpr int kSparseRowsNarrow = 4;
 constexpr int kSparseRowsWide = 8;
 
-inline int sparse_rows_per_pass(int64_t rows, bool per_row, int64_t element_size) {
-  return per_row || rows <= kSparseRowsNarrow || element_size > 4 ? kSparseRowsNarrow
-                                                                   : kSparseRowsWide;
+inline int sparse_rows_per_pass(int64_t rows, bool per_row) {
+  return per_row || rows <= kSparseRowsNarrow ? kSparseRowsNarrow : kSparseRowsWide;
 }
 
 struct SparseDownLaunch {

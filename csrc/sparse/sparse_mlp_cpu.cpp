@@ -129,10 +129,6 @@ void hidden_dots(const float* x, const c10::Half* up_row, const c10::Half* gate_
                  float* up, float* gate) {
   hidden_dots_f32(x, up_row, gate_row, n, up, gate);
 }
-void hidden_dots(const float* x, const double* up_row, const double* gate_row, int64_t n,
-                 float* up, float* gate) {
-  hidden_dots_f32(x, up_row, gate_row, n, up, gate);
-}
 FASTLLM_MULTIVERSION void accumulate_rows(float* y, const float* coeff, const float* const* rows,
                                           int64_t n) {
   accumulate_rows_f32(y, coeff, rows, n);
@@ -142,9 +138,6 @@ FASTLLM_MULTIVERSION void accumulate_rows(float* y, const float* coeff,
   accumulate_rows_f32(y, coeff, rows, n);
 }
 void accumulate_rows(float* y, const float* coeff, const c10::Half* const* rows, int64_t n) {
-  accumulate_rows_f32(y, coeff, rows, n);
-}
-void accumulate_rows(float* y, const float* coeff, const double* const* rows, int64_t n) {
   accumulate_rows_f32(y, coeff, rows, n);
 }
 
@@ -413,7 +406,9 @@ at::Tensor sparse_mlp_cpu(const at::Tensor& x, const at::Tensor& w_up,
   }
   at::Tensor out = at::empty({s.rows, s.d_out}, x.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_mlp_cpu", [&] {
+  // x is fp32, fp16 or bf16 (check_sparse_mlp): no double instantiation.
+  const auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
     if (active_idx.scalar_type() == at::kInt) {
       sparse_mlp_kernel<scalar_t, int32_t>(x, w_up, w_gate, w_down_t, b_up, b_gate, b_down,
                                            active_idx, count_of, act, s, out);
@@ -421,7 +416,12 @@ at::Tensor sparse_mlp_cpu(const at::Tensor& x, const at::Tensor& w_up,
       sparse_mlp_kernel<scalar_t, int64_t>(x, w_up, w_gate, w_down_t, b_up, b_gate, b_down,
                                            active_idx, count_of, act, s, out);
     }
-  });
+  };
+  switch (x.scalar_type()) {
+    case at::kHalf: run(at::Half{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    default: run(float{}); break;
+  }
   return out;
 }
 

@@ -134,47 +134,45 @@ __global__ void __launch_bounds__(kThreads)
       float up[kRows], gate[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) up[r] = gate[r] = 0.f;
-      if constexpr (sizeof(scalar_t) <= 4) {
-        if (vector) {  // the rows are whole aligned 16-byte words (host check)
-          constexpr int vec = kWordElems<scalar_t>;
-          constexpr int quads = vec / 4;  // float4s of staged x per word
-          const int words = static_cast<int>(d / vec);
-          for (int w0 = lane; w0 < words; w0 += 32 * kHiddenWordsPerStep) {
-            uint4 wu[kHiddenWordsPerStep], wg[kHiddenWordsPerStep];
-            // Every load of the step before any use: up to 8 16-byte loads in flight per lane.
+      if (vector) {  // the rows are whole aligned 16-byte words (host check)
+        constexpr int vec = kWordElems<scalar_t>;
+        constexpr int quads = vec / 4;  // float4s of staged x per word
+        const int words = static_cast<int>(d / vec);
+        for (int w0 = lane; w0 < words; w0 += 32 * kHiddenWordsPerStep) {
+          uint4 wu[kHiddenWordsPerStep], wg[kHiddenWordsPerStep];
+          // Every load of the step before any use: up to 8 16-byte loads in flight per lane.
 #pragma unroll
-            for (int u = 0; u < kHiddenWordsPerStep; ++u) {
-              const int w = w0 + 32 * u;
-              wu[u] = w < words ? load_word(up_row + static_cast<int64_t>(w) * vec)
-                                : make_uint4(0, 0, 0, 0);
-              wg[u] = w < words && gate_row != nullptr
-                          ? load_word(gate_row + static_cast<int64_t>(w) * vec)
-                          : make_uint4(0, 0, 0, 0);
-            }
+          for (int u = 0; u < kHiddenWordsPerStep; ++u) {
+            const int w = w0 + 32 * u;
+            wu[u] = w < words ? load_word(up_row + static_cast<int64_t>(w) * vec)
+                              : make_uint4(0, 0, 0, 0);
+            wg[u] = w < words && gate_row != nullptr
+                        ? load_word(gate_row + static_cast<int64_t>(w) * vec)
+                        : make_uint4(0, 0, 0, 0);
+          }
 #pragma unroll
-            for (int u = 0; u < kHiddenWordsPerStep; ++u) {
-              const int w = w0 + 32 * u;
-              if (w >= words) break;
-              float fu[vec], fg[vec];
-              word_floats<scalar_t>(wu[u], fu);
-              word_floats<scalar_t>(wg[u], fg);
+          for (int u = 0; u < kHiddenWordsPerStep; ++u) {
+            const int w = w0 + 32 * u;
+            if (w >= words) break;
+            float fu[vec], fg[vec];
+            word_floats<scalar_t>(wu[u], fu);
+            word_floats<scalar_t>(wg[u], fg);
 #pragma unroll
-              for (int r = 0; r < kRows; ++r) {
-                if (r >= nb) break;
+            for (int r = 0; r < kRows; ++r) {
+              if (r >= nb) break;
 #pragma unroll
-                for (int q = 0; q < quads; ++q) {
-                  const float4 xv = staged[r * slots + staged_x_slot(w * quads + q)];
-                  up[r] += fu[4 * q] * xv.x + fu[4 * q + 1] * xv.y + fu[4 * q + 2] * xv.z +
-                           fu[4 * q + 3] * xv.w;
-                  gate[r] += fg[4 * q] * xv.x + fg[4 * q + 1] * xv.y + fg[4 * q + 2] * xv.z +
-                             fg[4 * q + 3] * xv.w;
-                }
+              for (int q = 0; q < quads; ++q) {
+                const float4 xv = staged[r * slots + staged_x_slot(w * quads + q)];
+                up[r] += fu[4 * q] * xv.x + fu[4 * q + 1] * xv.y + fu[4 * q + 2] * xv.z +
+                         fu[4 * q + 3] * xv.w;
+                gate[r] += fg[4 * q] * xv.x + fg[4 * q + 1] * xv.y + fg[4 * q + 2] * xv.z +
+                           fg[4 * q + 3] * xv.w;
               }
             }
           }
         }
       }
-      for (int64_t i = lane; i < d && !(vector && sizeof(scalar_t) <= 4); i += 32) {
+      for (int64_t i = lane; i < d && !vector; i += 32) {
         const float wu = to_f(up_row[i]);
         const float wg = gate_row != nullptr ? to_f(gate_row[i]) : 0.f;
         const int at = 4 * staged_x_slot(static_cast<int>(i >> 2)) + static_cast<int>(i & 3);
@@ -482,13 +480,9 @@ at::Tensor launch_sparse_mlp(const SparseMlpCall& c, at::Tensor out) {
                              static_cast<size_t>(staging.shared_bytes)),
       kRows);
 
-  const void* down = nullptr;
-  if constexpr (sizeof(scalar_t) <= 4) {
-    down = c.vector_down ? reinterpret_cast<const void*>(down_vec_kernel<scalar_t, index_t, kRows>)
-                         : reinterpret_cast<const void*>(down_kernel<scalar_t, index_t, kRows>);
-  } else {
-    down = reinterpret_cast<const void*>(down_kernel<scalar_t, index_t, kRows>);
-  }
+  const void* down =
+      c.vector_down ? reinterpret_cast<const void*>(down_vec_kernel<scalar_t, index_t, kRows>)
+                    : reinterpret_cast<const void*>(down_kernel<scalar_t, index_t, kRows>);
   const SparseDownLaunch plan =
       plan_sparse_down(s.rows, s.d_out, s.k, s.per_row, c.sms, c.vector_down ? c.vec : 1,
                        resident_blocks_per_sm(down, kThreads, 0), kRows);
@@ -534,17 +528,12 @@ at::Tensor launch_sparse_mlp(const SparseMlpCall& c, at::Tensor out) {
   scalar_t* result = out.data_ptr<scalar_t>();
   // A programmatic dependent of hidden_kernel where the GPU and the code that runs support it.
   const bool dependent = dependent_launch_supported(down);
-  bool launched = false;
-  if constexpr (sizeof(scalar_t) <= 4) {  // down_vec_kernel exists for 16- and 32-bit types
-    if (c.vector_down) {
-      launch_maybe_dependent(down_vec_kernel<scalar_t, index_t, kRows>, grid, dim3(kThreads), 0,
-                             stream, dependent, w_down, idx, cp, hidden_values, sums, counters,
-                             bias, result, s.rows, s.d_out, s.k, s.neurons, s.per_row,
-                             c.deterministic, c.act != Activation::kRelu);
-      launched = true;
-    }
-  }
-  if (!launched) {
+  if (c.vector_down) {
+    launch_maybe_dependent(down_vec_kernel<scalar_t, index_t, kRows>, grid, dim3(kThreads), 0,
+                           stream, dependent, w_down, idx, cp, hidden_values, sums, counters,
+                           bias, result, s.rows, s.d_out, s.k, s.neurons, s.per_row,
+                           c.deterministic, c.act != Activation::kRelu);
+  } else {
     launch_maybe_dependent(down_kernel<scalar_t, index_t, kRows>, grid, dim3(kThreads), 0, stream,
                            dependent, w_down, idx, cp, hidden_values, sums, counters, bias, result,
                            s.rows, s.d_out, s.k, s.neurons, s.per_row, c.deterministic);
@@ -577,7 +566,7 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
   }
   // 16-byte words where every weight row is whole aligned words; scalar loads otherwise (x is
   // staged in shared memory by scalar loads either way).
-  const int64_t vec = x.element_size() <= 4 ? 16 / x.element_size() : 1;
+  const int64_t vec = 16 / x.element_size();
   auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
   const SparseMlpCall call{
       x, w_up, w_down_t, active_idx, w_gate, b_up, b_gate, b_down, counts, s, act, deterministic,
@@ -585,19 +574,23 @@ at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w_up,
           (!w_gate.has_value() || aligned(w_gate->data_ptr())),
       vec > 1 && s.d_out % vec == 0 && aligned(w_down_t.data_ptr()), vec,
       at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
-  const bool wide =
-      sparse_rows_per_pass(s.rows, s.per_row, x.element_size()) == kSparseRowsWide;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_mlp_cuda", [&] {
+  const bool wide = sparse_rows_per_pass(s.rows, s.per_row) == kSparseRowsWide;
+  // x is fp32, fp16 or bf16 (check_sparse_mlp): no double instantiation.
+  const auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
     AT_DISPATCH_INDEX_TYPES(active_idx.scalar_type(), "sparse_mlp_cuda_index", [&] {
-      if constexpr (sizeof(scalar_t) <= 4) {  // fp64 has the 4-row form only
-        if (wide) {
-          launch_sparse_mlp<scalar_t, index_t, kSparseRowsWide>(call, out);
-          return;
-        }
+      if (wide) {
+        launch_sparse_mlp<scalar_t, index_t, kSparseRowsWide>(call, out);
+      } else {
+        launch_sparse_mlp<scalar_t, index_t, kSparseRowsNarrow>(call, out);
       }
-      launch_sparse_mlp<scalar_t, index_t, kSparseRowsNarrow>(call, out);
     });
-  });
+  };
+  switch (x.scalar_type()) {
+    case at::kHalf: run(at::Half{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    default: run(float{}); break;
+  }
   return out;
 }
 
