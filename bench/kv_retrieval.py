@@ -529,6 +529,11 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", action="store_true",
                         help="FastGen's new options against its defaults, SnapKV and AdaKV "
                              "(writes kv_retrieval_<split>_variants.json)")
+    parser.add_argument("--fastgen", default="{}",
+                        help="JSON keyword arguments of the 'fastgen' policy (an experiment on "
+                             "top of the defaults; the budget policies then get its memory)")
+    parser.add_argument("--tag", default="",
+                        help="output file suffix: kv_retrieval_<split>_<tag>.json")
     parser.add_argument("--ppl-prompt", type=int, default=1000)
     parser.add_argument("--ppl-cont", type=int, default=128)
     args = parser.parse_args(argv)
@@ -542,12 +547,14 @@ def main(argv=None) -> None:
         load_before = os.getloadavg()
         cases = build_split(tokenizer, split, QUICK_CASES if args.quick else CASES)
         print(f"{split}: {len(cases)} cases", flush=True)
-        configs = VARIANT_CONFIGS if args.variants else FASTGEN_CONFIGS
+        configs = dict(VARIANT_CONFIGS if args.variants else FASTGEN_CONFIGS)
+        configs["fastgen"] = {**configs["fastgen"], **json.loads(args.fastgen)}
         baselines = ("snapkv", "adakv") if args.variants else BUDGET_POLICIES
         ppl = [] if args.no_ppl else perplexity(model, tokenizer, split, configs,
                                                 args.ppl_prompt, args.ppl_cont)
         rows = []
-        name = f"kv_retrieval_{split}{'_variants' if args.variants else ''}.json"
+        suffix = ("_variants" if args.variants else "") + (f"_{args.tag}" if args.tag else "")
+        name = f"kv_retrieval_{split}{suffix}.json"
         for i, case in enumerate(cases):
             # one case at a time, the record rewritten after each: a run cut short still
             # leaves every finished case on disk (marked incomplete)

@@ -175,3 +175,23 @@ def test_query_source_errors():
         fastgen_profile(q, k, classes, 1.0, 0.9, 0.3, 0.1, recovery_on=None)
     with pytest.raises(ValueError, match="adaptive_floor"):
         fastgen_profile(q, k, classes, 1.0, 0.9, 0.3, 0.1, adaptive=True, adaptive_floor=-0.1)
+
+
+def test_heavy_fit_keeps_the_fewest_heavy_hitters_that_still_recover_t():
+    # At T = 0.9 with 18 heavy slots per head (frequency 0.3 of 60 keys), head 0 needs only its
+    # two planted columns and head 1 some of its twelve (the local window holds the others).
+    q, k, classes, cols = two_frequency_heads()
+    n = k.shape[1]
+    args = (q, k, classes, 1.0, 0.9, 0.1, 0.3)
+    paper, _, _, _ = fastgen_profile(*args, heavy_pool=1, observe=0)
+    fit, kept, _, _ = fastgen_profile(*args, heavy_pool=1, observe=0, heavy_fit=True)
+    assert [p.name for p in fit] == [p.name for p in paper]  # the same policies, fewer entries
+    assert [p.heavy for p in paper] == [18, 18]
+    assert fit[0].heavy == 2 and {5, 9} <= set(kept[0].tolist())
+    assert 2 < fit[1].heavy < 12 and set(kept[1].tolist()) & set(cols)
+    for h, policy in enumerate(fit):
+        # with one heavy hitter fewer per head the frequency policy misses T: the head falls
+        # back to the full cache, so the fitted count is the least that serves
+        fewer = (policy.heavy - 1.5) / n  # ceil(fewer * n) == policy.heavy - 1
+        assert fastgen_profile(q, k, classes, 1.0, 0.9, 0.1, fewer, heavy_pool=1,
+                               observe=0)[0][h].name == "full"

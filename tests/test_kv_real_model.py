@@ -146,6 +146,9 @@ def test_user_errors(smollm2, shakespeare):
                           ({"observe": -1}, "observe must be an int >= 0")]:
         with pytest.raises(ValueError, match=match):
             FastGenCache(model, tokenizer, **kwargs)
+    for name in ("adaptive", "heavy_fit"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool, got 1"):
+            FastGenCache(model, tokenizer, **{name: 1})
     fake = types.SimpleNamespace(config=types.SimpleNamespace(model_type="gpt2"))
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*llama, mistral, qwen2"):
         FastGenCache(fake, tokenizer)

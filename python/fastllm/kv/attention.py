@@ -138,7 +138,8 @@ class _AttentionPath:
                                                         self.locality, self.frequency, self.chunk,
                                                         self.heavy_pool, self.observe,
                                                         self.heavy_from, self.recovery_on,
-                                                        self.adaptive, self.adaptive_floor)
+                                                        self.adaptive, self.adaptive_floor,
+                                                        self.heavy_fit)
             return policies, kept, scores
         budget = min(budget_tokens(self.budget, length), length)
         if self.policy == "full":

@@ -165,6 +165,9 @@ class FastGenCache(_AttentionPath, Cache):
             by attention mass (AdaKV-style; False = the paper's equal count per head).
         adaptive_floor: share of an equal split each head is guaranteed under ``adaptive`` and
             under policy ``"adakv"`` (AdaKV's safeguard; 1 = equal counts).
+        heavy_fit: each FastGen frequency head keeps only the fewest heavy hitters with which
+            its policy still recovers ``recovery`` (False = the paper's ``ceil(frequency * L)``
+            per head); see ``policies.fastgen_profile``.
         sinks: tokens at the start StreamingLLM always keeps (policy ``"streaming"``).
         snap_window: last prompt queries whose attention SnapKV's selection uses (policy
             ``"snapkv"``).
@@ -227,7 +230,7 @@ class FastGenCache(_AttentionPath, Cache):
                  max_tokens: int = 4096, page_rows: int = 16, chunk: int = 128,
                  heavy_pool: int = 11, observe: int = 64, heavy_from: str = "observed",
                  recovery_on: str = "both", adaptive: bool = False,
-                 adaptive_floor: float = 0.2):
+                 adaptive_floor: float = 0.2, heavy_fit: bool = False):
         _check_supported(model)
         if isinstance(heavy_pool, bool) or not isinstance(heavy_pool, int) or heavy_pool < 1 \
                 or heavy_pool % 2 == 0:
@@ -241,6 +244,9 @@ class FastGenCache(_AttentionPath, Cache):
             raise TypeError(f"fastllm.kv: adaptive must be a bool, got {adaptive!r}")
         self.adaptive = adaptive
         self.adaptive_floor = check_ratio("adaptive_floor", adaptive_floor)
+        if not isinstance(heavy_fit, bool):
+            raise TypeError(f"fastllm.kv: heavy_fit must be a bool, got {heavy_fit!r}")
+        self.heavy_fit = heavy_fit
         self.recovery = check_ratio("recovery", recovery, low_open=True)
         self.locality = check_ratio("locality", locality)
         self.frequency = check_ratio("frequency", frequency)
@@ -253,7 +259,10 @@ class FastGenCache(_AttentionPath, Cache):
         # would (join()).
         self._settings = dict(recovery=recovery, locality=locality, frequency=frequency,
                               policy=policy, budget=budget, sinks=sinks, snap_window=snap_window,
-                              chunk=chunk, heavy_pool=heavy_pool, observe=observe)
+                              chunk=chunk, heavy_pool=heavy_pool, observe=observe,
+                              heavy_from=self.heavy_from, recovery_on=self.recovery_on,
+                              adaptive=adaptive, adaptive_floor=adaptive_floor,
+                              heavy_fit=heavy_fit)
         self._model_ref = weakref.ref(model)
         self._warned_pages = False
         cfg = model.config

@@ -246,7 +246,7 @@ def _check_source(name: str, value: str) -> str:
 def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recovery: float,
                     locality: float, frequency: float, chunk: int = 128, heavy_pool: int = 11,
                     observe: int = 64, heavy_from: str = "observed", recovery_on: str = "both",
-                    adaptive: bool = False, adaptive_floor: float = 0.2):
+                    adaptive: bool = False, adaptive_floor: float = 0.2, heavy_fit: bool = False):
     """Profile one sequence's KV heads and give each FastGen's cheapest sufficient policy.
 
     ``q`` ``[Hq, L, D]``, ``k`` ``[Hkv, L, D]`` (after RoPE), ``classes`` ``[L]`` uint8,
@@ -275,6 +275,12 @@ def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recover
     mass of the (unpooled) heavy-hitter scores, AdaKV-style, with ``adaptive_floor`` of a
     uniform share guaranteed per head (the paper: off, every frequency head gets the same
     count). The policies are chosen with the uniform count first.
+
+    ``heavy_fit``: each head that takes the frequency policy then keeps only the fewest of its
+    top-ranked heavy hitters with which the policy still recovers ``recovery`` (on the same
+    queries as the choice), found by bisection (recovery only grows with the count); the paper
+    (off) keeps ``ceil(frequency * L)`` for every such head. It costs about log2 of that count
+    more recovery passes per frequency head at prefill.
 
     Returns ``(policies, kept positions per head, heavy-hitter scores [Hkv, L], recovery
     [Hkv, 4])``.
@@ -322,6 +328,28 @@ def fastgen_profile(q: Tensor, k: Tensor, classes: Tensor, scale: float, recover
                                   int(hmask[rows].sum()), adaptive_floor)
         for h, count in zip(frequent, counts.tolist()):
             hmask[h] = heavy_mask(scores[h:h + 1], classes[None], count, length - window)[0]
+    if heavy_fit:
+        group = q.shape[0] // k.shape[0]
+
+        def recovers(h: int, count: int) -> bool:
+            mask = heavy_mask(scores[h:h + 1], classes[None], count, length - window)
+            head_class = (classes[None] | (mask.to(torch.uint8) * HEAVY)).to(q.device)
+            qh, kh = q[h * group:(h + 1) * group], k[h:h + 1]
+            kept_mass = []
+            if recovery_on != "observed":
+                kept_mass.append(kv_ops.kv_policy_recovery(qh[:, first:], kh, head_class, window,
+                                                           scale, chunk)[0, 3])
+            if recovery_on != "prompt":
+                kept_mass.append(kv_ops.kv_policy_recovery(qh[:, -observe:], kh, head_class,
+                                                           window, scale, chunk)[0, 3])
+            return bool(min(float(m) for m in kept_mass) >= recovery)
+
+        for h in frequent:
+            low, high = 0, int(hmask[h].sum())
+            while low < high:
+                mid = (low + high) // 2
+                low, high = (low, mid) if recovers(h, mid) else (mid + 1, high)
+            hmask[h] = heavy_mask(scores[h:h + 1], classes[None], low, length - window)[0]
     policies, kept = [], []
     for h, pick in enumerate(picks):
         p = fastgen_head_policy(pick, window, int(hmask[h].sum()))
