@@ -469,6 +469,27 @@ def test_join_and_leave_equal_each_sequence_alone(served, shakespeare):
         manager.close()
 
 
+def test_join_profiles_with_the_batch_caches_own_options(smollm2, shakespeare):
+    # join() builds a one-sequence sibling to profile the prompt: it must carry every FastGen
+    # option of the batch's cache (it once dropped heavy_from, recovery_on, adaptive and
+    # adaptive_floor, so a joined sequence got the defaults' policies).
+    from fastllm.kv import cache_keyword
+    model, tokenizer = smollm2
+    ids = prompt(tokenizer, shakespeare, 96)
+    options = dict(heavy_from="both", recovery_on="observed", adaptive=True, heavy_fit=True)
+    joined = FastGenCache(model, tokenizer, **options)
+    alone = FastGenCache(model, tokenizer, **options)
+    defaults = FastGenCache(model, tokenizer)
+    with torch.no_grad():
+        joined.join(ids)
+        model(ids, **{cache_keyword(model): alone}, use_cache=True)
+        model(ids, **{cache_keyword(model): defaults}, use_cache=True)
+    policies = lambda cache: cache.stats()["policies"]  # noqa: E731
+    assert policies(joined) == policies(alone) != policies(defaults)
+    for cache in (joined, alone, defaults):
+        cache.release()
+
+
 def test_join_that_does_not_fit_leaves_the_batch_as_it_was(smollm2, shakespeare):
     model, tokenizer = smollm2
     a, b = prompt(tokenizer, shakespeare, 24), prompt(tokenizer, shakespeare[3000:], 200)
